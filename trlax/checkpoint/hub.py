@@ -1,0 +1,129 @@
+"""Find a checkpoint's files: a local folder, or a hub repo through huggingface_hub.
+
+Only the files needed are fetched: config.json, then model.safetensors, or the sharded
+index and its shards, or (legacy) pytorch_model.bin / its index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from trlax.errors import CheckpointError
+
+CONFIG_NAME = "config.json"
+# In the order they are tried; each is (single file, sharded index).
+WEIGHT_FORMATS = (
+    ("model.safetensors", "model.safetensors.index.json"),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+)
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    """Where and how to fetch from the hub (passed through to huggingface_hub)."""
+
+    revision: str | None = None
+    token: str | bool | None = None
+    cache_dir: str | os.PathLike | None = None
+    local_files_only: bool = False
+
+
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    """Local paths of a checkpoint's config and weight files."""
+
+    source: str
+    folder: Path  # where config.json lies
+    weight_files: tuple[Path, ...]  # empty when the checkpoint has no weights
+
+    @property
+    def config_file(self) -> Path:
+        return self.folder / CONFIG_NAME
+
+
+def fetch_file(name_or_path: str | os.PathLike, filename: str, options: HubOptions) -> Path | None:
+    """A file of a local folder or hub repo; None when the repo or folder lacks it.
+
+    Raises CheckpointError when the source itself cannot be reached (no such folder or
+    repo, gated repo, offline without a cached copy).
+    """
+    local = Path(name_or_path)
+    if local.is_dir():
+        path = local / filename
+        return path if path.is_file() else None
+    name = str(name_or_path)
+    try:
+        return Path(hf_hub_download(
+            name, filename, revision=options.revision, token=options.token,
+            cache_dir=options.cache_dir, local_files_only=options.local_files_only,
+        ))
+    except EntryNotFoundError:
+        return None
+    except HFValidationError:
+        raise CheckpointError(
+            f"{name!r} is neither a local folder nor a valid hub repo id ('owner/name'); check the path"
+        ) from None
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as e:
+        raise CheckpointError(f"cannot access hub repo {name!r}: {type(e).__name__}: {e}".split("\n")[0]) from None
+    except LocalEntryNotFoundError:
+        # Offline (HF_HUB_OFFLINE or no network) and not in the cache. The file may also not
+        # exist at all, which offline mode cannot tell apart: report both possibilities.
+        if filename == CONFIG_NAME:
+            raise CheckpointError(
+                f"{name!r}: no local folder of that name, and {filename} is not in the hub cache "
+                "(offline or unreachable hub). Pass a local folder, or download the repo first."
+            ) from None
+        return None
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike, options: HubOptions | None = None,
+                       require_weights: bool = True) -> ResolvedCheckpoint:
+    """Locate config.json and the weight files of a local folder or hub repo."""
+    options = options or HubOptions()
+    local = Path(name_or_path)
+    if not local.is_dir() and (local.is_absolute() or str(name_or_path).startswith((".", "~")) or local.exists()):
+        raise CheckpointError(f"{name_or_path} is not a folder; pass the folder holding config.json")
+    config = fetch_file(name_or_path, CONFIG_NAME, options)
+    if config is None:
+        raise CheckpointError(
+            f"no {CONFIG_NAME} in {name_or_path!s}: trlax needs the transformers config next to the weights "
+            "(save the model with save_pretrained)"
+        )
+    for single, index in WEIGHT_FORMATS:
+        path = fetch_file(name_or_path, single, options)
+        if path is not None:
+            return ResolvedCheckpoint(str(name_or_path), config.parent, (path,))
+        index_path = fetch_file(name_or_path, index, options)
+        if index_path is not None:
+            shards = sorted(set(_weight_map(index_path).values()))
+            files = []
+            for shard in shards:
+                shard_path = fetch_file(name_or_path, shard, options)
+                if shard_path is None:
+                    raise CheckpointError(f"{index_path.name} of {name_or_path!s} lists shard {shard}, which is missing")
+                files.append(shard_path)
+            return ResolvedCheckpoint(str(name_or_path), config.parent, tuple(files))
+    if require_weights:
+        names = ", ".join(name for pair in WEIGHT_FORMATS for name in pair)
+        raise CheckpointError(f"no weights in {name_or_path!s}: expected one of {names}")
+    return ResolvedCheckpoint(str(name_or_path), config.parent, ())
+
+
+def _weight_map(index_path: Path) -> dict[str, str]:
+    try:
+        return dict(json.loads(index_path.read_text())["weight_map"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path} is not a valid sharded-checkpoint index ({e})") from None

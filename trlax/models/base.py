@@ -1,0 +1,200 @@
+"""The model object: a Linen module, its transformers config and its params, with HF I/O.
+
+Like transformers' old Flax API, every call takes `params=` (default: `self.params`) and
+is jit-compiled once per input shape; the module itself is pure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+
+from trlax.checkpoint.hub import HubOptions, ResolvedCheckpoint, resolve_checkpoint
+from trlax.checkpoint.loading import LoadReport, Placer, load_params
+from trlax.checkpoint.naming import TensorRule, flatten_paths, get_path, key_table
+from trlax.checkpoint.reader import CheckpointReader
+from trlax.checkpoint.writer import write_checkpoint_dir
+from trlax.errors import UnsupportedModelError
+from trlax.models.spec import ArchitectureSpec
+
+logger = logging.getLogger("trlax")
+
+# Keys a plain LM knowingly skips in a TRL checkpoint (the value head lives beside it).
+VALUE_HEAD_KEYS = r"^v_head\."
+
+
+def load_config(folder: Path, source: str) -> transformers.PretrainedConfig:
+    """Read config.json with transformers' AutoConfig; unknown model types fail clearly."""
+    from trlax.models.auto import supported_model_types
+
+    try:
+        return transformers.AutoConfig.from_pretrained(str(folder))
+    except (ValueError, KeyError) as e:
+        raise UnsupportedModelError(
+            f"cannot read the config of {source}: {e}. trlax supports model_type in {supported_model_types()}"
+        ) from None
+
+
+def check_integer_ids(name: str, ids: Any) -> jax.Array:
+    """input_ids-like arguments: an integer array [B, T]."""
+    ids = jnp.asarray(ids)
+    if ids.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D [batch, seq_len] array of token ids; got shape {ids.shape}")
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"{name} must hold integer token ids; got dtype {ids.dtype}")
+    return ids.astype(jnp.int32)
+
+
+def check_mask(name: str, mask: Any, shape: tuple[int, ...]) -> jax.Array:
+    mask = jnp.asarray(mask)
+    if mask.shape != shape:
+        raise ValueError(f"{name} must have the shape of its ids {shape}; got {mask.shape}")
+    return mask.astype(jnp.int32)
+
+
+class FlaxPreTrainedModel:
+    """A trlax model: `module` (Linen), `config` (transformers), `params` (plain dict)."""
+
+    def __init__(
+        self,
+        config: transformers.PretrainedConfig,
+        spec: ArchitectureSpec,
+        params: dict[str, Any] | None = None,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+    ) -> None:
+        spec.validate(config)
+        self.config = config
+        self.spec = spec
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.module = spec.module(config=config, dtype=dtype, param_dtype=param_dtype)
+        self.params = params
+
+    # --- construction -------------------------------------------------------------------
+    def dummy_inputs(self) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    def init_params(self, rng: jax.Array) -> dict[str, Any]:
+        """Random params from the module's initialisers (as a fresh model is)."""
+        return jax.jit(lambda key: self.module.init(key, *self.dummy_inputs())["params"])(rng)
+
+    def abstract_params(self) -> dict[str, Any]:
+        """The param tree as ShapeDtypeStructs, computed without allocating anything."""
+        return jax.eval_shape(lambda: self.module.init(jax.random.key(0), *self.dummy_inputs())["params"])
+
+    @classmethod
+    def _spec_for(cls, config: transformers.PretrainedConfig) -> ArchitectureSpec:
+        from trlax.models.auto import get_spec
+
+        return get_spec(config.model_type, encoder_decoder=cls.is_encoder_decoder)
+
+    is_encoder_decoder = False
+
+    @classmethod
+    def from_config(
+        cls, config: transformers.PretrainedConfig, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+        seed: int = 0,
+    ) -> FlaxPreTrainedModel:
+        """A randomly initialised model of this config."""
+        model = cls(config, cls._spec_for(config), dtype=dtype, param_dtype=param_dtype)
+        model.params = model.init_params(jax.random.key(seed))
+        return model
+
+    def key_table(self, abstract: dict[str, Any] | None = None, path_prefix: tuple[str, ...] = ()) -> dict[str, TensorRule]:
+        """HF state-dict key -> where it lives in this model's params."""
+        return key_table(abstract if abstract is not None else self.abstract_params(),
+                         path_prefix=path_prefix, keep_layout=self.spec.keep_layout)
+
+    def ignored_checkpoint_keys(self, value_head: bool = True) -> tuple[str, ...]:
+        """Regexes of checkpoint keys a load skips knowingly: buffers, tied copies and (for a
+        plain LM reading a TRL checkpoint, `value_head=True`) TRL's `v_head.*`."""
+        tied = tuple(rf"^{k.replace('.', r'[.]')}$" for k in self.spec.tied_keys(self.config))
+        return (*self.spec.ignored_keys, *tied, *((VALUE_HEAD_KEYS,) if value_head else ()))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        config: transformers.PretrainedConfig | None = None,
+        place: Placer | None = None,
+    ) -> FlaxPreTrainedModel:
+        """Load a transformers (PyTorch) checkpoint: a local folder or a hub id.
+
+        Reads config.json, then model.safetensors, a sharded safetensors index, or
+        pytorch_model.bin (needs torch). Params are built straight from the file, one
+        tensor at a time, cast to `param_dtype`; `dtype` is the compute dtype.
+        """
+        resolved = resolve_checkpoint(pretrained_model_name_or_path,
+                                      HubOptions(revision, token, cache_dir, local_files_only))
+        config = config or load_config(resolved.folder, resolved.source)
+        model = cls(config, cls._spec_for(config), dtype=dtype, param_dtype=param_dtype)
+        model.params, _ = model.load_checkpoint(resolved, model.key_table(), model.ignored_checkpoint_keys(),
+                                                place=place)
+        return model
+
+    def load_checkpoint(
+        self, resolved: ResolvedCheckpoint, table: dict[str, TensorRule], ignored: tuple[str, ...], *,
+        optional_prefixes: tuple[str, ...] = (), place: Placer | None = None,
+    ) -> tuple[dict[str, Any], LoadReport]:
+        """Read `table`'s tensors from the resolved files (see `load_params`)."""
+        with CheckpointReader(list(resolved.weight_files)) as reader:
+            kwargs = {} if place is None else {"place": place}
+            return load_params(reader, table, source=resolved.source, optional_prefixes=optional_prefixes,
+                               ignored=ignored, **kwargs)
+
+    # --- saving -------------------------------------------------------------------------
+    def state_dict(self, params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """The params as a transformers (PyTorch) state dict of numpy arrays (tied copies left out)."""
+        params = self.params if params is None else params
+        return {key: rule.to_hf(np.asarray(get_path(params, rule.path)))
+                for key, rule in self.key_table(params).items()}
+
+    def config_to_save(self) -> transformers.PretrainedConfig:
+        config = self.config.__class__.from_dict(self.config.to_dict())
+        config.architectures = [self.spec.hf_architecture]
+        return config
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, params: dict[str, Any] | None = None,
+        max_shard_size: int | str | None = None,
+    ) -> list[Path]:
+        """Write config.json + model.safetensors (or shards + index) with transformers' key names.
+
+        The folder loads in transformers (PyTorch) and back in trlax. Written atomically:
+        a failed save leaves no half-written checkpoint.
+        """
+        config = self.config_to_save()
+        return write_checkpoint_dir(save_directory, self.state_dict(params),
+                                    write_extra=lambda tmp: config.save_pretrained(str(tmp)),
+                                    max_shard_size=max_shard_size)
+
+    def push_to_hub(self, repo_id: str, *, params: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        """Upload what save_pretrained writes to a hub repo (see `trlax.checkpoint.push.push_to_hub`)."""
+        from trlax.checkpoint.push import push_to_hub
+
+        return push_to_hub(lambda folder: self.save_pretrained(folder, params=params), repo_id, **kwargs)
+
+    # --- info ---------------------------------------------------------------------------
+    def num_params(self, params: dict[str, Any] | None = None) -> int:
+        params = self.params if params is None else params
+        return sum(int(np.prod(leaf.shape)) for _, leaf in flatten_paths(params))
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(model_type={self.config.model_type!r}, "
+                f"dtype={jnp.dtype(self.dtype).name}, param_dtype={jnp.dtype(self.param_dtype).name})")

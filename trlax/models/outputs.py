@@ -1,0 +1,43 @@
+"""Model outputs: small pytrees, so they pass through jit unchanged."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+
+
+@flax.struct.dataclass
+class CausalLMOutput:
+    """Output of a causal LM module.
+
+    logits: [B, T, V] float32 (whatever the compute dtype).
+    last_hidden_state: [B, T, H'] compute dtype: the LM head's input (after the final
+        norm, and OPT's project_out), i.e. what TRL's value head reads.
+    hidden_states: None, or n_layers + 1 arrays [B, T, H] as transformers returns them
+        (embeddings, each layer's output, the last one replaced by the normed state).
+    cache: None, or the updated KV cache (one {"k", "v"} dict per layer).
+    """
+
+    logits: jax.Array
+    last_hidden_state: jax.Array
+    hidden_states: tuple[jax.Array, ...] | None = None
+    cache: Any = None
+
+
+@flax.struct.dataclass
+class Seq2SeqLMOutput:
+    """Output of an encoder-decoder LM module.
+
+    logits: [B, Td, V] float32; last_hidden_state: the decoder's final state [B, Td, H]
+    (value-head input); encoder_last_hidden_state: [B, Te, H]; *_hidden_states as
+    transformers returns them; cache: the decoder's self-attention KV cache.
+    """
+
+    logits: jax.Array
+    last_hidden_state: jax.Array
+    encoder_last_hidden_state: jax.Array
+    decoder_hidden_states: tuple[jax.Array, ...] | None = None
+    encoder_hidden_states: tuple[jax.Array, ...] | None = None
+    cache: Any = None
