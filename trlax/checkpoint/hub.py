@@ -113,7 +113,8 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, options: HubOptions | No
             for shard in shards:
                 shard_path = fetch_file(name_or_path, shard, options)
                 if shard_path is None:
-                    raise CheckpointError(f"{index_path.name} of {name_or_path!s} lists shard {shard}, which is missing")
+                    raise CheckpointError(
+                        f"{index_path.name} of {name_or_path!s} lists shard {shard}, which is missing")
                 files.append(shard_path)
             return ResolvedCheckpoint(str(name_or_path), config.parent, tuple(files))
     if require_weights:

@@ -7,6 +7,7 @@ plus `ml_dtypes` gives every dtype, slices included, with no copy until a tensor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import struct
@@ -94,10 +95,8 @@ class SafetensorsFile:
         # Views into the map may still be alive (e.g. in a caller's numpy array); mmap then
         # refuses to close and the map is released when the last view dies.
         if self._mmap is not None:
-            try:
+            with contextlib.suppress(BufferError):
                 self._mmap.close()
-            except BufferError:
-                pass
         self._file.close()
 
 
@@ -150,7 +149,7 @@ class CheckpointReader:
             for path in files:
                 opened = SafetensorsFile(path) if str(path).endswith(".safetensors") else TorchBinFile(path)
                 self._stack.callback(opened.close)
-                for key in opened.keys():
+                for key in opened.keys():  # noqa: SIM118 - not a dict
                     self._where[key] = opened
         except BaseException:
             self._stack.close()

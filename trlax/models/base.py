@@ -109,7 +109,9 @@ class FlaxPreTrainedModel:
         model.params = model.init_params(jax.random.key(seed))
         return model
 
-    def key_table(self, abstract: dict[str, Any] | None = None, path_prefix: tuple[str, ...] = ()) -> dict[str, TensorRule]:
+    def key_table(
+        self, abstract: dict[str, Any] | None = None, path_prefix: tuple[str, ...] = ()
+    ) -> dict[str, TensorRule]:
         """HF state-dict key -> where it lives in this model's params."""
         return key_table(abstract if abstract is not None else self.abstract_params(),
                          path_prefix=path_prefix, keep_layout=self.spec.keep_layout)

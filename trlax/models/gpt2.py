@@ -15,8 +15,10 @@ import jax.numpy as jnp
 
 from trlax.models.layers import (
     Array,
+    Dense,
     KVCache,
     activation,
+    add_lora,
     attention_bias,
     dot_product_attention,
     empty_kv_cache,
@@ -41,7 +43,8 @@ class Conv1D(nn.Module):
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", normal_init(self.std), (x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-        return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+        return add_lora(self, x, y)
 
 
 class GPT2Attention(nn.Module):
@@ -173,8 +176,8 @@ class GPT2LMHeadModel(nn.Module):
         c = self.config
         self.transformer = GPT2Model(c, self.dtype, self.param_dtype)
         if not c.tie_word_embeddings:
-            self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                                    kernel_init=normal_init(c.initializer_range))
+            self.lm_head = Dense(c.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                                 kernel_init=normal_init(c.initializer_range))
 
     def __call__(
         self,

@@ -107,17 +107,53 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * x32.astype(self.dtype)
 
 
+LORA_COLLECTION = "lora"
+
+
+def add_lora(module: nn.Module, x: Array, y: Array) -> Array:
+    """y + scaling * (x @ A) @ B when the call carries a LoRA adapter for this module.
+
+    The adapter lives in the "lora" variable collection at this module's path
+    (`lora_A` [in, r], `lora_B` [r, out], `scaling` []), so which adapter is active is
+    simply which collection the caller passes: none = the base model. The base kernel is
+    never merged or copied.
+    """
+    if not module.has_variable(LORA_COLLECTION, "lora_A"):
+        return y
+    a = module.get_variable(LORA_COLLECTION, "lora_A").astype(y.dtype)  # [in, r]
+    b = module.get_variable(LORA_COLLECTION, "lora_B").astype(y.dtype)  # [r, out]
+    scaling = jax.lax.stop_gradient(module.get_variable(LORA_COLLECTION, "scaling")).astype(y.dtype)
+    return y + jnp.dot(jnp.dot(x.astype(y.dtype), a), b) * scaling
+
+
+class Dense(nn.Module):
+    """A linear layer with kernel [in, out] (torch's Linear weight transposed) and LoRA support.
+
+    Every projection a PEFT adapter may target should use this (or `dense(...)`), so a
+    LoRA adapter in the "lora" collection applies to it (see `add_lora`).
+    """
+
+    features: int
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable[..., Array] = nn.initializers.normal(0.02)
+    bias_init: Callable[..., Array] = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(self.dtype)
+        return add_lora(self, x, y)
+
+
 def dense(features: int, name: str, dtype: Any, param_dtype: Any, use_bias: bool = True,
-          std: float = 0.02) -> nn.Dense:
-    """A Dense layer whose kernel is [in, out] (the transpose of torch's Linear weight)."""
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=normal_init(std),
-        name=name,
-    )
+          std: float = 0.02) -> Dense:
+    """A LoRA-aware Dense layer whose kernel is [in, out] (the transpose of torch's Linear weight)."""
+    return Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                 kernel_init=normal_init(std), name=name)
 
 
 def query_slots(seq_len: int, cache_index: Array | int) -> Array:
