@@ -70,8 +70,6 @@ def fetch_file(name_or_path: str | os.PathLike, filename: str, options: HubOptio
             name, filename, revision=options.revision, token=options.token,
             cache_dir=options.cache_dir, local_files_only=options.local_files_only,
         ))
-    except EntryNotFoundError:
-        return None
     except HFValidationError:
         raise CheckpointError(
             f"{name!r} is neither a local folder nor a valid hub repo id ('owner/name'); check the path"
@@ -86,6 +84,8 @@ def fetch_file(name_or_path: str | os.PathLike, filename: str, options: HubOptio
                 f"{name!r}: no local folder of that name, and {filename} is not in the hub cache "
                 "(offline or unreachable hub). Pass a local folder, or download the repo first."
             ) from None
+        return None
+    except EntryNotFoundError:  # after LocalEntryNotFoundError, its subclass
         return None
 
 

@@ -1,0 +1,226 @@
+"""Loading and saving transformers checkpoints: formats, hub cache, round trips, bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from huggingface_hub import scan_cache_dir
+from huggingface_hub.file_download import repo_folder_name
+
+from tests.helpers import batch, max_diff, save_torch, torch_random_init
+from tests.tiny_configs import gpt2
+from trlax import CheckpointError, FlaxAutoModelForCausalLM, UnsupportedModelError
+from trlax.checkpoint.naming import flatten_paths
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def torch_model():
+    torch.manual_seed(0)
+    return torch_random_init(transformers.GPT2LMHeadModel(gpt2()), std=0.1)
+
+
+@pytest.fixture(scope="module")
+def saved(torch_model, tmp_path_factory):
+    return save_torch(torch_model, tmp_path_factory.mktemp("gpt2"))
+
+
+def _torch_logits(torch_model, ids):
+    with torch.no_grad():
+        return torch_model(torch.tensor(ids)).logits.numpy()
+
+
+def _assert_same_params(a, b):
+    flat_a, flat_b = dict(flatten_paths(a)), dict(flatten_paths(b))
+    assert flat_a.keys() == flat_b.keys()
+    for key in flat_a:
+        np.testing.assert_array_equal(np.asarray(flat_a[key]), np.asarray(flat_b[key]), err_msg=str(key))
+
+
+def test_trlax_save_loads_in_transformers_with_identical_logits(torch_model, saved, tmp_path):
+    model = FlaxAutoModelForCausalLM.from_pretrained(saved)
+    model.save_pretrained(tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    ids, _ = batch(101, "none")
+    assert max_diff(_torch_logits(reloaded, ids), _torch_logits(torch_model, ids)) == 0.0
+    for key, value in reloaded.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), torch_model.state_dict()[key].numpy(), err_msg=key)
+    # trlax -> trlax is bit-exact too.
+    _assert_same_params(FlaxAutoModelForCausalLM.from_pretrained(tmp_path / "out").params, model.params)
+
+
+def test_sharded_transformers_checkpoint_loads(torch_model, tmp_path):
+    folder = save_torch(torch_model, tmp_path / "sharded", max_shard_size="20KB")
+    assert (folder / "model.safetensors.index.json").exists()
+    model = FlaxAutoModelForCausalLM.from_pretrained(folder)
+    ids, _ = batch(101, "none")
+    assert max_diff(_torch_logits(torch_model, ids), model(ids).logits) < ATOL
+
+
+def test_sharded_trlax_save_loads_in_transformers(torch_model, saved, tmp_path):
+    model = FlaxAutoModelForCausalLM.from_pretrained(saved)
+    model.save_pretrained(tmp_path / "out", max_shard_size="20KB")
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    ids, _ = batch(101, "none")
+    assert max_diff(_torch_logits(reloaded, ids), _torch_logits(torch_model, ids)) == 0.0
+    # A later single-file save into the same folder removes the stale shards and index.
+    model.save_pretrained(tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_legacy_pytorch_model_bin_loads(torch_model, saved, tmp_path):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    shutil.copy(saved / "config.json", folder)
+    torch.save(torch_model.state_dict(), folder / "pytorch_model.bin")
+    model = FlaxAutoModelForCausalLM.from_pretrained(folder)
+    ids, _ = batch(101, "none")
+    assert max_diff(_torch_logits(torch_model, ids), model(ids).logits) < ATOL
+
+
+def test_bin_without_torch_says_how_to_install(torch_model, saved, tmp_path, monkeypatch):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    shutil.copy(saved / "config.json", folder)
+    torch.save(torch_model.state_dict(), folder / "pytorch_model.bin")
+    config = transformers.AutoConfig.from_pretrained(folder)  # transformers itself imports torch when present
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    with pytest.raises(CheckpointError, match=r"pip install 'trlax\[torch\]'"):
+        FlaxAutoModelForCausalLM.from_pretrained(folder, config=config)
+
+
+def test_bf16_checkpoint_loads_into_float32_params(torch_model, tmp_path):
+    folder = save_torch(copy.deepcopy(torch_model).to(torch.bfloat16), tmp_path / "bf16")
+    model = FlaxAutoModelForCausalLM.from_pretrained(folder)
+    leaf = model.params["transformer"]["wte"]["embedding"]
+    assert leaf.dtype == np.float32
+    expected = torch_model.transformer.wte.weight.detach().to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(np.asarray(leaf), expected)
+
+
+def _lay_out_hub_cache(cache: Path, repo_id: str, files: Path, commit: str = "a" * 40) -> None:
+    """A hub cache folder as huggingface_hub lays it out (blobs, snapshots, refs)."""
+    repo = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for i, path in enumerate(sorted(files.iterdir())):
+        blob = repo / "blobs" / f"{i:040x}"
+        shutil.copy(path, blob)
+        (snapshot / path.name).symlink_to(Path("..", "..", "blobs", blob.name))
+
+
+def test_hub_id_resolves_from_local_cache_offline(torch_model, saved, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _lay_out_hub_cache(tmp_path / "cache", "tiny-org/tiny-gpt2", saved)
+    assert [r.repo_id for r in scan_cache_dir(tmp_path / "cache").repos] == ["tiny-org/tiny-gpt2"]
+    model = FlaxAutoModelForCausalLM.from_pretrained("tiny-org/tiny-gpt2", cache_dir=tmp_path / "cache")
+    ids, _ = batch(101, "none")
+    assert max_diff(_torch_logits(torch_model, ids), model(ids).logits) < ATOL
+    with pytest.raises(CheckpointError, match="not in the hub cache"):
+        FlaxAutoModelForCausalLM.from_pretrained("tiny-org/absent", cache_dir=tmp_path / "cache")
+
+
+def test_value_head_keys_are_skipped_by_plain_lm_with_a_log_line(torch_model, saved, tmp_path, caplog):
+    state = {k: v for k, v in torch_model.state_dict().items() if k != "lm_head.weight"}
+    state["v_head.summary.weight"] = torch.ones(1, 32)
+    state["v_head.summary.bias"] = torch.zeros(1)
+    folder = save_torch(torch_model, tmp_path / "trl", state_dict=state)
+    with caplog.at_level(logging.INFO, logger="trlax"):
+        FlaxAutoModelForCausalLM.from_pretrained(folder)
+    assert "v_head.summary.weight" in caplog.text
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+def _edit_state(torch_model, folder: Path, edit) -> Path:
+    state = {k: v.clone() for k, v in torch_model.state_dict().items() if k != "lm_head.weight"}
+    edit(state)
+    return save_torch(torch_model, folder, state_dict=state)
+
+
+def test_empty_folder_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        FlaxAutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_folder_without_weights_is_refused(saved, tmp_path):
+    shutil.copy(saved / "config.json", tmp_path)
+    with pytest.raises(CheckpointError, match="no weights"):
+        FlaxAutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_unknown_model_type_lists_supported_ones(saved, tmp_path):
+    config = json.loads((saved / "config.json").read_text())
+    config["model_type"] = "bert"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    shutil.copy(saved / "model.safetensors", tmp_path)
+    with pytest.raises(UnsupportedModelError, match=r"'bert'.*supported: \[.*'gpt2'"):
+        FlaxAutoModelForCausalLM.from_pretrained(tmp_path)
+    config["model_type"] = "no-such-architecture"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        FlaxAutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_missing_tensor_is_named(torch_model, tmp_path):
+    folder = _edit_state(torch_model, tmp_path, lambda s: s.pop("transformer.h.1.mlp.c_fc.weight"))
+    with pytest.raises(CheckpointError, match=r"missing 1 tensor.*transformer\.h\.1\.mlp\.c_fc\.weight"):
+        FlaxAutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_wrong_shape_is_named(torch_model, tmp_path):
+    folder = _edit_state(torch_model, tmp_path,
+                         lambda s: s.__setitem__("transformer.ln_f.weight", torch.ones(31)))
+    with pytest.raises(CheckpointError, match=r"transformer\.ln_f\.weight: checkpoint \(31,\) vs model \(32,\)"):
+        FlaxAutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_unexpected_tensor_is_named(torch_model, tmp_path):
+    folder = _edit_state(torch_model, tmp_path, lambda s: s.__setitem__("transformer.h.2.ln_1.weight", torch.ones(32)))
+    with pytest.raises(CheckpointError, match=r"does not use: transformer\.h\.2\.ln_1\.weight"):
+        FlaxAutoModelForCausalLM.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage_header", "tiny"])
+def test_corrupt_safetensors_is_refused(saved, tmp_path, damage):
+    shutil.copy(saved / "config.json", tmp_path)
+    data = (saved / "model.safetensors").read_bytes()
+    if damage == "truncate":
+        data = data[: len(data) - 100]
+    elif damage == "garbage_header":
+        data = data[:8] + b"\xff" * 50 + data[58:]
+    else:
+        data = data[:5]
+    (tmp_path / "model.safetensors").write_bytes(data)
+    with pytest.raises(CheckpointError, match="corrupt|truncated|not a safetensors"):
+        FlaxAutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_failed_save_leaves_no_loadable_checkpoint(saved, tmp_path, monkeypatch):
+    model = FlaxAutoModelForCausalLM.from_pretrained(saved)
+    import trlax.checkpoint.writer as writer
+
+    def broken(path, tensors, metadata):
+        Path(path).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(writer, "write_safetensors", broken)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == []
