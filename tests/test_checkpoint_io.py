@@ -102,6 +102,18 @@ def test_bin_without_torch_says_how_to_install(torch_model, saved, tmp_path, mon
         FlaxAutoModelForCausalLM.from_pretrained(folder, config=config)
 
 
+def test_checkpoint_of_the_bare_base_model_loads_without_its_prefix(torch_model, tmp_path):
+    """The original `gpt2` hub files were saved from GPT2Model: keys `h.0...`, `wte.weight`."""
+    folder = save_torch(torch_model.transformer, tmp_path / "bare")
+    from safetensors import safe_open
+
+    with safe_open(folder / "model.safetensors", "np") as f:
+        assert "wte.weight" in f.keys()
+    model = FlaxAutoModelForCausalLM.from_pretrained(folder, config=torch_model.config)
+    ids, _ = batch(101, "none")
+    assert max_diff(_torch_logits(torch_model, ids), model(ids).logits) < ATOL
+
+
 def test_bf16_checkpoint_loads_into_float32_params(torch_model, tmp_path):
     folder = save_torch(copy.deepcopy(torch_model).to(torch.bfloat16), tmp_path / "bf16")
     model = FlaxAutoModelForCausalLM.from_pretrained(folder)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,27 @@ def _preview(keys: Iterable[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def _stored_names(
+    checkpoint_keys: Iterable[str], table: Mapping[str, TensorRule], optional_prefixes: tuple[str, ...]
+) -> dict[str, str]:
+    """Model key -> checkpoint key. Usually the same; but a checkpoint saved from the bare
+    base model (GPT2Model, not GPT2LMHeadModel: `h.0.attn...` instead of
+    `transformer.h.0.attn...`, as the original `gpt2` hub files are) lacks the base-model
+    prefix, which transformers adds back on load; so does this."""
+    checkpoint_keys = list(checkpoint_keys)
+    heads = Counter(k.split(".", 1)[0] for k in table if not (optional_prefixes and k.startswith(optional_prefixes)))
+    if not heads:
+        return {k: k for k in checkpoint_keys}
+    prefix, count = heads.most_common(1)[0]
+    if count * 2 < len(table) or any(k.startswith(prefix + ".") for k in checkpoint_keys):
+        return {k: k for k in checkpoint_keys}
+    names = {}
+    for key in checkpoint_keys:
+        keep = key in table or (optional_prefixes and key.startswith(optional_prefixes))
+        names[key if keep else f"{prefix}.{key}"] = key
+    return names
+
+
 def load_params(
     reader: CheckpointReader,
     table: Mapping[str, TensorRule],
@@ -67,10 +89,11 @@ def load_params(
     """
     ignored_res = [re.compile(p) for p in ignored]
     report = LoadReport()
-    present = set(reader.keys())
+    stored_as = _stored_names(reader.keys(), table, optional_prefixes)  # model key -> checkpoint key
+    present = set(stored_as)
     unexpected = []
     for key in present - table.keys():
-        if any(r.match(key) for r in ignored_res):
+        if any(r.match(key) or r.match(stored_as[key]) for r in ignored_res):
             report.skipped.append(key)
         else:
             unexpected.append(key)
@@ -88,9 +111,9 @@ def load_params(
             "The checkpoint is probably of another architecture or size than its config.json says."
         )
     wrong = [
-        f"{key}: checkpoint {reader.shape(key)} vs model {rule.hf_shape}"
+        f"{key}: checkpoint {reader.shape(stored_as[key])} vs model {rule.hf_shape}"
         for key, rule in table.items()
-        if key in present and tuple(reader.shape(key)) != rule.hf_shape
+        if key in present and tuple(reader.shape(stored_as[key])) != rule.hf_shape
     ]
     if wrong:
         raise CheckpointError(
@@ -98,15 +121,15 @@ def load_params(
             "The config.json does not match these weights."
         )
     to_read = [k for k in table if k in present]
-    total = sum(reader.nbytes(k) for k in to_read)
+    total = sum(reader.nbytes(stored_as[k]) for k in to_read)
     params: dict[str, Any] = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {source}",
               disable=total < PROGRESS_MIN_BYTES, leave=False) as bar:
         for key in to_read:
             rule = table[key]
-            array = np.asarray(rule.to_flax(reader.get(key)), dtype=rule.dtype)
+            array = np.asarray(rule.to_flax(reader.get(stored_as[key])), dtype=rule.dtype)
             set_path(params, rule.path, place(rule.path, array))
-            bar.update(reader.nbytes(key))
+            bar.update(reader.nbytes(stored_as[key]))
     if report.skipped:
         logger.info("%s: skipped %d checkpoint tensor(s) this model does not use: %s",
                     source, len(report.skipped), _preview(report.skipped))

@@ -1,0 +1,104 @@
+"""Gemma and Gemma 2: trlax vs transformers (PyTorch), float32, atol 1e-4.
+
+The checks are the Llama family's (tests/test_llama_parity.py); this file adds Gemma's own:
+the (1 + w) RMSNorm, the embedding scale, soft-capping, and the refusals.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from tests.helpers import PADDINGS, torch_random_init
+from tests.test_llama_parity import (
+    check_cached_decoding,
+    check_forward,
+    check_save_roundtrip,
+    check_window_matters,
+    make_pair,
+)
+from tests.tiny_configs import TINY_CAUSAL
+from trlax import FlaxAutoModelForCausalLM
+from trlax.errors import UnsupportedModelError
+from trlax.models.layers import RMSNorm
+
+GEMMA_TYPES = ("gemma", "gemma2")
+
+
+@pytest.fixture(scope="module", params=GEMMA_TYPES)
+def pair(request, tmp_path_factory):
+    return make_pair(TINY_CAUSAL[request.param](), tmp_path_factory.mktemp(request.param))
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("explicit_positions", [False, True])
+def test_logits_and_hidden_states_match_pytorch(pair, padding, explicit_positions):
+    check_forward(*pair, padding, explicit_positions)
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_cached_decoding_matches_full_forward(pair, padding):
+    check_cached_decoding(pair[1], padding, explicit_positions=False)
+
+
+def test_save_pretrained_loads_in_transformers(pair, tmp_path):
+    check_save_roundtrip(*pair, tmp_path / "saved")
+
+
+def test_gemma2_sliding_window_and_softcaps_are_exercised():
+    torch.manual_seed(0)
+    pt = torch_random_init(transformers.AutoModelForCausalLM.from_config(TINY_CAUSAL["gemma2"]()))
+    check_window_matters(pt)
+    ids = torch.arange(11)[None] % 101
+    with torch.no_grad():
+        logits = pt(ids).logits
+        pt.config.final_logit_softcapping = None
+        uncapped = pt(ids).logits
+    cap = TINY_CAUSAL["gemma2"]().final_logit_softcapping
+    assert float(uncapped.abs().max()) > cap > float(logits.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unit_offset_rms_norm_equals_gemma_rms_norm(dtype):
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 16, generator=gen).to(dtype) * 3
+    ref = GemmaRMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(16, generator=gen) * 0.5)
+        expected = ref(x)
+    jdtype = jnp.float32 if dtype == torch.float32 else jnp.bfloat16
+    norm = RMSNorm(eps=1e-6, dtype=jdtype, add_unit_offset=True)
+    params = {"params": {"scale": jnp.asarray(ref.weight.detach().numpy())}}
+    got = norm.apply(params, jnp.asarray(x.float().numpy()).astype(jdtype))
+    assert got.dtype == jdtype
+    # Same formula and rounding points; rsqrt/mean may differ in the last bit of the dtype.
+    ulp = 2.0**-23 if dtype == torch.float32 else 2.0**-7
+    np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), expected.float().numpy(), rtol=2 * ulp, atol=0)
+
+
+def test_embedding_scale_is_rounded_to_the_compute_dtype():
+    # HF multiplies by sqrt(hidden) cast to the weights' dtype: 55.4256 becomes 55.5 in bfloat16.
+    assert float(jnp.asarray(3072**0.5, jnp.bfloat16)) == 55.5
+
+
+@pytest.mark.parametrize("name", ["gemma", "gemma2", "llama"])
+@pytest.mark.parametrize("flag", [{"use_bidirectional_attention": True}, {"is_causal": False}])
+def test_bidirectional_config_is_refused(name, flag):
+    config = TINY_CAUSAL[name]()
+    for key, value in flag.items():
+        setattr(config, key, value)
+    with pytest.raises(UnsupportedModelError, match="bidirectional attention"):
+        FlaxAutoModelForCausalLM.from_config(config)
+
+
+def test_gemma_with_unsupported_rope_is_refused():
+    config = TINY_CAUSAL["gemma2"]()
+    config.rope_parameters = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
+                              "original_max_position_embeddings": 32}
+    with pytest.raises(UnsupportedModelError, match="rope_type 'yarn'"):
+        FlaxAutoModelForCausalLM.from_config(config)

@@ -1,0 +1,105 @@
+"""Gemma and Gemma 2 (`model_type` gemma, gemma2): the Llama modules with Gemma's switches.
+
+What differs from Llama, all as transformers computes it:
+- embeddings are multiplied by sqrt(hidden_size), rounded to the compute dtype first;
+- RMSNorm weights are stored as (scale - 1) and applied as (1 + w) in float32;
+- the MLP is GeGLU (`hidden_act`, `hidden_activation` for Gemma 2: gelu_pytorch_tanh);
+- Gemma 2 only: attention scale `query_pre_attn_scalar ** -0.5`, tanh soft-capping of the
+  attention scores and of the final logits, "sandwich" norms around attention and MLP
+  (`post_attention_layernorm` normalises the attention output, `pre_feedforward_layernorm`
+  / `post_feedforward_layernorm` wrap the MLP), and sliding-window layers per `layer_types`.
+Param paths are those of transformers' GemmaForCausalLM / Gemma2ForCausalLM.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trlax.errors import UnsupportedModelError
+from trlax.models.layers import Array, KVCache
+from trlax.models.llama import (
+    LORA_TARGETS,
+    ROTARY_BUFFERS,
+    DecoderOptions,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    check_causal,
+    head_dim_of,
+    init_cache,
+    rms_norm,
+    sliding_layers,
+    tied_lm_head,
+    validate_rope,
+)
+from trlax.models.spec import ArchitectureSpec
+
+
+def gemma_options(config: Any) -> DecoderOptions:
+    """DecoderOptions for gemma and gemma2 configs (as their HF modules build them)."""
+    check_causal(config)
+    bias = bool(getattr(config, "attention_bias", False))
+    common = {"head_dim": head_dim_of(config), "qkv_bias": bias, "o_bias": bias, "mlp_bias": False,
+              "norm_unit_offset": True, "embed_scale": True}
+    if config.model_type == "gemma":
+        n = config.num_hidden_layers
+        return DecoderOptions(hidden_act=config.hidden_act, sliding=(False,) * n, sliding_window=None, **common)
+    if config.model_type == "gemma2":
+        sliding = sliding_layers(config)
+        return DecoderOptions(
+            hidden_act=config.hidden_activation,
+            sliding=sliding,
+            sliding_window=config.sliding_window if any(sliding) else None,
+            attn_scale=config.query_pre_attn_scalar**-0.5,
+            attn_softcap=config.attn_logit_softcapping,
+            final_softcap=config.final_logit_softcapping,
+            **common,
+        )
+    raise UnsupportedModelError(f"model_type {config.model_type!r} is not a Gemma model")
+
+
+class Gemma2DecoderLayer(LlamaDecoderLayer):
+    """Gemma 2's block: norms before and after both attention and MLP."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.pre_feedforward_layernorm = rms_norm(self.config, self.options, self.dtype, self.param_dtype)
+        self.post_feedforward_layernorm = rms_norm(self.config, self.options, self.dtype, self.param_dtype)
+
+    def __call__(
+        self, x: Array, cos: Array, sin: Array, bias: Array, deterministic: bool,
+        cache: KVCache | None, cache_index: Array,
+    ) -> tuple[Array, KVCache | None]:
+        attn_out, cache = self.self_attn(self.input_layernorm(x), cos, sin, bias, deterministic, cache, cache_index)
+        x = x + self.post_attention_layernorm(attn_out)
+        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return x, cache
+
+
+def _gemma_layer(config: Any) -> type[LlamaDecoderLayer]:
+    return Gemma2DecoderLayer if config.model_type == "gemma2" else LlamaDecoderLayer
+
+
+class GemmaForCausalLM(LlamaForCausalLM):
+    """Gemma or Gemma 2 with its head (the model_type picks the block)."""
+
+    make_options = staticmethod(gemma_options)
+    layer_cls_for = staticmethod(_gemma_layer)
+
+
+def _validate(config: Any) -> None:
+    validate_rope(config)
+    gemma_options(config)
+
+
+SPEC = ArchitectureSpec(
+    model_types=("gemma", "gemma2"),
+    module=GemmaForCausalLM,
+    hf_architecture="GemmaForCausalLM",
+    num_layers=lambda c: c.num_hidden_layers,
+    layer_pattern="model.layers.{layer}",
+    init_cache=init_cache,
+    ignored_keys=ROTARY_BUFFERS,
+    tied_keys=tied_lm_head,
+    validate=_validate,
+    lora_targets=LORA_TARGETS,
+)

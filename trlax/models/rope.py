@@ -1,0 +1,121 @@
+"""Rotary position embeddings (RoPE) exactly as transformers computes them.
+
+Layout is HF's rotate-half: the rotary dims of a head are split into two halves that
+rotate together, and cos/sin are ``cat(freqs, freqs)``. Checkpoints keep HF's q/k
+projection layout, so no permutation is needed on load or save.
+
+The inverse frequencies follow ``transformers/modeling_rope_utils.py`` (v5): the config's
+``rope_parameters`` dict (``rope_type``, ``rope_theta``, ``factor``, ...), or the legacy
+``rope_theta`` / ``rope_scaling`` attributes of an older config object. They are computed
+in float32 with the same operations as PyTorch, so they agree to the last bit or two.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trlax.errors import UnsupportedModelError
+
+Array = jax.Array
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_DEFAULT_THETA = 10_000.0
+
+
+def rope_parameters(config: Any) -> dict[str, Any]:
+    """The config's RoPE settings as one flat dict with at least `rope_type` and `rope_theta`.
+
+    transformers v5 configs carry `config.rope_parameters`; older config objects carry
+    `rope_theta` and an optional `rope_scaling` dict (whose type key may be `type`).
+    Per-layer-type nested dicts (Gemma 3 style) are refused: no family here uses them.
+    """
+    params = getattr(config, "rope_parameters", None)
+    if not params:
+        params = dict(getattr(config, "rope_scaling", None) or {})
+    params = dict(params)
+    if params and all(isinstance(v, dict) for v in params.values()):
+        raise UnsupportedModelError(
+            f"per-layer-type RoPE parameters ({sorted(params)}) are not supported by trlax; "
+            "use a config with one `rope_parameters` dict"
+        )
+    params.setdefault("rope_type", params.get("type", "default"))
+    if params.get("rope_theta") is None:
+        params["rope_theta"] = getattr(config, "rope_theta", None) or _DEFAULT_THETA
+    if params["rope_type"] == "llama3" and "original_max_position_embeddings" not in params:
+        # transformers' standardize_rope_params falls back to max_position_embeddings.
+        params["original_max_position_embeddings"] = config.max_position_embeddings
+    return params
+
+
+def inv_frequencies(config: Any, head_dim: int, partial_rotary_factor: float = 1.0) -> np.ndarray:
+    """Inverse frequencies [rot_dim / 2] float32, rot_dim = int(head_dim * partial_rotary_factor).
+
+    Supports rope_type "default", "linear" and "llama3"; any other type raises
+    UnsupportedModelError. Matches transformers' ROPE_INIT_FUNCTIONS for those types.
+    """
+    params = rope_parameters(config)
+    rope_type = params["rope_type"]
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"rope_type {rope_type!r} is not supported by trlax; supported rope types: "
+            f"{list(SUPPORTED_ROPE_TYPES)}. Use a config with one of those in `rope_parameters`."
+        )
+    dim = int(head_dim * partial_rotary_factor)
+    # float32 throughout, as torch computes `1 / (base ** (arange(0, dim, 2).float() / dim))`.
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (np.float32(1.0) / (np.float32(params["rope_theta"]) ** exponent)).astype(np.float32)
+    if rope_type == "linear":
+        inv_freq = inv_freq / np.float32(params["factor"])
+    elif rope_type == "llama3":
+        inv_freq = _llama3_scaling(inv_freq, params)
+    return inv_freq.astype(np.float32)
+
+
+def _llama3_scaling(inv_freq: np.ndarray, params: dict[str, Any]) -> np.ndarray:
+    """Llama 3.1's frequency-dependent scaling (transformers' `_compute_llama3_parameters`)."""
+    factor = np.float32(params["factor"])
+    low_freq_factor = params["low_freq_factor"]
+    high_freq_factor = params["high_freq_factor"]
+    old_context_len = params["original_max_position_embeddings"]
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+
+    # torch evaluates `scalar / tensor` as `reciprocal(tensor) * scalar`; so do we, bit for bit.
+    recip = (np.float32(1) / inv_freq).astype(np.float32)
+    wavelen = recip * np.float32(2 * math.pi)  # [D/2] float32
+    # Long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq).astype(np.float32)
+    smooth = (((np.float32(1) / wavelen) * np.float32(old_context_len) - np.float32(low_freq_factor))
+              / np.float32(high_freq_factor - low_freq_factor)).astype(np.float32)
+    smoothed = (np.float32(1) - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def rotary_cos_sin(positions: Array, inv_freq: np.ndarray | Array) -> tuple[Array, Array]:
+    """cos, sin [B, T, rot_dim] float32 for integer positions [B, T] (HF's cat(freqs, freqs))."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, D]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def rotate_half(x: Array) -> Array:
+    """[x1, x2] -> [-x2, x1] over the last axis."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate x [B, T, H, rot_dim] by cos/sin [B, T, rot_dim]; returns x's shape and dtype.
+
+    Like transformers, cos and sin are cast to x's dtype first and the rotation runs in
+    that dtype (float32 in, float32 math; bfloat16 in, bfloat16 math, as PyTorch does).
+    """
+    cos = cos.astype(x.dtype)[:, :, None, :]  # [B, T, 1, D]
+    sin = sin.astype(x.dtype)[:, :, None, :]
+    return x * cos + rotate_half(x) * sin
