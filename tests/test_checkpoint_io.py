@@ -108,7 +108,7 @@ def test_checkpoint_of_the_bare_base_model_loads_without_its_prefix(torch_model,
     from safetensors import safe_open
 
     with safe_open(folder / "model.safetensors", "np") as f:
-        assert "wte.weight" in f.keys()
+        assert "wte.weight" in f.keys()  # noqa: SIM118 - safe_open is not a dict
     model = FlaxAutoModelForCausalLM.from_pretrained(folder, config=torch_model.config)
     ids, _ = batch(101, "none")
     assert max_diff(_torch_logits(torch_model, ids), model(ids).logits) < ATOL

@@ -73,7 +73,7 @@ def test_checkpoint_saved_by_trl_loads_in_trlax(kind, model_type, tmp_path):
 
 @pytest.mark.parametrize(("kind", "model_type"), CASES)
 def test_checkpoint_saved_by_trlax_loads_in_trl(kind, model_type, tmp_path):
-    trl_model = _trl_model(kind, model_type, tmp_path / "base")
+    _trl_model(kind, model_type, tmp_path / "base")  # writes the base checkpoint
     flax_model = CLASSES[kind][2].from_pretrained(tmp_path / "base", v_head_init_strategy="normal", seed=5)
     flax_model.save_pretrained(tmp_path / "trlax")
     reloaded = CLASSES[kind][1].from_pretrained(str(tmp_path / "trlax"), dtype=torch.float32).eval()

@@ -1,7 +1,11 @@
 """trlax: TRL's value-head model wrappers, reference models and reward adapters in JAX/Flax."""
 
+from trlax import ppo
+from trlax.adapters import LoraConfig
 from trlax.errors import CheckpointError, TrlaxError, UnsupportedModelError
 from trlax.models import FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM, supported_model_types
+from trlax.reference import LAYER_PATTERNS, create_reference_model
+from trlax.trainable import masked_optimizer, merge_trainable, split_trainable
 from trlax.value_head import (
     AutoModelForCausalLMWithValueHead,
     AutoModelForSeq2SeqLMWithValueHead,
@@ -21,9 +25,16 @@ __all__ = [
     "FlaxAutoModelForCausalLMWithValueHead",
     "FlaxAutoModelForSeq2SeqLM",
     "FlaxAutoModelForSeq2SeqLMWithValueHead",
+    "LAYER_PATTERNS",
+    "LoraConfig",
     "PreTrainedModelWrapper",
     "TrlaxError",
     "UnsupportedModelError",
     "ValueHead",
+    "create_reference_model",
+    "masked_optimizer",
+    "merge_trainable",
+    "ppo",
+    "split_trainable",
     "supported_model_types",
 ]

@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import transformers
+from jax.sharding import Mesh
 
+from trlax import adapter_models
 from trlax.checkpoint.hub import HubOptions, resolve_checkpoint
 from trlax.checkpoint.naming import key_table
 from trlax.checkpoint.writer import write_checkpoint_dir
@@ -25,6 +27,8 @@ from trlax.errors import CheckpointError
 from trlax.models.auto import FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
 from trlax.models.base import FlaxPreTrainedModel, check_integer_ids, check_mask, load_config
 from trlax.models.layers import torch_linear_init
+from trlax.reward import reward_scores
+from trlax.sharding import shard_model, shard_params
 
 logger = logging.getLogger("trlax")
 
@@ -111,7 +115,8 @@ class PreTrainedModelWrapper:
     supported_args: ClassVar[tuple[str, ...]] = (
         "summary_dropout_prob", "v_head_initializer_range", "v_head_init_strategy")
     model_args: ClassVar[tuple[str, ...]] = (
-        "dtype", "param_dtype", "revision", "token", "cache_dir", "local_files_only", "config", "place")
+        "dtype", "param_dtype", "revision", "token", "cache_dir", "local_files_only", "config", "place", "mesh",
+        "sharding_rules")
 
     def __init__(
         self,
@@ -131,11 +136,23 @@ class PreTrainedModelWrapper:
             v_head_params = self.init_v_head(jax.random.key(seed))
         else:
             self._check_v_head(v_head_params)
+        if pretrained_model.mesh is not None:  # the head joins the LM's layout (a no-op if it already has it)
+            v_head_params = shard_params({"v_head": v_head_params}, pretrained_model.mesh,
+                                         pretrained_model.sharding_rules)["v_head"]
         self.params: dict[str, Any] = {"pretrained_model": pretrained_model.params, "v_head": v_head_params}
         self.trainable_mask: dict[str, Any] = jax.tree_util.tree_map(lambda _: True, self.params)
         self.is_peft_model = False
         self.frozen = False  # set on reference models: the forward stops gradients
         self._forward = jax.jit(self.apply, static_argnames=("train", "output_hidden_states"))
+        # LoRA adapters (trlax.adapter_models): name -> trlax.LoraConfig; the reward adapter and
+        # its score head live in `reward_params`, outside `params`, so policy gradients never see them.
+        self.peft_config: dict[str, Any] = {}
+        self.policy_adapter_name = adapter_models.POLICY_ADAPTER_NAME
+        self.reward_params: dict[str, Any] | None = None
+        self.supports_rm_adapter = False
+        self.rm_adapter_name: str | None = None
+        self.base_model_name_or_path: str | None = getattr(self.config, "name_or_path", None) or None
+        self._reward_forward = jax.jit(self.apply_reward)
 
     # --- value head ---------------------------------------------------------------------
     def init_v_head(self, rng: jax.Array) -> dict[str, Any]:
@@ -172,6 +189,10 @@ class PreTrainedModelWrapper:
         *,
         strict: bool = False,
         seed: int = 0,
+        peft_config: Any = None,
+        reward_adapter: str | os.PathLike | None = None,
+        reward_adapter_name: str = adapter_models.DEFAULT_REWARD_ADAPTER_NAME,
+        is_trainable: bool = False,
         **kwargs: Any,
     ) -> PreTrainedModelWrapper:
         """Wrap a trlax LM with a value head: from a folder, a hub id, or a model instance.
@@ -181,31 +202,60 @@ class PreTrainedModelWrapper:
         or an error when `strict=True`. Keyword arguments: TRL's
         `summary_dropout_prob`, `v_head_initializer_range`, `v_head_init_strategy`, and
         the LM's `dtype`, `param_dtype`, `revision`, `token`, `cache_dir`,
-        `local_files_only`, `config`; anything else is an error.
+        `local_files_only`, `config`, `mesh`, `sharding_rules` (sharded loading, see
+        `FlaxPreTrainedModel.from_pretrained`); anything else is an error.
+
+        LoRA (TRL's PEFT arguments, see `trlax.adapter_models`): `peft_config`
+        (`trlax.LoraConfig`, a dict of PEFT LoraConfig fields, or a `peft.LoraConfig`) adds
+        a trainable policy adapter on the frozen base; a folder or hub id holding a PEFT
+        adapter_config.json loads that adapter policy (its base from
+        `base_model_name_or_path`, trainable only with `is_trainable=True`, `peft_config`
+        then ignored); `reward_adapter` (folder or hub id of a PEFT SEQ_CLS LoRA adapter with
+        its `score` head) loads a reward adapter under `reward_adapter_name` for
+        `compute_reward_score`; it needs a LoRA policy, as in TRL.
         """
         trl_args, model_args = cls._split_kwargs(dict(kwargs))
-        if isinstance(pretrained_model_name_or_path, FlaxPreTrainedModel):
+        if reward_adapter is not None and not isinstance(reward_adapter, (str, os.PathLike)):
+            raise ValueError(f"reward_adapter must be a local folder or a hub id; got {type(reward_adapter).__name__}")
+        source = pretrained_model_name_or_path
+        options = adapter_models.hub_options(model_args)
+        if isinstance(source, FlaxPreTrainedModel):
             if model_args:
                 raise TypeError(f"model arguments {sorted(model_args)} only apply when loading from a path or hub id")
-            model = pretrained_model_name_or_path
-            if model.is_encoder_decoder != cls.auto_class._encoder_decoder:
-                raise TypeError(f"{cls.__name__} cannot wrap a {type(model).__name__}")
-            return cls(model, seed=seed, **trl_args)
-        if not isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+            if source.is_encoder_decoder != cls.auto_class._encoder_decoder:
+                raise TypeError(f"{cls.__name__} cannot wrap a {type(source).__name__}")
+            model = cls(source, seed=seed, **trl_args)
+        elif not isinstance(source, (str, os.PathLike)):
             raise TypeError(f"pretrained_model_name_or_path must be a path, a hub id or a trlax model; "
-                            f"got {type(pretrained_model_name_or_path).__name__}")
-        return cls._load(pretrained_model_name_or_path, strict=strict, seed=seed, trl_args=trl_args, **model_args)
+                            f"got {type(source).__name__}")
+        elif adapter_models.is_adapter_folder(source, options):
+            if peft_config is not None:
+                logger.warning("%s holds a PEFT adapter; the peft_config argument is ignored (as TRL does)", source)
+            model = adapter_models.load_adapter_policy(cls, source, strict=strict, seed=seed, trl_args=trl_args,
+                                                       model_args=model_args, is_trainable=is_trainable)
+        else:
+            model = cls._load(source, strict=strict, seed=seed, trl_args=trl_args, **model_args)
+            model.base_model_name_or_path = str(source)
+        if peft_config is not None and not model.is_peft_model:
+            adapter_models.add_policy_adapter(model, peft_config, seed)
+        if reward_adapter is not None:
+            adapter_models.add_reward_adapter(model, str(reward_adapter), reward_adapter_name, options)
+        if model.pretrained_model.mesh is not None and (model.is_peft_model or model.reward_params is not None):
+            # Adapters join the mesh layout of the base they adapt (loaded leaves stay as they are).
+            shard_model(model, model.pretrained_model.mesh, model.pretrained_model.sharding_rules)
+        return model
 
     @classmethod
     def _load(cls, source: str | os.PathLike, *, strict: bool, seed: int, trl_args: dict[str, Any],
               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, revision: str | None = None,
               token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
               local_files_only: bool = False, config: transformers.PretrainedConfig | None = None,
-              place: Any = None) -> PreTrainedModelWrapper:
+              place: Any = None, mesh: Mesh | None = None, sharding_rules: Any = None) -> PreTrainedModelWrapper:
         resolved = resolve_checkpoint(source, HubOptions(revision, token, cache_dir, local_files_only))
         config = config or load_config(resolved.folder, resolved.source)
         model_cls = cls.auto_class._model_class()
         model = model_cls(config, model_cls._spec_for(config), dtype=dtype, param_dtype=param_dtype)
+        place = model.use_mesh(mesh, sharding_rules, place)
         head = make_value_head(config, **trl_args)
         table = model.key_table(path_prefix=("pretrained_model",))
         table.update(key_table(jax.eval_shape(lambda: init_value_head(head, jax.random.key(0))),
@@ -240,10 +290,43 @@ class PreTrainedModelWrapper:
         rngs = {"dropout": rng} if train else None
         return self.v_head.apply({"params": params["v_head"]}, hidden, deterministic=not train, rngs=rngs)
 
+    # --- reward adapter -----------------------------------------------------------------
+    def apply_reward(self, params: dict[str, Any], reward_params: dict[str, Any], input_ids: jax.Array,
+                     attention_mask: jax.Array, position_ids: jax.Array | None = None) -> jax.Array:
+        """Pure reward forward: scores [B, T, num_labels] float32 of the base in `params` with
+        the reward adapter and score head in `reward_params` (no gradients flow through)."""
+        return reward_scores(self.pretrained_model, params["pretrained_model"], reward_params, input_ids,
+                             attention_mask, position_ids)
+
+    def compute_reward_score(self, input_ids: Any, attention_mask: Any = None, params: dict[str, Any] | None = None,
+                             reward_params: dict[str, Any] | None = None, position_ids: Any = None) -> jax.Array:
+        """TRL's per-token reward scores [B, T, num_labels] float32 from the reward adapter, jitted.
+
+        input_ids [B, T] int; attention_mask [B, T] (default all ones); params: the
+        policy's (default `self.params`; only its frozen base is used); reward_params:
+        default `self.reward_params`. Pick the last real token's row for a sequence reward.
+        """
+        if not self.supports_rm_adapter:
+            raise ValueError("This model does not support reward modeling adapter: load one with "
+                             "from_pretrained(..., peft_config=..., reward_adapter=<PEFT reward adapter>)")
+        input_ids = check_integer_ids("input_ids", input_ids)
+        mask = jnp.ones_like(input_ids) if attention_mask is None else check_mask(
+            "attention_mask", attention_mask, input_ids.shape)
+        if position_ids is not None:
+            position_ids = check_mask("position_ids", position_ids, input_ids.shape)
+        return self._reward_forward(self.params if params is None else params,
+                                    self.reward_params if reward_params is None else reward_params,
+                                    input_ids, mask, position_ids)
+
     # --- saving -------------------------------------------------------------------------
     def state_dict(self, params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
-        """TRL's layout: the LM's transformers keys plus `v_head.summary.weight` [1, H] / `.bias` [1]."""
+        """TRL's layout: the LM's transformers keys plus `v_head.summary.weight` [1, H] / `.bias` [1].
+        For an adapter policy only the value head's keys, as TRL (the adapter is saved by PEFT's rules)."""
         params = self.params if params is None else params
+        if self.is_peft_model:
+            summary = params["v_head"]["summary"]
+            return {"v_head.summary.weight": np.ascontiguousarray(np.asarray(summary["kernel"]).T),
+                    "v_head.summary.bias": np.asarray(summary["bias"])}
         state = self.pretrained_model.state_dict(params["pretrained_model"])
         summary = params["v_head"]["summary"]
         state["v_head.summary.weight"] = np.ascontiguousarray(np.asarray(summary["kernel"]).T)
@@ -252,7 +335,11 @@ class PreTrainedModelWrapper:
 
     def save_pretrained(self, save_directory: str | os.PathLike, params: dict[str, Any] | None = None,
                         max_shard_size: int | str | None = None) -> list[Path]:
-        """config.json + model.safetensors (or shards) as TRL writes them; loads in TRL and transformers."""
+        """config.json + model.safetensors (or shards) as TRL writes them; loads in TRL and transformers.
+        An adapter policy writes PEFT's adapter files plus its value head instead (see
+        `trlax.adapter_models.save_adapter_policy`)."""
+        if self.is_peft_model:
+            return adapter_models.save_adapter_policy(self, save_directory, params)
         config = self.pretrained_model.config_to_save()
         return write_checkpoint_dir(save_directory, self.state_dict(params),
                                     write_extra=lambda tmp: config.save_pretrained(str(tmp)),
@@ -267,6 +354,9 @@ class PreTrainedModelWrapper:
     def generate(self, *args: Any, params: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         """Generation with the LM's params (values are not computed), as TRL delegates it."""
         params = self.params if params is None else params
+        if "lora" in params:
+            raise NotImplementedError("generation with a LoRA policy adapter is not wired yet: trlax.generation "
+                                      "does not pass the 'lora' collection to the model")
         return self.pretrained_model.generate(*args, params=params["pretrained_model"], **kwargs)
 
     def __repr__(self) -> str:
@@ -292,7 +382,7 @@ class FlaxAutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         params = self._params_for_forward(params)
         base_rng, head_rng = self._split_rng(dropout_rng, train)
         out = self.pretrained_model.apply(params["pretrained_model"], input_ids, attention_mask, position_ids,
-                                          dropout_rng=base_rng, train=train)
+                                          dropout_rng=base_rng, train=train, lora=params.get("lora"))
         values = self._values(params, out.last_hidden_state, head_rng, train)
         return out.logits.astype(jnp.float32), None, values
 
@@ -339,7 +429,8 @@ class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
         params = self._params_for_forward(params)
         base_rng, head_rng = self._split_rng(dropout_rng, train)
         out = self.pretrained_model.apply(params["pretrained_model"], input_ids, attention_mask, decoder_input_ids,
-                                          decoder_attention_mask, dropout_rng=base_rng, train=train)
+                                          decoder_attention_mask, dropout_rng=base_rng, train=train,
+                                          lora=params.get("lora"))
         values = self._values(params, out.last_hidden_state, head_rng, train)
         return out.logits.astype(jnp.float32), None, values
 

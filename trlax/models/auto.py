@@ -14,8 +14,15 @@ from trlax.models.spec import ArchitectureSpec
 
 # One module per family; each defines SPEC (and, for a family with an encoder-decoder
 # variant, that is the SPEC of its own module).
-_CAUSAL_FAMILIES = ("trlax.models.gpt2",)
-_SEQ2SEQ_FAMILIES: tuple[str, ...] = ()
+_CAUSAL_FAMILIES = (
+    "trlax.models.gpt2",
+    "trlax.models.llama",
+    "trlax.models.gemma",
+    "trlax.models.opt",
+    "trlax.models.gpt_neo",
+    "trlax.models.gpt_neox",
+)
+_SEQ2SEQ_FAMILIES: tuple[str, ...] = ("trlax.models.t5", "trlax.models.bart")
 
 
 def _registry(families: tuple[str, ...]) -> dict[str, ArchitectureSpec]:

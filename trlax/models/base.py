@@ -6,8 +6,10 @@ is jit-compiled once per input shape; the module itself is pure.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import transformers
+from jax.sharding import Mesh
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+)
 
 from trlax.checkpoint.hub import HubOptions, ResolvedCheckpoint, resolve_checkpoint
 from trlax.checkpoint.loading import LoadReport, Placer, load_params
@@ -23,6 +30,7 @@ from trlax.checkpoint.reader import CheckpointReader
 from trlax.checkpoint.writer import write_checkpoint_dir
 from trlax.errors import UnsupportedModelError
 from trlax.models.spec import ArchitectureSpec
+from trlax.sharding import ParamRule, ShardingRules, activation_sharding, auto_mesh, make_placer, resolve_rules
 
 logger = logging.getLogger("trlax")
 
@@ -78,6 +86,9 @@ class FlaxPreTrainedModel:
         self.param_dtype = param_dtype
         self.module = spec.module(config=config, dtype=dtype, param_dtype=param_dtype)
         self.params = params
+        # Set when the params are sharded (from_pretrained(mesh=...), trlax.sharding.shard_model).
+        self.mesh: Mesh | None = None
+        self.sharding_rules: ShardingRules | None = None
 
     # --- construction -------------------------------------------------------------------
     def dummy_inputs(self) -> tuple[Any, ...]:
@@ -135,20 +146,43 @@ class FlaxPreTrainedModel:
         local_files_only: bool = False,
         config: transformers.PretrainedConfig | None = None,
         place: Placer | None = None,
+        mesh: Mesh | None = None,
+        sharding_rules: ShardingRules | Sequence[ParamRule] | None = None,
     ) -> FlaxPreTrainedModel:
         """Load a transformers (PyTorch) checkpoint: a local folder or a hub id.
 
         Reads config.json, then model.safetensors, a sharded safetensors index, or
         pytorch_model.bin (needs torch). Params are built straight from the file, one
-        tensor at a time, cast to `param_dtype`; `dtype` is the compute dtype.
+        tensor at a time, cast to `param_dtype`; `dtype` is the compute dtype. With a
+        `mesh` (axes `data`, `fsdp`, `tp`, whichever it has), each tensor goes straight
+        into its sharded layout (`trlax.sharding`; `sharding_rules` overrides the defaults).
         """
         resolved = resolve_checkpoint(pretrained_model_name_or_path,
                                       HubOptions(revision, token, cache_dir, local_files_only))
         config = config or load_config(resolved.folder, resolved.source)
         model = cls(config, cls._spec_for(config), dtype=dtype, param_dtype=param_dtype)
+        place = model.use_mesh(mesh, sharding_rules, place)
         model.params, _ = model.load_checkpoint(resolved, model.key_table(), model.ignored_checkpoint_keys(),
                                                 place=place)
         return model
+
+    def use_mesh(self, mesh: Mesh | None, sharding_rules: ShardingRules | Sequence[ParamRule] | None = None,
+                 place: Placer | None = None) -> Placer | None:
+        """Record the mesh and rules this model's params are sharded with; returns the loader's placer."""
+        if mesh is None:
+            if sharding_rules is not None:
+                raise ValueError("sharding_rules only apply with a mesh; pass mesh=jax.sharding.Mesh(...) too")
+            return place
+        if place is not None:
+            raise ValueError("pass either place= (a custom placer) or mesh= (sharded loading), not both")
+        self.mesh = auto_mesh(mesh)
+        self.sharding_rules = resolve_rules(self.config.model_type, sharding_rules)
+        return make_placer(self.mesh, self.sharding_rules)
+
+    def sharding_context(self) -> contextlib.AbstractContextManager[None]:
+        """Enter around `module.apply` under jit: with a mesh, layer outputs stay batch-sharded
+        (see `trlax.sharding.activation_sharding`); without one, nothing happens."""
+        return activation_sharding(self.mesh, self.sharding_rules)
 
     def load_checkpoint(
         self, resolved: ResolvedCheckpoint, table: dict[str, TensorRule], ignored: tuple[str, ...], *,
@@ -168,8 +202,12 @@ class FlaxPreTrainedModel:
                 for key, rule in self.key_table(params).items()}
 
     def config_to_save(self) -> transformers.PretrainedConfig:
+        """A copy of the config whose `architectures` names transformers' class for this model_type
+        (one SPEC may serve several types: Qwen2ForCausalLM, not LlamaForCausalLM)."""
+        names = (MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES if self.is_encoder_decoder
+                 else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
         config = self.config.__class__.from_dict(self.config.to_dict())
-        config.architectures = [self.spec.hf_architecture]
+        config.architectures = [names.get(config.model_type, self.spec.hf_architecture)]
         return config
 
     def save_pretrained(

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from trlax.models.base import FlaxPreTrainedModel, check_integer_ids, check_mask
+from trlax.models.layers import LORA_COLLECTION
 from trlax.models.outputs import CausalLMOutput
 
 
@@ -32,13 +33,20 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
         dropout_rng: jax.Array | None = None,
         train: bool = False,
         output_hidden_states: bool = False,
+        lora: dict[str, Any] | None = None,
     ) -> CausalLMOutput:
-        """The pure forward (no checks, no jit): what a jitted train step calls."""
+        """The pure forward (no checks, no jit): what a jitted train step calls.
+
+        lora: a LoRA adapter tree (`trlax.adapters`) applied on top of `params`, or None
+        for the base model alone.
+        """
         if train and dropout_rng is None:
             raise ValueError("train=True needs dropout_rng (a jax.random key) for dropout")
         rngs = {"dropout": dropout_rng} if train else None
-        return self.module.apply({"params": params}, input_ids, attention_mask, position_ids,
-                                 deterministic=not train, output_hidden_states=output_hidden_states, rngs=rngs)
+        variables = {"params": params} if lora is None else {"params": params, LORA_COLLECTION: lora}
+        with self.sharding_context():
+            return self.module.apply(variables, input_ids, attention_mask, position_ids,
+                                     deterministic=not train, output_hidden_states=output_hidden_states, rngs=rngs)
 
     def __call__(
         self,

@@ -44,9 +44,10 @@ class GPTNeoSelfAttention(nn.Module):
         c = self.config
         self.head_dim = c.hidden_size // c.num_heads
         proj = {"dtype": self.dtype, "param_dtype": self.param_dtype, "std": c.initializer_range}
-        self.q_proj = dense(c.hidden_size, "q_proj", use_bias=False, **proj)
+        # PyTorch's registration order (k, v, q): TRL's order-based sharing walks it.
         self.k_proj = dense(c.hidden_size, "k_proj", use_bias=False, **proj)
         self.v_proj = dense(c.hidden_size, "v_proj", use_bias=False, **proj)
+        self.q_proj = dense(c.hidden_size, "q_proj", use_bias=False, **proj)
         self.out_proj = dense(c.hidden_size, "out_proj", use_bias=True, **proj)
         self.attn_dropout = nn.Dropout(float(c.attention_dropout))
         self.resid_dropout = nn.Dropout(float(c.resid_dropout))

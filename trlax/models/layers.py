@@ -206,7 +206,13 @@ def dot_product_attention(
     hkv = k.shape[2]
     groups = hq // hkv
     qg = q.reshape(b, t, hkv, groups, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    if t == 1:
+        # A decode step. As an einsum, XLA (CPU) copies the whole [B, S, Hkv, D] cache into a
+        # transposed layout on every step; a broadcast multiply-and-sum reads it in place.
+        scores = jnp.sum(qg[:, :, None].astype(jnp.float32) * k[:, None, :, :, None].astype(jnp.float32), -1)
+        scores = scores.transpose(0, 3, 4, 1, 2) * scale  # [B, 1, S, Hkv, G] -> [B, Hkv, G, 1, S]
+    else:
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
     if bias is not None:
@@ -214,7 +220,11 @@ def dot_product_attention(
     probs = jax.nn.softmax(scores, axis=-1)
     if dropout is not None and not deterministic:
         probs = dropout(probs, deterministic=False)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+    if t == 1:
+        weights = probs.transpose(0, 3, 4, 1, 2)[:, 0, :, :, :, None]  # [B, S, Hkv, G, 1]
+        out = jnp.sum(weights * v[:, :, :, None].astype(jnp.float32), axis=1).astype(v.dtype)  # [B, Hkv, G, Dv]
+    else:
+        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
     return out.reshape(b, t, hq, v.shape[-1])
 
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from trlax.errors import UnsupportedModelError
 from trlax.models.layers import (
     Array,
+    Dense,
     KVCache,
     RMSNorm,
     activation,
@@ -128,10 +129,10 @@ def llama_options(config: Any) -> DecoderOptions:
     )
 
 
-def _linear(features: int, use_bias: bool, config: Any, dtype: Any, param_dtype: Any) -> nn.Dense:
-    """A torch-Linear-like Dense (kernel [in, out]) with HF's normal(initializer_range) init."""
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=normal_init(config.initializer_range))
+def _linear(features: int, use_bias: bool, config: Any, dtype: Any, param_dtype: Any) -> Dense:
+    """A torch-Linear-like, LoRA-aware Dense (kernel [in, out]) with HF's normal(initializer_range) init."""
+    return Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                 kernel_init=normal_init(config.initializer_range))
 
 
 def rms_norm(config: Any, options: DecoderOptions, dtype: Any, param_dtype: Any) -> RMSNorm:
@@ -294,8 +295,8 @@ class LlamaForCausalLM(nn.Module):
         self.options = self.make_options(c)
         self.model = LlamaModel(c, self.options, self.layer_cls_for(c), self.dtype, self.param_dtype)
         if not c.tie_word_embeddings:
-            self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                                    kernel_init=normal_init(c.initializer_range))
+            self.lm_head = Dense(c.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                                 kernel_init=normal_init(c.initializer_range))
 
     def __call__(
         self,

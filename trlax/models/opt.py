@@ -71,9 +71,10 @@ class OPTAttention(nn.Module):
         c = self.config
         self.head_dim = c.hidden_size // c.num_attention_heads
         proj = _dense_kwargs(self, c.enable_bias)
-        self.q_proj = dense(c.hidden_size, "q_proj", **proj)
+        # PyTorch's registration order (k, v, q): TRL's order-based sharing walks it.
         self.k_proj = dense(c.hidden_size, "k_proj", **proj)
         self.v_proj = dense(c.hidden_size, "v_proj", **proj)
+        self.q_proj = dense(c.hidden_size, "q_proj", **proj)
         self.out_proj = dense(c.hidden_size, "out_proj", **proj)
         self.attn_dropout = nn.Dropout(c.attention_dropout)
 
@@ -142,8 +143,8 @@ class OPTDecoder(nn.Module):
         self.embed_positions = nn.Embed(c.max_position_embeddings + POSITION_OFFSET, c.hidden_size, **embed)
         if c.word_embed_proj_dim != c.hidden_size:
             proj = _dense_kwargs(self, use_bias=False)
+            self.project_out = dense(c.word_embed_proj_dim, "project_out", **proj)  # PyTorch's order
             self.project_in = dense(c.hidden_size, "project_in", **proj)
-            self.project_out = dense(c.word_embed_proj_dim, "project_out", **proj)
         if c.do_layer_norm_before and not c._remove_final_layer_norm:
             self.final_layer_norm = _layer_norm(c, self.dtype, self.param_dtype)
         self.layers = make_stack(OPTDecoderLayer, c.num_hidden_layers, "layers", config=c, dtype=self.dtype,

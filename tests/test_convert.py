@@ -1,0 +1,112 @@
+"""`trlax convert`: HF / PyTorch checkpoints (with or without TRL's value head) <-> Orbax model folders."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from tests.helpers import batch, save_torch, torch_random_init
+from tests.tiny_configs import gpt2, llama
+from trlax import (
+    CheckpointError,
+    FlaxAutoModelForCausalLM,
+    FlaxAutoModelForCausalLMWithValueHead,
+)
+from trlax.checkpoint.reader import CheckpointReader
+from trlax.cli import main
+from trlax.convert import is_orbax_model, load_orbax
+from trlax.value_head import value_head_hidden_size
+
+
+def _torch_checkpoint(config: transformers.PretrainedConfig, folder: Path, value_head: bool, **save_kwargs) -> Path:
+    """A PyTorch checkpoint as transformers (or, with `value_head`, TRL) saves it."""
+    torch.manual_seed(0)
+    lm = torch_random_init(transformers.AutoModelForCausalLM.from_config(config), std=0.1)
+    state = {k: v for k, v in lm.state_dict().items() if k != "lm_head.weight" or not config.tie_word_embeddings}
+    if value_head:
+        head = torch.nn.Linear(value_head_hidden_size(config), 1)
+        state["v_head.summary.weight"] = head.weight.detach().clone()
+        state["v_head.summary.bias"] = head.bias.detach().clone()
+    return save_torch(lm, folder, state_dict=state, **save_kwargs)
+
+
+def _tensors(folder: Path) -> dict[str, np.ndarray]:
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    with CheckpointReader(files) as reader:
+        return {key: np.array(reader.get(key)) for key in reader.keys()}  # noqa: SIM118 - not a dict
+
+
+@pytest.mark.parametrize(("make_config", "value_head", "save_kwargs"), [
+    (gpt2, True, {"max_shard_size": "20KB"}),  # TRL layout, sharded safetensors
+    (llama, False, {"safe_serialization": False}),  # plain LM, pytorch_model.bin
+])
+def test_convert_round_trip(make_config, value_head, save_kwargs, tmp_path: Path, capsys) -> None:
+    config = make_config()
+    src = _torch_checkpoint(config, tmp_path / "src", value_head, **save_kwargs)
+    assert main(["convert", str(src), str(tmp_path / "orbax")]) == 0
+    assert is_orbax_model(tmp_path / "orbax")
+    err = capsys.readouterr().err
+    assert "reading" in err and "writing" in err  # progress bars
+
+    restored = load_orbax(tmp_path / "orbax")
+    ids, mask = batch(config.vocab_size, "right", low=2)
+    if value_head:
+        reference = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(src, strict=True)
+        assert isinstance(restored, FlaxAutoModelForCausalLMWithValueHead)
+        for got, want in zip(restored(ids, mask), reference(ids, mask), strict=True):
+            np.testing.assert_array_equal(np.asarray(got) if got is not None else None,
+                                          np.asarray(want) if want is not None else None)
+    else:
+        reference = FlaxAutoModelForCausalLM.from_pretrained(src)
+        assert not hasattr(restored, "pretrained_model")
+        np.testing.assert_array_equal(restored(ids, mask).logits, reference(ids, mask).logits)
+
+    assert main(["convert", str(tmp_path / "orbax"), str(tmp_path / "hf"), "--max-shard-size", "30KB"]) == 0
+    assert "gathering" in capsys.readouterr().err
+    want, got = _tensors(src), _tensors(tmp_path / "hf")
+    assert want.keys() == got.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)  # bit-exact both ways
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+
+
+def test_convert_from_hub_id_and_dropping_the_head(tmp_path: Path) -> None:
+    """A hub id resolves through huggingface_hub's cache (offline here); --value-head no drops TRL's head."""
+    snapshot = tmp_path / "cache" / "models--someone--tiny-gpt2" / "snapshots" / ("a" * 40)
+    _torch_checkpoint(gpt2(), snapshot, value_head=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
+    args = ["convert", "someone/tiny-gpt2", str(tmp_path / "orbax"), "--cache-dir", str(tmp_path / "cache"),
+            "--local-files-only", "--value-head", "no", "--dtype", "bfloat16", "--no-progress"]
+    assert main(args) == 0
+    model = load_orbax(tmp_path / "orbax")
+    assert not hasattr(model, "pretrained_model")
+    assert model.params["transformer"]["wte"]["embedding"].dtype == np.dtype("bfloat16")
+
+
+def test_convert_errors(tmp_path: Path, capsys) -> None:
+    src = _torch_checkpoint(gpt2(), tmp_path / "src", value_head=False)
+    assert main(["convert", str(src), str(tmp_path / "out"), "--value-head", "yes"]) == 1
+    assert "has no TRL value head" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert main(["convert", str(src), str(tmp_path / "full")]) == 1
+    assert "is not empty" in capsys.readouterr().err
+    assert main(["convert", str(src), str(tmp_path / "hf"), "--to", "hf"]) == 1
+    assert "is not a trlax Orbax model folder" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="is not a trlax Orbax model folder"):
+        load_orbax(src)
+
+
+def test_python_dash_m_trlax(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "argv", ["trlax", "convert", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("trlax", run_name="__main__")
+    assert exit_info.value.code == 0
+    assert "usage: trlax convert" in capsys.readouterr().out

@@ -1,0 +1,258 @@
+"""trlax.generation: greedy parity with transformers' PyTorch generate, sampling, caching, errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from tests.helpers import save_torch
+from tests.tiny_configs import TINY_CAUSAL, TINY_SEQ2SEQ
+from trlax import FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
+from trlax.generation import GenerateOutput, _top_p_keep, _top_p_mask, generate
+
+NEW = 8  # new tokens per parity run
+LEFT_PADS = (0, 2, 5, 0, 8, 1)  # one row per prompt; 8 of 9 tokens padded in row 4
+SEQ = 9
+
+
+def _init(model: Any, seed: int = 0) -> Any:
+    """Random weights that keep activations O(1): greedy outputs vary from token to token and
+    top-2 logit gaps stay far above float32 noise, so a token-for-token test is meaningful."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                is_scale = name.endswith("weight") and ("norm" in name or "ln" in name)
+                p.copy_(float(is_scale) + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """model_type -> (transformers model, trlax model on the same weights), built once each."""
+    cache: dict[str, tuple[Any, Any]] = {}
+
+    def get(model_type: str) -> tuple[Any, Any]:
+        if model_type not in cache:
+            seq2seq = model_type in TINY_SEQ2SEQ
+            config = (TINY_SEQ2SEQ if seq2seq else TINY_CAUSAL)[model_type]()
+            torch_auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
+            pt = _init(torch_auto.from_config(config, dtype=torch.float32))
+            folder = save_torch(pt, tmp_path_factory.mktemp(model_type))
+            auto = FlaxAutoModelForSeq2SeqLM if seq2seq else FlaxAutoModelForCausalLM
+            cache[model_type] = pt, auto.from_pretrained(folder)
+        return cache[model_type]
+
+    return get
+
+
+def _prompts(config: Any, seq2seq: bool, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """[6, 9] ids and mask: left-padded prompts (causal) or right-padded encoder inputs (seq2seq)."""
+    ids = np.random.RandomState(seed).randint(3, config.vocab_size, (len(LEFT_PADS), SEQ))
+    mask = np.ones_like(ids)
+    for row, pads in enumerate(LEFT_PADS):
+        mask[row, :pads] = 0
+        ids[row, :pads] = config.pad_token_id
+    if seq2seq:
+        ids, mask = ids[:, ::-1].copy(), mask[:, ::-1].copy()
+    return ids, mask
+
+
+def _torch_generate(pt: Any, ids: np.ndarray, mask: np.ndarray, eos: int | list[int], width: int) -> np.ndarray:
+    """transformers' greedy output, padded on the right to trlax's static width."""
+    config = pt.config
+    gen_config = transformers.GenerationConfig(
+        do_sample=False, max_new_tokens=NEW, pad_token_id=config.pad_token_id, eos_token_id=eos,
+        decoder_start_token_id=getattr(config, "decoder_start_token_id", None),
+        # transformers 5.24's T5 cache assumes as many decoder as encoder blocks; the tiny
+        # T5 configs have 3 vs 2, so its seq2seq reference runs without a cache.
+        use_cache=not config.is_encoder_decoder,
+    )
+    with torch.no_grad():
+        out = pt.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), generation_config=gen_config).numpy()
+    padded = np.full((out.shape[0], width), config.pad_token_id)
+    padded[:, : out.shape[1]] = out  # transformers stops early once every row has finished
+    return padded
+
+
+@pytest.mark.parametrize("model_type", [*TINY_CAUSAL, *TINY_SEQ2SEQ])
+def test_greedy_matches_transformers_token_for_token(pairs, model_type):
+    pt, model = pairs(model_type)
+    seq2seq = model_type in TINY_SEQ2SEQ
+    ids, mask = _prompts(model.config, seq2seq)
+    width = (1 if seq2seq else SEQ) + NEW
+    never = model.config.vocab_size  # an eos no row can emit: all NEW tokens are compared
+    out = generate(model, ids, mask, max_new_tokens=NEW, pad_token_id=model.config.pad_token_id, eos_token_id=never)
+    assert isinstance(out, GenerateOutput)
+    assert out.sequences.shape == (len(ids), width) and out.sequences.dtype == np.int32
+    ref = _torch_generate(pt, ids, mask, never, width)
+    np.testing.assert_array_equal(np.asarray(out.sequences), ref)
+    assert len(np.unique(ref[:, -NEW:])) > 2, "degenerate reference: the test would be weak"
+
+    # Now an eos that fires: row 0's third new token. Rows emit pad after their eos.
+    eos = int(ref[0, width - NEW + 2])
+    out = generate(model, ids, mask, max_new_tokens=NEW, pad_token_id=model.config.pad_token_id, eos_token_id=eos)
+    ref = _torch_generate(pt, ids, mask, eos, width)
+    np.testing.assert_array_equal(np.asarray(out.sequences), ref)
+    assert (ref[0, width - NEW + 3:] == model.config.pad_token_id).all()
+
+
+def _greedy(model: Any, ids: np.ndarray, mask: np.ndarray, **kwargs: Any) -> np.ndarray:
+    """Greedy NEW tokens with an eos that never fires: the parity test's compiled function."""
+    kwargs = {"pad_token_id": model.config.pad_token_id, "eos_token_id": model.config.vocab_size, **kwargs}
+    return np.asarray(generate(model, ids, mask, max_new_tokens=NEW, **kwargs).sequences)
+
+
+def test_eos_list_and_all_rows_done_early(pairs):
+    pt, model = pairs("gpt2")
+    ids, mask = _prompts(model.config, False)
+    first = _greedy(model, ids, mask)[:, SEQ]
+    eos = [int(first[0]), int(first[1])]  # rows 0 and 1 stop after one token
+    out = np.asarray(generate(model, ids, mask, max_new_tokens=NEW, pad_token_id=model.config.pad_token_id,
+                              eos_token_id=eos).sequences)
+    np.testing.assert_array_equal(out, _torch_generate(pt, ids, mask, eos, SEQ + NEW))
+    # Identical rows whose first token is an eos: all rows finish at once, the loop stops
+    # and the rest is pad (same shapes and eos count: the same compiled function).
+    same = np.repeat(ids[:1], len(ids), 0), np.repeat(mask[:1], len(ids), 0)
+    out = np.asarray(generate(model, *same, max_new_tokens=NEW, pad_token_id=0,
+                              eos_token_id=[int(first[0]), model.config.vocab_size]).sequences)
+    assert (out[:, SEQ] == first[0]).all() and (out[:, SEQ + 1:] == 0).all()
+
+
+def test_pad_and_eos_default_to_the_config(pairs):
+    _, model = pairs("gpt2")
+    ids, mask = _prompts(model.config, False)
+    first = _greedy(model, ids, mask)[0, SEQ]
+    saved = model.config.pad_token_id, model.config.eos_token_id
+    try:
+        model.config.pad_token_id, model.config.eos_token_id = None, int(first)  # pad falls back to eos
+        out = np.asarray(model.generate(ids, mask, max_new_tokens=NEW).sequences)
+    finally:
+        model.config.pad_token_id, model.config.eos_token_id = saved
+    assert (out[0, SEQ:] == first).all()  # the eos, then eos as pad
+    assert len(model._generate_fns) >= 1 and out.shape == (len(ids), SEQ + NEW)
+
+
+def test_seq2seq_starts_with_the_decoder_start_token(pairs):
+    _, model = pairs("t5")
+    ids, mask = _prompts(model.config, True)
+    out = _greedy(model, ids, mask, decoder_start_token_id=5)
+    assert out.shape == (len(ids), 1 + NEW) and (out[:, 0] == 5).all()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "t5"])
+def test_top_k_1_sampling_is_greedy(pairs, model_type):
+    _, model = pairs(model_type)
+    ids, mask = _prompts(model.config, model_type in TINY_SEQ2SEQ)
+    sampled = generate(model, ids, mask, max_new_tokens=NEW, do_sample=True, top_k=1, temperature=0.7,
+                       pad_token_id=model.config.pad_token_id, eos_token_id=model.config.vocab_size,
+                       prng_key=jax.random.key(3)).sequences
+    np.testing.assert_array_equal(np.asarray(sampled), _greedy(model, ids, mask))
+
+
+def _sample(model: Any, ids: np.ndarray, mask: np.ndarray, key: int, temperature: float, top_k: int,
+            top_p: float | jax.Array) -> np.ndarray:
+    """NEW sampled tokens with an eos that never fires (one eos id, like the greedy runs)."""
+    return np.asarray(generate(model, ids, mask, max_new_tokens=NEW, do_sample=True, temperature=temperature,
+                               top_k=top_k, top_p=top_p, eos_token_id=model.config.vocab_size,
+                               prng_key=jax.random.key(key)).sequences)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (3, 0.6)])
+def test_sampling_is_reproducible_and_depends_on_the_key(pairs, top_k, top_p):
+    _, model = pairs("llama")
+    ids, mask = _prompts(model.config, False)
+    a = _sample(model, ids, mask, 0, 2.0, top_k, top_p)
+    np.testing.assert_array_equal(a, _sample(model, ids, mask, 0, 2.0, top_k, top_p))
+    assert (a != _sample(model, ids, mask, 1, 2.0, top_k, top_p)).any()
+
+
+def _teacher_forced_logits(model: Any, sequences: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Logits [B, T + new - 1, V] that predicted each generated token (full forward, HF positions)."""
+    full_mask = np.concatenate([mask, np.ones((len(mask), sequences.shape[1] - mask.shape[1]), mask.dtype)], 1)
+    positions = np.maximum(full_mask.cumsum(-1) - 1, 0)
+    return np.asarray(model(sequences, full_mask, position_ids=positions).logits)[:, mask.shape[1] - 1:-1]
+
+
+# A traced top_p of 1.0 keeps the top-p code path (and the compiled function of (3, 0.6))
+# while filtering nothing: a pure top-k check.
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.5, 3, jnp.float32(1.0)), (1.0, 0, 0.3), (0.5, 3, 0.6)])
+def test_sampled_tokens_stay_in_the_top_k_top_p_support(pairs, temperature, top_k, top_p):
+    _, model = pairs("llama")
+    ids, mask = _prompts(model.config, False, seed=1)
+    seqs = _sample(model, ids, mask, 7, temperature, top_k, top_p)
+    logits = _teacher_forced_logits(model, seqs, mask) / temperature  # [B, NEW, V]
+    chosen = np.take_along_axis(logits, seqs[:, SEQ:, None], -1)[..., 0]  # [B, NEW]
+    tol = 1e-4  # cached decode vs full forward: float noise
+    if top_k:
+        kth = np.sort(logits, -1)[..., -top_k]
+        assert (chosen >= kth - tol).all()
+        logits = np.where(logits >= kth[..., None] - tol, logits, -np.inf)  # top-p sees the top-k
+    if top_p < 1.0:  # [B, NEW] probabilities, after top-k
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        p_chosen = np.take_along_axis(probs, seqs[:, SEQ:, None], -1)
+        mass_above = np.where(probs > p_chosen + 1e-6, probs, 0.0).sum(-1)
+        assert (mass_above < top_p + 1e-4).all()  # transformers keeps a token iff this mass < top_p
+
+
+@pytest.mark.parametrize("top_k", [0, 7])
+@pytest.mark.parametrize("top_p", [0.0, 0.3, 0.9, 1.0])
+def test_top_k_top_p_filters_match_transformers_warpers(top_k, top_p):
+    logits = np.random.RandomState(0).randn(16, 101).astype(np.float32) * 3  # [B, V]
+    scores = torch.tensor(logits)
+    if top_k:
+        scores = transformers.TopKLogitsWarper(top_k)(None, scores)
+    ref = np.isfinite(transformers.TopPLogitsWarper(top_p)(None, scores).numpy())
+    if top_k:  # trlax filters the k sorted candidates, then scatters nothing: compare by index
+        values, indices = jax.lax.top_k(jnp.asarray(logits), top_k)
+        keep = np.zeros_like(ref)
+        np.put_along_axis(keep, np.asarray(indices), np.asarray(_top_p_keep(values, jnp.float32(top_p))), -1)
+    else:
+        keep = np.asarray(_top_p_mask(jnp.asarray(logits), jnp.float32(top_p)))
+    np.testing.assert_array_equal(keep, ref)
+
+
+def test_second_call_does_not_recompile(pairs):
+    _, model = pairs("llama")
+    ids, mask = _prompts(model.config, False)
+    kwargs = {"max_new_tokens": NEW, "do_sample": True, "top_k": 3}
+    generate(model, ids, mask, temperature=1.0, top_p=0.9, prng_key=jax.random.key(0), eos_token_id=1, **kwargs)
+    compiled = dict(model._generate_fns)
+    # New ids, temperature, top_p, key, pad and eos values: all traced, nothing recompiles.
+    generate(model, ids[::-1], mask[::-1], temperature=0.5, top_p=0.8, prng_key=jax.random.key(1),
+             pad_token_id=3, eos_token_id=2, **kwargs)
+    assert model._generate_fns == compiled
+    assert all(fn._cache_size() == 1 for fn in model._generate_fns.values())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens must be a positive int"),
+        ({"max_new_tokens": -3}, "max_new_tokens must be a positive int"),
+        ({"max_new_tokens": 56}, "exceeds the model's 64 positions"),
+        ({"do_sample": True}, "do_sample=True needs prng_key"),
+        ({"do_sample": True, "prng_key": jax.random.key(0), "temperature": 0.0}, "temperature must be > 0"),
+        ({"do_sample": True, "prng_key": jax.random.key(0), "top_p": 1.5}, r"top_p must be in \[0, 1\]"),
+        ({"top_k": -1}, "top_k must be a Python int >= 0"),
+        ({"input_ids": np.zeros((2, 3, 4), np.int32)}, "must be a 2-D"),
+        ({"input_ids": np.zeros((2, 9), np.float32)}, "must hold integer token ids"),
+        ({"attention_mask": np.ones((6, 8), np.int32)}, "attention_mask must have the shape"),
+        ({"attention_mask": np.tril(np.ones((6, 9), np.int32))}, "needs left-padded prompts"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(pairs, kwargs, message):
+    _, model = pairs("gpt2")
+    ids, mask = _prompts(model.config, False)
+    args = {"input_ids": ids, "attention_mask": mask, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        generate(model, args.pop("input_ids"), args.pop("attention_mask"), **args)

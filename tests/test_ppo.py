@@ -1,0 +1,322 @@
+"""trlax.ppo: each function against a NumPy transcription of TRL v0.11's PPOTrainer math, and a
+jitted update loop that learns on a fixed batch."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import transformers
+
+from trlax import (
+    FlaxAutoModelForCausalLM,
+    FlaxAutoModelForCausalLMWithValueHead,
+    FlaxAutoModelForSeq2SeqLM,
+    FlaxAutoModelForSeq2SeqLMWithValueHead,
+    create_reference_model,
+    ppo,
+    split_trainable,
+)
+
+RTOL, ATOL = 1e-5, 1e-5
+
+
+# --- NumPy references (float64, loops where TRL loops) ---------------------------------------
+def np_masked_mean(x, m):
+    return (x * m).sum() / m.sum()
+
+
+def np_masked_var(x, m):
+    var = np_masked_mean((x - np_masked_mean(x, m)) ** 2, m)
+    return var * m.sum() / (m.sum() - 1)
+
+
+def np_masked_whiten(x, m, shift_mean=True):
+    mean = np_masked_mean(x, m)
+    out = (x - mean) / np.sqrt(np_masked_var(x, m) + 1e-8)
+    return out if shift_mean else out + mean
+
+
+def np_log_softmax(logits):
+    z = logits - logits.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def np_kl(logp, ref, kind):
+    if kind == "kl":
+        return logp - ref
+    if kind == "abs":
+        return np.abs(logp - ref)
+    if kind == "mse":
+        return 0.5 * (logp - ref) ** 2
+    return (np.exp(logp) * (logp - ref)).sum(-1)  # "full": KL(p || ref) per token from [T, V]
+
+
+def np_rewards(scores, logprobs, ref_logprobs, masks, coef, kind):
+    rewards, non_scores = [], []
+    for score, lp, rlp, m in zip(scores, logprobs, ref_logprobs, masks, strict=True):
+        non_score = -coef * np_kl(lp, rlp, kind)
+        reward = non_score.copy()
+        reward[np.nonzero(m)[0][-1]] += score
+        rewards.append(reward)
+        non_scores.append(non_score)
+    return np.stack(rewards), np.stack(non_scores)
+
+
+def np_advantages(values, rewards, mask, gamma, lam, whiten_rewards=False):
+    values, rewards = values * mask, rewards * mask
+    if whiten_rewards:
+        rewards = np_masked_whiten(rewards, mask, shift_mean=False)
+    last, out = 0.0, []
+    n = rewards.shape[-1]
+    for t in reversed(range(n)):
+        next_values = values[:, t + 1] if t < n - 1 else 0.0
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        last = delta + gamma * lam * last
+        out.append(last)
+    advantages = np.stack(out[::-1], axis=1)
+    returns = advantages + values
+    return values, np_masked_whiten(advantages, mask), returns
+
+
+def np_loss(old_logprobs, values, vpreds, logprobs, mask, advantages, returns, c):
+    vclip = np.maximum(np.minimum(vpreds, values + c.cliprange_value), values - c.cliprange_value)
+    vf_loss = 0.5 * np_masked_mean(np.maximum((vpreds - returns) ** 2, (vclip - returns) ** 2), mask)
+    ratio = np.exp(logprobs - old_logprobs)
+    pg = np.maximum(-advantages * ratio, -advantages * np.clip(ratio, 1 - c.cliprange, 1 + c.cliprange))
+    pg_loss = np_masked_mean(pg, mask)
+    if np_masked_mean(ratio, mask) > c.ratio_threshold:
+        pg_loss, vf_loss = 0.0, 0.0
+    return pg_loss, c.vf_coef * vf_loss
+
+
+def _data(seed=0, b=3, t=7, v=11):
+    rng = np.random.RandomState(seed)
+    mask = np.ones((b, t))
+    mask[0, :2] = 0  # prompt positions
+    mask[1, 5:] = 0  # right padding
+    mask[2, :1] = 0
+    mask[2, 4:] = 0
+    return rng, mask, {"values": rng.randn(b, t), "rewards": rng.randn(b, t), "logits": rng.randn(b, t, v) * 2,
+                       "labels": rng.randint(0, v, (b, t))}
+
+
+def _close(a, b, rtol=RTOL, atol=ATOL):
+    np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=rtol, atol=atol)
+
+
+# --- core functions -------------------------------------------------------------------------
+def test_masked_statistics():
+    _, mask, d = _data()
+    x = d["values"].astype(np.float32)
+    _close(ppo.masked_mean(jnp.asarray(x), jnp.asarray(mask)), np_masked_mean(x, mask))
+    _close(ppo.masked_mean(jnp.asarray(x), jnp.asarray(mask), axis=1),
+           (x * mask).sum(1) / mask.sum(1))
+    _close(ppo.masked_var(jnp.asarray(x), jnp.asarray(mask)), np_masked_var(x, mask))
+    for shift in (True, False):
+        _close(ppo.masked_whiten(jnp.asarray(x), jnp.asarray(mask), shift), np_masked_whiten(x, mask, shift))
+
+
+def test_logprobs_and_entropy():
+    _, _, d = _data()
+    logits, labels = d["logits"].astype(np.float32), d["labels"]
+    full = np_log_softmax(logits.astype(np.float64))
+    _close(ppo.logprobs_from_logits(jnp.asarray(logits), jnp.asarray(labels)),
+           np.take_along_axis(full, labels[..., None], -1)[..., 0])
+    _close(ppo.logprobs_from_logits(jnp.asarray(logits), None, gather=False), full)
+    _close(ppo.entropy_from_logits(jnp.asarray(logits)), -(np.exp(full) * full).sum(-1))
+
+
+@pytest.mark.parametrize("kind", ["kl", "abs", "mse", "full"])
+def test_compute_rewards(kind):
+    rng, mask, d = _data()
+    if kind == "full":
+        logp = np_log_softmax(d["logits"])
+        ref = np_log_softmax(d["logits"] + rng.randn(*d["logits"].shape))
+    else:
+        logp, ref = d["values"] - 2.0, d["rewards"] - 2.0  # any per-token log-prob-like numbers
+    scores = rng.randn(3)
+    want_rewards, want_non_score = np_rewards(scores, logp, ref, mask, 0.3, kind)
+    rewards, non_score, kls = ppo.compute_rewards(jnp.asarray(scores, jnp.float32), jnp.asarray(logp, jnp.float32),
+                                                  jnp.asarray(ref, jnp.float32), jnp.asarray(mask), 0.3, kind)
+    _close(rewards, want_rewards, atol=1e-4)
+    _close(non_score, want_non_score, atol=1e-4)
+    _close(kls, np.stack([np_kl(a, b, kind) for a, b in zip(logp, ref, strict=True)]), atol=1e-4)
+    if kind == "full":
+        assert float(kls.min()) >= 0.0
+
+
+@pytest.mark.parametrize(("gamma", "lam", "whiten_rewards"), [(1.0, 0.95, False), (0.9, 0.8, True)])
+def test_compute_advantages(gamma, lam, whiten_rewards):
+    _, mask, d = _data()
+    want = np_advantages(d["values"], d["rewards"], mask, gamma, lam, whiten_rewards)
+    got = ppo.compute_advantages(jnp.asarray(d["values"], jnp.float32), jnp.asarray(d["rewards"], jnp.float32),
+                                 jnp.asarray(mask), gamma, lam, whiten_rewards)
+    for g, w in zip(got, want, strict=True):
+        _close(g, w, atol=1e-4)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_ppo_loss(skip):
+    rng, mask, d = _data()
+    config = ppo.PPOConfig(cliprange=0.1, cliprange_value=0.15, vf_coef=0.3, ratio_threshold=1.5 if skip else 10.0)
+    old_lp = -np.abs(rng.randn(3, 7))
+    new_lp = old_lp + rng.randn(3, 7) * (0.8 if skip else 0.2)  # some ratios beyond the clip range
+    values, advantages, returns = np_advantages(d["values"], d["rewards"], mask, 1.0, 0.95)
+    vpreds = values + rng.randn(3, 7) * 0.3
+    want_pg, want_vf = np_loss(old_lp, values, vpreds, new_lp, mask, advantages, returns, config)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    pg, vf, stats = ppo.ppo_loss(f32(old_lp), f32(values), f32(d["logits"]), f32(vpreds), f32(new_lp), f32(mask),
+                                 f32(advantages), f32(returns), config)
+    _close(pg, want_pg, atol=1e-5)
+    _close(vf, want_vf, atol=1e-5)
+    assert float(stats["policy/skipped"]) == float(skip)
+    if not skip:
+        assert 0.0 < float(stats["policy/clipfrac"]) < 1.0  # the clip is really exercised
+        _close(stats["loss/total"], want_pg + want_vf, atol=1e-5)
+
+
+def test_adaptive_kl_coef_and_config():
+    assert ppo.adaptive_kl_coef(0.2, 12.0, 256, 6.0, 10000.0) == pytest.approx(0.2 * (1 + 0.2 * 256 / 10000))
+    assert ppo.adaptive_kl_coef(0.2, 5.4, 100, 6.0, 1000.0) == pytest.approx(0.2 * (1 - 0.1 * 100 / 1000))
+    with pytest.raises(ValueError, match="kl_penalty must be one of"):
+        ppo.PPOConfig(kl_penalty="low_var_kl")
+
+
+# --- model glue and the update loop --------------------------------------------------------
+_GPT2 = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=101, n_positions=64, resid_pdrop=0.0,
+                                embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+# One encoder and one decoder block: the seq2seq test compiles T5 three times (init, rollout, update).
+_T5 = transformers.T5Config(vocab_size=101, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_decoder_layers=1,
+                            num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0,
+                            eos_token_id=1, decoder_start_token_id=0)
+
+
+@functools.cache
+def _initial_params(seq2seq):
+    auto = FlaxAutoModelForSeq2SeqLM if seq2seq else FlaxAutoModelForCausalLM
+    return auto.from_config(_T5 if seq2seq else _GPT2).params
+
+
+def _policy_and_ref(num_shared=1, seq2seq=False):
+    """A fresh policy (own copy of cached random params; init compiles once) and its reference."""
+    auto, wrapper = ((FlaxAutoModelForSeq2SeqLM, FlaxAutoModelForSeq2SeqLMWithValueHead) if seq2seq
+                     else (FlaxAutoModelForCausalLM, FlaxAutoModelForCausalLMWithValueHead))
+    config = _T5 if seq2seq else _GPT2
+    cls = auto._model_class()
+    lm = cls(config, cls._spec_for(config), jax.tree_util.tree_map(jnp.copy, _initial_params(seq2seq)))
+    policy = wrapper.from_pretrained(lm, summary_dropout_prob=0.0)
+    return policy, create_reference_model(policy, num_shared_layers=num_shared)
+
+
+def _causal_batch(seed=0, b=4, q=4, r=8, vocab=101):
+    """Left-padded queries [B, q] + right-padded responses [B, r], as generation produces them."""
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(2, vocab, (b, q + r)).astype(np.int32)
+    qmask = np.ones((b, q), np.int32)
+    qmask[1, :2] = 0
+    rmask = np.ones((b, r), np.int32)
+    rmask[2, 5:] = 0
+    rmask[3, 6:] = 0
+    attention = np.concatenate([qmask, rmask], 1)
+    response = np.concatenate([np.zeros_like(qmask), rmask], 1)
+    return {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(attention),
+            "response_mask": jnp.asarray(response)}, rng.randn(b).astype(np.float32)
+
+
+def test_forward_slices_like_trl():
+    policy, _ = _policy_and_ref()
+    batch, _ = _causal_batch()
+
+    @jax.jit
+    def both(params, batch):
+        return ppo.forward(policy, params, batch), policy.apply(params, batch["input_ids"], batch["attention_mask"])
+
+    (logprobs, logits, values), (full_logits, _, full_values) = both(policy.params, batch)
+    full = np_log_softmax(np.asarray(full_logits, np.float64))
+    ids = np.asarray(batch["input_ids"])
+    want = np.take_along_axis(full[:, :-1], ids[:, 1:, None], -1)[..., 0]
+    _close(logprobs, want, atol=1e-5)
+    np.testing.assert_array_equal(values, np.asarray(full_values)[:, :-1])
+    assert logits.shape == (4, 11, 101)
+    mask = ppo.logprob_mask(batch["response_mask"])
+    assert mask.shape == (4, 11) and float(mask[0, 3]) == 1.0 and float(mask[0, 2]) == 0.0  # 1st response token
+
+
+@pytest.mark.parametrize("kind", ["kl", "full"])
+def test_rollout_matches_the_functions(kind):
+    policy, ref = _policy_and_ref()
+    config = ppo.PPOConfig(kl_penalty=kind)
+    batch, scores = _causal_batch()
+    exp = ppo.make_rollout(policy, ref, config)(policy.params, ref.params, batch, scores, 0.2)
+    forwards = jax.jit(lambda p, r: (ppo.forward(policy, p, batch), ppo.forward(ref, r, batch)))
+    (lp, logits, values), (ref_lp, ref_logits, _) = forwards(policy.params, ref.params)
+    mask = np.asarray(exp["mask"], np.float64)
+    if kind == "full":
+        logp, refp = np_log_softmax(np.asarray(logits, np.float64)), np_log_softmax(np.asarray(ref_logits, np.float64))
+    else:
+        logp, refp = np.asarray(lp, np.float64), np.asarray(ref_lp, np.float64)
+    rewards, _ = np_rewards(scores, logp, refp, mask, 0.2, kind)
+    want_values, want_adv, want_ret = np_advantages(np.asarray(values, np.float64), rewards, mask, 1.0, 0.95)
+    _close(exp["rewards"], rewards, atol=1e-4)
+    _close(exp["old_values"], want_values, atol=1e-5)
+    _close(exp["advantages"], want_adv, atol=1e-4)
+    _close(exp["returns"], want_ret, atol=1e-4)
+
+
+def test_twenty_updates_lower_the_loss_and_fit_the_returns():
+    policy, ref = _policy_and_ref()
+    config = ppo.PPOConfig(vf_coef=0.5, cliprange_value=10.0)
+    batch, scores = _causal_batch()
+    exp = ppo.make_rollout(policy, ref, config)(policy.params, ref.params, batch, scores * 3, 0.05)
+    tx = optax.adam(3e-3)
+    trainable, frozen = split_trainable(policy.params, policy.trainable_mask)
+    opt_state = tx.init(trainable)
+    donated = [x for x in jax.tree_util.tree_leaves((trainable, opt_state)) if isinstance(x, jax.Array)]
+    update = ppo.make_ppo_update(policy, tx, config)
+    stats = []
+    for _ in range(21):  # step i's stats are computed at the params after i updates
+        trainable, opt_state, s = update(trainable, frozen, opt_state, exp)
+        stats.append({k: float(v) for k, v in s.items()})
+    (loss0, err0), (loss20, err20) = ((s["loss/total"], s["val/error"]) for s in (stats[0], stats[20]))
+    print(f"\nPPO on a fixed batch: loss {loss0:.4f} -> {loss20:.4f}, value error {err0:.4f} -> {err20:.4f}")
+    assert loss20 < loss0 - 0.05 and err20 < 0.5 * err0
+    assert all(x.is_deleted() for x in donated)  # trainable params and optimizer state were donated
+    # The frozen half is the reference's own (shared) arrays, untouched and alive.
+    shared = jax.tree_util.tree_leaves(frozen)
+    assert shared and all(not x.is_deleted() for x in shared)
+    ref_leaves = jax.tree_util.tree_leaves(ref.params)
+    assert all(any(x is r for r in ref_leaves) for x in shared)
+    assert not any(x.is_deleted() for x in ref_leaves)
+
+
+def test_seq2seq_rollout_and_update():
+    policy, ref = _policy_and_ref(num_shared=0, seq2seq=True)  # shares the embeddings and the encoder
+    config = policy.config
+    rng = np.random.RandomState(0)
+    dec = rng.randint(2, config.vocab_size, (3, 6)).astype(np.int32)
+    dec[:, 0] = config.decoder_start_token_id
+    dmask = np.ones_like(dec)
+    dmask[1, 4:] = 0
+    response = dmask.copy()
+    response[:, 0] = 0  # the start token is not a response token
+    batch = {"input_ids": jnp.asarray(rng.randint(2, config.vocab_size, (3, 5)), jnp.int32),
+             "attention_mask": jnp.ones((3, 5), jnp.int32), "decoder_input_ids": jnp.asarray(dec),
+             "decoder_attention_mask": jnp.asarray(dmask), "response_mask": jnp.asarray(response)}
+    exp = ppo.make_rollout(policy, ref)(policy.params, ref.params, batch, jnp.asarray([1.0, -1.0, 0.5]), 0.1)
+    assert exp["advantages"].shape == (3, 5)
+    tx = optax.adam(3e-3)
+    trainable, frozen = split_trainable(policy.params, policy.trainable_mask)
+    opt_state = tx.init(trainable)
+    update = ppo.make_ppo_update(policy, tx)
+    losses = []
+    for i in range(5):  # with a dropout key: the train=True path
+        trainable, opt_state, stats = update(trainable, frozen, opt_state, exp, jax.random.key(i))
+        losses.append(float(stats["loss/total"]))
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]

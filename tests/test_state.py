@@ -1,0 +1,207 @@
+"""Orbax training-state checkpoints: round trip, keep-last-K, async, other mesh, crash mid-save.
+
+The multi-device checks run this file as a script in subprocesses with simulated CPU
+devices (`python tests/test_state.py save8|restore4 DIR`), so the rest of the suite keeps
+its single device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import transformers
+
+from trlax import FlaxAutoModelForCausalLM, FlaxAutoModelForCausalLMWithValueHead
+from trlax.checkpoint import StateCheckpointer, restore_state, save_state
+from trlax.errors import CheckpointError
+from trlax.sharding import path_str
+
+OPT = optax.adam(1e-2)
+
+
+def _config() -> transformers.PretrainedConfig:
+    return transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=101, n_positions=64)
+
+
+def _adapters() -> dict:
+    lora = {"lora_A": jnp.full((32, 4), 0.5), "lora_B": jnp.arange(4 * 96, dtype=jnp.float32).reshape(4, 96),
+            "scaling": jnp.float32(2.0)}
+    return {"transformer": {"h": {"0": {"attn": {"c_attn": lora}}}}}
+
+
+@jax.jit
+def _adam_step(params: dict) -> tuple[dict, optax.OptState]:
+    """One Adam update with made-up gradients, so the moments are non-zero."""
+    opt_state = OPT.init(params)
+    grads = jax.tree_util.tree_map(lambda p: jnp.sin(p) + 0.1, params)
+    updates, opt_state = OPT.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def _small_state(seed: int = 0) -> tuple[dict, optax.OptState]:
+    key = jax.random.key(seed)
+    params = {"pretrained_model": {"wte": {"embedding": jax.random.normal(key, (11, 8))}},
+              "v_head": {"summary": {"kernel": jnp.ones((8, 1)), "bias": jnp.full((1,), 0.5)}}}
+    return _adam_step(params)
+
+
+def _train_state(seed: int = 0) -> tuple[dict, optax.OptState, dict]:
+    """A GPT-2 value-head model's params, an Adam state after one update, a LoRA adapter."""
+    model = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(
+        FlaxAutoModelForCausalLM.from_config(_config(), seed=seed), seed=seed)
+    return (*_adam_step(model.params), _adapters())
+
+
+def _flat(tree: object) -> dict[str, np.ndarray]:
+    return {path_str(p): np.asarray(leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _assert_same(a: object, b: object) -> None:
+    fa, fb = _flat(a), _flat(b)
+    assert fa.keys() == fb.keys()
+    for key in fa:
+        np.testing.assert_array_equal(fa[key], fb[key], err_msg=key)
+
+
+# --- single device ---------------------------------------------------------------------------
+
+
+def test_round_trip_keeps_last_k(tmp_path: Path) -> None:
+    params, opt_state = _small_state()
+    adapters = _adapters()
+    rng = jax.random.key(7)
+    for step in range(1, 4):
+        checkpointer = save_state(tmp_path, step, params, opt_state, rng=rng, adapters=adapters,
+                                  extra={"lr": 1e-2, "step": step}, max_to_keep=2)
+    checkpointer.wait_until_finished()
+    assert StateCheckpointer(tmp_path, read_only=True).all_steps() == [2, 3]
+    target = {"params": params, "opt_state": jax.eval_shape(OPT.init, params)}
+    restored = restore_state(tmp_path, target=target)
+    assert restored.step == 3 and restored.extra == {"lr": 1e-2, "step": 3}
+    assert isinstance(restored.opt_state[0], optax.ScaleByAdamState)  # optax's types back, via target
+    _assert_same(restored.params, params)
+    _assert_same(restored.opt_state, opt_state)
+    _assert_same(restored.adapters, adapters)
+    assert jax.dtypes.issubdtype(restored.rng.dtype, jax.dtypes.prng_key)
+    np.testing.assert_array_equal(jax.random.key_data(restored.rng), jax.random.key_data(rng))
+    older = restore_state(tmp_path, step=2)  # no target: nested dicts/lists, same values
+    assert older.step == 2
+    _assert_same(older.params, params)
+
+
+def test_async_save_then_restore(tmp_path: Path) -> None:
+    params, opt_state = _small_state(seed=1)
+    checkpointer = save_state(tmp_path, 0, params, opt_state, rng=jax.random.PRNGKey(3), async_save=True)
+    checkpointer.save(1, jax.tree_util.tree_map(lambda p: p + 1, params))  # waits for step 0 first
+    checkpointer.wait_until_finished()
+    restored = restore_state(tmp_path, step=0)
+    _assert_same(restored.params, params)
+    np.testing.assert_array_equal(restored.rng, jax.random.PRNGKey(3))  # a raw uint32 key stays raw
+    latest = restore_state(tmp_path)
+    assert latest.step == 1 and latest.opt_state is None and latest.rng is None
+    _assert_same(latest.params, jax.tree_util.tree_map(lambda p: p + 1, params))
+
+
+def test_state_errors(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not a directory of saved training states"):
+        restore_state(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no saved training state"):
+        restore_state(tmp_path / "empty")
+    params = {"w": jnp.ones((2, 2))}
+    save_state(tmp_path / "run", 5, params)
+    with pytest.raises(CheckpointError, match="step 5 is already saved"):
+        save_state(tmp_path / "run", 5, params)
+    with pytest.raises(CheckpointError, match="step 6 is not saved"):
+        restore_state(tmp_path / "run", step=6)
+    with pytest.raises(CheckpointError, match="has no \\['opt_state'\\]"):
+        restore_state(tmp_path / "run", target={"opt_state": {}})
+    with pytest.raises(ValueError, match="unknown item"):
+        restore_state(tmp_path / "run", target={"optimizer": {}})
+    with pytest.raises(ValueError, match="max_to_keep must be >= 1"):
+        StateCheckpointer(tmp_path / "x", max_to_keep=0)
+
+
+# --- simulated devices: save on 8, crash mid-save, restore on 4 --------------------------------
+
+
+def _run(mode: str, directory: Path, devices: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, __file__, mode, str(directory)], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_restore_on_other_mesh_after_crash_mid_save(tmp_path: Path) -> None:
+    saved = _run("save8", tmp_path, 8)
+    # The child kills itself (SIGKILL) at the commit of step 2: every file written, not renamed.
+    assert saved.returncode == -9, saved.stderr[-3000:]
+    assert (tmp_path / "ckpt" / "1").is_dir() and not (tmp_path / "ckpt" / "2").exists()
+    assert any(p.name.startswith("2.orbax-checkpoint-tmp") for p in (tmp_path / "ckpt").iterdir())
+    restored = _run("restore4", tmp_path, 4)
+    assert restored.returncode == 0, restored.stderr[-3000:]
+    report = json.loads(restored.stdout.strip().splitlines()[-1])
+    assert report["steps_before"] == [1]
+    assert report["step"] == 1
+    assert report["mismatched"] == []
+    assert report["n_devices"] == 4
+    # tp=2 x data=2: c_attn [32, 96] column-split over tp; its Adam moments follow it.
+    assert report["c_attn_spec"] == [None, "tp"]
+    assert report["c_attn_shard"] == [32, 48]
+    assert report["mu_c_attn_spec"] == [None, "tp"]
+    assert report["steps_after"] == [1, 2]  # saving again works: the crashed tmp folder was cleaned up
+
+
+def _worker_save8(root: Path) -> None:
+    from trlax.sharding import make_mesh, shard_params
+
+    params, opt_state, adapters = _train_state()
+    mesh = make_mesh(fsdp=8)
+    params = shard_params(params, mesh, model_type="gpt2")
+    opt_state = shard_params(opt_state, mesh, model_type="gpt2")
+    assert params["pretrained_model"]["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"].sharding.spec[0] == "fsdp"
+    np.savez(root / "expected.npz", **_flat({"params": params, "opt_state": opt_state, "adapters": adapters}))
+    save_state(root / "ckpt", 1, params, opt_state, rng=jax.random.key(1), adapters=adapters)
+
+    def crash_at_commit(src: str, dst: str) -> None:
+        if os.path.basename(dst) == "2":
+            os.kill(os.getpid(), 9)
+        real_rename(src, dst)
+
+    real_rename, os.rename = os.rename, crash_at_commit
+    save_state(root / "ckpt", 2, jax.tree_util.tree_map(lambda p: p * 2, params), opt_state)
+
+
+def _worker_restore4(root: Path) -> None:
+    from trlax.sharding import make_mesh
+
+    mesh = make_mesh(data=2, fsdp=1, tp=2)
+    steps_before = StateCheckpointer(root / "ckpt", read_only=True).all_steps()
+    abstract_params = jax.eval_shape(lambda: _train_state()[0])
+    target = {"params": abstract_params, "opt_state": jax.eval_shape(OPT.init, abstract_params)}
+    restored = restore_state(root / "ckpt", target=target, target_sharding=mesh, model_type="gpt2")
+    expected = np.load(root / "expected.npz")
+    got = _flat({"params": restored.params, "opt_state": restored.opt_state, "adapters": restored.adapters})
+    mismatched = sorted(set(expected.files) ^ set(got)) + [
+        k for k in expected.files if k in got and not np.array_equal(expected[k], got[k])]
+    kernel = restored.params["pretrained_model"]["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"]
+    mu = restored.opt_state[0].mu["pretrained_model"]["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"]
+    save_state(root / "ckpt", 2, restored.params)
+    print(json.dumps({
+        "steps_before": steps_before, "step": restored.step, "mismatched": mismatched,
+        "n_devices": jax.device_count(), "c_attn_spec": list(kernel.sharding.spec),
+        "c_attn_shard": list(kernel.addressable_shards[0].data.shape), "mu_c_attn_spec": list(mu.sharding.spec),
+        "steps_after": StateCheckpointer(root / "ckpt", read_only=True).all_steps(),
+    }))
+
+
+if __name__ == "__main__":
+    {"save8": _worker_save8, "restore4": _worker_restore4}[sys.argv[1]](Path(sys.argv[2]))

@@ -1,0 +1,130 @@
+"""Tiny transformers configs, one per supported model_type, shared by the generic tests.
+
+Each entry builds a fresh config: float32, dropout off, small enough that a parity test
+runs in well under a second. Model families add their entries here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import transformers
+
+
+def gpt2() -> transformers.PretrainedConfig:
+    return transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=101, n_positions=64,
+                                   bos_token_id=0, eos_token_id=1, pad_token_id=1)
+
+
+# Llama family: 2 layers, hidden 32, 4 query heads. Between them they cover GQA/MQA, tied and
+# untied heads, biases, an explicit head_dim != hidden/heads, and sliding windows short
+# enough (4) that sequences of 9-12 tokens hit them.
+_LLAMA_COMMON = {"vocab_size": 101, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+                 "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+
+
+def llama() -> transformers.PretrainedConfig:
+    return transformers.LlamaConfig(**_LLAMA_COMMON, num_key_value_heads=2, tie_word_embeddings=False,
+                                    attention_bias=True, mlp_bias=True)
+
+
+def mistral() -> transformers.PretrainedConfig:
+    return transformers.MistralConfig(**_LLAMA_COMMON, num_key_value_heads=2, sliding_window=4,
+                                      tie_word_embeddings=False)
+
+
+def qwen2() -> transformers.PretrainedConfig:
+    # Layer 0 full attention, layer 1 sliding (max_window_layers=1).
+    return transformers.Qwen2Config(**_LLAMA_COMMON, num_key_value_heads=1, tie_word_embeddings=True,
+                                    use_sliding_window=True, sliding_window=4, max_window_layers=1)
+
+
+def qwen3() -> transformers.PretrainedConfig:
+    return transformers.Qwen3Config(**_LLAMA_COMMON, num_key_value_heads=2, head_dim=16, attention_bias=True,
+                                    tie_word_embeddings=False)
+
+
+def gemma() -> transformers.PretrainedConfig:
+    return transformers.GemmaConfig(**_LLAMA_COMMON, num_key_value_heads=1, head_dim=16)
+
+
+def gemma2() -> transformers.PretrainedConfig:
+    # Layer 0 sliding (window 4), layer 1 full; both soft-caps small enough to bite.
+    return transformers.Gemma2Config(**_LLAMA_COMMON, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                                     query_pre_attn_scalar=12, attn_logit_softcapping=5.0,
+                                     final_logit_softcapping=3.0)
+
+
+def opt() -> transformers.PretrainedConfig:
+    # OPT-350m's shape: post-LN and word_embed_proj_dim != hidden_size (project_in / project_out).
+    return transformers.OPTConfig(vocab_size=101, hidden_size=32, word_embed_proj_dim=16, ffn_dim=48,
+                                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+                                  do_layer_norm_before=False, dropout=0.0, bos_token_id=0, eos_token_id=2,
+                                  pad_token_id=1)
+
+
+def gpt_neo() -> transformers.PretrainedConfig:
+    # Layer 0 global, layer 1 local with a window (4) shorter than the test sequences.
+    return transformers.GPTNeoConfig(vocab_size=101, hidden_size=32, num_layers=2, num_heads=4,
+                                     attention_types=[[["global", "local"], 1]], window_size=4,
+                                     max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
+                                     pad_token_id=1)
+
+
+def gpt_neox() -> transformers.PretrainedConfig:
+    # Pythia's shape: partial rotary (a quarter of each 16-dim head), parallel residual, untied head.
+    return transformers.GPTNeoXConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, intermediate_size=48, max_position_embeddings=64,
+                                      rotary_pct=0.25, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+
+
+TINY_CAUSAL: dict[str, Callable[[], transformers.PretrainedConfig]] = {
+    "gpt2": gpt2,
+    "llama": llama,
+    "mistral": mistral,
+    "qwen2": qwen2,
+    "qwen3": qwen3,
+    "gemma": gemma,
+    "gemma2": gemma2,
+    "opt": opt,
+    "gpt_neo": gpt_neo,
+    "gpt_neox": gpt_neox,
+}
+
+# T5 family: 2 encoder / 3 decoder blocks, d_kv * heads != d_model, and 8 buckets with
+# max_distance 16 so that 9-12 token sequences reach the logarithmic buckets.
+_T5_COMMON = {"vocab_size": 101, "d_model": 32, "d_kv": 6, "d_ff": 48, "num_layers": 2, "num_decoder_layers": 3,
+              "num_heads": 4, "relative_attention_num_buckets": 8, "relative_attention_max_distance": 16,
+              "dropout_rate": 0.0, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}
+
+
+def t5() -> transformers.PretrainedConfig:
+    # Original T5: relu feed-forward, LM head tied to `shared` with d_model**-0.5 scaling.
+    return transformers.T5Config(**_T5_COMMON, feed_forward_proj="relu")
+
+
+def t5_gated() -> transformers.PretrainedConfig:
+    # T5 v1.1 / Flan-T5: gated-gelu, own lm_head, no output scaling.
+    return transformers.T5Config(**_T5_COMMON, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+
+
+def mt5() -> transformers.PretrainedConfig:
+    return transformers.MT5Config(**_T5_COMMON)
+
+
+def bart() -> transformers.PretrainedConfig:
+    # scale_embedding on, different encoder/decoder head counts and FFN sizes.
+    return transformers.BartConfig(vocab_size=101, d_model=32, encoder_layers=2, decoder_layers=3,
+                                   encoder_attention_heads=4, decoder_attention_heads=2, encoder_ffn_dim=48,
+                                   decoder_ffn_dim=40, max_position_embeddings=64, scale_embedding=True,
+                                   dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                                   decoder_start_token_id=2, forced_eos_token_id=None)
+
+
+TINY_SEQ2SEQ: dict[str, Callable[[], transformers.PretrainedConfig]] = {
+    "t5": t5,
+    "t5-gated": t5_gated,
+    "mt5": mt5,
+    "bart": bart,
+}

@@ -1,0 +1,272 @@
+"""Training-state checkpoints with Orbax: params, optimizer state, step, rng, adapters.
+
+One step is one folder `<dir>/<step>` holding the arrays (`state/`, Orbax's tensorstore
+layout, every host writing its own shards) and a small JSON (`meta/`: step, rng impl,
+user extras). Orbax writes each step into a temporary folder and renames it only once
+complete, so a crash mid-save leaves the previous steps restorable; the manager keeps the
+last `max_to_keep` steps. Saves may be asynchronous: `save_state(..., async_save=True)`
+returns once the arrays are copied off the devices, and the write finishes in the
+background (the next save, `wait_until_finished`, or interpreter exit waits for it).
+
+Restoring takes target shardings, so a state saved on one mesh restores onto another
+(8 devices -> 4, FSDP -> tensor parallel): pass a Mesh and the params' sharding rules
+place every leaf, optimizer moments included (their paths end like the params').
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, Sharding, SingleDeviceSharding
+
+from trlax.errors import CheckpointError
+from trlax.sharding import ParamRule, ShardingRules, tree_shardings
+
+STATE_ITEMS = ("params", "opt_state", "rng", "adapters")
+
+
+class RestoredState(NamedTuple):
+    """What `restore_state` returns; absent items are None."""
+
+    step: int
+    params: Any
+    opt_state: Any
+    rng: jax.Array | None
+    adapters: Any
+    extra: dict[str, Any]
+
+
+class StateCheckpointer:
+    """An Orbax CheckpointManager for trlax training states in one directory.
+
+    max_to_keep: how many of the latest steps to keep (None: all). async_save: return
+    from `save` before the files are written (call `wait_until_finished` before reading
+    them from another process). read_only: for readers beside a training process: never
+    writes, deletes, or cleans up another process's unfinished save.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, async_save: bool = False,
+                 read_only: bool = False):
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1 or None (keep all); got {max_to_keep}")
+        self.directory = Path(directory).absolute()
+        self.max_to_keep = max_to_keep
+        self.async_save = async_save
+        # A writer removes the temporary folders of saves that crashed before their commit.
+        if read_only:
+            options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+        else:
+            options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                                   create=True, cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+
+    # --- saving -------------------------------------------------------------------------
+    def save(self, step: int, params: Any, opt_state: Any = None, *, rng: jax.Array | None = None,
+             adapters: Any = None, extra: dict[str, Any] | None = None) -> None:
+        """Save one step: params (the policy + value head pytree), optax state, rng key, adapters.
+
+        `extra` is any JSON-serialisable dict (e.g. a config or metrics). A step that is
+        already saved raises CheckpointError.
+        """
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an int >= 0; got {step!r}")
+        if step in self.manager.all_steps():
+            raise CheckpointError(f"step {step} is already saved in {self.directory}; use a new step number")
+        rng_impl = None
+        if rng is not None and jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+            rng_impl = str(jax.random.key_impl(rng))
+            rng = jax.random.key_data(rng)
+        items = {"params": params, "opt_state": opt_state, "rng": rng, "adapters": adapters}
+        state = {k: v for k, v in items.items() if v is not None}
+        meta = {"step": step, "items": sorted(state), "rng_impl": rng_impl, "extra": extra or {}}
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)))
+
+    def wait_until_finished(self) -> None:
+        """Block until an asynchronous save has been written and committed."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def __enter__(self) -> StateCheckpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- restoring ----------------------------------------------------------------------
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(
+        self,
+        step: int | None = None,
+        *,
+        target: dict[str, Any] | None = None,
+        target_sharding: Mesh | Sharding | Any = None,
+        sharding_rules: ShardingRules | list[ParamRule] | None = None,
+        model_type: str | None = None,
+    ) -> RestoredState:
+        """Restore a step (default: the latest) with the layout you ask for.
+
+        target: {"params": ..., "opt_state": ...} (any subset) of arrays or
+            ShapeDtypeStructs: gives those items their pytree types (optax's NamedTuples)
+            and, when its leaves carry shardings and `target_sharding` is None, their layout.
+            Items not in `target` come back as nested dicts/lists.
+        target_sharding: a Mesh (each leaf sharded by the param rules, see
+            `trlax.sharding`; `sharding_rules` / `model_type` pick them), one Sharding for
+            every leaf, or a pytree of Shardings shaped like the state dict
+            {"params": ..., "opt_state": ..., "rng": ..., "adapters": ...}. Default:
+            the target's shardings, else the first local device.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no saved training state in {self.directory}")
+        if step not in self.manager.all_steps():
+            raise CheckpointError(f"step {step} is not saved in {self.directory}; saved steps: {self.all_steps()}")
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        abstract = self._abstract_state(step, target or {})
+        shardings = self._shardings(abstract, target_sharding, sharding_rules, model_type)
+        abstract = jax.tree_util.tree_map(
+            lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), abstract, shardings)
+        state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        rng = state.get("rng")
+        if rng is not None and meta.get("rng_impl"):
+            rng = jax.random.wrap_key_data(rng, impl=meta["rng_impl"])
+        return RestoredState(int(meta["step"]), state.get("params"), state.get("opt_state"), rng,
+                             state.get("adapters"), dict(meta.get("extra") or {}))
+
+    def _abstract_state(self, step: int, target: dict[str, Any]) -> dict[str, Any]:
+        """ShapeDtypeStructs of the saved state; `target`'s items replace the saved structure."""
+        unknown = set(target) - set(STATE_ITEMS)
+        if unknown:
+            raise ValueError(f"target has unknown item(s) {sorted(unknown)}; items: {list(STATE_ITEMS)}")
+        saved = self.manager.item_metadata(step)["state"]
+        saved = getattr(saved, "tree", saved)
+        missing = set(target) - set(saved)
+        if missing:
+            raise CheckpointError(f"step {step} in {self.directory} has no {sorted(missing)}; "
+                                  f"it holds {sorted(saved)}")
+
+        def spec(leaf: Any) -> jax.ShapeDtypeStruct:
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None)
+                                        if isinstance(getattr(leaf, "sharding", None), Sharding) else None)
+
+        return {name: jax.tree_util.tree_map(spec, target[name] if name in target else saved[name])
+                for name in saved}
+
+    @staticmethod
+    def _shardings(abstract: dict[str, Any], target_sharding: Any, rules: Any, model_type: str | None) -> Any:
+        if isinstance(target_sharding, Mesh):
+            return tree_shardings(abstract, target_sharding, rules, model_type)
+        if isinstance(target_sharding, Sharding):
+            return jax.tree_util.tree_map(lambda _: target_sharding, abstract)
+        if target_sharding is not None:
+            return target_sharding
+        default = SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree_util.tree_map(lambda leaf: leaf.sharding or default, abstract)
+
+
+# One checkpointer per directory for the function API, so consecutive `save_state` calls
+# share a manager (an async save finishes before the next starts) and pending saves are
+# committed at exit.
+_CHECKPOINTERS: dict[Path, StateCheckpointer] = {}
+
+
+def _checkpointer(directory: str | os.PathLike, max_to_keep: int | None, async_save: bool) -> StateCheckpointer:
+    path = Path(directory).absolute()
+    current = _CHECKPOINTERS.get(path)
+    if current is not None and (current.max_to_keep, current.async_save) == (max_to_keep, async_save):
+        return current
+    if current is not None:
+        current.close()
+    _CHECKPOINTERS[path] = StateCheckpointer(path, max_to_keep=max_to_keep, async_save=async_save)
+    return _CHECKPOINTERS[path]
+
+
+def save_state(
+    directory: str | os.PathLike,
+    step: int,
+    params: Any,
+    opt_state: Any = None,
+    *,
+    rng: jax.Array | None = None,
+    adapters: Any = None,
+    extra: dict[str, Any] | None = None,
+    max_to_keep: int | None = 3,
+    async_save: bool = False,
+) -> StateCheckpointer:
+    """Save a training state as step `step` of `directory`, keeping the last `max_to_keep` steps.
+
+    params: the policy's pytree (with its value head); opt_state: the optax state; rng: a
+    jax.random key (typed or raw); adapters: LoRA / reward-adapter collections; extra: a
+    JSON-serialisable dict. Sharded arrays are written shard by shard, by every host.
+    With `async_save=True` it returns once the arrays are off the devices; call
+    `.wait_until_finished()` on the returned checkpointer (or `wait_until_finished(dir)`)
+    before another process reads the step.
+    """
+    checkpointer = _checkpointer(directory, max_to_keep, async_save)
+    checkpointer.save(step, params, opt_state, rng=rng, adapters=adapters, extra=extra)
+    return checkpointer
+
+
+def restore_state(
+    directory: str | os.PathLike,
+    step: int | None = None,
+    *,
+    target: dict[str, Any] | None = None,
+    target_sharding: Mesh | Sharding | Any = None,
+    sharding_rules: ShardingRules | list[ParamRule] | None = None,
+    model_type: str | None = None,
+) -> RestoredState:
+    """Restore a training state saved by `save_state` (default: the latest step).
+
+    See `StateCheckpointer.restore` for `target` and `target_sharding`: pass a Mesh to
+    restore every leaf straight into its sharded layout on that mesh, whatever mesh it
+    was saved from.
+    """
+    path = Path(directory).absolute()
+    if path in _CHECKPOINTERS:
+        _CHECKPOINTERS[path].wait_until_finished()
+    elif not path.is_dir():
+        raise CheckpointError(f"{directory} is not a directory of saved training states")
+    checkpointer = _CHECKPOINTERS.get(path) or StateCheckpointer(path, max_to_keep=None, read_only=True)
+    try:
+        return checkpointer.restore(step, target=target, target_sharding=target_sharding,
+                                    sharding_rules=sharding_rules, model_type=model_type)
+    finally:
+        if path not in _CHECKPOINTERS:
+            checkpointer.manager.close()
+
+
+def wait_until_finished(directory: str | os.PathLike | None = None) -> None:
+    """Wait for pending asynchronous `save_state` writes (of one directory, or all)."""
+    paths = list(_CHECKPOINTERS) if directory is None else [Path(directory).absolute()]
+    for path in paths:
+        if path in _CHECKPOINTERS:
+            _CHECKPOINTERS[path].wait_until_finished()
+
+
+def _close_all() -> None:
+    for checkpointer in _CHECKPOINTERS.values():
+        checkpointer.close()
+    _CHECKPOINTERS.clear()
+
+
+# Pending asynchronous saves must be committed before Python shuts down its thread pools
+# (Orbax writes through them), and that happens before `atexit` callbacks run. threading's
+# exit hooks run first, in reverse order of registration, so this one precedes the pools'.
+getattr(threading, "_register_atexit", atexit.register)(_close_all)

@@ -1,0 +1,88 @@
+"""The `trlax` command line: one small function per subcommand registers its subparser.
+
+    trlax convert SRC DST [--to orbax|hf] [--value-head auto|yes|no] [--dtype ...]
+    trlax demo [--model PATH_OR_HUB_ID] [--steps N] [--batch-size B] [--seed S] [--output-dir DIR]
+    trlax info PATH_OR_HUB_ID [--num-shared-layers N] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from trlax.demo import add_demo
+from trlax.errors import TrlaxError
+from trlax.info import add_info
+
+
+def add_convert(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert", help="convert a checkpoint: HF/PyTorch <-> Orbax",
+        description="Convert a hub id or local transformers (PyTorch) checkpoint, with or without TRL's value "
+                    "head, into an Orbax model folder that restores directly sharded; or an Orbax model folder "
+                    "back into HF safetensors.")
+    parser.add_argument("src", help="hub id, local HF/PyTorch checkpoint folder, or Orbax model folder")
+    parser.add_argument("dst", help="output folder (for Orbax: new or empty)")
+    parser.add_argument("--to", choices=("orbax", "hf"), default=None,
+                        help="target format (default: hf for an Orbax model folder, else orbax)")
+    parser.add_argument("--value-head", choices=("auto", "yes", "no"), default="auto",
+                        help="keep TRL's value head: auto = when the checkpoint has one (default)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="param dtype stored in the Orbax folder (default float32)")
+    parser.add_argument("--max-shard-size", default=None, help="HF output: split safetensors, e.g. 5GB")
+    parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    parser.add_argument("--cache-dir", default=None, help="huggingface_hub cache folder")
+    parser.add_argument("--local-files-only", action="store_true", help="never download; use the hub cache")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.set_defaults(func=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+
+    from trlax.checkpoint.hub import HubOptions
+    from trlax.convert import is_orbax_model, to_hf, to_orbax
+
+    to = args.to or ("hf" if is_orbax_model(args.src) else "orbax")
+    progress = not args.no_progress
+    if to == "hf":
+        written = to_hf(args.src, args.dst, max_shard_size=args.max_shard_size, progress=progress)
+        print(f"wrote {len(written)} file(s) to {args.dst}")
+        return 0
+    value_head = {"auto": None, "yes": True, "no": False}[args.value_head]
+    options = HubOptions(args.revision, None, args.cache_dir, args.local_files_only)
+    to_orbax(args.src, args.dst, value_head=value_head, param_dtype=jnp.dtype(args.dtype), hub_options=options,
+             progress=progress)
+    print(f"wrote an Orbax model folder to {args.dst}")
+    return 0
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (and exit status 2), not the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(prog="trlax", description="trlax command line tools")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (add_convert, add_demo, add_info):
+        add(subparsers)
+    for subparser in subparsers.choices.values():  # so main() reports stray arguments under the subcommand
+        subparser.set_defaults(subparser=subparser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `trlax` console script and `python -m trlax`."""
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        return args.func(args)
+    except TrlaxError as e:
+        message = " ".join(str(e).split())  # one line, whatever the message (transformers' span several)
+        print(f"trlax {args.command}: error: {message}", file=sys.stderr)
+        return 1

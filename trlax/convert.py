@@ -1,0 +1,207 @@
+"""Convert checkpoints: HF / PyTorch (with or without TRL's value head) <-> an Orbax model folder.
+
+An Orbax model folder holds `config.json` (the transformers config), the params as one
+Orbax pytree checkpoint under `params/` (`{"pretrained_model": ..., "v_head": ...}` when
+it has a value head, else the LM's params), and `trlax_orbax.json` saying which. It
+restores straight into a sharded layout (`load_orbax(folder, mesh=...)`): each host reads
+only the shards its devices hold, with no HF-name conversion on the way. The marker file is
+written last, so an interrupted conversion leaves no folder that loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from trlax.checkpoint.hub import HubOptions, resolve_checkpoint
+from trlax.checkpoint.naming import flatten_paths, get_path, key_table
+from trlax.checkpoint.reader import CheckpointReader
+from trlax.checkpoint.writer import write_checkpoint_dir
+from trlax.errors import CheckpointError
+from trlax.models.base import load_config
+from trlax.sharding import ParamRule, ShardingRules, auto_mesh, make_placer, resolve_rules, tree_shardings
+
+MARKER = "trlax_orbax.json"
+FORMAT = "trlax-orbax-model"
+PARAMS_DIR = "params"
+
+
+def is_orbax_model(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder written by `to_orbax`."""
+    return (Path(path) / MARKER).is_file()
+
+
+def _classes(config: Any) -> tuple[Any, Any]:
+    """(LM auto class, value-head wrapper class) for a config."""
+    from trlax.models.auto import FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
+    from trlax.value_head import FlaxAutoModelForCausalLMWithValueHead, FlaxAutoModelForSeq2SeqLMWithValueHead
+
+    if getattr(config, "is_encoder_decoder", False):
+        return FlaxAutoModelForSeq2SeqLM, FlaxAutoModelForSeq2SeqLMWithValueHead
+    return FlaxAutoModelForCausalLM, FlaxAutoModelForCausalLMWithValueHead
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize for _, leaf in flatten_paths(tree))
+
+
+def to_orbax(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    value_head: bool | None = None,
+    param_dtype: Any = jnp.float32,
+    mesh: Mesh | None = None,
+    sharding_rules: ShardingRules | list[ParamRule] | None = None,
+    hub_options: HubOptions | None = None,
+    progress: bool = True,
+) -> Path:
+    """Convert a transformers checkpoint (hub id or local folder; safetensors or .bin) to an Orbax folder.
+
+    value_head: None = keep TRL's `v_head.*` when the checkpoint has it; True = require
+    it; False = drop it. param_dtype: the stored dtype. mesh: read tensors straight into
+    this layout (for models larger than one device); the Orbax files do not depend on it.
+    Returns the folder.
+    """
+    dst = Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise CheckpointError(f"{dst} exists and is not empty; convert into a new folder")
+    options = hub_options or HubOptions()
+    resolved = resolve_checkpoint(src, options)
+    config = load_config(resolved.folder, resolved.source)
+    with CheckpointReader(list(resolved.weight_files)) as reader:
+        has_head = any(key.startswith("v_head.") for key in reader.keys())  # noqa: SIM118 - not a dict
+    if value_head and not has_head:
+        raise CheckpointError(f"{src} has no TRL value head (v_head.summary.*); convert without value_head=True")
+    keep_head = has_head if value_head is None else value_head
+    lm_cls, wrapper_cls = _classes(config)
+    lm = lm_cls._model_class()(config, lm_cls._model_class()._spec_for(config), param_dtype=param_dtype)
+    total = _nbytes(lm.abstract_params())
+    if mesh is not None:
+        place = make_placer(mesh, resolve_rules(config.model_type, sharding_rules))
+    else:
+        place = lambda path, array: jax.device_put(array)  # noqa: E731
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"reading {src}", disable=not progress) as bar:
+
+        def tracked(path: tuple[str, ...], array: np.ndarray) -> jax.Array:
+            if path[0] != "v_head":  # the total counts the LM's tensors
+                bar.update(array.nbytes)
+            return place(path, array)
+
+        kwargs = {"param_dtype": param_dtype, "revision": options.revision, "token": options.token,
+                  "cache_dir": options.cache_dir, "local_files_only": options.local_files_only, "place": tracked}
+        if keep_head:
+            params = wrapper_cls.from_pretrained(src, strict=True, **kwargs).params
+        else:
+            params = lm_cls.from_pretrained(src, **kwargs).params
+    _save_orbax(dst, params, config, keep_head, param_dtype, progress)
+    return dst
+
+
+def _save_orbax(dst: Path, params: Any, config: Any, value_head: bool, param_dtype: Any, progress: bool) -> None:
+    import orbax.checkpoint as ocp
+
+    dst.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=_nbytes(params), unit="B", unit_scale=True, desc=f"writing {dst}", disable=not progress) as bar:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(dst.absolute() / PARAMS_DIR, params)
+        checkpointer.wait_until_finished()
+        bar.update(bar.total)
+    config.save_pretrained(str(dst))
+    marker = {"format": FORMAT, "version": 1, "value_head": value_head, "model_type": config.model_type,
+              "param_dtype": jnp.dtype(param_dtype).name}
+    (dst / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def _read_marker(path: Path) -> dict[str, Any]:
+    if not is_orbax_model(path):
+        raise CheckpointError(f"{path} is not a trlax Orbax model folder (no {MARKER}); "
+                              "create one with `trlax convert SRC DST` or trlax.convert.to_orbax")
+    marker = json.loads((path / MARKER).read_text())
+    if marker.get("format") != FORMAT:
+        raise CheckpointError(f"{path / MARKER} is not a {FORMAT} marker: {marker}")
+    return marker
+
+
+def load_orbax(
+    path: str | os.PathLike,
+    *,
+    mesh: Mesh | None = None,
+    sharding_rules: ShardingRules | list[ParamRule] | None = None,
+    dtype: Any = jnp.float32,
+    **value_head_args: Any,
+) -> Any:
+    """A model from an Orbax model folder, restored straight into its sharded layout on `mesh`.
+
+    Returns a value-head wrapper when the folder has a value head (`value_head_args` are
+    TRL's `summary_dropout_prob`, ...), else the LM. dtype: the compute dtype.
+    """
+    import orbax.checkpoint as ocp
+
+    path = Path(path)
+    marker = _read_marker(path)
+    config = load_config(path, str(path))
+    lm_cls, wrapper_cls = _classes(config)
+    model_cls = lm_cls._model_class()
+    lm = model_cls(config, model_cls._spec_for(config), dtype=dtype, param_dtype=jnp.dtype(marker["param_dtype"]))
+    abstract = lm.abstract_params()
+    if marker["value_head"]:
+        from trlax.value_head import init_value_head, make_value_head
+
+        head = make_value_head(config)
+        abstract = {"pretrained_model": abstract,
+                    "v_head": jax.eval_shape(lambda: init_value_head(head, jax.random.key(0)))}
+    if mesh is not None:
+        lm.use_mesh(mesh, sharding_rules)
+        shardings = tree_shardings(abstract, auto_mesh(mesh), lm.sharding_rules)
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree_util.tree_map(lambda _: device, abstract)
+    target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    abstract, shardings)
+    params = ocp.StandardCheckpointer().restore(path.absolute() / PARAMS_DIR, target)
+    if not marker["value_head"]:
+        lm.params = params
+        return lm
+    lm.params = params["pretrained_model"]
+    return wrapper_cls(lm, v_head_params=params["v_head"], **value_head_args)
+
+
+def to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, max_shard_size: int | str | None = None,
+          progress: bool = True) -> list[Path]:
+    """Write an Orbax model folder back as HF safetensors (+ TRL's `v_head.*` when it has a head).
+
+    The result loads in transformers (PyTorch), TRL and trlax. Returns the written files.
+    """
+    model = load_orbax(src)
+    has_head = hasattr(model, "pretrained_model")
+    lm = model.pretrained_model if has_head else model
+    table = lm.key_table(lm.params, path_prefix=("pretrained_model",) if has_head else ())
+    if has_head:
+        table.update(key_table(model.params["v_head"], prefix="v_head.", path_prefix=("v_head",)))
+    state: dict[str, np.ndarray] = {}
+    with tqdm(total=len(table), unit="tensor", desc=f"gathering {src}", disable=not progress) as bar:
+        for key, rule in table.items():
+            state[key] = rule.to_hf(np.asarray(get_path(model.params, rule.path)))
+            bar.update(1)
+    config = lm.config_to_save()
+    return write_checkpoint_dir(dst, state, write_extra=lambda tmp: config.save_pretrained(str(tmp)),
+                                max_shard_size=max_shard_size)
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = None, **kwargs: Any) -> Any:
+    """`to_orbax` or `to_hf`; `to=None` picks by the source (an Orbax model folder converts to HF)."""
+    to = to or ("hf" if is_orbax_model(src) else "orbax")
+    if to == "orbax":
+        return to_orbax(src, dst, **kwargs)
+    if to == "hf":
+        return to_hf(src, dst, **kwargs)
+    raise ValueError(f"to must be 'orbax' or 'hf'; got {to!r}")

@@ -1,0 +1,335 @@
+"""A minimal, jittable PPO step with TRL's math (functions, not a trainer).
+
+The formulas follow TRL's classic value-head `PPOTrainer` (TRL v0.11,
+`trl/trainer/ppo_trainer.py` and `trl/core.py`): per-token rewards = -kl_coef * KL with
+the score added at the last response token; GAE advantages with masked whitening;
+clipped policy and value losses; a batch whose mean ratio exceeds `ratio_threshold`
+contributes no gradient. All arrays are float32 and every reduction is mask-aware.
+
+Alignment (as TRL slices it): for ids [B, T], position t of the per-token arrays
+[B, T-1] is the prediction of token t+1: `logprobs[:, t] = log p(ids[t+1] | ids[:t+1])`,
+`values[:, t]` is the value at position t, and `mask[:, t] = response_mask[:, t+1]`,
+where `response_mask` [B, T] marks the real response tokens. For seq2seq models the same
+holds over the decoder ids (mark the decoder start token as not a response token;
+unlike TRL, whose seq2seq masking also drops the first generated token, trlax keeps it).
+
+Typical loop (see `make_rollout`, `make_ppo_update`):
+
+    trainable, frozen = trlax.split_trainable(policy.params, policy.trainable_mask)
+    rollout = make_rollout(policy, ref, config)
+    update = make_ppo_update(policy, tx, config)
+    opt_state = tx.init(trainable)
+    exp = rollout(merge_trainable(trainable, frozen), ref.params, batch, scores, kl_coef)
+    for minibatch in ...:                      # slices of `exp` along the batch axis
+        trainable, opt_state, stats = update(trainable, frozen, opt_state, minibatch)
+    policy.params = merge_trainable(trainable, frozen)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from trlax.trainable import merge_trainable, split_trainable
+from trlax.value_head import PreTrainedModelWrapper
+
+Array = jax.Array
+KL_PENALTIES = ("kl", "abs", "mse", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """TRL v0.11 PPOConfig's loss and reward settings, with its defaults."""
+
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE lambda
+    cliprange: float = 0.2  # policy ratio clip
+    cliprange_value: float = 0.2  # value clip around the old values
+    vf_coef: float = 0.1  # value loss weight
+    kl_penalty: str = "kl"  # "kl" | "abs" | "mse" | "full"
+    whiten_rewards: bool = False
+    ratio_threshold: float = 10.0  # skip a batch whose mean ratio exceeds this
+    init_kl_coef: float = 0.2
+    adap_kl_ctrl: bool = True
+    target: float = 6.0  # adaptive KL target
+    horizon: float = 10000.0  # adaptive KL horizon
+
+    def __post_init__(self) -> None:
+        if self.kl_penalty not in KL_PENALTIES:
+            raise ValueError(f"kl_penalty must be one of {KL_PENALTIES}; got {self.kl_penalty!r}")
+
+
+# --- core.py --------------------------------------------------------------------------
+def masked_mean(values: Array, mask: Array, axis: int | None = None) -> Array:
+    """Mean of `values` where `mask` is 1 (over `axis`, or everything)."""
+    mask = mask.astype(jnp.float32)
+    return (values * mask).sum(axis=axis) / mask.sum(axis=axis)
+
+
+def masked_var(values: Array, mask: Array, unbiased: bool = True) -> Array:
+    """Variance of `values` where `mask` is 1; Bessel-corrected like TRL when `unbiased`.
+
+    TRL raises on an all-zero mask; under jit that cannot be checked, so a mask sum of 0
+    gives NaN and a mask sum of 1 gives inf (TRL's division by zero too).
+    """
+    mask = mask.astype(jnp.float32)
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    if unbiased:
+        total = mask.sum()
+        variance = variance * total / (total - 1)
+    return variance
+
+
+def masked_whiten(values: Array, mask: Array, shift_mean: bool = True) -> Array:
+    """(values - mean) / sqrt(var + 1e-8) with masked statistics; keeps the mean if not shift_mean."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * jax.lax.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def clip_by_value(x: Array, low: Array, high: Array) -> Array:
+    return jnp.maximum(jnp.minimum(x, high), low)
+
+
+def logprobs_from_logits(logits: Array, labels: Array | None, gather: bool = True) -> Array:
+    """log_softmax(logits [B, T, V]) in float32, gathered at labels [B, T] -> [B, T] (or [B, T, V])."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    if not gather:
+        return logp
+    return jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def entropy_from_logits(logits: Array) -> Array:
+    """Entropy [B, T] of the softmax of logits [B, T, V]."""
+    logits = logits.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(probs * logits, axis=-1)
+
+
+# --- rewards and advantages -----------------------------------------------------------
+def kl_penalty(logprob: Array, ref_logprob: Array, kind: str = "kl") -> Array:
+    """Per-token KL estimate [B, T] between the policy and the reference.
+
+    "kl": logp - ref; "abs": |logp - ref|; "mse": 0.5 (logp - ref)^2 on the sampled
+    tokens' log-probs [B, T]; "full": the exact KL(policy || ref) per token from full
+    log-distributions [B, T, V] (`logprobs_from_logits(..., gather=False)`).
+    """
+    logprob, ref_logprob = logprob.astype(jnp.float32), ref_logprob.astype(jnp.float32)
+    if kind == "kl":
+        return logprob - ref_logprob
+    if kind == "abs":
+        return jnp.abs(logprob - ref_logprob)
+    if kind == "mse":
+        return 0.5 * jnp.square(logprob - ref_logprob)
+    if kind == "full":
+        return jnp.sum(jnp.exp(logprob) * (logprob - ref_logprob), axis=-1)
+    raise ValueError(f"kl_penalty must be one of {KL_PENALTIES}; got {kind!r}")
+
+
+def compute_rewards(
+    scores: Array, logprobs: Array, ref_logprobs: Array, mask: Array, kl_coef: float | Array, kind: str = "kl"
+) -> tuple[Array, Array, Array]:
+    """TRL's per-token rewards: (rewards, non_score_rewards, kls), each [B, T] float32.
+
+    non_score_rewards = -kl_coef * kl_penalty(...); rewards adds scores [B] at each
+    row's last position where mask [B, T] is 1 (rows with an empty mask get no score;
+    TRL raises there). logprobs/ref_logprobs: [B, T], or [B, T, V] for kind="full".
+    """
+    kls = kl_penalty(logprobs, ref_logprobs, kind)  # [B, T]
+    non_score = -kl_coef * kls
+    valid = mask > 0
+    t = valid.shape[-1]
+    last = t - 1 - jnp.argmax(valid[:, ::-1], axis=-1)  # [B] index of the last valid position
+    at_last = jax.nn.one_hot(last, t, dtype=jnp.float32) * valid.any(axis=-1, keepdims=True)
+    rewards = non_score + at_last * scores.astype(jnp.float32)[:, None]
+    return rewards, non_score, kls
+
+
+def compute_advantages(
+    values: Array, rewards: Array, mask: Array, gamma: float, lam: float, whiten_rewards: bool = False
+) -> tuple[Array, Array, Array]:
+    """GAE as TRL computes it: (masked values, whitened advantages, returns), each [B, T].
+
+    Values and rewards are zeroed outside the mask first; the bootstrap value after the
+    last position is 0; advantages are whitened over the mask and carry no gradient;
+    returns = advantages + values (before whitening).
+    """
+    mask = mask.astype(jnp.float32)
+    values = values.astype(jnp.float32) * mask
+    rewards = rewards.astype(jnp.float32) * mask
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    next_values = jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1)
+    deltas = rewards + gamma * next_values - values  # [B, T]
+
+    def step(carry: Array, delta: Array) -> tuple[Array, Array]:
+        gae = delta + gamma * lam * carry
+        return gae, gae
+
+    _, advantages = jax.lax.scan(step, jnp.zeros_like(deltas[:, 0]), deltas.T, reverse=True)  # [T, B]
+    advantages = advantages.T
+    returns = advantages + values
+    advantages = jax.lax.stop_gradient(masked_whiten(advantages, mask))
+    return values, advantages, returns
+
+
+# --- losses ---------------------------------------------------------------------------
+def ppo_loss(
+    old_logprobs: Array, values: Array, logits: Array, vpreds: Array, logprobs: Array, mask: Array,
+    advantages: Array, returns: Array, config: PPOConfig,
+) -> tuple[Array, Array, dict[str, Array]]:
+    """TRL's `loss`: (pg_loss, vf_coef * vf_loss, stats) as float32 scalars.
+
+    old_logprobs, values (old, masked), vpreds, logprobs, advantages, returns, mask:
+    [B, T]; logits [B, T, V] (for the entropy statistic). A batch whose masked mean ratio
+    exceeds `config.ratio_threshold` gives zero losses (TRL skips it).
+    """
+    vpred_clipped = clip_by_value(vpreds, values - config.cliprange_value, values + config.cliprange_value)
+    vf_losses1 = jnp.square(vpreds - returns)
+    vf_losses2 = jnp.square(vpred_clipped - returns)
+    vf_loss = 0.5 * masked_mean(jnp.maximum(vf_losses1, vf_losses2), mask)
+    vf_clipfrac = masked_mean((vf_losses2 > vf_losses1).astype(jnp.float32), mask)
+
+    ratio = jnp.exp(logprobs - old_logprobs)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * jnp.clip(ratio, 1.0 - config.cliprange, 1.0 + config.cliprange)
+    pg_loss = masked_mean(jnp.maximum(pg_losses, pg_losses2), mask)
+    pg_clipfrac = masked_mean((pg_losses2 > pg_losses).astype(jnp.float32), mask)
+
+    avg_ratio = masked_mean(ratio, mask)
+    skipped = avg_ratio > config.ratio_threshold
+    pg_loss = jnp.where(skipped, 0.0, pg_loss)
+    vf_loss = jnp.where(skipped, 0.0, vf_loss)
+    loss = pg_loss + config.vf_coef * vf_loss
+
+    stop = jax.lax.stop_gradient
+    stats = {
+        "loss/policy": pg_loss, "loss/value": vf_loss, "loss/total": loss,
+        "policy/entropy": masked_mean(entropy_from_logits(logits), mask),
+        "policy/approxkl": 0.5 * masked_mean(jnp.square(logprobs - old_logprobs), mask),
+        "policy/policykl": masked_mean(old_logprobs - logprobs, mask),
+        "policy/clipfrac": pg_clipfrac, "policy/advantages_mean": masked_mean(advantages, mask),
+        "policy/ratio_mean": avg_ratio, "policy/skipped": skipped.astype(jnp.float32),
+        "returns/mean": masked_mean(returns, mask), "returns/var": masked_var(returns, mask),
+        "val/vpred": masked_mean(vpreds, mask), "val/error": masked_mean(jnp.square(vpreds - returns), mask),
+        "val/clipfrac": vf_clipfrac, "val/mean": masked_mean(values, mask), "val/var": masked_var(values, mask),
+    }
+    return pg_loss, config.vf_coef * vf_loss, {k: stop(v) for k, v in stats.items()}
+
+
+def adaptive_kl_coef(kl_coef: float, current_kl: float, n_steps: int, target: float, horizon: float) -> float:
+    """TRL's AdaptiveKLController update: scale by 1 + clip(kl / target - 1, +-0.2) * n_steps / horizon."""
+    error = min(max(current_kl / target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * n_steps / horizon)
+
+
+# --- model glue -----------------------------------------------------------------------
+def forward(
+    model: PreTrainedModelWrapper, params: dict[str, Any], batch: dict[str, Array], *, train: bool = False,
+    dropout_rng: Array | None = None,
+) -> tuple[Array, Array, Array]:
+    """(logprobs [B, T-1], logits [B, T-1, V], values [B, T-1]) sliced as TRL's batched forward.
+
+    batch: "input_ids", "attention_mask" [B, T] (causal; optional "position_ids"), or
+    additionally "decoder_input_ids", "decoder_attention_mask" [B, T] (seq2seq; T is the
+    decoder length). Logits and values at position t predict token t+1.
+    """
+    if model.pretrained_model.is_encoder_decoder:
+        ids = batch["decoder_input_ids"]
+        logits, _, values = model.apply(params, batch["input_ids"], batch["attention_mask"], ids,
+                                        batch["decoder_attention_mask"], dropout_rng=dropout_rng, train=train)
+    else:
+        ids = batch["input_ids"]
+        logits, _, values = model.apply(params, ids, batch["attention_mask"], batch.get("position_ids"),
+                                        dropout_rng=dropout_rng, train=train)
+    logits = logits[:, :-1]
+    return logprobs_from_logits(logits, ids[:, 1:]), logits, values[:, :-1]
+
+
+def logprob_mask(response_mask: Array) -> Array:
+    """Mask [B, T-1] over logprob positions from a response-token mask [B, T] (t predicts t+1)."""
+    return response_mask[:, 1:].astype(jnp.float32)
+
+
+def make_rollout(
+    policy: PreTrainedModelWrapper, reference: PreTrainedModelWrapper, config: PPOConfig = PPOConfig()
+) -> Callable[..., dict[str, Array]]:
+    """A jitted `rollout(policy_params, ref_params, batch, scores, kl_coef) -> experience`.
+
+    The part of TRL's `step` before the PPO epochs: policy and reference forwards (no
+    gradients), `compute_rewards`, `compute_advantages`. batch: the model inputs (see
+    `forward`) plus "response_mask" [B, T] (1 = real response token); scores [B] float.
+    The experience is the batch plus "mask", "old_logprobs", "ref_logprobs",
+    "old_values", "rewards", "non_score_rewards", "kls", "advantages", "returns" (all
+    [B, T-1] float32): exactly what `make_ppo_update`'s step reads.
+    """
+
+    def rollout(policy_params: dict[str, Any], ref_params: dict[str, Any], batch: dict[str, Array],
+                scores: Array, kl_coef: Array) -> dict[str, Array]:
+        logprobs, logits, values = forward(policy, jax.lax.stop_gradient(policy_params), batch)
+        ref_logprobs, ref_logits, _ = forward(reference, ref_params, batch)
+        mask = logprob_mask(batch["response_mask"])
+        if config.kl_penalty == "full":
+            rewards, non_score, kls = compute_rewards(
+                scores, logprobs_from_logits(logits, None, gather=False),
+                logprobs_from_logits(ref_logits, None, gather=False), mask, kl_coef, "full")
+        else:
+            rewards, non_score, kls = compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, config.kl_penalty)
+        values, advantages, returns = compute_advantages(values, rewards, mask, config.gamma, config.lam,
+                                                         config.whiten_rewards)
+        return {**batch, "mask": mask, "old_logprobs": logprobs, "ref_logprobs": ref_logprobs, "old_values": values,
+                "rewards": rewards, "non_score_rewards": non_score, "kls": kls, "advantages": advantages,
+                "returns": returns}
+
+    return jax.jit(rollout)
+
+
+def make_ppo_update(
+    model: PreTrainedModelWrapper, tx: optax.GradientTransformation, config: PPOConfig = PPOConfig(),
+    mask: Any = None,
+) -> Callable[..., tuple[Any, Any, dict[str, Array]]]:
+    """`update(trainable, frozen, opt_state, batch, rng=None) -> (trainable, opt_state, stats)`.
+
+    One optimizer step on TRL's loss (pg_loss + vf_coef * vf_loss) for a (mini)batch of
+    `make_rollout`'s experience, jit-compiled with `trainable` and `opt_state` donated.
+    `trainable, frozen = split_trainable(model.params, mask)` (mask default
+    `model.trainable_mask`); `opt_state = tx.init(trainable)`, so frozen leaves (shared
+    with a reference model) are neither donated nor given optimizer state. `rng`: a
+    dropout key (None = deterministic forward). Passing the whole params as `trainable`
+    is refused with a ValueError, since donating shared leaves would delete the
+    reference model's arrays.
+    """
+    mask = model.trainable_mask if mask is None else mask
+    expected = jax.tree_util.tree_structure(split_trainable(model.params, mask)[0])
+
+    def loss_fn(trainable: Any, frozen: Any, batch: dict[str, Array], rng: Array | None) -> tuple[Array, Any]:
+        params = merge_trainable(trainable, frozen)
+        logprobs, logits, vpreds = forward(model, params, batch, train=rng is not None, dropout_rng=rng)
+        pg_loss, vf_loss, stats = ppo_loss(batch["old_logprobs"], batch["old_values"], logits, vpreds, logprobs,
+                                           batch["mask"], batch["advantages"], batch["returns"], config)
+        return pg_loss + vf_loss, stats
+
+    def update(trainable: Any, frozen: Any, opt_state: Any, batch: dict[str, Array],
+               rng: Array | None) -> tuple[Any, Any, dict[str, Array]]:
+        grads, stats = jax.grad(loss_fn, has_aux=True)(trainable, frozen, batch, rng)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, stats
+
+    jitted = jax.jit(update, donate_argnums=(0, 2))
+
+    def step(trainable: Any, frozen: Any, opt_state: Any, batch: dict[str, Array],
+             rng: Array | None = None) -> tuple[Any, Any, dict[str, Array]]:
+        if jax.tree_util.tree_structure(trainable) != expected:
+            raise ValueError(
+                "`trainable` must be split_trainable(params, model.trainable_mask)[0]: the update donates it, and "
+                "donating leaves that are frozen (shared with a reference model) would delete the reference's "
+                "arrays. Split the params with trlax.split_trainable and pass the frozen half separately.")
+        return jitted(trainable, frozen, opt_state, batch, rng)
+
+    return step

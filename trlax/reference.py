@@ -1,0 +1,232 @@
+"""`create_reference_model`: TRL's frozen reference model, with real memory sharing.
+
+TRL's rule (`trl/models/modeling_base.py`): walk the parameters in `named_parameters()`
+order; everything before the first name that contains the layer pattern formatted with
+`layer=num_shared_layers` is shared with the policy (and frozen there), the rest is a
+frozen copy. In JAX "shared" means the reference holds the very same `jax.Array`
+objects as the policy, so the memory is held once; "frozen" means
+`policy.trainable_mask` is False there and the reference's forward stops gradients.
+
+Encoder-decoder models: TRL's own pattern for BART-style models
+(`model.decoder.layers.{layer}`) counts decoder layers, so everything before decoder
+layer N (shared embeddings and the *whole encoder* included) is shared. trlax gives T5
+the same meaning with `decoder.block.{layer}`; pass `pattern="encoder.block.{layer}"` to
+share only the embeddings and the first N encoder blocks instead.
+
+Donation: a shared leaf must never be donated (that would delete the reference's
+array). Train steps donate only the trainable half of `trlax.split_trainable(params,
+policy.trainable_mask)` and take the frozen half as a plain argument.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from trlax.adapter_models import adapter_reference
+from trlax.checkpoint.naming import TensorRule, flatten_paths
+from trlax.models.base import FlaxPreTrainedModel
+from trlax.value_head import PreTrainedModelWrapper
+
+# TRL's patterns, in TRL's order (unchanged since TRL 0.4.2).
+LAYER_PATTERNS: tuple[str, ...] = (
+    "transformer.h.{layer}",  # GPT-2, GPT-J, GPT-Neo, Bloom
+    "model.decoder.layers.{layer}",  # OPT, BART
+    "gpt_neox.layers.{layer}",
+    "model.layers.{layer}",  # Llama, Mistral, Qwen, Gemma
+)
+# trlax's addition, tried after TRL's: T5 decoder blocks (see the module docstring).
+EXTRA_LAYER_PATTERNS: tuple[str, ...] = ("decoder.block.{layer}",)
+
+_WRAPPER_OWNED = frozenset({"pretrained_model", "config", "v_head", "params", "trainable_mask", "frozen"})
+
+
+def parameter_names(model: FlaxPreTrainedModel) -> list[str]:
+    """The LM's HF parameter names in PyTorch's `named_parameters()` order (tied copies once).
+
+    Flax creates params in call order (`model.key_table()` is sorted); PyTorch registers
+    them in `__init__` order. trlax families define submodules in `setup()` in the
+    PyTorch order, so this walks the module tree in definition order, and falls back to
+    creation order inside `@nn.compact` modules (e.g. `kernel` before `bias`). Nothing
+    is allocated: the params are abstract.
+    """
+    return list(parameter_table(model))
+
+
+def parameter_table(model: FlaxPreTrainedModel) -> dict[str, TensorRule]:
+    """`model.key_table()` in PyTorch parameter order (see `parameter_names`)."""
+    created: list[tuple[str, ...]] = []
+
+    def init() -> dict[str, Any]:
+        params = model.module.init(jax.random.key(0), *model.dummy_inputs())["params"]
+        created.extend(path for path, _ in flatten_paths(params))  # creation order, traced once
+        return params
+
+    abstract = jax.eval_shape(init)
+    table = model.key_table(abstract)
+    names = {rule.path: key for key, rule in table.items()}
+    defined: dict[tuple[str, ...], dict[str, int]] = {}
+    _definition_order(model.module.bind({"params": abstract}), (), defined)
+    first_seen: dict[tuple[str, ...], int] = {}
+    for path in created:
+        for i in range(1, len(path) + 1):
+            first_seen.setdefault(path[:i], len(first_seen))
+
+    def sort_key(path: tuple[str, ...]) -> list[tuple[int, int]]:
+        key = []
+        for i, name in enumerate(path):
+            ranks = defined.get(path[:i], {})
+            key.append((0, ranks[name]) if name in ranks else (1, first_seen[path[: i + 1]]))
+        return key
+
+    return {names[path]: table[names[path]] for path in sorted(created, key=sort_key)}
+
+
+def _definition_order(module: nn.Module, path: tuple[str, ...], out: dict[tuple[str, ...], dict[str, int]]) -> None:
+    """Record, per module path, the rank of each child in `setup()` definition order.
+
+    Uses Linen internals (`_try_setup`, `_state.children`: setup-defined submodules and
+    params, in assignment order); there is no public API for definition order.
+    """
+    try:
+        module._try_setup()
+        children = module._state.children
+    except AttributeError as e:  # pragma: no cover - only if Flax changes its internals
+        raise RuntimeError(f"cannot read the module definition order from this Flax version: {e}") from None
+    out[path] = {name: rank for rank, name in enumerate(children)}
+    for name, child in children.items():
+        if isinstance(child, nn.Module):
+            _definition_order(child, (*path, name), out)
+
+
+def resolve_layer_pattern(names: list[str], pattern: str | None) -> str:
+    """The layer pattern to use: `pattern` (checked) or the first known one that matches `names`."""
+    if pattern is not None:
+        if "{layer}" not in pattern:
+            raise ValueError(f"pattern must contain '{{layer}}' (e.g. 'transformer.h.{{layer}}'); got {pattern!r}")
+        if not any(pattern.format(layer=0) in name for name in names):
+            raise ValueError(f"pattern {pattern!r} matches no parameter of this model (TRL would only warn and "
+                             f"freeze everything); parameter names look like {names[:3]}")
+        return pattern
+    for candidate in (*LAYER_PATTERNS, *EXTRA_LAYER_PATTERNS):
+        if any(candidate.format(layer=0) in name for name in names):
+            return candidate
+    raise ValueError(f"Layer pattern could not be matched: none of {list(LAYER_PATTERNS + EXTRA_LAYER_PATTERNS)} "
+                     f"occurs in this model's parameter names (e.g. {names[:3]}); pass pattern='<prefix>.{{layer}}'")
+
+
+def count_layers(names: list[str], pattern: str) -> int:
+    """How many layers `pattern` matches: the first k with no name containing pattern(layer=k)."""
+    count = 0
+    while any(pattern.format(layer=count) in name for name in names):
+        count += 1
+    return count
+
+
+def shared_parameter_names(names: list[str], num_shared_layers: int, pattern: str) -> list[str]:
+    """TRL's order-based rule: every name before the first one containing pattern(layer=N)."""
+    target = pattern.format(layer=num_shared_layers)
+    first = next(i for i, name in enumerate(names) if target in name)
+    return names[:first]
+
+
+def _copy_tree(tree: Any) -> Any:
+    """New buffers for every leaf, same shardings (so donating the source never touches the copy)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    copies = jax.device_put(leaves, [leaf.sharding for leaf in leaves], may_alias=False)
+    return jax.tree_util.tree_unflatten(treedef, copies)
+
+
+def create_reference_model(
+    model: PreTrainedModelWrapper, num_shared_layers: int | None = None, pattern: str | None = None
+) -> PreTrainedModelWrapper:
+    """A frozen reference copy of a value-head model, optionally sharing its first layers.
+
+    - `num_shared_layers=None`: a full copy with its own buffers; the policy is unchanged.
+    - `num_shared_layers=N` (0 <= N < number of layers): the params before layer N in
+      PyTorch parameter order (embeddings included; see `parameter_names`) are the same
+      `jax.Array` objects in both models and become frozen in the policy
+      (`model.trainable_mask` False there); the rest (later layers, final norm, untied
+      head, value head) are copies.
+    - `pattern`: a custom layer pattern such as `"transformer.h.{layer}"`, matched as a
+      substring of the LM's HF parameter names; by default the first of
+      `LAYER_PATTERNS` (TRL's) then `EXTRA_LAYER_PATTERNS` that matches.
+
+    A LoRA adapter policy (`model.is_peft_model`) gets the base with the adapter off
+    instead: the very same base arrays, a copy of the value head, no `num_shared_layers`
+    (see `trlax.adapter_models.adapter_reference`).
+
+    The reference is a new wrapper of the same class over the same module and config,
+    with `frozen=True` (its forward applies `jax.lax.stop_gradient` to its params) and an
+    all-False `trainable_mask`. Raises ValueError when no pattern matches, a custom
+    pattern matches nothing, or N is negative or not smaller than the layer count.
+    """
+    if not isinstance(model, PreTrainedModelWrapper):
+        raise TypeError(f"create_reference_model takes a trlax value-head model (PreTrainedModelWrapper); "
+                        f"got {type(model).__name__}")
+    if model.is_peft_model:  # a LoRA policy: its reference is the base with the adapter off, no copy
+        if num_shared_layers is not None or pattern is not None:
+            raise ValueError("num_shared_layers/pattern do not apply to a LoRA adapter policy: its reference "
+                             "already shares the whole frozen base (adapter off); call create_reference_model(model)")
+        return adapter_reference(model)
+    shared: set[tuple[str, ...]] = set()
+    if num_shared_layers is not None:
+        shared = _shared_paths(model.pretrained_model, num_shared_layers, pattern)
+    elif pattern is not None:
+        raise ValueError("pattern is only used with num_shared_layers; pass num_shared_layers=N too")
+
+    # One flat pass: shared leaves are reused as they are, every other leaf is copied.
+    flat, treedef = jax.tree_util.tree_flatten_with_path(model.params)
+    paths = [tuple(k.key for k in path) for path, _ in flat]
+    to_copy = [i for i, path in enumerate(paths) if path not in shared]
+    copies = _copy_tree([flat[i][1] for i in to_copy])
+    leaves = [leaf for _, leaf in flat]
+    for i, copy in zip(to_copy, copies, strict=True):
+        leaves[i] = copy
+    ref_params = jax.tree_util.tree_unflatten(treedef, leaves)
+
+    ref = _new_wrapper(model, ref_params)
+    if shared:
+        model.trainable_mask = jax.tree_util.tree_unflatten(
+            treedef, [trainable and path not in shared
+                      for path, trainable in zip(paths, jax.tree_util.tree_leaves(model.trainable_mask), strict=True)])
+    return ref
+
+
+def _shared_paths(lm: FlaxPreTrainedModel, num_shared_layers: int, pattern: str | None) -> set[tuple[str, ...]]:
+    """Wrapper param paths ("pretrained_model", ...) of the leaves shared under TRL's rule."""
+    if isinstance(num_shared_layers, bool) or not isinstance(num_shared_layers, int):
+        raise TypeError(f"num_shared_layers must be an int or None; got {num_shared_layers!r}")
+    table = parameter_table(lm)
+    names = list(table)
+    pattern = resolve_layer_pattern(names, pattern)
+    num_layers = count_layers(names, pattern)
+    if not 0 <= num_shared_layers < num_layers:
+        raise ValueError(f"num_shared_layers={num_shared_layers} is out of range: the model has {num_layers} layers "
+                         f"matching {pattern!r}, so it must be in [0, {num_layers - 1}] (0 shares only what comes "
+                         "before the first layer, e.g. the embeddings); use None for an unshared copy")
+    return {("pretrained_model", *table[name].path) for name in shared_parameter_names(names, num_shared_layers,
+                                                                                      pattern)}
+
+
+def _new_wrapper(model: PreTrainedModelWrapper, ref_params: dict[str, Any]) -> PreTrainedModelWrapper:
+    """A frozen wrapper of the same class over `ref_params` (own jitted forward, own LM object)."""
+    lm = model.pretrained_model
+    ref_lm = type(lm)(lm.config, lm.spec, ref_params["pretrained_model"], dtype=lm.dtype, param_dtype=lm.param_dtype)
+    for name, value in vars(lm).items():  # the very same Linen module, config, mesh, ...
+        if not name.startswith("_") and name != "params":
+            setattr(ref_lm, name, value)
+    head = model.v_head
+    ref = type(model)(ref_lm, v_head_params=ref_params["v_head"], summary_dropout_prob=head.dropout_prob,
+                      v_head_initializer_range=head.initializer_range, v_head_init_strategy=head.init_strategy)
+    # Other top-level collections (if any) and plain attributes such as adapter state
+    # carry over; private ones (the jitted closures bound to `model`) are rebuilt above.
+    ref.params = ref_params
+    for name, value in vars(model).items():
+        if not name.startswith("_") and name not in _WRAPPER_OWNED:
+            setattr(ref, name, value)
+    ref.frozen = True
+    ref.trainable_mask = jax.tree_util.tree_map(lambda _: False, ref_params)
+    return ref

@@ -1,0 +1,418 @@
+"""Sharding over a device mesh: each param gets logical axes, logical axes map to mesh axes.
+
+Two tables, MaxText style:
+
+- *param rules*: an ordered list of (regex on the param path, logical axis per dim). The
+  path is the pytree path joined by "/" (`pretrained_model/transformer/h/0/attn/c_attn/kernel`),
+  searched with `re.search`, so a rule written for the bare LM also matches inside the
+  value-head wrapper, an optimizer state (`opt_state/0/mu/...`) or a checkpoint tree. A
+  rule applies when its regex matches *and* it names one axis per dim of the leaf; the
+  first that applies wins; a leaf no rule fits is replicated.
+- *logical -> mesh*: `batch -> (data, fsdp)`, `embed -> fsdp`, `heads/kv_heads/mlp/vocab -> tp`.
+  Mesh axes the mesh does not have are ignored, and an axis that does not divide the
+  dimension is dropped for that tensor (GPT-2's vocabulary of 50257 stays whole).
+
+Kernels are [in, out]: column-parallel projections (q/k/v, MLP in) are (embed, heads|mlp),
+row-parallel ones (attention out, MLP out) (heads|mlp, embed); embeddings (vocab, embed);
+norms and the remaining biases are replicated. A LoRA adapter follows its base kernel:
+`lora_A` [in, r] takes the kernel's in-axis, `lora_B` [r, out] its out-axis.
+
+Sharding changes where numbers live, never the math: any rule set gives the same results
+up to float reassociation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+LogicalAxes = tuple[str | None, ...]
+ParamRule = tuple[str, LogicalAxes]
+
+MESH_AXES = ("data", "fsdp", "tp")
+
+# Logical axis -> mesh axes, tried in order (an axis is kept only if it divides the dim).
+DEFAULT_LOGICAL_AXES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "embed": ("fsdp",),
+    "vocab": ("tp",),
+    "heads": ("tp",),
+    "kv_heads": ("tp",),
+    "mlp": ("tp",),
+    "length": (),
+    "head_dim": (),
+}
+
+GPT2_RULES: tuple[ParamRule, ...] = (
+    (r"(^|/)wte/embedding$", ("vocab", "embed")),
+    (r"(^|/)wpe/embedding$", (None, "embed")),
+    (r"attn/c_attn/kernel$", ("embed", "heads")),  # fused q|k|v, [E, 3E]
+    (r"attn/c_attn/bias$", ("heads",)),
+    (r"attn/c_proj/kernel$", ("heads", "embed")),
+    (r"mlp/c_fc/kernel$", ("embed", "mlp")),
+    (r"mlp/c_fc/bias$", ("mlp",)),
+    (r"mlp/c_proj/kernel$", ("mlp", "embed")),
+)
+
+LLAMA_RULES: tuple[ParamRule, ...] = (
+    (r"(^|/)embed_tokens/embedding$", ("vocab", "embed")),
+    (r"self_attn/q_proj/kernel$", ("embed", "heads")),
+    (r"self_attn/[kv]_proj/kernel$", ("embed", "kv_heads")),
+    (r"self_attn/q_proj/bias$", ("heads",)),
+    (r"self_attn/[kv]_proj/bias$", ("kv_heads",)),
+    (r"self_attn/o_proj/kernel$", ("heads", "embed")),
+    (r"mlp/(gate|up)_proj/kernel$", ("embed", "mlp")),
+    (r"mlp/(gate|up)_proj/bias$", ("mlp",)),
+    (r"mlp/down_proj/kernel$", ("mlp", "embed")),
+)
+
+OPT_RULES: tuple[ParamRule, ...] = (
+    (r"(^|/)embed_tokens/embedding$", ("vocab", "embed")),
+    (r"(^|/)embed_positions/embedding$", (None, "embed")),
+    (r"self_attn/[qkv]_proj/kernel$", ("embed", "heads")),
+    (r"self_attn/[qkv]_proj/bias$", ("heads",)),
+    (r"self_attn/out_proj/kernel$", ("heads", "embed")),
+    (r"(^|/)fc1/kernel$", ("embed", "mlp")),
+    (r"(^|/)fc1/bias$", ("mlp",)),
+    (r"(^|/)fc2/kernel$", ("mlp", "embed")),
+)
+
+GPT_NEO_RULES: tuple[ParamRule, ...] = (
+    (r"(^|/)wte/embedding$", ("vocab", "embed")),
+    (r"(^|/)wpe/embedding$", (None, "embed")),
+    (r"attention/[qkv]_proj/kernel$", ("embed", "heads")),
+    (r"attention/out_proj/kernel$", ("heads", "embed")),
+    (r"mlp/c_fc/kernel$", ("embed", "mlp")),
+    (r"mlp/c_fc/bias$", ("mlp",)),
+    (r"mlp/c_proj/kernel$", ("mlp", "embed")),
+)
+
+GPT_NEOX_RULES: tuple[ParamRule, ...] = (
+    (r"(^|/)embed_in/embedding$", ("vocab", "embed")),
+    (r"(^|/)embed_out/kernel$", ("embed", "vocab")),
+    (r"attention/query_key_value/kernel$", ("embed", "heads")),  # fused, per head [q|k|v]
+    (r"attention/query_key_value/bias$", ("heads",)),
+    (r"attention/dense/kernel$", ("heads", "embed")),
+    (r"mlp/dense_h_to_4h/kernel$", ("embed", "mlp")),
+    (r"mlp/dense_h_to_4h/bias$", ("mlp",)),
+    (r"mlp/dense_4h_to_h/kernel$", ("mlp", "embed")),
+)
+
+T5_RULES: tuple[ParamRule, ...] = (
+    (r"(^|/)shared/embedding$", ("vocab", "embed")),
+    (r"relative_attention_bias/embedding$", (None, "heads")),
+    (r"/(SelfAttention|EncDecAttention)/[qkv]/kernel$", ("embed", "heads")),
+    (r"/(SelfAttention|EncDecAttention)/o/kernel$", ("heads", "embed")),
+    (r"/DenseReluDense/wi(_0|_1)?/kernel$", ("embed", "mlp")),
+    (r"/DenseReluDense/wo/kernel$", ("mlp", "embed")),
+)
+
+# Keyed by leaf role (module name + leaf), for families without their own table and for
+# what every family shares (LM head, value head, reward score head).
+GENERIC_RULES: tuple[ParamRule, ...] = (
+    (r"(^|/)lm_head/kernel$", ("embed", "vocab")),
+    (r"(^|/)v_head/summary/kernel$", ("embed", None)),
+    (r"(^|/)(q_proj|k_proj|v_proj|query|key|value|query_key_value|qkv_proj|c_attn)/kernel$", ("embed", "heads")),
+    (r"(^|/)(q_proj|k_proj|v_proj|query|key|value|query_key_value|qkv_proj|c_attn)/bias$", ("heads",)),
+    (r"(^|/)(o_proj|out_proj|attention/dense|attn/c_proj)/kernel$", ("heads", "embed")),
+    (r"(^|/)(gate_proj|up_proj|fc1|fc_in|c_fc|dense_h_to_4h)/kernel$", ("embed", "mlp")),
+    (r"(^|/)(gate_proj|up_proj|fc1|fc_in|c_fc|dense_h_to_4h)/bias$", ("mlp",)),
+    (r"(^|/)(down_proj|fc2|fc_out|mlp/c_proj|dense_4h_to_h)/kernel$", ("mlp", "embed")),
+    (r"embedding$", ("vocab", "embed")),
+    (r"kernel$", ("embed", None)),  # any other projection: FSDP over its input dim
+)
+
+# model_type -> its family's rules (a model_type not listed uses the generic rules alone).
+FAMILY_RULES: dict[str, tuple[ParamRule, ...]] = {
+    "gpt2": GPT2_RULES,
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"), LLAMA_RULES),
+    "opt": OPT_RULES,
+    "gpt_neo": GPT_NEO_RULES,
+    "gpt_neox": GPT_NEOX_RULES,
+    **dict.fromkeys(("t5", "mt5"), T5_RULES),
+}
+
+_LORA_LEAF = re.compile(r"^(?P<base>.*)/lora_(?P<which>[AB])$")
+
+
+@dataclass(frozen=True)
+class ShardingRules:
+    """Param rules (tried in order) and the logical -> mesh axes map.
+
+    Pass one to `from_pretrained(..., sharding_rules=...)` to override the defaults: its
+    `params` are tried before the family's rules, its `logical` entries replace the
+    default entries of the same name (see `resolve_rules`).
+    """
+
+    params: tuple[ParamRule, ...] = ()
+    logical: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    resolved: bool = False  # True once merged with the defaults (by `resolve_rules`)
+
+
+def resolve_rules(
+    model_type: str | None = None, overrides: ShardingRules | Sequence[ParamRule] | None = None
+) -> ShardingRules:
+    """The full rule set: user overrides first, then the family's rules, then the generic ones.
+
+    `overrides` is a ShardingRules or a plain sequence of (regex, logical axes) pairs; an
+    already resolved ShardingRules is returned as it is.
+    """
+    if isinstance(overrides, ShardingRules) and overrides.resolved:
+        return overrides
+    if overrides is None:
+        overrides = ShardingRules()
+    elif not isinstance(overrides, ShardingRules):
+        overrides = ShardingRules(params=tuple((p, tuple(a)) for p, a in overrides))
+    family = FAMILY_RULES.get(model_type or "", ())
+    logical = {**DEFAULT_LOGICAL_AXES, **{k: _as_axes(v) for k, v in overrides.logical.items()}}
+    return ShardingRules(params=(*overrides.params, *family, *GENERIC_RULES), logical=logical, resolved=True)
+
+
+def _as_axes(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+@lru_cache(maxsize=64)
+def _compiled(params: tuple[ParamRule, ...]) -> tuple[tuple[re.Pattern[str], LogicalAxes], ...]:
+    return tuple((re.compile(pattern), tuple(axes)) for pattern, axes in params)
+
+
+def logical_axes(path: str, ndim: int, rules: ShardingRules) -> LogicalAxes:
+    """The logical axes of the leaf at `path` ("a/b/kernel") with `ndim` dims; all None if no rule fits."""
+    lora = _LORA_LEAF.match(path)
+    if lora and ndim == 2:  # A [in, r] / B [r, out] follow the kernel they adapt
+        base_in, base_out = logical_axes(f"{lora['base']}/kernel", 2, rules)
+        return (base_in, None) if lora["which"] == "A" else (None, base_out)
+    for pattern, axes in _compiled(rules.params):
+        if len(axes) == ndim and pattern.search(path):
+            return axes
+    return (None,) * ndim
+
+
+def spec_for(axes: LogicalAxes, shape: Sequence[int], mesh: Mesh, rules: ShardingRules) -> PartitionSpec:
+    """PartitionSpec for a tensor of `shape` with these logical axes on `mesh`.
+
+    Each logical axis takes its mesh axes in order, skipping those the mesh lacks, those
+    of size 1, those already used by an earlier dim, and those that would not divide the dim evenly.
+    """
+    used: set[str] = set()
+    entries: list[str | tuple[str, ...] | None] = []
+    for name, dim in zip(axes, shape, strict=True):
+        if name is None:
+            entries.append(None)
+            continue
+        if name not in rules.logical:
+            raise ValueError(f"logical axis {name!r} has no mesh mapping; known logical axes: "
+                             f"{sorted(rules.logical)} (add it to ShardingRules.logical)")
+        chosen: list[str] = []
+        size = 1
+        for axis in rules.logical[name]:
+            n = mesh.shape.get(axis, 1)
+            if n > 1 and axis not in used and dim % (size * n) == 0:
+                chosen.append(axis)
+                size *= n
+        used.update(chosen)
+        entries.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    while entries and entries[-1] is None:
+        entries.pop()
+    return PartitionSpec(*entries)
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """A pytree key path (from `jax.tree_util.tree_flatten_with_path`) or a tuple of names as "a/b/c"."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                key = getattr(key, attr)
+                break
+        parts.append(str(key))
+    return "/".join(parts)
+
+
+def leaf_sharding(path: str, shape: Sequence[int], mesh: Mesh, rules: ShardingRules) -> NamedSharding:
+    """The NamedSharding of one leaf, from its path and shape."""
+    return NamedSharding(mesh, spec_for(logical_axes(path, len(shape), rules), shape, mesh, rules))
+
+
+def auto_mesh(mesh: Mesh) -> Mesh:
+    """The same mesh with every axis of type Auto (GSPMD decides intermediate layouts).
+
+    `jax.make_mesh` makes Explicit axes by default; trlax's models leave activation
+    layouts to the compiler, which needs Auto axes.
+    """
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tp: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+    """A ("data", "fsdp", "tp") mesh over `devices` (default: all); one size may be -1 (the rest).
+
+    With several processes (`jax.distributed.initialize`), `jax.devices()` lists every
+    device of every host, so the same call builds the global mesh on each host.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tp]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis size may be -1; got data={data}, fsdp={fsdp}, tp={tp}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices cannot be split into data={data} x fsdp={fsdp} x tp={tp}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tp={sizes[2]} needs {int(np.prod(sizes))} "
+                         f"devices; there are {len(devices)}")
+    return Mesh(np.array(devices).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def tree_shardings(
+    tree: Any, mesh: Mesh, rules: ShardingRules | Sequence[ParamRule] | None = None, model_type: str | None = None,
+) -> Any:
+    """A pytree of NamedSharding matching `tree` (arrays or ShapeDtypeStructs).
+
+    Works for any params tree: the LM's, the value-head wrapper's (`pretrained_model`,
+    `v_head`), LoRA collections, optax states, checkpoint trees.
+    """
+    rules = resolve_rules(model_type, rules)
+    mesh = auto_mesh(mesh)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: leaf_sharding(path_str(path), np.shape(leaf), mesh, rules), tree)
+
+
+def shard_params(
+    params: Any, mesh: Mesh, rules: ShardingRules | Sequence[ParamRule] | None = None, model_type: str | None = None,
+) -> Any:
+    """`params` moved into their sharded layout (a new tree; the input is left as it is)."""
+    return jax.device_put(params, tree_shardings(params, mesh, rules, model_type))
+
+
+def make_placer(
+    mesh: Mesh, rules: ShardingRules | Sequence[ParamRule] | None = None, model_type: str | None = None,
+) -> Callable[[tuple[str, ...], np.ndarray], jax.Array]:
+    """A loader `place` hook: build each tensor straight into its sharded layout.
+
+    Each device receives a fresh copy of only its own slice (`make_array_from_callback`),
+    so no device buffer aliases the checkpoint's memory map and the host never holds
+    more than the tensor being read plus the slices it is placing.
+    """
+    mesh = auto_mesh(mesh)
+    rules = resolve_rules(model_type, rules)
+
+    def place(path: tuple[str, ...], array: np.ndarray) -> jax.Array:
+        sharding = leaf_sharding("/".join(path), array.shape, mesh, rules)
+        return jax.make_array_from_callback(array.shape, sharding, lambda index: np.array(array[index]))
+
+    return place
+
+
+def shard_batch(tree: Any, mesh: Mesh, rules: ShardingRules | None = None) -> Any:
+    """Put arrays [B, ...] (ids, masks, rollouts) with B split over the `batch` mesh axes."""
+    rules = resolve_rules(None, rules)
+    mesh = auto_mesh(mesh)
+
+    def put(leaf: Any) -> jax.Array:
+        shape = np.shape(leaf)
+        axes = ("batch", *(None,) * (len(shape) - 1)) if shape else ()
+        return jax.device_put(leaf, NamedSharding(mesh, spec_for(axes, shape, mesh, rules)))
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+# A KV cache leaf [B, S, Hkv, D]: split the batch like the inputs and the heads like k/v_proj.
+KV_CACHE_AXES: LogicalAxes = ("batch", "length", "kv_heads", "head_dim")
+
+
+def kv_cache_shardings(cache: Any, mesh: Mesh, rules: ShardingRules | None = None) -> Any:
+    """NamedShardings for a KV cache pytree (4-D leaves [B, S, Hkv, D]; others replicated)."""
+    rules = resolve_rules(None, rules)
+    mesh = auto_mesh(mesh)
+
+    def one(leaf: Any) -> NamedSharding:
+        shape = np.shape(leaf)
+        axes = KV_CACHE_AXES if len(shape) == 4 else (None,) * len(shape)
+        return NamedSharding(mesh, spec_for(axes, shape, mesh, rules))
+
+    return jax.tree_util.tree_map(one, cache)
+
+
+def constrain_kv_cache(cache: Any, mesh: Mesh | None, rules: ShardingRules | None = None) -> Any:
+    """Inside jit: pin a KV cache to its mesh layout (no-op without a mesh)."""
+    if mesh is None:
+        return cache
+    return jax.lax.with_sharding_constraint(cache, kv_cache_shardings(cache, mesh, rules))
+
+
+def constrain_batch(x: jax.Array, mesh: Mesh, rules: ShardingRules | None = None) -> jax.Array:
+    """Inside jit: pin an activation [B, ...] to batch sharding (the other dims left to the compiler)."""
+    rules = resolve_rules(None, rules)
+    axes = ("batch", *(None,) * (x.ndim - 1))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(auto_mesh(mesh), spec_for(axes, x.shape, mesh, rules)))
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | None, rules: ShardingRules | None = None) -> Iterator[None]:
+    """While tracing a model under this context, every layer's output hidden state is batch-sharded.
+
+    Params alone do not tell the compiler how to split the work: with FSDP-sharded
+    kernels it would rather split every matmul over the hidden size and keep the whole
+    batch on each device. Pinning each block's output [B, T, H] to the `batch` mesh axes
+    makes it gather the kernels instead and keep the batch split (FSDP / data parallel).
+    Blocks are the children of the families' layer stack (`trlax.models.layers.LayerStack`);
+    a block returns its hidden state alone or first in a tuple. No-op without a mesh.
+    """
+    if mesh is None:
+        yield
+        return
+    from trlax.models.layers import LayerStack
+
+    def pin_block_output(next_fun: Callable[..., Any], args: Any, kwargs: Any, context: Any) -> Any:
+        out = next_fun(*args, **kwargs)
+        if context.method_name != "__call__" or not isinstance(context.module.parent, LayerStack):
+            return out
+        if isinstance(out, tuple) and out and getattr(out[0], "ndim", 0) >= 2:
+            return (constrain_batch(out[0], mesh, rules), *out[1:])
+        return constrain_batch(out, mesh, rules) if getattr(out, "ndim", 0) >= 2 else out
+
+    with nn.intercept_methods(pin_block_output):
+        yield
+
+
+def describe(tree: Any) -> dict[str, str]:
+    """path -> "shape spec" for every array leaf: what a test or a user checks a layout with."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        spec = leaf.sharding.spec if isinstance(getattr(leaf, "sharding", None), NamedSharding) else "unsharded"
+        out[path_str(path)] = f"{tuple(leaf.shape)} {spec}"
+    return out
+
+
+def shard_model(model: Any, mesh: Mesh, sharding_rules: ShardingRules | Sequence[ParamRule] | None = None) -> Any:
+    """Move a loaded model's params (an LM or a value-head wrapper) into their sharded layout, in place.
+
+    Covers everything the wrapper holds: LM, value head, a policy LoRA adapter (`params["lora"]`)
+    and a reward adapter (`reward_params`). Afterwards the model behaves as if it had been
+    loaded with `from_pretrained(mesh=...)`. Returns the model.
+    """
+    inner = getattr(model, "pretrained_model", model)  # the wrapper's LM, or the LM itself
+    mesh = auto_mesh(mesh)
+    rules = resolve_rules(inner.config.model_type, sharding_rules)
+    model.params = shard_params(model.params, mesh, rules)
+    if inner is not model:
+        inner.params = model.params["pretrained_model"]
+        if getattr(model, "reward_params", None) is not None:
+            model.reward_params = shard_params(model.reward_params, mesh, rules)
+    inner.mesh, inner.sharding_rules = mesh, rules
+    return model

@@ -1,0 +1,77 @@
+"""Split params by a trainable mask, so train steps donate only what they update.
+
+After `create_reference_model(policy, num_shared_layers=N)` the policy's frozen leaves
+are the very arrays the reference holds. Donating them (`jax.jit(...,
+donate_argnums=...)` over the whole params) would delete the reference's arrays, so a
+train step takes two halves:
+
+    trainable, frozen = trlax.split_trainable(policy.params, policy.trainable_mask)
+    opt_state = tx.init(trainable)        # no optimizer state for frozen leaves
+    step = jax.jit(update, donate_argnums=(0, 2))  # (trainable, frozen, opt_state, batch)
+    trainable, opt_state = step(trainable, frozen, opt_state, batch)
+    policy.params = trlax.merge_trainable(trainable, frozen)
+
+Each half keeps the full tree structure with `None` where the other half has its
+leaves; `None` is an empty pytree node, so jit, grad and optax skip it for free.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+
+def _check_mask(params: Any, mask: Any) -> None:
+    if jax.tree_util.tree_structure(params) != jax.tree_util.tree_structure(mask):
+        raise ValueError("the trainable mask must have exactly the params' tree structure (one bool per leaf); "
+                         "use model.trainable_mask for model.params")
+
+
+def split_trainable(params: Any, mask: Any) -> tuple[Any, Any]:
+    """(trainable, frozen): two trees shaped like `params`, leaves where `mask` is True / False, else None."""
+    _check_mask(params, mask)
+    trainable = jax.tree_util.tree_map(lambda p, m: p if m else None, params, mask)
+    frozen = jax.tree_util.tree_map(lambda p, m: None if m else p, params, mask)
+    return trainable, frozen
+
+
+def merge_trainable(trainable: Any, frozen: Any) -> Any:
+    """The inverse of `split_trainable`: one tree with every leaf from whichever half holds it."""
+
+    def pick(t: Any, f: Any) -> Any:
+        if (t is None) == (f is None):
+            raise ValueError("trainable and frozen must come from one split_trainable call: a leaf is "
+                             f"{'in neither half' if t is None else 'in both halves'}")
+        return f if t is None else t
+
+    return jax.tree_util.tree_map(pick, trainable, frozen, is_leaf=lambda x: x is None)
+
+
+def masked_optimizer(tx: optax.GradientTransformation, mask: Any) -> optax.GradientTransformation:
+    """`tx` on the leaves where `mask` is True; zero updates and no state for the others.
+
+    For training over the whole params tree (no split). `optax.masked` alone would pass
+    the frozen leaves' raw gradients through as updates; here they are zeroed
+    (`optax.set_to_zero`, stateless), and `tx`'s state (e.g. Adam's mu and nu) is only
+    allocated for the trainable leaves.
+    """
+    labels = jax.tree_util.tree_map(lambda m: "trainable" if m else "frozen", mask)
+    return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def tree_bytes(tree: Any) -> int:
+    """Bytes held by the array leaves of a pytree (each leaf counted once per occurrence)."""
+    return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(tree) if hasattr(leaf, "nbytes"))
+
+
+def unique_buffer_bytes(*trees: Any) -> int:
+    """Bytes of the distinct device buffers behind the leaves of `trees` (shared arrays counted once)."""
+    seen: dict[tuple[Any, ...], int] = {}
+    for leaf in jax.tree_util.tree_leaves(trees):
+        if isinstance(leaf, jax.Array):
+            for shard in leaf.addressable_shards:
+                key = (shard.device, shard.data.unsafe_buffer_pointer())
+                seen[key] = shard.data.nbytes
+    return sum(seen.values())
