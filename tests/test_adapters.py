@@ -228,6 +228,22 @@ def gpt2_policy(gpt2_folder):
                                           "init_lora_weights": False})
 
 
+def test_adapter_policy_generates_with_its_adapter(gpt2_policy):
+    """Greedy rollouts of a LoRA policy follow the adapted logits, not the base's."""
+    model = gpt2_policy
+    ids = np.random.RandomState(0).randint(2, 100, (2, 5)).astype(np.int32)
+    new = 4
+    out = np.asarray(model.generate(ids, max_new_tokens=new, eos_token_id=[]).sequences)
+    seq = ids
+    for _ in range(new):  # the same greedy rollout from full forwards of the adapted policy
+        logits, _, _ = model(seq)
+        seq = np.concatenate([seq, np.asarray(logits)[:, -1].argmax(-1)[:, None].astype(np.int32)], axis=1)
+    np.testing.assert_array_equal(out, seq)
+    base = {k: v for k, v in model.params.items() if k != "lora"}
+    assert not np.array_equal(np.asarray(model.generate(ids, params=base, max_new_tokens=new,
+                                                        eos_token_id=[]).sequences), out)
+
+
 def test_adapter_policy_round_trips_with_its_value_head(gpt2_policy, tmp_path):
     model = gpt2_policy
     model.save_pretrained(tmp_path)
@@ -309,7 +325,10 @@ def test_layers_that_ignore_the_adapter_are_caught():
         check_applied(fake, lora)
 
 
-SEQ2SEQ_TARGETS = {"t5": ["q", "k", "v", "o", "wi", "wo"], "t5-gated": "all-linear"}
+# name -> (PEFT target_modules, one cross-attention module the adapter must reach)
+SEQ2SEQ_TARGETS = {"t5": (["q", "k", "v", "o", "wi", "wo"], "decoder.block.2.layer.1.EncDecAttention.q"),
+                   "t5-gated": ("all-linear", "decoder.block.2.layer.1.EncDecAttention.q"),
+                   "bart": (["q_proj", "v_proj", "fc1"], "model.decoder.layers.1.encoder_attn.q_proj")}
 
 
 @pytest.mark.parametrize("name", sorted(SEQ2SEQ_TARGETS))
@@ -319,13 +338,14 @@ def test_seq2seq_peft_adapters_load_and_save_with_the_same_logits(name, tmp_path
     lm = torch_random_init(transformers.AutoModelForSeq2SeqLM.from_config(config), std=0.1)
     save_torch(lm, tmp_path / "base")
     lm.name_or_path = str(tmp_path / "base")
-    pt = peft.get_peft_model(lm, peft.LoraConfig(task_type="SEQ_2_SEQ_LM", target_modules=SEQ2SEQ_TARGETS[name],
+    targets, cross_attention = SEQ2SEQ_TARGETS[name]
+    pt = peft.get_peft_model(lm, peft.LoraConfig(task_type="SEQ_2_SEQ_LM", target_modules=targets,
                                                  r=4, lora_alpha=8))
     randomise_lora_b(pt)
     pt.save_pretrained(str(tmp_path / "adapter"))
     model = FlaxAutoModelForSeq2SeqLMWithValueHead.from_pretrained(tmp_path / "adapter", is_trainable=True)
     adapted = sorted(lora_modules(model.params["lora"]))
-    assert len(adapted) == len(_peft_modules(pt)) and "decoder.block.2.layer.1.EncDecAttention.q" in adapted
+    assert len(adapted) == len(_peft_modules(pt)) and cross_attention in adapted
     ids, mask = batch(101, "right", low=2)
     dec_ids, dec_mask = batch(101, "right", batch_size=3, seq_len=6, seed=1, low=2)
     args = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask),

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trlax.models.base import check_integer_ids, check_mask
+from trlax.models.layers import LORA_COLLECTION
 from trlax.sharding import constrain_kv_cache, shard_batch
 
 Array = jax.Array
@@ -200,13 +201,18 @@ def _decode_loop(
     return jax.lax.while_loop(cond, body, state)[3]
 
 
+def _variables(params: Any, lora: Any) -> dict[str, Any]:
+    """The module's variables: the base params, plus a LoRA adapter when one is active."""
+    return {"params": params} if lora is None else {"params": params, LORA_COLLECTION: lora}
+
+
 def _causal_fn(model: Any, settings: _Settings) -> Callable[..., Array]:
     module, spec, config = model.module, model.spec, model.config
     n = settings.max_new_tokens
 
-    def run(params: Any, input_ids: Array, mask: Array, knobs: _Knobs, key: Array | None) -> Array:
+    def run(params: Any, lora: Any, input_ids: Array, mask: Array, knobs: _Knobs, key: Array | None) -> Array:
         b, t = input_ids.shape
-        variables = {"params": params}
+        variables = _variables(params, lora)
         cache = constrain_kv_cache(spec.init_cache(config, b, t + n, model.dtype), model.mesh, model.sharding_rules)
         kv_mask = jnp.concatenate([mask, jnp.ones((b, n), jnp.int32)], axis=1)  # [B, S]
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # [B, T]
@@ -233,9 +239,9 @@ def _seq2seq_fn(model: Any, settings: _Settings) -> Callable[..., Array]:
     module, spec, config = model.module, model.spec, model.config
     n = settings.max_new_tokens
 
-    def run(params: Any, input_ids: Array, mask: Array, knobs: _Knobs, key: Array | None) -> Array:
+    def run(params: Any, lora: Any, input_ids: Array, mask: Array, knobs: _Knobs, key: Array | None) -> Array:
         b = input_ids.shape[0]
-        variables = {"params": params}
+        variables = _variables(params, lora)
         encoded, _ = module.apply(variables, input_ids, mask, method="encode")  # [B, Te, H]
         # Decoder slot i holds the token fed at loop index i: the start token, then the
         # first n - 1 new tokens (the last is never fed back). An all-ones key mask works
@@ -325,6 +331,7 @@ def generate(
     pad_token_id: int | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     decoder_start_token_id: int | None = None,
+    lora: dict[str, Any] | None = None,
 ) -> GenerateOutput:
     """Generate up to `max_new_tokens` tokens per row with a KV cache, jit-compiled.
 
@@ -338,7 +345,8 @@ def generate(
     eos emits pad from then on. One compilation serves each (shapes, max_new_tokens,
     do_sample, top_k, top_p == 1.0 or not, number of eos ids); other values are traced.
     Returns GenerateOutput(sequences [B, T + new] int32 for causal LMs,
-    [B, 1 + new] for seq2seq LMs).
+    [B, 1 + new] for seq2seq LMs). lora: a LoRA adapter tree (`trlax.adapters`) applied
+    on top of `params` (a LoRA policy's rollouts), or None for the base model.
     """
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
@@ -384,6 +392,6 @@ def generate(
         fns[settings] = (_seq2seq_fn if seq2seq else _causal_fn)(model, settings)
     if model.mesh is not None:  # the batch is split like the layer outputs and the KV cache
         input_ids, mask = shard_batch((input_ids, mask), model.mesh, model.sharding_rules)
-    sequences = fns[settings](model.params if params is None else params, input_ids, mask, knobs,
+    sequences = fns[settings](model.params if params is None else params, lora, input_ids, mask, knobs,
                               prng_key if do_sample else None)
     return GenerateOutput(sequences=sequences)

@@ -352,12 +352,11 @@ class PreTrainedModelWrapper:
         return push_to_hub(lambda folder: self.save_pretrained(folder, params=params), repo_id, **kwargs)
 
     def generate(self, *args: Any, params: dict[str, Any] | None = None, **kwargs: Any) -> Any:
-        """Generation with the LM's params (values are not computed), as TRL delegates it."""
+        """Generation with the LM's params and, for a LoRA policy, its adapter (values are not
+        computed), as TRL delegates it."""
         params = self.params if params is None else params
-        if "lora" in params:
-            raise NotImplementedError("generation with a LoRA policy adapter is not wired yet: trlax.generation "
-                                      "does not pass the 'lora' collection to the model")
-        return self.pretrained_model.generate(*args, params=params["pretrained_model"], **kwargs)
+        return self.pretrained_model.generate(*args, params=params["pretrained_model"], lora=params.get("lora"),
+                                              **kwargs)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.pretrained_model!r}, frozen={self.frozen})"
