@@ -13,13 +13,8 @@ import torch
 import transformers
 
 from tests.helpers import PADDINGS, torch_random_init
-from tests.test_llama_parity import (
-    check_cached_decoding,
-    check_forward,
-    check_save_roundtrip,
-    check_window_matters,
-    make_pair,
-)
+from tests.parity_checks import check_cached_decoding, check_forward, check_save_roundtrip, make_pair
+from tests.test_llama_parity import check_window_matters
 from tests.tiny_configs import TINY_CAUSAL
 from trlax import FlaxAutoModelForCausalLM
 from trlax.errors import UnsupportedModelError

@@ -1,11 +1,11 @@
 """Llama family (llama, mistral, qwen2, qwen3): trlax vs transformers (PyTorch), float32, atol 1e-4.
 
-The check functions here (no `test_` prefix) are shared with tests/test_gemma_parity.py.
+The checks come from tests/parity_checks.py (shared with every causal family);
+`check_window_matters` here is shared with tests/test_gemma_parity.py.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -15,15 +15,13 @@ import torch
 import transformers
 
 from tests.helpers import PADDINGS, batch, max_diff, save_torch, torch_random_init
+from tests.parity_checks import SEQ, VOCAB, check_cached_decoding, check_forward, check_save_roundtrip, make_pair
 from tests.tiny_configs import TINY_CAUSAL
 from trlax import FlaxAutoModelForCausalLM
 from trlax.errors import UnsupportedModelError
-from trlax.models.llama import head_dim_of
 from trlax.models.rope import inv_frequencies
 
 ATOL = 1e-4
-VOCAB = 101
-SEQ = 11  # > 2 x the tiny sliding windows (4)
 
 # Rope scaling variants of the tiny llama. llama3's numbers put one frequency in each of its
 # three bands (kept, interpolated, divided by `factor`) for head_dim 8.
@@ -41,89 +39,6 @@ def llama_with_rope(name: str) -> transformers.LlamaConfig:
 
 
 DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-# --- shared checks -----------------------------------------------------------------------
-
-
-def make_pair(config: transformers.PretrainedConfig, folder: Path) -> tuple[Any, Any]:
-    """A random transformers model (norms included), saved, and the trlax model loaded from it."""
-    torch.manual_seed(0)
-    pt = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    torch_random_init(pt, std=0.2)
-    return pt, FlaxAutoModelForCausalLM.from_pretrained(save_torch(pt, folder))
-
-
-def mask_positions(mask: np.ndarray) -> np.ndarray:
-    """Padding-independent positions: cumsum(mask) - 1, clipped at 0 for left pads."""
-    return np.clip(mask.cumsum(-1) - 1, 0, None)
-
-
-def check_forward(pt: Any, model: Any, padding: str, explicit_positions: bool) -> float:
-    """Logits and every hidden state match transformers on non-pad positions; returns the logit diff."""
-    ids, mask = batch(VOCAB, padding, seq_len=SEQ)
-    positions = mask_positions(mask) if explicit_positions else None
-    with torch.no_grad():
-        ref = pt(torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True,
-                 position_ids=None if positions is None else torch.tensor(positions))
-    out = model(ids, mask, position_ids=positions, output_hidden_states=True)
-    assert out.logits.dtype == np.float32
-    assert len(out.hidden_states) == len(ref.hidden_states) == model.config.num_hidden_layers + 1
-    for layer, (ref_h, h) in enumerate(zip(ref.hidden_states, out.hidden_states, strict=True)):
-        assert max_diff(ref_h, h, mask) < ATOL, f"hidden state {layer}"
-    assert max_diff(ref.hidden_states[-1], out.last_hidden_state, mask) < ATOL
-    diff = max_diff(ref.logits, out.logits, mask)
-    assert diff < ATOL
-    return diff
-
-
-_STEP_FNS: dict[int, Any] = {}
-
-
-def _cached_step(model: Any) -> Any:
-    """One jitted `module.apply` with a cache per model, so every padding reuses its compilation."""
-    if id(model) not in _STEP_FNS:
-        _STEP_FNS[id(model)] = jax.jit(lambda params, ids, key_mask, pos, cache, index: model.module.apply(
-            {"params": params}, ids, key_mask, pos, cache=cache, cache_index=index))
-    return _STEP_FNS[id(model)]
-
-
-def check_cached_decoding(model: Any, padding: str, explicit_positions: bool) -> None:
-    """Prefill T-2 tokens into a cache of S > T slots, feed the rest one by one: same logits as one pass."""
-    ids, mask = batch(VOCAB, padding, seq_len=SEQ)
-    positions = mask_positions(mask) if explicit_positions else None
-    full = model(ids, mask, position_ids=positions, output_hidden_states=True).logits  # [B, T, V]
-
-    b, t = ids.shape
-    slots = t + 3  # unused trailing slots stay masked out
-    key_mask = np.zeros((b, slots), np.int32)
-    key_mask[:, :t] = mask
-    cache = model.spec.init_cache(model.config, b, slots, model.dtype)
-    step = _cached_step(model)
-
-    pieces = []
-    for start, stop in [(0, t - 2), *((i, i + 1) for i in range(t - 2, t))]:
-        pos = None if positions is None else positions[:, start:stop]
-        out = step(model.params, ids[:, start:stop], key_mask, pos, cache, start)
-        pieces.append(np.asarray(out.logits))
-        cache = out.cache
-    assert cache[0]["k"].shape == (b, slots, model.config.num_key_value_heads, head_dim_of(model.config))
-    assert max_diff(full, np.concatenate(pieces, axis=1), mask) < ATOL
-
-
-def check_save_roundtrip(pt: Any, model: Any, folder: Path) -> None:
-    """trlax save_pretrained -> transformers from_pretrained: same tensors, same logits."""
-    model.save_pretrained(folder)
-    back = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    assert type(back) is type(pt)
-    ref_sd, back_sd = pt.state_dict(), back.state_dict()
-    assert set(back_sd) == set(ref_sd)
-    for key, value in ref_sd.items():
-        assert torch.equal(back_sd[key], value), key
-    ids, mask = batch(VOCAB, "left", seq_len=SEQ)
-    with torch.no_grad():
-        logits = back(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
-    assert max_diff(logits, model(ids, mask, output_hidden_states=True).logits, mask) < ATOL
 
 
 # --- llama, mistral, qwen2, qwen3 --------------------------------------------------------
