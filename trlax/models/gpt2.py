@@ -20,6 +20,7 @@ from trlax.models.layers import (
     activation,
     add_lora,
     attention_bias,
+    default_positions,
     dot_product_attention,
     empty_kv_cache,
     make_stack,
@@ -191,7 +192,7 @@ class GPT2LMHeadModel(nn.Module):
         cache_index: Array | int = 0,
     ) -> CausalLMOutput:
         if position_ids is None:  # transformers' default: arange from the cache position
-            position_ids = jnp.broadcast_to(query_slots(input_ids.shape[1], cache_index), input_ids.shape)
+            position_ids = default_positions(input_ids, cache_index)
         h, hidden, cache = self.transformer(
             input_ids, attention_mask, position_ids, deterministic, output_hidden_states, cache,
             jnp.asarray(cache_index, jnp.int32),

@@ -21,6 +21,7 @@ from trlax.models.layers import (
     KVCache,
     activation,
     attention_bias,
+    default_positions,
     dense,
     dot_product_attention,
     empty_kv_cache,
@@ -197,7 +198,7 @@ class GPTNeoForCausalLM(nn.Module):
         cache_index: Array | int = 0,
     ) -> CausalLMOutput:
         if position_ids is None:  # transformers' default: arange from the cache position, mask ignored
-            position_ids = jnp.broadcast_to(query_slots(input_ids.shape[1], cache_index), input_ids.shape)
+            position_ids = default_positions(input_ids, cache_index)
         h, hidden, cache = self.transformer(
             input_ids, attention_mask, position_ids, deterministic, output_hidden_states, cache,
             jnp.asarray(cache_index, jnp.int32),

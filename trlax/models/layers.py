@@ -161,6 +161,12 @@ def query_slots(seq_len: int, cache_index: Array | int) -> Array:
     return jnp.arange(seq_len, dtype=jnp.int32) + jnp.asarray(cache_index, jnp.int32)
 
 
+def default_positions(input_ids: Array, cache_index: Array | int) -> Array:
+    """transformers' default position_ids [B, T]: the query slots (arange from the cache index),
+    whatever the padding (GPT-2, GPT-Neo, GPT-NeoX, Llama; OPT derives its own from the mask)."""
+    return jnp.broadcast_to(query_slots(input_ids.shape[1], cache_index), input_ids.shape)
+
+
 def attention_bias(
     key_mask: Array,
     q_slots: Array,
