@@ -25,11 +25,10 @@ from trlax import (
     LoraConfig,
     create_reference_model,
 )
-from trlax.adapter_models import add_reward_adapter
-from trlax.adapters import DEFAULT_TARGET_MODULES, check_applied, init_lora, lora_modules, resolve_targets
-from trlax.checkpoint.hub import HubOptions
 from trlax.errors import UnsupportedModelError
-from trlax.models.auto import supported_model_types
+from trlax.models.registry import spec_for_type, supported_model_types
+from trlax.peft.lora import check_applied, init_lora, lora_modules, resolve_targets
+from trlax.peft.reward import load_reward_adapter
 
 ATOL = 1e-4
 # Causal families whose every projection is LoRA-aware (layers.Dense) and checked against PEFT here.
@@ -65,7 +64,7 @@ def _peft_modules(model) -> dict[str, tuple[int, float]]:
 def test_default_target_modules_are_pefts():
     for model_type in supported_model_types():
         if model_type in PEFT_DEFAULT_TARGETS:
-            assert tuple(PEFT_DEFAULT_TARGETS[model_type]) == DEFAULT_TARGET_MODULES[model_type], model_type
+            assert tuple(PEFT_DEFAULT_TARGETS[model_type]) == spec_for_type(model_type).peft_targets, model_type
 
 
 CONFIGS = {
@@ -366,7 +365,8 @@ def test_seq2seq_peft_adapters_load_and_save_with_the_same_logits(name, tmp_path
     print(f"[lora] {name}: policy logits vs PEFT max|diff| loaded {loaded:.2e}, saved {written:.2e}")
     assert loaded < ATOL and written < ATOL
     with pytest.raises(UnsupportedModelError, match="reward adapters need a causal LM base"):
-        add_reward_adapter(model, str(tmp_path / "adapter"), "reward_adapter", HubOptions())
+        load_reward_adapter(model.pretrained_model, str(tmp_path / "adapter"), model.v_head.hidden_size,
+                            base_name=None)
     ref_model = create_reference_model(model)
     assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(model.params["pretrained_model"]),
                                       jax.tree_util.tree_leaves(ref_model.params["pretrained_model"]), strict=True))

@@ -18,9 +18,9 @@ from trlax import (
     FlaxAutoModelForCausalLM,
     FlaxAutoModelForCausalLMWithValueHead,
 )
+from trlax.checkpoint.convert import is_orbax_model, load_orbax
 from trlax.checkpoint.reader import CheckpointReader
 from trlax.cli import main
-from trlax.convert import is_orbax_model, load_orbax
 from trlax.value_head import value_head_hidden_size
 
 

@@ -19,9 +19,9 @@ import transformers
 from tests.helpers import save_torch
 from tests.tiny_configs import gpt2
 from trlax.cli import main
-from trlax.demo import DemoConfig, PPOLoop, build_models, new_output_dir
-from trlax.demo_report import METRICS_FILE, PLOT_FILE, write_outputs
-from trlax.demo_task import CHARS, OPENERS, VOWELS, checkpoint_task, load_tokenizer, reply_mask, score_replies
+from trlax.cli.demo import DemoConfig, PPOLoop, build_models, new_output_dir
+from trlax.cli.demo_report import METRICS_FILE, PLOT_FILE, write_outputs
+from trlax.cli.demo_task import CHARS, OPENERS, VOWELS, checkpoint_task, load_tokenizer, reply_mask, score_replies
 
 STEPS = 30  # about a fifth of the default run: enough for the reward to rise clearly
 

@@ -138,7 +138,7 @@ def test_pad_and_eos_default_to_the_config(pairs):
     finally:
         model.config.pad_token_id, model.config.eos_token_id = saved
     assert (out[0, SEQ:] == first).all()  # the eos, then eos as pad
-    assert len(model._generate_fns) >= 1 and out.shape == (len(ids), SEQ + NEW)
+    assert len(model.generation_cache) >= 1 and out.shape == (len(ids), SEQ + NEW)
 
 
 def test_seq2seq_starts_with_the_decoder_start_token(pairs):
@@ -226,12 +226,15 @@ def test_second_call_does_not_recompile(pairs):
     ids, mask = _prompts(model.config, False)
     kwargs = {"max_new_tokens": NEW, "do_sample": True, "top_k": 3}
     generate(model, ids, mask, temperature=1.0, top_p=0.9, prng_key=jax.random.key(0), eos_token_id=1, **kwargs)
-    compiled = dict(model._generate_fns)
+    compilations, settings = model.generation_cache.compilations, len(model.generation_cache)
     # New ids, temperature, top_p, key, pad and eos values: all traced, nothing recompiles.
     generate(model, ids[::-1], mask[::-1], temperature=0.5, top_p=0.8, prng_key=jax.random.key(1),
              pad_token_id=3, eos_token_id=2, **kwargs)
-    assert model._generate_fns == compiled
-    assert all(fn._cache_size() == 1 for fn in model._generate_fns.values())
+    assert model.generation_cache.compilations == compilations and len(model.generation_cache) == settings
+    # A new static setting compiles once more, and only once.
+    generate(model, ids, mask, max_new_tokens=NEW - 1, do_sample=False)
+    generate(model, ids, mask, max_new_tokens=NEW - 1, do_sample=False)
+    assert model.generation_cache.compilations == compilations + 1
 
 
 @pytest.mark.parametrize(

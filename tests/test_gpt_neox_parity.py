@@ -75,13 +75,14 @@ def test_variants_set_what_they_claim():
     assert not other.use_parallel_residual and other.tie_word_embeddings and not other.attention_bias
 
 
-def test_inv_freq_equals_transformers_bit_for_bit():
+def test_inv_freq_equals_transformers_within_two_ulps():
+    """2 ulps, not bit equality: see tests/test_llama_parity.py (float32 pow differs between vector kernels)."""
     from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbedding
 
     for make in VARIANTS.values():
         config = make()
         ref = GPTNeoXRotaryEmbedding(config).inv_freq.numpy()
-        np.testing.assert_array_equal(rotary_inv_freq(config), ref)
+        np.testing.assert_array_max_ulp(rotary_inv_freq(config), ref, maxulp=2)
 
 
 def test_head_is_embed_out_unless_tied(pair):

@@ -22,7 +22,7 @@ from trlax import (
     create_reference_model,
 )
 from trlax.cli import main
-from trlax.info import model_info
+from trlax.cli.info import model_info
 
 
 def _trl_bf16_checkpoint(config: transformers.PretrainedConfig, folder: Path) -> Path:
@@ -125,7 +125,7 @@ def test_hub_id_reads_headers_without_downloading(tmp_path: Path, monkeypatch, c
     """Online, a hub id not in the cache is described from the hub's safetensors headers alone."""
     from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo
 
-    import trlax.info
+    import trlax.cli.info
 
     gpt2().save_pretrained(tmp_path)  # config.json only
     tensors = {"transformer.wte.weight": TensorInfo("BF16", [101, 32], (0, 6464)),
@@ -134,13 +134,13 @@ def test_hub_id_reads_headers_without_downloading(tmp_path: Path, monkeypatch, c
                                        {"model.safetensors": SafetensorsFileMetadata({}, tensors)})
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr("huggingface_hub.get_safetensors_metadata", lambda repo, **kw: metadata)
-    monkeypatch.setattr(trlax.info, "fetch_file", lambda src, name, opts: tmp_path / name if name == "config.json"
+    monkeypatch.setattr(trlax.cli.info, "fetch_file", lambda src, name, opts: tmp_path / name if name == "config.json"
                         else None)
 
     def no_download(*args, **kwargs):
         raise AssertionError("weights were fetched")
 
-    monkeypatch.setattr(trlax.info, "resolve_checkpoint", no_download)
+    monkeypatch.setattr(trlax.cli.info, "resolve_checkpoint", no_download)
     info = model_info("someone/tiny-gpt2")
     assert info["by_dtype"] == {"bfloat16": {"params": 3232, "bytes": 6464, "tensors": 1},
                                 "float16": {"params": 2048, "bytes": 4096, "tensors": 1}}

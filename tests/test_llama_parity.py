@@ -89,12 +89,15 @@ def test_tied_checkpoint_has_no_lm_head(pair):
 
 
 @pytest.mark.parametrize("name", list(ROPE_VARIANTS))
-def test_inv_frequencies_equal_transformers_bit_for_bit(name):
+def test_inv_frequencies_equal_transformers_within_two_ulps(name):
+    """float32 `base ** x` is correctly rounded in neither numpy nor torch: each pow kernel is within
+    1 ulp of the exact value (and AVX2 vs AVX-512 paths differ), so two implementations may disagree by
+    2 ulps. The bound is 2 ulps, not bit equality (seen: 0 on AVX2 machines, 1-2 on AVX-512 ones)."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     config = llama_with_rope(name)
     ref = LlamaRotaryEmbedding(config).inv_freq.numpy()
-    np.testing.assert_array_equal(inv_frequencies(config, config.head_dim), ref)
+    np.testing.assert_array_max_ulp(inv_frequencies(config, config.head_dim), ref, maxulp=2)
 
 
 def test_llama3_variant_exercises_all_three_bands():

@@ -209,8 +209,7 @@ def _policy_and_ref(num_shared=1, seq2seq=False):
     auto, wrapper = ((FlaxAutoModelForSeq2SeqLM, FlaxAutoModelForSeq2SeqLMWithValueHead) if seq2seq
                      else (FlaxAutoModelForCausalLM, FlaxAutoModelForCausalLMWithValueHead))
     config = _T5 if seq2seq else _GPT2
-    cls = auto._model_class()
-    lm = cls(config, cls._spec_for(config), jax.tree_util.tree_map(jnp.copy, _initial_params(seq2seq)))
+    lm = auto.model_class(config, params=jax.tree_util.tree_map(jnp.copy, _initial_params(seq2seq)))
     policy = wrapper.from_pretrained(lm, summary_dropout_prob=0.0)
     return policy, create_reference_model(policy, num_shared_layers=num_shared)
 

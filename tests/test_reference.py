@@ -39,8 +39,7 @@ _ALL = {**{k: (v, False) for k, v in TINY_CAUSAL.items()}, **{k: (v, True) for k
 
 def _abstract_lm(config, seq2seq=False):
     """An LM object without params: enough for parameter_names / key_table (nothing compiled)."""
-    cls = (FlaxAutoModelForSeq2SeqLM if seq2seq else FlaxAutoModelForCausalLM)._model_class()
-    return cls(config, cls._spec_for(config))
+    return (FlaxAutoModelForSeq2SeqLM if seq2seq else FlaxAutoModelForCausalLM).model_class(config)
 
 
 @functools.cache
@@ -108,7 +107,7 @@ def test_shared_split_follows_trl_rule(family):
     lm = _abstract_lm(factory(), seq2seq)
     names = parameter_names(lm)
     torch_names = ["pretrained_model." + n for n in _torch_checkpoint_names(family)]  # as TRL sees them
-    pattern = resolve_layer_pattern(names, None)
+    pattern = lm.spec.layer_pattern
     layers = count_layers(names, pattern)
     config = lm.config
     assert layers == (getattr(config, "num_decoder_layers", None) or config.decoder_layers if seq2seq
@@ -119,16 +118,16 @@ def test_shared_split_follows_trl_rule(family):
         assert {"pretrained_model." + x for x in shared_parameter_names(names, n, pattern)} == trl
 
 
-@pytest.mark.parametrize(("family", "pattern"), [
-    ("gpt2", "transformer.h.{layer}"), ("gpt_neo", "transformer.h.{layer}"), ("opt", "model.decoder.layers.{layer}"),
-    ("gpt_neox", "gpt_neox.layers.{layer}"), ("llama", "model.layers.{layer}"), ("qwen2", "model.layers.{layer}"),
-    ("t5", "decoder.block.{layer}"),
-])
-def test_default_layer_pattern(family, pattern):
+@pytest.mark.parametrize("family", sorted(_ALL))
+def test_family_layer_pattern_is_the_one_trl_picks(family):
+    """Each SPEC's layer_pattern is the first of TRL's LAYER_PATTERNS that matches the model (T5, which
+    TRL has no pattern for, uses trlax's own), and it is what create_reference_model uses by default."""
     factory, seq2seq = _ALL[family]
     lm = _abstract_lm(factory(), seq2seq)
-    assert resolve_layer_pattern(parameter_names(lm), None) == pattern
-    assert pattern in LAYER_PATTERNS or seq2seq
+    names = parameter_names(lm)
+    trl = next((p for p in LAYER_PATTERNS if any(p.format(layer=0) in name for name in names)), None)
+    assert lm.spec.layer_pattern == (trl or "decoder.block.{layer}")
+    assert resolve_layer_pattern(names, None, lm.spec.layer_pattern) == lm.spec.layer_pattern
 
 
 # --- sharing and freezing -------------------------------------------------------------------
@@ -206,9 +205,7 @@ def test_bad_arguments_raise(kwargs, error, message):
     assert policy.trainable_mask is before  # nothing frozen by a failed call
 
 
-def test_unmatched_default_patterns_and_non_wrappers_raise():
-    with pytest.raises(ValueError, match="Layer pattern could not be matched"):
-        resolve_layer_pattern(["body.blocks.0.weight", "body.blocks.1.weight"], None)
+def test_non_wrappers_raise():
     with pytest.raises(TypeError, match="PreTrainedModelWrapper"):
         create_reference_model(_abstract_lm(_gpt2()))
 

@@ -21,8 +21,8 @@ from trlax import (
     UnsupportedModelError,
     create_reference_model,
 )
-from trlax.adapters import read_adapter
 from trlax.checkpoint.reader import CheckpointReader
+from trlax.peft.lora import read_adapter
 
 ATOL = 1e-4
 POLICY = {"target_modules": "all-linear", "r": 4, "lora_alpha": 8, "init_lora_weights": False}

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
+from trlax.models.registry import all_specs
 from trlax.sharding import (
-    FAMILY_RULES,
     GENERIC_RULES,
     ShardingRules,
     logical_axes,
@@ -106,8 +106,7 @@ def _abstract_params(model_type: str) -> dict:
 
     auto = FlaxAutoModelForCausalLM if model_type in TINY_CAUSAL else FlaxAutoModelForSeq2SeqLM
     config = {**TINY_CAUSAL, **TINY_SEQ2SEQ}[model_type]()
-    cls = auto._model_class()
-    return cls(config, cls._spec_for(config)).abstract_params()
+    return auto.model_class(config).abstract_params()
 
 
 def test_family_rules_match_their_models() -> None:
@@ -116,8 +115,9 @@ def test_family_rules_match_their_models() -> None:
     from tests.tiny_configs import TINY_CAUSAL, TINY_SEQ2SEQ
 
     unmatched: dict[int, set[str]] = {}
-    for model_type in sorted(set(FAMILY_RULES) & {*TINY_CAUSAL, *TINY_SEQ2SEQ}):
-        family = FAMILY_RULES[model_type]
+    family_of = {t: spec.sharding_rules for spec in all_specs() for t in spec.model_types}
+    for model_type in sorted(set(family_of) & {*TINY_CAUSAL, *TINY_SEQ2SEQ}):
+        family = family_of[model_type]
         rules = resolve_rules(model_type)
         abstract = _abstract_params(model_type)
         paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]]
@@ -317,10 +317,10 @@ def _write_gpt2(folder: Path, n_embd: int, n_layer: int) -> Path:
 
     config = transformers.GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=8, vocab_size=1024, n_positions=128,
                                      bos_token_id=0, eos_token_id=1)
-    cls = FlaxAutoModelForCausalLM._model_class()
+    cls = FlaxAutoModelForCausalLM.model_class
     rng = np.random.default_rng(0)
     tensors = {key: (rng.standard_normal(rule.hf_shape, np.float32) * 0.02).astype(ml_dtypes.bfloat16)
-               for key, rule in cls(config, cls._spec_for(config)).key_table().items()}
+               for key, rule in cls(config).key_table().items()}
     write_checkpoint_dir(folder, tensors, write_extra=lambda tmp: config.save_pretrained(str(tmp)))
     return folder
 
@@ -449,7 +449,7 @@ def _unsharded_results(base: Any, inputs: dict[str, np.ndarray]) -> dict[str, An
 def _worker_devices(root: Path, family: str) -> None:
     from tests.helpers import batch
     from trlax import FlaxAutoModelForCausalLMWithValueHead
-    from trlax.convert import load_orbax, to_orbax
+    from trlax.checkpoint.convert import load_orbax, to_orbax
 
     meshes = {"fsdp8": make_mesh(fsdp=8), "tp2_data4": make_mesh(data=4, fsdp=1, tp=2)}
     ids, mask = batch(101, "right", batch_size=8, seq_len=12, seed=1, low=2)

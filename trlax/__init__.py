@@ -1,9 +1,10 @@
 """trlax: TRL's value-head model wrappers, reference models and reward adapters in JAX/Flax."""
 
 from trlax import ppo
-from trlax.adapters import LoraConfig
 from trlax.errors import CheckpointError, TrlaxError, UnsupportedModelError
-from trlax.models import FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM, supported_model_types
+from trlax.generation import GenerateOutput, GenerationSettings
+from trlax.models.auto import FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM, supported_model_types
+from trlax.peft.lora import LoraConfig
 from trlax.reference import LAYER_PATTERNS, create_reference_model
 from trlax.trainable import masked_optimizer, merge_trainable, split_trainable
 from trlax.value_head import (
@@ -15,7 +16,7 @@ from trlax.value_head import (
     ValueHead,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AutoModelForCausalLMWithValueHead",
@@ -25,6 +26,8 @@ __all__ = [
     "FlaxAutoModelForCausalLMWithValueHead",
     "FlaxAutoModelForSeq2SeqLM",
     "FlaxAutoModelForSeq2SeqLMWithValueHead",
+    "GenerateOutput",
+    "GenerationSettings",
     "LAYER_PATTERNS",
     "LoraConfig",
     "PreTrainedModelWrapper",

@@ -1,10 +1,12 @@
 """Jit-compiled generation with a preallocated KV cache, for causal and encoder-decoder LMs.
 
-Everything after the argument checks runs inside ONE jitted function per (model, static
-settings: max_new_tokens, do_sample, top_k, whether top_p is on, how many eos ids): the
-prompt pass, then a `lax.while_loop` over decode steps whose carry holds the KV cache, so
-XLA updates the cache in place and no Python runs per token. temperature, top_p and the
-pad / eos / decoder start ids are traced, so changing them does not recompile.
+Everything after the argument checks runs inside ONE jitted function per model and
+`GenerationSettings` (max_new_tokens, do_sample, top_k, whether top_p is on, how many eos
+ids): the prompt pass, then a `lax.while_loop` over decode steps whose carry holds the KV
+cache, so XLA updates the cache in place and no Python runs per token. temperature,
+top_p and the pad / eos / decoder start ids are traced, so changing them does not
+recompile. Each model keeps its compiled functions in its `generation_cache`, which
+counts the compilations (`model.generation_cache.compilations`).
 
 Padding, cache slots and positions (causal):
     Prompts are LEFT-padded to a common length T, with an explicit attention_mask (never
@@ -29,16 +31,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trlax.models.base import check_integer_ids, check_mask
+from trlax.inputs import InputError, mask_for, token_ids
 from trlax.models.layers import LORA_COLLECTION
 from trlax.sharding import constrain_kv_cache, shard_batch
+
+if TYPE_CHECKING:
+    from trlax.models.base import FlaxPreTrainedModel
 
 Array = jax.Array
 
@@ -52,8 +57,8 @@ class GenerateOutput:
 
 
 @dataclass(frozen=True)
-class _Settings:
-    """What a compiled generate function is specialised on (its cache key on the model)."""
+class GenerationSettings:
+    """What a compiled generate function is specialised on: its key in the model's GenerationCache."""
 
     max_new_tokens: int
     do_sample: bool
@@ -71,6 +76,33 @@ class _Knobs:
     pad_id: Array  # [] int32
     eos_ids: Array  # [num_eos] int32
     start_id: Array  # [] int32: the decoder start token (encoder-decoder only)
+
+
+class GenerationCache:
+    """A model's compiled generate functions, one per GenerationSettings, and how often they compiled.
+
+    `compilations` counts traces: a new settings value, or new input shapes or dtypes for an
+    existing one, each compile once; a repeated call with the same ones compiles nothing.
+    """
+
+    def __init__(self) -> None:
+        self._fns: dict[GenerationSettings, Callable[..., Array]] = {}
+        self.compilations = 0
+
+    def get(self, settings: GenerationSettings, build: Callable[[], Callable[..., Array]]) -> Callable[..., Array]:
+        """The jitted function for `settings`, built (not yet compiled) on first use."""
+        if settings not in self._fns:
+            run = build()
+
+            def counted(*args: Any) -> Array:
+                self.compilations += 1  # runs only while jax traces, i.e. once per compilation
+                return run(*args)
+
+            self._fns[settings] = jax.jit(counted)
+        return self._fns[settings]
+
+    def __len__(self) -> int:
+        return len(self._fns)
 
 
 # --- sampling -----------------------------------------------------------------------------
@@ -132,7 +164,7 @@ def _categorical(key: Array, logits: Array) -> Array:
     return _argmax(logits + jax.random.gumbel(key, logits.shape, logits.dtype))
 
 
-def _next_token(logits: Array, key: Array | None, settings: _Settings, knobs: _Knobs) -> Array:
+def _next_token(logits: Array, key: Array | None, settings: GenerationSettings, knobs: _Knobs) -> Array:
     """The next token [B] int32 from last-position logits [B, V] float32.
 
     Greedy: argmax (first index on ties, like torch). Sampling applies transformers'
@@ -169,7 +201,7 @@ def _decode_loop(
     first_fed: Array,
     cache: Any,
     key: Array | None,
-    settings: _Settings,
+    settings: GenerationSettings,
     knobs: _Knobs,
 ) -> Array:
     """The new tokens [B, max_new_tokens] int32, one per `step` call.
@@ -206,7 +238,7 @@ def _variables(params: Any, lora: Any) -> dict[str, Any]:
     return {"params": params} if lora is None else {"params": params, LORA_COLLECTION: lora}
 
 
-def _causal_fn(model: Any, settings: _Settings) -> Callable[..., Array]:
+def _causal_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Callable[..., Array]:
     module, spec, config = model.module, model.spec, model.config
     n = settings.max_new_tokens
 
@@ -232,10 +264,10 @@ def _causal_fn(model: Any, settings: _Settings) -> Callable[..., Array]:
         new = _decode_loop(step, input_ids[:, -1], cache, key, settings, knobs)
         return jnp.concatenate([input_ids, new], axis=1)
 
-    return jax.jit(_traced_under_mesh(model, run))
+    return _traced_under_mesh(model, run)
 
 
-def _seq2seq_fn(model: Any, settings: _Settings) -> Callable[..., Array]:
+def _seq2seq_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Callable[..., Array]:
     module, spec, config = model.module, model.spec, model.config
     n = settings.max_new_tokens
 
@@ -258,10 +290,10 @@ def _seq2seq_fn(model: Any, settings: _Settings) -> Callable[..., Array]:
         new = _decode_loop(step, start, cache, key, settings, knobs)
         return jnp.concatenate([start[:, None], new], axis=1)
 
-    return jax.jit(_traced_under_mesh(model, run))
+    return _traced_under_mesh(model, run)
 
 
-def _traced_under_mesh(model: Any, run: Callable[..., Array]) -> Callable[..., Array]:
+def _traced_under_mesh(model: FlaxPreTrainedModel, run: Callable[..., Array]) -> Callable[..., Array]:
     """`run`, traced inside the model's sharding context: on a mesh, layer outputs stay
     batch-sharded and the KV cache keeps its layout (batch, kv heads); else unchanged."""
 
@@ -317,7 +349,7 @@ def _check_sampling(do_sample: bool, prng_key: Any, temperature: Any, top_k: Any
 
 
 def generate(
-    model: Any,
+    model: FlaxPreTrainedModel,
     input_ids: Any,
     attention_mask: Any = None,
     *,
@@ -353,11 +385,10 @@ def generate(
     _check_sampling(do_sample, prng_key, temperature, top_k, top_p)
     config = model.config
     seq2seq = bool(model.spec.is_encoder_decoder)
-    input_ids = check_integer_ids("input_ids", input_ids)
+    input_ids = token_ids("input_ids", input_ids)
     if input_ids.shape[1] == 0:
-        raise ValueError("input_ids must hold at least one token per row; got shape (B, 0)")
-    mask = jnp.ones_like(input_ids) if attention_mask is None else check_mask(
-        "attention_mask", attention_mask, input_ids.shape)
+        raise InputError("input_ids must hold at least one token per row; got shape (B, 0)")
+    mask = mask_for("attention_mask", attention_mask, input_ids)
 
     max_positions = model.spec.max_positions(config)
     length = max_new_tokens if seq2seq else input_ids.shape[1] + max_new_tokens
@@ -381,17 +412,15 @@ def generate(
             raise ValueError("seq2seq generate needs decoder_start_token_id (none on the model config)")
         start = int(start)
     top_p_on = not (isinstance(top_p, (int, float)) and top_p == 1.0)
-    settings = _Settings(int(max_new_tokens), bool(do_sample), int(top_k) if do_sample else 0,
+    settings = GenerationSettings(int(max_new_tokens), bool(do_sample), int(top_k) if do_sample else 0,
                          bool(do_sample and top_p_on), len(eos_ids))
     knobs = _Knobs(jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32),
                    jnp.asarray(pad, jnp.int32), jnp.asarray(eos_ids, jnp.int32).reshape(-1),
                    jnp.asarray(start, jnp.int32))
 
-    fns = model.__dict__.setdefault("_generate_fns", {})
-    if settings not in fns:
-        fns[settings] = (_seq2seq_fn if seq2seq else _causal_fn)(model, settings)
+    run = model.generation_cache.get(settings, lambda: (_seq2seq_fn if seq2seq else _causal_fn)(model, settings))
     if model.mesh is not None:  # the batch is split like the layer outputs and the KV cache
         input_ids, mask = shard_batch((input_ids, mask), model.mesh, model.sharding_rules)
-    sequences = fns[settings](model.params if params is None else params, lora, input_ids, mask, knobs,
+    sequences = run(model.params if params is None else params, lora, input_ids, mask, knobs,
                               prng_key if do_sample else None)
     return GenerateOutput(sequences=sequences)

@@ -20,28 +20,24 @@ policy.trainable_mask)` and take the frozen half as a plain argument.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import flax.linen as nn
 import jax
 
-from trlax.adapter_models import adapter_reference
 from trlax.checkpoint.naming import TensorRule, flatten_paths
 from trlax.models.base import FlaxPreTrainedModel
 from trlax.value_head import PreTrainedModelWrapper
 
-# TRL's patterns, in TRL's order (unchanged since TRL 0.4.2).
+# TRL's patterns, in TRL's order (unchanged since TRL 0.4.2). Each family's SPEC names the one
+# TRL would pick for it (`spec.layer_pattern`; T5's "decoder.block.{layer}" is trlax's own).
 LAYER_PATTERNS: tuple[str, ...] = (
     "transformer.h.{layer}",  # GPT-2, GPT-J, GPT-Neo, Bloom
     "model.decoder.layers.{layer}",  # OPT, BART
     "gpt_neox.layers.{layer}",
     "model.layers.{layer}",  # Llama, Mistral, Qwen, Gemma
 )
-# trlax's addition, tried after TRL's: T5 decoder blocks (see the module docstring).
-EXTRA_LAYER_PATTERNS: tuple[str, ...] = ("decoder.block.{layer}",)
-
-_WRAPPER_OWNED = frozenset({"pretrained_model", "config", "v_head", "params", "trainable_mask", "frozen"})
-
 
 def parameter_names(model: FlaxPreTrainedModel) -> list[str]:
     """The LM's HF parameter names in PyTorch's `named_parameters()` order (tied copies once).
@@ -101,20 +97,16 @@ def _definition_order(module: nn.Module, path: tuple[str, ...], out: dict[tuple[
             _definition_order(child, (*path, name), out)
 
 
-def resolve_layer_pattern(names: list[str], pattern: str | None) -> str:
-    """The layer pattern to use: `pattern` (checked) or the first known one that matches `names`."""
-    if pattern is not None:
-        if "{layer}" not in pattern:
-            raise ValueError(f"pattern must contain '{{layer}}' (e.g. 'transformer.h.{{layer}}'); got {pattern!r}")
-        if not any(pattern.format(layer=0) in name for name in names):
-            raise ValueError(f"pattern {pattern!r} matches no parameter of this model (TRL would only warn and "
-                             f"freeze everything); parameter names look like {names[:3]}")
-        return pattern
-    for candidate in (*LAYER_PATTERNS, *EXTRA_LAYER_PATTERNS):
-        if any(candidate.format(layer=0) in name for name in names):
-            return candidate
-    raise ValueError(f"Layer pattern could not be matched: none of {list(LAYER_PATTERNS + EXTRA_LAYER_PATTERNS)} "
-                     f"occurs in this model's parameter names (e.g. {names[:3]}); pass pattern='<prefix>.{{layer}}'")
+def resolve_layer_pattern(names: list[str], pattern: str | None, default: str) -> str:
+    """The layer pattern to use: `pattern` if given (checked against `names`), else the family's `default`."""
+    if pattern is None:
+        return default
+    if "{layer}" not in pattern:
+        raise ValueError(f"pattern must contain '{{layer}}' (e.g. 'transformer.h.{{layer}}'); got {pattern!r}")
+    if not any(pattern.format(layer=0) in name for name in names):
+        raise ValueError(f"pattern {pattern!r} matches no parameter of this model (TRL would only warn and "
+                         f"freeze everything); parameter names look like {names[:3]}")
+    return pattern
 
 
 def count_layers(names: list[str], pattern: str) -> int:
@@ -151,17 +143,18 @@ def create_reference_model(
       (`model.trainable_mask` False there); the rest (later layers, final norm, untied
       head, value head) are copies.
     - `pattern`: a custom layer pattern such as `"transformer.h.{layer}"`, matched as a
-      substring of the LM's HF parameter names; by default the first of
-      `LAYER_PATTERNS` (TRL's) then `EXTRA_LAYER_PATTERNS` that matches.
+      substring of the LM's HF parameter names; by default the family's
+      (`spec.layer_pattern`: the first of TRL's `LAYER_PATTERNS` that matches it).
 
     A LoRA adapter policy (`model.is_peft_model`) gets the base with the adapter off
-    instead: the very same base arrays, a copy of the value head, no `num_shared_layers`
-    (see `trlax.adapter_models.adapter_reference`).
+    instead: the very same base arrays, a copy of the value head, no `num_shared_layers`.
 
-    The reference is a new wrapper of the same class over the same module and config,
-    with `frozen=True` (its forward applies `jax.lax.stop_gradient` to its params) and an
-    all-False `trainable_mask`. Raises ValueError when no pattern matches, a custom
-    pattern matches nothing, or N is negative or not smaller than the layer count.
+    The reference is a new wrapper of the same class, built explicitly: its own copy of
+    the config, the policy's value-head options, `frozen=True` (its forward applies
+    `jax.lax.stop_gradient` to its params) and an all-False `trainable_mask`; it shares
+    nothing mutable with the policy, only the shared arrays (and no adapters). Raises
+    ValueError when a custom pattern matches nothing, or N is negative or not smaller
+    than the layer count.
     """
     if not isinstance(model, PreTrainedModelWrapper):
         raise TypeError(f"create_reference_model takes a trlax value-head model (PreTrainedModelWrapper); "
@@ -170,7 +163,10 @@ def create_reference_model(
         if num_shared_layers is not None or pattern is not None:
             raise ValueError("num_shared_layers/pattern do not apply to a LoRA adapter policy: its reference "
                              "already shares the whole frozen base (adapter off); call create_reference_model(model)")
-        return adapter_reference(model)
+        # The base is frozen in the policy, so sharing it is safe even when a train step
+        # donates the trainable params; the value head, which the policy trains, is copied.
+        return _frozen_wrapper(model, {"pretrained_model": model.params["pretrained_model"],
+                                       "v_head": _copy_tree(model.params["v_head"])})
     shared: set[tuple[str, ...]] = set()
     if num_shared_layers is not None:
         shared = _shared_paths(model.pretrained_model, num_shared_layers, pattern)
@@ -183,11 +179,11 @@ def create_reference_model(
     to_copy = [i for i, path in enumerate(paths) if path not in shared]
     copies = _copy_tree([flat[i][1] for i in to_copy])
     leaves = [leaf for _, leaf in flat]
-    for i, copy in zip(to_copy, copies, strict=True):
-        leaves[i] = copy
+    for i, leaf_copy in zip(to_copy, copies, strict=True):
+        leaves[i] = leaf_copy
     ref_params = jax.tree_util.tree_unflatten(treedef, leaves)
 
-    ref = _new_wrapper(model, ref_params)
+    ref = _frozen_wrapper(model, ref_params)
     if shared:
         model.trainable_mask = jax.tree_util.tree_unflatten(
             treedef, [trainable and path not in shared
@@ -201,7 +197,7 @@ def _shared_paths(lm: FlaxPreTrainedModel, num_shared_layers: int, pattern: str 
         raise TypeError(f"num_shared_layers must be an int or None; got {num_shared_layers!r}")
     table = parameter_table(lm)
     names = list(table)
-    pattern = resolve_layer_pattern(names, pattern)
+    pattern = resolve_layer_pattern(names, pattern, lm.spec.layer_pattern)
     num_layers = count_layers(names, pattern)
     if not 0 <= num_shared_layers < num_layers:
         raise ValueError(f"num_shared_layers={num_shared_layers} is out of range: the model has {num_layers} layers "
@@ -211,22 +207,12 @@ def _shared_paths(lm: FlaxPreTrainedModel, num_shared_layers: int, pattern: str 
                                                                                       pattern)}
 
 
-def _new_wrapper(model: PreTrainedModelWrapper, ref_params: dict[str, Any]) -> PreTrainedModelWrapper:
-    """A frozen wrapper of the same class over `ref_params` (own jitted forward, own LM object)."""
+def _frozen_wrapper(model: PreTrainedModelWrapper, ref_params: dict[str, Any]) -> PreTrainedModelWrapper:
+    """A frozen wrapper of the same class over `ref_params`, with its own LM object and config copy."""
     lm = model.pretrained_model
-    ref_lm = type(lm)(lm.config, lm.spec, ref_params["pretrained_model"], dtype=lm.dtype, param_dtype=lm.param_dtype)
-    for name, value in vars(lm).items():  # the very same Linen module, config, mesh, ...
-        if not name.startswith("_") and name != "params":
-            setattr(ref_lm, name, value)
-    head = model.v_head
-    ref = type(model)(ref_lm, v_head_params=ref_params["v_head"], summary_dropout_prob=head.dropout_prob,
-                      v_head_initializer_range=head.initializer_range, v_head_init_strategy=head.init_strategy)
-    # Other top-level collections (if any) and plain attributes such as adapter state
-    # carry over; private ones (the jitted closures bound to `model`) are rebuilt above.
-    ref.params = ref_params
-    for name, value in vars(model).items():
-        if not name.startswith("_") and name not in _WRAPPER_OWNED:
-            setattr(ref, name, value)
-    ref.frozen = True
-    ref.trainable_mask = jax.tree_util.tree_map(lambda _: False, ref_params)
-    return ref
+    ref_lm = type(lm)(copy.deepcopy(lm.config), lm.spec, ref_params["pretrained_model"], dtype=lm.dtype,
+                      param_dtype=lm.param_dtype)
+    ref_lm.mesh, ref_lm.sharding_rules = lm.mesh, lm.sharding_rules
+    ref_lm.module = lm.module  # Linen modules are immutable definitions: one is shared, as in v0.1
+    return type(model)(ref_lm, v_head_params=ref_params["v_head"], frozen=True,
+                       base_model_name_or_path=model.base_model_name_or_path, **model.head_options())

@@ -25,18 +25,21 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from trlax.errors import UnsupportedModelError
+from trlax.models.registry import spec_for_type
+from trlax.models.spec import ParamRule
+from trlax.models.stack import batch_constraint
+
 LogicalAxes = tuple[str | None, ...]
-ParamRule = tuple[str, LogicalAxes]
 
 MESH_AXES = ("data", "fsdp", "tp")
 
@@ -52,72 +55,9 @@ DEFAULT_LOGICAL_AXES: dict[str, tuple[str, ...]] = {
     "head_dim": (),
 }
 
-GPT2_RULES: tuple[ParamRule, ...] = (
-    (r"(^|/)wte/embedding$", ("vocab", "embed")),
-    (r"(^|/)wpe/embedding$", (None, "embed")),
-    (r"attn/c_attn/kernel$", ("embed", "heads")),  # fused q|k|v, [E, 3E]
-    (r"attn/c_attn/bias$", ("heads",)),
-    (r"attn/c_proj/kernel$", ("heads", "embed")),
-    (r"mlp/c_fc/kernel$", ("embed", "mlp")),
-    (r"mlp/c_fc/bias$", ("mlp",)),
-    (r"mlp/c_proj/kernel$", ("mlp", "embed")),
-)
-
-LLAMA_RULES: tuple[ParamRule, ...] = (
-    (r"(^|/)embed_tokens/embedding$", ("vocab", "embed")),
-    (r"self_attn/q_proj/kernel$", ("embed", "heads")),
-    (r"self_attn/[kv]_proj/kernel$", ("embed", "kv_heads")),
-    (r"self_attn/q_proj/bias$", ("heads",)),
-    (r"self_attn/[kv]_proj/bias$", ("kv_heads",)),
-    (r"self_attn/o_proj/kernel$", ("heads", "embed")),
-    (r"mlp/(gate|up)_proj/kernel$", ("embed", "mlp")),
-    (r"mlp/(gate|up)_proj/bias$", ("mlp",)),
-    (r"mlp/down_proj/kernel$", ("mlp", "embed")),
-)
-
-OPT_RULES: tuple[ParamRule, ...] = (
-    (r"(^|/)embed_tokens/embedding$", ("vocab", "embed")),
-    (r"(^|/)embed_positions/embedding$", (None, "embed")),
-    (r"self_attn/[qkv]_proj/kernel$", ("embed", "heads")),
-    (r"self_attn/[qkv]_proj/bias$", ("heads",)),
-    (r"self_attn/out_proj/kernel$", ("heads", "embed")),
-    (r"(^|/)fc1/kernel$", ("embed", "mlp")),
-    (r"(^|/)fc1/bias$", ("mlp",)),
-    (r"(^|/)fc2/kernel$", ("mlp", "embed")),
-)
-
-GPT_NEO_RULES: tuple[ParamRule, ...] = (
-    (r"(^|/)wte/embedding$", ("vocab", "embed")),
-    (r"(^|/)wpe/embedding$", (None, "embed")),
-    (r"attention/[qkv]_proj/kernel$", ("embed", "heads")),
-    (r"attention/out_proj/kernel$", ("heads", "embed")),
-    (r"mlp/c_fc/kernel$", ("embed", "mlp")),
-    (r"mlp/c_fc/bias$", ("mlp",)),
-    (r"mlp/c_proj/kernel$", ("mlp", "embed")),
-)
-
-GPT_NEOX_RULES: tuple[ParamRule, ...] = (
-    (r"(^|/)embed_in/embedding$", ("vocab", "embed")),
-    (r"(^|/)embed_out/kernel$", ("embed", "vocab")),
-    (r"attention/query_key_value/kernel$", ("embed", "heads")),  # fused, per head [q|k|v]
-    (r"attention/query_key_value/bias$", ("heads",)),
-    (r"attention/dense/kernel$", ("heads", "embed")),
-    (r"mlp/dense_h_to_4h/kernel$", ("embed", "mlp")),
-    (r"mlp/dense_h_to_4h/bias$", ("mlp",)),
-    (r"mlp/dense_4h_to_h/kernel$", ("mlp", "embed")),
-)
-
-T5_RULES: tuple[ParamRule, ...] = (
-    (r"(^|/)shared/embedding$", ("vocab", "embed")),
-    (r"relative_attention_bias/embedding$", (None, "heads")),
-    (r"/(SelfAttention|EncDecAttention)/[qkv]/kernel$", ("embed", "heads")),
-    (r"/(SelfAttention|EncDecAttention)/o/kernel$", ("heads", "embed")),
-    (r"/DenseReluDense/wi(_0|_1)?/kernel$", ("embed", "mlp")),
-    (r"/DenseReluDense/wo/kernel$", ("mlp", "embed")),
-)
-
-# Keyed by leaf role (module name + leaf), for families without their own table and for
-# what every family shares (LM head, value head, reward score head).
+# Keyed by leaf role (module name + leaf): tried after the family's rules (its SPEC's
+# `sharding_rules`), for what every family shares (LM head, value head, reward score head)
+# and for a family without a rule of its own for some leaf.
 GENERIC_RULES: tuple[ParamRule, ...] = (
     (r"(^|/)lm_head/kernel$", ("embed", "vocab")),
     (r"(^|/)v_head/summary/kernel$", ("embed", None)),
@@ -130,16 +70,6 @@ GENERIC_RULES: tuple[ParamRule, ...] = (
     (r"embedding$", ("vocab", "embed")),
     (r"kernel$", ("embed", None)),  # any other projection: FSDP over its input dim
 )
-
-# model_type -> its family's rules (a model_type not listed uses the generic rules alone).
-FAMILY_RULES: dict[str, tuple[ParamRule, ...]] = {
-    "gpt2": GPT2_RULES,
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"), LLAMA_RULES),
-    "opt": OPT_RULES,
-    "gpt_neo": GPT_NEO_RULES,
-    "gpt_neox": GPT_NEOX_RULES,
-    **dict.fromkeys(("t5", "mt5"), T5_RULES),
-}
 
 _LORA_LEAF = re.compile(r"^(?P<base>.*)/lora_(?P<which>[AB])$")
 
@@ -172,9 +102,19 @@ def resolve_rules(
         overrides = ShardingRules()
     elif not isinstance(overrides, ShardingRules):
         overrides = ShardingRules(params=tuple((p, tuple(a)) for p, a in overrides))
-    family = FAMILY_RULES.get(model_type or "", ())
+    family = _family_rules(model_type)
     logical = {**DEFAULT_LOGICAL_AXES, **{k: _as_axes(v) for k, v in overrides.logical.items()}}
     return ShardingRules(params=(*overrides.params, *family, *GENERIC_RULES), logical=logical, resolved=True)
+
+
+def _family_rules(model_type: str | None) -> tuple[ParamRule, ...]:
+    """The SPEC's rules of the family that implements `model_type` (none for an unknown type)."""
+    if model_type is None:
+        return ()
+    try:
+        return spec_for_type(model_type).sharding_rules
+    except UnsupportedModelError:
+        return ()
 
 
 def _as_axes(value: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -362,32 +302,20 @@ def constrain_batch(x: jax.Array, mesh: Mesh, rules: ShardingRules | None = None
     return jax.lax.with_sharding_constraint(x, NamedSharding(auto_mesh(mesh), spec_for(axes, x.shape, mesh, rules)))
 
 
-@contextlib.contextmanager
-def activation_sharding(mesh: Mesh | None, rules: ShardingRules | None = None) -> Iterator[None]:
+def activation_sharding(mesh: Mesh | None, rules: ShardingRules | None = None
+                        ) -> contextlib.AbstractContextManager[None]:
     """While tracing a model under this context, every layer's output hidden state is batch-sharded.
 
     Params alone do not tell the compiler how to split the work: with FSDP-sharded
     kernels it would rather split every matmul over the hidden size and keep the whole
     batch on each device. Pinning each block's output [B, T, H] to the `batch` mesh axes
     makes it gather the kernels instead and keep the batch split (FSDP / data parallel).
-    Blocks are the children of the families' layer stack (`trlax.models.layers.LayerStack`);
-    a block returns its hidden state alone or first in a tuple. No-op without a mesh.
+    The families' shared layer loop (`trlax.models.stack.LayerStack`) applies the pin.
+    No-op without a mesh.
     """
     if mesh is None:
-        yield
-        return
-    from trlax.models.layers import LayerStack
-
-    def pin_block_output(next_fun: Callable[..., Any], args: Any, kwargs: Any, context: Any) -> Any:
-        out = next_fun(*args, **kwargs)
-        if context.method_name != "__call__" or not isinstance(context.module.parent, LayerStack):
-            return out
-        if isinstance(out, tuple) and out and getattr(out[0], "ndim", 0) >= 2:
-            return (constrain_batch(out[0], mesh, rules), *out[1:])
-        return constrain_batch(out, mesh, rules) if getattr(out, "ndim", 0) >= 2 else out
-
-    with nn.intercept_methods(pin_block_output):
-        yield
+        return contextlib.nullcontext()
+    return batch_constraint(lambda x: constrain_batch(x, mesh, rules))
 
 
 def describe(tree: Any) -> dict[str, str]:
@@ -409,10 +337,8 @@ def shard_model(model: Any, mesh: Mesh, sharding_rules: ShardingRules | Sequence
     inner = getattr(model, "pretrained_model", model)  # the wrapper's LM, or the LM itself
     mesh = auto_mesh(mesh)
     rules = resolve_rules(inner.config.model_type, sharding_rules)
-    model.params = shard_params(model.params, mesh, rules)
-    if inner is not model:
-        inner.params = model.params["pretrained_model"]
-        if getattr(model, "reward_params", None) is not None:
-            model.reward_params = shard_params(model.reward_params, mesh, rules)
+    model.params = shard_params(model.params, mesh, rules)  # a wrapper's LM reads its params from here
+    if getattr(model, "reward_params", None) is not None:
+        model.reward_params = shard_params(model.reward_params, mesh, rules)
     inner.mesh, inner.sharding_rules = mesh, rules
     return model

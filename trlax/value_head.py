@@ -7,8 +7,10 @@ TRL's `v_head.summary.weight` [1, H] / `v_head.summary.bias` [1], in the same fi
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,16 +21,27 @@ import numpy as np
 import transformers
 from jax.sharding import Mesh
 
-from trlax import adapter_models
 from trlax.checkpoint.hub import HubOptions, resolve_checkpoint
 from trlax.checkpoint.naming import key_table
+from trlax.checkpoint.push import push_to_hub
 from trlax.checkpoint.writer import write_checkpoint_dir
 from trlax.errors import CheckpointError
-from trlax.models.auto import FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
-from trlax.models.base import FlaxPreTrainedModel, check_integer_ids, check_mask, load_config
-from trlax.models.layers import torch_linear_init
-from trlax.reward import reward_scores
-from trlax.sharding import shard_model, shard_params
+from trlax.inputs import InputError, mask_for, same_shape, token_ids
+from trlax.models.auto import AutoModel, FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
+from trlax.models.base import FlaxPreTrainedModel, load_config
+from trlax.models.layers import LORA_COLLECTION, torch_linear_init
+from trlax.peft.lora import LoraConfig, trainable_lora_mask
+from trlax.peft.policy import (
+    DEFAULT_REWARD_ADAPTER_NAME,
+    POLICY_ADAPTER_NAME,
+    PolicyAdapter,
+    is_adapter_folder,
+    load_adapter_policy,
+    new_policy_adapter,
+    write_adapter_policy,
+)
+from trlax.peft.reward import load_reward_adapter, reward_scores
+from trlax.sharding import shard_params
 
 logger = logging.getLogger("trlax")
 
@@ -103,15 +116,41 @@ def init_value_head(head: ValueHead, rng: jax.Array) -> dict[str, Any]:
     return head.init(rng, jnp.zeros((1, 1, head.hidden_size), jnp.float32))["params"]
 
 
+@dataclass(frozen=True)
+class RewardAdapter:
+    """A reward adapter's name (TRL's `rm_adapter_name`) and PEFT config; its weights are `reward_params`."""
+
+    name: str
+    config: LoraConfig
+
+
+def _hub_options(model_args: dict[str, Any]) -> HubOptions:
+    return HubOptions(model_args.get("revision"), model_args.get("token"), model_args.get("cache_dir"),
+                      bool(model_args.get("local_files_only", False)))
+
+
 class PreTrainedModelWrapper:
     """Base of the value-head wrappers: a trlax LM plus a value head, one param pytree.
 
-    `params` is `{"pretrained_model": ..., "v_head": ...}`; `trainable_mask` (same
-    structure, bools) says what an optimizer may update; `apply` is the pure forward a
-    jitted train step uses.
+    `params` is `{"pretrained_model": ..., "v_head": ...}` (plus `"lora"` for a LoRA
+    policy) and is the one place the weights live: `pretrained_model` is a view of
+    `params["pretrained_model"]`, so assigning `params` (e.g. after a donated train step)
+    updates every method, the LM's own forward and generation included. `trainable_mask`
+    (same structure, bools) says what an optimizer may update; `apply` is the pure forward
+    a jitted train step uses. Build one with `from_pretrained`, or from its parts:
+
+    - pretrained_model: a trlax LM (`FlaxAutoModelForCausalLM` / `...Seq2SeqLM` instance);
+    - v_head_params: {"summary": {"kernel": [H, 1], "bias": [1]}}, or None for a new head
+      (TRL's init from `seed`);
+    - summary_dropout_prob, v_head_initializer_range, v_head_init_strategy: TRL's head options;
+    - frozen: a reference model: its forward stops gradients and nothing is trainable;
+    - policy_adapter: a LoRA policy (`trlax.peft.policy.PolicyAdapter`): the base is frozen,
+      the adapter in `params["lora"]`;
+    - reward_adapter, reward_params: a reward adapter's name/config and its weights, kept
+      outside `params` (see `compute_reward_score`).
     """
 
-    auto_class: ClassVar[Any] = FlaxAutoModelForCausalLM
+    auto_class: ClassVar[type[AutoModel]] = FlaxAutoModelForCausalLM
     supported_args: ClassVar[tuple[str, ...]] = (
         "summary_dropout_prob", "v_head_initializer_range", "v_head_init_strategy")
     model_args: ClassVar[tuple[str, ...]] = (
@@ -127,8 +166,16 @@ class PreTrainedModelWrapper:
         v_head_initializer_range: float = 0.2,
         v_head_init_strategy: str | None = None,
         seed: int = 0,
+        frozen: bool = False,
+        policy_adapter: PolicyAdapter | None = None,
+        reward_adapter: RewardAdapter | None = None,
+        reward_params: dict[str, Any] | None = None,
+        base_model_name_or_path: str | None = None,
     ) -> None:
-        self.pretrained_model = pretrained_model
+        if pretrained_model.is_encoder_decoder != self.auto_class.model_class.is_encoder_decoder:
+            raise TypeError(f"{type(self).__name__} cannot wrap a {type(pretrained_model).__name__}")
+        if (reward_adapter is None) != (reward_params is None):
+            raise ValueError("pass reward_adapter and reward_params together")
         self.config = pretrained_model.config
         self.v_head = make_value_head(self.config, summary_dropout_prob, v_head_initializer_range,
                                       v_head_init_strategy)
@@ -139,20 +186,75 @@ class PreTrainedModelWrapper:
         if pretrained_model.mesh is not None:  # the head joins the LM's layout (a no-op if it already has it)
             v_head_params = shard_params({"v_head": v_head_params}, pretrained_model.mesh,
                                          pretrained_model.sharding_rules)["v_head"]
-        self.params: dict[str, Any] = {"pretrained_model": pretrained_model.params, "v_head": v_head_params}
-        self.trainable_mask: dict[str, Any] = jax.tree_util.tree_map(lambda _: True, self.params)
-        self.is_peft_model = False
-        self.frozen = False  # set on reference models: the forward stops gradients
+        params: dict[str, Any] = {"pretrained_model": pretrained_model.params}
+        if policy_adapter is not None:
+            params[LORA_COLLECTION] = policy_adapter.lora
+        params["v_head"] = v_head_params
+        self.params: dict[str, Any] = params
+        self.pretrained_model = pretrained_model.view_for(self)
+        self._frozen = frozen
+        # A LoRA policy's config (its own copy) and whether its adapter trains; the weights live in params.
+        self._lora_config = None if policy_adapter is None else copy.deepcopy(policy_adapter.config)
+        self._lora_trainable = policy_adapter is not None and policy_adapter.trainable
+        self.reward_adapter = reward_adapter
+        # Outside `params`, so policy gradients never see them.
+        self.reward_params: dict[str, Any] | None = reward_params
+        self.base_model_name_or_path: str | None = (
+            base_model_name_or_path or getattr(self.config, "name_or_path", None) or None)
+        self.trainable_mask: dict[str, Any] = self._initial_trainable_mask()
         self._forward = jax.jit(self.apply, static_argnames=("train", "output_hidden_states"))
-        # LoRA adapters (trlax.adapter_models): name -> trlax.LoraConfig; the reward adapter and
-        # its score head live in `reward_params`, outside `params`, so policy gradients never see them.
-        self.peft_config: dict[str, Any] = {}
-        self.policy_adapter_name = adapter_models.POLICY_ADAPTER_NAME
-        self.reward_params: dict[str, Any] | None = None
-        self.supports_rm_adapter = False
-        self.rm_adapter_name: str | None = None
-        self.base_model_name_or_path: str | None = getattr(self.config, "name_or_path", None) or None
         self._reward_forward = jax.jit(self.apply_reward)
+
+    def _initial_trainable_mask(self) -> dict[str, Any]:
+        """Everything (a full policy), nothing (a reference), or a LoRA policy's adapter and value head."""
+        mask = jax.tree_util.tree_map(lambda _: not self.frozen, self.params)
+        if self.is_peft_model and not self.frozen:
+            mask["pretrained_model"] = jax.tree_util.tree_map(lambda _: False, self.params["pretrained_model"])
+            mask[LORA_COLLECTION] = trainable_lora_mask(self.params[LORA_COLLECTION], self._lora_trainable)
+        return mask
+
+    # --- what this wrapper is -------------------------------------------------------------
+    @property
+    def frozen(self) -> bool:
+        """A reference model: the forward applies `jax.lax.stop_gradient` to its params."""
+        return self._frozen
+
+    @property
+    def is_peft_model(self) -> bool:
+        """A LoRA policy: frozen base plus a trainable adapter in `params["lora"]` (TRL's name)."""
+        return self._lora_config is not None
+
+    @property
+    def policy_adapter_name(self) -> str:
+        return POLICY_ADAPTER_NAME
+
+    @property
+    def peft_config(self) -> dict[str, LoraConfig]:
+        """Adapter name -> its LoraConfig (a new dict each time: the policy's and the reward adapter's)."""
+        configs = {} if self._lora_config is None else {POLICY_ADAPTER_NAME: self._lora_config}
+        if self.reward_adapter is not None:
+            configs[self.reward_adapter.name] = self.reward_adapter.config
+        return configs
+
+    @property
+    def supports_rm_adapter(self) -> bool:
+        return self.reward_adapter is not None
+
+    @property
+    def rm_adapter_name(self) -> str | None:
+        return None if self.reward_adapter is None else self.reward_adapter.name
+
+    def policy_adapter(self, params: dict[str, Any] | None = None) -> PolicyAdapter | None:
+        """A LoRA policy's adapter (config, the weights in `params`, trainable or not); None otherwise."""
+        if self._lora_config is None:
+            return None
+        return PolicyAdapter(self._lora_config, (self.params if params is None else params)[LORA_COLLECTION],
+                             self._lora_trainable)
+
+    def head_options(self) -> dict[str, Any]:
+        """The value-head keyword arguments this wrapper was built with (for building its likes)."""
+        return {"summary_dropout_prob": self.v_head.dropout_prob, "v_head_init_strategy": self.v_head.init_strategy,
+                "v_head_initializer_range": self.v_head.initializer_range}
 
     # --- value head ---------------------------------------------------------------------
     def init_v_head(self, rng: jax.Array) -> dict[str, Any]:
@@ -191,7 +293,7 @@ class PreTrainedModelWrapper:
         seed: int = 0,
         peft_config: Any = None,
         reward_adapter: str | os.PathLike | None = None,
-        reward_adapter_name: str = adapter_models.DEFAULT_REWARD_ADAPTER_NAME,
+        reward_adapter_name: str = DEFAULT_REWARD_ADAPTER_NAME,
         is_trainable: bool = False,
         **kwargs: Any,
     ) -> PreTrainedModelWrapper:
@@ -205,73 +307,87 @@ class PreTrainedModelWrapper:
         `local_files_only`, `config`, `mesh`, `sharding_rules` (sharded loading, see
         `FlaxPreTrainedModel.from_pretrained`); anything else is an error.
 
-        LoRA (TRL's PEFT arguments, see `trlax.adapter_models`): `peft_config`
-        (`trlax.LoraConfig`, a dict of PEFT LoraConfig fields, or a `peft.LoraConfig`) adds
-        a trainable policy adapter on the frozen base; a folder or hub id holding a PEFT
-        adapter_config.json loads that adapter policy (its base from
-        `base_model_name_or_path`, trainable only with `is_trainable=True`, `peft_config`
-        then ignored); `reward_adapter` (folder or hub id of a PEFT SEQ_CLS LoRA adapter with
-        its `score` head) loads a reward adapter under `reward_adapter_name` for
-        `compute_reward_score`; it needs a LoRA policy, as in TRL.
+        LoRA (TRL's PEFT arguments, see `trlax.peft`): `peft_config` (`trlax.LoraConfig`, a
+        dict of PEFT LoraConfig fields, or a `peft.LoraConfig`) adds a trainable policy
+        adapter on the frozen base; a folder or hub id holding a PEFT adapter_config.json
+        loads that adapter policy (its base from `base_model_name_or_path`, trainable only
+        with `is_trainable=True`, `peft_config` then ignored); `reward_adapter` (folder or
+        hub id of a PEFT SEQ_CLS LoRA adapter with its `score` head) loads a reward adapter
+        under `reward_adapter_name` for `compute_reward_score`; it needs a LoRA policy, as in TRL.
         """
         trl_args, model_args = cls._split_kwargs(dict(kwargs))
         if reward_adapter is not None and not isinstance(reward_adapter, (str, os.PathLike)):
             raise ValueError(f"reward_adapter must be a local folder or a hub id; got {type(reward_adapter).__name__}")
         source = pretrained_model_name_or_path
-        options = adapter_models.hub_options(model_args)
+        options = _hub_options(model_args)
+        adapter: PolicyAdapter | None = None
+        base_name: str | None = None
         if isinstance(source, FlaxPreTrainedModel):
             if model_args:
                 raise TypeError(f"model arguments {sorted(model_args)} only apply when loading from a path or hub id")
-            if source.is_encoder_decoder != cls.auto_class._encoder_decoder:
+            if source.is_encoder_decoder != cls.auto_class.model_class.is_encoder_decoder:
                 raise TypeError(f"{cls.__name__} cannot wrap a {type(source).__name__}")
-            model = cls(source, seed=seed, **trl_args)
+            lm, v_head = source, None
         elif not isinstance(source, (str, os.PathLike)):
             raise TypeError(f"pretrained_model_name_or_path must be a path, a hub id or a trlax model; "
                             f"got {type(source).__name__}")
-        elif adapter_models.is_adapter_folder(source, options):
+        elif is_adapter_folder(source, options):
             if peft_config is not None:
                 logger.warning("%s holds a PEFT adapter; the peft_config argument is ignored (as TRL does)", source)
-            model = adapter_models.load_adapter_policy(cls, source, strict=strict, seed=seed, trl_args=trl_args,
-                                                       model_args=model_args, is_trainable=is_trainable)
+            saved = load_adapter_policy(cls.auto_class, source, options, model_args, is_trainable=is_trainable)
+            lm, v_head, adapter, base_name = saved.base, saved.v_head, saved.adapter, saved.base_name
+            if v_head is None:
+                _missing_head(f"{source} has no value head (v_head.summary.* in model.safetensors or "
+                              "pytorch_model.bin)", strict)
         else:
-            model = cls._load(source, strict=strict, seed=seed, trl_args=trl_args, **model_args)
-            model.base_model_name_or_path = str(source)
-        if peft_config is not None and not model.is_peft_model:
-            adapter_models.add_policy_adapter(model, peft_config, seed)
+            lm, v_head = cls._load(source, strict=strict, trl_args=trl_args, **model_args)
+            base_name = str(source)
+        if peft_config is not None and adapter is None:
+            adapter = new_policy_adapter(peft_config, lm, seed)
+        reward = reward_params = None
         if reward_adapter is not None:
-            adapter_models.add_reward_adapter(model, str(reward_adapter), reward_adapter_name, options)
-        if model.pretrained_model.mesh is not None and (model.is_peft_model or model.reward_params is not None):
-            # Adapters join the mesh layout of the base they adapt (loaded leaves stay as they are).
-            shard_model(model, model.pretrained_model.mesh, model.pretrained_model.sharding_rules)
-        return model
+            if adapter is None:
+                raise ValueError("reward_adapter can only be used with a LoRA policy (pass peft_config=... or load a "
+                                 "saved adapter policy): the reward adapter scores on the frozen base, which a fully "
+                                 "trained policy would change")
+            hidden = value_head_hidden_size(lm.config)
+            reward_config, reward_params = load_reward_adapter(
+                lm, str(reward_adapter), hidden, base_name=base_name or lm.config.name_or_path or None,
+                options=options)
+            reward = RewardAdapter(reward_adapter_name, reward_config)
+        if lm.mesh is not None:  # adapters join the mesh layout of the base they adapt
+            if adapter is not None:
+                adapter = PolicyAdapter(adapter.config, shard_params(adapter.lora, lm.mesh, lm.sharding_rules),
+                                        adapter.trainable)
+            if reward_params is not None:
+                reward_params = shard_params(reward_params, lm.mesh, lm.sharding_rules)
+        return cls(lm, v_head_params=v_head, seed=seed, policy_adapter=adapter, reward_adapter=reward,
+                   reward_params=reward_params, base_model_name_or_path=base_name, **trl_args)
 
     @classmethod
-    def _load(cls, source: str | os.PathLike, *, strict: bool, seed: int, trl_args: dict[str, Any],
+    def _load(cls, source: str | os.PathLike, *, strict: bool, trl_args: dict[str, Any],
               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, revision: str | None = None,
               token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
               local_files_only: bool = False, config: transformers.PretrainedConfig | None = None,
-              place: Any = None, mesh: Mesh | None = None, sharding_rules: Any = None) -> PreTrainedModelWrapper:
+              place: Any = None, mesh: Mesh | None = None,
+              sharding_rules: Any = None) -> tuple[FlaxPreTrainedModel, dict[str, Any] | None]:
+        """(the LM, the value head or None) from a TRL or transformers checkpoint, read in one pass."""
         resolved = resolve_checkpoint(source, HubOptions(revision, token, cache_dir, local_files_only))
         config = config or load_config(resolved.folder, resolved.source)
-        model_cls = cls.auto_class._model_class()
-        model = model_cls(config, model_cls._spec_for(config), dtype=dtype, param_dtype=param_dtype)
-        place = model.use_mesh(mesh, sharding_rules, place)
+        model = cls.auto_class.model_class(config, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
+                                           sharding_rules=sharding_rules)
         head = make_value_head(config, **trl_args)
         table = model.key_table(path_prefix=("pretrained_model",))
         table.update(key_table(jax.eval_shape(lambda: init_value_head(head, jax.random.key(0))),
                                prefix=V_HEAD_PREFIX, path_prefix=("v_head",)))
         params, report = model.load_checkpoint(resolved, table, model.ignored_checkpoint_keys(value_head=False),
-                                               optional_prefixes=(V_HEAD_PREFIX,), place=place)
+                                               optional_prefixes=(V_HEAD_PREFIX,), place=model.placer(place))
         model.params = params["pretrained_model"]
-        v_head = params.get("v_head")
         if report.missing_optional:
-            message = (f"{resolved.source} has no value head ({', '.join(sorted(report.missing_optional))}); "
-                       "initialised a new one. This is expected unless you are resuming PPO training.")
-            if strict:
-                raise CheckpointError(message + " (strict=True)")
-            logger.warning(message)
-            v_head = None
-        return cls(model, v_head_params=v_head, seed=seed, **trl_args)
+            _missing_head(f"{resolved.source} has no value head ({', '.join(sorted(report.missing_optional))})",
+                          strict)
+            return model, None
+        return model, params["v_head"]
 
     # --- forward ------------------------------------------------------------------------
     def _params_for_forward(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -309,37 +425,39 @@ class PreTrainedModelWrapper:
         if not self.supports_rm_adapter:
             raise ValueError("This model does not support reward modeling adapter: load one with "
                              "from_pretrained(..., peft_config=..., reward_adapter=<PEFT reward adapter>)")
-        input_ids = check_integer_ids("input_ids", input_ids)
-        mask = jnp.ones_like(input_ids) if attention_mask is None else check_mask(
-            "attention_mask", attention_mask, input_ids.shape)
+        input_ids = token_ids("input_ids", input_ids)
+        mask = mask_for("attention_mask", attention_mask, input_ids)
         if position_ids is not None:
-            position_ids = check_mask("position_ids", position_ids, input_ids.shape)
+            position_ids = same_shape("position_ids", position_ids, input_ids.shape)
         return self._reward_forward(self.params if params is None else params,
                                     self.reward_params if reward_params is None else reward_params,
                                     input_ids, mask, position_ids)
 
     # --- saving -------------------------------------------------------------------------
+    def value_head_state(self, params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """TRL's value-head tensors: `v_head.summary.weight` [1, H] and `v_head.summary.bias` [1]."""
+        summary = (self.params if params is None else params)["v_head"]["summary"]
+        return {"v_head.summary.weight": np.ascontiguousarray(np.asarray(summary["kernel"]).T),
+                "v_head.summary.bias": np.asarray(summary["bias"])}
+
     def state_dict(self, params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
         """TRL's layout: the LM's transformers keys plus `v_head.summary.weight` [1, H] / `.bias` [1].
         For an adapter policy only the value head's keys, as TRL (the adapter is saved by PEFT's rules)."""
         params = self.params if params is None else params
         if self.is_peft_model:
-            summary = params["v_head"]["summary"]
-            return {"v_head.summary.weight": np.ascontiguousarray(np.asarray(summary["kernel"]).T),
-                    "v_head.summary.bias": np.asarray(summary["bias"])}
-        state = self.pretrained_model.state_dict(params["pretrained_model"])
-        summary = params["v_head"]["summary"]
-        state["v_head.summary.weight"] = np.ascontiguousarray(np.asarray(summary["kernel"]).T)
-        state["v_head.summary.bias"] = np.asarray(summary["bias"])
-        return state
+            return self.value_head_state(params)
+        return {**self.pretrained_model.state_dict(params["pretrained_model"]), **self.value_head_state(params)}
 
     def save_pretrained(self, save_directory: str | os.PathLike, params: dict[str, Any] | None = None,
                         max_shard_size: int | str | None = None) -> list[Path]:
         """config.json + model.safetensors (or shards) as TRL writes them; loads in TRL and transformers.
         An adapter policy writes PEFT's adapter files plus its value head instead (see
-        `trlax.adapter_models.save_adapter_policy`)."""
+        `trlax.peft.policy.write_adapter_policy`)."""
+        params = self.params if params is None else params
         if self.is_peft_model:
-            return adapter_models.save_adapter_policy(self, save_directory, params)
+            return write_adapter_policy(save_directory, self.pretrained_model, self._lora_config,
+                                        params[LORA_COLLECTION], self.value_head_state(params),
+                                        base_name=self.base_model_name_or_path)
         config = self.pretrained_model.config_to_save()
         return write_checkpoint_dir(save_directory, self.state_dict(params),
                                     write_extra=lambda tmp: config.save_pretrained(str(tmp)),
@@ -347,19 +465,24 @@ class PreTrainedModelWrapper:
 
     def push_to_hub(self, repo_id: str, *, params: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         """Upload what save_pretrained writes (see `trlax.checkpoint.push.push_to_hub`)."""
-        from trlax.checkpoint.push import push_to_hub
-
         return push_to_hub(lambda folder: self.save_pretrained(folder, params=params), repo_id, **kwargs)
 
     def generate(self, *args: Any, params: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         """Generation with the LM's params and, for a LoRA policy, its adapter (values are not
         computed), as TRL delegates it."""
         params = self.params if params is None else params
-        return self.pretrained_model.generate(*args, params=params["pretrained_model"], lora=params.get("lora"),
-                                              **kwargs)
+        return self.pretrained_model.generate(*args, params=params["pretrained_model"],
+                                              lora=params.get(LORA_COLLECTION), **kwargs)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.pretrained_model!r}, frozen={self.frozen})"
+
+
+def _missing_head(what: str, strict: bool) -> None:
+    message = f"{what}; initialised a new one. This is expected unless you are resuming PPO training."
+    if strict:
+        raise CheckpointError(message + " (strict=True)")
+    logger.warning(message)
 
 
 class FlaxAutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
@@ -381,7 +504,7 @@ class FlaxAutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         params = self._params_for_forward(params)
         base_rng, head_rng = self._split_rng(dropout_rng, train)
         out = self.pretrained_model.apply(params["pretrained_model"], input_ids, attention_mask, position_ids,
-                                          dropout_rng=base_rng, train=train, lora=params.get("lora"))
+                                          dropout_rng=base_rng, train=train, lora=params.get(LORA_COLLECTION))
         values = self._values(params, out.last_hidden_state, head_rng, train)
         return out.logits.astype(jnp.float32), None, values
 
@@ -399,11 +522,10 @@ class FlaxAutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         input_ids [B, T] int; attention_mask [B, T] (default all ones); position_ids as
         the LM's forward; `train=True` with `dropout_rng` enables dropout.
         """
-        input_ids = check_integer_ids("input_ids", input_ids)
-        mask = jnp.ones_like(input_ids) if attention_mask is None else check_mask(
-            "attention_mask", attention_mask, input_ids.shape)
+        input_ids = token_ids("input_ids", input_ids)
+        mask = mask_for("attention_mask", attention_mask, input_ids)
         if position_ids is not None:
-            position_ids = check_mask("position_ids", position_ids, input_ids.shape)
+            position_ids = same_shape("position_ids", position_ids, input_ids.shape)
         return self._forward(self.params if params is None else params, input_ids, mask, position_ids,
                              dropout_rng, train=train)
 
@@ -429,7 +551,7 @@ class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
         base_rng, head_rng = self._split_rng(dropout_rng, train)
         out = self.pretrained_model.apply(params["pretrained_model"], input_ids, attention_mask, decoder_input_ids,
                                           decoder_attention_mask, dropout_rng=base_rng, train=train,
-                                          lora=params.get("lora"))
+                                          lora=params.get(LORA_COLLECTION))
         values = self._values(params, out.last_hidden_state, head_rng, train)
         return out.logits.astype(jnp.float32), None, values
 
@@ -445,14 +567,12 @@ class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
     ) -> tuple[jax.Array, None, jax.Array]:
         """TRL's 3-tuple over decoder positions; decoder_input_ids [B, Td] are required."""
         if decoder_input_ids is None:
-            raise ValueError("a seq2seq value-head model needs decoder_input_ids [B, Td] (e.g. the shifted "
+            raise InputError("a seq2seq value-head model needs decoder_input_ids [B, Td] (e.g. the shifted "
                              "response, starting with config.decoder_start_token_id)")
-        input_ids = check_integer_ids("input_ids", input_ids)
-        decoder_input_ids = check_integer_ids("decoder_input_ids", decoder_input_ids)
-        mask = jnp.ones_like(input_ids) if attention_mask is None else check_mask(
-            "attention_mask", attention_mask, input_ids.shape)
-        dmask = jnp.ones_like(decoder_input_ids) if decoder_attention_mask is None else check_mask(
-            "decoder_attention_mask", decoder_attention_mask, decoder_input_ids.shape)
+        input_ids = token_ids("input_ids", input_ids)
+        decoder_input_ids = token_ids("decoder_input_ids", decoder_input_ids)
+        mask = mask_for("attention_mask", attention_mask, input_ids)
+        dmask = mask_for("decoder_attention_mask", decoder_attention_mask, decoder_input_ids)
         return self._forward(self.params if params is None else params, input_ids, mask, decoder_input_ids, dmask,
                              dropout_rng, train=train)
 

@@ -27,109 +27,76 @@ training. Cross-attention keys/values are recomputed from the encoder state on e
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from trlax.errors import UnsupportedModelError
-from trlax.models.layers import (
-    ACTIVATIONS,
-    Array,
-    KVCache,
-    activation,
-    attention_bias,
-    dense,
-    dot_product_attention,
-    empty_kv_cache,
-    make_stack,
-    normal_init,
-    query_slots,
-    update_kv_cache,
-)
-from trlax.models.outputs import Seq2SeqLMOutput
-from trlax.models.seq2seq import Seq2SeqSpec
+from trlax.models.attention import Array, attend, attention_bias
+from trlax.models.cache import CacheGeometry, KVCache
+from trlax.models.encoder_decoder import EncoderDecoderLM, EncoderDecoderStack
+from trlax.models.layers import ACTIVATIONS, HFModule, activation
+from trlax.models.spec import ArchitectureSpec
+from trlax.models.stack import layer_stack
 
 POSITION_OFFSET = 2  # BartLearnedPositionalEmbedding's fairseq offset
 
 
-def _layer_norm(dtype: Any, param_dtype: Any, name: str) -> nn.LayerNorm:
+def _layer_norm(module: HFModule, name: str) -> nn.LayerNorm:
     # torch.nn.LayerNorm defaults (eps 1e-5); two-pass variance as torch computes it.
-    return nn.LayerNorm(1e-5, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name)
+    return module.layer_norm(1e-5, name=name, use_fast_variance=False)
 
 
-class BartAttention(nn.Module):
-    config: Any
+class BartAttention(HFModule, kw_only=True):
     num_heads: int
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     def setup(self) -> None:
-        c = self.config
-        make = functools.partial(dense, dtype=self.dtype, param_dtype=self.param_dtype, std=c.init_std)
-        self.k_proj = make(c.d_model, "k_proj")
-        self.v_proj = make(c.d_model, "v_proj")
-        self.q_proj = make(c.d_model, "q_proj")
-        self.out_proj = make(c.d_model, "out_proj")
-        self.dropout = nn.Dropout(c.attention_dropout)
+        d = self.config.d_model
+        self.k_proj = self.linear(d)
+        self.v_proj = self.linear(d)
+        self.q_proj = self.linear(d)
+        self.out_proj = self.linear(d)
+        self.dropout = nn.Dropout(self.config.attention_dropout)
 
-    def __call__(
-        self, x: Array, kv_states: Array, bias: Array, deterministic: bool,
-        cache: KVCache | None = None, cache_index: Array | int = 0,
-    ) -> tuple[Array, KVCache | None]:
+    def __call__(self, x: Array, kv_states: Array, bias: Array, deterministic: bool, cache: KVCache | None = None,
+                 cache_index: Array | int = 0) -> tuple[Array, KVCache | None]:
         """x: [B, T, H] queries; kv_states: [B, S', H] (x, or the encoder state); bias [B, 1, T, S]."""
         b, t, h = x.shape
         head_dim = h // self.num_heads
         q = self.q_proj(x).reshape(b, t, self.num_heads, head_dim)
         k = self.k_proj(kv_states).reshape(b, kv_states.shape[1], self.num_heads, head_dim)
         v = self.v_proj(kv_states).reshape(b, kv_states.shape[1], self.num_heads, head_dim)
-        if cache is not None:
-            cache = update_kv_cache(cache, k, v, cache_index)
-            k, v = cache["k"], cache["v"]  # [B, S, nH, D]
-        out = dot_product_attention(q, k, v, bias, scale=head_dim**-0.5, dropout=self.dropout,
-                                    deterministic=deterministic)
+        out, cache = attend(q, k, v, bias, cache, cache_index, scale=head_dim**-0.5, dropout=self.dropout,
+                            deterministic=deterministic)
         return self.out_proj(out.reshape(b, t, h)), cache
 
 
-class BartLayer(nn.Module):
+class BartLayer(HFModule, kw_only=True):
     """An encoder layer, or (is_decoder) a decoder layer with cross-attention."""
 
-    config: Any
-    layer_idx: int
     is_decoder: bool
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    layer_idx: int = 0
 
     def setup(self) -> None:
         c = self.config
-        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        kw = {"config": c, "dtype": self.dtype, "param_dtype": self.param_dtype}
         heads = c.decoder_attention_heads if self.is_decoder else c.encoder_attention_heads
-        ffn = c.decoder_ffn_dim if self.is_decoder else c.encoder_ffn_dim
-        self.self_attn = BartAttention(c, heads, **kw)
-        self.self_attn_layer_norm = _layer_norm(self.dtype, self.param_dtype, "self_attn_layer_norm")
+        self.self_attn = BartAttention(**kw, num_heads=heads)
+        self.self_attn_layer_norm = _layer_norm(self, "self_attn_layer_norm")
         if self.is_decoder:
-            self.encoder_attn = BartAttention(c, heads, **kw)
-            self.encoder_attn_layer_norm = _layer_norm(self.dtype, self.param_dtype, "encoder_attn_layer_norm")
-        self.fc1 = dense(ffn, "fc1", std=c.init_std, **kw)
-        self.fc2 = dense(c.d_model, "fc2", std=c.init_std, **kw)
-        self.final_layer_norm = _layer_norm(self.dtype, self.param_dtype, "final_layer_norm")
+            self.encoder_attn = BartAttention(**kw, num_heads=heads)
+            self.encoder_attn_layer_norm = _layer_norm(self, "encoder_attn_layer_norm")
+        self.fc1 = self.linear(c.decoder_ffn_dim if self.is_decoder else c.encoder_ffn_dim)
+        self.fc2 = self.linear(c.d_model)
+        self.final_layer_norm = _layer_norm(self, "final_layer_norm")
         self.act = activation(c.activation_function)
         self.dropout = nn.Dropout(c.dropout)
         self.activation_dropout = nn.Dropout(c.activation_dropout)
 
-    def __call__(
-        self,
-        x: Array,
-        self_bias: Array,
-        encoder_states: Array | None,
-        cross_bias: Array | None,
-        deterministic: bool,
-        cache: KVCache | None,
-        cache_index: Array,
-    ) -> tuple[Array, KVCache | None]:
+    def __call__(self, x: Array, *, self_bias: Array, cross_bias: Array | None, encoder_states: Array | None,
+                 deterministic: bool, cache: KVCache | None, cache_index: Array) -> tuple[Array, KVCache | None]:
         out, cache = self.self_attn(x, x, self_bias, deterministic, cache, cache_index)
         x = self.self_attn_layer_norm(x + self.dropout(out, deterministic=deterministic))
         if self.is_decoder:
@@ -140,72 +107,49 @@ class BartLayer(nn.Module):
         return self.final_layer_norm(x + out), cache
 
 
-class BartStack(nn.Module):
+class BartStack(EncoderDecoderStack):
     """BartEncoder / BartDecoder without `embed_tokens` (it is `model.shared`)."""
-
-    config: Any
-    is_decoder: bool
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     def setup(self) -> None:
         c = self.config
-        self.embed_positions = nn.Embed(c.max_position_embeddings + POSITION_OFFSET, c.d_model, dtype=self.dtype,
-                                        param_dtype=self.param_dtype, embedding_init=normal_init(c.init_std))
+        self.embed_positions = self.embedding(c.max_position_embeddings + POSITION_OFFSET, c.d_model)
         n = c.decoder_layers if self.is_decoder else c.encoder_layers
-        self.layers = make_stack(BartLayer, n, "layers", config=c, is_decoder=self.is_decoder, dtype=self.dtype,
-                                 param_dtype=self.param_dtype)
-        self.layernorm_embedding = _layer_norm(self.dtype, self.param_dtype, "layernorm_embedding")
+        self.layers = layer_stack(BartLayer, n, "layers", config=c, is_decoder=self.is_decoder, dtype=self.dtype,
+                                  param_dtype=self.param_dtype)
+        self.layernorm_embedding = _layer_norm(self, "layernorm_embedding")
         self.dropout = nn.Dropout(c.dropout)
 
-    def __call__(
-        self,
-        token_embeds: Array,
-        mask: Array,
-        encoder_states: Array | None,
-        encoder_mask: Array | None,
-        deterministic: bool,
-        output_hidden_states: bool,
-        cache: list[KVCache] | None,
-        cache_index: Array,
-    ) -> tuple[Array, tuple[Array, ...] | None, list[KVCache] | None]:
-        """token_embeds: [B, T, H] (already scaled); mask: [B, S] over the (cache) key slots."""
+    def prepare(self, embeds: Array, q_slots: Array, deterministic: bool) -> Array:
+        """token embeds [B, T, H] (already scaled) + learned positions of the slots, then norm and dropout."""
         c = self.config
         layerdrop = c.decoder_layerdrop if self.is_decoder else c.encoder_layerdrop
         if not deterministic and layerdrop:
             raise UnsupportedModelError(
                 f"BART LayerDrop ({'decoder' if self.is_decoder else 'encoder'}_layerdrop={layerdrop}) is not "
                 "implemented in trlax; set it to 0.0 on the config to train.")
+        x = embeds + self.embed_positions(q_slots + POSITION_OFFSET)[None]  # [B, T, H]
+        return self.dropout(self.layernorm_embedding(x), deterministic=deterministic)
+
+    def layer_inputs(self, mask: Array, encoder_mask: Array | None, q_slots: Array) -> dict[str, Any]:
+        c = self.config
         if mask.shape[1] > c.max_position_embeddings:
             raise ValueError(f"BART has {c.max_position_embeddings} positions; got a sequence (or cache) of "
                              f"{mask.shape[1]}")
-        q_slots = query_slots(token_embeds.shape[1], cache_index)  # [T]
-        x = token_embeds + self.embed_positions(q_slots + POSITION_OFFSET)[None]  # [B, T, H]
-        x = self.dropout(self.layernorm_embedding(x), deterministic=deterministic)
         self_bias = attention_bias(mask, q_slots, causal=self.is_decoder)  # [B, 1, T, S]
         cross_bias = attention_bias(encoder_mask, q_slots, causal=False) if self.is_decoder else None
-        hidden: list[Array] = []
-        new_cache: list[KVCache] = []
-        for i, layer in enumerate(self.layers.blocks):
-            hidden.append(x)
-            x, layer_cache = layer(x, self_bias, encoder_states, cross_bias, deterministic,
-                                   None if cache is None else cache[i], cache_index)
-            new_cache.append(layer_cache)
-        hidden.append(x)
-        return x, tuple(hidden) if output_hidden_states else None, new_cache if cache is not None else None
+        return {"self_bias": self_bias, "cross_bias": cross_bias}
+
+    def finish(self, x: Array, deterministic: bool) -> Array:
+        return x
 
 
-class BartModel(nn.Module):
-    config: Any
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
+class BartModel(HFModule):
     def setup(self) -> None:
         c = self.config
-        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        self.shared = nn.Embed(c.vocab_size, c.d_model, embedding_init=normal_init(c.init_std), **kw)
-        self.encoder = BartStack(c, False, **kw)
-        self.decoder = BartStack(c, True, **kw)
+        kw = {"config": c, "dtype": self.dtype, "param_dtype": self.param_dtype}
+        self.shared = self.embedding(c.vocab_size, c.d_model)
+        self.encoder = BartStack(**kw, is_decoder=False)
+        self.decoder = BartStack(**kw, is_decoder=True)
 
     def embed(self, ids: Array) -> Array:
         """BartScaledWordEmbedding: the shared table times sqrt(d_model) when scale_embedding."""
@@ -213,64 +157,23 @@ class BartModel(nn.Module):
         return self.shared(ids) * scale
 
 
-class BartForConditionalGeneration(nn.Module):
-    """BART with its tied LM head. Contract: `trlax.models.seq2seq` (module docstring)."""
-
-    config: Any
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+class BartForConditionalGeneration(EncoderDecoderLM):
+    """BART with its tied LM head. Contract: `trlax.models.encoder_decoder` (module docstring)."""
 
     def setup(self) -> None:
         self.model = BartModel(self.config, self.dtype, self.param_dtype)
         self.final_logits_bias = self.param("final_logits_bias", nn.initializers.zeros,
                                             (1, self.config.vocab_size), self.param_dtype)
 
-    def encode(
-        self, input_ids: Array, attention_mask: Array, *, deterministic: bool = True,
-        output_hidden_states: bool = False,
-    ) -> tuple[Array, tuple[Array, ...] | None]:
-        """Encoder: ids [B, Te], mask [B, Te] -> (last hidden state [B, Te, H], hidden states | None)."""
-        h, hidden, _ = self.model.encoder(self.model.embed(input_ids), attention_mask, None, None, deterministic,
-                                          output_hidden_states, None, jnp.zeros((), jnp.int32))
-        return h, hidden
+    def embed_tokens(self, ids: Array) -> Array:
+        return self.model.embed(ids)
 
-    def decode(
-        self,
-        decoder_input_ids: Array,
-        decoder_attention_mask: Array,
-        encoder_last_hidden_state: Array,
-        encoder_attention_mask: Array,
-        *,
-        deterministic: bool = True,
-        output_hidden_states: bool = False,
-        cache: list[KVCache] | None = None,
-        cache_index: Array | int = 0,
-    ) -> Seq2SeqLMOutput:
-        """Decoder + LM head: ids [B, T], mask [B, S] (S = T without a cache) -> Seq2SeqLMOutput."""
-        h, hidden, cache = self.model.decoder(self.model.embed(decoder_input_ids), decoder_attention_mask,
-                                              encoder_last_hidden_state, encoder_attention_mask, deterministic,
-                                              output_hidden_states, cache, jnp.asarray(cache_index, jnp.int32))
-        # A buffer in transformers: never trained.
-        logits = self.model.shared.attend(h) + jax.lax.stop_gradient(self.final_logits_bias).astype(self.dtype)
-        return Seq2SeqLMOutput(logits=logits.astype(jnp.float32), last_hidden_state=h,
-                               encoder_last_hidden_state=encoder_last_hidden_state,
-                               decoder_hidden_states=hidden, cache=cache)
+    def stacks(self) -> tuple[nn.Module, nn.Module]:
+        return self.model.encoder, self.model.decoder
 
-    def __call__(
-        self,
-        input_ids: Array,
-        attention_mask: Array,
-        decoder_input_ids: Array,
-        decoder_attention_mask: Array,
-        *,
-        deterministic: bool = True,
-        output_hidden_states: bool = False,
-    ) -> Seq2SeqLMOutput:
-        enc, enc_hidden = self.encode(input_ids, attention_mask, deterministic=deterministic,
-                                      output_hidden_states=output_hidden_states)
-        out = self.decode(decoder_input_ids, decoder_attention_mask, enc, attention_mask,
-                          deterministic=deterministic, output_hidden_states=output_hidden_states)
-        return out.replace(encoder_hidden_states=enc_hidden)
+    def lm_logits(self, h: Array) -> Array:
+        # final_logits_bias is a buffer in transformers: never trained.
+        return self.model.shared.attend(h) + jax.lax.stop_gradient(self.final_logits_bias).astype(self.dtype)
 
 
 def _validate(config: Any) -> None:
@@ -284,24 +187,25 @@ def _validate(config: Any) -> None:
             f"supported: {sorted(ACTIVATIONS)}")
 
 
-def _init_cache(config: Any, batch: int, max_len: int, dtype: Any) -> list[KVCache]:
-    """Decoder self-attention cache: one {"k", "v"} [B, max_len, nH, D] per decoder layer."""
-    heads = config.decoder_attention_heads
-    return [empty_kv_cache(batch, max_len, heads, config.d_model // heads, dtype)
-            for _ in range(config.decoder_layers)]
-
-
-SPEC = Seq2SeqSpec(
-    model_types=("bart",),
-    module=BartForConditionalGeneration,
-    hf_architecture="BartForConditionalGeneration",
-    num_layers=lambda c: c.decoder_layers,
-    layer_pattern="model.decoder.layers.{layer}",
-    init_cache=_init_cache,
+SPEC = ArchitectureSpec(
+    model_types=("bart",), module=BartForConditionalGeneration, hf_architecture="BartForConditionalGeneration",
+    base_model_prefix="model", layer_pattern="model.decoder.layers.{layer}", num_layers=lambda c: c.decoder_layers,
+    cache_geometry=lambda c: CacheGeometry(c.decoder_layers, c.decoder_attention_heads,
+                                           c.d_model // c.decoder_attention_heads),
+    sharding_rules=(
+        (r"(^|/)shared/embedding$", ("vocab", "embed")),
+        (r"(^|/)embed_positions/embedding$", (None, "embed")),
+        (r"(self_attn|encoder_attn)/[qkv]_proj/kernel$", ("embed", "heads")),
+        (r"(self_attn|encoder_attn)/[qkv]_proj/bias$", ("heads",)),
+        (r"(self_attn|encoder_attn)/out_proj/kernel$", ("heads", "embed")),
+        (r"(^|/)fc1/kernel$", ("embed", "mlp")),
+        (r"(^|/)fc1/bias$", ("mlp",)),
+        (r"(^|/)fc2/kernel$", ("mlp", "embed")),
+    ),
+    peft_targets=("q_proj", "v_proj"),
     ignored_keys=(r"^model\.(encoder|decoder)\.version$",),  # fairseq leftovers transformers ignores too
     tied_keys=lambda c: ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"),
     validate=_validate,
-    lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
-    raw_keys=("final_logits_bias",),
+    is_encoder_decoder=True, raw_keys=("final_logits_bias",),
     key_defaults=lambda c: {"final_logits_bias": None},
 )

@@ -2,6 +2,11 @@
 
 Like transformers' old Flax API, every call takes `params=` (default: `self.params`) and
 is jit-compiled once per input shape; the module itself is pure.
+
+Params have one home. A standalone model holds its own; the LM inside a value-head
+wrapper (`wrapper.pretrained_model`) is a view that reads and writes
+`wrapper.params["pretrained_model"]` (and uses the wrapper's LoRA policy adapter, if
+any), so assigning the wrapper's params is seen by the LM's forward and generation too.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -25,12 +30,16 @@ from transformers.models.auto.modeling_auto import (
 
 from trlax.checkpoint.hub import HubOptions, ResolvedCheckpoint, resolve_checkpoint
 from trlax.checkpoint.loading import LoadReport, Placer, load_params
-from trlax.checkpoint.naming import TensorRule, flatten_paths, get_path, key_table
+from trlax.checkpoint.naming import TensorRule, flatten_paths, get_path, key_table, set_path
+from trlax.checkpoint.push import push_to_hub
 from trlax.checkpoint.reader import CheckpointReader
 from trlax.checkpoint.writer import write_checkpoint_dir
 from trlax.errors import UnsupportedModelError
-from trlax.models.spec import ArchitectureSpec
-from trlax.sharding import ParamRule, ShardingRules, activation_sharding, auto_mesh, make_placer, resolve_rules
+from trlax.generation import GenerationCache
+from trlax.models.layers import LORA_COLLECTION
+from trlax.models.registry import get_spec, supported_model_types
+from trlax.models.spec import ArchitectureSpec, ParamRule
+from trlax.sharding import ShardingRules, activation_sharding, auto_mesh, make_placer, resolve_rules
 
 logger = logging.getLogger("trlax")
 
@@ -40,8 +49,6 @@ VALUE_HEAD_KEYS = r"^v_head\."
 
 def load_config(folder: Path, source: str) -> transformers.PretrainedConfig:
     """Read config.json with transformers' AutoConfig; unknown model types fail clearly."""
-    from trlax.models.auto import supported_model_types
-
     try:
         return transformers.AutoConfig.from_pretrained(str(folder))
     except (ValueError, KeyError) as e:
@@ -50,49 +57,73 @@ def load_config(folder: Path, source: str) -> transformers.PretrainedConfig:
         ) from None
 
 
-def check_integer_ids(name: str, ids: Any) -> jax.Array:
-    """input_ids-like arguments: an integer array [B, T]."""
-    ids = jnp.asarray(ids)
-    if ids.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D [batch, seq_len] array of token ids; got shape {ids.shape}")
-    if not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise ValueError(f"{name} must hold integer token ids; got dtype {ids.dtype}")
-    return ids.astype(jnp.int32)
-
-
-def check_mask(name: str, mask: Any, shape: tuple[int, ...]) -> jax.Array:
-    mask = jnp.asarray(mask)
-    if mask.shape != shape:
-        raise ValueError(f"{name} must have the shape of its ids {shape}; got {mask.shape}")
-    return mask.astype(jnp.int32)
-
-
 class FlaxPreTrainedModel:
-    """A trlax model: `module` (Linen), `config` (transformers), `params` (plain dict)."""
+    """A trlax model: `module` (Linen), `config` (transformers), `params` (plain dict).
+
+    `FlaxPreTrainedModel(config)` is a model without params (enough for names, shapes and
+    `abstract_params`); `from_config` initialises params, `from_pretrained` loads them.
+    """
+
+    is_encoder_decoder: ClassVar[bool] = False
 
     def __init__(
         self,
         config: transformers.PretrainedConfig,
-        spec: ArchitectureSpec,
+        spec: ArchitectureSpec | None = None,
         params: dict[str, Any] | None = None,
         *,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
+        mesh: Mesh | None = None,
+        sharding_rules: ShardingRules | Sequence[ParamRule] | None = None,
     ) -> None:
+        spec = spec or get_spec(config.model_type, encoder_decoder=self.is_encoder_decoder)
         spec.validate(config)
         self.config = config
         self.spec = spec
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.module = spec.module(config=config, dtype=dtype, param_dtype=param_dtype)
-        self.params = params
+        self._params = params
+        self._owner: Any = None  # a value-head wrapper whose params["pretrained_model"] these are
         # Set when the params are sharded (from_pretrained(mesh=...), trlax.sharding.shard_model).
         self.mesh: Mesh | None = None
         self.sharding_rules: ShardingRules | None = None
+        if mesh is not None:
+            self.use_mesh(mesh, sharding_rules)
+        self.generation_cache = GenerationCache()
+        self._forward = jax.jit(self.apply, static_argnames=("train", "output_hidden_states"))
+
+    # --- params: one source of truth ----------------------------------------------------
+    @property
+    def params(self) -> dict[str, Any] | None:
+        return self._params if self._owner is None else self._owner.params["pretrained_model"]
+
+    @params.setter
+    def params(self, value: dict[str, Any] | None) -> None:
+        if self._owner is None:
+            self._params = value
+        else:
+            self._owner.params = {**self._owner.params, "pretrained_model": value}
+
+    @property
+    def lora(self) -> dict[str, Any] | None:
+        """The LoRA adapter calls use by default: the owning wrapper's policy adapter, or None."""
+        return None if self._owner is None else self._owner.params.get(LORA_COLLECTION)
+
+    def view_for(self, owner: Any) -> FlaxPreTrainedModel:
+        """This model (same module, config, dtypes, mesh) as a view of `owner.params["pretrained_model"]`."""
+        view = type(self)(self.config, self.spec, dtype=self.dtype, param_dtype=self.param_dtype)
+        view.mesh, view.sharding_rules = self.mesh, self.sharding_rules
+        view.module = self.module
+        view._owner = owner
+        return view
 
     # --- construction -------------------------------------------------------------------
     def dummy_inputs(self) -> tuple[Any, ...]:
-        raise NotImplementedError
+        """The smallest inputs `module.init` accepts (ids and masks [1, 1])."""
+        ids = jnp.zeros((1, 1), jnp.int32)
+        return (ids, jnp.ones_like(ids)) * (2 if self.is_encoder_decoder else 1)
 
     def init_params(self, rng: jax.Array) -> dict[str, Any]:
         """Random params from the module's initialisers (as a fresh model is)."""
@@ -103,29 +134,26 @@ class FlaxPreTrainedModel:
         return jax.eval_shape(lambda: self.module.init(jax.random.key(0), *self.dummy_inputs())["params"])
 
     @classmethod
-    def _spec_for(cls, config: transformers.PretrainedConfig) -> ArchitectureSpec:
-        from trlax.models.auto import get_spec
-
-        return get_spec(config.model_type, encoder_decoder=cls.is_encoder_decoder)
-
-    is_encoder_decoder = False
-
-    @classmethod
     def from_config(
         cls, config: transformers.PretrainedConfig, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
         seed: int = 0,
     ) -> FlaxPreTrainedModel:
         """A randomly initialised model of this config."""
-        model = cls(config, cls._spec_for(config), dtype=dtype, param_dtype=param_dtype)
+        model = cls(config, dtype=dtype, param_dtype=param_dtype)
         model.params = model.init_params(jax.random.key(seed))
         return model
 
     def key_table(
         self, abstract: dict[str, Any] | None = None, path_prefix: tuple[str, ...] = ()
     ) -> dict[str, TensorRule]:
-        """HF state-dict key -> where it lives in this model's params."""
-        return key_table(abstract if abstract is not None else self.abstract_params(),
-                         path_prefix=path_prefix, keep_layout=self.spec.keep_layout)
+        """HF state-dict key -> where it lives in this model's params (BART's raw keys included)."""
+        abstract = abstract if abstract is not None else self.abstract_params()
+        raw = self.spec.raw_keys
+        table = key_table({k: v for k, v in abstract.items() if k not in raw}, path_prefix=path_prefix,
+                          keep_layout=self.spec.keep_layout)
+        for name in raw:  # stored under its own name, never transposed
+            table[name] = TensorRule((*path_prefix, name), False, tuple(abstract[name].shape), abstract[name].dtype)
+        return table
 
     def ignored_checkpoint_keys(self, value_head: bool = True) -> tuple[str, ...]:
         """Regexes of checkpoint keys a load skips knowingly: buffers, tied copies and (for a
@@ -160,23 +188,22 @@ class FlaxPreTrainedModel:
         resolved = resolve_checkpoint(pretrained_model_name_or_path,
                                       HubOptions(revision, token, cache_dir, local_files_only))
         config = config or load_config(resolved.folder, resolved.source)
-        model = cls(config, cls._spec_for(config), dtype=dtype, param_dtype=param_dtype)
-        place = model.use_mesh(mesh, sharding_rules, place)
+        model = cls(config, dtype=dtype, param_dtype=param_dtype, mesh=mesh, sharding_rules=sharding_rules)
         model.params, _ = model.load_checkpoint(resolved, model.key_table(), model.ignored_checkpoint_keys(),
-                                                place=place)
+                                                place=model.placer(place))
         return model
 
-    def use_mesh(self, mesh: Mesh | None, sharding_rules: ShardingRules | Sequence[ParamRule] | None = None,
-                 place: Placer | None = None) -> Placer | None:
-        """Record the mesh and rules this model's params are sharded with; returns the loader's placer."""
-        if mesh is None:
-            if sharding_rules is not None:
-                raise ValueError("sharding_rules only apply with a mesh; pass mesh=jax.sharding.Mesh(...) too")
+    def use_mesh(self, mesh: Mesh, sharding_rules: ShardingRules | Sequence[ParamRule] | None = None) -> None:
+        """Record the mesh and rules this model's params are (to be) sharded with."""
+        self.mesh = auto_mesh(mesh)
+        self.sharding_rules = resolve_rules(self.config.model_type, sharding_rules)
+
+    def placer(self, place: Placer | None = None) -> Placer | None:
+        """How the loader puts each tensor on devices: `place`, or the mesh's sharded layout."""
+        if self.mesh is None:
             return place
         if place is not None:
             raise ValueError("pass either place= (a custom placer) or mesh= (sharded loading), not both")
-        self.mesh = auto_mesh(mesh)
-        self.sharding_rules = resolve_rules(self.config.model_type, sharding_rules)
         return make_placer(self.mesh, self.sharding_rules)
 
     def sharding_context(self) -> contextlib.AbstractContextManager[None]:
@@ -188,11 +215,41 @@ class FlaxPreTrainedModel:
         self, resolved: ResolvedCheckpoint, table: dict[str, TensorRule], ignored: tuple[str, ...], *,
         optional_prefixes: tuple[str, ...] = (), place: Placer | None = None,
     ) -> tuple[dict[str, Any], LoadReport]:
-        """Read `table`'s tensors from the resolved files (see `load_params`)."""
+        """Read `table`'s tensors from the resolved files (see `load_params`).
+
+        Keys transformers fills itself (`spec.key_defaults`: T5's tied-back `lm_head`, BART's
+        zero `final_logits_bias`) may be absent; they are then filled the same way.
+        """
+        defaults = {k: src for k, src in self.spec.key_defaults(self.config).items() if k in table}
         with CheckpointReader(list(resolved.weight_files)) as reader:
             kwargs = {} if place is None else {"place": place}
-            return load_params(reader, table, source=resolved.source, optional_prefixes=optional_prefixes,
-                               ignored=ignored, **kwargs)
+            params, report = load_params(reader, table, source=resolved.source, ignored=ignored,
+                                         optional_prefixes=(*optional_prefixes, *defaults), **kwargs)
+        for key in [k for k in report.missing_optional if k in defaults]:
+            rule, src = table[key], defaults[key]
+            if src is None:
+                array = np.zeros(rule.shape, rule.dtype)
+            else:  # go through the HF layout: `src` may be an embedding and `key` a kernel
+                array = rule.to_flax(table[src].to_hf(np.asarray(get_path(params, table[src].path))))
+            set_path(params, rule.path, jax.device_put(array) if place is None else place(rule.path, array))
+            report.missing_optional.remove(key)
+            logger.info("%s has no %s; initialised it from %s as transformers does", resolved.source, key,
+                        src or "zeros")
+        return params, report
+
+    # --- forward ------------------------------------------------------------------------
+    def apply_module(self, params: dict[str, Any], *inputs: Any, lora: dict[str, Any] | None, train: bool,
+                     dropout_rng: jax.Array | None, **kwargs: Any) -> Any:
+        """`module.apply` with the params (plus a LoRA adapter tree), dropout only when training, on the mesh."""
+        if train and dropout_rng is None:
+            raise ValueError("train=True needs dropout_rng (a jax.random key) for dropout")
+        variables = {"params": params} if lora is None else {"params": params, LORA_COLLECTION: lora}
+        with self.sharding_context():
+            return self.module.apply(variables, *inputs, deterministic=not train,
+                                     rngs={"dropout": dropout_rng} if train else None, **kwargs)
+
+    def apply(self, params: dict[str, Any], *inputs: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
 
     # --- saving -------------------------------------------------------------------------
     def state_dict(self, params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
@@ -226,8 +283,6 @@ class FlaxPreTrainedModel:
 
     def push_to_hub(self, repo_id: str, *, params: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         """Upload what save_pretrained writes to a hub repo (see `trlax.checkpoint.push.push_to_hub`)."""
-        from trlax.checkpoint.push import push_to_hub
-
         return push_to_hub(lambda folder: self.save_pretrained(folder, params=params), repo_id, **kwargs)
 
     # --- info ---------------------------------------------------------------------------

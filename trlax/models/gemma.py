@@ -13,25 +13,23 @@ Param paths are those of transformers' GemmaForCausalLM / Gemma2ForCausalLM.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from trlax.errors import UnsupportedModelError
-from trlax.models.layers import Array, KVCache
+from trlax.models.attention import Array
+from trlax.models.cache import KVCache
+from trlax.models.llama import SPEC as LLAMA_SPEC
 from trlax.models.llama import (
-    LORA_TARGETS,
-    ROTARY_BUFFERS,
     DecoderOptions,
     LlamaDecoderLayer,
     LlamaForCausalLM,
+    LlamaModel,
     check_causal,
     head_dim_of,
-    init_cache,
-    rms_norm,
     sliding_layers,
-    tied_lm_head,
     validate_rope,
 )
-from trlax.models.spec import ArchitectureSpec
 
 
 def gemma_options(config: Any) -> DecoderOptions:
@@ -62,28 +60,26 @@ class Gemma2DecoderLayer(LlamaDecoderLayer):
 
     def setup(self) -> None:
         super().setup()
-        self.pre_feedforward_layernorm = rms_norm(self.config, self.options, self.dtype, self.param_dtype)
-        self.post_feedforward_layernorm = rms_norm(self.config, self.options, self.dtype, self.param_dtype)
+        self.pre_feedforward_layernorm = self.rms_norm(self.config.rms_norm_eps, add_unit_offset=True)
+        self.post_feedforward_layernorm = self.rms_norm(self.config.rms_norm_eps, add_unit_offset=True)
 
-    def __call__(
-        self, x: Array, cos: Array, sin: Array, bias: Array, deterministic: bool,
-        cache: KVCache | None, cache_index: Array,
-    ) -> tuple[Array, KVCache | None]:
-        attn_out, cache = self.self_attn(self.input_layernorm(x), cos, sin, bias, deterministic, cache, cache_index)
+    def __call__(self, x: Array, *, masks: dict[Any, Array], rotary: tuple[Array, Array], deterministic: bool,
+                 cache: KVCache | None, cache_index: Array) -> tuple[Array, KVCache | None]:
+        attn_out, cache = self.attention(self.input_layernorm(x), masks, rotary, deterministic, cache, cache_index)
         x = x + self.post_attention_layernorm(attn_out)
-        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        return x, cache
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), cache
 
 
-def _gemma_layer(config: Any) -> type[LlamaDecoderLayer]:
-    return Gemma2DecoderLayer if config.model_type == "gemma2" else LlamaDecoderLayer
+class GemmaModel(LlamaModel):
+    make_options = staticmethod(gemma_options)
+    layer_cls_for = staticmethod(lambda config: Gemma2DecoderLayer if config.model_type == "gemma2"
+                                 else LlamaDecoderLayer)
 
 
 class GemmaForCausalLM(LlamaForCausalLM):
     """Gemma or Gemma 2 with its head (the model_type picks the block)."""
 
-    make_options = staticmethod(gemma_options)
-    layer_cls_for = staticmethod(_gemma_layer)
+    backbone_cls = GemmaModel
 
 
 def _validate(config: Any) -> None:
@@ -91,15 +87,5 @@ def _validate(config: Any) -> None:
     gemma_options(config)
 
 
-SPEC = ArchitectureSpec(
-    model_types=("gemma", "gemma2"),
-    module=GemmaForCausalLM,
-    hf_architecture="GemmaForCausalLM",
-    num_layers=lambda c: c.num_hidden_layers,
-    layer_pattern="model.layers.{layer}",
-    init_cache=init_cache,
-    ignored_keys=ROTARY_BUFFERS,
-    tied_keys=tied_lm_head,
-    validate=_validate,
-    lora_targets=LORA_TARGETS,
-)
+SPEC = dataclasses.replace(LLAMA_SPEC, model_types=("gemma", "gemma2"), module=GemmaForCausalLM,
+                           hf_architecture="GemmaForCausalLM", validate=_validate)

@@ -1,15 +1,11 @@
-"""Building blocks shared by every trlax model family.
+"""Layers shared by every trlax model family: activations, LoRA-aware Dense, RMSNorm, initialisers.
 
-Attention here works on *cache slots*: without a KV cache the T query tokens sit in slots
-0..T-1 and attend to the same T keys; with a cache of S slots they sit in slots
-``cache_index .. cache_index + T - 1`` and attend to all S slots. One boolean key mask
-``[B, S]`` (1 = real token) and the causal rule "key slot <= query slot" then cover both
-cases, left padding included, with no per-row offsets.
+Every projection a PEFT adapter may target is a `Dense`, which adds the adapter held in
+the "lora" variable collection at its path (see `add_lora`).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +14,6 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-KVCache = dict[str, Array]  # {"k": [B, S, Hkv, D], "v": [B, S, Hkv, D]}
 
 
 def _gelu_tanh(x: Array) -> Array:
@@ -57,20 +52,6 @@ def activation(name: str) -> Callable[[Array], Array]:
         raise ValueError(
             f"activation {name!r} is not supported by trlax; supported: {sorted(ACTIVATIONS)}"
         ) from None
-
-
-class LayerStack(nn.Module):
-    """A list of blocks whose params are named "0", "1", ... like a torch ModuleList.
-
-    `make_block(layer_idx=i, name=str(i))` builds block i, so param paths read
-    `transformer.h.0.attn...` exactly as the PyTorch state dict does.
-    """
-
-    make_block: Callable[..., nn.Module]
-    num_layers: int
-
-    def setup(self) -> None:
-        self.blocks = [self.make_block(layer_idx=i, name=str(i)) for i in range(self.num_layers)]
 
 
 def torch_linear_init(fan_in: int) -> Callable[..., Array]:
@@ -149,106 +130,35 @@ class Dense(nn.Module):
         return add_lora(self, x, y)
 
 
-def dense(features: int, name: str, dtype: Any, param_dtype: Any, use_bias: bool = True,
-          std: float = 0.02) -> Dense:
-    """A LoRA-aware Dense layer whose kernel is [in, out] (the transpose of torch's Linear weight)."""
-    return Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                 kernel_init=normal_init(std), name=name)
+def initializer_range(config: Any) -> float:
+    """The std of a family's normal initialiser (`initializer_range`; OPT and BART call it `init_std`)."""
+    return getattr(config, "initializer_range", None) or getattr(config, "init_std", None) or 0.02
 
 
-def query_slots(seq_len: int, cache_index: Array | int) -> Array:
-    """Cache slots of the current query tokens: [T] int32."""
-    return jnp.arange(seq_len, dtype=jnp.int32) + jnp.asarray(cache_index, jnp.int32)
+class HFModule(nn.Module):
+    """Base of the family modules: built from a transformers config, with compute and param dtypes.
 
-
-def default_positions(input_ids: Array, cache_index: Array | int) -> Array:
-    """transformers' default position_ids [B, T]: the query slots (arange from the cache index),
-    whatever the padding (GPT-2, GPT-Neo, GPT-NeoX, Llama; OPT derives its own from the mask)."""
-    return jnp.broadcast_to(query_slots(input_ids.shape[1], cache_index), input_ids.shape)
-
-
-def attention_bias(
-    key_mask: Array,
-    q_slots: Array,
-    dtype: Any = jnp.float32,
-    *,
-    causal: bool = True,
-    sliding_window: int | None = None,
-) -> Array:
-    """Additive attention bias [B, 1, T, S] from a key mask [B, S] and query slots [T].
-
-    A key is visible when it is a real token (mask 1), not in the future (causal) and,
-    with a sliding window W, fewer than W slots behind the query (HF's rule:
-    ``q - k < W``). Hidden keys get dtype's most negative finite value, not -inf, so a
-    fully hidden row (a left-pad query) gives a finite, ignorable result instead of NaN.
+    Its helpers make the PyTorch-named submodules with the module's dtypes and the family's
+    initialiser, so a family's `setup` reads like the PyTorch `__init__` it mirrors.
     """
-    k_slots = jnp.arange(key_mask.shape[-1], dtype=jnp.int32)
-    visible = key_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, S]
-    rel = q_slots[:, None] - k_slots[None, :]  # [T, S]
-    if causal:
-        visible = visible & (rel >= 0)[None, None]
-    if sliding_window is not None:
-        visible = visible & (rel < sliding_window)[None, None]
-    return jnp.where(visible, 0.0, jnp.finfo(dtype).min).astype(dtype)
 
+    config: Any
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
-def dot_product_attention(
-    q: Array,
-    k: Array,
-    v: Array,
-    bias: Array | None,
-    *,
-    scale: float,
-    dropout: nn.Dropout | None = None,
-    deterministic: bool = True,
-    softcap: float | None = None,
-) -> Array:
-    """Softmax attention with grouped KV heads; scores and softmax in float32.
+    def linear(self, features: int, use_bias: bool = True, std: float | None = None,
+               name: str | None = None) -> Dense:
+        """A LoRA-aware Dense (kernel [in, out]) initialised N(0, std), std = the config's by default."""
+        std = initializer_range(self.config) if std is None else std
+        return Dense(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                     kernel_init=normal_init(std), name=name)
 
-    q: [B, T, Hq, D]; k, v: [B, S, Hkv, D] with Hq a multiple of Hkv; bias: [B, 1, T, S].
-    Returns [B, T, Hq, Dv] in q's dtype.
-    """
-    b, t, hq, d = q.shape
-    hkv = k.shape[2]
-    groups = hq // hkv
-    qg = q.reshape(b, t, hkv, groups, d)
-    if t == 1:
-        # A decode step. As an einsum, XLA (CPU) copies the whole [B, S, Hkv, D] cache into a
-        # transposed layout on every step; a broadcast multiply-and-sum reads it in place.
-        scores = jnp.sum(qg[:, :, None].astype(jnp.float32) * k[:, None, :, :, None].astype(jnp.float32), -1)
-        scores = scores.transpose(0, 3, 4, 1, 2) * scale  # [B, 1, S, Hkv, G] -> [B, Hkv, G, 1, S]
-    else:
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    if softcap is not None:
-        scores = jnp.tanh(scores / softcap) * softcap
-    if bias is not None:
-        scores = scores + bias.astype(jnp.float32)[:, :, None]  # [B, 1, 1, T, S]
-    probs = jax.nn.softmax(scores, axis=-1)
-    if dropout is not None and not deterministic:
-        probs = dropout(probs, deterministic=False)
-    if t == 1:
-        weights = probs.transpose(0, 3, 4, 1, 2)[:, 0, :, :, :, None]  # [B, S, Hkv, G, 1]
-        out = jnp.sum(weights * v[:, :, :, None].astype(jnp.float32), axis=1).astype(v.dtype)  # [B, Hkv, G, Dv]
-    else:
-        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
-    return out.reshape(b, t, hq, v.shape[-1])
+    def embedding(self, num: int, features: int, std: float | None = None) -> nn.Embed:
+        std = initializer_range(self.config) if std is None else std
+        return nn.Embed(num, features, dtype=self.dtype, param_dtype=self.param_dtype, embedding_init=normal_init(std))
 
+    def layer_norm(self, eps: float, name: str | None = None, **kwargs: Any) -> nn.LayerNorm:
+        return nn.LayerNorm(eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kwargs)
 
-def update_kv_cache(cache: KVCache, k: Array, v: Array, cache_index: Array) -> KVCache:
-    """Write k, v [B, T, Hkv, D] into the cache at slot `cache_index` (same for all rows)."""
-    idx = jnp.asarray(cache_index, jnp.int32)
-    zero = jnp.zeros((), jnp.int32)
-    return {
-        "k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (zero, idx, zero, zero)),
-        "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (zero, idx, zero, zero)),
-    }
-
-
-def empty_kv_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype: Any) -> KVCache:
-    shape = (batch, max_len, num_kv_heads, head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-
-
-def make_stack(block_cls: type[nn.Module], num_layers: int, name: str, **kwargs: Any) -> LayerStack:
-    """A LayerStack of `num_layers` `block_cls(layer_idx=i, **kwargs)` named like a ModuleList."""
-    return LayerStack(functools.partial(block_cls, **kwargs), num_layers, name=name)
+    def rms_norm(self, eps: float, add_unit_offset: bool = False) -> RMSNorm:
+        return RMSNorm(eps=eps, dtype=self.dtype, param_dtype=self.param_dtype, add_unit_offset=add_unit_offset)

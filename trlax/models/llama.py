@@ -25,24 +25,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from trlax.errors import UnsupportedModelError
-from trlax.models.layers import (
-    Array,
-    Dense,
-    KVCache,
-    RMSNorm,
-    activation,
-    attention_bias,
-    default_positions,
-    dot_product_attention,
-    empty_kv_cache,
-    make_stack,
-    normal_init,
-    query_slots,
-    update_kv_cache,
-)
-from trlax.models.outputs import CausalLMOutput
+from trlax.models.attention import Array, attend, causal_masks
+from trlax.models.cache import CacheGeometry, KVCache
+from trlax.models.decoder import CausalLM, DecoderBackbone
+from trlax.models.layers import HFModule, activation
 from trlax.models.rope import apply_rotary, inv_frequencies, rope_parameters, rotary_cos_sin
-from trlax.models.spec import ArchitectureSpec
+from trlax.models.spec import ArchitectureSpec, ParamRule, tied_lm_head
+from trlax.models.stack import layer_stack
 
 
 @dataclass(frozen=True)
@@ -62,6 +51,10 @@ class DecoderOptions:
     final_softcap: float | None = None  # Gemma 2: tanh soft-capping of the logits
     norm_unit_offset: bool = False  # Gemma: RMSNorm weight is stored as (scale - 1)
     embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size)
+
+    def window(self, layer_idx: int) -> int | None:
+        """The sliding window of a layer (None: full attention)."""
+        return self.sliding_window if self.sliding[layer_idx] else None
 
 
 def head_dim_of(config: Any) -> int:
@@ -130,163 +123,87 @@ def llama_options(config: Any) -> DecoderOptions:
     )
 
 
-def _linear(features: int, use_bias: bool, config: Any, dtype: Any, param_dtype: Any) -> Dense:
-    """A torch-Linear-like, LoRA-aware Dense (kernel [in, out]) with HF's normal(initializer_range) init."""
-    return Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                 kernel_init=normal_init(config.initializer_range))
-
-
-def rms_norm(config: Any, options: DecoderOptions, dtype: Any, param_dtype: Any) -> RMSNorm:
-    """The family's RMSNorm over the hidden size (Gemma's stores scale - 1)."""
-    return RMSNorm(eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
-                   add_unit_offset=options.norm_unit_offset)
-
-
-class LlamaAttention(nn.Module):
+class LlamaAttention(HFModule, kw_only=True):
     """GQA self-attention with RoPE; the cache holds the (rotated) keys of the KV heads."""
 
-    config: Any
     options: DecoderOptions
-    layer_idx: int
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    layer_idx: int = 0
 
     def setup(self) -> None:
         c, o = self.config, self.options
-        self.num_heads = c.num_attention_heads
-        self.num_kv_heads = c.num_key_value_heads
-        self.q_proj = _linear(self.num_heads * o.head_dim, o.qkv_bias, c, self.dtype, self.param_dtype)
-        self.k_proj = _linear(self.num_kv_heads * o.head_dim, o.qkv_bias, c, self.dtype, self.param_dtype)
-        self.v_proj = _linear(self.num_kv_heads * o.head_dim, o.qkv_bias, c, self.dtype, self.param_dtype)
-        self.o_proj = _linear(c.hidden_size, o.o_bias, c, self.dtype, self.param_dtype)
+        self.q_proj = self.linear(c.num_attention_heads * o.head_dim, o.qkv_bias)
+        self.k_proj = self.linear(c.num_key_value_heads * o.head_dim, o.qkv_bias)
+        self.v_proj = self.linear(c.num_key_value_heads * o.head_dim, o.qkv_bias)
+        self.o_proj = self.linear(c.hidden_size, o.o_bias)
         if o.qk_norm:
             # Qwen3's q/k norms are plain RMSNorms over the head dim, even in Gemma-style configs.
-            self.q_norm = RMSNorm(eps=c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
-            self.k_norm = RMSNorm(eps=c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+            self.q_norm = self.rms_norm(c.rms_norm_eps)
+            self.k_norm = self.rms_norm(c.rms_norm_eps)
         self.attn_dropout = nn.Dropout(getattr(c, "attention_dropout", 0.0) or 0.0)
 
     def __call__(
-        self, x: Array, cos: Array, sin: Array, bias: Array, deterministic: bool,
+        self, x: Array, rotary: tuple[Array, Array], bias: Array, deterministic: bool,
         cache: KVCache | None, cache_index: Array,
     ) -> tuple[Array, KVCache | None]:
-        o = self.options
+        c, o = self.config, self.options
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, o.head_dim)  # [B, T, Hq, D]
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, o.head_dim)  # [B, T, Hkv, D]
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, o.head_dim)
+        q = self.q_proj(x).reshape(b, t, c.num_attention_heads, o.head_dim)  # [B, T, Hq, D]
+        k = self.k_proj(x).reshape(b, t, c.num_key_value_heads, o.head_dim)  # [B, T, Hkv, D]
+        v = self.v_proj(x).reshape(b, t, c.num_key_value_heads, o.head_dim)
         if o.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            cache = update_kv_cache(cache, k, v, cache_index)
-            k, v = cache["k"], cache["v"]  # [B, S, Hkv, D]
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         scale = o.attn_scale if o.attn_scale is not None else o.head_dim**-0.5
-        out = dot_product_attention(q, k, v, bias, scale=scale, dropout=self.attn_dropout,
-                                    deterministic=deterministic, softcap=o.attn_softcap)
-        return self.o_proj(out.reshape(b, t, self.num_heads * o.head_dim)), cache
+        out, cache = attend(q, k, v, bias, cache, cache_index, scale=scale, dropout=self.attn_dropout,
+                            deterministic=deterministic, softcap=o.attn_softcap)
+        return self.o_proj(out.reshape(b, t, c.num_attention_heads * o.head_dim)), cache
 
 
-class LlamaMLP(nn.Module):
+class LlamaMLP(HFModule, kw_only=True):
     """Gated MLP: down(act(gate(x)) * up(x)) (SwiGLU for Llama, GeGLU for Gemma)."""
 
-    config: Any
     options: DecoderOptions
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     def setup(self) -> None:
         c, o = self.config, self.options
-        self.gate_proj = _linear(c.intermediate_size, o.mlp_bias, c, self.dtype, self.param_dtype)
-        self.up_proj = _linear(c.intermediate_size, o.mlp_bias, c, self.dtype, self.param_dtype)
-        self.down_proj = _linear(c.hidden_size, o.mlp_bias, c, self.dtype, self.param_dtype)
+        self.gate_proj = self.linear(c.intermediate_size, o.mlp_bias)
+        self.up_proj = self.linear(c.intermediate_size, o.mlp_bias)
+        self.down_proj = self.linear(c.hidden_size, o.mlp_bias)
         self.act = activation(o.hidden_act)
 
     def __call__(self, x: Array) -> Array:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(HFModule, kw_only=True):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    config: Any
     options: DecoderOptions
-    layer_idx: int
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    layer_idx: int = 0
 
     def setup(self) -> None:
         c, o = self.config, self.options
-        self.self_attn = LlamaAttention(c, o, self.layer_idx, self.dtype, self.param_dtype)
-        self.mlp = LlamaMLP(c, o, self.dtype, self.param_dtype)
-        self.input_layernorm = rms_norm(c, o, self.dtype, self.param_dtype)
-        self.post_attention_layernorm = rms_norm(c, o, self.dtype, self.param_dtype)
+        kw = {"config": c, "options": o, "dtype": self.dtype, "param_dtype": self.param_dtype}
+        self.self_attn = LlamaAttention(**kw, layer_idx=self.layer_idx)
+        self.mlp = LlamaMLP(**kw)
+        self.input_layernorm = self.rms_norm(c.rms_norm_eps, o.norm_unit_offset)
+        self.post_attention_layernorm = self.rms_norm(c.rms_norm_eps, o.norm_unit_offset)
 
-    def __call__(
-        self, x: Array, cos: Array, sin: Array, bias: Array, deterministic: bool,
-        cache: KVCache | None, cache_index: Array,
-    ) -> tuple[Array, KVCache | None]:
-        attn_out, cache = self.self_attn(self.input_layernorm(x), cos, sin, bias, deterministic, cache, cache_index)
+    def attention(self, x: Array, masks: dict[Any, Array], rotary: tuple[Array, Array], deterministic: bool,
+                  cache: KVCache | None, cache_index: Array) -> tuple[Array, KVCache | None]:
+        """Self-attention over this layer's mask (full or sliding window)."""
+        bias = masks[self.options.window(self.layer_idx)]
+        return self.self_attn(x, rotary, bias, deterministic, cache, cache_index)
+
+    def __call__(self, x: Array, *, masks: dict[Any, Array], rotary: tuple[Array, Array], deterministic: bool,
+                 cache: KVCache | None, cache_index: Array) -> tuple[Array, KVCache | None]:
+        attn_out, cache = self.attention(self.input_layernorm(x), masks, rotary, deterministic, cache, cache_index)
         x = x + attn_out
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, cache
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
-class LlamaModel(nn.Module):
-    config: Any
-    options: DecoderOptions
-    layer_cls: type[nn.Module]
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    def setup(self) -> None:
-        c, o = self.config, self.options
-        self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                                     embedding_init=normal_init(c.initializer_range))
-        self.layers = make_stack(self.layer_cls, c.num_hidden_layers, "layers", config=c, options=o,
-                                 dtype=self.dtype, param_dtype=self.param_dtype)
-        self.norm = rms_norm(c, o, self.dtype, self.param_dtype)
-        self.inv_freq = inv_frequencies(c, o.head_dim)  # [D/2] float32, a constant (not a param)
-
-    def __call__(
-        self,
-        input_ids: Array,
-        attention_mask: Array,
-        position_ids: Array,
-        deterministic: bool,
-        output_hidden_states: bool,
-        cache: list[KVCache] | None,
-        cache_index: Array,
-    ) -> tuple[Array, tuple[Array, ...] | None, list[KVCache] | None]:
-        o = self.options
-        x = self.embed_tokens(input_ids)  # [B, T, H] compute dtype
-        if o.embed_scale:  # Gemma: the scale is rounded to the compute dtype first, as HF does
-            x = x * jnp.asarray(self.config.hidden_size**0.5, x.dtype)
-        cos, sin = rotary_cos_sin(position_ids, self.inv_freq)  # [B, T, D] float32
-        slots = query_slots(input_ids.shape[1], cache_index)
-        full_bias = attention_bias(attention_mask, slots)  # [B, 1, T, S]
-        sliding_bias = (attention_bias(attention_mask, slots, sliding_window=o.sliding_window)
-                        if any(o.sliding) else None)
-        hidden: list[Array] = []
-        new_cache: list[KVCache] = []
-        for i, layer in enumerate(self.layers.blocks):
-            hidden.append(x)
-            bias = sliding_bias if o.sliding[i] else full_bias
-            x, layer_cache = layer(x, cos, sin, bias, deterministic, None if cache is None else cache[i], cache_index)
-            new_cache.append(layer_cache)
-        x = self.norm(x)
-        hidden.append(x)
-        return x, tuple(hidden) if output_hidden_states else None, new_cache if cache is not None else None
-
-
-class LlamaForCausalLM(nn.Module):
-    """A Llama-family LM with its head. Inputs and outputs: see `trlax.models.outputs.CausalLMOutput`.
-
-    Subclasses (Gemma) swap `make_options` and `layer_cls_for`; everything else is shared.
-    """
-
-    config: Any
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+class LlamaModel(DecoderBackbone):
+    """Subclasses (Gemma) swap `make_options` and `layer_cls_for`; everything else is shared."""
 
     make_options: ClassVar[Callable[[Any], DecoderOptions]] = staticmethod(llama_options)
     layer_cls_for: ClassVar[Callable[[Any], type[nn.Module]]] = staticmethod(lambda config: LlamaDecoderLayer)
@@ -294,34 +211,40 @@ class LlamaForCausalLM(nn.Module):
     def setup(self) -> None:
         c = self.config
         self.options = self.make_options(c)
-        self.model = LlamaModel(c, self.options, self.layer_cls_for(c), self.dtype, self.param_dtype)
-        if not c.tie_word_embeddings:
-            self.lm_head = Dense(c.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                                 kernel_init=normal_init(c.initializer_range))
+        self.embed_tokens = self.embedding(c.vocab_size, c.hidden_size)
+        self.layers = layer_stack(self.layer_cls_for(c), c.num_hidden_layers, "layers", config=c,
+                                  options=self.options, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.norm = self.rms_norm(c.rms_norm_eps, self.options.norm_unit_offset)
+        self.inv_freq = inv_frequencies(c, self.options.head_dim)  # [D/2] float32, a constant (not a param)
 
-    def __call__(
-        self,
-        input_ids: Array,
-        attention_mask: Array,
-        position_ids: Array | None = None,
-        *,
-        deterministic: bool = True,
-        output_hidden_states: bool = False,
-        cache: list[KVCache] | None = None,
-        cache_index: Array | int = 0,
-    ) -> CausalLMOutput:
-        if position_ids is None:  # transformers' default: arange from the cache position
-            position_ids = default_positions(input_ids, cache_index)
-        h, hidden, cache = self.model(
-            input_ids, attention_mask, position_ids, deterministic, output_hidden_states, cache,
-            jnp.asarray(cache_index, jnp.int32),
-        )
-        logits = self.model.embed_tokens.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
-        if self.options.final_softcap is not None:  # in the compute dtype, as transformers does
-            cap = self.options.final_softcap
-            logits = jnp.tanh(logits / cap) * cap
-        return CausalLMOutput(logits=logits.astype(jnp.float32), last_hidden_state=h,
-                              hidden_states=hidden, cache=cache)
+    def embed(self, input_ids: Array, position_ids: Array, deterministic: bool) -> Array:
+        x = self.embed_tokens(input_ids)  # [B, T, H] compute dtype
+        if self.options.embed_scale:  # Gemma: the scale is rounded to the compute dtype first, as HF does
+            x = x * jnp.asarray(self.config.hidden_size**0.5, x.dtype)
+        return x
+
+    def layer_inputs(self, attention_mask: Array, position_ids: Array, q_slots: Array) -> dict[str, Any]:
+        windows = [self.options.window(i) for i in range(self.config.num_hidden_layers)]
+        return {"masks": causal_masks(attention_mask, q_slots, windows),
+                "rotary": rotary_cos_sin(position_ids, self.inv_freq)}  # cos, sin [B, T, D] float32
+
+    def finish(self, x: Array) -> Array:
+        return self.norm(x)
+
+    def tied_head(self, h: Array) -> Array:
+        return self.embed_tokens.attend(h)
+
+
+class LlamaForCausalLM(CausalLM):
+    """A Llama-family LM with its head (Gemma 2 soft-caps its logits)."""
+
+    backbone_cls = LlamaModel
+    backbone_name = "model"
+
+    def logits(self, h: Array) -> Array:
+        logits = super().logits(h)
+        cap = self.model.options.final_softcap
+        return logits if cap is None else jnp.tanh(logits / cap) * cap  # in the compute dtype, as transformers
 
 
 def validate_rope(config: Any) -> None:
@@ -341,31 +264,29 @@ def _validate(config: Any) -> None:
     llama_options(config)
 
 
-def init_cache(config: Any, batch: int, max_len: int, dtype: Any) -> list[KVCache]:
-    """One {"k", "v"} [B, S, Hkv, D] per layer: GQA caches hold the KV heads only."""
-    return [empty_kv_cache(batch, max_len, config.num_key_value_heads, head_dim_of(config), dtype)
-            for _ in range(config.num_hidden_layers)]
-
-
-def tied_lm_head(config: Any) -> tuple[str, ...]:
-    """`lm_head.weight` aliases `model.embed_tokens.weight` when the embeddings are tied."""
-    return ("lm_head.weight",) if config.tie_word_embeddings else ()
-
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LLAMA_SHARDING: tuple[ParamRule, ...] = (
+    (r"(^|/)embed_tokens/embedding$", ("vocab", "embed")),
+    (r"self_attn/q_proj/kernel$", ("embed", "heads")),
+    (r"self_attn/[kv]_proj/kernel$", ("embed", "kv_heads")),
+    (r"self_attn/q_proj/bias$", ("heads",)),
+    (r"self_attn/[kv]_proj/bias$", ("kv_heads",)),
+    (r"self_attn/o_proj/kernel$", ("heads", "embed")),
+    (r"mlp/(gate|up)_proj/kernel$", ("embed", "mlp")),
+    (r"mlp/(gate|up)_proj/bias$", ("mlp",)),
+    (r"mlp/down_proj/kernel$", ("mlp", "embed")),
+)
 # Older checkpoints carry RoPE buffers; transformers recomputes them and ignores these keys.
 ROTARY_BUFFERS = (r".*\.rotary_emb\.inv_freq$", r".*\.rotary_emb\.original_inv_freq$")
 
 
+def cache_geometry(config: Any) -> CacheGeometry:
+    """GQA caches hold the KV heads only."""
+    return CacheGeometry(config.num_hidden_layers, config.num_key_value_heads, head_dim_of(config))
+
+
 SPEC = ArchitectureSpec(
-    model_types=("llama", "mistral", "qwen2", "qwen3"),
-    module=LlamaForCausalLM,
-    hf_architecture="LlamaForCausalLM",
-    num_layers=lambda c: c.num_hidden_layers,
-    layer_pattern="model.layers.{layer}",
-    init_cache=init_cache,
-    ignored_keys=ROTARY_BUFFERS,
-    tied_keys=tied_lm_head,
-    validate=_validate,
-    lora_targets=LORA_TARGETS,
+    model_types=("llama", "mistral", "qwen2", "qwen3"), module=LlamaForCausalLM, hf_architecture="LlamaForCausalLM",
+    base_model_prefix="model", layer_pattern="model.layers.{layer}", num_layers=lambda c: c.num_hidden_layers,
+    cache_geometry=cache_geometry, sharding_rules=LLAMA_SHARDING, peft_targets=("q_proj", "v_proj"),
+    ignored_keys=ROTARY_BUFFERS, tied_keys=tied_lm_head, validate=_validate,
 )

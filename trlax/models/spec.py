@@ -1,25 +1,57 @@
-"""What trlax needs to know about one architecture family, in one place."""
+"""Everything trlax knows about one architecture family, in one place: its `ArchitectureSpec`.
+
+A family is one modeling file: its Linen modules (named as the PyTorch modules are) and a
+`SPEC` that carries every family-specific fact the rest of trlax reads:
+
+- checkpoints: the weight layouts that differ from the generic rules (`keep_layout`),
+  keys transformers skips or ties (`ignored_keys`, `tied_keys`), the base-model prefix;
+- meshes: the family's sharding rules (`trlax.sharding` adds the generic ones);
+- PEFT: the default LoRA `target_modules` (PEFT's own table);
+- TRL: the layer pattern `create_reference_model` shares by;
+- generation: the KV-cache geometry (layers x KV heads x head dim).
+
+The registry (`trlax.models.registry`) lists the families; nothing else holds a
+per-family table.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import flax.linen as nn
+
+from trlax.models.cache import CacheGeometry, KVCache, empty_kv_cache
+
+# (regex on the "/"-joined param path, one logical axis name or None per dim); see trlax.sharding.
+ParamRule = tuple[str, tuple[str | None, ...]]
 
 
 def _no_check(config: Any) -> None:
     return None
 
 
-def _no_tied_keys(config: Any) -> tuple[str, ...]:
+def _nothing(config: Any) -> tuple[str, ...]:
     return ()
+
+
+def _no_defaults(config: Any) -> dict[str, str | None]:
+    return {}
+
+
+def tied_lm_head(config: Any) -> tuple[str, ...]:
+    """`lm_head.weight` aliases the input embedding when the config ties them (most causal families)."""
+    return ("lm_head.weight",) if config.tie_word_embeddings else ()
+
+
+def _max_position_embeddings(config: Any) -> int | None:
+    return getattr(config, "max_position_embeddings", None)
 
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
-    """A model family: its Linen module and the few facts conversion and TRL need.
+    """A model family: its Linen module and every fact conversion, sharding, PEFT and TRL need.
 
     Weight names need no table beyond this: Flax submodules carry the PyTorch names, so
     `a.b.weight` <-> `a/b/{kernel|embedding|scale}` and `a.b.bias` <-> `a/b/bias`, with
@@ -29,14 +61,24 @@ class ArchitectureSpec:
 
     model_types: tuple[str, ...]
     module: type[nn.Module]  # built as module(config=..., dtype=..., param_dtype=...)
-    hf_architecture: str  # config.architectures entry written on save
-    num_layers: Callable[[Any], int]
-    layer_pattern: str | None  # TRL's LAYER_PATTERNS entry, e.g. "transformer.h.{layer}"
-    init_cache: Callable[..., Any]  # (config, batch, max_len, dtype) -> cache pytree
-    is_encoder_decoder: bool = False
+    hf_architecture: str  # config.architectures entry written on save (transformers' mapping wins)
+    base_model_prefix: str  # the backbone's name in the state dict ("transformer", "model", ...; "" if none)
+    layer_pattern: str  # TRL's LAYER_PATTERNS entry that matches this family, e.g. "transformer.h.{layer}"
+    num_layers: Callable[[Any], int]  # the layers `layer_pattern` counts
+    cache_geometry: Callable[[Any], CacheGeometry]
+    sharding_rules: tuple[ParamRule, ...]  # tried before trlax.sharding's generic rules
+    peft_targets: tuple[str, ...]  # PEFT's default target_modules for these model types
     keep_layout: tuple[str, ...] = ()  # regexes of HF keys stored as-is in a `kernel`
     ignored_keys: tuple[str, ...] = ()  # regexes of checkpoint keys transformers ignores too
-    tied_keys: Callable[[Any], tuple[str, ...]] = _no_tied_keys  # HF keys that alias another
-    validate: Callable[[Any], None] = _no_check  # raises ValueError on unsupported options
-    lora_targets: tuple[str, ...] = field(default=())  # PEFT target module names it knows
-    max_positions: Callable[[Any], int | None] = lambda config: getattr(config, "max_position_embeddings", None)
+    tied_keys: Callable[[Any], tuple[str, ...]] = _nothing  # HF keys that alias another tensor
+    validate: Callable[[Any], None] = _no_check  # raises UnsupportedModelError on unsupported options
+    max_positions: Callable[[Any], int | None] = _max_position_embeddings
+    # Encoder-decoder families only:
+    is_encoder_decoder: bool = False
+    raw_keys: tuple[str, ...] = ()  # top-level params stored under their own name (BART's final_logits_bias)
+    # HF keys transformers fills itself when absent: key -> the key it copies, or None for zeros.
+    key_defaults: Callable[[Any], dict[str, str | None]] = _no_defaults
+
+    def init_cache(self, config: Any, batch: int, max_len: int, dtype: Any) -> list[KVCache]:
+        """A zeroed KV cache for `batch` rows of `max_len` slots (see `CacheGeometry`)."""
+        return empty_kv_cache(batch, max_len, self.cache_geometry(config), dtype)

@@ -45,23 +45,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from trlax.errors import UnsupportedModelError
-from trlax.models.layers import (
-    ACTIVATIONS,
-    Array,
-    KVCache,
-    RMSNorm,
-    activation,
-    attention_bias,
-    dense,
-    dot_product_attention,
-    empty_kv_cache,
-    make_stack,
-    normal_init,
-    query_slots,
-    update_kv_cache,
-)
-from trlax.models.outputs import Seq2SeqLMOutput
-from trlax.models.seq2seq import Seq2SeqSpec
+from trlax.models.attention import Array, attend, attention_bias
+from trlax.models.cache import CacheGeometry, KVCache
+from trlax.models.encoder_decoder import EncoderDecoderLM, EncoderDecoderStack
+from trlax.models.layers import ACTIVATIONS, HFModule, RMSNorm, activation
+from trlax.models.spec import ArchitectureSpec
+from trlax.models.stack import layer_stack
 
 
 def tied_lm_head(config: Any) -> bool:
@@ -93,28 +82,23 @@ def relative_position_buckets(num_keys: int, bidirectional: bool, num_buckets: i
     return (buckets + np.where(rel < max_exact, rel, large)).astype(np.int32)
 
 
-class T5Attention(nn.Module):
+class T5Attention(HFModule, kw_only=True):
     """T5 attention: unscaled scores plus a relative position bias (none in cross-attention)."""
 
-    config: Any
     is_decoder: bool
     has_relative_attention_bias: bool
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     def setup(self) -> None:
         c = self.config
         f = c.initializer_factor
         inner = c.num_heads * c.d_kv
-        make = functools.partial(dense, dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
-        self.q = make(inner, "q", std=f * (c.d_model * c.d_kv) ** -0.5)
-        self.k = make(inner, "k", std=f * c.d_model**-0.5)
-        self.v = make(inner, "v", std=f * c.d_model**-0.5)
-        self.o = make(c.d_model, "o", std=f * inner**-0.5)
+        self.q = self.linear(inner, use_bias=False, std=f * (c.d_model * c.d_kv) ** -0.5)
+        self.k = self.linear(inner, use_bias=False, std=f * c.d_model**-0.5)
+        self.v = self.linear(inner, use_bias=False, std=f * c.d_model**-0.5)
+        self.o = self.linear(c.d_model, use_bias=False, std=f * inner**-0.5)
         if self.has_relative_attention_bias:
-            self.relative_attention_bias = nn.Embed(
-                c.relative_attention_num_buckets, c.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-                embedding_init=normal_init(f * c.d_model**-0.5))
+            self.relative_attention_bias = self.embedding(c.relative_attention_num_buckets, c.num_heads,
+                                                          std=f * c.d_model**-0.5)
         self.dropout = nn.Dropout(c.dropout_rate)
 
     def compute_bias(self, q_slots: Array, num_keys: int) -> Array:
@@ -127,93 +111,61 @@ class T5Attention(nn.Module):
         buckets = table[jnp.clip(rel + num_keys - 1, 0, 2 * num_keys - 2)]  # [T, S]
         return jnp.transpose(self.relative_attention_bias(buckets), (2, 0, 1))[None]  # [1, nH, T, S]
 
-    def __call__(
-        self,
-        x: Array,
-        kv_states: Array,
-        mask_bias: Array,
-        position_bias: Array | None,
-        q_slots: Array,
-        deterministic: bool,
-        cache: KVCache | None = None,
-        cache_index: Array | int = 0,
-    ) -> tuple[Array, Array | None, KVCache | None]:
-        """x: [B, T, H] queries; kv_states: [B, S', H] (x itself, or the encoder state).
-
-        mask_bias: [B, 1, T, S]; position_bias: [1, nH, T, S] from block 0, or None here
-        in block 0 (computed) and in cross-attention (none). Returns (out [B, T, H], the
-        position bias to hand on, the updated cache).
-        """
+    def __call__(self, x: Array, kv_states: Array, bias: Array, deterministic: bool, cache: KVCache | None = None,
+                 cache_index: Array | int = 0) -> tuple[Array, KVCache | None]:
+        """x: [B, T, H] queries; kv_states: [B, S', H] (x itself, or the encoder state); bias:
+        [B, 1 | nH, T, S] (mask plus, in self-attention, the relative position bias)."""
         c = self.config
         b, t, _ = x.shape
         q = self.q(x).reshape(b, t, c.num_heads, c.d_kv)
         k = self.k(kv_states).reshape(b, kv_states.shape[1], c.num_heads, c.d_kv)
         v = self.v(kv_states).reshape(b, kv_states.shape[1], c.num_heads, c.d_kv)
-        if cache is not None:
-            cache = update_kv_cache(cache, k, v, cache_index)
-            k, v = cache["k"], cache["v"]  # [B, S, nH, D]
-        if position_bias is None and self.has_relative_attention_bias:
-            position_bias = self.compute_bias(q_slots, k.shape[1])
-        bias = mask_bias if position_bias is None else mask_bias + position_bias  # [B, 1 | nH, T, S]
-        # With one KV head per query head (no GQA), dot_product_attention's [B, nH, 1, T, S]
-        # view of a per-head bias lines up with its [B, Hkv, groups=1, T, S] scores.
-        out = dot_product_attention(q, k, v, bias, scale=1.0, dropout=self.dropout, deterministic=deterministic)
-        return self.o(out.reshape(b, t, c.num_heads * c.d_kv)), position_bias, cache
+        out, cache = attend(q, k, v, bias, cache, cache_index, scale=1.0, dropout=self.dropout,
+                            deterministic=deterministic)
+        return self.o(out.reshape(b, t, c.num_heads * c.d_kv)), cache
 
 
-def _norm(config: Any, dtype: Any, param_dtype: Any, name: str) -> RMSNorm:
+def _norm(module: HFModule) -> RMSNorm:
     # T5LayerNorm: RMS over float32, no mean, no bias.
-    return RMSNorm(config.layer_norm_epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
+    return module.rms_norm(module.config.layer_norm_epsilon)
 
 
-class T5LayerSelfAttention(nn.Module):
-    config: Any
+class T5LayerSelfAttention(HFModule, kw_only=True):
     is_decoder: bool
     has_relative_attention_bias: bool
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     def setup(self) -> None:
-        self.SelfAttention = T5Attention(self.config, self.is_decoder, self.has_relative_attention_bias,
-                                         self.dtype, self.param_dtype)
-        self.layer_norm = _norm(self.config, self.dtype, self.param_dtype, "layer_norm")
+        self.SelfAttention = T5Attention(self.config, self.dtype, self.param_dtype, is_decoder=self.is_decoder,
+                                         has_relative_attention_bias=self.has_relative_attention_bias)
+        self.layer_norm = _norm(self)
         self.dropout = nn.Dropout(self.config.dropout_rate)
 
-    def __call__(self, x: Array, mask_bias: Array, position_bias: Array | None, q_slots: Array,
-                 deterministic: bool, cache: KVCache | None, cache_index: Array) -> tuple[Array, Array, KVCache | None]:
+    def __call__(self, x: Array, bias: Array, deterministic: bool, cache: KVCache | None,
+                 cache_index: Array) -> tuple[Array, KVCache | None]:
         h = self.layer_norm(x)
-        out, position_bias, cache = self.SelfAttention(h, h, mask_bias, position_bias, q_slots, deterministic,
-                                                       cache, cache_index)
-        return x + self.dropout(out, deterministic=deterministic), position_bias, cache
+        out, cache = self.SelfAttention(h, h, bias, deterministic, cache, cache_index)
+        return x + self.dropout(out, deterministic=deterministic), cache
 
 
-class T5LayerCrossAttention(nn.Module):
-    config: Any
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
+class T5LayerCrossAttention(HFModule):
     def setup(self) -> None:
-        self.EncDecAttention = T5Attention(self.config, True, False, self.dtype, self.param_dtype)
-        self.layer_norm = _norm(self.config, self.dtype, self.param_dtype, "layer_norm")
+        self.EncDecAttention = T5Attention(self.config, self.dtype, self.param_dtype, is_decoder=True,
+                                           has_relative_attention_bias=False)
+        self.layer_norm = _norm(self)
         self.dropout = nn.Dropout(self.config.dropout_rate)
 
-    def __call__(self, x: Array, encoder_states: Array, mask_bias: Array, q_slots: Array,
-                 deterministic: bool) -> Array:
-        out, _, _ = self.EncDecAttention(self.layer_norm(x), encoder_states, mask_bias, None, q_slots, deterministic)
+    def __call__(self, x: Array, encoder_states: Array, bias: Array, deterministic: bool) -> Array:
+        out, _ = self.EncDecAttention(self.layer_norm(x), encoder_states, bias, deterministic)
         return x + self.dropout(out, deterministic=deterministic)
 
 
-class T5DenseActDense(nn.Module):
+class T5DenseActDense(HFModule):
     """relu (or any `{act}`) feed-forward: wo(dropout(act(wi(x))))."""
-
-    config: Any
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     def setup(self) -> None:
         c = self.config
-        self.wi = dense(c.d_ff, "wi", self.dtype, self.param_dtype, False, c.initializer_factor * c.d_model**-0.5)
-        self.wo = dense(c.d_model, "wo", self.dtype, self.param_dtype, False, c.initializer_factor * c.d_ff**-0.5)
+        self.wi = self.linear(c.d_ff, use_bias=False, std=c.initializer_factor * c.d_model**-0.5)
+        self.wo = self.linear(c.d_model, use_bias=False, std=c.initializer_factor * c.d_ff**-0.5)
         self.act = activation(c.dense_act_fn)
         self.dropout = nn.Dropout(c.dropout_rate)
 
@@ -221,19 +173,15 @@ class T5DenseActDense(nn.Module):
         return self.wo(self.dropout(self.act(self.wi(x)), deterministic=deterministic))
 
 
-class T5DenseGatedActDense(nn.Module):
+class T5DenseGatedActDense(HFModule):
     """gated-gelu (T5 v1.1, Flan, mT5) feed-forward: wo(dropout(act(wi_0(x)) * wi_1(x)))."""
-
-    config: Any
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     def setup(self) -> None:
         c = self.config
         std_in, std_out = c.initializer_factor * c.d_model**-0.5, c.initializer_factor * c.d_ff**-0.5
-        self.wi_0 = dense(c.d_ff, "wi_0", self.dtype, self.param_dtype, False, std_in)
-        self.wi_1 = dense(c.d_ff, "wi_1", self.dtype, self.param_dtype, False, std_in)
-        self.wo = dense(c.d_model, "wo", self.dtype, self.param_dtype, False, std_out)
+        self.wi_0 = self.linear(c.d_ff, use_bias=False, std=std_in)
+        self.wi_1 = self.linear(c.d_ff, use_bias=False, std=std_in)
+        self.wo = self.linear(c.d_model, use_bias=False, std=std_out)
         self.act = activation(c.dense_act_fn)
         self.dropout = nn.Dropout(c.dropout_rate)
 
@@ -241,15 +189,11 @@ class T5DenseGatedActDense(nn.Module):
         return self.wo(self.dropout(self.act(self.wi_0(x)) * self.wi_1(x), deterministic=deterministic))
 
 
-class T5LayerFF(nn.Module):
-    config: Any
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
+class T5LayerFF(HFModule):
     def setup(self) -> None:
         ff = T5DenseGatedActDense if self.config.is_gated_act else T5DenseActDense
         self.DenseReluDense = ff(self.config, self.dtype, self.param_dtype)
-        self.layer_norm = _norm(self.config, self.dtype, self.param_dtype, "layer_norm")
+        self.layer_norm = _norm(self)
         self.dropout = nn.Dropout(self.config.dropout_rate)
 
     def __call__(self, x: Array, deterministic: bool) -> Array:
@@ -257,162 +201,90 @@ class T5LayerFF(nn.Module):
         return x + self.dropout(out, deterministic=deterministic)
 
 
-class T5LayerList(nn.Module):
+class T5LayerList(HFModule, kw_only=True):
     """torch's `T5Block.layer` ModuleList: "0" self-attention, "1" cross-attention (decoder), then FF."""
 
-    config: Any
     is_decoder: bool
     has_relative_attention_bias: bool
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     def setup(self) -> None:
-        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        self.self_attention = T5LayerSelfAttention(self.config, self.is_decoder, self.has_relative_attention_bias,
-                                                   name="0", **kw)
+        kw = {"config": self.config, "dtype": self.dtype, "param_dtype": self.param_dtype}
+        self.self_attention = T5LayerSelfAttention(**kw, is_decoder=self.is_decoder, name="0",
+                                                   has_relative_attention_bias=self.has_relative_attention_bias)
         if self.is_decoder:
-            self.cross_attention = T5LayerCrossAttention(self.config, name="1", **kw)
-        self.ff = T5LayerFF(self.config, name="2" if self.is_decoder else "1", **kw)
+            self.cross_attention = T5LayerCrossAttention(**kw, name="1")
+        self.ff = T5LayerFF(**kw, name="2" if self.is_decoder else "1")
 
 
-class T5Block(nn.Module):
-    config: Any
-    layer_idx: int
+class T5Block(HFModule, kw_only=True):
     is_decoder: bool
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    layer_idx: int = 0
 
     def setup(self) -> None:
-        self.layer = T5LayerList(self.config, self.is_decoder, self.layer_idx == 0, self.dtype, self.param_dtype)
+        self.layer = T5LayerList(self.config, self.dtype, self.param_dtype, is_decoder=self.is_decoder,
+                                 has_relative_attention_bias=self.layer_idx == 0)
 
-    def __call__(
-        self,
-        x: Array,
-        mask_bias: Array,
-        position_bias: Array | None,
-        q_slots: Array,
-        encoder_states: Array | None,
-        cross_bias: Array | None,
-        deterministic: bool,
-        cache: KVCache | None,
-        cache_index: Array,
-    ) -> tuple[Array, Array, KVCache | None]:
-        x, position_bias, cache = self.layer.self_attention(x, mask_bias, position_bias, q_slots, deterministic,
-                                                            cache, cache_index)
+    def position_bias(self, q_slots: Array, num_keys: int) -> Array:
+        """Block 0 owns the relative position table every block of its stack adds: [1, nH, T, S]."""
+        return self.layer.self_attention.SelfAttention.compute_bias(q_slots, num_keys)
+
+    def __call__(self, x: Array, *, self_bias: Array, cross_bias: Array | None, encoder_states: Array | None,
+                 deterministic: bool, cache: KVCache | None, cache_index: Array) -> tuple[Array, KVCache | None]:
+        x, cache = self.layer.self_attention(x, self_bias, deterministic, cache, cache_index)
         if self.is_decoder:
-            x = self.layer.cross_attention(x, encoder_states, cross_bias, q_slots, deterministic)
-        return self.layer.ff(x, deterministic), position_bias, cache
+            x = self.layer.cross_attention(x, encoder_states, cross_bias, deterministic)
+        return self.layer.ff(x, deterministic), cache
 
 
-class T5Stack(nn.Module):
+class T5Stack(EncoderDecoderStack):
     """The encoder or the decoder (without its embedding, which is the shared one)."""
 
-    config: Any
-    is_decoder: bool
-    num_layers: int
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    stack_name = "block"
 
     def setup(self) -> None:
-        self.block = make_stack(T5Block, self.num_layers, "block", config=self.config, is_decoder=self.is_decoder,
-                                dtype=self.dtype, param_dtype=self.param_dtype)
-        self.final_layer_norm = _norm(self.config, self.dtype, self.param_dtype, "final_layer_norm")
-        self.dropout = nn.Dropout(self.config.dropout_rate)
+        c = self.config
+        n = c.num_decoder_layers if self.is_decoder else c.num_layers
+        self.block = layer_stack(T5Block, n, "block", config=c, is_decoder=self.is_decoder, dtype=self.dtype,
+                                 param_dtype=self.param_dtype)
+        self.final_layer_norm = _norm(self)
+        self.dropout = nn.Dropout(c.dropout_rate)
 
-    def __call__(
-        self,
-        embeds: Array,
-        mask: Array,
-        encoder_states: Array | None,
-        encoder_mask: Array | None,
-        deterministic: bool,
-        output_hidden_states: bool,
-        cache: list[KVCache] | None,
-        cache_index: Array,
-    ) -> tuple[Array, tuple[Array, ...] | None, list[KVCache] | None]:
-        """embeds: [B, T, H]; mask: [B, S] over the (cache) key slots; encoder_*: decoder only."""
-        q_slots = query_slots(embeds.shape[1], cache_index)  # [T]
-        mask_bias = attention_bias(mask, q_slots, causal=self.is_decoder)  # [B, 1, T, S]
+    def prepare(self, embeds: Array, q_slots: Array, deterministic: bool) -> Array:
+        return self.dropout(embeds, deterministic=deterministic)
+
+    def layer_inputs(self, mask: Array, encoder_mask: Array | None, q_slots: Array) -> dict[str, Any]:
+        # Positions are cache slots (HF counts them from 0 regardless of padding); S = mask.shape[1].
+        position_bias = self.block.blocks[0].position_bias(q_slots, mask.shape[1])  # [1, nH, T, S]
+        self_bias = attention_bias(mask, q_slots, causal=self.is_decoder) + position_bias  # [B, nH, T, S]
         cross_bias = attention_bias(encoder_mask, q_slots, causal=False) if self.is_decoder else None  # [B,1,T,Te]
-        x = self.dropout(embeds, deterministic=deterministic)
-        position_bias = None
-        hidden: list[Array] = []
-        new_cache: list[KVCache] = []
-        for i, block in enumerate(self.block.blocks):
-            hidden.append(x)
-            x, position_bias, layer_cache = block(x, mask_bias, position_bias, q_slots, encoder_states, cross_bias,
-                                                  deterministic, None if cache is None else cache[i], cache_index)
-            new_cache.append(layer_cache)
-        x = self.dropout(self.final_layer_norm(x), deterministic=deterministic)
-        hidden.append(x)
-        return x, tuple(hidden) if output_hidden_states else None, new_cache if cache is not None else None
+        return {"self_bias": self_bias, "cross_bias": cross_bias}
+
+    def finish(self, x: Array, deterministic: bool) -> Array:
+        return self.dropout(self.final_layer_norm(x), deterministic=deterministic)
 
 
-class T5ForConditionalGeneration(nn.Module):
-    """T5 / mT5 with its LM head. Contract: `trlax.models.seq2seq` (module docstring)."""
-
-    config: Any
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+class T5ForConditionalGeneration(EncoderDecoderLM):
+    """T5 / mT5 with its LM head. Contract: `trlax.models.encoder_decoder` (module docstring)."""
 
     def setup(self) -> None:
         c = self.config
-        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        self.shared = nn.Embed(c.vocab_size, c.d_model, embedding_init=normal_init(c.initializer_factor), **kw)
-        self.encoder = T5Stack(c, False, c.num_layers, **kw)
-        self.decoder = T5Stack(c, True, c.num_decoder_layers, **kw)
+        kw = {"config": c, "dtype": self.dtype, "param_dtype": self.param_dtype}
+        self.shared = self.embedding(c.vocab_size, c.d_model, std=c.initializer_factor)
+        self.encoder = T5Stack(**kw, is_decoder=False)
+        self.decoder = T5Stack(**kw, is_decoder=True)
         if not tied_lm_head(c):
-            self.lm_head = dense(c.vocab_size, "lm_head", use_bias=False, std=c.initializer_factor, **kw)
+            self.lm_head = self.linear(c.vocab_size, use_bias=False, std=c.initializer_factor)
 
-    def encode(
-        self, input_ids: Array, attention_mask: Array, *, deterministic: bool = True,
-        output_hidden_states: bool = False,
-    ) -> tuple[Array, tuple[Array, ...] | None]:
-        """Encoder: ids [B, Te], mask [B, Te] -> (last hidden state [B, Te, H], hidden states | None)."""
-        h, hidden, _ = self.encoder(self.shared(input_ids), attention_mask, None, None, deterministic,
-                                    output_hidden_states, None, jnp.zeros((), jnp.int32))
-        return h, hidden
+    def embed_tokens(self, ids: Array) -> Array:
+        return self.shared(ids)
 
-    def decode(
-        self,
-        decoder_input_ids: Array,
-        decoder_attention_mask: Array,
-        encoder_last_hidden_state: Array,
-        encoder_attention_mask: Array,
-        *,
-        deterministic: bool = True,
-        output_hidden_states: bool = False,
-        cache: list[KVCache] | None = None,
-        cache_index: Array | int = 0,
-    ) -> Seq2SeqLMOutput:
-        """Decoder + LM head: ids [B, T], mask [B, S] (S = T without a cache) -> Seq2SeqLMOutput."""
-        c = self.config
-        h, hidden, cache = self.decoder(self.shared(decoder_input_ids), decoder_attention_mask,
-                                        encoder_last_hidden_state, encoder_attention_mask, deterministic,
-                                        output_hidden_states, cache, jnp.asarray(cache_index, jnp.int32))
-        if tied_lm_head(c):
-            logits = self.shared.attend(h * c.d_model**-0.5)
-        else:
-            logits = self.lm_head(h)
-        return Seq2SeqLMOutput(logits=logits.astype(jnp.float32), last_hidden_state=h,
-                               encoder_last_hidden_state=encoder_last_hidden_state,
-                               decoder_hidden_states=hidden, cache=cache)
+    def stacks(self) -> tuple[nn.Module, nn.Module]:
+        return self.encoder, self.decoder
 
-    def __call__(
-        self,
-        input_ids: Array,
-        attention_mask: Array,
-        decoder_input_ids: Array,
-        decoder_attention_mask: Array,
-        *,
-        deterministic: bool = True,
-        output_hidden_states: bool = False,
-    ) -> Seq2SeqLMOutput:
-        enc, enc_hidden = self.encode(input_ids, attention_mask, deterministic=deterministic,
-                                      output_hidden_states=output_hidden_states)
-        out = self.decode(decoder_input_ids, decoder_attention_mask, enc, attention_mask,
-                          deterministic=deterministic, output_hidden_states=output_hidden_states)
-        return out.replace(encoder_hidden_states=enc_hidden)
+    def lm_logits(self, h: Array) -> Array:
+        if tied_lm_head(self.config):
+            return self.shared.attend(h * self.config.d_model**-0.5)
+        return self.lm_head(h)
 
 
 def _validate(config: Any) -> None:
@@ -423,29 +295,28 @@ def _validate(config: Any) -> None:
         )
 
 
-def _init_cache(config: Any, batch: int, max_len: int, dtype: Any) -> list[KVCache]:
-    """Decoder self-attention cache: one {"k", "v"} [B, max_len, nH, d_kv] per decoder block."""
-    return [empty_kv_cache(batch, max_len, config.num_heads, config.d_kv, dtype)
-            for _ in range(config.num_decoder_layers)]
-
-
 def _tied_keys(config: Any) -> tuple[str, ...]:
     tied = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
     return (*tied, "lm_head.weight") if tied_lm_head(config) else tied
 
 
-SPEC = Seq2SeqSpec(
-    model_types=("t5", "mt5"),
-    module=T5ForConditionalGeneration,
-    hf_architecture="T5ForConditionalGeneration",
-    num_layers=lambda c: c.num_decoder_layers,
-    layer_pattern="decoder.block.{layer}",
-    init_cache=_init_cache,
+SPEC = ArchitectureSpec(
+    model_types=("t5", "mt5"), module=T5ForConditionalGeneration, hf_architecture="T5ForConditionalGeneration",
+    base_model_prefix="", layer_pattern="decoder.block.{layer}", num_layers=lambda c: c.num_decoder_layers,
+    cache_geometry=lambda c: CacheGeometry(c.num_decoder_layers, c.num_heads, c.d_kv),
+    sharding_rules=(
+        (r"(^|/)shared/embedding$", ("vocab", "embed")),
+        (r"relative_attention_bias/embedding$", (None, "heads")),
+        (r"/(SelfAttention|EncDecAttention)/[qkv]/kernel$", ("embed", "heads")),
+        (r"/(SelfAttention|EncDecAttention)/o/kernel$", ("heads", "embed")),
+        (r"/DenseReluDense/wi(_0|_1)?/kernel$", ("embed", "mlp")),
+        (r"/DenseReluDense/wo/kernel$", ("mlp", "embed")),
+    ),
+    peft_targets=("q", "v"),
     # transformers ignores a stray cross-attention bias table in decoder block 0 too.
     ignored_keys=(r"^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$",),
-    tied_keys=_tied_keys,
-    validate=_validate,
-    lora_targets=("q", "k", "v", "o", "wi", "wo", "wi_0", "wi_1"),
+    tied_keys=_tied_keys, validate=_validate,
     max_positions=lambda c: None,  # relative positions: no fixed limit
+    is_encoder_decoder=True,
     key_defaults=lambda c: {} if tied_lm_head(c) else {"lm_head.weight": "shared.weight"},
 )

@@ -16,10 +16,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from trlax.adapters import LoraConfig, lora_from_peft, read_adapter
 from trlax.checkpoint.hub import HubOptions
 from trlax.errors import CheckpointError, UnsupportedModelError
 from trlax.models.base import FlaxPreTrainedModel
+from trlax.peft.lora import LoraConfig, check_applied, lora_from_peft, read_adapter
 
 SCORE_MODULE = "score"  # TRL's `supported_rm_modules`
 
@@ -63,6 +63,7 @@ def load_reward_adapter(pretrained_model: FlaxPreTrainedModel, source: str, hidd
             raise CheckpointError(f"reward adapter {source}: score.bias has shape {tuple(score['bias'].shape)}, "
                                   f"expected ({weight.shape[0]},)")
         head["bias"] = jnp.asarray(score["bias"], dtype)
+    check_applied(pretrained_model, lora)
     return files.config, {"lora": lora, SCORE_MODULE: head}
 
 

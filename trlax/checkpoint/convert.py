@@ -26,8 +26,17 @@ from trlax.checkpoint.naming import flatten_paths, get_path, key_table
 from trlax.checkpoint.reader import CheckpointReader
 from trlax.checkpoint.writer import write_checkpoint_dir
 from trlax.errors import CheckpointError
+from trlax.models.auto import AutoModel, FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
 from trlax.models.base import load_config
-from trlax.sharding import ParamRule, ShardingRules, auto_mesh, make_placer, resolve_rules, tree_shardings
+from trlax.models.spec import ParamRule
+from trlax.sharding import ShardingRules, auto_mesh, make_placer, resolve_rules, tree_shardings
+from trlax.value_head import (
+    FlaxAutoModelForCausalLMWithValueHead,
+    FlaxAutoModelForSeq2SeqLMWithValueHead,
+    PreTrainedModelWrapper,
+    init_value_head,
+    make_value_head,
+)
 
 MARKER = "trlax_orbax.json"
 FORMAT = "trlax-orbax-model"
@@ -39,11 +48,8 @@ def is_orbax_model(path: str | os.PathLike) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
-def _classes(config: Any) -> tuple[Any, Any]:
+def _classes(config: Any) -> tuple[type[AutoModel], type[PreTrainedModelWrapper]]:
     """(LM auto class, value-head wrapper class) for a config."""
-    from trlax.models.auto import FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
-    from trlax.value_head import FlaxAutoModelForCausalLMWithValueHead, FlaxAutoModelForSeq2SeqLMWithValueHead
-
     if getattr(config, "is_encoder_decoder", False):
         return FlaxAutoModelForSeq2SeqLM, FlaxAutoModelForSeq2SeqLMWithValueHead
     return FlaxAutoModelForCausalLM, FlaxAutoModelForCausalLMWithValueHead
@@ -83,7 +89,7 @@ def to_orbax(
         raise CheckpointError(f"{src} has no TRL value head (v_head.summary.*); convert without value_head=True")
     keep_head = has_head if value_head is None else value_head
     lm_cls, wrapper_cls = _classes(config)
-    lm = lm_cls._model_class()(config, lm_cls._model_class()._spec_for(config), param_dtype=param_dtype)
+    lm = lm_cls.model_class(config, param_dtype=param_dtype)
     total = _nbytes(lm.abstract_params())
     if mesh is not None:
         place = make_placer(mesh, resolve_rules(config.model_type, sharding_rules))
@@ -107,7 +113,7 @@ def to_orbax(
 
 
 def _save_orbax(dst: Path, params: Any, config: Any, value_head: bool, param_dtype: Any, progress: bool) -> None:
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint as ocp  # seconds to import: only when an Orbax folder is read or written
 
     dst.mkdir(parents=True, exist_ok=True)
     with tqdm(total=_nbytes(params), unit="B", unit_scale=True, desc=f"writing {dst}", disable=not progress) as bar:
@@ -144,18 +150,15 @@ def load_orbax(
     Returns a value-head wrapper when the folder has a value head (`value_head_args` are
     TRL's `summary_dropout_prob`, ...), else the LM. dtype: the compute dtype.
     """
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint as ocp  # seconds to import: only when an Orbax folder is read or written
 
     path = Path(path)
     marker = _read_marker(path)
     config = load_config(path, str(path))
     lm_cls, wrapper_cls = _classes(config)
-    model_cls = lm_cls._model_class()
-    lm = model_cls(config, model_cls._spec_for(config), dtype=dtype, param_dtype=jnp.dtype(marker["param_dtype"]))
+    lm = lm_cls.model_class(config, dtype=dtype, param_dtype=jnp.dtype(marker["param_dtype"]))
     abstract = lm.abstract_params()
     if marker["value_head"]:
-        from trlax.value_head import init_value_head, make_value_head
-
         head = make_value_head(config)
         abstract = {"pretrained_model": abstract,
                     "v_head": jax.eval_shape(lambda: init_value_head(head, jax.random.key(0)))}

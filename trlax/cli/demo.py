@@ -2,7 +2,7 @@
 
 One PPO step, as TRL's classic PPOTrainer does it (the math is `trlax.ppo`):
   1. sample prompts; the policy generates replies (`generate`, jitted, KV cache);
-  2. score each reply with the task's rule (`trlax.demo_task`), a scalar per sequence;
+  2. score each reply with the task's rule (`trlax.cli.demo_task`), a scalar per sequence;
   3. `rollout`: policy and reference forwards, per-token KL to the reference, the score
      added at the last reply token, GAE advantages and returns;
   4. `ppo_epochs` passes over shuffled minibatches of clipped policy + value loss, each an
@@ -23,8 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
-from trlax.demo_task import (
+from trlax.cli.demo_report import print_samples, print_summary, write_outputs
+from trlax.cli.demo_task import (
     Task,
     char_task,
     checkpoint_task,
@@ -34,8 +36,9 @@ from trlax.demo_task import (
     tiny_gpt2_config,
 )
 from trlax.errors import TrlaxError, UnsupportedModelError
+from trlax.models.auto import FlaxAutoModelForCausalLM
 from trlax.ppo import PPOConfig, make_ppo_update, make_rollout
-from trlax.reference import create_reference_model
+from trlax.reference import count_layers, create_reference_model, parameter_names
 from trlax.trainable import merge_trainable, split_trainable
 from trlax.value_head import FlaxAutoModelForCausalLMWithValueHead, PreTrainedModelWrapper
 
@@ -83,8 +86,6 @@ def committed(tree: Any) -> Any:
 
 def build_default(seed: int = 0, max_new_tokens: int = 12, num_shared_layers: int = 1) -> DemoModels:
     """The embedded default: a random tiny GPT-2 over characters, its reference sharing the first layers."""
-    from trlax.models.auto import FlaxAutoModelForCausalLM
-
     config = tiny_gpt2_config()
     lm = FlaxAutoModelForCausalLM.from_config(config, seed=seed)
     policy = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(lm, seed=seed, summary_dropout_prob=0.0)
@@ -97,14 +98,12 @@ def build_default(seed: int = 0, max_new_tokens: int = 12, num_shared_layers: in
 
 def build_from_checkpoint(source: str, seed: int = 0, max_new_tokens: int = 12) -> DemoModels:
     """A checkpoint (folder or hub id) with a value head; the reference shares its first half of the layers."""
-    from trlax.reference import count_layers, parameter_names, resolve_layer_pattern
-
     policy = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(source, seed=seed)
     if policy.is_peft_model:
         raise UnsupportedModelError(f"{source} is a LoRA adapter; the demo trains a full model: pass its base model")
     policy.params = committed(policy.params)
     names = parameter_names(policy.pretrained_model)
-    shared = count_layers(names, resolve_layer_pattern(names, None)) // 2
+    shared = count_layers(names, policy.pretrained_model.spec.layer_pattern) // 2
     reference = create_reference_model(policy, num_shared_layers=shared)
     vocab = int(policy.config.get_text_config().vocab_size)
     task = checkpoint_task(policy.config, load_tokenizer(source, vocab), max_new_tokens)
@@ -243,8 +242,6 @@ def run(models: DemoModels, config: DemoConfig, progress: bool = True,
 
     show_before: called with the samples before training, before the first step.
     """
-    from tqdm.auto import tqdm
-
     loop = PPOLoop(models, config)
     start = time.perf_counter()
     before = loop.samples()
@@ -311,8 +308,6 @@ def new_output_dir(base: Path) -> Path:
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
-    from trlax.demo_report import print_samples, print_summary, write_outputs
-
     if args.batch_size < 4:
         raise TrlaxError(f"--batch-size must be at least 4 (PPO whitens advantages over each of the "
                          f"{DemoConfig.num_minibatches} minibatches); got {args.batch_size}")

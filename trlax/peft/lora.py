@@ -1,5 +1,7 @@
 """LoRA adapters over trlax models, in PEFT's config and file formats.
 
+PEFT's default `target_modules` for a model type are its family's `SPEC.peft_targets`.
+
 An adapter is a "lora" variable collection that mirrors the base model's param paths:
 at each adapted linear layer it holds `{"lora_A": [in, r], "lora_B": [r, out],
 "scaling": []}` (float32), and `trlax.models.layers.add_lora` adds
@@ -38,7 +40,9 @@ from trlax.checkpoint.naming import flatten_paths, get_path, set_path
 from trlax.checkpoint.reader import CheckpointReader
 from trlax.checkpoint.writer import write_safetensors
 from trlax.errors import CheckpointError, UnsupportedModelError
+from trlax.models.base import FlaxPreTrainedModel
 from trlax.models.layers import LORA_COLLECTION
+from trlax.models.registry import spec_for_type
 
 logger = logging.getLogger("trlax")
 
@@ -48,15 +52,6 @@ PEFT_PREFIX = "base_model.model."
 SUPPORTED_PEFT_TYPES = ("LORA",)
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 
-# PEFT's default `target_modules` per model_type (peft.utils.constants, for the types trlax runs).
-DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
-    "gpt2": ("c_attn",),
-    "gpt_neox": ("query_key_value",),
-    "t5": ("q", "v"),
-    "mt5": ("q", "v"),
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "opt", "gpt_neo",
-                     "bart"), ("q_proj", "v_proj")),
-}
 # Output layers "all-linear" leaves out, as PEFT does.
 _OUTPUT_LAYERS = ("lm_head", "embed_out")
 
@@ -211,10 +206,11 @@ def resolve_targets(config: LoraConfig, base_params: Mapping[str, Any], model_ty
     linear = linear_modules(base_params)
     targets = config.target_modules
     if targets is None:
-        if model_type not in DEFAULT_TARGET_MODULES:
+        try:
+            targets = list(spec_for_type(model_type).peft_targets)
+        except UnsupportedModelError:
             raise UnsupportedModelError(f"LoRA target_modules=None has no PEFT default for model_type {model_type!r}; "
-                                        "name the modules, e.g. target_modules=['q_proj', 'v_proj']")
-        targets = list(DEFAULT_TARGET_MODULES[model_type])
+                                        "name the modules, e.g. target_modules=['q_proj', 'v_proj']") from None
     if targets == "all-linear":
         candidates = [p for p in linear if p.split(".")[-1] not in _OUTPUT_LAYERS]
     else:
@@ -288,7 +284,7 @@ def trainable_lora_mask(lora: Mapping[str, Any], trainable: bool = True) -> dict
     return mask
 
 
-def check_applied(model: Any, lora: Mapping[str, Any]) -> None:
+def check_applied(model: FlaxPreTrainedModel, lora: Mapping[str, Any]) -> None:
     """Raise if some adapted layer's forward never reads its adapter.
 
     A family file that still builds a projection with `flax.linen.Dense` (not the

@@ -16,12 +16,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+import transformers
+from huggingface_hub import get_safetensors_metadata
 
-from trlax.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAMES, PEFT_PREFIX
 from trlax.checkpoint.hub import HubOptions, fetch_file, resolve_checkpoint
 from trlax.checkpoint.reader import SAFETENSORS_DTYPES, SafetensorsFile, TorchBinFile
 from trlax.errors import CheckpointError, TrlaxError, UnsupportedModelError
+from trlax.models.auto import FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
+from trlax.models.base import FlaxPreTrainedModel
+from trlax.peft.lora import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAMES, PEFT_PREFIX
+from trlax.reference import count_layers, parameter_names, resolve_layer_pattern, shared_parameter_names
 
 V_HEAD_KEYS = ("v_head.summary.weight", "v_head.summary.bias")
 Tensors = dict[str, tuple[str, tuple[int, ...]]]  # key -> (dtype name, shape)
@@ -43,8 +49,6 @@ def _hub_header_table(source: str, options: HubOptions) -> Tensors | None:
     """Tensor headers of a hub repo's safetensors without downloading them; None when unavailable."""
     if options.local_files_only or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return None
-    from huggingface_hub import get_safetensors_metadata
-
     try:
         metadata = get_safetensors_metadata(source, revision=options.revision, token=options.token)
     except Exception:  # noqa: BLE001 - no metadata (offline, .bin only, ...): fall back to the files
@@ -100,26 +104,19 @@ def architecture(config: Any) -> dict[str, Any]:
     return info
 
 
-def _lm_object(config: Any) -> Any:
+def _lm_object(config: Any) -> FlaxPreTrainedModel:
     """A trlax LM object for `config` with no params (enough for names and shapes)."""
-    from trlax.models.auto import FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
-
     auto = FlaxAutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else FlaxAutoModelForCausalLM
-    model_cls = auto._model_class()
-    return model_cls(config, model_cls._spec_for(config))
+    return auto.model_class(config)
 
 
 def reference_sharing(config: Any, num_shared_layers: int | None, pattern: str | None = None) -> dict[str, Any]:
     """The layer pattern and count, and (for N) the names create_reference_model would share."""
-    import jax
-
-    from trlax.reference import count_layers, parameter_names, resolve_layer_pattern, shared_parameter_names
-
     lm = _lm_object(config)
     names = parameter_names(lm)
     try:
-        pattern = resolve_layer_pattern(names, pattern)
-    except ValueError as e:  # no known layer pattern fits this family: say so, the rest of the report stands
+        pattern = resolve_layer_pattern(names, pattern, lm.spec.layer_pattern)
+    except ValueError as e:  # the custom pattern fits nothing: say so, the rest of the report stands
         return {"error": str(e)}
     layers = count_layers(names, pattern)
     out: dict[str, Any] = {"pattern": pattern, "layers": layers}
@@ -159,8 +156,6 @@ def model_info(source: str, num_shared_layers: int | None = None, options: HubOp
     adapter_config = fetch_file(source, ADAPTER_CONFIG_NAME, options) if _maybe_checkpoint(source) else None
     if adapter_config is not None:
         return _adapter_folder_info(source, adapter_config, options)
-    import transformers
-
     config_path, tensors = read_tensors(source, options)
     try:
         config = transformers.AutoConfig.from_pretrained(str(config_path.parent))

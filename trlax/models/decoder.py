@@ -1,0 +1,117 @@
+"""The decoder-only skeleton: a backbone (embeddings -> layer stack -> final state) and the causal-LM head.
+
+A family subclasses `DecoderBackbone` for its `*Model` (GPT2Model, LlamaModel, ...) and
+`CausalLM` for its `*ForCausalLM`; both create their submodules under the PyTorch names,
+so param paths are state-dict keys. What is the same everywhere is written here once:
+positions by default, the loop over the layers with their cache, the hidden states
+transformers returns, the tied or untied LM head and float32 logits.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from trlax.models.cache import KVCache, query_slots
+from trlax.models.layers import HFModule
+from trlax.models.outputs import CausalLMOutput
+
+Array = jax.Array
+
+
+class DecoderBackbone(HFModule):
+    """Embeddings -> `LayerStack` -> final state. A family's subclass creates, in `setup`, its
+    embeddings, a `layer_stack(...)` under `stack_name` and its final norm, and implements:
+
+    - `embed(input_ids, position_ids, deterministic) -> x [B, T, H]`;
+    - `layer_inputs(attention_mask [B, S], position_ids [B, T], q_slots [T]) -> dict`: the
+      keyword inputs every block reads besides x and its cache (masks, rotary tables);
+    - `finish(x) -> x`: after the last block (final norm, output projection);
+    - `tied_head(h) -> logits`: the LM head that shares the input embedding.
+    """
+
+    stack_name: ClassVar[str] = "layers"
+
+    def embed(self, input_ids: Array, position_ids: Array, deterministic: bool) -> Array:
+        raise NotImplementedError
+
+    def layer_inputs(self, attention_mask: Array, position_ids: Array, q_slots: Array) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def finish(self, x: Array) -> Array:
+        raise NotImplementedError
+
+    def tied_head(self, h: Array) -> Array:
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array,
+        position_ids: Array,
+        *,
+        deterministic: bool,
+        output_hidden_states: bool,
+        cache: list[KVCache] | None,
+        cache_index: Array,
+    ) -> tuple[Array, tuple[Array, ...] | None, list[KVCache] | None]:
+        """ids [B, T], mask [B, S] (S = T, or the cache's slots), positions [B, T] ->
+        (final state [B, T, H'], hidden states as transformers returns them | None, new cache | None)."""
+        x = self.embed(input_ids, position_ids, deterministic)
+        inputs = self.layer_inputs(attention_mask, position_ids, query_slots(input_ids.shape[1], cache_index))
+        x, hidden, cache = getattr(self, self.stack_name)(
+            x, cache=cache, output_hidden_states=output_hidden_states, deterministic=deterministic,
+            cache_index=cache_index, **inputs)
+        x = self.finish(x)
+        # transformers replaces the last layer's output with the final (normed) state.
+        return x, None if hidden is None else (*hidden, x), cache
+
+
+class CausalLM(HFModule):
+    """A family's `*ForCausalLM`: its backbone under `backbone_name`, and an LM head that is the
+    tied input embedding or an own `head_name` Dense (with `head_bias`). Inputs and outputs:
+    `trlax.models.outputs.CausalLMOutput`; logits are float32 whatever the compute dtype."""
+
+    backbone_cls: ClassVar[type[HFModule]]
+    backbone_name: ClassVar[str]
+    head_name: ClassVar[str] = "lm_head"
+    head_bias: ClassVar[bool] = False
+
+    def setup(self) -> None:
+        c = self.config
+        setattr(self, self.backbone_name, self.backbone_cls(c, self.dtype, self.param_dtype))
+        if not c.tie_word_embeddings:
+            setattr(self, self.head_name, self.linear(c.vocab_size, use_bias=self.head_bias))
+
+    def default_positions(self, input_ids: Array, attention_mask: Array, cache_index: Array) -> Array:
+        """transformers' default position_ids [B, T]: the query slots (arange from the cache index),
+        whatever the padding. (OPT derives its own from the mask.)"""
+        return jnp.broadcast_to(query_slots(input_ids.shape[1], cache_index), input_ids.shape)
+
+    def logits(self, h: Array) -> Array:
+        """LM-head logits [B, T, V] (compute dtype) of the final state h [B, T, H']."""
+        if self.config.tie_word_embeddings:
+            return getattr(self, self.backbone_name).tied_head(h)
+        return getattr(self, self.head_name)(h)
+
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array,
+        position_ids: Array | None = None,
+        *,
+        deterministic: bool = True,
+        output_hidden_states: bool = False,
+        cache: list[KVCache] | None = None,
+        cache_index: Array | int = 0,
+    ) -> CausalLMOutput:
+        cache_index = jnp.asarray(cache_index, jnp.int32)
+        if position_ids is None:
+            position_ids = self.default_positions(input_ids, attention_mask, cache_index)
+        h, hidden, cache = getattr(self, self.backbone_name)(
+            input_ids, attention_mask, position_ids, deterministic=deterministic,
+            output_hidden_states=output_hidden_states, cache=cache, cache_index=cache_index)
+        return CausalLMOutput(logits=self.logits(h).astype(jnp.float32), last_hidden_state=h,
+                              hidden_states=hidden, cache=cache)

@@ -1,0 +1,60 @@
+"""`config.model_type` -> the family that implements it: one line per family below."""
+
+from __future__ import annotations
+
+import importlib
+from functools import cache
+
+from trlax.errors import UnsupportedModelError
+from trlax.models.spec import ArchitectureSpec
+
+# One module per family; each defines SPEC. Adding a family adds its module here.
+FAMILY_MODULES: tuple[str, ...] = (
+    "trlax.models.gpt2",
+    "trlax.models.llama",
+    "trlax.models.gemma",
+    "trlax.models.opt",
+    "trlax.models.gpt_neo",
+    "trlax.models.gpt_neox",
+    "trlax.models.t5",
+    "trlax.models.bart",
+)
+
+
+@cache
+def all_specs() -> tuple[ArchitectureSpec, ...]:
+    """Every family's SPEC, in FAMILY_MODULES order (imported on first use)."""
+    return tuple(importlib.import_module(name).SPEC for name in FAMILY_MODULES)
+
+
+def _by_type(encoder_decoder: bool) -> dict[str, ArchitectureSpec]:
+    return {t: spec for spec in all_specs() if spec.is_encoder_decoder == encoder_decoder for t in spec.model_types}
+
+
+def supported_model_types(encoder_decoder: bool | None = None) -> list[str]:
+    """model_type values trlax implements (causal, seq2seq, or both when None)."""
+    kinds = (False, True) if encoder_decoder is None else (encoder_decoder,)
+    return sorted(t for kind in kinds for t in _by_type(kind))
+
+
+def get_spec(model_type: str, encoder_decoder: bool = False) -> ArchitectureSpec:
+    """The ArchitectureSpec for a model_type; raises UnsupportedModelError naming the supported ones."""
+    specs = _by_type(encoder_decoder)
+    if model_type in specs:
+        return specs[model_type]
+    kind, auto = ("seq2seq", "FlaxAutoModelForSeq2SeqLM") if encoder_decoder else ("causal", "FlaxAutoModelForCausalLM")
+    if model_type in _by_type(not encoder_decoder):
+        other_auto = "FlaxAutoModelForCausalLM" if encoder_decoder else "FlaxAutoModelForSeq2SeqLM"
+        raise UnsupportedModelError(f"model_type {model_type!r} is not a {kind} LM for {auto}; use {other_auto}")
+    raise UnsupportedModelError(
+        f"model_type {model_type!r} is not supported by trlax's {auto}; supported: {sorted(specs)}"
+    )
+
+
+def spec_for_type(model_type: str) -> ArchitectureSpec:
+    """The family of a model_type, causal or encoder-decoder (UnsupportedModelError if neither)."""
+    for encoder_decoder in (False, True):
+        if model_type in _by_type(encoder_decoder):
+            return _by_type(encoder_decoder)[model_type]
+    raise UnsupportedModelError(f"model_type {model_type!r} is not supported by trlax; "
+                                f"supported: {supported_model_types()}")
