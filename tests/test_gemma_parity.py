@@ -12,8 +12,7 @@ import pytest
 import torch
 import transformers
 
-from tests.helpers import PADDINGS, torch_random_init
-from tests.parity_checks import check_cached_decoding, check_forward, check_save_roundtrip, make_pair
+from tests.helpers import torch_random_init
 from tests.test_llama_parity import check_window_matters
 from tests.tiny_configs import TINY_CAUSAL
 from trlax import FlaxAutoModelForCausalLM
@@ -21,26 +20,6 @@ from trlax.errors import UnsupportedModelError
 from trlax.models.layers import RMSNorm
 
 GEMMA_TYPES = ("gemma", "gemma2")
-
-
-@pytest.fixture(scope="module", params=GEMMA_TYPES)
-def pair(request, tmp_path_factory):
-    return make_pair(TINY_CAUSAL[request.param](), tmp_path_factory.mktemp(request.param))
-
-
-@pytest.mark.parametrize("padding", PADDINGS)
-@pytest.mark.parametrize("explicit_positions", [False, True])
-def test_logits_and_hidden_states_match_pytorch(pair, padding, explicit_positions):
-    check_forward(*pair, padding, explicit_positions)
-
-
-@pytest.mark.parametrize("padding", PADDINGS)
-def test_cached_decoding_matches_full_forward(pair, padding):
-    check_cached_decoding(pair[1], padding, explicit_positions=False)
-
-
-def test_save_pretrained_loads_in_transformers(pair, tmp_path):
-    check_save_roundtrip(*pair, tmp_path / "saved")
 
 
 def test_gemma2_sliding_window_and_softcaps_are_exercised():

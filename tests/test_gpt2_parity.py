@@ -1,4 +1,4 @@
-"""GPT-2: trlax vs transformers (PyTorch) on the same weights, float32, atol 1e-4."""
+"""GPT-2's own checks; the generic parity checks over its variants are in tests/test_causal_parity.py."""
 
 from __future__ import annotations
 
@@ -7,18 +7,14 @@ import pytest
 import torch
 import transformers
 
-from tests.helpers import PADDINGS, batch, max_diff, save_torch, torch_random_init
+from tests.helpers import batch, max_diff, save_torch, torch_random_init
+from tests.tiny_configs import CAUSAL_VARIANTS, TINY_CAUSAL
 from trlax import FlaxAutoModelForCausalLM
 
 ATOL = 1e-4
 
-VARIANTS = {
-    "default": {},
-    "untied": {"tie_word_embeddings": False},
-    "inverse_layer_idx": {"scale_attn_by_inverse_layer_idx": True},
-    "reorder_upcast": {"reorder_and_upcast_attn": True},
-    "gelu_exact_no_scale": {"activation_function": "gelu", "scale_attn_weights": False, "n_inner": 48},
-}
+VARIANTS = {"default": TINY_CAUSAL["gpt2"]} | {
+    name: make for name, make in CAUSAL_VARIANTS.items() if name.startswith("gpt2/")}
 
 
 def _config(**overrides: object) -> transformers.GPT2Config:
@@ -28,29 +24,11 @@ def _config(**overrides: object) -> transformers.GPT2Config:
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def pair(request, tmp_path_factory):
-    config = _config(**VARIANTS[request.param])
+    config = VARIANTS[request.param]()
     torch.manual_seed(0)
     pt = torch_random_init(transformers.GPT2LMHeadModel(config), std=0.1)
-    folder = save_torch(pt, tmp_path_factory.mktemp(request.param))
+    folder = save_torch(pt, tmp_path_factory.mktemp(request.param.replace("/", "-")))
     return pt, FlaxAutoModelForCausalLM.from_pretrained(folder)
-
-
-@pytest.mark.parametrize("padding", PADDINGS)
-@pytest.mark.parametrize("explicit_positions", [False, True])
-def test_logits_and_hidden_states_match_pytorch(pair, padding, explicit_positions):
-    pt, model = pair
-    ids, mask = batch(101, padding)
-    positions = np.clip(mask.cumsum(-1) - 1, 0, None) if explicit_positions else None
-    with torch.no_grad():
-        ref = pt(torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True,
-                 position_ids=None if positions is None else torch.tensor(positions))
-    out = model(ids, mask, position_ids=positions, output_hidden_states=True)
-    assert out.logits.dtype == np.float32
-    assert max_diff(ref.logits, out.logits, mask) < ATOL
-    assert len(out.hidden_states) == len(ref.hidden_states) == 3
-    for ref_h, h in zip(ref.hidden_states, out.hidden_states, strict=True):
-        assert max_diff(ref_h, h, mask) < ATOL
-    assert max_diff(ref.hidden_states[-1], out.last_hidden_state, mask) < ATOL
 
 
 def test_left_padded_rows_match_unpadded_rows_with_mask_positions(pair):

@@ -4,67 +4,27 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import transformers
 
-from tests.helpers import PADDINGS, batch, max_diff
+from tests.helpers import batch, max_diff
 from tests.parity_checks import (
     SEQ,
     VOCAB,
-    check_cached_decoding,
-    check_forward,
-    check_save_roundtrip,
     make_pair,
 )
-from tests.tiny_configs import TINY_CAUSAL
+from tests.tiny_configs import CAUSAL_VARIANTS, TINY_CAUSAL
 from trlax import FlaxAutoModelForCausalLM
 from trlax.errors import UnsupportedModelError
 from trlax.models.gpt_neox import rotary_inv_freq
 
-
-def _neox(**overrides: object) -> transformers.GPTNeoXConfig:
-    kwargs = TINY_CAUSAL["gpt_neox"]().to_dict()
-    kwargs.pop("rope_parameters")  # rebuilt from rotary_pct / rotary_emb_base, as an old config.json has them
-    return transformers.GPTNeoXConfig.from_dict({**kwargs, **overrides})
-
-
 VARIANTS = {
-    # Pythia's shape: parallel residual, a quarter of each head rotated, untied `embed_out`.
-    "parallel_rot25": TINY_CAUSAL["gpt_neox"],
-    # Sequential residual, every dim rotated, tied head, rotary base 500, no attention biases.
-    "sequential_rot100": lambda: _neox(use_parallel_residual=False, rotary_pct=1.0, tie_word_embeddings=True,
-                                       rotary_emb_base=500, attention_bias=False),
+    "parallel_rot25": TINY_CAUSAL["gpt_neox"],  # Pythia's shape
+    "sequential_rot100": CAUSAL_VARIANTS["gpt_neox/sequential_rot100"],
 }
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def pair(request, tmp_path_factory):
     return make_pair(VARIANTS[request.param](), tmp_path_factory.mktemp(request.param))
-
-
-@pytest.mark.parametrize("padding", PADDINGS)
-@pytest.mark.parametrize("explicit_positions", [False, True])
-def test_logits_and_hidden_states_match_pytorch(pair, padding, explicit_positions):
-    check_forward(*pair, padding, explicit_positions)
-
-
-@pytest.mark.parametrize("padding", PADDINGS)
-def test_cached_decoding_matches_full_forward(pair, padding):
-    check_cached_decoding(pair[1], padding, explicit_positions=False)
-
-
-def test_cached_decoding_with_explicit_positions(pair):
-    check_cached_decoding(pair[1], "left", explicit_positions=True)
-
-
-def test_save_pretrained_loads_in_transformers(pair, tmp_path):
-    check_save_roundtrip(*pair, tmp_path / "saved")
-
-
-def test_linear_rope_scaling_with_partial_rotary_matches_pytorch(tmp_path):
-    config = TINY_CAUSAL["gpt_neox"]()
-    config.rope_parameters = {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000.0,
-                              "partial_rotary_factor": 0.5}
-    check_forward(*make_pair(config, tmp_path), "left", explicit_positions=False)
 
 
 def test_variants_set_what_they_claim():
@@ -83,13 +43,6 @@ def test_inv_freq_equals_transformers_within_two_ulps():
         config = make()
         ref = GPTNeoXRotaryEmbedding(config).inv_freq.numpy()
         np.testing.assert_array_max_ulp(rotary_inv_freq(config), ref, maxulp=2)
-
-
-def test_head_is_embed_out_unless_tied(pair):
-    _, model = pair
-    tied = model.config.tie_word_embeddings
-    assert ("embed_out" in model.params) is not tied
-    assert ("embed_out.weight" in model.state_dict()) is not tied
 
 
 def test_fused_qkv_keeps_the_transformers_layout(pair):

@@ -1,6 +1,5 @@
-"""Llama family (llama, mistral, qwen2, qwen3): trlax vs transformers (PyTorch), float32, atol 1e-4.
-
-The checks come from tests/parity_checks.py (shared with every causal family);
+"""Llama family (llama, mistral, qwen2, qwen3): what the generic parity checks in
+tests/test_causal_parity.py do not cover (RoPE frequencies, refusals, sliding windows, buffers).
 `check_window_matters` here is shared with tests/test_gemma_parity.py.
 """
 
@@ -14,78 +13,16 @@ import pytest
 import torch
 import transformers
 
-from tests.helpers import PADDINGS, batch, max_diff, save_torch, torch_random_init
-from tests.parity_checks import SEQ, VOCAB, check_cached_decoding, check_forward, check_save_roundtrip, make_pair
-from tests.tiny_configs import TINY_CAUSAL
+from tests.helpers import batch, max_diff, save_torch, torch_random_init
+from tests.parity_checks import SEQ, VOCAB, make_pair
+from tests.tiny_configs import CAUSAL_VARIANTS, ROPE_VARIANTS, TINY_CAUSAL
 from trlax import FlaxAutoModelForCausalLM
 from trlax.errors import UnsupportedModelError
 from trlax.models.rope import inv_frequencies
 
-ATOL = 1e-4
-
-# Rope scaling variants of the tiny llama. llama3's numbers put one frequency in each of its
-# three bands (kept, interpolated, divided by `factor`) for head_dim 8.
-ROPE_VARIANTS = {
-    "linear": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0},
-    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 32, "rope_theta": 100.0},
-}
-
 
 def llama_with_rope(name: str) -> transformers.LlamaConfig:
-    config = TINY_CAUSAL["llama"]()
-    config.rope_parameters = dict(ROPE_VARIANTS[name])
-    return config
-
-
-DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-# --- llama, mistral, qwen2, qwen3 --------------------------------------------------------
-
-
-@pytest.fixture(scope="module", params=DECODER_TYPES)
-def pair(request, tmp_path_factory):
-    return make_pair(TINY_CAUSAL[request.param](), tmp_path_factory.mktemp(request.param))
-
-
-@pytest.fixture(scope="module", params=list(ROPE_VARIANTS))
-def rope_pair(request, tmp_path_factory):
-    return make_pair(llama_with_rope(request.param), tmp_path_factory.mktemp(request.param))
-
-
-@pytest.mark.parametrize("padding", PADDINGS)
-@pytest.mark.parametrize("explicit_positions", [False, True])
-def test_logits_and_hidden_states_match_pytorch(pair, padding, explicit_positions):
-    check_forward(*pair, padding, explicit_positions)
-
-
-@pytest.mark.parametrize("padding", PADDINGS)
-def test_scaled_rope_matches_pytorch(rope_pair, padding):
-    # Mask-derived positions only: scaling acts on the inverse frequencies, and the default-position
-    # path is the plain llama's, tested above (one compilation per variant keeps this file fast).
-    check_forward(*rope_pair, padding, explicit_positions=True)
-
-
-@pytest.mark.parametrize("padding", PADDINGS)
-def test_cached_decoding_matches_full_forward(pair, padding):
-    check_cached_decoding(pair[1], padding, explicit_positions=False)
-
-
-@pytest.mark.parametrize("pair", ["llama"], indirect=True)
-def test_cached_decoding_with_mask_positions(pair):
-    check_cached_decoding(pair[1], "left", explicit_positions=True)
-
-
-def test_save_pretrained_loads_in_transformers(pair, tmp_path):
-    check_save_roundtrip(*pair, tmp_path / "saved")
-
-
-def test_tied_checkpoint_has_no_lm_head(pair):
-    _, model = pair
-    tied = model.config.tie_word_embeddings
-    assert ("lm_head" in model.params) is not tied
-    assert ("lm_head.weight" in model.state_dict()) is not tied
+    return CAUSAL_VARIANTS[f"llama/rope_{name}"]()
 
 
 @pytest.mark.parametrize("name", list(ROPE_VARIANTS))

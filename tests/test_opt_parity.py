@@ -1,48 +1,26 @@
-"""OPT: trlax vs transformers (PyTorch) on the same weights, float32, atol 1e-4."""
+"""OPT's own checks; the generic parity checks over its variants are in tests/test_causal_parity.py."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import transformers
 
-from tests.helpers import PADDINGS, batch
+from tests.helpers import batch
 from tests.parity_checks import (
     ATOL,
     SEQ,
     VOCAB,
-    check_cached_decoding,
-    check_forward,
-    check_save_roundtrip,
     make_pair,
 )
-from tests.tiny_configs import TINY_CAUSAL
+from tests.tiny_configs import CAUSAL_VARIANTS, TINY_CAUSAL
 from trlax import FlaxAutoModelForCausalLM
 from trlax.errors import UnsupportedModelError
 from trlax.models.opt import default_position_ids
 
-
-def _pre_ln(**overrides: object) -> transformers.OPTConfig:
-    config = TINY_CAUSAL["opt"]()
-    config.do_layer_norm_before = True
-    config.word_embed_proj_dim = config.hidden_size
-    for name, value in overrides.items():
-        setattr(config, name, value)
-    return config
-
-
 VARIANTS = {
-    # OPT-125m's shape: pre-LN, tied head, embeddings in the hidden size.
-    "pre_ln": _pre_ln,
-    # OPT-350m's shape: post-LN (no final layer norm), word_embed_proj_dim 16 != hidden 32.
-    "post_ln_proj": TINY_CAUSAL["opt"],
+    "pre_ln": CAUSAL_VARIANTS["opt/pre_ln"],
+    "post_ln_proj": TINY_CAUSAL["opt"],  # OPT-350m's shape: post-LN, word_embed_proj_dim 16 != hidden 32
 }
-
-
-def _bare() -> transformers.OPTConfig:
-    """Every other switch: projected pre-LN, no biases, no LayerNorm params, no final norm, untied head."""
-    return _pre_ln(word_embed_proj_dim=16, enable_bias=False, layer_norm_elementwise_affine=False,
-                   _remove_final_layer_norm=True, tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -50,32 +28,12 @@ def pair(request, tmp_path_factory):
     return make_pair(VARIANTS[request.param](), tmp_path_factory.mktemp(request.param))
 
 
-@pytest.mark.parametrize("padding", PADDINGS)
-@pytest.mark.parametrize("explicit_positions", [False, True])
-def test_logits_and_hidden_states_match_pytorch(pair, padding, explicit_positions):
-    check_forward(*pair, padding, explicit_positions)
-
-
-@pytest.mark.parametrize("padding", PADDINGS)
-def test_cached_decoding_matches_full_forward(pair, padding):
-    check_cached_decoding(pair[1], padding, explicit_positions=False)
-
-
-def test_cached_decoding_with_explicit_positions(pair):
-    check_cached_decoding(pair[1], "left", explicit_positions=True)
-
-
-def test_save_pretrained_loads_in_transformers(pair, tmp_path):
-    check_save_roundtrip(*pair, tmp_path / "saved")
-
-
-def test_bare_variant_matches_pytorch_and_round_trips(tmp_path):
-    pt, model = make_pair(_bare(), tmp_path / "torch")
+def test_bare_variant_has_none_of_the_optional_params():
+    """Its parity is checked in tests/test_causal_parity.py ("opt/bare"); here: the switches really bite."""
+    model = FlaxAutoModelForCausalLM.from_config(CAUSAL_VARIANTS["opt/bare"]())
     params = model.params["model"]["decoder"]
     assert "final_layer_norm" not in params and "bias" not in params["layers"]["0"]["fc1"]
     assert "lm_head" in model.params
-    check_forward(pt, model, "left", explicit_positions=False)
-    check_save_roundtrip(pt, model, tmp_path / "saved")
 
 
 def test_value_head_input_is_after_project_out(pair):
@@ -114,4 +72,6 @@ def test_default_position_ids_follow_transformers_rule():
 
 def test_layerdrop_is_refused():
     with pytest.raises(UnsupportedModelError, match=r"layerdrop=0\.1.*config\.layerdrop = 0\.0"):
-        FlaxAutoModelForCausalLM.from_config(_pre_ln(layerdrop=0.1))
+        config = TINY_CAUSAL["opt"]()
+        config.layerdrop = 0.1
+        FlaxAutoModelForCausalLM.from_config(config)

@@ -92,6 +92,69 @@ TINY_CAUSAL: dict[str, Callable[[], transformers.PretrainedConfig]] = {
     "gpt_neox": gpt_neox,
 }
 
+
+# Variants of the causal types above: every switch a family's code branches on gets a config.
+def _gpt2(**overrides: object) -> transformers.PretrainedConfig:
+    config = gpt2()
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    return config
+
+
+def _opt_pre_ln(**overrides: object) -> transformers.PretrainedConfig:
+    config = opt()
+    config.do_layer_norm_before = True
+    config.word_embed_proj_dim = config.hidden_size
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    return config
+
+
+def _llama_rope(**rope: object) -> transformers.PretrainedConfig:
+    config = llama()
+    config.rope_parameters = dict(rope)
+    return config
+
+
+def _neox(**overrides: object) -> transformers.PretrainedConfig:
+    kwargs = gpt_neox().to_dict()
+    kwargs.pop("rope_parameters")  # rebuilt from rotary_pct / rotary_emb_base, as an old config.json has them
+    return transformers.GPTNeoXConfig.from_dict({**kwargs, **overrides})
+
+
+# llama3's numbers put one frequency in each of its three bands (kept, interpolated, divided by
+# `factor`) for head_dim 8.
+ROPE_VARIANTS = {
+    "linear": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32, "rope_theta": 100.0},
+}
+
+CAUSAL_VARIANTS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
+    "gpt2/untied": lambda: _gpt2(tie_word_embeddings=False),
+    "gpt2/inverse_layer_idx": lambda: _gpt2(scale_attn_by_inverse_layer_idx=True),
+    "gpt2/reorder_upcast": lambda: _gpt2(reorder_and_upcast_attn=True),
+    "gpt2/gelu_exact_no_scale": lambda: _gpt2(activation_function="gelu", scale_attn_weights=False, n_inner=48),
+    **{f"llama/rope_{name}": (lambda rope=rope: _llama_rope(**rope)) for name, rope in ROPE_VARIANTS.items()},
+    # OPT-125m's shape: pre-LN, tied head, embeddings in the hidden size.
+    "opt/pre_ln": _opt_pre_ln,
+    # Every other OPT switch: projected pre-LN, no biases, no LayerNorm params, no final norm, untied head.
+    "opt/bare": lambda: _opt_pre_ln(word_embed_proj_dim=16, enable_bias=False, layer_norm_elementwise_affine=False,
+                                    _remove_final_layer_norm=True, tie_word_embeddings=False),
+    # Local layer first, a window of 3, an untied head, a non-default MLP width and activation.
+    "gpt_neo/local_global_w3_untied": lambda: transformers.GPTNeoConfig(
+        vocab_size=101, hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["local", "global"], 1]],
+        window_size=3, intermediate_size=40, activation_function="gelu", tie_word_embeddings=False,
+        max_position_embeddings=64, bos_token_id=0, eos_token_id=1),
+    # Sequential residual, every dim rotated, tied head, rotary base 500, no attention biases.
+    "gpt_neox/sequential_rot100": lambda: _neox(use_parallel_residual=False, rotary_pct=1.0,
+                                                tie_word_embeddings=True, rotary_emb_base=500,
+                                                attention_bias=False),
+    # Linear RoPE scaling with half of each head rotated.
+    "gpt_neox/linear_rope_rot50": lambda: _neox(rope_scaling={"type": "linear", "factor": 4.0}, rotary_pct=0.5,
+                                                rotary_emb_base=1000),
+}
+
 # T5 family: 2 encoder / 3 decoder blocks, d_kv * heads != d_model, and 8 buckets with
 # max_distance 16 so that 9-12 token sequences reach the logarithmic buckets.
 _T5_COMMON = {"vocab_size": 101, "d_model": 32, "d_kv": 6, "d_ff": 48, "num_layers": 2, "num_decoder_layers": 3,

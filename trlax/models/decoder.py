@@ -28,11 +28,14 @@ class DecoderBackbone(HFModule):
     - `embed(input_ids, position_ids, deterministic) -> x [B, T, H]`;
     - `layer_inputs(attention_mask [B, S], position_ids [B, T], q_slots [T]) -> dict`: the
       keyword inputs every block reads besides x and its cache (masks, rotary tables);
-    - `finish(x) -> x`: after the last block (final norm, output projection);
-    - `tied_head(h) -> logits`: the LM head that shares the input embedding.
+    - `finish(x) -> x`: after the last block; by default the final norm `final_norm_name`;
+    - `tied_head(h) -> logits`: the LM head that shares the input embedding; by default
+      `embedding_name`'s `attend`.
     """
 
     stack_name: ClassVar[str] = "layers"
+    embedding_name: ClassVar[str]
+    final_norm_name: ClassVar[str]
 
     def embed(self, input_ids: Array, position_ids: Array, deterministic: bool) -> Array:
         raise NotImplementedError
@@ -41,10 +44,10 @@ class DecoderBackbone(HFModule):
         raise NotImplementedError
 
     def finish(self, x: Array) -> Array:
-        raise NotImplementedError
+        return getattr(self, self.final_norm_name)(x)
 
     def tied_head(self, h: Array) -> Array:
-        raise NotImplementedError
+        return getattr(self, self.embedding_name).attend(h)
 
     def __call__(
         self,

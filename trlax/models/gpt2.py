@@ -77,6 +77,8 @@ class GPT2Block(HFModule):
 
 
 class GPT2Model(DecoderBackbone):
+    embedding_name = "wte"
+    final_norm_name = "ln_f"
     stack_name = "h"
 
     def setup(self) -> None:
@@ -92,12 +94,6 @@ class GPT2Model(DecoderBackbone):
 
     def layer_inputs(self, attention_mask: Array, position_ids: Array, q_slots: Array) -> dict[str, Any]:
         return {"masks": causal_masks(attention_mask, q_slots, [None])}
-
-    def finish(self, x: Array) -> Array:
-        return self.ln_f(x)
-
-    def tied_head(self, h: Array) -> Array:
-        return self.wte.attend(h)
 
 
 class GPT2LMHeadModel(CausalLM):

@@ -103,6 +103,9 @@ class GPTNeoXLayer(HFModule):
 
 
 class GPTNeoXModel(DecoderBackbone):
+    embedding_name = "embed_in"
+    final_norm_name = "final_layer_norm"
+
     def setup(self) -> None:
         c = self.config
         self.embed_in = self.embedding(c.vocab_size, c.hidden_size)
@@ -117,12 +120,6 @@ class GPTNeoXModel(DecoderBackbone):
     def layer_inputs(self, attention_mask: Array, position_ids: Array, q_slots: Array) -> dict[str, Any]:
         return {"masks": causal_masks(attention_mask, q_slots, [None]),
                 "rotary": rotary_cos_sin(position_ids, rotary_inv_freq(self.config))}  # [B, T, rot_dim] float32
-
-    def finish(self, x: Array) -> Array:
-        return self.final_layer_norm(x)
-
-    def tied_head(self, h: Array) -> Array:
-        return self.embed_in.attend(h)
 
 
 class GPTNeoXForCausalLM(CausalLM):

@@ -205,6 +205,9 @@ class LlamaDecoderLayer(HFModule, kw_only=True):
 class LlamaModel(DecoderBackbone):
     """Subclasses (Gemma) swap `make_options` and `layer_cls_for`; everything else is shared."""
 
+    embedding_name = "embed_tokens"
+    final_norm_name = "norm"
+
     make_options: ClassVar[Callable[[Any], DecoderOptions]] = staticmethod(llama_options)
     layer_cls_for: ClassVar[Callable[[Any], type[nn.Module]]] = staticmethod(lambda config: LlamaDecoderLayer)
 
@@ -227,12 +230,6 @@ class LlamaModel(DecoderBackbone):
         windows = [self.options.window(i) for i in range(self.config.num_hidden_layers)]
         return {"masks": causal_masks(attention_mask, q_slots, windows),
                 "rotary": rotary_cos_sin(position_ids, self.inv_freq)}  # cos, sin [B, T, D] float32
-
-    def finish(self, x: Array) -> Array:
-        return self.norm(x)
-
-    def tied_head(self, h: Array) -> Array:
-        return self.embed_tokens.attend(h)
 
 
 class LlamaForCausalLM(CausalLM):
