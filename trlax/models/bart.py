@@ -34,10 +34,11 @@ import flax.linen as nn
 import jax
 
 from trlax.errors import UnsupportedModelError
-from trlax.models.attention import Array, attend, attention_bias
+from trlax.models.attention import Array, attention_bias
 from trlax.models.cache import CacheGeometry, KVCache
 from trlax.models.encoder_decoder import EncoderDecoderLM, EncoderDecoderStack
 from trlax.models.layers import ACTIVATIONS, HFModule, activation
+from trlax.models.projected_attention import ProjectedAttention
 from trlax.models.spec import ArchitectureSpec
 from trlax.models.stack import layer_stack
 
@@ -47,30 +48,6 @@ POSITION_OFFSET = 2  # BartLearnedPositionalEmbedding's fairseq offset
 def _layer_norm(module: HFModule, name: str) -> nn.LayerNorm:
     # torch.nn.LayerNorm defaults (eps 1e-5); two-pass variance as torch computes it.
     return module.layer_norm(1e-5, name=name, use_fast_variance=False)
-
-
-class BartAttention(HFModule, kw_only=True):
-    num_heads: int
-
-    def setup(self) -> None:
-        d = self.config.d_model
-        self.k_proj = self.linear(d)
-        self.v_proj = self.linear(d)
-        self.q_proj = self.linear(d)
-        self.out_proj = self.linear(d)
-        self.dropout = nn.Dropout(self.config.attention_dropout)
-
-    def __call__(self, x: Array, kv_states: Array, bias: Array, deterministic: bool, cache: KVCache | None = None,
-                 cache_index: Array | int = 0) -> tuple[Array, KVCache | None]:
-        """x: [B, T, H] queries; kv_states: [B, S', H] (x, or the encoder state); bias [B, 1, T, S]."""
-        b, t, h = x.shape
-        head_dim = h // self.num_heads
-        q = self.q_proj(x).reshape(b, t, self.num_heads, head_dim)
-        k = self.k_proj(kv_states).reshape(b, kv_states.shape[1], self.num_heads, head_dim)
-        v = self.v_proj(kv_states).reshape(b, kv_states.shape[1], self.num_heads, head_dim)
-        out, cache = attend(q, k, v, bias, cache, cache_index, scale=head_dim**-0.5, dropout=self.dropout,
-                            deterministic=deterministic)
-        return self.out_proj(out.reshape(b, t, h)), cache
 
 
 class BartLayer(HFModule, kw_only=True):
@@ -83,10 +60,11 @@ class BartLayer(HFModule, kw_only=True):
         c = self.config
         kw = {"config": c, "dtype": self.dtype, "param_dtype": self.param_dtype}
         heads = c.decoder_attention_heads if self.is_decoder else c.encoder_attention_heads
-        self.self_attn = BartAttention(**kw, num_heads=heads)
+        attention = {**kw, "width": c.d_model, "num_heads": heads, "dropout_rate": c.attention_dropout}
+        self.self_attn = ProjectedAttention(**attention)
         self.self_attn_layer_norm = _layer_norm(self, "self_attn_layer_norm")
         if self.is_decoder:
-            self.encoder_attn = BartAttention(**kw, num_heads=heads)
+            self.encoder_attn = ProjectedAttention(**attention)
             self.encoder_attn_layer_norm = _layer_norm(self, "encoder_attn_layer_norm")
         self.fc1 = self.linear(c.decoder_ffn_dim if self.is_decoder else c.encoder_ffn_dim)
         self.fc2 = self.linear(c.d_model)
@@ -97,10 +75,10 @@ class BartLayer(HFModule, kw_only=True):
 
     def __call__(self, x: Array, *, self_bias: Array, cross_bias: Array | None, encoder_states: Array | None,
                  deterministic: bool, cache: KVCache | None, cache_index: Array) -> tuple[Array, KVCache | None]:
-        out, cache = self.self_attn(x, x, self_bias, deterministic, cache, cache_index)
+        out, cache = self.self_attn(x, self_bias, deterministic, cache, cache_index)
         x = self.self_attn_layer_norm(x + self.dropout(out, deterministic=deterministic))
         if self.is_decoder:
-            out, _ = self.encoder_attn(x, encoder_states, cross_bias, deterministic)
+            out, _ = self.encoder_attn(x, cross_bias, deterministic, kv_states=encoder_states)
             x = self.encoder_attn_layer_norm(x + self.dropout(out, deterministic=deterministic))
         out = self.activation_dropout(self.act(self.fc1(x)), deterministic=deterministic)
         out = self.dropout(self.fc2(out), deterministic=deterministic)

@@ -5,7 +5,8 @@ Param paths match transformers' GPTNeoForCausalLM state dict (`transformer.wte`,
 - layers alternate between global and local attention (`config.attention_layers`, expanded
   from `attention_types`); a local layer sees only keys fewer than `window_size` cache
   slots behind the query (transformers' `tril(ones) ^ tril(ones, -window_size)` buffer);
-- attention is NOT scaled by 1/sqrt(head_dim), and q/k/v are separate bias-free Linears.
+- attention is NOT scaled by 1/sqrt(head_dim), and q/k/v are separate bias-free Linears
+  (`trlax.models.projected_attention`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from typing import Any
 import flax.linen as nn
 
 from trlax.errors import UnsupportedModelError
-from trlax.models.attention import Array, attend, causal_masks
+from trlax.models.attention import Array, causal_masks
 from trlax.models.cache import CacheGeometry, KVCache
 from trlax.models.decoder import CausalLM, DecoderBackbone
 from trlax.models.layers import HFModule, activation
+from trlax.models.projected_attention import ProjectedAttention
 from trlax.models.spec import ArchitectureSpec, tied_lm_head
 from trlax.models.stack import layer_stack
 
@@ -30,38 +32,20 @@ def layer_window(config: Any, layer_idx: int) -> int | None:
     return config.window_size if config.attention_layers[layer_idx] == "local" else None
 
 
-class GPTNeoSelfAttention(HFModule):
+class GPTNeoAttention(HFModule):
+    """transformers' wrapper module (param paths read `attn.attention.q_proj`), with the residual dropout."""
+
     def setup(self) -> None:
         c = self.config
-        # PyTorch's registration order (k, v, q): TRL's order-based sharing walks it.
-        self.k_proj = self.linear(c.hidden_size, use_bias=False)
-        self.v_proj = self.linear(c.hidden_size, use_bias=False)
-        self.q_proj = self.linear(c.hidden_size, use_bias=False)
-        self.out_proj = self.linear(c.hidden_size)
-        self.attn_dropout = nn.Dropout(float(c.attention_dropout))
+        self.attention = ProjectedAttention(c, self.dtype, self.param_dtype, width=c.hidden_size,
+                                            num_heads=c.num_heads, qkv_bias=False, scale="none",
+                                            dropout_rate=float(c.attention_dropout))
         self.resid_dropout = nn.Dropout(float(c.resid_dropout))
 
-    def __call__(
-        self, x: Array, bias: Array, deterministic: bool, cache: KVCache | None, cache_index: Array
-    ) -> tuple[Array, KVCache | None]:
-        c = self.config
-        b, t, _ = x.shape
-        heads = (b, t, c.num_heads, c.hidden_size // c.num_heads)
-        q, k, v = self.q_proj(x).reshape(heads), self.k_proj(x).reshape(heads), self.v_proj(x).reshape(heads)
-        # GPT-Neo never scales its attention scores (scale 1, not 1/sqrt(D)).
-        out, cache = attend(q, k, v, bias, cache, cache_index, scale=1.0, dropout=self.attn_dropout,
-                            deterministic=deterministic)
-        return self.resid_dropout(self.out_proj(out.reshape(b, t, c.hidden_size)), deterministic=deterministic), cache
-
-
-class GPTNeoAttention(HFModule):
-    """transformers' wrapper module; it only exists so param paths read `attn.attention.q_proj`."""
-
-    def setup(self) -> None:
-        self.attention = GPTNeoSelfAttention(self.config, self.dtype, self.param_dtype)
-
-    def __call__(self, *args: Any) -> tuple[Array, KVCache | None]:
-        return self.attention(*args)
+    def __call__(self, x: Array, bias: Array, deterministic: bool, cache: KVCache | None,
+                 cache_index: Array) -> tuple[Array, KVCache | None]:
+        out, cache = self.attention(x, bias, deterministic, cache, cache_index)
+        return self.resid_dropout(out, deterministic=deterministic), cache
 
 
 class GPTNeoMLP(HFModule):
@@ -95,6 +79,8 @@ class GPTNeoBlock(HFModule):
 
 
 class GPTNeoModel(DecoderBackbone):
+    embedding_name = "wte"
+    final_norm_name = "ln_f"
     stack_name = "h"
 
     def setup(self) -> None:
@@ -111,12 +97,6 @@ class GPTNeoModel(DecoderBackbone):
     def layer_inputs(self, attention_mask: Array, position_ids: Array, q_slots: Array) -> dict[str, Any]:
         windows = [layer_window(self.config, i) for i in range(self.config.num_layers)]
         return {"masks": causal_masks(attention_mask, q_slots, windows)}
-
-    def finish(self, x: Array) -> Array:
-        return self.ln_f(x)
-
-    def tied_head(self, h: Array) -> Array:
-        return self.wte.attend(h)
 
 
 class GPTNeoForCausalLM(CausalLM):

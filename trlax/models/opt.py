@@ -20,10 +20,11 @@ import jax
 import jax.numpy as jnp
 
 from trlax.errors import UnsupportedModelError
-from trlax.models.attention import Array, attend, causal_masks
+from trlax.models.attention import Array, causal_masks
 from trlax.models.cache import CacheGeometry, KVCache
 from trlax.models.decoder import CausalLM, DecoderBackbone
 from trlax.models.layers import HFModule, activation
+from trlax.models.projected_attention import ProjectedAttention
 from trlax.models.spec import ArchitectureSpec, tied_lm_head
 from trlax.models.stack import layer_stack
 
@@ -56,36 +57,14 @@ def final_norm(config: Any) -> bool:
     return config.do_layer_norm_before and not config._remove_final_layer_norm
 
 
-class OPTAttention(HFModule):
-    def setup(self) -> None:
-        c = self.config
-        # PyTorch's registration order (k, v, q): TRL's order-based sharing walks it.
-        self.k_proj = self.linear(c.hidden_size, c.enable_bias)
-        self.v_proj = self.linear(c.hidden_size, c.enable_bias)
-        self.q_proj = self.linear(c.hidden_size, c.enable_bias)
-        self.out_proj = self.linear(c.hidden_size, c.enable_bias)
-        self.attn_dropout = nn.Dropout(c.attention_dropout)
-
-    def __call__(
-        self, x: Array, bias: Array, deterministic: bool, cache: KVCache | None, cache_index: Array
-    ) -> tuple[Array, KVCache | None]:
-        c = self.config
-        b, t, _ = x.shape
-        head_dim = c.hidden_size // c.num_attention_heads
-        heads = (b, t, c.num_attention_heads, head_dim)
-        # OPT scales q right after its projection and attends with scale 1 (kept for bit-parity).
-        q = (self.q_proj(x) * head_dim**-0.5).reshape(heads)  # [B, T, nH, D]
-        out, cache = attend(q, self.k_proj(x).reshape(heads), self.v_proj(x).reshape(heads), bias, cache,
-                            cache_index, scale=1.0, dropout=self.attn_dropout, deterministic=deterministic)
-        return self.out_proj(out.reshape(b, t, c.hidden_size)), cache
-
-
 class OPTDecoderLayer(HFModule):
     layer_idx: int = 0
 
     def setup(self) -> None:
         c = self.config
-        self.self_attn = OPTAttention(c, self.dtype, self.param_dtype)
+        self.self_attn = ProjectedAttention(c, self.dtype, self.param_dtype, width=c.hidden_size,
+                                            num_heads=c.num_attention_heads, qkv_bias=c.enable_bias,
+                                            out_bias=c.enable_bias, scale="query", dropout_rate=c.attention_dropout)
         self.self_attn_layer_norm = opt_layer_norm(self)
         self.fc1 = self.linear(c.ffn_dim, c.enable_bias)
         self.fc2 = self.linear(c.hidden_size, c.enable_bias)
@@ -107,6 +86,8 @@ class OPTDecoderLayer(HFModule):
 
 
 class OPTDecoder(DecoderBackbone):
+    embedding_name = "embed_tokens"
+
     def setup(self) -> None:
         c = self.config
         self.embed_tokens = self.embedding(c.vocab_size, c.word_embed_proj_dim)
@@ -133,9 +114,6 @@ class OPTDecoder(DecoderBackbone):
         if final_norm(self.config):
             x = self.final_layer_norm(x)
         return self.project_out(x) if projects(self.config) else x  # [B, T, Wp]
-
-    def tied_head(self, h: Array) -> Array:
-        return self.embed_tokens.attend(h)
 
 
 class OPTModel(HFModule):
