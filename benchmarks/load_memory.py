@@ -50,7 +50,7 @@ def write_checkpoint(folder: Path, config, dtype: str, seed: int = 0) -> int:
     np_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
     tensors = {key: (rng.standard_normal(rule.hf_shape, np.float32) * 0.02).astype(np_dtype)
                for key, rule in model.key_table(model.abstract_params()).items()}
-    config.torch_dtype = dtype
+    config.dtype = dtype
     write_checkpoint_dir(folder, tensors, write_extra=lambda tmp: config.save_pretrained(str(tmp)))
     return (folder / "model.safetensors").stat().st_size
 

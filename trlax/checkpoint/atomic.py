@@ -129,10 +129,10 @@ def check_target(target: Path) -> Path:
     if cwd == target or target in cwd.parents:
         raise CheckpointError(f"save target {target} holds the current working directory, which cannot be "
                               "replaced atomically; save into another folder (or change directory first)")
-    try:  # an empty folder stands for "no old checkpoint": every save is then an exchange
-        target.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CheckpointError(f"cannot create the save target {target}: {e.strerror}") from None
+        raise CheckpointError(f"cannot create the folder {target.parent} to save into: {e.strerror}") from None
     if not os.access(target.parent, os.W_OK | os.X_OK):
         raise CheckpointError(f"cannot save to {target}: saving writes a temporary folder beside it, and its "
                               f"parent {target.parent} is not writable")
@@ -169,7 +169,8 @@ def replacing_folder(target: str | os.PathLike, carry_over: Callable[[str], bool
     On an exception the temporary folder is removed and the target left as it was.
     """
     target = check_target(Path(target))
-    recover_stale(target)
+    recover_stale(target)  # before anything is created: an old folder left aside goes back first
+    target.mkdir(exist_ok=True)  # an empty folder stands for "no old checkpoint": the swap is then an exchange
     new = target.parent / f".{target.name}{NEW_TAG}{secrets.token_hex(4)}"
     os.mkdir(new)
     lock = FolderLock(new)

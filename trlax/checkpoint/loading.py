@@ -30,7 +30,7 @@ logger = logging.getLogger("trlax")
 # Show a progress bar when a load reads more than this many bytes.
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 # A tensor is read and converted this many bytes at a time (see `read_converted`).
-BLOCK_BYTES = 16 * 1024 * 1024
+BLOCK_BYTES = 4 * 1024 * 1024
 
 Placer = Callable[[tuple[str, ...], np.ndarray], jax.Array]
 
