@@ -6,10 +6,9 @@ index and its shards, or (legacy) pytorch_model.bin / its index.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import (
@@ -21,6 +20,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
+from trlax.checkpoint.reader import parse_json_object
 from trlax.errors import CheckpointError
 
 CONFIG_NAME = "config.json"
@@ -124,7 +124,23 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, options: HubOptions | No
 
 
 def _weight_map(index_path: Path) -> dict[str, str]:
-    try:
-        return dict(json.loads(index_path.read_text())["weight_map"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index_path} is not a valid sharded-checkpoint index ({e})") from None
+    """Tensor name -> shard file of a sharded-checkpoint index, each shard checked by `check_shard_name`."""
+    index = parse_json_object(index_path.read_bytes(), f"sharded-checkpoint index {index_path}")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_path} is not a valid sharded-checkpoint index: it needs a \"weight_map\" "
+                              "object of tensor names to shard file names")
+    for key, shard in weight_map.items():
+        check_shard_name(index_path, key, shard)
+    return weight_map
+
+
+def check_shard_name(index_path: Path, key: str, shard: str) -> None:
+    """Refuse a shard name that could leave the checkpoint folder (or hub snapshot): an absolute
+    path, a drive, or a `..` component. The check is on the name, not the resolved path, because
+    a hub snapshot's files are symlinks into the cache's blob store."""
+    posix, windows = PurePosixPath(shard), PureWindowsPath(shard)
+    if (not shard or posix.is_absolute() or windows.is_absolute() or windows.drive
+            or ".." in posix.parts or ".." in windows.parts):
+        raise CheckpointError(f"{index_path} maps tensor {key!r} to {shard!r}, which is outside the checkpoint "
+                              "folder; shard files must be plain names inside it. Refusing to read it.")

@@ -1,9 +1,10 @@
 """Fill a param tree from a checkpoint, strictly: every tensor accounted for, or an error.
 
 All names and shapes are checked before any data is read, so a bad checkpoint fails
-fast and never yields a partly loaded model. Tensors are then read one at a time
-(memory-mapped), converted (transpose, dtype) and placed on device, so the host never
-holds the whole state dict twice.
+fast and never yields a partly loaded model. Tensors are then read one at a time into
+fresh buffers, converted (transpose, dtype) and placed on device, each buffer dropped
+before the next read, so the host never holds the state dict twice: loading peaks at
+about the final params plus one tensor in flight (benchmarks/load_memory.py).
 """
 
 from __future__ import annotations
@@ -16,17 +17,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from trlax.checkpoint.naming import TensorRule, set_path
-from trlax.checkpoint.reader import CheckpointReader
+from trlax.checkpoint.reader import CheckpointReader, aligned_empty
 from trlax.errors import CheckpointError
 
 logger = logging.getLogger("trlax")
 
 # Show a progress bar when a load reads more than this many bytes.
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
+# A tensor is read and converted this many bytes at a time (see `read_converted`).
+BLOCK_BYTES = 4 * 1024 * 1024
 
 Placer = Callable[[tuple[str, ...], np.ndarray], jax.Array]
 
@@ -70,6 +74,30 @@ def _stored_names(
     return names
 
 
+def read_converted(reader: CheckpointReader, key: str, rule: TensorRule) -> np.ndarray:
+    """Checkpoint tensor `key` in the param's layout and dtype (`rule.shape`, `rule.dtype`).
+
+    The result is one fresh buffer, aligned so that `jax.device_put` on the CPU backend
+    adopts it without a copy; it is filled a block of rows at a time (transposed and cast
+    per block), so the only memory besides it is one block of BLOCK_BYTES.
+    """
+    dtype = np.dtype(rule.dtype)
+    out = aligned_empty(int(np.prod(rule.shape)) * dtype.itemsize).view(dtype).reshape(rule.shape)
+    shape = reader.shape(key)
+    if not shape:  # a scalar
+        out[...] = reader.get(key)
+        return out
+    rows_per_block = max(BLOCK_BYTES // max(reader.nbytes(key) // max(shape[0], 1), 1), 1)
+    for start in range(0, shape[0], rows_per_block):
+        stop = min(start + rows_per_block, shape[0])
+        block = rule.to_flax(reader.read_rows(key, start, stop))
+        if rule.transpose:  # a 2-D kernel: HF rows are its columns
+            out[:, start:stop] = block
+        else:
+            out[start:stop] = block
+    return out
+
+
 def load_params(
     reader: CheckpointReader,
     table: Mapping[str, TensorRule],
@@ -85,7 +113,8 @@ def load_params(
         reported in `LoadReport.missing_optional` instead of raising.
     ignored: regexes of checkpoint keys to skip knowingly (buffers, tied copies, a value
         head when loading a plain LM); they are listed in `LoadReport.skipped`.
-    Raises CheckpointError for a missing, unexpected or mis-shaped tensor.
+    Raises CheckpointError for a missing, unexpected or mis-shaped tensor, or an integer
+    tensor where a floating-point param belongs.
     """
     ignored_res = [re.compile(p) for p in ignored]
     report = LoadReport()
@@ -120,6 +149,16 @@ def load_params(
             f"checkpoint {source} has {len(wrong)} tensor(s) of the wrong shape: {'; '.join(wrong[:8])}. "
             "The config.json does not match these weights."
         )
+    not_float = [
+        f"{key} ({reader.dtype(stored_as[key]).name} in {reader.file_of(stored_as[key])})"
+        for key, rule in table.items()
+        if key in present and jnp.issubdtype(rule.dtype, jnp.inexact) and reader.dtype(stored_as[key]).kind in "iub"
+    ]
+    if not_float:
+        raise CheckpointError(
+            f"checkpoint {source} stores {len(not_float)} floating-point param(s) as integers or booleans: "
+            f"{'; '.join(not_float[:8])}. The file is corrupt or not a model checkpoint; re-save it."
+        )
     to_read = [k for k in table if k in present]
     total = sum(reader.nbytes(stored_as[k]) for k in to_read)
     params: dict[str, Any] = {}
@@ -127,8 +166,7 @@ def load_params(
               disable=total < PROGRESS_MIN_BYTES, leave=False) as bar:
         for key in to_read:
             rule = table[key]
-            array = np.asarray(rule.to_flax(reader.get(stored_as[key])), dtype=rule.dtype)
-            set_path(params, rule.path, place(rule.path, array))
+            set_path(params, rule.path, place(rule.path, read_converted(reader, stored_as[key], rule)))
             bar.update(reader.nbytes(stored_as[key]))
     if report.skipped:
         logger.info("%s: skipped %d checkpoint tensor(s) this model does not use: %s",

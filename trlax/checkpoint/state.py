@@ -4,7 +4,17 @@ One step is one folder `<dir>/<step>` holding the arrays (`state/`, Orbax's tens
 layout, every host writing its own shards) and a small JSON (`meta/`: step, rng impl,
 user extras). Orbax writes each step into a temporary folder and renames it only once
 complete, so a crash mid-save leaves the previous steps restorable; the manager keeps the
-last `max_to_keep` steps. Saves may be asynchronous: `save_state(..., async_save=True)`
+last `max_to_keep` steps.
+
+One writer per folder: a writing checkpointer holds `<dir>/.trlax-writer.lock` (an
+advisory `flock`, see `trlax.checkpoint.lock`; in a multi-host job process 0 holds it for
+the job), and a second writer gets a CheckpointError naming the owner. Only the lock
+holder cleans up temporary folders of crashed saves, so no process ever deletes another
+live process's step in progress; a dead owner's lock is taken over at once. Readers
+(`read_only=True`, `restore_state`) take no lock, and list a step only when Orbax has
+committed all of its items (`_CHECKPOINT_METADATA` and each item's `commit_success.txt`).
+
+Saves may be asynchronous: `save_state(..., async_save=True)`
 returns once the arrays are copied off the devices, and the write finishes in the
 background (the next save, `wait_until_finished`, or interpreter exit waits for it).
 
@@ -25,10 +35,20 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, Sharding, SingleDeviceSharding
 
+from trlax.checkpoint.lock import WriterLock
 from trlax.errors import CheckpointError
 from trlax.sharding import ParamRule, ShardingRules, tree_shardings
 
 STATE_ITEMS = ("params", "opt_state", "rng", "adapters")
+SAVED_ITEMS = ("state", "meta")  # the Orbax items of one step folder
+# Orbax's markers of a finished step: one in the step folder, one in each item folder.
+STEP_COMMITTED, ITEM_COMMITTED = "_CHECKPOINT_METADATA", "commit_success.txt"
+
+
+def step_is_complete(step_dir: Path) -> bool:
+    """Whether a committed step folder holds every item with Orbax's commit markers."""
+    return (step_dir / STEP_COMMITTED).is_file() and all(
+        (step_dir / item / ITEM_COMMITTED).is_file() for item in SAVED_ITEMS)
 
 
 class RestoredState(NamedTuple):
@@ -48,7 +68,9 @@ class StateCheckpointer:
     max_to_keep: how many of the latest steps to keep (None: all). async_save: return
     from `save` before the files are written (call `wait_until_finished` before reading
     them from another process). read_only: for readers beside a training process: never
-    writes, deletes, or cleans up another process's unfinished save.
+    writes, deletes, or cleans up another process's unfinished save. A writer takes the
+    folder's single-writer lock (see the module docstring) and raises CheckpointError when
+    another live process holds it.
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, async_save: bool = False,
@@ -58,15 +80,23 @@ class StateCheckpointer:
         self.directory = Path(directory).absolute()
         self.max_to_keep = max_to_keep
         self.async_save = async_save
-        # A writer removes the temporary folders of saves that crashed before their commit.
+        self._lock: WriterLock | None = None
         if read_only:
             options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
         else:
+            if jax.process_index() == 0:  # the job's lock; the other hosts write their shards under it
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self._lock = WriterLock(self.directory)
+            # Holding the lock, every temporary folder here is from a save that crashed: remove them.
             options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                                    create=True, cleanup_tmp_directories=True)
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options,
+                item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+        except BaseException:
+            self._release_lock()
+            raise
 
     # --- saving -------------------------------------------------------------------------
     def save(self, step: int, params: Any, opt_state: Any = None, *, rng: jax.Array | None = None,
@@ -95,8 +125,17 @@ class StateCheckpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Finish pending saves and release the folder's writer lock."""
+        try:
+            self.manager.wait_until_finished()
+            self.manager.close()
+        finally:
+            self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> StateCheckpointer:
         return self
@@ -106,10 +145,15 @@ class StateCheckpointer:
 
     # --- restoring ----------------------------------------------------------------------
     def all_steps(self) -> list[int]:
-        return sorted(self.manager.all_steps())
+        """The saved steps whose every item is committed, ascending."""
+        return sorted(step for step in self.manager.all_steps() if step_is_complete(self._step_dir(step)))
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def _step_dir(self, step: int) -> Path:
+        return Path(self.manager.directory) / str(step)
 
     def restore(
         self,
@@ -135,8 +179,10 @@ class StateCheckpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no saved training state in {self.directory}")
-        if step not in self.manager.all_steps():
-            raise CheckpointError(f"step {step} is not saved in {self.directory}; saved steps: {self.all_steps()}")
+        if step not in self.all_steps():
+            damaged = " (its folder is incomplete)" if step in self.manager.all_steps() else ""
+            raise CheckpointError(f"step {step} is not saved in {self.directory}{damaged}; "
+                                  f"saved steps: {self.all_steps()}")
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         abstract = self._abstract_state(step, target or {})
         shardings = self._shardings(abstract, target_sharding, sharding_rules, model_type)

@@ -1,8 +1,10 @@
 """Write HF-layout checkpoints: safetensors (single or sharded) and config.json, atomically.
 
-Everything is written into a hidden temporary folder next to the target first and moved
-into place only when complete, so a failed save never leaves a half-written checkpoint
-that loads; stale weight files of an earlier save in the same folder are removed.
+The whole folder is replaced in one step (`trlax.checkpoint.atomic`): everything is
+written and fsynced in a temporary folder beside the target, which is then swapped in, so
+at every instant the target holds the complete old or the complete new checkpoint. Other
+files of the old folder (a tokenizer, a README) are carried over; its weight files are
+not, so loaders cannot mix an old shard with new ones.
 """
 
 from __future__ import annotations
@@ -10,21 +12,23 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 
+from trlax.checkpoint.atomic import replacing_folder
 from trlax.checkpoint.reader import SAFETENSORS_DTYPES
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+# Entries of an earlier save that a new save drops instead of carrying over: weight files
+# (and the staging folders that trlax <= 0.2 left inside the target when a save crashed).
 _STALE_WEIGHTS = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|"
-                            r"pytorch_model(-\d{5}-of-\d{5})?\.bin|pytorch_model\.bin\.index\.json)$")
+                            r"pytorch_model(-\d{5}-of-\d{5})?\.bin|pytorch_model\.bin\.index\.json|"
+                            r"\.trlax-save-.*)$")
 
 
 def parse_size(size: int | str) -> int:
@@ -78,41 +82,36 @@ def write_checkpoint_dir(
     max_shard_size: int | str | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> list[Path]:
-    """Write tensors (+ whatever `write_extra(tmp_dir)` writes, e.g. config.json) atomically.
+    """Write tensors (+ whatever `write_extra(tmp_dir)` writes, e.g. config.json) as the folder
+    `save_directory`, replacing it atomically (see the module docstring).
 
-    Returns the written paths. Weight files of an earlier save in the folder that this
-    save does not overwrite (other shards, a .bin) are removed so loaders cannot mix them.
+    Returns the written paths. Weight files of an earlier save in the folder (other shards,
+    a .bin) are dropped; its other files are kept. Raises CheckpointError when the folder
+    cannot be replaced atomically (a file, a mount point, an unwritable parent folder).
     """
-    target = Path(save_directory)
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"save_pretrained target {target} exists and is a file; pass a directory")
-    target.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", **(metadata or {})}
-    tmp = Path(tempfile.mkdtemp(prefix=".trlax-save-", dir=target))
-    try:
-        if max_shard_size is None:
-            write_safetensors(tmp / SAFE_WEIGHTS_NAME, tensors, metadata)
-        else:
-            shards = _shards(tensors, parse_size(max_shard_size))
-            if len(shards) == 1:
-                write_safetensors(tmp / SAFE_WEIGHTS_NAME, tensors, metadata)
-            else:
-                weight_map = {}
-                for i, shard in enumerate(shards, start=1):
-                    name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                    write_safetensors(tmp / name, shard, metadata)
-                    weight_map.update(dict.fromkeys(shard, name))
-                total = int(sum(a.nbytes for a in tensors.values()))
-                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-                (tmp / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    max_bytes = None if max_shard_size is None else parse_size(max_shard_size)
+    with replacing_folder(save_directory, carry_over=lambda name: not _STALE_WEIGHTS.match(name)) as tmp:
+        write_weights(tmp, tensors, max_bytes, metadata)
         if write_extra is not None:
             write_extra(tmp)
         written = sorted(p.name for p in tmp.iterdir())
-        for old in target.iterdir():
-            if old.is_file() and _STALE_WEIGHTS.match(old.name) and old.name not in written:
-                old.unlink()
-        for name in written:
-            os.replace(tmp / name, target / name)
-        return [target / name for name in written]
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    target = Path(os.path.realpath(save_directory))
+    return [target / name for name in written]
+
+
+def write_weights(folder: Path, tensors: Mapping[str, np.ndarray], max_bytes: int | None,
+                  metadata: Mapping[str, str]) -> None:
+    """model.safetensors, or shards of at most `max_bytes` plus model.safetensors.index.json."""
+    shards = [dict(tensors)] if max_bytes is None else _shards(tensors, max_bytes)
+    if len(shards) == 1:
+        write_safetensors(folder / SAFE_WEIGHTS_NAME, tensors, metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(folder / name, shard, metadata)
+        weight_map.update(dict.fromkeys(shard, name))
+    total = int(sum(a.nbytes for a in tensors.values()))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
