@@ -16,10 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import jax
 import numpy as np
 import transformers
-from huggingface_hub import get_safetensors_metadata
 
 from trlax.checkpoint.hub import HubOptions, fetch_file, resolve_checkpoint
 from trlax.checkpoint.reader import SAFETENSORS_DTYPES, SafetensorsFile, TorchBinFile
@@ -50,7 +50,7 @@ def _hub_header_table(source: str, options: HubOptions) -> Tensors | None:
     if options.local_files_only or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return None
     try:
-        metadata = get_safetensors_metadata(source, revision=options.revision, token=options.token)
+        metadata = huggingface_hub.get_safetensors_metadata(source, revision=options.revision, token=options.token)
     except Exception:  # noqa: BLE001 - no metadata (offline, .bin only, ...): fall back to the files
         return None
     return {key: (SAFETENSORS_DTYPES[info.dtype].name, tuple(info.shape))

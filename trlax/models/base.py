@@ -34,7 +34,7 @@ from trlax.checkpoint.naming import TensorRule, flatten_paths, get_path, key_tab
 from trlax.checkpoint.push import push_to_hub
 from trlax.checkpoint.reader import CheckpointReader
 from trlax.checkpoint.writer import write_checkpoint_dir
-from trlax.errors import UnsupportedModelError
+from trlax.errors import TrlaxError, UnsupportedModelError
 from trlax.generation import GenerationCache
 from trlax.models.layers import LORA_COLLECTION
 from trlax.models.registry import get_spec, supported_model_types
@@ -91,6 +91,8 @@ class FlaxPreTrainedModel:
         self.sharding_rules: ShardingRules | None = None
         if mesh is not None:
             self.use_mesh(mesh, sharding_rules)
+        elif sharding_rules is not None:
+            raise TrlaxError("sharding_rules only apply with a mesh; pass mesh=jax.sharding.Mesh(...) too")
         self.generation_cache = GenerationCache()
         self._forward = jax.jit(self.apply, static_argnames=("train", "output_hidden_states"))
 
