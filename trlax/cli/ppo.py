@@ -74,12 +74,14 @@ def embedded_prompts(n: int = 256) -> list[str]:
     return [START + "".join(rng.choice(list(CONSONANTS), 3)) for _ in range(n)]
 
 
-def load_tokenizer(source: str | Path) -> Any | None:
-    """A checkpoint's tokenizer if one loads offline, else None."""
+def load_tokenizer(source: str | Path, vocab_size: int) -> Any | None:
+    """A checkpoint's tokenizer if a usable one loads offline, else None. transformers may build an empty
+    tokenizer from a folder without tokenizer files, so it counts only if it covers half the vocabulary."""
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(source), local_files_only=Path(source).is_dir())
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(source), local_files_only=Path(source).is_dir())
     except (OSError, ValueError, KeyError):
         return None
+    return tokenizer if len(tokenizer) * 2 >= vocab_size else None
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -125,7 +127,7 @@ def build_models(args: argparse.Namespace) -> tuple[Models, list[str]]:
     else:
         policy = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(
             args.model, seed=args.seed, peft_config=peft_config, mesh=mesh, **head, **extra)
-        tokenizer = load_tokenizer(args.model)
+        tokenizer = load_tokenizer(args.model, int(policy.config.get_text_config().vocab_size))
         if tokenizer is None:
             raise TrlaxError(f"no tokenizer loads from {args.model}: `trlax ppo` needs the checkpoint's tokenizer")
         codec = HFCodec(tokenizer)
@@ -164,12 +166,13 @@ def reward_source(args: argparse.Namespace, policy: Any, mesh: Any) -> Any:
     source = args.reward_model or EMBEDDED_REWARD_MODEL
     name = args.reward_model or "embedded tiny GPT-2 classifier (vowel fraction)"
     model = FlaxAutoModelForSequenceClassification.from_pretrained(source, mesh=mesh)
-    tokenizer = load_tokenizer(source) if args.reward_model is not None else None
+    rm_vocab = int(model.config.get_text_config().vocab_size)
+    tokenizer = load_tokenizer(source, rm_vocab) if args.reward_model is not None else None
     if tokenizer is None:  # the policy's ids, as generated
         policy_vocab = int(policy.config.get_text_config().vocab_size)
-        if model.config.get_text_config().vocab_size < policy_vocab:
+        if rm_vocab < policy_vocab:
             raise RewardError(f"reward model {name} has no tokenizer and a smaller vocabulary "
-                              f"({model.config.get_text_config().vocab_size}) than the policy ({policy_vocab}); "
+                              f"({rm_vocab}) than the policy ({policy_vocab}); "
                               "save its tokenizer with it")
         return ModelReward(model, None, str(name))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
