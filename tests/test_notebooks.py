@@ -13,9 +13,9 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("
 BUDGET_S = 120  # each notebook: under 2 minutes on a 2-core CPU (kernel start and compilation included)
 
 
-def test_the_three_notebooks_exist() -> None:
+def test_the_four_notebooks_exist() -> None:
     assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_ppo_step_by_step.ipynb",
-                                           "03_from_pytorch_trl_peft.ipynb"]
+                                           "03_from_pytorch_trl_peft.ipynb", "04_ppo_command.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -3,7 +3,12 @@
 from trlax import ppo
 from trlax.errors import CheckpointError, TrlaxError, UnsupportedModelError
 from trlax.generation import GenerateOutput, GenerationSettings
-from trlax.models.auto import FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM, supported_model_types
+from trlax.models.auto import (
+    FlaxAutoModelForCausalLM,
+    FlaxAutoModelForSeq2SeqLM,
+    FlaxAutoModelForSequenceClassification,
+    supported_model_types,
+)
 from trlax.peft.lora import LoraConfig
 from trlax.reference import LAYER_PATTERNS, create_reference_model
 from trlax.trainable import masked_optimizer, merge_trainable, split_trainable
@@ -26,6 +31,7 @@ __all__ = [
     "FlaxAutoModelForCausalLMWithValueHead",
     "FlaxAutoModelForSeq2SeqLM",
     "FlaxAutoModelForSeq2SeqLMWithValueHead",
+    "FlaxAutoModelForSequenceClassification",
     "GenerateOutput",
     "GenerationSettings",
     "LAYER_PATTERNS",

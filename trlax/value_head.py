@@ -30,12 +30,11 @@ from trlax.inputs import InputError, mask_for, same_shape, token_ids
 from trlax.models.auto import AutoModel, FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
 from trlax.models.base import FlaxPreTrainedModel, load_config
 from trlax.models.layers import LORA_COLLECTION, torch_linear_init
-from trlax.peft.lora import LoraConfig, trainable_lora_mask
+from trlax.peft.lora import LoraConfig, is_adapter_folder, trainable_lora_mask
 from trlax.peft.policy import (
     DEFAULT_REWARD_ADAPTER_NAME,
     POLICY_ADAPTER_NAME,
     PolicyAdapter,
-    is_adapter_folder,
     load_adapter_policy,
     new_policy_adapter,
     write_adapter_policy,

@@ -3,6 +3,7 @@
     trlax convert SRC DST [--to orbax|hf] [--value-head auto|yes|no] [--dtype ...]
     trlax demo [--model PATH_OR_HUB_ID] [--steps N] [--batch-size B] [--seed S] [--output-dir DIR]
     trlax info PATH_OR_HUB_ID [--num-shared-layers N] [--json]
+    trlax ppo [--model PATH_OR_HUB_ID] [--reward-model PATH | --reward-adapter PATH | --reward-fn MOD:FN] [...]
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from trlax.cli.convert import add_convert
 from trlax.cli.demo import add_demo
 from trlax.cli.info import add_info
+from trlax.cli.ppo import add_ppo
 from trlax.errors import TrlaxError
 
 
@@ -27,7 +29,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="trlax", description="trlax command line tools")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_convert, add_demo, add_info):
+    for add in (add_convert, add_demo, add_info, add_ppo):
         add(subparsers)
     for subparser in subparsers.choices.values():  # so main() reports stray arguments under the subcommand
         subparser.set_defaults(subparser=subparser)

@@ -8,12 +8,17 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 import transformers
 
+from trlax.checkpoint.hub import HubOptions
 from trlax.models.base import FlaxPreTrainedModel
 from trlax.models.causal import FlaxModelForCausalLM
 from trlax.models.registry import supported_model_types
 from trlax.models.seq2seq import FlaxModelForSeq2SeqLM
+from trlax.models.sequence_classification import FlaxModelForSequenceClassification
+from trlax.peft.lora import is_adapter_folder
+from trlax.peft.seq_cls import load_seq_cls_adapter
 
-__all__ = ["FlaxAutoModelForCausalLM", "FlaxAutoModelForSeq2SeqLM", "supported_model_types"]
+__all__ = ["FlaxAutoModelForCausalLM", "FlaxAutoModelForSeq2SeqLM", "FlaxAutoModelForSequenceClassification",
+           "supported_model_types"]
 
 
 class AutoModel:
@@ -43,3 +48,23 @@ class FlaxAutoModelForSeq2SeqLM(AutoModel):
     """trlax's auto class for encoder-decoder LMs (T5, BART): `from_config` / `from_pretrained`."""
 
     model_class = FlaxModelForSeq2SeqLM
+
+
+class FlaxAutoModelForSequenceClassification(AutoModel):
+    """trlax's auto class for decoder-only sequence classifiers (reward models, TRL's separate value
+    model): transformers' `score` head on any causal family. `from_pretrained` also takes a PEFT
+    SEQ_CLS adapter folder (see `trlax.peft.seq_cls`) and `num_labels=` / `problem_type=`."""
+
+    model_class = FlaxModelForSequenceClassification
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+        """A `*ForSequenceClassification` checkpoint, a causal-LM checkpoint (new score head, with a
+        warning), or a PEFT SEQ_CLS adapter on its base (`base_model=` overrides the adapter's)."""
+        options = HubOptions(kwargs.get("revision"), kwargs.get("token"), kwargs.get("cache_dir"),
+                             bool(kwargs.get("local_files_only", False)))
+        if is_adapter_folder(pretrained_model_name_or_path, options):
+            return load_seq_cls_adapter(pretrained_model_name_or_path, options, **kwargs)
+        if "base_model" in kwargs:
+            raise TypeError("base_model= only applies when loading a PEFT adapter folder")
+        return cls.model_class.from_pretrained(pretrained_model_name_or_path, **kwargs)

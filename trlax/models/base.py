@@ -83,7 +83,7 @@ class FlaxPreTrainedModel:
         self.spec = spec
         self.dtype = dtype
         self.param_dtype = param_dtype
-        self.module = spec.module(config=config, dtype=dtype, param_dtype=param_dtype)
+        self.module = self.module_for(spec)(config=config, dtype=dtype, param_dtype=param_dtype)
         self._params = params
         self._owner: Any = None  # a value-head wrapper whose params["pretrained_model"] these are
         # Set when the params are sharded (from_pretrained(mesh=...), trlax.sharding.shard_model).
@@ -95,6 +95,11 @@ class FlaxPreTrainedModel:
             raise TrlaxError("sharding_rules only apply with a mesh; pass mesh=jax.sharding.Mesh(...) too")
         self.generation_cache = GenerationCache()
         self._forward = jax.jit(self.apply, static_argnames=("train", "output_hidden_states"))
+
+    @classmethod
+    def module_for(cls, spec: ArchitectureSpec) -> type[Any]:
+        """The Linen class this kind of model builds for a family (its LM: `spec.module`)."""
+        return spec.module
 
     # --- params: one source of truth ----------------------------------------------------
     @property

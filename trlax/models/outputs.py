@@ -41,3 +41,23 @@ class Seq2SeqLMOutput:
     decoder_hidden_states: tuple[jax.Array, ...] | None = None
     encoder_hidden_states: tuple[jax.Array, ...] | None = None
     cache: Any = None
+
+
+@flax.struct.dataclass
+class SequenceClassifierOutput:
+    """Output of a sequence-classification model (reward / value model).
+
+    logits: [B, L] float32, the score head at each row's pooled token (transformers' `logits`);
+    token_logits: [B, T, L] float32, the score head on every position (TRL's value model reads these);
+    last_hidden_state: [B, T, H'] compute dtype, the score head's input;
+    hidden_states: None, or n_layers + 1 arrays [B, T, H] as transformers returns them;
+    pooled_index: [B] int32, the pooled position of each row;
+    loss: None, or transformers' loss for `config.problem_type` when labels were given.
+    """
+
+    logits: jax.Array
+    token_logits: jax.Array
+    last_hidden_state: jax.Array
+    hidden_states: tuple[jax.Array, ...] | None = None
+    pooled_index: jax.Array | None = None
+    loss: jax.Array | None = None

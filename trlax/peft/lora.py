@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -321,6 +322,19 @@ class AdapterFiles:
     tensors: dict[str, np.ndarray]
 
 
+def is_adapter_folder(source: str | os.PathLike, options: HubOptions) -> bool:
+    """True when `source` (folder or hub id) holds a PEFT adapter_config.json rather than a full model."""
+    local = Path(source)
+    if local.is_dir():
+        return (local / ADAPTER_CONFIG_NAME).is_file()
+    if local.exists() or local.is_absolute():
+        return False
+    try:
+        return fetch_file(source, ADAPTER_CONFIG_NAME, options) is not None
+    except CheckpointError:  # unreachable repo: let the regular loader say why
+        return False
+
+
 def read_adapter(source: str | Path, options: HubOptions | None = None) -> AdapterFiles:
     """Read adapter_config.json and adapter_model.safetensors (or .bin, needs torch) from a folder or hub id."""
     options = options or HubOptions()
@@ -409,17 +423,20 @@ def peft_state_dict(lora: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def write_adapter_files(folder: Path, config: LoraConfig, lora: Mapping[str, Any], *, base_name: str | None,
-                        task_type: str, keeps_layout: bool) -> None:
+                        task_type: str, keeps_layout: bool,
+                        extra_tensors: Mapping[str, np.ndarray] | None = None) -> None:
     """Write adapter_config.json + adapter_model.safetensors into `folder` (PEFT's layout).
 
     keeps_layout: the adapted layers store weights [in, out] (GPT-2's Conv1D), which PEFT
-    records as fan_in_fan_out=True.
+    records as fan_in_fan_out=True. extra_tensors: modules saved in full, under PEFT's keys
+    (`base_model.model.score.weight`).
     """
     peft_config = config.to_peft_dict()
     peft_config.update(base_model_name_or_path=base_name, task_type=task_type,
                        fan_in_fan_out=bool(keeps_layout or config.fan_in_fan_out))
     (folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
-    write_safetensors(folder / ADAPTER_WEIGHTS_NAMES[0], peft_state_dict(lora), {"format": "pt"})
+    write_safetensors(folder / ADAPTER_WEIGHTS_NAMES[0], {**peft_state_dict(lora), **(extra_tensors or {})},
+                      {"format": "pt"})
 
 
 def get_module(tree: Mapping[str, Any], module_path: str) -> Any:

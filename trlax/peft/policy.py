@@ -73,19 +73,6 @@ class AdapterPolicy:
     v_head: dict[str, Any] | None  # {"summary": {"kernel": [H, 1], "bias": [1]}}, or None if not saved
 
 
-def is_adapter_folder(source: str | os.PathLike, options: HubOptions) -> bool:
-    """True when `source` (folder or hub id) holds a PEFT adapter_config.json rather than a full model."""
-    local = Path(source)
-    if local.is_dir():
-        return (local / ADAPTER_CONFIG_NAME).is_file()
-    if local.exists() or local.is_absolute():
-        return False
-    try:
-        return fetch_file(source, ADAPTER_CONFIG_NAME, options) is not None
-    except CheckpointError:  # unreachable repo: let the regular loader say why
-        return False
-
-
 def new_policy_adapter(peft_config: Any, base: FlaxPreTrainedModel, seed: int) -> PolicyAdapter:
     """A fresh trainable adapter from `peft_config` (trlax.LoraConfig, a dict of PEFT fields or a peft.LoraConfig)."""
     config = LoraConfig.from_peft(peft_config)

@@ -1,0 +1,208 @@
+"""`trlax ppo`: prompts, reward sources, resuming, and real runs (slow) whose reward rises."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import datasets
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from trlax.checkpoint.reader import CheckpointReader
+from trlax.cli import build_parser, main
+from trlax.cli.ppo import EMBEDDED_REWARD_MODEL, build_models, trainer_config
+from trlax.errors import TrlaxError
+from trlax.ppo_data import PromptSet, read_prompts
+from trlax.ppo_rewards import FunctionReward, Generated, RewardError, load_function
+from trlax.ppo_trainer import PPOTrainer, resume, train
+
+ROOT = Path(__file__).resolve().parent.parent
+VOWEL_FN = "def vowels(prompts, completions):\n    return [sum(c in 'aeiou' for c in t) / 12 for t in completions]\n"
+
+
+def cli_args(**kwargs) -> Namespace:
+    """The parsed `trlax ppo` namespace for these flags (the rest at their defaults)."""
+    argv = ["ppo"]
+    for key, value in kwargs.items():
+        argv += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return build_parser().parse_args(argv)
+
+
+# --- prompts and rewards --------------------------------------------------------------------
+def test_prompts_from_txt_jsonl_and_datasets(tmp_path):
+    (tmp_path / "p.txt").write_text("hello\n\nworld\n")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b", "x": 1}\n')
+    datasets.Dataset.from_dict({"prompt": ["x", "y", "z"]}).save_to_disk(str(tmp_path / "ds"))
+    assert read_prompts(tmp_path / "p.txt") == ["hello", "world"]
+    assert read_prompts(tmp_path / "p.jsonl") == ["a", "b"]
+    assert read_prompts(tmp_path / "ds") == ["x", "y", "z"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n')
+    with pytest.raises(TrlaxError, match="'prompt' field"):
+        read_prompts(tmp_path / "bad.jsonl")
+    with pytest.raises(TrlaxError, match="does not exist"):
+        read_prompts(tmp_path / "missing.txt")
+
+
+def test_prompt_batches_are_left_padded_and_a_function_of_seed_and_step():
+    class Codec:
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    prompts = PromptSet.build(["ab", "abcd", "c", "xyz", "q"], Codec(), pad_id=0, max_length=3)
+    np.testing.assert_array_equal(prompts.ids[1], [ord("b"), ord("c"), ord("d")])  # the last max_length tokens
+    np.testing.assert_array_equal(prompts.mask[2], [0, 0, 1])
+    first_pass = np.concatenate([prompts.rows(7, s, 1) for s in range(5)])
+    assert sorted(first_pass) == [0, 1, 2, 3, 4]  # each prompt once per pass
+    np.testing.assert_array_equal(prompts.rows(7, 3, 2), prompts.rows(7, 3, 2))
+    assert not np.array_equal(np.concatenate([prompts.rows(7, s, 5) for s in range(4)]),
+                              np.concatenate([prompts.rows(8, s, 5) for s in range(4)]))
+
+
+def test_reward_function_is_called_with_texts_and_checked(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(VOWEL_FN + "def broken(prompts, completions):\n    return [1.0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    generated = Generated(np.zeros((2, 3)), np.ones((2, 3)), ["^b", "^c"], ["aaab", "bbbbbbbbbbbb"])
+    np.testing.assert_allclose(FunctionReward(load_function("my_rewards:vowels"), "v")(generated), [0.25, 0.0])
+    with pytest.raises(RewardError, match="one finite number per completion"):
+        FunctionReward(load_function("my_rewards:broken"), "b")(generated)
+    with pytest.raises(RewardError, match="MODULE:FUNCTION"):
+        load_function("my_rewards")
+    with pytest.raises(RewardError, match="no function"):
+        load_function("my_rewards:nope")
+
+
+def test_bad_flag_combinations_fail_with_one_line(tmp_path, capsys):
+    assert main(["ppo", "--output-dir", str(tmp_path), "--reward-adapter", "x"]) == 1
+    assert main(["ppo", "--output-dir", str(tmp_path), "--reward-fn", "a:b", "--reward-model", "x"]) == 1
+    assert main(["ppo", "--output-dir", str(tmp_path), "--batch-size", "6", "--mini-batch-size", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "--lora-r" in err and "one reward source" in err and "multiple of --mini-batch-size" in err
+
+
+def test_embedded_reward_model_is_small_and_scores_vowels():
+    size = sum(p.stat().st_size for p in EMBEDDED_REWARD_MODEL.iterdir())
+    assert size < 16_000
+    models, _ = build_models(cli_args(steps=1))
+    prompt = [0, 3, 4, 5]  # "^bcd"
+    ids = np.array([prompt + [1] * 12, prompt + [2] * 12, prompt + [3] * 12, prompt + [2, 3] * 6])  # " ", a, b, ab
+    scores = models.reward(Generated(ids, np.ones_like(ids)))
+    np.testing.assert_allclose(scores, [0.0, 1.0, 0.0, 0.5], atol=0.05)
+
+
+@pytest.mark.slow
+def test_resumed_trainer_matches_an_uninterrupted_one(tmp_path):
+    """In process: save after step 2, a fresh trainer resumes and ends with the same bits as one that did not stop."""
+    args = cli_args(steps=3, batch_size=4, mini_batch_size=2, max_new_tokens=4, save_every=2, seed=5)
+
+    def fresh():
+        models, texts = build_models(args)
+        return PPOTrainer(models, PromptSet.build(texts, models.codec, models.pad_id, 16), trainer_config(args))
+
+    straight = fresh()
+    train(straight, tmp_path / "a")
+    interrupted = fresh()
+    interrupted.config = trainer_config(cli_args(steps=2, batch_size=4, mini_batch_size=2, max_new_tokens=4,
+                                                 save_every=2, seed=5))
+    train(interrupted, tmp_path / "b")
+    resumed = fresh()
+    assert resume(resumed, tmp_path / "b") == 2
+    train(resumed, tmp_path / "b")
+    for x, y in zip(jax_leaves(straight.params), jax_leaves(resumed.params), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def jax_leaves(tree):
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+# --- real runs ----------------------------------------------------------------------------------
+def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{cwd or ''}", "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "trlax", "ppo", "--quiet", *args], cwd=cwd or ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def rewards(folder: Path) -> list[float]:
+    return [json.loads(line)["reward"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_rising(curve: list[float], margin: float = 0.2) -> None:
+    k = max(3, len(curve) // 10)
+    assert np.mean(curve[-k:]) > np.mean(curve[:k]) + margin, curve
+
+
+@pytest.mark.slow
+def test_no_flags_trains_the_embedded_default(tmp_path):
+    result = run_cli([], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (out,) = [p for p in tmp_path.iterdir() if p.name.startswith("trlax-ppo-")]
+    curve = rewards(out)
+    assert len(curve) == 60
+    assert_rising(curve, 0.3)
+    assert (out / "final" / "model.safetensors").is_file() and (out / "ppo.png").is_file()
+    with CheckpointReader([out / "final" / "model.safetensors"]) as reader:
+        assert "v_head.summary.weight" in reader  # TRL's layout
+    policy = transformers.AutoModelForCausalLM.from_pretrained(str(out / "final"))
+    assert policy.config.model_type == "gpt2"
+
+
+@pytest.mark.slow
+def test_transformers_saved_reward_model(tmp_path):
+    """A sequence-classification reward model saved by transformers (PyTorch) drives the run."""
+    rm = transformers.AutoModelForSequenceClassification.from_pretrained(str(EMBEDDED_REWARD_MODEL),
+                                                                         dtype=torch.float32)
+    rm.save_pretrained(str(tmp_path / "rm"))
+    result = run_cli(["--reward-model", str(tmp_path / "rm"), "--steps", "40", "--output-dir", str(tmp_path / "o")])
+    assert result.returncode == 0, result.stderr
+    assert "reward model" in result.stdout
+    assert_rising(rewards(tmp_path / "o"), 0.3)
+
+
+@pytest.mark.slow
+def test_reward_function(tmp_path):
+    (tmp_path / "my_rewards.py").write_text(VOWEL_FN)
+    result = run_cli(["--reward-fn", "my_rewards:vowels", "--steps", "40", "--output-dir", str(tmp_path / "o")],
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert_rising(rewards(tmp_path / "o"), 0.3)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_give_bit_identical_params(tmp_path):
+    flags = ["--steps", "8", "--batch-size", "8", "--mini-batch-size", "4", "--max-new-tokens", "6",
+             "--save-every", "2", "--seed", "3"]
+    assert run_cli([*flags, "--output-dir", str(tmp_path / "straight")]).returncode == 0
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    for kill_at in (1, 4, 7):  # before the first save, between saves, after the last but one
+        cmd = [sys.executable, "-m", "trlax", "ppo", "--quiet", *flags, "--output-dir", str(out), "--resume"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        metrics = out / "metrics.jsonl"
+        deadline = time.time() + 600
+        while proc.poll() is None and time.time() < deadline:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_at:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, f"the run ended before step {kill_at}"
+    assert run_cli([*flags, "--output-dir", str(out), "--resume"]).returncode == 0
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 9))
+    with CheckpointReader([tmp_path / "straight" / "final" / "model.safetensors"]) as a, \
+            CheckpointReader([out / "final" / "model.safetensors"]) as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for key in sorted(a.keys()):
+            np.testing.assert_array_equal(a.get(key), b.get(key), err_msg=key)

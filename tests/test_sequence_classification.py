@@ -1,0 +1,185 @@
+"""FlaxAutoModelForSequenceClassification: parity with transformers for every decoder family, checkpoints both ways,
+losses, PEFT SEQ_CLS adapters and sharded loading."""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+
+from tests.helpers import PADDINGS, batch, max_diff, save_torch, torch_random_init
+from tests.test_adapters import randomise_lora_b
+from tests.tiny_configs import TINY_CAUSAL
+from trlax import FlaxAutoModelForSequenceClassification, TrlaxError, UnsupportedModelError
+from trlax.models.sequence_classification import last_non_pad_index
+from trlax.peft.seq_cls import FlaxPeftModelForSequenceClassification
+from trlax.sharding import make_mesh
+
+ATOL = 1e-4
+VOCAB = 101
+SEQ = 11
+
+
+def torch_classifier(model_type: str, folder, num_labels: int = 3, seed: int = 0, **config_kwargs):
+    """A random transformers *ForSequenceClassification of the tiny config, saved to `folder`."""
+    config = TINY_CAUSAL[model_type]()
+    config.num_labels = num_labels
+    for key, value in config_kwargs.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    pt = torch_random_init(transformers.AutoModelForSequenceClassification.from_config(config), seed=seed, std=0.2)
+    save_torch(pt, folder)
+    pt.name_or_path = str(folder)
+    return pt
+
+
+def padded(config, padding: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """ids [B, T] whose pad positions hold the config's pad id (what the pooling looks for), and the mask."""
+    pad = config.get_text_config().pad_token_id
+    ids, mask = batch(VOCAB, padding, seq_len=SEQ, seed=seed)
+    ids = np.where(ids == pad, pad + 1, ids)  # no accidental pads among the real tokens
+    return np.where(mask == 1, ids, pad), mask
+
+
+def torch_forward(pt, ids, mask, **kwargs):
+    with torch.no_grad():
+        return pt(torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True, **kwargs)
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CAUSAL))
+def test_logits_match_transformers(model_type, tmp_path):
+    pt = torch_classifier(model_type, tmp_path / "pt")
+    model = FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path / "pt")
+    assert type(model.module).__name__.endswith("ForSequenceClassification")
+    for padding in PADDINGS:
+        ids, mask = padded(pt.config, padding)
+        ref = torch_forward(pt, ids, mask)
+        out = model(ids, mask)
+        assert out.logits.shape == (3, 3) and out.logits.dtype == np.float32
+        assert max_diff(ref.logits, out.logits) < ATOL, padding
+        # Every position: the score head on transformers' last hidden state (what a value model reads).
+        with torch.no_grad():
+            token_ref = pt.score(ref.hidden_states[-1])
+        assert max_diff(token_ref, out.token_logits, mask) < ATOL, padding
+        lengths = mask.sum(axis=1)
+        expected = lengths - 1 if padding != "left" else np.full_like(lengths, SEQ - 1)
+        np.testing.assert_array_equal(out.pooled_index, expected)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "opt"])
+def test_save_loads_in_transformers(model_type, tmp_path):
+    pt = torch_classifier(model_type, tmp_path / "pt", num_labels=1, problem_type="regression")
+    model = FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path / "pt")
+    model.save_pretrained(tmp_path / "flax")
+    back = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "flax")).eval()
+    assert type(back) is type(pt)
+    assert back.config.problem_type == "regression" and back.config.num_labels == 1
+    assert back.config.architectures == [type(pt).__name__]
+    ref_sd, back_sd = pt.state_dict(), back.state_dict()
+    assert set(back_sd) == set(ref_sd)
+    for key, value in ref_sd.items():
+        assert torch.equal(back_sd[key], value), key
+    ids, mask = padded(pt.config, "right")
+    assert max_diff(torch_forward(back, ids, mask).logits, model(ids, mask).logits) < ATOL
+
+
+def test_all_pad_row_and_pad_id_inside_a_row_pool_as_transformers(tmp_path):
+    pt = torch_classifier("llama", tmp_path / "pt")
+    model = FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path / "pt")
+    pad = pt.config.pad_token_id
+    ids = np.array([[pad] * 5, [5, pad, 7, pad, pad], [pad, 4, pad, 6, 8]])
+    mask = np.ones_like(ids)
+    ref = torch_forward(pt, ids, mask)
+    out = model(ids, mask)
+    np.testing.assert_array_equal(out.pooled_index, [0, 2, 4])
+    assert max_diff(ref.logits, out.logits) < ATOL
+
+
+def test_no_pad_id_pools_the_last_token_and_refuses_batches(tmp_path):
+    pt = torch_classifier("gpt2", tmp_path / "pt", pad_token_id=None)
+    model = FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path / "pt")
+    ids = np.array([[5, 6, 7, 8]])
+    assert max_diff(torch_forward(pt, ids, np.ones_like(ids)).logits, model(ids).logits) < ATOL
+    np.testing.assert_array_equal(last_non_pad_index(ids, None), [3])
+    with pytest.raises(TrlaxError, match="pad_token_id"):
+        model(np.array([[5, 6], [7, 8]]))
+
+
+@pytest.mark.parametrize(("num_labels", "problem_type", "labels"), [
+    (1, None, np.array([0.5, -1.0, 2.0], np.float32)),
+    (3, None, np.array([0, 2, -100])),
+    (3, "multi_label_classification", np.array([[1, 0, 1], [0, 0, 1], [1, 1, 0]], np.float32)),
+    (2, "regression", np.array([[0.5, 1.0], [0.0, -1.0], [2.0, 0.1]], np.float32)),
+])
+def test_loss_matches_transformers(num_labels, problem_type, labels, tmp_path):
+    pt = torch_classifier("gpt2", tmp_path / "pt", num_labels=num_labels, problem_type=problem_type)
+    model = FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path / "pt")
+    ids, mask = padded(pt.config, "left")
+    ref = torch_forward(pt, ids, mask, labels=torch.tensor(labels))
+    out = model(ids, mask, labels=labels)
+    assert abs(float(ref.loss) - float(out.loss)) < ATOL
+    assert model.config.problem_type == pt.config.problem_type  # inferred the same way, and kept
+
+
+def test_causal_checkpoint_gets_a_new_score_head(tmp_path, caplog):
+    config = TINY_CAUSAL["llama"]()
+    torch.manual_seed(0)
+    lm = torch_random_init(transformers.AutoModelForCausalLM.from_config(config), std=0.2)
+    save_torch(lm, tmp_path / "lm")
+    with caplog.at_level(logging.WARNING, logger="trlax"):
+        model = FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=1)
+    assert "no score.weight" in caplog.text
+    assert model.params["score"]["kernel"].shape == (32, 1)
+    # The backbone is the causal LM's: last hidden states match transformers' base model.
+    ids, mask = padded(config, "right")
+    with torch.no_grad():
+        hidden = lm.model(torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state
+    assert max_diff(hidden, model(ids, mask).last_hidden_state, mask) < ATOL
+
+
+def test_bad_num_labels_is_refused(tmp_path):
+    config = TINY_CAUSAL["gpt2"]()
+    config.num_labels = 0
+    with pytest.raises(UnsupportedModelError, match="num_labels"):
+        FlaxAutoModelForSequenceClassification.from_config(config)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_peft_seq_cls_adapter_matches_peft_and_saves_back(model_type, tmp_path):
+    pt = torch_classifier(model_type, tmp_path / "base", num_labels=2)
+    pm = peft.get_peft_model(pt, peft.LoraConfig(task_type="SEQ_CLS", target_modules="all-linear", r=4,
+                                                 lora_alpha=16))
+    randomise_lora_b(pm)
+    with torch.no_grad():
+        pm.base_model.model.score.modules_to_save["default"].weight.normal_(0, 0.5)
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    pm.eval()
+    model = FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path / "adapter")
+    assert isinstance(model, FlaxPeftModelForSequenceClassification)
+    for padding in ("right", "left"):
+        ids, mask = padded(pt.config, padding)
+        with torch.no_grad():
+            ref = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
+        assert max_diff(ref, model(ids, mask).logits) < ATOL, padding
+    model.save_pretrained(tmp_path / "again")
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "base"))
+    back = peft.PeftModel.from_pretrained(base, str(tmp_path / "again")).eval()
+    ids, mask = padded(pt.config, "left")
+    with torch.no_grad():
+        ref = back(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
+    assert max_diff(ref, model(ids, mask).logits) < ATOL
+
+
+def test_sharded_load_on_a_mesh(tmp_path):
+    pt = torch_classifier("llama", tmp_path / "pt", num_labels=1)
+    mesh = make_mesh()
+    model = FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path / "pt", mesh=mesh)
+    kernel = model.params["score"]["kernel"]
+    assert isinstance(kernel.sharding, jax.sharding.NamedSharding) and kernel.sharding.mesh.shape == mesh.shape
+    ids, mask = padded(pt.config, "left")
+    assert max_diff(torch_forward(pt, ids, mask).logits, model(ids, mask).logits) < ATOL

@@ -1,0 +1,280 @@
+"""`trlax ppo`: train a causal LM with TRL's classic PPO against a reward model, a reward adapter or a function.
+
+With no flags it runs offline on embedded defaults (about a minute on 2 CPU cores): the
+demo's tiny character-level GPT-2 (random init) as the policy and a tiny trained GPT-2
+sequence classifier shipped in the package (`trlax/cli/data/tiny_reward_model`, a few kB)
+that scores the fraction of vowels in a reply. Hyper-parameters left unset take TRL's
+classic `PPOConfig` defaults with `--model`, and values tuned for the tiny default without.
+
+Outputs in --output-dir: metrics.jsonl (one line per step), tensorboard/ (when tensorboardX
+or tensorboard is installed), ppo.png (matplotlib), state/ (Orbax training states with
+--save-every), and final/: the policy in HF/TRL layout (config.json + model.safetensors with
+TRL's v_head, or a PEFT adapter folder for a LoRA policy) plus its tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import transformers
+from tqdm.auto import tqdm
+
+from trlax.cli.demo import positive_int
+from trlax.cli.demo_task import CONSONANTS, START, decode_chars, encode_chars, tiny_gpt2_config
+from trlax.errors import TrlaxError
+from trlax.models.auto import FlaxAutoModelForCausalLM, FlaxAutoModelForSequenceClassification
+from trlax.ppo import PPOConfig
+from trlax.ppo_data import HFCodec, PromptSet, TextCodec, read_prompts
+from trlax.ppo_log import PLOT_FILE, MetricsLog, plot
+from trlax.ppo_rewards import AdapterReward, FunctionReward, ModelReward, RewardError, load_function
+from trlax.ppo_trainer import Models, PPOTrainer, TrainerConfig, committed, resume, train
+from trlax.reference import create_reference_model
+from trlax.sharding import make_mesh
+from trlax.value_head import FlaxAutoModelForCausalLMWithValueHead
+
+EMBEDDED_REWARD_MODEL = Path(__file__).resolve().parent / "data" / "tiny_reward_model"
+FINAL_DIR = "final"
+MAX_PROMPT_TOKENS = 256
+
+# Unset flags: TRL's classic PPOConfig with --model; the tiny default's tuned values without it.
+TRL_DEFAULTS: dict[str, Any] = {
+    "steps": 100, "batch_size": 128, "mini_batch_size": 128, "ppo_epochs": 4, "learning_rate": 1.41e-5,
+    "init_kl_coef": 0.2, "adaptive_kl": True, "target_kl": 6.0, "cliprange": 0.2, "cliprange_value": 0.2,
+    "vf_coef": 0.1, "gamma": 1.0, "lam": 0.95, "max_new_tokens": 32, "temperature": 1.0, "top_k": 0,
+    "top_p": 1.0, "max_grad_norm": None,
+}
+EMBEDDED_DEFAULTS: dict[str, Any] = {
+    **TRL_DEFAULTS, "steps": 60, "batch_size": 32, "mini_batch_size": 16, "learning_rate": 1e-2,
+    "init_kl_coef": 0.02, "adaptive_kl": False, "max_new_tokens": 12, "max_grad_norm": 1.0,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CharCodec:
+    """The embedded character vocabulary (`trlax.cli.demo_task.CHARS`)."""
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return encode_chars(text)
+        except ValueError as e:
+            raise TrlaxError(f"the embedded policy reads only its character vocabulary: {e}") from None
+
+    def decode(self, ids: list[int]) -> str:
+        return decode_chars(ids)
+
+
+def embedded_prompts(n: int = 256) -> list[str]:
+    """The default prompts: the start token and three random consonants (fixed, seed 0)."""
+    rng = np.random.default_rng(0)
+    return [START + "".join(rng.choice(list(CONSONANTS), 3)) for _ in range(n)]
+
+
+def load_tokenizer(source: str | Path, vocab_size: int) -> Any | None:
+    """A checkpoint's tokenizer if a usable one loads offline, else None. transformers may build an empty
+    tokenizer from a folder without tokenizer files, so it counts only if it covers half the vocabulary."""
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(source), local_files_only=Path(source).is_dir())
+    except (OSError, ValueError, KeyError):
+        return None
+    return tokenizer if len(tokenizer) * 2 >= vocab_size else None
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Every hyper-parameter: the flag if given, else the profile's default."""
+    defaults = EMBEDDED_DEFAULTS if args.model is None else TRL_DEFAULTS
+    return {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in defaults.items()}
+
+
+def trainer_config(args: argparse.Namespace) -> TrainerConfig:
+    s = settings(args)
+    ppo = PPOConfig(gamma=s["gamma"], lam=s["lam"], cliprange=s["cliprange"], cliprange_value=s["cliprange_value"],
+                    vf_coef=s["vf_coef"], init_kl_coef=s["init_kl_coef"], adap_kl_ctrl=s["adaptive_kl"],
+                    target=s["target_kl"])
+    return TrainerConfig(steps=s["steps"], batch_size=s["batch_size"], mini_batch_size=s["mini_batch_size"],
+                         ppo_epochs=s["ppo_epochs"], learning_rate=s["learning_rate"],
+                         max_grad_norm=s["max_grad_norm"], max_new_tokens=s["max_new_tokens"],
+                         temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"], seed=args.seed,
+                         save_every=args.save_every, ppo=ppo)
+
+
+def build_models(args: argparse.Namespace) -> tuple[Models, list[str]]:
+    """The policy (with value head), its reference, the tokenizer, the reward source and the prompt texts."""
+    kinds = [k for k in ("reward_model", "reward_adapter", "reward_fn") if getattr(args, k) is not None]
+    if len(kinds) > 1:
+        raise RewardError(f"pass one reward source, not {', '.join('--' + k.replace('_', '-') for k in kinds)}")
+    mesh = make_mesh(args.data or 1, args.fsdp or -1, args.tp or 1) if (args.data or args.fsdp or args.tp) else None
+    peft_config = None if args.lora_r is None else {"r": args.lora_r, "lora_alpha": 2 * args.lora_r}
+    if args.reward_adapter is not None and peft_config is None:
+        raise RewardError("--reward-adapter scores on the policy's frozen base, so the policy must be LoRA "
+                          "(TRL's rule): add --lora-r R")
+    head = {"summary_dropout_prob": 0.0}
+    extra = {} if args.reward_adapter is None else {"reward_adapter": args.reward_adapter}
+    if args.model is None:
+        config = tiny_gpt2_config()
+        lm = FlaxAutoModelForCausalLM.from_config(config, seed=args.seed)
+        policy = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(lm, seed=args.seed, peft_config=peft_config,
+                                                                       **head, **extra)
+        codec: TextCodec = CharCodec()
+        pad_id, eos_ids, tokenizer = 0, (), None
+        policy_name = f"embedded tiny GPT-2 ({config.n_layer} layers x {config.n_embd}, characters, random init)"
+        if mesh is not None:
+            raise TrlaxError("--data/--fsdp/--tp need --model (the embedded policy is a few kB)")
+    else:
+        policy = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(
+            args.model, seed=args.seed, peft_config=peft_config, mesh=mesh, **head, **extra)
+        tokenizer = load_tokenizer(args.model, int(policy.config.get_text_config().vocab_size))
+        if tokenizer is None:
+            raise TrlaxError(f"no tokenizer loads from {args.model}: `trlax ppo` needs the checkpoint's tokenizer")
+        codec = HFCodec(tokenizer)
+        eos = policy.config.get_text_config().eos_token_id if tokenizer.eos_token_id is None else tokenizer.eos_token_id
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        pad = tokenizer.pad_token_id
+        pad_id = int(pad) if pad is not None else (eos_ids[0] if eos_ids else 0)
+        policy_name = f"{args.model} ({policy.config.model_type})"
+    policy.params = committed(policy.params)
+    shared = None if policy.is_peft_model else args.num_shared_layers
+    reference = create_reference_model(policy, num_shared_layers=shared)
+    reward = reward_source(args, policy, mesh)
+    if args.prompts is not None:
+        texts = read_prompts(args.prompts)
+    elif args.model is None:
+        texts = embedded_prompts()
+    else:
+        raise TrlaxError("--model needs --prompts (a .txt file, a .jsonl file with a 'prompt' field, or a datasets "
+                         "folder)")
+    lora = "" if args.lora_r is None else f", LoRA r={args.lora_r} (frozen base)"
+    ref = ("the base with the adapter off" if policy.is_peft_model else
+           f"a frozen copy sharing {shared} layer(s)" if shared else "a frozen copy")
+    description = {"policy": f"{policy_name} with TRL's value head{lora}", "reference": ref,
+                   "reward": reward.description}
+    return Models(policy, reference, codec, pad_id, eos_ids, reward, description, tokenizer), texts
+
+
+def reward_source(args: argparse.Namespace, policy: Any, mesh: Any) -> Any:
+    if args.reward_fn is not None:
+        return FunctionReward(load_function(args.reward_fn), args.reward_fn)
+    if args.reward_adapter is not None:
+        return AdapterReward(policy, args.reward_adapter)
+    if args.reward_model is None and args.model is not None:
+        raise RewardError("--model needs a reward: --reward-model PATH, --reward-adapter PATH (with --lora-r) or "
+                          "--reward-fn MODULE:FUNCTION")
+    source = args.reward_model or EMBEDDED_REWARD_MODEL
+    name = args.reward_model or "embedded tiny GPT-2 classifier (vowel fraction)"
+    model = FlaxAutoModelForSequenceClassification.from_pretrained(source, mesh=mesh)
+    rm_vocab = int(model.config.get_text_config().vocab_size)
+    tokenizer = load_tokenizer(source, rm_vocab) if args.reward_model is not None else None
+    if tokenizer is None:  # the policy's ids, as generated
+        policy_vocab = int(policy.config.get_text_config().vocab_size)
+        if rm_vocab < policy_vocab:
+            raise RewardError(f"reward model {name} has no tokenizer and a smaller vocabulary "
+                              f"({rm_vocab}) than the policy ({policy_vocab}); "
+                              "save its tokenizer with it")
+        return ModelReward(model, None, str(name))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return ModelReward(model, HFCodec(tokenizer), str(name), pad_id=int(pad))
+
+
+def run_ppo_command(args: argparse.Namespace) -> int:
+    output_dir = Path(args.output_dir) if args.output_dir else Path.cwd() / time.strftime("trlax-ppo-%Y%m%d-%H%M%S")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise TrlaxError(f"--output-dir {output_dir} exists and is not a folder")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config = trainer_config(args)
+    models, texts = build_models(args)
+    prompts = PromptSet.build(texts, models.codec, models.pad_id, args.max_prompt_length)
+    trainer = PPOTrainer(models, prompts, config)
+    for role, text in models.description.items():
+        print(f"{role + ':':10} {text}")
+    ppo = config.ppo
+    kl = f"adaptive (target {ppo.target})" if ppo.adap_kl_ctrl else "fixed"
+    print(f"{'PPO:':10} {config.steps} steps x {config.batch_size} replies ({len(texts)} prompts), "
+          f"{config.ppo_epochs} epochs x minibatches of {config.mini_batch_size}, lr {config.learning_rate}, "
+          f"KL coef {ppo.init_kl_coef} {kl}")
+    start_step = 0
+    if args.resume:
+        start_step = resume(trainer, output_dir)
+        print(f"resumed from step {start_step}" if start_step else "no saved state to resume: starting fresh")
+    log = MetricsLog(output_dir, start_step)
+    bar = tqdm(total=config.steps, initial=start_step, desc="PPO", unit="step", disable=args.quiet,
+               dynamic_ncols=True)
+
+    def on_step(metrics: dict[str, float]) -> None:
+        log.write(metrics)
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}", refresh=False)
+
+    try:
+        train(trainer, output_dir, on_step=on_step)
+    finally:
+        bar.close()
+        log.close()
+    history = log.history()
+    final = output_dir / FINAL_DIR
+    models.policy.save_pretrained(final)
+    if models.tokenizer is not None:
+        models.tokenizer.save_pretrained(str(final))
+    picture = plot(history, output_dir / PLOT_FILE) if history else None
+    summary(history)
+    print(f"wrote {final} (the policy, HF/TRL layout), {log.path.name}"
+          f"{', ' + picture.name if picture else ''} to {output_dir}")
+    return 0
+
+
+def summary(history: list[dict[str, float]]) -> None:
+    """Mean reward over the first and last tenth of the run."""
+    if len(history) < 2:
+        return
+    k = max(1, len(history) // 10)
+    first, last = np.mean([m["reward"] for m in history[:k]]), np.mean([m["reward"] for m in history[-k:]])
+    print(f"mean reward: {first:.3f} over the first {k} step(s) -> {last:.3f} over the last {k}")
+
+
+def add_ppo(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "ppo", help="train a causal LM with PPO (offline tiny default with no flags)",
+        description=__doc__.split("\n\n")[0] + " With no flags: an offline run on embedded tiny models.")
+    src = parser.add_argument_group("models and data")
+    src.add_argument("--model", metavar="PATH_OR_HUB_ID", help="the causal-LM checkpoint to train (default: the "
+                     "embedded tiny GPT-2); its tokenizer is used")
+    src.add_argument("--reward-model", metavar="PATH_OR_HUB_ID", help="a sequence-classification checkpoint "
+                     "(AutoModelForSequenceClassification, label 0 is the reward; or a PEFT SEQ_CLS adapter)")
+    src.add_argument("--reward-adapter", metavar="PATH_OR_HUB_ID", help="a PEFT reward adapter on the policy's "
+                     "base (TRL's multi-adapter PPO; needs --lora-r)")
+    src.add_argument("--reward-fn", metavar="MODULE:FUNCTION", help="a Python function "
+                     "f(prompts=[str], completions=[str]) -> [float]")
+    src.add_argument("--prompts", metavar="PATH", help="a .txt file (one prompt per line), a .jsonl file with a "
+                     "'prompt' field, or a datasets folder (save_to_disk) with a 'prompt' column")
+    src.add_argument("--max-prompt-length", type=positive_int, default=MAX_PROMPT_TOKENS,
+                     help=f"keep the last N tokens of each prompt (default {MAX_PROMPT_TOKENS})")
+    hp = parser.add_argument_group("PPO hyper-parameters (TRL's names; unset: TRL's defaults with --model, "
+                                   "tuned tiny values without)")
+    for flag, kind in (("steps", positive_int), ("batch-size", positive_int), ("mini-batch-size", positive_int),
+                       ("ppo-epochs", positive_int), ("learning-rate", float), ("init-kl-coef", float),
+                       ("target-kl", float), ("cliprange", float), ("cliprange-value", float), ("vf-coef", float),
+                       ("gamma", float), ("lam", float), ("max-grad-norm", float), ("max-new-tokens", positive_int),
+                       ("temperature", float), ("top-k", int), ("top-p", float)):
+        default = TRL_DEFAULTS[flag.replace("-", "_")]
+        hp.add_argument(f"--{flag}", type=kind, default=None, help=f"TRL default {default}")
+    hp.add_argument("--adaptive-kl", action=argparse.BooleanOptionalAction, default=None,
+                    help="TRL's adaptive KL controller towards --target-kl (default on with --model)")
+    model = parser.add_argument_group("policy and mesh")
+    model.add_argument("--num-shared-layers", type=int, default=None,
+                       help="layers the reference shares with the policy (frozen in both); default none")
+    model.add_argument("--lora-r", type=positive_int, default=None,
+                       help="train a LoRA adapter of this rank (alpha 2r) on a frozen base instead of every weight")
+    for axis in ("data", "fsdp", "tp"):
+        model.add_argument(f"--{axis}", type=int, default=None, help=f"mesh size of the '{axis}' axis")
+    run = parser.add_argument_group("run")
+    run.add_argument("--output-dir", metavar="DIR", help="default: ./trlax-ppo-YYYYMMDD-HHMMSS")
+    run.add_argument("--save-every", type=positive_int, default=None,
+                     help="write an Orbax training state to DIR/state every N steps (and at the end)")
+    run.add_argument("--resume", action="store_true", help="continue from the latest state in --output-dir")
+    run.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_ppo_command)
+

@@ -1,0 +1,246 @@
+"""Sequence classification (reward and value models) on any decoder family: transformers' `*ForSequenceClassification`.
+
+The module is the family's causal-LM module with the LM head swapped for transformers'
+`score` head (a Dense H' -> num_labels, no bias), built from the family's SPEC alone: the
+backbone, its name and its default positions come from `SPEC.module`, so every decoder
+family in `trlax.models.registry` gets one without a line of its own.
+
+Pooling is transformers': the logits of the rightmost token that is not
+`config.pad_token_id` (left or right padding alike; a row of pads only pools position 0);
+with no pad id, the last position (transformers refuses batches > 1 then, and so does
+`__call__`). Param paths are the state-dict keys (`model.layers.0...`, `score.weight`), so
+checkpoints saved by transformers load and ones saved here load in transformers. Loading a
+causal-LM checkpoint (no `score.weight`) initialises the head as transformers does and says so.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import transformers
+from jax.sharding import Mesh
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+from trlax.checkpoint.hub import HubOptions, resolve_checkpoint
+from trlax.checkpoint.loading import Placer
+from trlax.checkpoint.naming import set_path
+from trlax.errors import UnsupportedModelError
+from trlax.inputs import InputError, mask_for, same_shape, token_ids
+from trlax.models.base import FlaxPreTrainedModel, load_config
+from trlax.models.decoder import CausalLM
+from trlax.models.layers import HFModule, initializer_range
+from trlax.models.outputs import SequenceClassifierOutput
+from trlax.models.spec import ArchitectureSpec, ParamRule
+from trlax.sharding import ShardingRules
+
+logger = logging.getLogger("trlax")
+
+Array = jax.Array
+SCORE = "score"  # transformers' head name (and TRL's / PEFT's `modules_to_save` entry)
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+
+def pad_token_id(config: Any) -> int | None:
+    """The pad id transformers pools by: `config.get_text_config().pad_token_id`."""
+    pad = config.get_text_config().pad_token_id
+    return None if pad is None else int(pad)
+
+
+def last_non_pad_index(input_ids: Array, pad_id: int | None) -> Array:
+    """[B] int32: transformers' pooling index, the rightmost position whose id is not `pad_id`
+    (argmax of `arange(T) * (ids != pad)`, so an all-pad row gives 0); T - 1 without a pad id."""
+    b, t = input_ids.shape
+    if pad_id is None:
+        return jnp.full((b,), t - 1, jnp.int32)
+    positions = jnp.arange(t, dtype=jnp.int32) * (input_ids != pad_id).astype(jnp.int32)
+    return jnp.argmax(positions, axis=-1).astype(jnp.int32)
+
+
+class SequenceClassifierHead(HFModule):
+    """Mixed in before a family's `CausalLM` (see `sequence_classifier_module`): the same backbone
+    under the same name, then `score` instead of the LM head."""
+
+    def setup(self) -> None:
+        c = self.config
+        setattr(self, self.backbone_name, self.backbone_cls(c, self.dtype, self.param_dtype))
+        self.score = self.linear(c.num_labels, use_bias=False)
+
+    def __call__(self, input_ids: Array, attention_mask: Array, position_ids: Array | None = None, *,
+                 deterministic: bool = True, output_hidden_states: bool = False) -> SequenceClassifierOutput:
+        cache_index = jnp.zeros((), jnp.int32)
+        if position_ids is None:
+            position_ids = self.default_positions(input_ids, attention_mask, cache_index)
+        h, hidden, _ = getattr(self, self.backbone_name)(
+            input_ids, attention_mask, position_ids, deterministic=deterministic,
+            output_hidden_states=output_hidden_states, cache=None, cache_index=cache_index)
+        token_logits = self.score(h).astype(jnp.float32)  # [B, T, L]; computed in the compute dtype as transformers
+        index = last_non_pad_index(input_ids, pad_token_id(self.config))
+        logits = jnp.take_along_axis(token_logits, index[:, None, None], axis=1)[:, 0]  # [B, L]
+        return SequenceClassifierOutput(logits=logits, token_logits=token_logits, last_hidden_state=h,
+                                        hidden_states=hidden, pooled_index=index)
+
+
+@functools.cache
+def sequence_classifier_module(lm_module: type[nn.Module]) -> type[nn.Module]:
+    """The `*ForSequenceClassification` Linen class of a family's causal-LM module class."""
+    if not (isinstance(lm_module, type) and issubclass(lm_module, CausalLM)):
+        raise UnsupportedModelError(f"{getattr(lm_module, '__name__', lm_module)} is not built on trlax's decoder "
+                                    "skeleton (trlax.models.decoder.CausalLM); sequence classification needs one")
+    name = lm_module.__name__.replace("LMHeadModel", "ForCausalLM").replace("ForCausalLM", "ForSequenceClassification")
+    return type(name, (SequenceClassifierHead, lm_module), {"__module__": __name__})
+
+
+def infer_problem_type(num_labels: int, labels: Array) -> str:
+    """transformers' rule when `config.problem_type` is None."""
+    if num_labels == 1:
+        return "regression"
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        return "single_label_classification"
+    return "multi_label_classification"
+
+
+def classification_loss(logits: Array, labels: Array, problem_type: str) -> Array:
+    """transformers' `ForSequenceClassificationLoss` on pooled logits [B, L]: a float32 scalar.
+
+    regression: MSE (labels [B] or [B, L] float); single_label_classification: mean cross
+    entropy over labels [B] int (-100 ignored); multi_label_classification: BCE with logits,
+    labels [B, L] float.
+    """
+    logits = logits.astype(jnp.float32)
+    if problem_type == "regression":
+        if logits.shape[-1] == 1:
+            return jnp.mean(jnp.square(jnp.squeeze(logits) - jnp.squeeze(labels).astype(jnp.float32)))
+        return jnp.mean(jnp.square(logits - labels.astype(jnp.float32)))
+    if problem_type == "single_label_classification":
+        labels = labels.reshape(-1)
+        valid = labels != -100
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits.reshape(labels.shape[0], -1),
+                                                                 jnp.where(valid, labels, 0))
+        return jnp.sum(losses * valid) / jnp.sum(valid)
+    if problem_type == "multi_label_classification":
+        return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)))
+    raise InputError(f"config.problem_type {problem_type!r} is not one of {PROBLEM_TYPES}")
+
+
+class FlaxModelForSequenceClassification(FlaxPreTrainedModel):
+    """A decoder LM with transformers' `score` head: a reward model, or TRL's separate value model.
+
+    Build it with `FlaxAutoModelForSequenceClassification`. `model(ids, mask).logits` are
+    the pooled scores [B, num_labels] float32; `.token_logits` [B, T, num_labels] are the
+    head on every position (what TRL's PPO reads from a value model).
+    """
+
+    def __init__(self, config: transformers.PretrainedConfig, spec: ArchitectureSpec | None = None,
+                 params: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if config.num_labels < 1:
+            raise UnsupportedModelError(f"num_labels must be >= 1; the config has {config.num_labels}")
+        problem = getattr(config, "problem_type", None)
+        if problem is not None and problem not in PROBLEM_TYPES:
+            raise UnsupportedModelError(f"config.problem_type {problem!r} is not one of {PROBLEM_TYPES}")
+        super().__init__(config, spec, params, **kwargs)
+
+    @classmethod
+    def module_for(cls, spec: ArchitectureSpec) -> type[nn.Module]:
+        return sequence_classifier_module(spec.module)
+
+    def apply(self, params: dict[str, Any], input_ids: Array, attention_mask: Array,
+              position_ids: Array | None = None, dropout_rng: Array | None = None, train: bool = False,
+              output_hidden_states: bool = False, lora: dict[str, Any] | None = None) -> SequenceClassifierOutput:
+        """The pure forward (no checks, no jit); lora: an adapter tree on `params`, or None."""
+        return self.apply_module(params, input_ids, attention_mask, position_ids, lora=lora, train=train,
+                                 dropout_rng=dropout_rng, output_hidden_states=output_hidden_states)
+
+    def __call__(self, input_ids: Any, attention_mask: Any = None, position_ids: Any = None,
+                 params: dict[str, Any] | None = None, labels: Any = None, output_hidden_states: bool = False,
+                 train: bool = False, dropout_rng: Array | None = None) -> SequenceClassifierOutput:
+        """Forward pass, jit-compiled once per shape.
+
+        input_ids [B, T] int; attention_mask [B, T] (default all ones); position_ids [B, T]
+        (default the family's, as transformers). Pools at the last non-pad token (see the
+        module docstring). labels: [B] (regression / single label) or [B, L], giving `loss`
+        as transformers computes it for `config.problem_type` (inferred and stored in the
+        config when None, as transformers does).
+        """
+        input_ids = token_ids("input_ids", input_ids)
+        mask = mask_for("attention_mask", attention_mask, input_ids)
+        if position_ids is not None:
+            position_ids = same_shape("position_ids", position_ids, input_ids.shape)
+        if pad_token_id(self.config) is None and input_ids.shape[0] != 1:
+            raise InputError("this sequence-classification model has no config.pad_token_id, so it cannot find the "
+                             "last token of padded rows (transformers refuses batches > 1 too): set "
+                             "model.config.pad_token_id, or pass one sequence at a time")
+        out = self._forward(self.params if params is None else params, input_ids, mask, position_ids, dropout_rng,
+                            train=train, output_hidden_states=output_hidden_states,
+                            lora=self.lora if params is None else None)
+        if labels is None:
+            return out
+        labels = jnp.asarray(labels)
+        if self.config.problem_type is None:
+            self.config.problem_type = infer_problem_type(self.config.num_labels, labels)
+        return out.replace(loss=classification_loss(out.logits, labels, self.config.problem_type))
+
+    # --- checkpoints --------------------------------------------------------------------
+    def ignored_checkpoint_keys(self, value_head: bool = True) -> tuple[str, ...]:
+        """Also skips a causal-LM checkpoint's LM head (transformers drops it the same way)."""
+        head = getattr(self.spec.module, "head_name", "lm_head")
+        return (*super().ignored_checkpoint_keys(value_head), rf"^{head}\.")
+
+    def init_score(self, seed: int = 0) -> Array:
+        """A fresh score kernel [H', num_labels]: N(0, initializer_range), transformers' init."""
+        shape = self.abstract_params()[SCORE]["kernel"]
+        std = initializer_range(self.config)
+        return (jax.random.normal(jax.random.key(seed), shape.shape, jnp.float32) * std).astype(shape.dtype)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *, num_labels: int | None = None,
+        problem_type: str | None = None, seed: int = 0, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+        revision: str | None = None, token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False, config: transformers.PretrainedConfig | None = None,
+        place: Placer | None = None, mesh: Mesh | None = None,
+        sharding_rules: ShardingRules | Sequence[ParamRule] | None = None,
+    ) -> FlaxModelForSequenceClassification:
+        """Load a transformers `*ForSequenceClassification` checkpoint (folder or hub id).
+
+        A causal-LM (or base-model) checkpoint loads too: its LM head is skipped and the
+        `score` head initialised from `seed` (N(0, initializer_range)), with a warning, as
+        transformers does. num_labels / problem_type override the config's (a checkpoint
+        whose score head has another num_labels then fails with a CheckpointError). Other
+        arguments: see `FlaxPreTrainedModel.from_pretrained`.
+        """
+        resolved = resolve_checkpoint(pretrained_model_name_or_path,
+                                      HubOptions(revision, token, cache_dir, local_files_only))
+        config = config or load_config(resolved.folder, resolved.source)
+        if num_labels is not None:
+            config.num_labels = num_labels
+        if problem_type is not None:
+            config.problem_type = problem_type
+        model = cls(config, dtype=dtype, param_dtype=param_dtype, mesh=mesh, sharding_rules=sharding_rules)
+        placer = model.placer(place)
+        params, report = model.load_checkpoint(resolved, model.key_table(), model.ignored_checkpoint_keys(),
+                                               optional_prefixes=(f"{SCORE}.",), place=placer)
+        if report.missing_optional:
+            logger.warning("%s has no %s.weight (not a sequence-classification checkpoint): initialised a new score "
+                           "head [%d labels] from seed %d; train it before using its outputs", resolved.source,
+                           SCORE, config.num_labels, seed)
+            kernel = model.init_score(seed)
+            path = (SCORE, "kernel")
+            set_path(params, path, jax.device_put(kernel) if placer is None else placer(path, np.asarray(kernel)))
+        model.params = params
+        return model
+
+    def config_to_save(self) -> transformers.PretrainedConfig:
+        """The config with `architectures` naming transformers' sequence-classification class."""
+        config = self.config.__class__.from_dict(self.config.to_dict())
+        default = sequence_classifier_module(self.spec.module).__name__
+        config.architectures = [MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(config.model_type, default)]
+        return config

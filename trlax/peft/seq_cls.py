@@ -1,0 +1,100 @@
+"""PEFT `SEQ_CLS` LoRA adapters on sequence-classification models (reward models trained with PEFT).
+
+PEFT saves such an adapter as its LoRA weights plus the `score` head in full
+(`modules_to_save=["score"]`, key `base_model.model.score.weight` [num_labels, H]). Loaded
+here, the base's params stay as they are except for `score`, and the LoRA tree is applied
+at every call (never merged); `save_pretrained` writes PEFT's layout back.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from trlax.checkpoint.hub import HubOptions
+from trlax.errors import CheckpointError, UnsupportedModelError
+from trlax.models.sequence_classification import SCORE, FlaxModelForSequenceClassification
+from trlax.peft.lora import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAMES,
+    PEFT_PREFIX,
+    LoraConfig,
+    check_applied,
+    lora_from_peft,
+    lora_modules,
+    read_adapter,
+    write_adapter_files,
+)
+
+
+class FlaxPeftModelForSequenceClassification(FlaxModelForSequenceClassification):
+    """A sequence-classification model with a PEFT LoRA adapter on: `lora` is applied at every call.
+
+    `params` are the base's, with the adapter's `score` head; `adapter_config` the adapter's
+    LoraConfig; `base_model_name_or_path` where the base came from (written on save).
+    """
+
+    adapter: dict[str, Any]
+    adapter_config: LoraConfig
+    base_model_name_or_path: str | None
+
+    @property
+    def lora(self) -> dict[str, Any] | None:
+        return self.adapter
+
+    def save_pretrained(self, save_directory: str | os.PathLike, params: dict[str, Any] | None = None,
+                        max_shard_size: int | str | None = None) -> list[Path]:
+        """PEFT's adapter folder (adapter_config.json, adapter_model.safetensors with the LoRA weights and
+        `score`); `peft.PeftModel.from_pretrained(AutoModelForSequenceClassification..., folder)` loads it."""
+        params = self.params if params is None else params
+        keep = [re.compile(p) for p in self.spec.keep_layout]
+        keeps_layout = any(k.match(f"{path}.weight") for path in lora_modules(self.adapter) for k in keep)
+        config = LoraConfig.from_peft({**self.adapter_config.to_peft_dict(),
+                                       "modules_to_save": sorted({*(self.adapter_config.modules_to_save or []),
+                                                                  SCORE})})
+        score = {f"{PEFT_PREFIX}{SCORE}.weight": np.ascontiguousarray(np.asarray(params[SCORE]["kernel"]).T)}
+
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_adapter_files(folder, config, self.adapter, base_name=self.base_model_name_or_path,
+                            task_type="SEQ_CLS", keeps_layout=keeps_layout, extra_tensors=score)
+        return [folder / ADAPTER_CONFIG_NAME, folder / ADAPTER_WEIGHTS_NAMES[0]]
+
+
+def load_seq_cls_adapter(source: str | os.PathLike, options: HubOptions | None = None, *,
+                         base_model: str | os.PathLike | None = None,
+                         **model_args: Any) -> FlaxPeftModelForSequenceClassification:
+    """A PEFT SEQ_CLS adapter folder (or hub id) on its base: `base_model`, else the adapter's
+    `base_model_name_or_path`, loaded as a sequence-classification model with `model_args`."""
+    files = read_adapter(str(source), options)
+    base_name = str(base_model) if base_model is not None else files.config.base_model_name_or_path
+    if not base_name:
+        raise CheckpointError(f"adapter {source} has no base_model_name_or_path in {ADAPTER_CONFIG_NAME}; pass "
+                              "base_model=PATH_OR_HUB_ID")
+    weight = files.tensors.get(f"{PEFT_PREFIX}{SCORE}.weight")
+    if weight is None or weight.ndim != 2:
+        raise CheckpointError(f"adapter {source} has no {PEFT_PREFIX}{SCORE}.weight [num_labels, hidden]: save it from "
+                              "AutoModelForSequenceClassification with PEFT's SEQ_CLS task (modules_to_save=['score'])")
+    base = FlaxModelForSequenceClassification.from_pretrained(base_name, num_labels=int(weight.shape[0]), **model_args)
+    lora, saved = lora_from_peft(files, base.params, base.config.model_type, base_name=base_name)
+    others = sorted(set(saved) - {f"{SCORE}.weight"})
+    if others:
+        raise UnsupportedModelError(f"adapter {source} saves {others[:4]} in full; trlax's sequence-classification "
+                                    f"adapters support only the '{SCORE}' head")
+    kernel_shape = base.params[SCORE]["kernel"].shape
+    if tuple(weight.T.shape) != tuple(kernel_shape):
+        raise CheckpointError(f"adapter {source}: {SCORE}.weight {tuple(weight.shape)} does not fit the base's hidden "
+                              f"size (score kernel {tuple(kernel_shape)})")
+    check_applied(base, lora)
+    model = FlaxPeftModelForSequenceClassification(base.config, base.spec, dtype=base.dtype,
+                                                   param_dtype=base.param_dtype)
+    if base.mesh is not None:
+        model.use_mesh(base.mesh, base.sharding_rules)
+    model.params = {**base.params, SCORE: {"kernel": jnp.asarray(weight.T, base.param_dtype)}}
+    model.adapter, model.adapter_config, model.base_model_name_or_path = lora, files.config, base_name
+    return model

@@ -1,0 +1,244 @@
+"""The PPO training loop behind `trlax ppo`: TRL's classic PPO (`trlax.ppo`) over prompts, with crash-safe state.
+
+One step, as TRL's classic `PPOTrainer.step`: take `batch_size` prompts (`trlax.ppo_data`),
+sample replies (jitted generation with a KV cache), score them (`trlax.ppo_rewards`), then
+one jitted `learn`: policy and reference forwards, per-token KL penalty with the score at the
+last reply token, GAE, and `ppo_epochs` passes over shuffled minibatches of
+`mini_batch_size` (clipped policy + value loss, Adam). The KL coefficient is fixed or TRL's
+adaptive controller.
+
+Determinism and resuming: the prompts, the generation key and the minibatch order of step s
+are functions of (seed, s) alone, so the whole run is a function of the seed. `save_every`
+writes an Orbax state (`trlax.checkpoint.state`: the trainable params, the optimizer state,
+the base RNG key, the step, the KL coefficient and the data position) after every N steps;
+`resume` restores the latest and continues, ending with bit-identical params.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from trlax.checkpoint.state import StateCheckpointer
+from trlax.errors import TrlaxError
+from trlax.ppo import PPOConfig, adaptive_kl_coef, make_ppo_update, make_rollout
+from trlax.ppo_data import PromptSet, TextCodec
+from trlax.ppo_rewards import Generated
+from trlax.trainable import merge_trainable, split_trainable
+from trlax.value_head import PreTrainedModelWrapper
+
+Array = jax.Array
+STATE_DIR = "state"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    """Run settings; the loss settings are TRL's `PPOConfig` (`trlax.ppo.PPOConfig`)."""
+
+    steps: int = 100
+    batch_size: int = 128
+    mini_batch_size: int = 128
+    ppo_epochs: int = 4
+    learning_rate: float = 1.41e-5
+    max_grad_norm: float | None = None
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    save_every: int | None = None
+    ppo: PPOConfig = PPOConfig()
+
+    def __post_init__(self) -> None:
+        if self.batch_size % self.mini_batch_size:
+            raise TrlaxError(f"--batch-size {self.batch_size} must be a multiple of --mini-batch-size "
+                             f"{self.mini_batch_size}")
+        if self.mini_batch_size < 2:
+            raise TrlaxError("--mini-batch-size must be at least 2 (advantages are whitened per minibatch)")
+
+
+@dataclasses.dataclass
+class Models:
+    """What a run trains and how it reads and scores text."""
+
+    policy: PreTrainedModelWrapper
+    reference: PreTrainedModelWrapper
+    codec: TextCodec
+    pad_id: int
+    eos_ids: tuple[int, ...]
+    reward: Callable[[Generated], np.ndarray]  # a trlax.ppo_rewards source
+    description: dict[str, str]
+    tokenizer: Any = None  # a transformers tokenizer to save beside the final policy, if any
+
+
+def reply_mask(reply: Array, eos_ids: tuple[int, ...]) -> Array:
+    """[B, N] int32: 1 for reply tokens up to and including the first eos (all ones without eos ids)."""
+    is_eos = jnp.zeros(reply.shape, bool)
+    for eos in eos_ids:
+        is_eos = is_eos | (reply == eos)
+    return (jnp.cumsum(is_eos, axis=1) - is_eos == 0).astype(jnp.int32)
+
+
+class PPOTrainer:
+    """`trainer.step()` runs one PPO step and returns its metrics; `trainer.params` is the policy's pytree."""
+
+    def __init__(self, models: Models, prompts: PromptSet, config: TrainerConfig) -> None:
+        self.models, self.prompts, self.config = models, prompts, config
+        policy = models.policy
+        adam = optax.adam(config.learning_rate)
+        self.tx = adam if config.max_grad_norm is None else optax.chain(
+            optax.clip_by_global_norm(config.max_grad_norm), adam)
+        self.trainable, self.frozen = split_trainable(policy.params, policy.trainable_mask)
+        self.opt_state = committed(self.tx.init(self.trainable))
+        self.trainable = committed(self.trainable)
+        self.rollout = make_rollout(policy, models.reference, config.ppo)
+        self.update = make_ppo_update(policy, self.tx, config.ppo)
+        self.learn = jax.jit(self._learn, donate_argnums=(0, 2))
+        self.key = jax.random.key(config.seed)  # the base key: step s uses fold_in(key, s)
+        self.step_index = 0
+        self.kl_coef = float(config.ppo.init_kl_coef)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return merge_trainable(self.trainable, self.frozen)
+
+    # --- one step -------------------------------------------------------------------------
+    def _learn(self, trainable: Any, frozen: Any, opt_state: Any, ref_params: Any, sequences: Array,
+               prompt_mask: Array, scores: Array, kl_coef: Array, order: Array) -> tuple[Any, Any, dict[str, Array]]:
+        p = prompt_mask.shape[1]
+        reply = reply_mask(sequences[:, p:], self.models.eos_ids)
+        attention = jnp.concatenate([prompt_mask, reply], axis=1)
+        batch = {"input_ids": sequences, "attention_mask": attention,
+                 "position_ids": jnp.maximum(jnp.cumsum(attention, axis=1) - 1, 0),
+                 "response_mask": jnp.concatenate([jnp.zeros_like(prompt_mask), reply], axis=1)}
+        experience = self.rollout(merge_trainable(trainable, frozen), ref_params, batch, scores, kl_coef)
+
+        def minibatch_update(carry: tuple[Any, Any], rows: Array) -> tuple[tuple[Any, Any], dict[str, Array]]:
+            minibatch = jax.tree_util.tree_map(lambda x: x[rows], experience)
+            trainable, opt_state, stats = self.update(carry[0], frozen, carry[1], minibatch)
+            return (trainable, opt_state), stats
+
+        (trainable, opt_state), stats = jax.lax.scan(minibatch_update, (trainable, opt_state), order)
+        mask = experience["mask"]
+        metrics = {
+            "reward": scores.mean(), "reward_std": scores.std(),
+            "kl": (experience["kls"] * mask).sum(axis=1).mean(),
+            "policy_loss": stats["loss/policy"].mean(), "value_loss": stats["loss/value"].mean(),
+            "entropy": stats["policy/entropy"].mean(), "clipfrac": stats["policy/clipfrac"].mean(),
+            "approxkl": stats["policy/approxkl"].mean(), "reply_length": mask.sum(axis=1).mean(),
+        }
+        return trainable, opt_state, metrics
+
+    def minibatch_order(self, step: int) -> np.ndarray:
+        """[ppo_epochs * n_minibatches, mini_batch_size] rows: a fresh permutation per epoch, from (seed, step)."""
+        cfg = self.config
+        rng = np.random.default_rng([cfg.seed, step, 1])
+        n = cfg.batch_size // cfg.mini_batch_size
+        return np.concatenate([rng.permutation(cfg.batch_size).reshape(n, cfg.mini_batch_size)
+                               for _ in range(cfg.ppo_epochs)]).astype(np.int32)
+
+    def generate(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray, key: Array) -> Array:
+        """Sampled replies: sequences [B, P+N] int32."""
+        cfg = self.config
+        return self.models.policy.generate(
+            prompt_ids, prompt_mask, params=self.params, max_new_tokens=cfg.max_new_tokens, do_sample=True,
+            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, prng_key=key,
+            eos_token_id=list(self.models.eos_ids), pad_token_id=self.models.pad_id).sequences
+
+    def generated(self, prompt_rows: np.ndarray, sequences: Array, needs_text: bool) -> Generated:
+        """The step's replies as the reward sources read them."""
+        p = self.prompts.ids.shape[1]
+        sequences = np.asarray(sequences)
+        reply = np.asarray(reply_mask(jnp.asarray(sequences[:, p:]), self.models.eos_ids))
+        out = Generated(sequences, np.concatenate([self.prompts.mask[prompt_rows], reply], axis=1))
+        if needs_text:
+            out.prompts = [self.prompts.texts[r] for r in prompt_rows]
+            out.completions = [self.models.codec.decode(row[m > 0].tolist())
+                               for row, m in zip(sequences[:, p:], reply, strict=True)]
+        return out
+
+    def step(self) -> dict[str, float]:
+        """One PPO step (generate, score, rollout, updates, KL control); returns its float metrics."""
+        cfg, s = self.config, self.step_index
+        rows = self.prompts.rows(cfg.seed, s, cfg.batch_size)
+        prompt_ids, prompt_mask = self.prompts.ids[rows], self.prompts.mask[rows]
+        sequences = self.generate(prompt_ids, prompt_mask, jax.random.fold_in(self.key, s))
+        reward = self.models.reward
+        scores = reward(self.generated(rows, sequences, getattr(reward, "needs_text", True)))
+        kl_coef = self.kl_coef
+        self.trainable, self.opt_state, metrics = self.learn(
+            self.trainable, self.frozen, self.opt_state, self.models.reference.params, sequences,
+            jnp.asarray(prompt_mask), jnp.asarray(scores, jnp.float32), jnp.float32(kl_coef),
+            self.minibatch_order(s))
+        out = {name: float(v) for name, v in jax.device_get(metrics).items()}
+        if cfg.ppo.adap_kl_ctrl:  # TRL's AdaptiveKLController.update(mean_kl, batch_size)
+            self.kl_coef = adaptive_kl_coef(self.kl_coef, out["kl"], cfg.batch_size, cfg.ppo.target, cfg.ppo.horizon)
+        self.step_index += 1
+        return {"step": s + 1, **out, "kl_coef": kl_coef}
+
+    # --- crash-safe state -------------------------------------------------------------------
+    def save_state(self, checkpointer: StateCheckpointer) -> None:
+        """Orbax state of the steps done so far: trainable params, optimizer state, RNG, KL coef, data position."""
+        checkpointer.save(self.step_index, self.trainable, self.opt_state, rng=self.key,
+                          extra={"kl_coef": self.kl_coef, "data_position": self.step_index * self.config.batch_size,
+                                 "seed": self.config.seed})
+
+    def restore_state(self, checkpointer: StateCheckpointer) -> int | None:
+        """Continue from the latest saved step (returns it), or None when nothing is saved."""
+        if checkpointer.latest_step() is None:
+            return None
+        state = checkpointer.restore(target={"params": self.trainable, "opt_state": self.opt_state})
+        if state.extra.get("seed") != self.config.seed:
+            raise TrlaxError(f"the saved state in {checkpointer.directory} was trained with --seed "
+                             f"{state.extra.get('seed')}, not {self.config.seed}; resume with the same settings")
+        self.trainable, self.opt_state = committed(state.params), committed(state.opt_state)
+        self.key, self.step_index, self.kl_coef = state.rng, state.step, float(state.extra["kl_coef"])
+        return state.step
+
+
+def committed(tree: Any) -> Any:
+    """The same arrays committed to their devices, so jit compiles once for fresh and updated params alike."""
+    return jax.tree_util.tree_map(lambda x: jax.device_put(x, x.sharding), tree)
+
+
+def resume(trainer: PPOTrainer, output_dir: Path) -> int:
+    """Restore the latest training state in `<output_dir>/state`; returns its step (0 when there is none)."""
+    if not (output_dir / STATE_DIR).is_dir():
+        return 0
+    checkpointer = StateCheckpointer(output_dir / STATE_DIR, max_to_keep=2)
+    try:
+        return trainer.restore_state(checkpointer) or 0
+    finally:
+        checkpointer.close()
+
+
+def train(trainer: PPOTrainer, output_dir: Path,
+          on_step: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+    """Run from `trainer.step_index` to `config.steps`, saving state every `save_every` steps (and after the
+    last); returns the metrics of the steps run. The policy's params are the trained ones afterwards."""
+    cfg = trainer.config
+    checkpointer = StateCheckpointer(output_dir / STATE_DIR, max_to_keep=2) if cfg.save_every else None
+    history = []
+    try:
+        while trainer.step_index < cfg.steps:
+            start = time.perf_counter()
+            metrics = {**trainer.step(), "seconds": time.perf_counter() - start}
+            history.append(metrics)
+            if on_step is not None:
+                on_step(metrics)
+            if checkpointer is not None and (trainer.step_index % cfg.save_every == 0
+                                             or trainer.step_index == cfg.steps):
+                trainer.save_state(checkpointer)
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()
+    trainer.models.policy.params = trainer.params
+    return history
