@@ -3,7 +3,8 @@
 All names and shapes are checked before any data is read, so a bad checkpoint fails
 fast and never yields a partly loaded model. Tensors are then read one at a time
 (memory-mapped), converted (transpose, dtype) and placed on device, so the host never
-holds the whole state dict twice.
+holds the whole state dict twice. A stacked expert param (see `trlax.checkpoint.naming`)
+is assembled from its per-expert tensors first, then placed.
 """
 
 from __future__ import annotations
@@ -121,15 +122,26 @@ def load_params(
             "The config.json does not match these weights."
         )
     to_read = [k for k in table if k in present]
+    slices = Counter(table[k].path for k in to_read if table[k].index)
     total = sum(reader.nbytes(stored_as[k]) for k in to_read)
     params: dict[str, Any] = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {source}",
               disable=total < PROGRESS_MIN_BYTES, leave=False) as bar:
+        stacks: dict[tuple[str, ...], tuple[np.ndarray, int]] = {}  # stacked param -> (buffer, slices left)
         for key in to_read:
             rule = table[key]
             array = np.asarray(rule.to_flax(reader.get(stored_as[key])), dtype=rule.dtype)
-            set_path(params, rule.path, place(rule.path, array))
             bar.update(reader.nbytes(stored_as[key]))
+            if not rule.index:
+                set_path(params, rule.path, place(rule.path, array))
+                continue
+            # One slice of a stacked param: assembled on the host, placed once complete.
+            buffer, left = stacks.get(rule.path) or (np.empty(rule.param_shape, rule.dtype), slices[rule.path])
+            buffer[rule.index] = array
+            if left == 1:
+                set_path(params, rule.path, place(rule.path, stacks.pop(rule.path, (buffer,))[0]))
+            else:
+                stacks[rule.path] = (buffer, left - 1)
     if report.skipped:
         logger.info("%s: skipped %d checkpoint tensor(s) this model does not use: %s",
                     source, len(report.skipped), _preview(report.skipped))
