@@ -308,3 +308,52 @@ def _worker(root: Path) -> None:
 
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]))
+
+
+# --- LoRA vs PEFT ------------------------------------------------------------------------------------
+
+# PEFT's "all-linear" also adapts the stacked experts of transformers 5 (`target_parameters`), which
+# trlax refuses clearly, and PEFT maps MLP names (gate_proj, ...) onto the fused experts too; these
+# name the attention projections.
+LORA_TARGETS = {"mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"], "qwen3_moe": ["q_proj", "k_proj", "v_proj",
+                                                                                  "o_proj"]}
+
+
+@pytest.mark.parametrize("model_type", sorted(LORA_TARGETS))
+def test_peft_adapters_load_and_save_with_the_same_logits(model_type, tmp_path):
+    import peft
+
+    from tests.test_adapters import randomise_lora_b, torch_base
+
+    _, lm = torch_base(model_type, tmp_path / "base")
+    pt = peft.get_peft_model(lm, peft.LoraConfig(task_type="CAUSAL_LM", target_modules=LORA_TARGETS[model_type],
+                                                 r=4, lora_alpha=16, use_rslora=True))
+    randomise_lora_b(pt)
+    pt.save_pretrained(str(tmp_path / "adapter"))
+    model = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "adapter", is_trainable=True)
+    ids, mask = batch(101, "left", low=2)
+    with torch.no_grad():
+        ref = pt.eval()(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
+        with pt.disable_adapter():
+            base_logits = pt(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
+    logits = model(ids, mask)[0]
+    assert max_diff(ref, base_logits, mask) > 1e-2  # the adapter does something
+    loaded = max_diff(ref, logits, mask)
+    model.save_pretrained(tmp_path / "saved")
+    with torch.no_grad():
+        again = peft.PeftModel.from_pretrained(lm, str(tmp_path / "saved")).eval()
+        written = max_diff(again(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits, logits, mask)
+    print(f"[lora] {model_type}: policy logits vs PEFT max|diff| loaded {loaded:.2e}, saved {written:.2e}")
+    assert loaded < ATOL and written < ATOL
+
+
+def test_peft_all_linear_on_experts_is_refused_clearly(tmp_path):
+    import peft
+
+    from tests.test_adapters import torch_base
+
+    _, lm = torch_base("mixtral", tmp_path / "base")
+    pt = peft.get_peft_model(lm, peft.LoraConfig(task_type="CAUSAL_LM", target_modules="all-linear", r=2))
+    pt.save_pretrained(str(tmp_path / "adapter"))
+    with pytest.raises(UnsupportedModelError, match="target_parameters"):
+        FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "adapter")
