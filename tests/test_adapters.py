@@ -33,7 +33,7 @@ from trlax.peft.reward import load_reward_adapter
 ATOL = 1e-4
 # Causal families whose every projection is LoRA-aware (layers.Dense) and checked against PEFT here.
 LORA_FAMILIES = ("gpt2", "opt", "gpt_neo", "gpt_neox", "llama", "gemma")
-PARITY_FAMILIES = (*LORA_FAMILIES, "mixtral", "qwen3_moe")  # MoE: attention and dense-MLP layers (experts are not nn.Linear)
+PARITY_FAMILIES = LORA_FAMILIES
 
 
 def torch_base(model_type: str, folder, seed: int = 0):

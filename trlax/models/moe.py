@@ -44,7 +44,6 @@ from trlax.checkpoint.naming import StackedWeight
 from trlax.errors import UnsupportedModelError
 from trlax.models.attention import Array
 from trlax.models.cache import KVCache
-from trlax.models.decoder import CausalLM
 from trlax.models.layers import HFModule, activation, normal_init
 from trlax.models.llama import (
     LLAMA_SHARDING,
@@ -240,7 +239,7 @@ def validate_moe(config: Any) -> None:
 
 
 MOE_SHARDING: tuple[ParamRule, ...] = (
-    *LLAMA_SHARDING,
+    *(rule for rule in LLAMA_SHARDING if rule[0] != r"mlp/(gate|up)_proj/bias$"),  # MoE MLPs have no biases
     (r"experts/gate_up_proj$", ("expert", "embed", "mlp")),
     (r"experts/down_proj$", ("expert", "mlp", "embed")),
     (r"(block_sparse_moe|mlp)/gate/weight$", (None, "embed")),  # the router [E, H]: tiny
