@@ -21,8 +21,8 @@ The expert computation has static shapes and no loop over tokens: every token go
 through every expert and a [N, E] combine matrix (the renormalised top-k weights, zero
 elsewhere) scales each expert's activation before the down projection, which sums over
 experts and intermediate units in one contraction. That costs E/k times the active
-FLOPs; on this project's CPU it is the fastest exact form measured (a sort-based
-`lax.ragged_dot` was slower there; see benchmarks/moe_forward.py).
+FLOPs (throughput vs the dense model of the same active size: benchmarks/moe_forward.py);
+in a one-off CPU measurement a sort-based `lax.ragged_dot` form was slower still.
 
 Routing ties: `jax.lax.top_k` picks the lower expert index among equal probabilities.
 PyTorch's CPU `topk` leaves the order of equal values to libstdc++'s `nth_element`
