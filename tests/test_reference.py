@@ -74,7 +74,17 @@ def _torch_checkpoint_names(family: str) -> tuple[str, ...]:
         model.save_pretrained(folder)
         saved = load_file(str(Path(folder) / "model.safetensors"))
     by_value = {array.tobytes(): key for key, array in saved.items()}
-    return tuple(by_value[p.detach().numpy().tobytes()] for _, p in model.named_parameters())
+    return tuple(_saved_name(p.detach().numpy(), by_value) for _, p in model.named_parameters())
+
+
+def _saved_name(array, by_value):
+    """The saved key holding `array`. transformers 5 holds MoE experts stacked ([E, out, in], gate
+    and up fused) but saves one Linear weight per expert: such a param is named by the tensor
+    holding its first slice (expert 0; its gate half), as trlax names it."""
+    for part in (array, *((array[0], array[0][: array.shape[1] // 2]) if array.ndim == 3 else ())):
+        if part.tobytes() in by_value:
+            return by_value[part.tobytes()]
+    raise KeyError(f"no saved tensor holds a parameter of shape {array.shape}")
 
 
 def _gpt2(n_layer=2, n_embd=32, vocab=101):

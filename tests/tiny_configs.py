@@ -191,3 +191,25 @@ TINY_SEQ2SEQ: dict[str, Callable[[], transformers.PretrainedConfig]] = {
     "mt5": mt5,
     "bart": bart,
 }
+
+
+# Mixture of experts: 2-3 layers, hidden 32, 4 experts with 2 per token (GQA, head_dim 16 for Qwen3-MoE).
+# Qwen3-MoE's layer 1 is dense (mlp_only_layers), its layer 2 sparse again; norm_topk_prob off.
+_MOE_COMMON = {"vocab_size": 101, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "num_experts_per_tok": 2,
+               "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1, "tie_word_embeddings": False}
+
+
+def mixtral() -> transformers.PretrainedConfig:
+    return transformers.MixtralConfig(**_MOE_COMMON, intermediate_size=24, num_hidden_layers=2, num_local_experts=4,
+                                      sliding_window=4)
+
+
+def qwen3_moe() -> transformers.PretrainedConfig:
+    return transformers.Qwen3MoeConfig(**_MOE_COMMON, intermediate_size=40, moe_intermediate_size=16, head_dim=16,
+                                       num_hidden_layers=3, num_experts=4, mlp_only_layers=[1], norm_topk_prob=False,
+                                       attention_bias=True)
+
+
+TINY_CAUSAL["mixtral"] = mixtral
+TINY_CAUSAL["qwen3_moe"] = qwen3_moe

@@ -52,7 +52,8 @@ def parameter_names(model: FlaxPreTrainedModel) -> list[str]:
 
 
 def parameter_table(model: FlaxPreTrainedModel) -> dict[str, TensorRule]:
-    """`model.key_table()` in PyTorch parameter order (see `parameter_names`)."""
+    """`model.key_table()` in PyTorch parameter order (see `parameter_names`), one key per param
+    (a stacked expert param, which transformers 5 also holds as one tensor, by its first key)."""
     created: list[tuple[str, ...]] = []
 
     def init() -> dict[str, Any]:
@@ -62,7 +63,9 @@ def parameter_table(model: FlaxPreTrainedModel) -> dict[str, TensorRule]:
 
     abstract = jax.eval_shape(init)
     table = model.key_table(abstract)
-    names = {rule.path: key for key, rule in table.items()}
+    names: dict[tuple[str, ...], str] = {}
+    for key, rule in table.items():  # a stacked expert param is named by its first checkpoint key
+        names.setdefault(rule.path, key)
     defined: dict[tuple[str, ...], dict[str, int]] = {}
     _definition_order(model.module.bind({"params": abstract}), (), defined)
     first_seen: dict[tuple[str, ...], int] = {}

@@ -8,7 +8,9 @@ Two tables, MaxText style:
   value-head wrapper, an optimizer state (`opt_state/0/mu/...`) or a checkpoint tree. A
   rule applies when its regex matches *and* it names one axis per dim of the leaf; the
   first that applies wins; a leaf no rule fits is replicated.
-- *logical -> mesh*: `batch -> (data, fsdp)`, `embed -> fsdp`, `heads/kv_heads/mlp/vocab -> tp`.
+- *logical -> mesh*: `batch -> (data, fsdp)`, `embed -> fsdp`, `heads/kv_heads/mlp/vocab -> tp`,
+  `expert -> expert` (the expert dim of mixture-of-experts weights; `make_mesh(expert=N)`
+  adds that mesh axis).
   Mesh axes the mesh does not have are ignored, and an axis that does not divide the
   dimension is dropped for that tensor (GPT-2's vocabulary of 50257 stays whole).
 
@@ -53,6 +55,7 @@ DEFAULT_LOGICAL_AXES: dict[str, tuple[str, ...]] = {
     "mlp": ("tp",),
     "length": (),
     "head_dim": (),
+    "expert": ("expert",),
 }
 
 # Keyed by leaf role (module name + leaf): tried after the family's rules (its SPEC's
@@ -197,25 +200,31 @@ def auto_mesh(mesh: Mesh) -> Mesh:
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tp: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+def make_mesh(data: int = 1, fsdp: int = -1, tp: int = 1, devices: Sequence[Any] | None = None, *,
+              expert: int = 1) -> Mesh:
     """A ("data", "fsdp", "tp") mesh over `devices` (default: all); one size may be -1 (the rest).
 
-    With several processes (`jax.distributed.initialize`), `jax.devices()` lists every
-    device of every host, so the same call builds the global mesh on each host.
+    `expert` > 1 adds an "expert" axis (("data", "fsdp", "expert", "tp")) that splits the
+    experts of mixture-of-experts weights (logical axis `expert`); other params and the
+    batch do not use it. With several processes (`jax.distributed.initialize`),
+    `jax.devices()` lists every device of every host, so the same call builds the global
+    mesh on each host.
     """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [data, fsdp, tp]
+    names = (*MESH_AXES[:2], "expert", MESH_AXES[2]) if expert != 1 else MESH_AXES
+    sizes = [data, fsdp, expert, tp] if expert != 1 else [data, fsdp, tp]
+    shown = " x ".join(f"{n}={s}" for n, s in zip(names, sizes, strict=True))
     if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis size may be -1; got data={data}, fsdp={fsdp}, tp={tp}")
+        raise ValueError(f"at most one mesh axis size may be -1; got {shown}")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot be split into data={data} x fsdp={fsdp} x tp={tp}")
+            raise ValueError(f"{len(devices)} devices cannot be split into {shown}")
         sizes[sizes.index(-1)] = len(devices) // known
     if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tp={sizes[2]} needs {int(np.prod(sizes))} "
-                         f"devices; there are {len(devices)}")
-    return Mesh(np.array(devices).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+        shown = " x ".join(f"{n}={s}" for n, s in zip(names, sizes, strict=True))
+        raise ValueError(f"mesh {shown} needs {int(np.prod(sizes))} devices; there are {len(devices)}")
+    return Mesh(np.array(devices).reshape(sizes), names, axis_types=(AxisType.Auto,) * len(names))
 
 
 def tree_shardings(

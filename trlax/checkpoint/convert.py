@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from trlax.checkpoint.hub import HubOptions, resolve_checkpoint
-from trlax.checkpoint.naming import flatten_paths, get_path, key_table
+from trlax.checkpoint.naming import flatten_paths, hf_tensors, key_table
 from trlax.checkpoint.reader import CheckpointReader
 from trlax.checkpoint.writer import write_checkpoint_dir
 from trlax.errors import CheckpointError
@@ -192,8 +192,8 @@ def to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, max_shard_size: int
         table.update(key_table(model.params["v_head"], prefix="v_head.", path_prefix=("v_head",)))
     state: dict[str, np.ndarray] = {}
     with tqdm(total=len(table), unit="tensor", desc=f"gathering {src}", disable=not progress) as bar:
-        for key, rule in table.items():
-            state[key] = rule.to_hf(np.asarray(get_path(model.params, rule.path)))
+        for key, tensor in hf_tensors(table, model.params):
+            state[key] = tensor
             bar.update(1)
     config = lm.config_to_save()
     return write_checkpoint_dir(dst, state, write_extra=lambda tmp: config.save_pretrained(str(tmp)),

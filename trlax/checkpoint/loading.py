@@ -4,7 +4,9 @@ All names and shapes are checked before any data is read, so a bad checkpoint fa
 fast and never yields a partly loaded model. Tensors are then read one at a time into
 fresh buffers, converted (transpose, dtype) and placed on device, each buffer dropped
 before the next read, so the host never holds the state dict twice: loading peaks at
-about the final params plus one tensor in flight (benchmarks/load_memory.py).
+about the final params plus one tensor in flight (benchmarks/load_memory.py). A stacked
+expert param (see `trlax.checkpoint.naming`) is assembled from its per-expert tensors
+first, then placed.
 """
 
 from __future__ import annotations
@@ -160,14 +162,26 @@ def load_params(
             f"{'; '.join(not_float[:8])}. The file is corrupt or not a model checkpoint; re-save it."
         )
     to_read = [k for k in table if k in present]
+    slices = Counter(table[k].path for k in to_read if table[k].index)
     total = sum(reader.nbytes(stored_as[k]) for k in to_read)
     params: dict[str, Any] = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {source}",
               disable=total < PROGRESS_MIN_BYTES, leave=False) as bar:
+        stacks: dict[tuple[str, ...], tuple[np.ndarray, int]] = {}  # stacked param -> (buffer, slices left)
         for key in to_read:
             rule = table[key]
-            set_path(params, rule.path, place(rule.path, read_converted(reader, stored_as[key], rule)))
+            array = read_converted(reader, stored_as[key], rule)
             bar.update(reader.nbytes(stored_as[key]))
+            if not rule.index:
+                set_path(params, rule.path, place(rule.path, array))
+                continue
+            # One slice of a stacked param: assembled on the host, placed once complete.
+            buffer, left = stacks.get(rule.path) or (np.empty(rule.param_shape, rule.dtype), slices[rule.path])
+            buffer[rule.index] = array
+            if left == 1:
+                set_path(params, rule.path, place(rule.path, stacks.pop(rule.path, (buffer,))[0]))
+            else:
+                stacks[rule.path] = (buffer, left - 1)
     if report.skipped:
         logger.info("%s: skipped %d checkpoint tensor(s) this model does not use: %s",
                     source, len(report.skipped), _preview(report.skipped))

@@ -30,7 +30,7 @@ from transformers.models.auto.modeling_auto import (
 
 from trlax.checkpoint.hub import HubOptions, ResolvedCheckpoint, resolve_checkpoint
 from trlax.checkpoint.loading import LoadReport, Placer, load_params
-from trlax.checkpoint.naming import TensorRule, flatten_paths, get_path, key_table, set_path
+from trlax.checkpoint.naming import TensorRule, flatten_paths, get_path, hf_tensors, key_table, set_path
 from trlax.checkpoint.push import push_to_hub
 from trlax.checkpoint.reader import CheckpointReader
 from trlax.checkpoint.writer import write_checkpoint_dir
@@ -157,7 +157,7 @@ class FlaxPreTrainedModel:
         abstract = abstract if abstract is not None else self.abstract_params()
         raw = self.spec.raw_keys
         table = key_table({k: v for k, v in abstract.items() if k not in raw}, path_prefix=path_prefix,
-                          keep_layout=self.spec.keep_layout)
+                          keep_layout=self.spec.keep_layout, stacked=self.spec.stacked_weights)
         for name in raw:  # stored under its own name, never transposed
             table[name] = TensorRule((*path_prefix, name), False, tuple(abstract[name].shape), abstract[name].dtype)
         return table
@@ -262,8 +262,7 @@ class FlaxPreTrainedModel:
     def state_dict(self, params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
         """The params as a transformers (PyTorch) state dict of numpy arrays (tied copies left out)."""
         params = self.params if params is None else params
-        return {key: rule.to_hf(np.asarray(get_path(params, rule.path)))
-                for key, rule in self.key_table(params).items()}
+        return dict(hf_tensors(self.key_table(params), params))
 
     def config_to_save(self) -> transformers.PretrainedConfig:
         """A copy of the config whose `architectures` names transformers' class for this model_type

@@ -18,6 +18,8 @@ FAMILY_MODULES: tuple[str, ...] = (
     "trlax.models.gpt_neox",
     "trlax.models.t5",
     "trlax.models.bart",
+    "trlax.models.mixtral",
+    "trlax.models.qwen3_moe",
 )
 
 

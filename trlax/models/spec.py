@@ -3,7 +3,8 @@
 A family is one modeling file: its Linen modules (named as the PyTorch modules are) and a
 `SPEC` that carries every family-specific fact the rest of trlax reads:
 
-- checkpoints: the weight layouts that differ from the generic rules (`keep_layout`),
+- checkpoints: the weight layouts that differ from the generic rules (`keep_layout`,
+  `stacked_weights`),
   keys transformers skips or ties (`ignored_keys`, `tied_keys`), the base-model prefix;
 - meshes: the family's sharding rules (`trlax.sharding` adds the generic ones);
 - PEFT: the default LoRA `target_modules` (PEFT's own table);
@@ -22,6 +23,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from trlax.checkpoint.naming import StackedWeight
 from trlax.models.cache import CacheGeometry, KVCache, empty_kv_cache
 
 # (regex on the "/"-joined param path, one logical axis name or None per dim); see trlax.sharding.
@@ -67,8 +69,9 @@ class ArchitectureSpec:
     num_layers: Callable[[Any], int]  # the layers `layer_pattern` counts
     cache_geometry: Callable[[Any], CacheGeometry]
     sharding_rules: tuple[ParamRule, ...]  # tried before trlax.sharding's generic rules
-    peft_targets: tuple[str, ...]  # PEFT's default target_modules for these model types
+    peft_targets: tuple[str, ...]  # PEFT's default target_modules for these model types (() if PEFT has none)
     keep_layout: tuple[str, ...] = ()  # regexes of HF keys stored as-is in a `kernel`
+    stacked_weights: tuple[StackedWeight, ...] = ()  # MoE experts: one param, one HF tensor per expert
     ignored_keys: tuple[str, ...] = ()  # regexes of checkpoint keys transformers ignores too
     tied_keys: Callable[[Any], tuple[str, ...]] = _nothing  # HF keys that alias another tensor
     validate: Callable[[Any], None] = _no_check  # raises UnsupportedModelError on unsupported options
