@@ -486,7 +486,7 @@ def _missing_head(what: str, strict: bool) -> None:
 
 
 class FlaxAutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
-    """A causal LM with TRL's value head: `model(ids, mask) -> (lm_logits, None, values)`."""
+    """A causal LM with TRL's value head: `model(ids, mask, labels=None) -> (lm_logits, loss, values)`."""
 
     auto_class = FlaxAutoModelForCausalLM
 
@@ -499,14 +499,16 @@ class FlaxAutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         dropout_rng: jax.Array | None = None,
         train: bool = False,
         output_hidden_states: bool = False,
-    ) -> tuple[jax.Array, None, jax.Array]:
-        """Pure forward: (lm_logits [B, T, V] f32, None, values [B, T] f32)."""
+        labels: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+        """Pure forward: (lm_logits [B, T, V] f32, loss [] f32 with labels [B, T] else None, values [B, T] f32)."""
         params = self._params_for_forward(params)
         base_rng, head_rng = self._split_rng(dropout_rng, train)
         out = self.pretrained_model.apply(params["pretrained_model"], input_ids, attention_mask, position_ids,
-                                          dropout_rng=base_rng, train=train, lora=params.get(LORA_COLLECTION))
+                                          dropout_rng=base_rng, train=train, lora=params.get(LORA_COLLECTION),
+                                          labels=labels)
         values = self._values(params, out.last_hidden_state, head_rng, train)
-        return out.logits.astype(jnp.float32), None, values
+        return out.logits.astype(jnp.float32), out.loss, values
 
     def __call__(
         self,
@@ -516,18 +518,23 @@ class FlaxAutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         params: dict[str, Any] | None = None,
         train: bool = False,
         dropout_rng: jax.Array | None = None,
-    ) -> tuple[jax.Array, None, jax.Array]:
-        """TRL's 3-tuple (lm_logits [B, T, V] float32, loss None, values [B, T] float32), jitted.
+        labels: Any = None,
+    ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+        """TRL's 3-tuple (lm_logits [B, T, V] float32, loss, values [B, T] float32), jitted.
 
         input_ids [B, T] int; attention_mask [B, T] (default all ones); position_ids as
-        the LM's forward; `train=True` with `dropout_rng` enables dropout.
+        the LM's forward; `train=True` with `dropout_rng` enables dropout. labels [B, T]
+        int (-100 = ignored): loss is the wrapped LM's loss as TRL returns it
+        (transformers' shifted cross-entropy, [] float32); None without labels.
         """
         input_ids = token_ids("input_ids", input_ids)
         mask = mask_for("attention_mask", attention_mask, input_ids)
         if position_ids is not None:
             position_ids = same_shape("position_ids", position_ids, input_ids.shape)
+        if labels is not None:
+            labels = same_shape("labels", token_ids("labels", labels), input_ids.shape)
         return self._forward(self.params if params is None else params, input_ids, mask, position_ids,
-                             dropout_rng, train=train)
+                             dropout_rng, train=train, labels=labels)
 
 
 class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
@@ -545,15 +552,16 @@ class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
         dropout_rng: jax.Array | None = None,
         train: bool = False,
         output_hidden_states: bool = False,
-    ) -> tuple[jax.Array, None, jax.Array]:
-        """Pure forward: (lm_logits [B, Td, V] f32, None, values [B, Td] f32)."""
+        labels: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+        """Pure forward: (lm_logits [B, Td, V] f32, loss [] f32 with labels [B, Td] else None, values [B, Td] f32)."""
         params = self._params_for_forward(params)
         base_rng, head_rng = self._split_rng(dropout_rng, train)
         out = self.pretrained_model.apply(params["pretrained_model"], input_ids, attention_mask, decoder_input_ids,
                                           decoder_attention_mask, dropout_rng=base_rng, train=train,
-                                          lora=params.get(LORA_COLLECTION))
+                                          lora=params.get(LORA_COLLECTION), labels=labels)
         values = self._values(params, out.last_hidden_state, head_rng, train)
-        return out.logits.astype(jnp.float32), None, values
+        return out.logits.astype(jnp.float32), out.loss, values
 
     def __call__(
         self,
@@ -564,17 +572,26 @@ class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
         params: dict[str, Any] | None = None,
         train: bool = False,
         dropout_rng: jax.Array | None = None,
-    ) -> tuple[jax.Array, None, jax.Array]:
-        """TRL's 3-tuple over decoder positions; decoder_input_ids [B, Td] are required."""
+        labels: Any = None,
+    ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+        """TRL's 3-tuple over decoder positions. decoder_input_ids [B, Td], or labels [B, Td]
+        (-100 = ignored) from which they are derived as transformers does (shifted right behind
+        the decoder start token); with labels, loss is the decoder LM loss [] float32."""
+        if labels is not None:
+            labels = token_ids("labels", labels)
+            if decoder_input_ids is None:
+                decoder_input_ids = self.pretrained_model.decoder_inputs_from_labels(labels)
         if decoder_input_ids is None:
             raise InputError("a seq2seq value-head model needs decoder_input_ids [B, Td] (e.g. the shifted "
-                             "response, starting with config.decoder_start_token_id)")
+                             "response, starting with config.decoder_start_token_id) or labels")
         input_ids = token_ids("input_ids", input_ids)
         decoder_input_ids = token_ids("decoder_input_ids", decoder_input_ids)
         mask = mask_for("attention_mask", attention_mask, input_ids)
         dmask = mask_for("decoder_attention_mask", decoder_attention_mask, decoder_input_ids)
+        if labels is not None:
+            labels = same_shape("labels", labels, decoder_input_ids.shape)
         return self._forward(self.params if params is None else params, input_ids, mask, decoder_input_ids, dmask,
-                             dropout_rng, train=train)
+                             dropout_rng, train=train, labels=labels)
 
 
 # TRL's names.
