@@ -6,7 +6,6 @@ from typing import Any
 
 import jax
 
-from trlax.generation import GenerateOutput, generate
 from trlax.inputs import mask_for, same_shape, token_ids
 from trlax.models.base import FlaxPreTrainedModel
 from trlax.models.loss import causal_lm_loss
@@ -69,10 +68,6 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
                              dropout_rng, train=train, output_hidden_states=output_hidden_states,
                              lora=self.lora if params is None else None, labels=labels)
 
-    def generate(self, input_ids: Any, attention_mask: Any = None, *, params: dict[str, Any] | None = None,
-                 lora: dict[str, Any] | None = None, **kwargs: Any) -> GenerateOutput:
-        """Jit-compiled generation with a KV cache; see `trlax.generation.generate`. lora: an adapter
-        tree to generate with; without params and lora, the owning LoRA policy's adapter (if any)."""
-        if params is None and lora is None:
-            lora = self.lora
-        return generate(self, input_ids, attention_mask, params=params, lora=lora, **kwargs)
+    def generation_prompt_length(self, input_ids: jax.Array, decoder_input_ids: Any = None) -> int:
+        """The length generation_config's max_length / min_length count from: the (padded) prompt T."""
+        return int(input_ids.shape[1])

@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
-from trlax.generation import GenerateOutput, generate
 from trlax.inputs import InputError, mask_for, same_shape, token_ids
 from trlax.models.base import FlaxPreTrainedModel
 from trlax.models.loss import seq2seq_lm_loss, shift_tokens_right
@@ -105,9 +105,12 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
                              dropout_rng, train=train, output_hidden_states=output_hidden_states,
                              lora=self.lora if params is None else None, labels=labels)
 
-    def generate(self, input_ids: Any, attention_mask: Any = None, *, params: dict[str, Any] | None = None,
-                 lora: dict[str, Any] | None = None, **kwargs: Any) -> GenerateOutput:
-        """Jit-compiled generation with a KV cache; see `trlax.generation.generate`."""
-        if params is None and lora is None:
-            lora = self.lora
-        return generate(self, input_ids, attention_mask, params=params, lora=lora, **kwargs)
+    def generation_prompt_length(self, input_ids: jax.Array, decoder_input_ids: Any = None) -> int:
+        """The length generation_config's max_length / min_length count from: the decoder prompt
+        with its start token (1 without a prompt), as transformers counts it."""
+        if decoder_input_ids is None:
+            return 1
+        decoder_input_ids = token_ids("decoder_input_ids", decoder_input_ids)
+        start = getattr(self.config, "decoder_start_token_id", None)
+        prepended = start is not None and bool(jnp.all(decoder_input_ids[:, 0] != start))
+        return int(decoder_input_ids.shape[1]) + int(prepended)
