@@ -47,7 +47,8 @@ def test_checkpoint_generation_config_is_the_default(gpt2_pair):
     ids, mask = batch(VOCAB, "left", low=2)
     out = model.generate(ids, mask)
     assert isinstance(out, GenerateOutput)
-    ref = _torch_generate(pt, ids, mask, out.sequences.shape[1])  # transformers reads the same file: eos 13, pad 1, 7 new tokens
+    # transformers reads the same file: eos 13, pad 1, 7 new tokens.
+    ref = _torch_generate(pt, ids, mask, out.sequences.shape[1])
     np.testing.assert_array_equal(np.asarray(out.sequences), ref)
     assert np.any(ref[:, ids.shape[1]:] == 13)  # the eos rule is exercised
 
@@ -143,13 +144,15 @@ def test_seq2seq_continues_a_decoder_prompt(tmp_path, model_type):
     for prompt in (with_start, with_start[:, 1:]):  # without the start token, it is put in front
         out = model.generate(ids, mask, decoder_input_ids=prompt, max_new_tokens=5, eos_token_id=[])
         with torch.no_grad():  # transformers v5's T5 cache breaks on decoder prompts; without it the math is the same
-            ref = pt.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), decoder_input_ids=torch.tensor(prompt),
-                              max_new_tokens=5, do_sample=False, use_cache=False, eos_token_id=None).numpy()
+            ref = pt.generate(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                              decoder_input_ids=torch.tensor(prompt), max_new_tokens=5, do_sample=False,
+                              use_cache=False, eos_token_id=None).numpy()
         np.testing.assert_array_equal(np.asarray(out.sequences), ref)
     penalised = model.generate(ids, mask, decoder_input_ids=with_start, max_new_tokens=5, eos_token_id=[],
                                repetition_penalty=1.4)
     with torch.no_grad():
-        ref = pt.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), decoder_input_ids=torch.tensor(with_start),
-                          max_new_tokens=5, do_sample=False, use_cache=False, eos_token_id=None,
+        ref = pt.generate(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                          decoder_input_ids=torch.tensor(with_start), max_new_tokens=5, do_sample=False,
+                          use_cache=False, eos_token_id=None,
                           repetition_penalty=1.4).numpy()
     np.testing.assert_array_equal(np.asarray(penalised.sequences), ref)
