@@ -80,7 +80,8 @@ def test_sharded_trlax_save_loads_in_transformers(torch_model, saved, tmp_path):
     assert max_diff(_torch_logits(reloaded, ids), _torch_logits(torch_model, ids)) == 0.0
     # A later single-file save into the same folder removes the stale shards and index.
     model.save_pretrained(tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "generation_config.json",
+                                                                     "model.safetensors"]
 
 
 def test_legacy_pytorch_model_bin_loads(torch_model, saved, tmp_path):
