@@ -50,7 +50,9 @@ def _assert_same_params(a, b):
 def test_trlax_save_loads_in_transformers_with_identical_logits(torch_model, saved, tmp_path):
     model = FlaxAutoModelForCausalLM.from_pretrained(saved)
     model.save_pretrained(tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+    # generation_config.json comes back too: the loaded model carries the one transformers saved.
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "generation_config.json",
+                                                                     "model.safetensors"]
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     ids, _ = batch(101, "none")
     assert max_diff(_torch_logits(reloaded, ids), _torch_logits(torch_model, ids)) == 0.0
@@ -78,7 +80,8 @@ def test_sharded_trlax_save_loads_in_transformers(torch_model, saved, tmp_path):
     assert max_diff(_torch_logits(reloaded, ids), _torch_logits(torch_model, ids)) == 0.0
     # A later single-file save into the same folder removes the stale shards and index.
     model.save_pretrained(tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "generation_config.json",
+                                                                     "model.safetensors"]
 
 
 def test_legacy_pytorch_model_bin_loads(torch_model, saved, tmp_path):

@@ -131,12 +131,14 @@ def test_pad_and_eos_default_to_the_config(pairs):
     _, model = pairs("gpt2")
     ids, mask = _prompts(model.config, False)
     first = _greedy(model, ids, mask)[0, SEQ]
-    saved = model.config.pad_token_id, model.config.eos_token_id
+    saved = model.config.pad_token_id, model.config.eos_token_id, model.generation_config
     try:
+        # Without a generation_config.json (which would take precedence), the config's ids apply.
         model.config.pad_token_id, model.config.eos_token_id = None, int(first)  # pad falls back to eos
+        model.generation_config = None
         out = np.asarray(model.generate(ids, mask, max_new_tokens=NEW).sequences)
     finally:
-        model.config.pad_token_id, model.config.eos_token_id = saved
+        model.config.pad_token_id, model.config.eos_token_id, model.generation_config = saved
     assert (out[0, SEQ:] == first).all()  # the eos, then eos as pad
     assert len(model.generation_cache) >= 1 and out.shape == (len(ids), SEQ + NEW)
 

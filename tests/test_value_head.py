@@ -196,6 +196,7 @@ def test_push_to_hub_uploads_what_save_pretrained_writes(tmp_path, monkeypatch):
         return "commit-info"
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", lambda self, repo_id, **kwargs: None)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     model = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(FlaxAutoModelForCausalLM.from_config(gpt2()))
     result = model.push_to_hub("me/tiny", token="tok", private=True, revision="dev")

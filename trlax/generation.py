@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trlax.generation_config import penalty_context, process_logits
 from trlax.inputs import InputError, mask_for, token_ids
 from trlax.models.layers import LORA_COLLECTION
 from trlax.sharding import constrain_kv_cache, shard_batch
@@ -65,6 +66,8 @@ class GenerationSettings:
     top_k: int  # 0 = off
     use_top_p: bool  # False when top_p == 1.0: skips the sort statically
     num_eos: int  # 0 = no eos: rows never finish early
+    min_new_tokens: int = 0  # eos is banned for this many steps (trlax.generation_config)
+    use_repetition_penalty: bool = False  # False when repetition_penalty == 1.0
 
 
 @flax.struct.dataclass
@@ -76,6 +79,7 @@ class _Knobs:
     pad_id: Array  # [] int32
     eos_ids: Array  # [num_eos] int32
     start_id: Array  # [] int32: the decoder start token (encoder-decoder only)
+    repetition_penalty: Array  # [] float32 (used when settings.use_repetition_penalty)
 
 
 class GenerationCache:
@@ -203,11 +207,13 @@ def _decode_loop(
     key: Array | None,
     settings: GenerationSettings,
     knobs: _Knobs,
+    context: Array,
 ) -> Array:
     """The new tokens [B, max_new_tokens] int32, one per `step` call.
 
     step(token [B], i, cache) -> (logits [B, V], cache) feeds the token of loop index i
     (`first_fed` at i = 0, then the token chosen at i - 1) and returns the next logits.
+    context: the prompt ids [B, T] the repetition penalty counts (`penalty_context`).
     """
     n = settings.max_new_tokens
     b = first_fed.shape[0]
@@ -221,6 +227,9 @@ def _decode_loop(
     def body(state: tuple[Any, ...]) -> tuple[Any, ...]:
         i, token, done, tokens, cache, key = state
         logits, cache = step(token, i, cache)
+        penalty = knobs.repetition_penalty if settings.use_repetition_penalty else None
+        logits = process_logits(logits, i, context, tokens, knobs.eos_ids, min_new_tokens=settings.min_new_tokens,
+                                repetition_penalty=penalty)
         step_key = None
         if settings.do_sample:
             key, step_key = jax.random.split(key)
@@ -261,7 +270,7 @@ def _causal_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Call
             out = module.apply(variables, token[:, None], kv_mask, pos, cache=cache, cache_index=t - 1 + i)
             return out.logits[:, -1], constrain_kv_cache(out.cache, model.mesh, model.sharding_rules)
 
-        new = _decode_loop(step, input_ids[:, -1], cache, key, settings, knobs)
+        new = _decode_loop(step, input_ids[:, -1], cache, key, settings, knobs, penalty_context(input_ids, mask))
         return jnp.concatenate([input_ids, new], axis=1)
 
     return _traced_under_mesh(model, run)
@@ -271,24 +280,29 @@ def _seq2seq_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Cal
     module, spec, config = model.module, model.spec, model.config
     n = settings.max_new_tokens
 
-    def run(params: Any, lora: Any, input_ids: Array, mask: Array, knobs: _Knobs, key: Array | None) -> Array:
-        b = input_ids.shape[0]
+    def run(params: Any, lora: Any, input_ids: Array, mask: Array, knobs: _Knobs, key: Array | None,
+            decoder_prompt: Array) -> Array:
+        b, td = decoder_prompt.shape
         variables = _variables(params, lora)
         encoded, _ = module.apply(variables, input_ids, mask, method="encode")  # [B, Te, H]
-        # Decoder slot i holds the token fed at loop index i: the start token, then the
+        # Decoder slot j < Td - 1 holds prompt token j (prefilled); loop index i feeds slot
+        # Td - 1 + i: the last prompt token (the start token without a prompt), then the
         # first n - 1 new tokens (the last is never fed back). An all-ones key mask works
         # because unwritten slots lie in the future of every query.
-        cache = constrain_kv_cache(spec.init_cache(config, b, n, model.dtype), model.mesh, model.sharding_rules)
-        dec_mask = jnp.ones((b, n), jnp.int32)
+        slots = td - 1 + n
+        cache = constrain_kv_cache(spec.init_cache(config, b, slots, model.dtype), model.mesh, model.sharding_rules)
+        dec_mask = jnp.ones((b, slots), jnp.int32)
+        if td > 1:
+            cache = module.apply(variables, decoder_prompt[:, :-1], dec_mask, encoded, mask, cache=cache,
+                                 cache_index=0, method="decode").cache
 
         def step(token: Array, i: Array, cache: Any) -> tuple[Array, Any]:
-            out = module.apply(variables, token[:, None], dec_mask, encoded, mask, cache=cache, cache_index=i,
-                               method="decode")
+            out = module.apply(variables, token[:, None], dec_mask, encoded, mask, cache=cache,
+                               cache_index=td - 1 + i, method="decode")
             return out.logits[:, -1], constrain_kv_cache(out.cache, model.mesh, model.sharding_rules)
 
-        start = jnp.full((b,), knobs.start_id, jnp.int32)
-        new = _decode_loop(step, start, cache, key, settings, knobs)
-        return jnp.concatenate([start[:, None], new], axis=1)
+        new = _decode_loop(step, decoder_prompt[:, -1], cache, key, settings, knobs, decoder_prompt)
+        return jnp.concatenate([decoder_prompt, new], axis=1)
 
     return _traced_under_mesh(model, run)
 
@@ -364,6 +378,9 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     decoder_start_token_id: int | None = None,
     lora: dict[str, Any] | None = None,
+    min_new_tokens: int = 0,
+    repetition_penalty: float | Array = 1.0,
+    decoder_input_ids: Any = None,
 ) -> GenerateOutput:
     """Generate up to `max_new_tokens` tokens per row with a KV cache, jit-compiled.
 
@@ -376,13 +393,22 @@ def generate(
     default to the model config's; pad falls back to the first eos. A row that emitted an
     eos emits pad from then on. One compilation serves each (shapes, max_new_tokens,
     do_sample, top_k, top_p == 1.0 or not, number of eos ids); other values are traced.
+    min_new_tokens (static) bans the eos ids for that many steps and repetition_penalty
+    (1.0 = off) rescales the logits of tokens already in the sequence, both as transformers'
+    processors (`trlax.generation_config`). Seq2seq: decoder_input_ids [B, Td] (no padding)
+    is a decoder prompt to continue; the start token is put in front when no row begins with
+    it, as transformers does.
     Returns GenerateOutput(sequences [B, T + new] int32 for causal LMs,
-    [B, 1 + new] for seq2seq LMs). lora: a LoRA adapter tree (`trlax.adapters`) applied
-    on top of `params` (a LoRA policy's rollouts), or None for the base model.
+    [B, Td + new] for seq2seq LMs, Td = 1 without a decoder prompt). lora: a LoRA adapter
+    tree (`trlax.peft`) applied on top of `params` (a LoRA policy's rollouts), or None.
     """
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
     _check_sampling(do_sample, prng_key, temperature, top_k, top_p)
+    if not isinstance(min_new_tokens, (int, np.integer)) or min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens must be an int >= 0; got {min_new_tokens!r}")
+    if isinstance(repetition_penalty, (int, float)) and repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1.0 = off); got {repetition_penalty}")
     config = model.config
     seq2seq = bool(model.spec.is_encoder_decoder)
     input_ids = token_ids("input_ids", input_ids)
@@ -390,8 +416,15 @@ def generate(
         raise InputError("input_ids must hold at least one token per row; got shape (B, 0)")
     mask = mask_for("attention_mask", attention_mask, input_ids)
 
+    if decoder_input_ids is not None and not seq2seq:
+        raise InputError("decoder_input_ids are for encoder-decoder models; a causal LM continues input_ids")
+    decoder_prompt = None if decoder_input_ids is None else token_ids("decoder_input_ids", decoder_input_ids)
+    if decoder_prompt is not None and decoder_prompt.shape[0] != input_ids.shape[0]:
+        raise InputError(f"decoder_input_ids has batch size {decoder_prompt.shape[0]} but input_ids has "
+                         f"{input_ids.shape[0]}; they must match")
     max_positions = model.spec.max_positions(config)
-    length = max_new_tokens if seq2seq else input_ids.shape[1] + max_new_tokens
+    decoder_length = 1 if decoder_prompt is None else decoder_prompt.shape[1] + 1  # + a start token, at most
+    length = decoder_length - 1 + max_new_tokens if seq2seq else input_ids.shape[1] + max_new_tokens
     if max_positions is not None and length > max_positions:
         what = "max_new_tokens" if seq2seq else f"prompt length {input_ids.shape[1]} + max_new_tokens"
         raise ValueError(f"{what} = {length} exceeds the model's {max_positions} positions; "
@@ -411,16 +444,23 @@ def generate(
         if start is None:
             raise ValueError("seq2seq generate needs decoder_start_token_id (none on the model config)")
         start = int(start)
+        starts = jnp.full((input_ids.shape[0], 1), start, jnp.int32)
+        if decoder_prompt is None:
+            decoder_prompt = starts
+        elif _is_concrete(decoder_prompt) and bool(jnp.all(decoder_prompt[:, 0] != start)):
+            decoder_prompt = jnp.concatenate([starts, decoder_prompt], axis=1)
     top_p_on = not (isinstance(top_p, (int, float)) and top_p == 1.0)
+    penalty_on = not (isinstance(repetition_penalty, (int, float)) and repetition_penalty == 1.0)
     settings = GenerationSettings(int(max_new_tokens), bool(do_sample), int(top_k) if do_sample else 0,
-                         bool(do_sample and top_p_on), len(eos_ids))
+                         bool(do_sample and top_p_on), len(eos_ids), int(min_new_tokens), penalty_on)
     knobs = _Knobs(jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32),
                    jnp.asarray(pad, jnp.int32), jnp.asarray(eos_ids, jnp.int32).reshape(-1),
-                   jnp.asarray(start, jnp.int32))
+                   jnp.asarray(start, jnp.int32), jnp.asarray(repetition_penalty, jnp.float32))
 
     run = model.generation_cache.get(settings, lambda: (_seq2seq_fn if seq2seq else _causal_fn)(model, settings))
     if model.mesh is not None:  # the batch is split like the layer outputs and the KV cache
         input_ids, mask = shard_batch((input_ids, mask), model.mesh, model.sharding_rules)
+    extra = (decoder_prompt,) if seq2seq else ()
     sequences = run(model.params if params is None else params, lora, input_ids, mask, knobs,
-                              prng_key if do_sample else None)
+                              prng_key if do_sample else None, *extra)
     return GenerateOutput(sequences=sequences)

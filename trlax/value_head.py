@@ -21,16 +21,29 @@ import numpy as np
 import transformers
 from jax.sharding import Mesh
 
+from trlax.checkpoint.dtypes import stored_float_dtype
 from trlax.checkpoint.hub import HubOptions, resolve_checkpoint
 from trlax.checkpoint.naming import key_table
 from trlax.checkpoint.push import push_to_hub
+from trlax.checkpoint.reader import CheckpointReader
+from trlax.checkpoint.torch_models import TorchParts, is_torch_model, peft_lm, torch_parts, trl_value_head_model
 from trlax.checkpoint.writer import write_checkpoint_dir
-from trlax.errors import CheckpointError
+from trlax.errors import CheckpointError, UnsupportedModelError
+from trlax.generation_config import read_generation_config
 from trlax.inputs import InputError, mask_for, same_shape, token_ids
 from trlax.models.auto import AutoModel, FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
 from trlax.models.base import FlaxPreTrainedModel, load_config
 from trlax.models.layers import LORA_COLLECTION, torch_linear_init
-from trlax.peft.lora import LoraConfig, is_adapter_folder, trainable_lora_mask
+from trlax.models.loading_args import resolve_dtype, translate_loading_args
+from trlax.peft.lora import (
+    AdapterFiles,
+    LoraConfig,
+    check_applied,
+    is_adapter_folder,
+    lora_from_peft,
+    peft_state_dict,
+    trainable_lora_mask,
+)
 from trlax.peft.policy import (
     DEFAULT_REWARD_ADAPTER_NAME,
     POLICY_ADAPTER_NAME,
@@ -274,6 +287,9 @@ class PreTrainedModelWrapper:
     # --- loading ------------------------------------------------------------------------
     @classmethod
     def _split_kwargs(cls, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        kwargs = translate_loading_args(kwargs, f"{cls.__name__}.from_pretrained")
+        if kwargs.get("dtype", 0) is None:
+            kwargs.pop("dtype")
         trl_args = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.supported_args}
         model_args = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.model_args}
         if kwargs:
@@ -321,7 +337,19 @@ class PreTrainedModelWrapper:
         options = _hub_options(model_args)
         adapter: PolicyAdapter | None = None
         base_name: str | None = None
-        if isinstance(source, FlaxPreTrainedModel):
+        if is_torch_model(source):
+            if set(model_args) - {"dtype", "param_dtype", "mesh", "sharding_rules"}:
+                raise TypeError(f"model arguments {sorted(model_args)} only apply when loading from a path or hub id")
+            parts = torch_parts(source)
+            lm = cls.auto_class.model_class.from_parts(parts, type(source).__name__, **model_args)
+            v_head, base_name = parts.v_head, parts.name
+            if parts.adapter_state is not None:
+                adapter = _adapter_from_torch(parts, lm, is_trainable)
+                if peft_config is not None:
+                    logger.warning("the PEFT model brings its adapter; the peft_config argument is ignored")
+            if v_head is None:
+                _missing_head(f"{type(source).__name__} has no value head", strict)
+        elif isinstance(source, FlaxPreTrainedModel):
             if model_args:
                 raise TypeError(f"model arguments {sorted(model_args)} only apply when loading from a path or hub id")
             if source.is_encoder_decoder != cls.auto_class.model_class.is_encoder_decoder:
@@ -365,23 +393,31 @@ class PreTrainedModelWrapper:
 
     @classmethod
     def _load(cls, source: str | os.PathLike, *, strict: bool, trl_args: dict[str, Any],
-              dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, revision: str | None = None,
+              dtype: Any = None, param_dtype: Any = jnp.float32, revision: str | None = None,
               token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
               local_files_only: bool = False, config: transformers.PretrainedConfig | None = None,
               place: Any = None, mesh: Mesh | None = None,
               sharding_rules: Any = None) -> tuple[FlaxPreTrainedModel, dict[str, Any] | None]:
         """(the LM, the value head or None) from a TRL or transformers checkpoint, read in one pass."""
-        resolved = resolve_checkpoint(source, HubOptions(revision, token, cache_dir, local_files_only))
+        dtype = jnp.float32 if dtype is None else dtype
+        options = HubOptions(revision, token, cache_dir, local_files_only)
+        resolved = resolve_checkpoint(source, options)
         config = config or load_config(resolved.folder, resolved.source)
-        model = cls.auto_class.model_class(config, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
-                                           sharding_rules=sharding_rules)
-        head = make_value_head(config, **trl_args)
-        table = model.key_table(path_prefix=("pretrained_model",))
-        table.update(key_table(jax.eval_shape(lambda: init_value_head(head, jax.random.key(0))),
-                               prefix=V_HEAD_PREFIX, path_prefix=("v_head",)))
-        params, report = model.load_checkpoint(resolved, table, model.ignored_checkpoint_keys(value_head=False),
-                                               optional_prefixes=(V_HEAD_PREFIX,), place=model.placer(place))
+        with CheckpointReader(list(resolved.weight_files)) as reader:
+            stored = stored_float_dtype(reader)
+            model = cls.auto_class.model_class(config, dtype=resolve_dtype(dtype, stored),
+                                               param_dtype=resolve_dtype(param_dtype, stored), mesh=mesh,
+                                               sharding_rules=sharding_rules)
+            head = make_value_head(config, **trl_args)
+            table = model.key_table(path_prefix=("pretrained_model",))
+            table.update(key_table(jax.eval_shape(lambda: init_value_head(head, jax.random.key(0))),
+                                   prefix=V_HEAD_PREFIX, path_prefix=("v_head",)))
+            params, report = model.load_checkpoint(reader, resolved.source, table,
+                                                   model.ignored_checkpoint_keys(value_head=False),
+                                                   optional_prefixes=(V_HEAD_PREFIX,), place=model.placer(place))
         model.params = params["pretrained_model"]
+        model.storage_dtype = stored
+        model.generation_config = read_generation_config(source, options)
         if report.missing_optional:
             _missing_head(f"{resolved.source} has no value head ({', '.join(sorted(report.missing_optional))})",
                           strict)
@@ -448,23 +484,49 @@ class PreTrainedModelWrapper:
         return {**self.pretrained_model.state_dict(params["pretrained_model"]), **self.value_head_state(params)}
 
     def save_pretrained(self, save_directory: str | os.PathLike, params: dict[str, Any] | None = None,
-                        max_shard_size: int | str | None = None) -> list[Path]:
+                        max_shard_size: int | str | None = None, dtype: Any = None) -> list[Path]:
         """config.json + model.safetensors (or shards) as TRL writes them; loads in TRL and transformers.
-        An adapter policy writes PEFT's adapter files plus its value head instead (see
-        `trlax.peft.policy.write_adapter_policy`)."""
+
+        The LM's floats are written in `dtype` (default: the dtype of the checkpoint it was
+        loaded from, else its params'), which config.json states; TRL's value head stays
+        float32, as TRL saves it. An adapter policy writes PEFT's adapter files plus its value
+        head instead (see `trlax.peft.policy.write_adapter_policy`).
+        """
         params = self.params if params is None else params
         if self.is_peft_model:
             return write_adapter_policy(save_directory, self.pretrained_model, self._lora_config,
                                         params[LORA_COLLECTION], self.value_head_state(params),
                                         base_name=self.base_model_name_or_path)
-        config = self.pretrained_model.config_to_save()
-        return write_checkpoint_dir(save_directory, self.state_dict(params),
-                                    write_extra=lambda tmp: config.save_pretrained(str(tmp)),
+        lm = self.pretrained_model
+        dtype = lm.save_dtype(params["pretrained_model"], dtype)
+        state = {**lm.state_dict(params["pretrained_model"], dtype), **self.value_head_state(params)}
+        return write_checkpoint_dir(save_directory, state, write_extra=lambda tmp: lm.write_config_files(tmp, dtype),
                                     max_shard_size=max_shard_size)
 
-    def push_to_hub(self, repo_id: str, *, params: dict[str, Any] | None = None, **kwargs: Any) -> Any:
-        """Upload what save_pretrained writes (see `trlax.checkpoint.push.push_to_hub`)."""
-        return push_to_hub(lambda folder: self.save_pretrained(folder, params=params), repo_id, **kwargs)
+    def push_to_hub(self, repo_id: str, *, params: dict[str, Any] | None = None,
+                    max_shard_size: int | str | None = None, dtype: Any = None, **hub_args: Any) -> Any:
+        """Upload what save_pretrained(max_shard_size=, dtype=) writes; `hub_args` go to
+        `trlax.checkpoint.push.push_to_hub` (commit_message, commit_description, private, token,
+        revision, create_pr, tags)."""
+        return push_to_hub(lambda folder: self.save_pretrained(folder, params=params, max_shard_size=max_shard_size,
+                                                               dtype=dtype), repo_id, **hub_args)
+
+    def to_torch(self, params: dict[str, Any] | None = None, dtype: Any = None) -> Any:
+        """TRL's PyTorch value-head model (`trl.experimental.ppo`) with these weights, in memory.
+
+        The LM is the transformers model `pretrained_model.to_torch` gives (a LoRA policy's:
+        a PEFT PeftModel holding the adapter); the value head is float32 as in TRL. Needs
+        torch and trl (and peft for a LoRA policy).
+        """
+        params = self.params if params is None else params
+        lm = self.pretrained_model.to_torch(params["pretrained_model"], dtype)
+        if self.is_peft_model:
+            config = self._lora_config.to_peft_dict()
+            config.update(base_model_name_or_path=self.base_model_name_or_path,
+                          task_type="SEQ_2_SEQ_LM" if self.pretrained_model.is_encoder_decoder else "CAUSAL_LM")
+            lm = peft_lm(lm, config, peft_state_dict(params[LORA_COLLECTION]))
+        head = {k.removeprefix(V_HEAD_PREFIX): v for k, v in self.value_head_state(params).items()}
+        return trl_value_head_model(lm, head, self.pretrained_model.is_encoder_decoder, self.head_options())
 
     def generate(self, *args: Any, params: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         """Generation with the LM's params and, for a LoRA policy, its adapter (values are not
@@ -477,6 +539,17 @@ class PreTrainedModelWrapper:
         return f"{type(self).__name__}({self.pretrained_model!r}, frozen={self.frozen})"
 
 
+def _adapter_from_torch(parts: TorchParts, lm: FlaxPreTrainedModel, is_trainable: bool) -> PolicyAdapter:
+    """A PEFT model's active LoRA adapter as a policy adapter (trainable unless PEFT's inference mode)."""
+    files = AdapterFiles("the PEFT model", LoraConfig.from_peft(parts.adapter_config), parts.adapter_state or {})
+    lora, saved = lora_from_peft(files, lm.params, lm.config.model_type, base_name=parts.name)
+    if saved:
+        raise UnsupportedModelError(f"the PEFT model saves {sorted(saved)[:4]} in full (modules_to_save); trlax "
+                                    "policy adapters support LoRA weights only")
+    check_applied(lm, lora)
+    return PolicyAdapter(files.config, lora, parts.adapter_trainable or is_trainable)
+
+
 def _missing_head(what: str, strict: bool) -> None:
     message = f"{what}; initialised a new one. This is expected unless you are resuming PPO training."
     if strict:
@@ -485,7 +558,7 @@ def _missing_head(what: str, strict: bool) -> None:
 
 
 class FlaxAutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
-    """A causal LM with TRL's value head: `model(ids, mask) -> (lm_logits, None, values)`."""
+    """A causal LM with TRL's value head: `model(ids, mask, labels=None) -> (lm_logits, loss, values)`."""
 
     auto_class = FlaxAutoModelForCausalLM
 
@@ -498,14 +571,16 @@ class FlaxAutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         dropout_rng: jax.Array | None = None,
         train: bool = False,
         output_hidden_states: bool = False,
-    ) -> tuple[jax.Array, None, jax.Array]:
-        """Pure forward: (lm_logits [B, T, V] f32, None, values [B, T] f32)."""
+        labels: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+        """Pure forward: (lm_logits [B, T, V] f32, loss [] f32 with labels [B, T] else None, values [B, T] f32)."""
         params = self._params_for_forward(params)
         base_rng, head_rng = self._split_rng(dropout_rng, train)
         out = self.pretrained_model.apply(params["pretrained_model"], input_ids, attention_mask, position_ids,
-                                          dropout_rng=base_rng, train=train, lora=params.get(LORA_COLLECTION))
+                                          dropout_rng=base_rng, train=train, lora=params.get(LORA_COLLECTION),
+                                          labels=labels)
         values = self._values(params, out.last_hidden_state, head_rng, train)
-        return out.logits.astype(jnp.float32), None, values
+        return out.logits.astype(jnp.float32), out.loss, values
 
     def __call__(
         self,
@@ -515,18 +590,23 @@ class FlaxAutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         params: dict[str, Any] | None = None,
         train: bool = False,
         dropout_rng: jax.Array | None = None,
-    ) -> tuple[jax.Array, None, jax.Array]:
-        """TRL's 3-tuple (lm_logits [B, T, V] float32, loss None, values [B, T] float32), jitted.
+        labels: Any = None,
+    ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+        """TRL's 3-tuple (lm_logits [B, T, V] float32, loss, values [B, T] float32), jitted.
 
         input_ids [B, T] int; attention_mask [B, T] (default all ones); position_ids as
-        the LM's forward; `train=True` with `dropout_rng` enables dropout.
+        the LM's forward; `train=True` with `dropout_rng` enables dropout. labels [B, T]
+        int (-100 = ignored): loss is the wrapped LM's loss as TRL returns it
+        (transformers' shifted cross-entropy, [] float32); None without labels.
         """
         input_ids = token_ids("input_ids", input_ids)
         mask = mask_for("attention_mask", attention_mask, input_ids)
         if position_ids is not None:
             position_ids = same_shape("position_ids", position_ids, input_ids.shape)
+        if labels is not None:
+            labels = same_shape("labels", token_ids("labels", labels), input_ids.shape)
         return self._forward(self.params if params is None else params, input_ids, mask, position_ids,
-                             dropout_rng, train=train)
+                             dropout_rng, train=train, labels=labels)
 
 
 class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
@@ -544,15 +624,16 @@ class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
         dropout_rng: jax.Array | None = None,
         train: bool = False,
         output_hidden_states: bool = False,
-    ) -> tuple[jax.Array, None, jax.Array]:
-        """Pure forward: (lm_logits [B, Td, V] f32, None, values [B, Td] f32)."""
+        labels: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+        """Pure forward: (lm_logits [B, Td, V] f32, loss [] f32 with labels [B, Td] else None, values [B, Td] f32)."""
         params = self._params_for_forward(params)
         base_rng, head_rng = self._split_rng(dropout_rng, train)
         out = self.pretrained_model.apply(params["pretrained_model"], input_ids, attention_mask, decoder_input_ids,
                                           decoder_attention_mask, dropout_rng=base_rng, train=train,
-                                          lora=params.get(LORA_COLLECTION))
+                                          lora=params.get(LORA_COLLECTION), labels=labels)
         values = self._values(params, out.last_hidden_state, head_rng, train)
-        return out.logits.astype(jnp.float32), None, values
+        return out.logits.astype(jnp.float32), out.loss, values
 
     def __call__(
         self,
@@ -563,17 +644,26 @@ class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
         params: dict[str, Any] | None = None,
         train: bool = False,
         dropout_rng: jax.Array | None = None,
-    ) -> tuple[jax.Array, None, jax.Array]:
-        """TRL's 3-tuple over decoder positions; decoder_input_ids [B, Td] are required."""
+        labels: Any = None,
+    ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+        """TRL's 3-tuple over decoder positions. decoder_input_ids [B, Td], or labels [B, Td]
+        (-100 = ignored) from which they are derived as transformers does (shifted right behind
+        the decoder start token); with labels, loss is the decoder LM loss [] float32."""
+        if labels is not None:
+            labels = token_ids("labels", labels)
+            if decoder_input_ids is None:
+                decoder_input_ids = self.pretrained_model.decoder_inputs_from_labels(labels)
         if decoder_input_ids is None:
             raise InputError("a seq2seq value-head model needs decoder_input_ids [B, Td] (e.g. the shifted "
-                             "response, starting with config.decoder_start_token_id)")
+                             "response, starting with config.decoder_start_token_id) or labels")
         input_ids = token_ids("input_ids", input_ids)
         decoder_input_ids = token_ids("decoder_input_ids", decoder_input_ids)
         mask = mask_for("attention_mask", attention_mask, input_ids)
         dmask = mask_for("decoder_attention_mask", decoder_attention_mask, decoder_input_ids)
+        if labels is not None:
+            labels = same_shape("labels", labels, decoder_input_ids.shape)
         return self._forward(self.params if params is None else params, input_ids, mask, decoder_input_ids, dmask,
-                             dropout_rng, train=train)
+                             dropout_rng, train=train, labels=labels)
 
 
 # TRL's names.

@@ -6,9 +6,9 @@ from typing import Any
 
 import jax
 
-from trlax.generation import GenerateOutput, generate
 from trlax.inputs import mask_for, same_shape, token_ids
 from trlax.models.base import FlaxPreTrainedModel
+from trlax.models.loss import causal_lm_loss
 from trlax.models.outputs import CausalLMOutput
 
 
@@ -25,14 +25,17 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
         train: bool = False,
         output_hidden_states: bool = False,
         lora: dict[str, Any] | None = None,
+        labels: jax.Array | None = None,
     ) -> CausalLMOutput:
         """The pure forward (no checks, no jit): what a jitted train step calls.
 
         lora: a LoRA adapter tree (`trlax.peft`) applied on top of `params`, or None
-        for the base model alone.
+        for the base model alone. labels: [B, T] int (-100 = ignored), or None; with them
+        `loss` is transformers' shifted cross-entropy [] float32.
         """
-        return self.apply_module(params, input_ids, attention_mask, position_ids, lora=lora, train=train,
-                                 dropout_rng=dropout_rng, output_hidden_states=output_hidden_states)
+        out = self.apply_module(params, input_ids, attention_mask, position_ids, lora=lora, train=train,
+                                dropout_rng=dropout_rng, output_hidden_states=output_hidden_states)
+        return out if labels is None else out.replace(loss=causal_lm_loss(out.logits, labels))
 
     def __call__(
         self,
@@ -43,6 +46,7 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
         output_hidden_states: bool = False,
         train: bool = False,
         dropout_rng: jax.Array | None = None,
+        labels: Any = None,
     ) -> CausalLMOutput:
         """Forward pass, jit-compiled once per shape.
 
@@ -51,20 +55,19 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
         transformers' PyTorch forward (pass `cumsum(mask) - 1` for left-padded batches
         if you want padding-independent positions). Returns a CausalLMOutput whose
         logits are [B, T, V] float32. The LM inside a LoRA policy applies the policy's
-        adapter (when `params` is not given).
+        adapter (when `params` is not given). labels: [B, T] int (usually the input_ids,
+        -100 where nothing is scored): `loss` is then transformers' shifted LM loss.
         """
         input_ids = token_ids("input_ids", input_ids)
         mask = mask_for("attention_mask", attention_mask, input_ids)
         if position_ids is not None:
             position_ids = same_shape("position_ids", position_ids, input_ids.shape)
+        if labels is not None:
+            labels = same_shape("labels", token_ids("labels", labels), input_ids.shape)
         return self._forward(self.params if params is None else params, input_ids, mask, position_ids,
                              dropout_rng, train=train, output_hidden_states=output_hidden_states,
-                             lora=self.lora if params is None else None)
+                             lora=self.lora if params is None else None, labels=labels)
 
-    def generate(self, input_ids: Any, attention_mask: Any = None, *, params: dict[str, Any] | None = None,
-                 lora: dict[str, Any] | None = None, **kwargs: Any) -> GenerateOutput:
-        """Jit-compiled generation with a KV cache; see `trlax.generation.generate`. lora: an adapter
-        tree to generate with; without params and lora, the owning LoRA policy's adapter (if any)."""
-        if params is None and lora is None:
-            lora = self.lora
-        return generate(self, input_ids, attention_mask, params=params, lora=lora, **kwargs)
+    def generation_prompt_length(self, input_ids: jax.Array, decoder_input_ids: Any = None) -> int:
+        """The length generation_config's max_length / min_length count from: the (padded) prompt T."""
+        return int(input_ids.shape[1])

@@ -18,12 +18,14 @@ class CausalLMOutput:
     hidden_states: None, or n_layers + 1 arrays [B, T, H] as transformers returns them
         (embeddings, each layer's output, the last one replaced by the normed state).
     cache: None, or the updated KV cache (one {"k", "v"} dict per layer).
+    loss: None, or with `labels` transformers' shifted LM loss [] float32 (`trlax.models.loss`).
     """
 
     logits: jax.Array
     last_hidden_state: jax.Array
     hidden_states: tuple[jax.Array, ...] | None = None
     cache: Any = None
+    loss: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -32,7 +34,8 @@ class Seq2SeqLMOutput:
 
     logits: [B, Td, V] float32; last_hidden_state: the decoder's final state [B, Td, H]
     (value-head input); encoder_last_hidden_state: [B, Te, H]; *_hidden_states as
-    transformers returns them; cache: the decoder's self-attention KV cache.
+    transformers returns them; cache: the decoder's self-attention KV cache; loss: None,
+    or with `labels` transformers' decoder LM loss [] float32.
     """
 
     logits: jax.Array
@@ -41,6 +44,7 @@ class Seq2SeqLMOutput:
     decoder_hidden_states: tuple[jax.Array, ...] | None = None
     encoder_hidden_states: tuple[jax.Array, ...] | None = None
     cache: Any = None
+    loss: jax.Array | None = None
 
 
 @flax.struct.dataclass

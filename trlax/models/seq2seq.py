@@ -8,10 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
-from trlax.generation import GenerateOutput, generate
-from trlax.inputs import InputError, mask_for, token_ids
+from trlax.inputs import InputError, mask_for, same_shape, token_ids
 from trlax.models.base import FlaxPreTrainedModel
+from trlax.models.loss import seq2seq_lm_loss, shift_tokens_right
 from trlax.models.outputs import Seq2SeqLMOutput
 
 
@@ -31,17 +32,31 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
         train: bool = False,
         output_hidden_states: bool = False,
         lora: dict[str, Any] | None = None,
+        labels: jax.Array | None = None,
     ) -> Seq2SeqLMOutput:
         """The pure forward (no checks, no jit): what a jitted train step calls.
 
         decoder_attention_mask None means all ones (no decoder padding). lora: a LoRA
         adapter tree (`trlax.peft`) applied on top of `params`, or None for the base.
+        labels: [B, Td] int (-100 = ignored) or None; with them `loss` is transformers'
+        decoder cross-entropy [] float32 (labels aligned with decoder_input_ids, unshifted).
         """
         if decoder_attention_mask is None:
             decoder_attention_mask = mask_for("decoder_attention_mask", None, decoder_input_ids)
-        return self.apply_module(params, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
-                                 lora=lora, train=train, dropout_rng=dropout_rng,
-                                 output_hidden_states=output_hidden_states)
+        out = self.apply_module(params, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                                lora=lora, train=train, dropout_rng=dropout_rng,
+                                output_hidden_states=output_hidden_states)
+        return out if labels is None else out.replace(loss=seq2seq_lm_loss(out.logits, labels))
+
+    def decoder_inputs_from_labels(self, labels: jax.Array) -> jax.Array:
+        """decoder_input_ids [B, Td] from labels [B, Td] as transformers derives them: shifted right
+        behind config.decoder_start_token_id, -100 replaced by config.pad_token_id."""
+        start = getattr(self.config, "decoder_start_token_id", None)
+        pad = getattr(self.config, "pad_token_id", None)
+        if start is None or pad is None:
+            raise InputError(f"deriving decoder_input_ids from labels needs config.decoder_start_token_id and "
+                             f"config.pad_token_id (got {start}, {pad}); pass decoder_input_ids yourself")
+        return shift_tokens_right(labels, int(pad), int(start))
 
     def __call__(
         self,
@@ -53,23 +68,30 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
         output_hidden_states: bool = False,
         train: bool = False,
         dropout_rng: jax.Array | None = None,
+        labels: Any = None,
     ) -> Seq2SeqLMOutput:
         """Forward pass, jit-compiled once per shape.
 
         input_ids: [B, Te] int (encoder input); attention_mask: [B, Te] (1 = token, 0 = pad,
-        either side), default all ones. decoder_input_ids: [B, Td] int, required (unlike
-        transformers, no labels are shifted here); decoder_attention_mask: [B, Td], default
-        all ones. Returns a Seq2SeqLMOutput: logits [B, Td, V] float32, last_hidden_state
-        [B, Td, H] (the decoder state TRL's value head reads), encoder_last_hidden_state
-        [B, Te, H], and with output_hidden_states the per-layer states as transformers.
+        either side), default all ones. decoder_input_ids: [B, Td] int; without them,
+        labels [B, Td] are shifted right as transformers does (`decoder_inputs_from_labels`);
+        decoder_attention_mask: [B, Td], default all ones. labels: with them `loss` is
+        transformers' LM loss over the decoder positions (-100 ignored). Returns a
+        Seq2SeqLMOutput: logits [B, Td, V] float32, last_hidden_state [B, Td, H] (the
+        decoder state TRL's value head reads), encoder_last_hidden_state [B, Te, H],
+        and with output_hidden_states the per-layer states as transformers.
         """
         input_ids = token_ids("input_ids", input_ids)
+        if labels is not None:
+            labels = token_ids("labels", labels)
+            if decoder_input_ids is None:
+                decoder_input_ids = self.decoder_inputs_from_labels(labels)
         if decoder_input_ids is None:
             start = getattr(self.config, "decoder_start_token_id", None)
             raise InputError(
                 "an encoder-decoder model needs decoder_input_ids [B, Td]: pass the labels shifted right "
                 f"(starting with config.decoder_start_token_id={start}), or [[{start}]] * batch for the "
-                "first-step logits; trlax does not derive them from input_ids or labels."
+                "first-step logits, or labels=... to derive them as transformers does."
             )
         decoder_input_ids = token_ids("decoder_input_ids", decoder_input_ids)
         if decoder_input_ids.shape[0] != input_ids.shape[0]:
@@ -77,13 +99,18 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
                              f"{input_ids.shape[0]}; they must match")
         mask = mask_for("attention_mask", attention_mask, input_ids)
         dmask = mask_for("decoder_attention_mask", decoder_attention_mask, decoder_input_ids)
+        if labels is not None:
+            labels = same_shape("labels", labels, decoder_input_ids.shape)
         return self._forward(self.params if params is None else params, input_ids, mask, decoder_input_ids, dmask,
                              dropout_rng, train=train, output_hidden_states=output_hidden_states,
-                             lora=self.lora if params is None else None)
+                             lora=self.lora if params is None else None, labels=labels)
 
-    def generate(self, input_ids: Any, attention_mask: Any = None, *, params: dict[str, Any] | None = None,
-                 lora: dict[str, Any] | None = None, **kwargs: Any) -> GenerateOutput:
-        """Jit-compiled generation with a KV cache; see `trlax.generation.generate`."""
-        if params is None and lora is None:
-            lora = self.lora
-        return generate(self, input_ids, attention_mask, params=params, lora=lora, **kwargs)
+    def generation_prompt_length(self, input_ids: jax.Array, decoder_input_ids: Any = None) -> int:
+        """The length generation_config's max_length / min_length count from: the decoder prompt
+        with its start token (1 without a prompt), as transformers counts it."""
+        if decoder_input_ids is None:
+            return 1
+        decoder_input_ids = token_ids("decoder_input_ids", decoder_input_ids)
+        start = getattr(self.config, "decoder_start_token_id", None)
+        prepended = start is not None and bool(jnp.all(decoder_input_ids[:, 0] != start))
+        return int(decoder_input_ids.shape[1]) + int(prepended)

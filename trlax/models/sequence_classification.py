@@ -30,9 +30,11 @@ import transformers
 from jax.sharding import Mesh
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
+from trlax.checkpoint.dtypes import stored_float_dtype
 from trlax.checkpoint.hub import HubOptions, resolve_checkpoint
 from trlax.checkpoint.loading import Placer
 from trlax.checkpoint.naming import set_path
+from trlax.checkpoint.reader import CheckpointReader
 from trlax.errors import UnsupportedModelError
 from trlax.inputs import InputError, mask_for, same_shape, token_ids
 from trlax.models.base import FlaxPreTrainedModel, load_config
@@ -226,8 +228,11 @@ class FlaxModelForSequenceClassification(FlaxPreTrainedModel):
             config.problem_type = problem_type
         model = cls(config, dtype=dtype, param_dtype=param_dtype, mesh=mesh, sharding_rules=sharding_rules)
         placer = model.placer(place)
-        params, report = model.load_checkpoint(resolved, model.key_table(), model.ignored_checkpoint_keys(),
-                                               optional_prefixes=(f"{SCORE}.",), place=placer)
+        with CheckpointReader(list(resolved.weight_files)) as reader:
+            params, report = model.load_checkpoint(reader, resolved.source, model.key_table(),
+                                                   model.ignored_checkpoint_keys(), optional_prefixes=(f"{SCORE}.",),
+                                                   place=placer)
+            model.storage_dtype = stored_float_dtype(reader)
         if report.missing_optional:
             logger.warning("%s has no %s.weight (not a sequence-classification checkpoint): initialised a new score "
                            "head [%d labels] from seed %d; train it before using its outputs", resolved.source,
@@ -238,9 +243,10 @@ class FlaxModelForSequenceClassification(FlaxPreTrainedModel):
         model.params = params
         return model
 
-    def config_to_save(self) -> transformers.PretrainedConfig:
-        """The config with `architectures` naming transformers' sequence-classification class."""
-        config = self.config.__class__.from_dict(self.config.to_dict())
+    def config_to_save(self, dtype: Any = None) -> transformers.PretrainedConfig:
+        """The config with `architectures` naming transformers' sequence-classification class
+        (and `dtype` the dtype of the tensors written with it, when given)."""
+        config = super().config_to_save(dtype)
         default = sequence_classifier_module(self.spec.module).__name__
         config.architectures = [MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(config.model_type, default)]
         return config

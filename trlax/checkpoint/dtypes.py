@@ -1,0 +1,56 @@
+"""Which dtype a checkpoint stores, and casting a state dict to the dtype a save writes.
+
+A checkpoint's storage dtype is the dtype most of its floating-point bytes are in (a bf16
+model may keep a few float32 buffers). trlax records it at load, so a model loaded from
+bf16 files saves bf16 files by default, while training runs on float32 master weights.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
+
+import jax.numpy as jnp
+import numpy as np
+
+
+class TensorSource(Protocol):
+    """What `stored_float_dtype` reads: a CheckpointReader or an in-memory state dict reader."""
+
+    def keys(self) -> list[str]: ...
+
+    def get(self, key: str) -> np.ndarray: ...
+
+
+def is_float(dtype: Any) -> bool:
+    return jnp.issubdtype(np.dtype(dtype), jnp.floating)
+
+
+def stored_float_dtype(source: TensorSource, keys: Iterable[str] | None = None) -> np.dtype | None:
+    """The floating dtype holding most of the bytes of `keys` (default: every tensor); None without floats.
+
+    Only headers are consulted for safetensors (`get` returns a memory-mapped view).
+    """
+    sizes: Counter[np.dtype] = Counter()
+    for key in source.keys() if keys is None else keys:
+        array = source.get(key)
+        if is_float(array.dtype):
+            sizes[np.dtype(array.dtype)] += array.nbytes
+    return sizes.most_common(1)[0][0] if sizes else None
+
+
+def params_float_dtype(leaves: Iterable[Any]) -> np.dtype | None:
+    """The floating dtype holding most of the bytes of some arrays (e.g. a param tree's leaves)."""
+    sizes: Counter[np.dtype] = Counter()
+    for leaf in leaves:
+        if is_float(leaf.dtype):
+            sizes[np.dtype(leaf.dtype)] += int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+    return sizes.most_common(1)[0][0] if sizes else None
+
+
+def cast_floats(state: Mapping[str, np.ndarray], dtype: Any) -> dict[str, np.ndarray]:
+    """Every floating tensor of `state` in `dtype` (others, e.g. int buffers, unchanged)."""
+    dtype = np.dtype(jnp.dtype(dtype))
+    return {key: (np.asarray(a).astype(dtype) if is_float(a.dtype) and a.dtype != dtype else a)
+            for key, a in state.items()}

@@ -1,0 +1,194 @@
+"""In-memory conversion between trlax and PyTorch models: transformers, TRL value-head, PEFT LoRA.
+
+From PyTorch, a model's `state_dict()` tensors are read as numpy views (no copy for
+float32, no file), then go through the same strict name and shape checks as a checkpoint
+on disk (`StateDictReader` has the checkpoint reader's interface). To PyTorch, trlax's
+state dict (transformers key names) is loaded into a fresh transformers model, wrapped in
+PEFT / TRL when the trlax model has an adapter / a value head.
+
+torch, peft and trl are optional dependencies: they are imported inside the functions
+that need them (`require`), and a missing one is a TrlaxError naming it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from trlax.errors import TrlaxError
+
+PYTORCH_PACKAGES = ("transformers", "trl", "peft")
+TRL_PPO_MODULE = "trl.experimental.ppo"
+
+
+class MissingDependencyError(TrlaxError):
+    """An optional dependency (torch, peft, trl) a conversion needs is not installed."""
+
+
+def require(package: str, what: str) -> ModuleType:
+    """Import an optional dependency, or raise MissingDependencyError naming it and what needs it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TRL's experimental modules warn on import
+            return importlib.import_module(package)
+    except ImportError:
+        extra = {"torch": "torch", "peft": "peft", TRL_PPO_MODULE: "trl"}.get(package, package)
+        raise MissingDependencyError(f"{what} needs {extra}, which is not installed: pip install {extra}") from None
+
+
+def is_torch_model(obj: Any) -> bool:
+    """Whether `obj` is a PyTorch model from transformers, TRL or PEFT (checked without importing torch)."""
+    module = type(obj).__module__.split(".")[0]
+    return module in PYTORCH_PACKAGES and callable(getattr(obj, "state_dict", None))
+
+
+def tensor_to_numpy(tensor: Any) -> np.ndarray:
+    """A CPU numpy view of a torch tensor (bfloat16 through ml_dtypes); no copy when already on CPU."""
+    torch = require("torch", "converting a PyTorch model")
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.contiguous().numpy()
+
+
+def numpy_to_tensor(array: np.ndarray) -> Any:
+    """A torch tensor with the values and dtype of a numpy array (bfloat16 included)."""
+    torch = require("torch", "converting to a PyTorch model")
+    array = np.ascontiguousarray(array)
+    if array.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(array.copy())
+
+
+class StateDictReader:
+    """A state dict of numpy arrays behind the CheckpointReader interface `load_params` reads."""
+
+    def __init__(self, state: dict[str, np.ndarray]) -> None:
+        self._state = state
+
+    def __enter__(self) -> StateDictReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._state = {}
+
+    def keys(self) -> list[str]:
+        return list(self._state)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._state
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._state[key].shape)
+
+    def nbytes(self, key: str) -> int:
+        return int(self._state[key].nbytes)
+
+    def get(self, key: str) -> np.ndarray:
+        return self._state[key]
+
+
+@dataclass(frozen=True)
+class TorchParts:
+    """A PyTorch model taken apart: what trlax builds its model, value head and adapter from.
+
+    config: the transformers config; lm_state: the LM's state dict (transformers keys,
+    numpy); v_head: TRL's {"summary": {"kernel": [H, 1], "bias": [1]}} or None;
+    adapter_config / adapter_state: the PEFT LoraConfig and PEFT-keyed adapter tensors
+    (`base_model.model.<path>.lora_A.weight`), or None; adapter_trainable: not in
+    PEFT's inference mode; name: the model's `name_or_path`.
+    """
+
+    config: Any
+    lm_state: dict[str, np.ndarray]
+    v_head: dict[str, Any] | None
+    adapter_config: Any
+    adapter_state: dict[str, np.ndarray] | None
+    adapter_trainable: bool
+    name: str | None
+    generation_config: Any = None
+
+
+def _numpy_state(module: Any) -> dict[str, np.ndarray]:
+    return {key: tensor_to_numpy(value) for key, value in module.state_dict().items()}
+
+
+def _peft_base_state(peft_model: Any) -> dict[str, np.ndarray]:
+    """The base weights under a PeftModel's injected LoRA layers, under transformers' own names."""
+    state = {}
+    for key, value in peft_model.get_base_model().state_dict().items():
+        if ".lora_" in key:
+            continue
+        state[key.replace(".base_layer.", ".")] = tensor_to_numpy(value)
+    return state
+
+
+def torch_parts(obj: Any) -> TorchParts:
+    """Take a transformers PreTrainedModel, a TRL value-head model, or a PEFT PeftModel (or TRL over PEFT) apart."""
+    v_head = None
+    lm = obj
+    if hasattr(obj, "v_head") and hasattr(obj, "pretrained_model"):  # TRL's PreTrainedModelWrapper
+        summary = obj.v_head.summary
+        v_head = {"summary": {"kernel": tensor_to_numpy(summary.weight).T.astype(np.float32),
+                              "bias": tensor_to_numpy(summary.bias).astype(np.float32)}}
+        lm = obj.pretrained_model
+    if type(lm).__module__.split(".")[0] == "peft":
+        peft = require("peft", "converting a PEFT model")
+        name = lm.active_adapter if isinstance(lm.active_adapter, str) else lm.active_adapter[0]
+        adapter_config = lm.peft_config[name]
+        adapter_state = {k: tensor_to_numpy(v) for k, v in
+                         peft.get_peft_model_state_dict(lm, adapter_name=name).items()}
+        base = lm.get_base_model()
+        return TorchParts(base.config, _peft_base_state(lm), v_head, adapter_config, adapter_state,
+                          not getattr(adapter_config, "inference_mode", False), base.config.name_or_path or None,
+                          getattr(base, "generation_config", None))
+    return TorchParts(lm.config, _numpy_state(lm), v_head, None, None, False, lm.config.name_or_path or None,
+                      getattr(lm, "generation_config", None))
+
+
+def torch_lm(config: Any, state: dict[str, np.ndarray], encoder_decoder: bool, tied_keys: set[str]) -> Any:
+    """A transformers (PyTorch) LM of `config` holding `state` (transformers keys; tied copies may be absent)."""
+    require("torch", "to_torch()")
+    transformers = require("transformers", "to_torch()")
+    auto = transformers.AutoModelForSeq2SeqLM if encoder_decoder else transformers.AutoModelForCausalLM
+    model = auto.from_config(config)
+    result = model.load_state_dict({k: numpy_to_tensor(v) for k, v in state.items()}, strict=False)
+    missing = set(result.missing_keys) - tied_keys
+    if missing or result.unexpected_keys:
+        raise TrlaxError(f"the transformers {type(model).__name__} does not match trlax's state dict: missing "
+                         f"{sorted(missing)[:4]}, unexpected {sorted(result.unexpected_keys)[:4]}")
+    model.tie_weights()
+    return model.eval()
+
+
+def peft_lm(model: Any, adapter_config: dict[str, Any], adapter_state: dict[str, np.ndarray]) -> Any:
+    """A PEFT PeftModel over `model` with one LoRA adapter ("default") holding `adapter_state` (PEFT keys)."""
+    peft = require("peft", "to_torch() of a LoRA policy")
+    config = peft.LoraConfig(**{k: v for k, v in adapter_config.items() if k not in ("peft_type", "auto_mapping")})
+    wrapped = peft.get_peft_model(model, config)
+    result = peft.set_peft_model_state_dict(wrapped, {k: numpy_to_tensor(v) for k, v in adapter_state.items()})
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise TrlaxError(f"PEFT did not take the adapter tensors {sorted(unexpected)[:4]}")
+    return wrapped
+
+
+def trl_value_head_model(lm: Any, v_head: dict[str, np.ndarray], encoder_decoder: bool,
+                         head_options: dict[str, Any]) -> Any:
+    """TRL's AutoModelFor{CausalLM,Seq2SeqLM}WithValueHead over `lm`, with `v_head` (TRL's keys
+    `summary.weight` [1, H], `summary.bias` [1]) loaded; needs trl."""
+    trl_ppo = require(TRL_PPO_MODULE, "to_torch() of a value-head model (TRL's classes)")
+    cls = trl_ppo.AutoModelForSeq2SeqLMWithValueHead if encoder_decoder else trl_ppo.AutoModelForCausalLMWithValueHead
+    model = cls(lm, **head_options)
+    model.v_head.load_state_dict({k: numpy_to_tensor(np.asarray(v, np.float32)) for k, v in v_head.items()})
+    model.is_peft_model = type(lm).__module__.split(".")[0] == "peft"
+    return model.eval()

@@ -1,0 +1,201 @@
+"""transformers' GenerationConfig for trlax's generate, and the logits processors it adds.
+
+Which settings apply (highest first): keyword arguments to `generate`, a `generation_config`
+passed to it, the model's own `generation_config` (read from the checkpoint's
+generation_config.json, as transformers does), then trlax's defaults. transformers v5
+leaves unset fields None, so "set" is well defined; for fields nobody set, trlax keeps its
+defaults where they differ from transformers': `top_k` 0 (transformers: 50), so sampling
+draws from the model's full distribution, which PPO's log-probs assume, and
+`max_new_tokens` 32 (transformers: `max_length` 20, prompt included).
+
+Fields trlax implements: max_new_tokens, max_length, min_new_tokens, min_length,
+do_sample, temperature, top_k, top_p, repetition_penalty, eos/pad/decoder start ids and
+return_dict_in_generate. Fields that only tune how transformers runs (cache, compile,
+bos_token_id, beam-only options while num_beams is 1, ...) are accepted and have no
+effect. Any other field set to something other than its neutral value (num_beams > 1,
+constraints, no_repeat_ngram_size, output_scores, ...) is an UnsupportedModelError naming
+it, never silently ignored.
+
+The processors (`process_logits`) run inside the jitted decode loop on each step's
+float32 logits [B, V], before the sampling warpers, as transformers orders them:
+repetition penalty (logits of tokens already in the sequence: divided by the penalty if
+positive, multiplied if negative; the prompt's left padding does not count, as in
+transformers v5), then min-length (eos ids at -inf while fewer than `min_new_tokens`
+tokens are new).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+
+from trlax.checkpoint.hub import HubOptions, fetch_file
+from trlax.errors import UnsupportedModelError
+
+GENERATION_CONFIG_NAME = "generation_config.json"
+DEFAULT_MAX_NEW_TOKENS = 32
+
+# GenerationConfig fields trlax implements (translated by `resolve_generation`).
+SUPPORTED_FIELDS = frozenset({
+    "max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k", "top_p",
+    "repetition_penalty", "eos_token_id", "pad_token_id", "decoder_start_token_id", "return_dict_in_generate",
+})
+# Fields with no effect on greedy or sampled tokens (how transformers runs, or beam-search-only
+# options, beams being refused): accepted whatever their value.
+NO_EFFECT_FIELDS = frozenset({
+    "_from_model_config", "transformers_version", "bos_token_id", "use_cache", "cache_implementation",
+    "cache_config", "max_cache_len", "compile_config", "disable_compile", "low_memory", "prefill_chunk_size",
+    "early_stopping", "length_penalty", "num_assistant_tokens", "num_assistant_tokens_schedule",
+    "assistant_confidence_threshold", "assistant_lookbehind", "target_lookbehind", "is_assistant",
+    "max_matching_ngram_size", "continuous_batching_config",
+})
+# Arguments of trlax's generate that are not GenerationConfig fields.
+TRLAX_ARGS = frozenset({"prng_key", "params", "lora", "decoder_input_ids"})
+
+
+def read_generation_config(source: str | os.PathLike, options: HubOptions) -> transformers.GenerationConfig | None:
+    """The checkpoint's generation_config.json (folder or hub id) as transformers reads it, or None."""
+    path = fetch_file(source, GENERATION_CONFIG_NAME, options)
+    return None if path is None else transformers.GenerationConfig.from_pretrained(str(path.parent))
+
+
+def write_generation_config(config: transformers.GenerationConfig, folder: Path) -> None:
+    """Write generation_config.json into `folder` (what transformers' save_pretrained writes)."""
+    config.save_pretrained(str(folder))
+
+
+def _set_fields(config: transformers.GenerationConfig | Mapping[str, Any] | None) -> dict[str, Any]:
+    if config is None:
+        return {}
+    if isinstance(config, transformers.GenerationConfig):
+        config = config.to_dict()
+    return {k: v for k, v in config.items() if v is not None}
+
+
+def _is_neutral(name: str, value: Any, defaults: Mapping[str, Any]) -> bool:
+    """Whether a field's value asks for nothing (unset, off, or transformers' default)."""
+    return value is None or value is False or value == {} or value == [] or value == defaults.get(name)
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, (int, np.integer)) or (isinstance(value, float) and value.is_integer()):
+        return int(value)
+    raise UnsupportedModelError(f"generate: {name} must be an integer; got {value!r}")
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """A generate call translated for `trlax.generation.generate`: its keyword arguments, and
+    whether to return a GenerateOutput (True) or the bare sequences array."""
+
+    kwargs: dict[str, Any]
+    return_dict: bool
+
+
+def resolve_generation(
+    model_config: transformers.GenerationConfig | None,
+    generation_config: transformers.GenerationConfig | Mapping[str, Any] | None,
+    kwargs: Mapping[str, Any],
+    *,
+    prompt_length: int,
+) -> GenerateRequest:
+    """Merge the model's GenerationConfig, a passed one and keyword arguments (in that order of
+    precedence, lowest first) into trlax's generate arguments.
+
+    prompt_length: the length `max_length` / `min_length` count from (causal: the padded
+    prompt T; seq2seq: the decoder prompt, start token included). Raises
+    UnsupportedModelError naming every field set that trlax does not implement.
+    """
+    if generation_config is not None and not isinstance(generation_config, (transformers.GenerationConfig, Mapping)):
+        raise UnsupportedModelError(f"generation_config must be a transformers.GenerationConfig; got "
+                                    f"{type(generation_config).__name__}")
+    passed = {k: v for k, v in kwargs.items() if k not in TRLAX_ARGS and v is not None}
+    merged = {**_set_fields(model_config), **_set_fields(generation_config), **passed}
+    # Output plumbing is the caller's choice, never a checkpoint file's.
+    return_dict = {**_set_fields(generation_config), **passed}.get("return_dict_in_generate", True)
+    defaults = transformers.GenerationConfig()._get_default_generation_params()
+    unsupported = sorted(name for name, value in merged.items()
+                         if name not in SUPPORTED_FIELDS and name not in NO_EFFECT_FIELDS
+                         and not _is_neutral(name, value, defaults))
+    if unsupported:
+        shown = ", ".join(f"{name}={merged[name]!r}" for name in unsupported)
+        raise UnsupportedModelError(
+            f"generate does not implement {shown}: trlax generates greedily or by sampling (temperature, top_k, "
+            "top_p, repetition_penalty, min_new_tokens), one sequence per prompt, without beams, constraints or "
+            "score outputs. Unset these (from the generation_config, or pass e.g. num_beams=1)")
+    out = {k: trlax_kwargs for k, trlax_kwargs in kwargs.items() if k in TRLAX_ARGS}
+    if "max_new_tokens" in merged:
+        out["max_new_tokens"] = _as_int("max_new_tokens", merged["max_new_tokens"])
+    elif "max_length" in merged:
+        new = _as_int("max_length", merged["max_length"]) - prompt_length
+        if new <= 0:
+            raise UnsupportedModelError(f"generate: max_length={merged['max_length']} leaves no room after the "
+                                        f"{prompt_length}-token prompt; set max_new_tokens instead")
+        out["max_new_tokens"] = new
+    else:
+        out["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
+    min_new = max(_as_int("min_new_tokens", merged.get("min_new_tokens", 0)),
+                  _as_int("min_length", merged.get("min_length", 0)) - prompt_length, 0)
+    out["min_new_tokens"] = min_new
+    out["top_k"] = _as_int("top_k", merged.get("top_k", 0))
+    for name in ("do_sample", "temperature", "top_p", "repetition_penalty", "pad_token_id", "eos_token_id",
+                 "decoder_start_token_id"):
+        if name in merged:
+            out[name] = merged[name]
+    return GenerateRequest(out, bool(return_dict))
+
+
+# --- logits processors, inside the jitted decode loop ---------------------------------------------
+
+# An id no vocabulary has: scattered with mode="drop", it marks nothing.
+NO_TOKEN = jnp.iinfo(jnp.int32).max
+
+
+def penalty_context(prompt_ids: jax.Array, prompt_mask: jax.Array) -> jax.Array:
+    """The prompt ids [B, T] the repetition penalty sees: transformers v5 skips each row's leading
+    padding (positions before its first real token), marked here as NO_TOKEN."""
+    first_real = jnp.argmax(prompt_mask != 0, axis=1)  # [B]
+    positions = jnp.arange(prompt_ids.shape[1])[None, :]
+    return jnp.where(positions < first_real[:, None], NO_TOKEN, prompt_ids)
+
+
+def seen_tokens(context: jax.Array, new_tokens: jax.Array, step: jax.Array, vocab: int) -> jax.Array:
+    """[B, V] bool: which ids occur in the context [B, T] or among the first `step` new tokens [B, N]."""
+    written = jnp.arange(new_tokens.shape[1])[None, :] < step
+    ids = jnp.concatenate([context, jnp.where(written, new_tokens, NO_TOKEN)], axis=1)  # [B, T + N]
+    rows = jnp.broadcast_to(jnp.arange(ids.shape[0])[:, None], ids.shape)
+    return jnp.zeros((ids.shape[0], vocab), bool).at[rows, ids].set(True, mode="drop")
+
+
+def process_logits(
+    logits: jax.Array,
+    step: jax.Array,
+    context: jax.Array,
+    new_tokens: jax.Array,
+    eos_ids: jax.Array,
+    *,
+    min_new_tokens: int,
+    repetition_penalty: jax.Array | None,
+) -> jax.Array:
+    """transformers' repetition-penalty and min-new-tokens processors on one step's logits [B, V] float32.
+
+    step: how many new tokens exist ([] int32); context: `penalty_context` [B, T];
+    new_tokens: [B, N] (entries at and after `step` are not yet written); eos_ids: [E]
+    int32; min_new_tokens: static (0 = off); repetition_penalty: [] float32, or None = off.
+    """
+    if repetition_penalty is not None:
+        seen = seen_tokens(context, new_tokens, step, logits.shape[-1])
+        penalised = jnp.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty)
+        logits = jnp.where(seen, penalised, logits)
+    if min_new_tokens and eos_ids.shape[0]:
+        is_eos = jnp.any(jnp.arange(logits.shape[-1])[:, None] == eos_ids[None, :], axis=-1)  # [V]
+        logits = jnp.where((step < min_new_tokens) & is_eos[None, :], -jnp.inf, logits)
+    return logits

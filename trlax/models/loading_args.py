@@ -1,0 +1,85 @@
+"""transformers / TRL `from_pretrained` keywords that mean something else, or nothing, in trlax.
+
+TRL scripts pass PyTorch loading options. trlax reads `torch_dtype` as `dtype` (with the
+deprecation warning transformers itself now gives), accepts the placement/attention/
+memory options with a one-line warning saying what trlax does instead, and refuses the
+options whose meaning it cannot honour (quantisation, remote code) with an error naming
+them, rather than loading something different from what was asked for.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from trlax.errors import UnsupportedModelError
+
+AUTO = "auto"
+
+# Accepted, ignored, and what trlax does instead.
+IGNORED_ARGS = {
+    "device_map": "trlax places params with mesh= / sharding_rules= (jax.sharding), not a device map",
+    "attn_implementation": "trlax always uses its own XLA attention (fused by the compiler)",
+    "low_cpu_mem_usage": "trlax always reads tensors one at a time from memory-mapped files",
+}
+# Refused when set: what they ask for cannot be honoured.
+REFUSED_ARGS = {
+    "quantization_config": "trlax does not load quantised weights; load the full-precision checkpoint "
+                           "(param_dtype=jnp.bfloat16 halves its memory)",
+    "load_in_8bit": "trlax has no 8-bit (bitsandbytes) loading; use param_dtype=jnp.bfloat16",
+    "load_in_4bit": "trlax has no 4-bit (bitsandbytes) loading; use param_dtype=jnp.bfloat16",
+    "trust_remote_code": "trlax runs only its own model implementations, never a checkpoint's code; "
+                         "use a model_type trlax supports",
+}
+
+
+def translate_loading_args(kwargs: dict[str, Any], where: str) -> dict[str, Any]:
+    """`kwargs` with transformers' loading keywords translated: a new dict, the rest untouched.
+
+    torch_dtype -> dtype (FutureWarning); device_map / attn_implementation /
+    low_cpu_mem_usage dropped with a UserWarning; quantization_config, load_in_8bit=True,
+    load_in_4bit=True, trust_remote_code=True raise UnsupportedModelError (their falsy
+    values are dropped quietly). `where` names the caller in messages.
+    """
+    kwargs = dict(kwargs)
+    if "torch_dtype" in kwargs:
+        torch_dtype = kwargs.pop("torch_dtype")
+        if kwargs.get("dtype") is not None:
+            raise UnsupportedModelError(f"{where}: pass dtype or torch_dtype, not both (torch_dtype is the old name)")
+        warnings.warn(f"{where}: `torch_dtype` is deprecated, use `dtype` (read as dtype={torch_dtype!r})",
+                      FutureWarning, stacklevel=3)
+        kwargs["dtype"] = torch_dtype
+    for name, instead in IGNORED_ARGS.items():
+        if name in kwargs:
+            value = kwargs.pop(name)
+            warnings.warn(f"{where}: {name}={value!r} is ignored: {instead}", UserWarning, stacklevel=3)
+    for name, why in REFUSED_ARGS.items():
+        if name in kwargs:
+            value = kwargs.pop(name)
+            if value:
+                raise UnsupportedModelError(f"{where}: {name}={value!r} is not supported: {why}")
+    return kwargs
+
+
+def as_dtype(value: Any) -> Any:
+    """A jnp dtype from a jnp/numpy dtype, a name ("bfloat16") or a torch.dtype; "auto" stays "auto"."""
+    if isinstance(value, str) and value == AUTO:
+        return AUTO
+    if value is None:
+        return None
+    name = str(value).removeprefix("torch.") if type(value).__module__ == "torch" else value
+    try:
+        return jnp.dtype(name)
+    except TypeError:
+        raise UnsupportedModelError(f"{value!r} is not a dtype; use e.g. jnp.bfloat16, 'float32' or 'auto'") from None
+
+
+def resolve_dtype(value: Any, checkpoint_dtype: np.dtype | None) -> Any:
+    """`value` as a jnp dtype, with "auto" meaning the checkpoint's dtype (float32 when it has none)."""
+    value = as_dtype(value)
+    if isinstance(value, str):  # "auto"
+        return jnp.dtype(checkpoint_dtype) if checkpoint_dtype is not None else jnp.dtype(jnp.float32)
+    return value
