@@ -18,6 +18,10 @@ FAMILY_MODULES: tuple[str, ...] = (
     "trlax.models.gpt_neox",
     "trlax.models.t5",
     "trlax.models.bart",
+    "trlax.models.gemma3",
+    "trlax.models.phi3",
+    "trlax.models.phi",
+    "trlax.models.starcoder2",
 )
 
 
