@@ -37,7 +37,7 @@ from trlax.sharding import (
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
 MESHES = ("fsdp8", "tp2_data4")
-FAMILIES = ("gpt2", "llama")
+FAMILIES = ("gpt2", "llama", "gemma3_text", "phi3", "phi", "starcoder2")
 
 
 def _spec(axes: tuple, shape: tuple, sizes: dict[str, int], rules: ShardingRules | None = None) -> PartitionSpec:
@@ -255,6 +255,42 @@ EXPECTED_LAYOUT = {
         "mlp/up_proj/kernel": ([None, "tp"], [32, 24]),
         "mlp/down_proj/kernel": (["tp"], [24, 32]),
         "lm_head/kernel": ([], [32, 101]),
+    },
+    ("gemma3_text", "fsdp8"): {
+        "self_attn/k_proj/kernel": (["fsdp"], [4, 32]),
+        "self_attn/q_norm/scale": ([], [16]),
+    },
+    ("gemma3_text", "tp2_data4"): {
+        "self_attn/k_proj/kernel": ([None, "tp"], [32, 16]),
+        "self_attn/k_norm/scale": ([], [16]),
+    },
+    ("phi3", "fsdp8"): {
+        "self_attn/qkv_proj/kernel": (["fsdp"], [4, 64]),  # fused [q | k | v]
+        "mlp/gate_up_proj/kernel": (["fsdp"], [4, 96]),
+    },
+    ("phi3", "tp2_data4"): {
+        "self_attn/qkv_proj/kernel": ([None, "tp"], [32, 32]),
+        "mlp/gate_up_proj/kernel": ([None, "tp"], [32, 48]),
+        "mlp/down_proj/kernel": (["tp"], [24, 32]),
+    },
+    ("phi", "fsdp8"): {
+        "self_attn/dense/kernel": ([None, "fsdp"], [32, 4]),
+        "mlp/fc1/kernel": (["fsdp"], [4, 48]),
+        "lm_head/bias": ([], [101]),
+    },
+    ("phi", "tp2_data4"): {
+        "self_attn/dense/kernel": (["tp"], [16, 32]),
+        "self_attn/v_proj/bias": (["tp"], [8]),
+        "mlp/fc1/kernel": ([None, "tp"], [32, 24]),
+    },
+    ("starcoder2", "fsdp8"): {
+        "mlp/c_fc/kernel": (["fsdp"], [4, 48]),
+        "input_layernorm/bias": ([], [32]),
+    },
+    ("starcoder2", "tp2_data4"): {
+        "mlp/c_fc/kernel": ([None, "tp"], [32, 24]),
+        "mlp/c_proj/kernel": (["tp"], [24, 32]),
+        "self_attn/o_proj/kernel": (["tp"], [16, 32]),
     },
 }
 

@@ -83,7 +83,7 @@ def _validate(config: Any) -> None:
 
 
 STARCODER2_SHARDING: tuple[ParamRule, ...] = (
-    *LLAMA_SHARDING,
+    *(rule for rule in LLAMA_SHARDING if "mlp/" not in rule[0]),  # embeddings and attention as Llama's
     (r"mlp/c_fc/kernel$", ("embed", "mlp")),
     (r"mlp/c_fc/bias$", ("mlp",)),
     (r"mlp/c_proj/kernel$", ("mlp", "embed")),
