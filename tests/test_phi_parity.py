@@ -15,10 +15,10 @@ from trlax.models.phi import rotary_inv_freq
 
 
 def _phi2_like() -> transformers.PhiConfig:
-    # Phi-2's own switches: multi-head attention, no q/k LayerNorm, 0.4 of each head rotated, linear scaling.
+    # Phi-2's own switches: multi-head attention, no q/k LayerNorm; a quarter of each head rotated, linear scaling.
     config = TINY_CAUSAL["phi"]()
     config.num_key_value_heads, config.qk_layernorm = 4, False
-    config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0, "partial_rotary_factor": 0.4}
+    config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0, "partial_rotary_factor": 0.25}
     return config
 
 

@@ -221,7 +221,9 @@ def test_sharded_equals_unsharded(device_report: dict, family: str, mesh: str) -
 def test_ppo_update_under_the_mesh(device_report: dict, family: str, mesh: str) -> None:
     """One PPO update (the policy sharing its first layer with the reference) matches unsharded."""
     r = device_report[f"{family}/{mesh}"]
-    assert r["ppo_trainable"] > 10
+    # Layer 1, the final norm, the LM head and the value head: 10 leaves or more (Phi-3's fused
+    # projections make its layer 6 leaves; the others have more).
+    assert r["ppo_trainable"] >= 10
     assert r["ppo_params_diff"] < TOL and r["ppo_loss_diff"] < TOL
     assert r["ppo_layout_changed"] == []  # updated params keep their sharding
 
