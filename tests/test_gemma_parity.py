@@ -13,13 +13,14 @@ import torch
 import transformers
 
 from tests.helpers import torch_random_init
+from tests.parity_checks import check_forward, make_pair
 from tests.test_llama_parity import check_window_matters
 from tests.tiny_configs import TINY_CAUSAL
 from trlax import FlaxAutoModelForCausalLM
 from trlax.errors import UnsupportedModelError
 from trlax.models.layers import RMSNorm
 
-GEMMA_TYPES = ("gemma", "gemma2")
+GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 
 
 def test_gemma2_sliding_window_and_softcaps_are_exercised():
@@ -60,7 +61,7 @@ def test_embedding_scale_is_rounded_to_the_compute_dtype():
     assert float(jnp.asarray(3072**0.5, jnp.bfloat16)) == 55.5
 
 
-@pytest.mark.parametrize("name", ["gemma", "gemma2", "llama"])
+@pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3_text", "llama"])
 @pytest.mark.parametrize("flag", [{"use_bidirectional_attention": True}, {"is_causal": False}])
 def test_bidirectional_config_is_refused(name, flag):
     config = TINY_CAUSAL[name]()
@@ -74,5 +75,60 @@ def test_gemma_with_unsupported_rope_is_refused():
     config = TINY_CAUSAL["gemma2"]()
     config.rope_parameters = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
                               "original_max_position_embeddings": 32}
+    with pytest.raises(UnsupportedModelError, match="rope_type 'yarn'"):
+        FlaxAutoModelForCausalLM.from_config(config)
+
+
+# --- Gemma 3 -----------------------------------------------------------------------------------
+
+
+def _gemma3_pt(config: transformers.PretrainedConfig) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch_random_init(transformers.AutoModelForCausalLM.from_config(config))
+
+
+def test_gemma3_sliding_window_and_logit_softcap_are_exercised():
+    pt = _gemma3_pt(TINY_CAUSAL["gemma3_text"]())
+    check_window_matters(pt)
+    ids = torch.arange(11)[None] % 101
+    with torch.no_grad():
+        logits = pt(ids).logits
+        pt.config.final_logit_softcapping = None
+        uncapped = pt(ids).logits
+    assert float(uncapped.abs().max()) > 3.0 > float(logits.abs().max())
+
+
+def test_gemma3_layer_types_rotate_with_their_own_rope_parameters(tmp_path):
+    """Each layer type's inverse frequencies are transformers' (2 ulps: see test_llama_parity), and differ."""
+    pt, model = make_pair(TINY_CAUSAL["gemma3_text"](), tmp_path)
+    inv_freq = model.module.bind({"params": model.params}).model.inv_freq
+    assert sorted(inv_freq) == ["full_attention", "sliding_attention"]
+    for layer_type, ours in inv_freq.items():
+        np.testing.assert_array_max_ulp(np.asarray(ours), getattr(pt.model.rotary_emb, f"{layer_type}_inv_freq")
+                                        .numpy(), maxulp=2)
+    assert not np.allclose(inv_freq["full_attention"], inv_freq["sliding_attention"])
+
+
+def test_gemma3_attention_softcap_is_ignored_as_transformers_does(tmp_path):
+    """transformers 5's Gemma 3 attention never passes `attn_logit_softcapping` on; trlax matches it. If a
+    later transformers starts applying it, the first assertion fails and trlax must follow."""
+    config = TINY_CAUSAL["gemma3_text"]()
+    config.attn_logit_softcapping = 0.5
+    pt = _gemma3_pt(config)
+    ids = torch.arange(11)[None] % 101
+    with torch.no_grad():
+        capped = pt(ids).logits
+        pt.config.attn_logit_softcapping = None
+        assert torch.equal(capped, pt(ids).logits)
+    pt.config.attn_logit_softcapping = 0.5
+    folder = tmp_path / "capped"
+    pt.save_pretrained(str(folder))
+    check_forward(pt, FlaxAutoModelForCausalLM.from_pretrained(folder), "left", explicit_positions=False)
+
+
+def test_gemma3_with_unsupported_rope_is_refused():
+    config = TINY_CAUSAL["gemma3_text"]()
+    config.rope_parameters["full_attention"] = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
+                                                "original_max_position_embeddings": 32}
     with pytest.raises(UnsupportedModelError, match="rope_type 'yarn'"):
         FlaxAutoModelForCausalLM.from_config(config)

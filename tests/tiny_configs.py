@@ -79,6 +79,37 @@ def gpt_neox() -> transformers.PretrainedConfig:
                                       rotary_pct=0.25, bos_token_id=0, eos_token_id=1, pad_token_id=1)
 
 
+def gemma3_text() -> transformers.PretrainedConfig:
+    # Layer 0 sliding (window 4, RoPE base 50), layer 1 global (base 1000, linear scaling x2, as
+    # Gemma 3's 4B+ checkpoints scale theirs); logit soft-capping small enough to bite.
+    return transformers.Gemma3TextConfig(
+        **_LLAMA_COMMON, num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=12,
+        layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=3.0,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 50.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0}})
+
+
+def phi3() -> transformers.PretrainedConfig:
+    # Phi-4-mini's shape: GQA, partial rotary (0.75 of each 8-dim head); a sliding window of 4.
+    return transformers.Phi3Config(**_LLAMA_COMMON, num_key_value_heads=2, sliding_window=4,
+                                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                    "partial_rotary_factor": 0.75})
+
+
+def phi() -> transformers.PretrainedConfig:
+    # Phi-2's shape (partial rotary 0.5, untied biased head) with GQA and the optional q/k LayerNorms.
+    return transformers.PhiConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                  qk_layernorm=True, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+
+
+def starcoder2() -> transformers.PretrainedConfig:
+    # Biased projections and LayerNorms, GELU MLP, tied head, a sliding window of 4.
+    return transformers.Starcoder2Config(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         sliding_window=4, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+
+
 TINY_CAUSAL: dict[str, Callable[[], transformers.PretrainedConfig]] = {
     "gpt2": gpt2,
     "llama": llama,
@@ -90,6 +121,10 @@ TINY_CAUSAL: dict[str, Callable[[], transformers.PretrainedConfig]] = {
     "opt": opt,
     "gpt_neo": gpt_neo,
     "gpt_neox": gpt_neox,
+    "gemma3_text": gemma3_text,
+    "phi3": phi3,
+    "phi": phi,
+    "starcoder2": starcoder2,
 }
 
 

@@ -33,7 +33,7 @@ from trlax.models.llama import (
 
 
 def gemma_options(config: Any) -> DecoderOptions:
-    """DecoderOptions for gemma and gemma2 configs (as their HF modules build them)."""
+    """DecoderOptions for gemma, gemma2 and gemma3_text configs (as their HF modules build them)."""
     check_causal(config)
     bias = bool(getattr(config, "attention_bias", False))
     common = {"head_dim": head_dim_of(config), "qkv_bias": bias, "o_bias": bias, "mlp_bias": False,
@@ -41,15 +41,18 @@ def gemma_options(config: Any) -> DecoderOptions:
     if config.model_type == "gemma":
         n = config.num_hidden_layers
         return DecoderOptions(hidden_act=config.hidden_act, sliding=(False,) * n, sliding_window=None, **common)
-    if config.model_type == "gemma2":
+    if config.model_type in ("gemma2", "gemma3_text"):  # Gemma 3 adds q/k norms
         sliding = sliding_layers(config)
         return DecoderOptions(
             hidden_act=config.hidden_activation,
             sliding=sliding,
             sliding_window=config.sliding_window if any(sliding) else None,
             attn_scale=config.query_pre_attn_scalar**-0.5,
-            attn_softcap=config.attn_logit_softcapping,
+            # transformers' Gemma 3 attention never applies `attn_logit_softcapping` (5.25 sets it but does
+            # not pass it on; Gemma 3 checkpoints leave it unset): neither does trlax, for the same numbers.
+            attn_softcap=config.attn_logit_softcapping if config.model_type == "gemma2" else None,
             final_softcap=config.final_logit_softcapping,
+            qk_norm=config.model_type == "gemma3_text",
             **common,
         )
     raise UnsupportedModelError(f"model_type {config.model_type!r} is not a Gemma model")
@@ -60,8 +63,8 @@ class Gemma2DecoderLayer(LlamaDecoderLayer):
 
     def setup(self) -> None:
         super().setup()
-        self.pre_feedforward_layernorm = self.rms_norm(self.config.rms_norm_eps, add_unit_offset=True)
-        self.post_feedforward_layernorm = self.rms_norm(self.config.rms_norm_eps, add_unit_offset=True)
+        self.pre_feedforward_layernorm = self.make_norm(self, self.options)
+        self.post_feedforward_layernorm = self.make_norm(self, self.options)
 
     def __call__(self, x: Array, *, masks: dict[Any, Array], rotary: tuple[Array, Array], deterministic: bool,
                  cache: KVCache | None, cache_index: Array) -> tuple[Array, KVCache | None]:

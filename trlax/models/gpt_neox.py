@@ -39,12 +39,6 @@ def rotary_inv_freq(config: Any) -> np.ndarray:
     return inv_frequencies(config, head_dim(config), factor)
 
 
-def rotate_partially(x: Array, cos: Array, sin: Array) -> Array:
-    """Rotate the first rot_dim = cos.shape[-1] dims of each head; the rest pass through unrotated."""
-    rot = cos.shape[-1]
-    return jnp.concatenate([apply_rotary(x[..., :rot], cos, sin), x[..., rot:]], axis=-1)
-
-
 class GPTNeoXAttention(HFModule):
     def setup(self) -> None:
         c = self.config
@@ -61,7 +55,7 @@ class GPTNeoXAttention(HFModule):
         d = head_dim(c)
         qkv = self.query_key_value(x).reshape(b, t, c.num_attention_heads, 3 * d)  # HF's per-head [q | k | v]
         q, k, v = jnp.split(qkv, 3, axis=-1)  # 3 x [B, T, nH, D]
-        q, k = rotate_partially(q, *rotary), rotate_partially(k, *rotary)
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)  # the first rot_dim dims of each head
         out, cache = attend(q, k, v, bias, cache, cache_index, scale=d**-0.5, dropout=self.attention_dropout,
                             deterministic=deterministic)
         return self.dense(out.reshape(b, t, c.hidden_size)), cache

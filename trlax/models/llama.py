@@ -45,12 +45,15 @@ class DecoderOptions:
     hidden_act: str
     sliding: tuple[bool, ...]  # per layer: does it use `sliding_window`?
     sliding_window: int | None
-    qk_norm: bool = False  # Qwen3: RMSNorm over each q/k head before RoPE
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each q/k head before RoPE
     attn_scale: float | None = None  # None: head_dim ** -0.5
     attn_softcap: float | None = None  # Gemma 2: tanh soft-capping of attention scores
     final_softcap: float | None = None  # Gemma 2: tanh soft-capping of the logits
     norm_unit_offset: bool = False  # Gemma: RMSNorm weight is stored as (scale - 1)
     embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size)
+    partial_rotary_factor: float = 1.0  # Phi-3: RoPE on the first fraction of each head only
+    embed_dropout: float = 0.0  # StarCoder2: dropout on the embeddings
+    resid_dropout: float = 0.0  # Phi-3, StarCoder2: dropout on the attention and MLP outputs
 
     def window(self, layer_idx: int) -> int | None:
         """The sliding window of a layer (None: full attention)."""
@@ -136,10 +139,19 @@ class LlamaAttention(HFModule, kw_only=True):
         self.v_proj = self.linear(c.num_key_value_heads * o.head_dim, o.qkv_bias)
         self.o_proj = self.linear(c.hidden_size, o.o_bias)
         if o.qk_norm:
-            # Qwen3's q/k norms are plain RMSNorms over the head dim, even in Gemma-style configs.
-            self.q_norm = self.rms_norm(c.rms_norm_eps)
-            self.k_norm = self.rms_norm(c.rms_norm_eps)
+            # RMSNorms over the head dim: Qwen3's plain, Gemma 3's with its (1 + w) weights.
+            self.q_norm = self.rms_norm(c.rms_norm_eps, o.norm_unit_offset)
+            self.k_norm = self.rms_norm(c.rms_norm_eps, o.norm_unit_offset)
         self.attn_dropout = nn.Dropout(getattr(c, "attention_dropout", 0.0) or 0.0)
+
+    def project_qkv(self, x: Array) -> tuple[Array, Array, Array]:
+        """x [B, T, H] -> q [B, T, Hq, D], k and v [B, T, Hkv, D] (Phi-3 reads them from one fused kernel)."""
+        c, o = self.config, self.options
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, c.num_attention_heads, o.head_dim)
+        k = self.k_proj(x).reshape(b, t, c.num_key_value_heads, o.head_dim)
+        v = self.v_proj(x).reshape(b, t, c.num_key_value_heads, o.head_dim)
+        return q, k, v
 
     def __call__(
         self, x: Array, rotary: tuple[Array, Array], bias: Array, deterministic: bool,
@@ -147,9 +159,7 @@ class LlamaAttention(HFModule, kw_only=True):
     ) -> tuple[Array, KVCache | None]:
         c, o = self.config, self.options
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, c.num_attention_heads, o.head_dim)  # [B, T, Hq, D]
-        k = self.k_proj(x).reshape(b, t, c.num_key_value_heads, o.head_dim)  # [B, T, Hkv, D]
-        v = self.v_proj(x).reshape(b, t, c.num_key_value_heads, o.head_dim)
+        q, k, v = self.project_qkv(x)  # [B, T, Hq, D], [B, T, Hkv, D] x 2
         if o.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
@@ -175,19 +185,32 @@ class LlamaMLP(HFModule, kw_only=True):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
+def decoder_norm(module: HFModule, options: DecoderOptions) -> nn.Module:
+    """The norm of a Llama-style block or final state: RMSNorm ((1 + w) for Gemma)."""
+    return module.rms_norm(module.config.rms_norm_eps, options.norm_unit_offset)
+
+
 class LlamaDecoderLayer(HFModule, kw_only=True):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    Subclasses swap the attention / MLP classes (Phi-3's fused projections, StarCoder2's
+    GELU MLP) and `make_norm` (StarCoder2's LayerNorm).
+    """
 
     options: DecoderOptions
     layer_idx: int = 0
+    attention_cls: ClassVar[type[nn.Module]] = LlamaAttention
+    mlp_cls: ClassVar[type[nn.Module]] = LlamaMLP
+    make_norm: ClassVar[Callable[[HFModule, DecoderOptions], nn.Module]] = staticmethod(decoder_norm)
 
     def setup(self) -> None:
         c, o = self.config, self.options
         kw = {"config": c, "options": o, "dtype": self.dtype, "param_dtype": self.param_dtype}
-        self.self_attn = LlamaAttention(**kw, layer_idx=self.layer_idx)
-        self.mlp = LlamaMLP(**kw)
-        self.input_layernorm = self.rms_norm(c.rms_norm_eps, o.norm_unit_offset)
-        self.post_attention_layernorm = self.rms_norm(c.rms_norm_eps, o.norm_unit_offset)
+        self.self_attn = self.attention_cls(**kw, layer_idx=self.layer_idx)
+        self.mlp = self.mlp_cls(**kw)
+        self.input_layernorm = self.make_norm(self, o)
+        self.post_attention_layernorm = self.make_norm(self, o)
+        self.resid_dropout = nn.Dropout(o.resid_dropout)
 
     def attention(self, x: Array, masks: dict[Any, Array], rotary: tuple[Array, Array], deterministic: bool,
                   cache: KVCache | None, cache_index: Array) -> tuple[Array, KVCache | None]:
@@ -198,18 +221,21 @@ class LlamaDecoderLayer(HFModule, kw_only=True):
     def __call__(self, x: Array, *, masks: dict[Any, Array], rotary: tuple[Array, Array], deterministic: bool,
                  cache: KVCache | None, cache_index: Array) -> tuple[Array, KVCache | None]:
         attn_out, cache = self.attention(self.input_layernorm(x), masks, rotary, deterministic, cache, cache_index)
-        x = x + attn_out
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        x = x + self.resid_dropout(attn_out, deterministic=deterministic)
+        mlp_out = self.mlp(self.post_attention_layernorm(x))
+        return x + self.resid_dropout(mlp_out, deterministic=deterministic), cache
 
 
 class LlamaModel(DecoderBackbone):
-    """Subclasses (Gemma) swap `make_options` and `layer_cls_for`; everything else is shared."""
+    """Subclasses (Gemma, Phi-3, StarCoder2) swap `make_options`, `layer_cls_for` and `make_norm`;
+    everything else is shared."""
 
     embedding_name = "embed_tokens"
     final_norm_name = "norm"
 
     make_options: ClassVar[Callable[[Any], DecoderOptions]] = staticmethod(llama_options)
     layer_cls_for: ClassVar[Callable[[Any], type[nn.Module]]] = staticmethod(lambda config: LlamaDecoderLayer)
+    make_norm: ClassVar[Callable[[HFModule, DecoderOptions], nn.Module]] = staticmethod(decoder_norm)
 
     def setup(self) -> None:
         c = self.config
@@ -217,19 +243,28 @@ class LlamaModel(DecoderBackbone):
         self.embed_tokens = self.embedding(c.vocab_size, c.hidden_size)
         self.layers = layer_stack(self.layer_cls_for(c), c.num_hidden_layers, "layers", config=c,
                                   options=self.options, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.norm = self.rms_norm(c.rms_norm_eps, self.options.norm_unit_offset)
-        self.inv_freq = inv_frequencies(c, self.options.head_dim)  # [D/2] float32, a constant (not a param)
+        self.norm = self.make_norm(self, self.options)
+        self.embed_dropout = nn.Dropout(self.options.embed_dropout)
+        self.inv_freq = self.inverse_frequencies()  # constants, not params
+
+    def inverse_frequencies(self) -> Any:
+        """RoPE inverse frequencies [rot_dim / 2] float32 (Gemma 3: one array per layer type)."""
+        return inv_frequencies(self.config, self.options.head_dim, self.options.partial_rotary_factor)
+
+    def rotary(self, position_ids: Array) -> Any:
+        """cos, sin [B, T, rot_dim] float32 for positions [B, T] (Gemma 3: a pair per layer type)."""
+        return rotary_cos_sin(position_ids, self.inv_freq)
 
     def embed(self, input_ids: Array, position_ids: Array, deterministic: bool) -> Array:
         x = self.embed_tokens(input_ids)  # [B, T, H] compute dtype
         if self.options.embed_scale:  # Gemma: the scale is rounded to the compute dtype first, as HF does
             x = x * jnp.asarray(self.config.hidden_size**0.5, x.dtype)
-        return x
+        return self.embed_dropout(x, deterministic=deterministic)
 
     def layer_inputs(self, attention_mask: Array, position_ids: Array, q_slots: Array) -> dict[str, Any]:
         windows = [self.options.window(i) for i in range(self.config.num_hidden_layers)]
         return {"masks": causal_masks(attention_mask, q_slots, windows),
-                "rotary": rotary_cos_sin(position_ids, self.inv_freq)}  # cos, sin [B, T, D] float32
+                "rotary": self.rotary(position_ids)}
 
 
 class LlamaForCausalLM(CausalLM):

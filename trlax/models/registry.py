@@ -20,6 +20,10 @@ FAMILY_MODULES: tuple[str, ...] = (
     "trlax.models.bart",
     "trlax.models.mixtral",
     "trlax.models.qwen3_moe",
+    "trlax.models.gemma3",
+    "trlax.models.phi3",
+    "trlax.models.phi",
+    "trlax.models.starcoder2",
 )
 
 

@@ -27,22 +27,26 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _DEFAULT_THETA = 10_000.0
 
 
-def rope_parameters(config: Any) -> dict[str, Any]:
+def rope_parameters(config: Any, layer_type: str | None = None) -> dict[str, Any]:
     """The config's RoPE settings as one flat dict with at least `rope_type` and `rope_theta`.
 
     transformers v5 configs carry `config.rope_parameters`; older config objects carry
     `rope_theta` and an optional `rope_scaling` dict (whose type key may be `type`).
-    Per-layer-type nested dicts (Gemma 3 style) are refused: no family here uses them.
+    Per-layer-type nested dicts (Gemma 3: {"full_attention": {...}, "sliding_attention": {...}})
+    are read for the `layer_type` given, and refused without one.
     """
     params = getattr(config, "rope_parameters", None)
     if not params:
         params = dict(getattr(config, "rope_scaling", None) or {})
     params = dict(params)
     if params and all(isinstance(v, dict) for v in params.values()):
-        raise UnsupportedModelError(
-            f"per-layer-type RoPE parameters ({sorted(params)}) are not supported by trlax; "
-            "use a config with one `rope_parameters` dict"
-        )
+        if layer_type not in params:
+            raise UnsupportedModelError(
+                f"per-layer-type RoPE parameters ({sorted(params)}) are not supported by trlax for "
+                f"{getattr(config, 'model_type', 'this model')} (layer type {layer_type!r}); "
+                "use a config with one `rope_parameters` dict"
+            )
+        params = dict(params[layer_type])
     params.setdefault("rope_type", params.get("type", "default"))
     if params.get("rope_theta") is None:
         params["rope_theta"] = getattr(config, "rope_theta", None) or _DEFAULT_THETA
@@ -52,13 +56,15 @@ def rope_parameters(config: Any) -> dict[str, Any]:
     return params
 
 
-def inv_frequencies(config: Any, head_dim: int, partial_rotary_factor: float = 1.0) -> np.ndarray:
+def inv_frequencies(config: Any, head_dim: int, partial_rotary_factor: float = 1.0,
+                    layer_type: str | None = None) -> np.ndarray:
     """Inverse frequencies [rot_dim / 2] float32, rot_dim = int(head_dim * partial_rotary_factor).
 
     Supports rope_type "default", "linear" and "llama3"; any other type raises
     UnsupportedModelError. Matches transformers' ROPE_INIT_FUNCTIONS for those types.
+    `layer_type` picks the entry of per-layer-type parameters (see `rope_parameters`).
     """
-    params = rope_parameters(config)
+    params = rope_parameters(config, layer_type)
     rope_type = params["rope_type"]
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(
@@ -111,11 +117,16 @@ def rotate_half(x: Array) -> Array:
 
 
 def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
-    """Rotate x [B, T, H, rot_dim] by cos/sin [B, T, rot_dim]; returns x's shape and dtype.
+    """Rotate x [B, T, H, D] by cos/sin [B, T, rot_dim]; returns x's shape and dtype.
 
-    Like transformers, cos and sin are cast to x's dtype first and the rotation runs in
-    that dtype (float32 in, float32 math; bfloat16 in, bfloat16 math, as PyTorch does).
+    With rot_dim < D (partial rotary: GPT-NeoX, Phi) only the first rot_dim dims of each
+    head rotate and the rest pass through. Like transformers, cos and sin are cast to x's
+    dtype first and the rotation runs in that dtype (float32 in, float32 math; bfloat16
+    in, bfloat16 math, as PyTorch does).
     """
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return jnp.concatenate([apply_rotary(x[..., :rot], cos, sin), x[..., rot:]], axis=-1)
     cos = cos.astype(x.dtype)[:, :, None, :]  # [B, T, 1, D]
     sin = sin.astype(x.dtype)[:, :, None, :]
     return x * cos + rotate_half(x) * sin

@@ -211,7 +211,7 @@ def resolve_targets(config: LoraConfig, base_params: Mapping[str, Any], model_ty
             targets = list(spec_for_type(model_type).peft_targets)
         except UnsupportedModelError:
             targets = []
-        if not targets:  # an unknown type, or one PEFT's table has no entry for (qwen3_moe)
+        if not targets:  # PEFT has no default for the type (or trlax does not know it): PEFT refuses too
             raise UnsupportedModelError(f"LoRA target_modules=None has no PEFT default for model_type {model_type!r}; "
                                         "name the modules, e.g. target_modules=['q_proj', 'v_proj']")
     if targets == "all-linear":
