@@ -18,6 +18,10 @@ FAMILY_MODULES: tuple[str, ...] = (
     "trlax.models.gpt_neox",
     "trlax.models.t5",
     "trlax.models.bart",
+    "trlax.models.bloom",
+    "trlax.models.falcon",
+    "trlax.models.gptj",
+    "trlax.models.cohere",
 )
 
 
