@@ -32,7 +32,7 @@ from trlax.peft.reward import load_reward_adapter
 
 ATOL = 1e-4
 # Causal families whose every projection is LoRA-aware (layers.Dense) and checked against PEFT here.
-LORA_FAMILIES = ("gpt2", "opt", "gpt_neo", "gpt_neox", "llama", "gemma")
+LORA_FAMILIES = ("gpt2", "opt", "gpt_neo", "gpt_neox", "llama", "gemma", "bloom", "falcon", "gptj", "cohere")
 PARITY_FAMILIES = LORA_FAMILIES
 
 
@@ -85,7 +85,12 @@ def test_targets_ranks_and_scalings_match_peft(model_type, name, tmp_path):
     kwargs = CONFIGS[name]
     try:
         ref = _peft_modules(peft.get_peft_model(lm, peft.LoraConfig(**kwargs)))
-    except ValueError as e:  # PEFT refuses configs that match nothing; trlax must too
+    except ValueError as e:  # PEFT refuses configs that match nothing, or types it has no default for; trlax too
+        if model_type not in PEFT_DEFAULT_TARGETS and "target_modules" not in kwargs:
+            with pytest.raises(UnsupportedModelError, match="has no PEFT default for model_type"):
+                resolve_targets(LoraConfig.from_peft(kwargs), {}, model_type)
+            assert "specify `target_modules`" in str(e)
+            return
         with pytest.raises(UnsupportedModelError, match="match no module"):
             resolve_targets(LoraConfig.from_peft(kwargs), FlaxAutoModelForCausalLM.from_pretrained(tmp_path).params,
                             model_type)

@@ -87,9 +87,9 @@ def bloom() -> transformers.PretrainedConfig:
 
 def falcon() -> transformers.PretrainedConfig:
     # The new decoder architecture (Falcon-40B/180B, Falcon 2): 2 KV groups of 2 query heads,
-    # ln_attn / ln_mlp, rotary, untied head. Other layouts: tests/test_falcon_parity.py.
+    # ln_attn / ln_mlp, rotary, biased projections, untied head. Other layouts: tests/test_falcon_parity.py.
     return transformers.FalconConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     num_kv_heads=2, new_decoder_architecture=True, parallel_attn=True,
+                                     num_kv_heads=2, new_decoder_architecture=True, parallel_attn=True, bias=True,
                                      ffn_hidden_size=48, max_position_embeddings=64, tie_word_embeddings=False,
                                      bos_token_id=0, eos_token_id=1, pad_token_id=1)
 

@@ -10,8 +10,8 @@ Param paths match transformers' BloomForCausalLM state dict (`transformer.word_e
 - one fused `query_key_value` laid out per head as [nH, 3, D]; the kernel keeps that
   layout and is split at run time;
 - `apply_residual_connection_post_layernorm`: the residual is the normed input instead.
-`pretraining_tp > 1` with `slow_but_exact` only splits transformers' matmuls into slices:
-the same function up to float rounding, computed here in one piece.
+`pretraining_tp > 1` alone changes nothing; with `slow_but_exact` transformers splits the
+output projections into slices and drops their biases, which trlax refuses.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from trlax.errors import UnsupportedModelError
 from trlax.models.attention import Array, alibi_bias, alibi_slopes, attend, attention_bias
 from trlax.models.cache import CacheGeometry, KVCache
 from trlax.models.decoder import CausalLM, DecoderBackbone
@@ -122,6 +123,14 @@ class BloomForCausalLM(CausalLM):
     backbone_name = "transformer"
 
 
+def _validate(config: Any) -> None:
+    if config.pretraining_tp > 1 and config.slow_but_exact:
+        raise UnsupportedModelError(
+            f"bloom: slow_but_exact=True with pretraining_tp={config.pretraining_tp} is not supported by trlax "
+            "(transformers then computes the output projections in slices without their biases); "
+            "use slow_but_exact=False")
+
+
 SPEC = ArchitectureSpec(
     model_types=("bloom",), module=BloomForCausalLM, hf_architecture="BloomForCausalLM",
     base_model_prefix="transformer", layer_pattern="transformer.h.{layer}", num_layers=lambda c: c.n_layer,
@@ -137,6 +146,7 @@ SPEC = ArchitectureSpec(
     ),
     peft_targets=("query_key_value",),
     tied_keys=tied_lm_head,
+    validate=_validate,
     # ALiBi has no position table; transformers does not limit the length either.
     max_positions=lambda c: None,
 )

@@ -209,8 +209,10 @@ def resolve_targets(config: LoraConfig, base_params: Mapping[str, Any], model_ty
         try:
             targets = list(spec_for_type(model_type).peft_targets)
         except UnsupportedModelError:
+            targets = []
+        if not targets:  # an unknown type, or one PEFT has no default for (cohere)
             raise UnsupportedModelError(f"LoRA target_modules=None has no PEFT default for model_type {model_type!r}; "
-                                        "name the modules, e.g. target_modules=['q_proj', 'v_proj']") from None
+                                        "name the modules, e.g. target_modules=['q_proj', 'v_proj']")
     if targets == "all-linear":
         candidates = [p for p in linear if p.split(".")[-1] not in _OUTPUT_LAYERS]
     else:
