@@ -31,14 +31,9 @@ def head_dim(config: Any) -> int:
     return config.n_embd // config.n_head
 
 
-def rotary_dim(config: Any) -> int:
-    """Rotated dims per head; transformers' `rotary_dim=None` means the whole hidden size."""
-    return config.rotary_dim or config.n_embd
-
-
 def rotary_inv_freq(config: Any) -> np.ndarray:
     """GPT-J's inverse frequencies [rotary_dim / 2] float32: base 10000, no scaling."""
-    return inv_frequencies(config, rotary_dim(config))
+    return inv_frequencies(config, config.rotary_dim)
 
 
 class GPTJAttention(HFModule):
@@ -151,10 +146,11 @@ class GPTJForCausalLM(CausalLM):
 
 
 def _validate(config: Any) -> None:
-    if rotary_dim(config) > head_dim(config):
+    rot, d = config.rotary_dim, head_dim(config)
+    if not 0 < rot <= d or rot % 2:
         raise UnsupportedModelError(
-            f"gptj: rotary_dim={config.rotary_dim} exceeds the head dim {head_dim(config)} (rotary_dim=None means "
-            "the whole hidden size); transformers cannot run it either. Set rotary_dim <= n_embd // n_head")
+            f"gptj: rotary_dim={rot} must be even and in (0, {d}] (the head dim n_embd // n_head); "
+            "transformers cannot run other values either")
     rotary_inv_freq(config)  # raises UnsupportedModelError for RoPE scaling GPT-J does not have
     activation(config.activation_function)  # raises for an activation trlax lacks
 
