@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import transformers
 
-from tests.helpers import batch, max_diff, save_torch, torch_random_init
+from tests.helpers import batch, max_diff, save_torch, torch_generation_init, torch_random_init
 from trlax import FlaxAutoModelForCausalLM
 
 ATOL = 1e-4
@@ -111,3 +111,31 @@ def check_save_roundtrip(pt: Any, model: Any, folder: Path) -> float:
     diff = max_diff(logits, model(ids, mask, output_hidden_states=True).logits, mask)
     assert diff < ATOL
     return diff
+
+
+
+
+def check_greedy_generation(config: transformers.PretrainedConfig, folder: Path, new_tokens: int = 8) -> None:
+    """trlax's greedy `generate` equals transformers' token for token on left-padded prompts,
+    first with an eos no row emits, then with an eos row 0 emits (rows pad after their eos).
+    The weights keep activations O(1), so the greedy tokens vary (`torch_generation_init`)."""
+    pt = torch_generation_init(transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32))
+    model = FlaxAutoModelForCausalLM.from_pretrained(save_torch(pt, folder))
+    ids, mask = batch(VOCAB, "left", seq_len=SEQ, low=2)
+    pad = model.config.pad_token_id
+
+    def both(eos: int) -> np.ndarray:
+        out = np.asarray(model.generate(ids, mask, max_new_tokens=new_tokens, pad_token_id=pad,
+                                        eos_token_id=eos).sequences)
+        gen_config = transformers.GenerationConfig(do_sample=False, max_new_tokens=new_tokens, pad_token_id=pad,
+                                                   eos_token_id=eos)
+        with torch.no_grad():
+            ref = pt.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), generation_config=gen_config)
+        expected = np.full(out.shape, pad)
+        expected[:, : ref.shape[1]] = ref.numpy()  # transformers stops once every row has finished
+        np.testing.assert_array_equal(out, expected)
+        return out
+
+    out = both(VOCAB)  # an eos no row can emit: every new token is compared
+    assert len(np.unique(out[:, SEQ:])) > 2, "degenerate greedy output: the check would be weak"
+    both(int(out[0, SEQ + 2]))

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from tests.helpers import save_torch
+from tests.helpers import save_torch, torch_generation_init
 from tests.tiny_configs import TINY_CAUSAL, TINY_SEQ2SEQ
 from trlax import FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
 from trlax.generation import GenerateOutput, _top_p_keep, _top_p_mask, generate
@@ -19,20 +19,6 @@ from trlax.generation import GenerateOutput, _top_p_keep, _top_p_mask, generate
 NEW = 8  # new tokens per parity run
 LEFT_PADS = (0, 2, 5, 0, 8, 1)  # one row per prompt; 8 of 9 tokens padded in row 4
 SEQ = 9
-
-
-def _init(model: Any, seed: int = 0) -> Any:
-    """Random weights that keep activations O(1): greedy outputs vary from token to token and
-    top-2 logit gaps stay far above float32 noise, so a token-for-token test is meaningful."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                is_scale = name.endswith("weight") and ("norm" in name or "ln" in name)
-                p.copy_(float(is_scale) + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +31,7 @@ def pairs(tmp_path_factory):
             seq2seq = model_type in TINY_SEQ2SEQ
             config = (TINY_SEQ2SEQ if seq2seq else TINY_CAUSAL)[model_type]()
             torch_auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
-            pt = _init(torch_auto.from_config(config, dtype=torch.float32))
+            pt = torch_generation_init(torch_auto.from_config(config, dtype=torch.float32))
             folder = save_torch(pt, tmp_path_factory.mktemp(model_type))
             auto = FlaxAutoModelForSeq2SeqLM if seq2seq else FlaxAutoModelForCausalLM
             cache[model_type] = pt, auto.from_pretrained(folder)

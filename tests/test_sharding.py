@@ -345,6 +345,31 @@ def test_lora_adapter_is_sharded_like_its_kernel(device_report: dict, mesh: str)
     assert lora["logits_diff"] < TOL
 
 
+# Families checked for forward and generation only (their tiny_configs entry), one worker each.
+FORWARD_FAMILIES = ("bloom", "falcon", "gptj", "cohere")
+
+
+@pytest.fixture(scope="module")
+def forward_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("sharding-forward")
+    for family in FORWARD_FAMILIES:
+        _torch_checkpoint(family, root)
+    workers = [_start_worker("forward", root, family) for family in FORWARD_FAMILIES]
+    return {key: value for worker in workers for key, value in _report(worker).items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FORWARD_FAMILIES)
+@pytest.mark.parametrize("mesh", MESHES)
+def test_family_sharded_equals_unsharded(forward_report: dict, family: str, mesh: str) -> None:
+    """The family's own sharding rules on 8 devices: same logits, values and greedy tokens as one device."""
+    r = forward_report[f"{family}/{mesh}"]
+    assert r["n_devices"] == 8 and r["not_on_mesh"] == []
+    assert r["split_leaves"] > 0  # some params really are split over devices
+    assert r["logits_diff"] < TOL and r["values_diff"] < TOL
+    assert r["generate_equal"], r["generate_mismatch"]
+
+
 def _write_gpt2(folder: Path, n_embd: int, n_layer: int) -> Path:
     """A random GPT-2 checkpoint in bfloat16 (as hub checkpoints often are), written without torch."""
     import ml_dtypes
@@ -510,6 +535,36 @@ def _worker_devices(root: Path, family: str) -> None:
     print(json.dumps(report))
 
 
+def _worker_forward(root: Path, *families: str) -> None:
+    """Sharded vs unsharded value-head forward and greedy generation of each family, on both meshes."""
+    from tests.helpers import batch
+    from trlax import FlaxAutoModelForCausalLMWithValueHead
+
+    meshes = {"fsdp8": make_mesh(fsdp=8), "tp2_data4": make_mesh(data=4, fsdp=1, tp=2)}
+    ids, mask = batch(101, "right", batch_size=8, seq_len=12, seed=1, low=2)
+    prompt, prompt_mask = batch(101, "left", batch_size=8, seq_len=7, seed=2, low=2)
+    report: dict[str, Any] = {}
+    for family in families:
+        load = functools.partial(FlaxAutoModelForCausalLMWithValueHead.from_pretrained, root / family, strict=True)
+        base = load()
+        logits, _, values = base(ids, mask)
+        tokens = np.asarray(base.generate(prompt, attention_mask=prompt_mask, max_new_tokens=6).sequences)
+        for name, mesh in meshes.items():
+            model = load(mesh=mesh)
+            leaves = _flat(model.params)
+            sharded_logits, _, sharded_values = model(ids, mask)
+            out = np.asarray(model.generate(prompt, attention_mask=prompt_mask, max_new_tokens=6).sequences)
+            report[f"{family}/{name}"] = {
+                "n_devices": jax.device_count(),
+                "not_on_mesh": [p for p, x in leaves.items() if getattr(x.sharding, "mesh", None) != mesh],
+                "split_leaves": sum(x.addressable_shards[0].data.shape != x.shape for x in leaves.values()),
+                "logits_diff": _diff(sharded_logits, logits), "values_diff": _diff(sharded_values, values),
+                "generate_equal": bool(np.array_equal(out, tokens)),
+                "generate_mismatch": np.argwhere(out != tokens).tolist()[:5],
+            }
+    print(json.dumps(report))
+
+
 def _lora_checks(root: Path, meshes: dict[str, Any], inputs: dict[str, np.ndarray]) -> dict[str, Any]:
     """A policy LoRA adapter added at load time joins the mesh; its forward matches unsharded."""
     from trlax import FlaxAutoModelForCausalLMWithValueHead, LoraConfig
@@ -584,4 +639,5 @@ def _worker_memory(root: Path) -> None:
 
 
 if __name__ == "__main__":
-    {"devices": _worker_devices, "memory": _worker_memory}[sys.argv[1]](Path(sys.argv[2]), *sys.argv[3:])
+    {"devices": _worker_devices, "forward": _worker_forward, "memory": _worker_memory}[sys.argv[1]](
+        Path(sys.argv[2]), *sys.argv[3:])

@@ -110,6 +110,35 @@ def starcoder2() -> transformers.PretrainedConfig:
                                          sliding_window=4, bos_token_id=0, eos_token_id=1, pad_token_id=1)
 
 
+def bloom() -> transformers.PretrainedConfig:
+    # 6 heads: not a power of two, so ALiBi's extra slopes are used too.
+    return transformers.BloomConfig(vocab_size=101, hidden_size=48, n_layer=2, n_head=6, bos_token_id=0,
+                                    eos_token_id=1, pad_token_id=1)
+
+
+def falcon() -> transformers.PretrainedConfig:
+    # The new decoder architecture (Falcon-40B/180B, Falcon 2): 2 KV groups of 2 query heads,
+    # ln_attn / ln_mlp, rotary, biased projections, untied head. Other layouts: tests/test_falcon_parity.py.
+    return transformers.FalconConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     num_kv_heads=2, new_decoder_architecture=True, parallel_attn=True, bias=True,
+                                     ffn_hidden_size=48, max_position_embeddings=64, tie_word_embeddings=False,
+                                     bos_token_id=0, eos_token_id=1, pad_token_id=1)
+
+
+def gptj() -> transformers.PretrainedConfig:
+    # Half of each 8-dim head rotates (rotary_dim 4), untied biased head.
+    return transformers.GPTJConfig(vocab_size=101, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_inner=48,
+                                   n_positions=64, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+
+
+def cohere() -> transformers.PretrainedConfig:
+    # GQA, per-head q/k LayerNorms, biased attention, a logit_scale that is not 1, untied head.
+    return transformers.CohereConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, use_qk_norm=True,
+                                     attention_bias=True, logit_scale=0.5, tie_word_embeddings=False,
+                                     max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+
+
 TINY_CAUSAL: dict[str, Callable[[], transformers.PretrainedConfig]] = {
     "gpt2": gpt2,
     "llama": llama,
@@ -125,6 +154,10 @@ TINY_CAUSAL: dict[str, Callable[[], transformers.PretrainedConfig]] = {
     "phi3": phi3,
     "phi": phi,
     "starcoder2": starcoder2,
+    "bloom": bloom,
+    "falcon": falcon,
+    "gptj": gptj,
+    "cohere": cohere,
 }
 
 

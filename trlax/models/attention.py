@@ -6,12 +6,14 @@ hand q, k, v to `attend`; see `trlax.models.cache` for the slot semantics of the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from trlax.models.cache import KVCache, write_kv
 
@@ -51,6 +53,37 @@ def causal_masks(key_mask: Array, q_slots: Array, windows: Iterable[int | None])
     count toward a window exactly as they do there.
     """
     return {window: attention_bias(key_mask, q_slots, sliding_window=window) for window in set(windows)}
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """ALiBi's per-head slopes [H] float32, as transformers' Bloom and Falcon compute them.
+
+    For H a power of two, slope_h = 2 ** (-8 (h + 1) / H); otherwise the slopes of the
+    closest smaller power of two, then every other slope of the next power of two.
+    Within 1 ulp of torch's float32 `pow` (its vector kernel rounds differently).
+    """
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = np.float32(2 ** (-(2 ** -(math.log2(closest) - 3))))
+    slopes = np.power(base, np.arange(1, 1 + closest, dtype=np.float32))
+    if closest != num_heads:
+        extra_base = np.float32(2 ** (-(2 ** -(math.log2(2 * closest) - 3))))
+        remaining = min(closest, num_heads - closest)
+        slopes = np.concatenate([slopes, np.power(extra_base, np.arange(1, 1 + 2 * remaining, 2, dtype=np.float32))])
+    return slopes.astype(np.float32)
+
+
+def alibi_bias(key_mask: Array, slopes: Array | np.ndarray) -> Array:
+    """ALiBi position bias [B, H, 1, S] in slopes' dtype, from the key mask [B, S] as transformers builds it.
+
+    Each key's position is the number of real tokens before it in its row,
+    ``(cumsum(mask) - 1) * mask``, so left padding shifts nothing; the bias is
+    slope_h * position (queries do not enter: softmax is invariant to a per-row shift).
+    The product is computed in slopes' dtype (Falcon rounds it to bfloat16).
+    """
+    mask = key_mask.astype(jnp.int32)
+    positions = (jnp.cumsum(mask, axis=-1) - 1) * mask  # [B, S]
+    slopes = jnp.asarray(slopes)
+    return slopes[None, :, None, None] * positions[:, None, None, :].astype(slopes.dtype)
 
 
 def dot_product_attention(

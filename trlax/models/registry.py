@@ -24,6 +24,10 @@ FAMILY_MODULES: tuple[str, ...] = (
     "trlax.models.phi3",
     "trlax.models.phi",
     "trlax.models.starcoder2",
+    "trlax.models.bloom",
+    "trlax.models.falcon",
+    "trlax.models.gptj",
+    "trlax.models.cohere",
 )
 
 

@@ -130,3 +130,28 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
     cos = cos.astype(x.dtype)[:, :, None, :]  # [B, T, 1, D]
     sin = sin.astype(x.dtype)[:, :, None, :]
     return x * cos + rotate_half(x) * sin
+
+
+# --- Interleaved ("rotate every two") layout: GPT-J, Cohere ----------------------------------------
+# Pairs of adjacent dims (2i, 2i + 1) rotate together, and cos/sin repeat each frequency twice
+# (`repeat_interleave(freqs, 2)`) instead of HF's rotate-half `cat(freqs, freqs)`.
+
+
+def rotary_cos_sin_interleaved(positions: Array, inv_freq: np.ndarray | Array) -> tuple[Array, Array]:
+    """cos, sin [B, T, rot_dim] float32 for integer positions [B, T], each frequency repeated twice."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B, T, D/2]
+    emb = jnp.repeat(freqs, 2, axis=-1)  # [B, T, D]: f0 f0 f1 f1 ...
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def rotate_every_two(x: Array) -> Array:
+    """[x0, x1, x2, x3, ...] -> [-x1, x0, -x3, x2, ...] over the last axis."""
+    pairs = jnp.stack([-x[..., 1::2], x[..., ::2]], axis=-1)  # [..., D/2, 2]
+    return pairs.reshape(x.shape)
+
+
+def apply_rotary_interleaved(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate x [B, T, H, rot_dim] by interleaved cos/sin [B, T, rot_dim]; math in x's dtype, as GPT-J."""
+    cos = cos.astype(x.dtype)[:, :, None, :]  # [B, T, 1, D]
+    sin = sin.astype(x.dtype)[:, :, None, :]
+    return x * cos + rotate_every_two(x) * sin
