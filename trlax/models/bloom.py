@@ -94,6 +94,9 @@ class BloomBlock(HFModule):
 
 
 class BloomModel(DecoderBackbone):
+    embedding_name = "word_embeddings"
+    final_norm_name = "ln_f"
+
     stack_name = "h"
 
     def setup(self) -> None:
@@ -110,12 +113,6 @@ class BloomModel(DecoderBackbone):
         # transformers builds ALiBi in the compute dtype and adds it to the causal mask.
         alibi = alibi_bias(attention_mask, alibi_slopes(self.config.n_head)).astype(self.dtype)  # [B, nH, 1, S]
         return {"bias": attention_bias(attention_mask, q_slots) + alibi}  # [B, nH, T, S] float32
-
-    def finish(self, x: Array) -> Array:
-        return self.ln_f(x)
-
-    def tied_head(self, h: Array) -> Array:
-        return self.word_embeddings.attend(h)
 
 
 class BloomForCausalLM(CausalLM):

@@ -98,6 +98,9 @@ class CohereDecoderLayer(HFModule):
 
 
 class CohereModel(DecoderBackbone):
+    embedding_name = "embed_tokens"
+    final_norm_name = "norm"
+
     def setup(self) -> None:
         c = self.config
         self.embed_tokens = self.embedding(c.vocab_size, c.hidden_size)
@@ -112,12 +115,6 @@ class CohereModel(DecoderBackbone):
     def layer_inputs(self, attention_mask: Array, position_ids: Array, q_slots: Array) -> dict[str, Any]:
         return {"masks": causal_masks(attention_mask, q_slots, [None]),
                 "rotary": rotary_cos_sin_interleaved(position_ids, self.inv_freq)}  # [B, T, D] float32
-
-    def finish(self, x: Array) -> Array:
-        return self.norm(x)
-
-    def tied_head(self, h: Array) -> Array:
-        return self.embed_tokens.attend(h)
 
 
 class CohereForCausalLM(CausalLM):

@@ -131,6 +131,9 @@ class FalconDecoderLayer(HFModule):
 
 
 class FalconModel(DecoderBackbone):
+    embedding_name = "word_embeddings"
+    final_norm_name = "ln_f"
+
     stack_name = "h"
 
     def setup(self) -> None:
@@ -152,12 +155,6 @@ class FalconModel(DecoderBackbone):
         alibi = alibi_bias(attention_mask, alibi_slopes(c.num_attention_heads).astype(jnp.bfloat16))
         alibi = alibi.astype(self.dtype) / jnp.asarray(math.sqrt(head_dim(c)), self.dtype)  # [B, nH, 1, S]
         return {"bias": mask + alibi, "rotary": None}
-
-    def finish(self, x: Array) -> Array:
-        return self.ln_f(x)
-
-    def tied_head(self, h: Array) -> Array:
-        return self.word_embeddings.attend(h)
 
 
 class FalconForCausalLM(CausalLM):

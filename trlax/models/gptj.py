@@ -94,6 +94,9 @@ class GPTJBlock(HFModule):
 
 
 class GPTJModel(DecoderBackbone):
+    embedding_name = "wte"
+    final_norm_name = "ln_f"
+
     stack_name = "h"
 
     def setup(self) -> None:
@@ -109,12 +112,6 @@ class GPTJModel(DecoderBackbone):
     def layer_inputs(self, attention_mask: Array, position_ids: Array, q_slots: Array) -> dict[str, Any]:
         return {"masks": causal_masks(attention_mask, q_slots, [None]),
                 "rotary": rotary_cos_sin_interleaved(position_ids, rotary_inv_freq(self.config))}  # [B, T, rot]
-
-    def finish(self, x: Array) -> Array:
-        return self.ln_f(x)
-
-    def tied_head(self, h: Array) -> Array:
-        return self.wte.attend(h)
 
 
 class HeadBias(nn.Module):

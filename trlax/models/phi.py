@@ -96,6 +96,9 @@ def rotary_inv_freq(config: Any) -> Any:
 
 
 class PhiModel(DecoderBackbone):
+    embedding_name = "embed_tokens"
+    final_norm_name = "final_layernorm"
+
     def setup(self) -> None:
         c = self.config
         self.embed_tokens = self.embedding(c.vocab_size, c.hidden_size)
@@ -110,12 +113,6 @@ class PhiModel(DecoderBackbone):
     def layer_inputs(self, attention_mask: Array, position_ids: Array, q_slots: Array) -> dict[str, Any]:
         return {"masks": causal_masks(attention_mask, q_slots, [None]),
                 "rotary": rotary_cos_sin(position_ids, rotary_inv_freq(self.config))}  # [B, T, rot_dim] float32
-
-    def finish(self, x: Array) -> Array:
-        return self.final_layernorm(x)
-
-    def tied_head(self, h: Array) -> Array:
-        return self.embed_tokens.attend(h)
 
 
 class PhiForCausalLM(CausalLM):
