@@ -55,24 +55,20 @@ def _preview(keys: Iterable[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _stored_names(
-    checkpoint_keys: Iterable[str], table: Mapping[str, TensorRule], optional_prefixes: tuple[str, ...]
-) -> dict[str, str]:
+def _stored_names(checkpoint_keys: Iterable[str], table: Mapping[str, TensorRule], base_model_prefix: str,
+                  optional_prefixes: tuple[str, ...]) -> dict[str, str]:
     """Model key -> checkpoint key. Usually the same; but a checkpoint saved from the bare
     base model (GPT2Model, not GPT2LMHeadModel: `h.0.attn...` instead of
-    `transformer.h.0.attn...`, as the original `gpt2` hub files are) lacks the base-model
-    prefix, which transformers adds back on load; so does this."""
+    `transformer.h.0.attn...`, as the original `gpt2` hub files are) lacks the family's
+    `base_model_prefix`, which transformers adds back on load; so does this."""
     checkpoint_keys = list(checkpoint_keys)
-    heads = Counter(k.split(".", 1)[0] for k in table if not (optional_prefixes and k.startswith(optional_prefixes)))
-    if not heads:
-        return {k: k for k in checkpoint_keys}
-    prefix, count = heads.most_common(1)[0]
-    if count * 2 < len(table) or any(k.startswith(prefix + ".") for k in checkpoint_keys):
+    prefix = base_model_prefix + "."
+    if not base_model_prefix or any(k.startswith(prefix) for k in checkpoint_keys):
         return {k: k for k in checkpoint_keys}
     names = {}
     for key in checkpoint_keys:
         keep = key in table or (optional_prefixes and key.startswith(optional_prefixes))
-        names[key if keep else f"{prefix}.{key}"] = key
+        names[key if keep else prefix + key] = key
     return names
 
 
@@ -105,12 +101,15 @@ def load_params(
     table: Mapping[str, TensorRule],
     *,
     source: str,
+    base_model_prefix: str = "",
     optional_prefixes: tuple[str, ...] = (),
     ignored: Iterable[str] = (),
     place: Placer = _default_place,
 ) -> tuple[dict[str, Any], LoadReport]:
     """Read every tensor in `table` from `reader` into a nested param dict.
 
+    base_model_prefix: the family's backbone name in the state dict ("transformer", "model");
+        a checkpoint of the bare backbone (keys without it) is read as transformers reads it.
     optional_prefixes: HF key prefixes that may be absent (TRL's "v_head."): they are
         reported in `LoadReport.missing_optional` instead of raising.
     ignored: regexes of checkpoint keys to skip knowingly (buffers, tied copies, a value
@@ -120,7 +119,7 @@ def load_params(
     """
     ignored_res = [re.compile(p) for p in ignored]
     report = LoadReport()
-    stored_as = _stored_names(reader.keys(), table, optional_prefixes)  # model key -> checkpoint key
+    stored_as = _stored_names(reader.keys(), table, base_model_prefix, optional_prefixes)  # model key -> checkpoint key
     present = set(stored_as)
     unexpected = []
     for key in present - table.keys():

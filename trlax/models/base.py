@@ -311,7 +311,8 @@ class FlaxPreTrainedModel:
         """
         defaults = {k: src for k, src in self.spec.key_defaults(self.config).items() if k in table}
         kwargs = {} if place is None else {"place": place}
-        params, report = load_params(reader, table, source=source, ignored=ignored,
+        params, report = load_params(reader, table, source=source, base_model_prefix=self.spec.base_model_prefix,
+                                     ignored=ignored,
                                      optional_prefixes=(*optional_prefixes, *defaults), **kwargs)
         for key in [k for k in report.missing_optional if k in defaults]:
             rule, src = table[key], defaults[key]
