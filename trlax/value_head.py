@@ -21,10 +21,10 @@ import numpy as np
 import transformers
 from jax.sharding import Mesh
 
+from trlax.checkpoint.gather import checkpoint_tensors, host_array, write_checkpoint
 from trlax.checkpoint.hub import HubOptions, resolve_checkpoint
 from trlax.checkpoint.naming import key_table
 from trlax.checkpoint.push import push_to_hub
-from trlax.checkpoint.writer import write_checkpoint_dir
 from trlax.errors import CheckpointError
 from trlax.inputs import InputError, mask_for, same_shape, token_ids
 from trlax.models.auto import AutoModel, FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
@@ -437,8 +437,9 @@ class PreTrainedModelWrapper:
     def value_head_state(self, params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
         """TRL's value-head tensors: `v_head.summary.weight` [1, H] and `v_head.summary.bias` [1]."""
         summary = (self.params if params is None else params)["v_head"]["summary"]
-        return {"v_head.summary.weight": np.ascontiguousarray(np.asarray(summary["kernel"]).T),
-                "v_head.summary.bias": np.asarray(summary["bias"])}
+        instead = "model.save_pretrained(folder), called on every process, which gathers one tensor at a time"
+        return {"v_head.summary.weight": np.ascontiguousarray(host_array(summary["kernel"], instead=instead).T),
+                "v_head.summary.bias": host_array(summary["bias"], instead=instead)}
 
     def state_dict(self, params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
         """TRL's layout: the LM's transformers keys plus `v_head.summary.weight` [1, H] / `.bias` [1].
@@ -451,6 +452,7 @@ class PreTrainedModelWrapper:
     def save_pretrained(self, save_directory: str | os.PathLike, params: dict[str, Any] | None = None,
                         max_shard_size: int | str | None = None) -> list[Path]:
         """config.json + model.safetensors (or shards) as TRL writes them; loads in TRL and transformers.
+        Params sharded over several processes: call it on every process (process 0 writes).
         An adapter policy writes PEFT's adapter files plus its value head instead (see
         `trlax.peft.policy.write_adapter_policy`)."""
         params = self.params if params is None else params
@@ -459,9 +461,13 @@ class PreTrainedModelWrapper:
                                         params[LORA_COLLECTION], self.value_head_state(params),
                                         base_name=self.base_model_name_or_path)
         config = self.pretrained_model.config_to_save()
-        return write_checkpoint_dir(save_directory, self.state_dict(params),
-                                    write_extra=lambda tmp: config.save_pretrained(str(tmp)),
-                                    max_shard_size=max_shard_size)
+        # state_dict's keys and layout; tensors sharded over several processes are gathered
+        # one at a time while process 0 writes (see `trlax.checkpoint.gather`).
+        table = self.pretrained_model.key_table(params["pretrained_model"], path_prefix=("pretrained_model",))
+        table.update(key_table(params["v_head"], prefix=V_HEAD_PREFIX, path_prefix=("v_head",)))
+        return write_checkpoint(save_directory, checkpoint_tensors(params, table),
+                                write_extra=lambda tmp: config.save_pretrained(str(tmp)),
+                                max_shard_size=max_shard_size)
 
     def push_to_hub(self, repo_id: str, *, params: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         """Upload what save_pretrained writes (see `trlax.checkpoint.push.push_to_hub`)."""

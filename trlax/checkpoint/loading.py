@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from trlax.checkpoint.naming import TensorRule, set_path
 from trlax.checkpoint.reader import CheckpointReader
+from trlax.checkpoint.slices import tensor_slices
 from trlax.errors import CheckpointError
 
 logger = logging.getLogger("trlax")
@@ -78,6 +79,7 @@ def load_params(
     optional_prefixes: tuple[str, ...] = (),
     ignored: Iterable[str] = (),
     place: Placer = _default_place,
+    slice_reads: bool = False,
 ) -> tuple[dict[str, Any], LoadReport]:
     """Read every tensor in `table` from `reader` into a nested param dict.
 
@@ -85,6 +87,9 @@ def load_params(
         reported in `LoadReport.missing_optional` instead of raising.
     ignored: regexes of checkpoint keys to skip knowingly (buffers, tied copies, a value
         head when loading a plain LM); they are listed in `LoadReport.skipped`.
+    slice_reads: hand `place` a `trlax.checkpoint.slices.TensorSlices` (indexable, reads
+        only the boxes asked for) instead of the whole array wherever the file allows it;
+        for placers that only index their input, like `trlax.sharding.make_placer`'s.
     Raises CheckpointError for a missing, unexpected or mis-shaped tensor.
     """
     ignored_res = [re.compile(p) for p in ignored]
@@ -127,7 +132,9 @@ def load_params(
               disable=total < PROGRESS_MIN_BYTES, leave=False) as bar:
         for key in to_read:
             rule = table[key]
-            array = np.asarray(rule.to_flax(reader.get(stored_as[key])), dtype=rule.dtype)
+            array = tensor_slices(reader, stored_as[key], rule.transpose, rule.dtype) if slice_reads else None
+            if array is None:
+                array = np.asarray(rule.to_flax(reader.get(stored_as[key])), dtype=rule.dtype)
             set_path(params, rule.path, place(rule.path, array))
             bar.update(reader.nbytes(stored_as[key]))
     if report.skipped:

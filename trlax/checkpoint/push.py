@@ -7,7 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 from huggingface_hub import HfApi
+
+from trlax.checkpoint.gather import WRITER_PROCESS
 
 
 def push_to_hub(
@@ -24,11 +27,18 @@ def push_to_hub(
     """Create `repo_id` if needed and upload exactly what `save(folder)` writes.
 
     Returns huggingface_hub's CommitInfo. `token`, `private`, `revision` and
-    `create_pr` are passed to `create_repo` / `upload_folder` as they are.
+    `create_pr` are passed to `create_repo` / `upload_folder` as they are. With several
+    processes (a multi-host mesh) call it on every process: all take part in `save`
+    (which gathers the sharded tensors), process 0 alone creates the repo and uploads
+    what it wrote; the others return None.
     """
+    uploader = jax.process_index() == WRITER_PROCESS
     api = api or HfApi(token=token)
-    api.create_repo(repo_id, token=token, private=private, exist_ok=True)
+    if uploader:
+        api.create_repo(repo_id, token=token, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="trlax-push-") as folder:
         save(Path(folder))
+        if not uploader:
+            return None
         return api.upload_folder(repo_id=repo_id, folder_path=folder, token=token, revision=revision,
                                  commit_message=commit_message, create_pr=create_pr)

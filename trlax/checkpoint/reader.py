@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import mmap
+import os
 import struct
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -90,6 +91,15 @@ class SafetensorsFile:
         dtype, shape, start, end = self._entries[key]
         count = (end - start) // dtype.itemsize
         return np.frombuffer(self._mmap, dtype=dtype, count=count, offset=self._data_start + start).reshape(shape)
+
+    def location(self, key: str) -> tuple[np.dtype, tuple[int, ...], int]:
+        """(dtype, shape, offset of the first byte within the data section) of a tensor."""
+        dtype, shape, start, _ = self._entries[key]
+        return dtype, shape, start
+
+    def read_bytes(self, offset: int, length: int) -> bytes:
+        """`length` bytes from `offset` within the data section, with one pread (no memory map)."""
+        return os.pread(self._file.fileno(), length, self._data_start + offset)
 
     def close(self) -> None:
         # Views into the map may still be alive (e.g. in a caller's numpy array); mmap then
@@ -178,6 +188,10 @@ class CheckpointReader:
 
     def get(self, key: str) -> np.ndarray:
         return self._where[key].get(key)
+
+    def file_of(self, key: str) -> SafetensorsFile | TorchBinFile:
+        """The opened file that holds `key`."""
+        return self._where[key]
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for key in self._where:

@@ -28,12 +28,12 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
 )
 
+from trlax.checkpoint.gather import checkpoint_tensors, host_array, write_checkpoint
 from trlax.checkpoint.hub import HubOptions, ResolvedCheckpoint, resolve_checkpoint
 from trlax.checkpoint.loading import LoadReport, Placer, load_params
 from trlax.checkpoint.naming import TensorRule, flatten_paths, get_path, key_table, set_path
 from trlax.checkpoint.push import push_to_hub
 from trlax.checkpoint.reader import CheckpointReader
-from trlax.checkpoint.writer import write_checkpoint_dir
 from trlax.errors import UnsupportedModelError
 from trlax.generation import GenerationCache
 from trlax.models.layers import LORA_COLLECTION
@@ -224,7 +224,8 @@ class FlaxPreTrainedModel:
         with CheckpointReader(list(resolved.weight_files)) as reader:
             kwargs = {} if place is None else {"place": place}
             params, report = load_params(reader, table, source=resolved.source, ignored=ignored,
-                                         optional_prefixes=(*optional_prefixes, *defaults), **kwargs)
+                                         optional_prefixes=(*optional_prefixes, *defaults),
+                                         slice_reads=self.mesh is not None, **kwargs)
         for key in [k for k in report.missing_optional if k in defaults]:
             rule, src = table[key], defaults[key]
             if src is None:
@@ -253,9 +254,13 @@ class FlaxPreTrainedModel:
 
     # --- saving -------------------------------------------------------------------------
     def state_dict(self, params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
-        """The params as a transformers (PyTorch) state dict of numpy arrays (tied copies left out)."""
+        """The params as a transformers (PyTorch) state dict of numpy arrays (tied copies left out).
+
+        Host-only: params sharded over several processes raise MultiHostError (save them
+        with `save_pretrained`, called on every process)."""
         params = self.params if params is None else params
-        return {key: rule.to_hf(np.asarray(get_path(params, rule.path)))
+        instead = "model.save_pretrained(folder), called on every process, which gathers one tensor at a time"
+        return {key: rule.to_hf(host_array(get_path(params, rule.path), instead=instead))
                 for key, rule in self.key_table(params).items()}
 
     def config_to_save(self) -> transformers.PretrainedConfig:
@@ -274,12 +279,15 @@ class FlaxPreTrainedModel:
         """Write config.json + model.safetensors (or shards + index) with transformers' key names.
 
         The folder loads in transformers (PyTorch) and back in trlax. Written atomically:
-        a failed save leaves no half-written checkpoint.
+        a failed save leaves no half-written checkpoint. Params sharded over several
+        processes: call it on every process; process 0 writes while the tensors are
+        gathered one at a time (`trlax.checkpoint.gather`); the others return [].
         """
+        params = self.params if params is None else params
         config = self.config_to_save()
-        return write_checkpoint_dir(save_directory, self.state_dict(params),
-                                    write_extra=lambda tmp: config.save_pretrained(str(tmp)),
-                                    max_shard_size=max_shard_size)
+        return write_checkpoint(save_directory, checkpoint_tensors(params, self.key_table(params)),
+                                write_extra=lambda tmp: config.save_pretrained(str(tmp)),
+                                max_shard_size=max_shard_size)
 
     def push_to_hub(self, repo_id: str, *, params: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         """Upload what save_pretrained writes to a hub repo (see `trlax.checkpoint.push.push_to_hub`)."""
