@@ -21,7 +21,7 @@ import numpy as np
 import transformers
 from jax.sharding import Mesh
 
-from trlax.checkpoint.gather import checkpoint_tensors, host_array, write_checkpoint
+from trlax.checkpoint.gather import checkpoint_tensors, host_array, host_tree, on_writer_process, write_checkpoint
 from trlax.checkpoint.hub import HubOptions, resolve_checkpoint
 from trlax.checkpoint.naming import key_table
 from trlax.checkpoint.push import push_to_hub
@@ -457,9 +457,12 @@ class PreTrainedModelWrapper:
         `trlax.peft.policy.write_adapter_policy`)."""
         params = self.params if params is None else params
         if self.is_peft_model:
-            return write_adapter_policy(save_directory, self.pretrained_model, self._lora_config,
-                                        params[LORA_COLLECTION], self.value_head_state(params),
-                                        base_name=self.base_model_name_or_path)
+            # The adapter and the head are small: gathered whole (on every process) if sharded.
+            small = host_tree({"lora": params[LORA_COLLECTION], "v_head": params["v_head"]})
+            return on_writer_process(
+                lambda: write_adapter_policy(save_directory, self.pretrained_model, self._lora_config, small["lora"],
+                                             self.value_head_state(small), base_name=self.base_model_name_or_path),
+                str(save_directory))
         config = self.pretrained_model.config_to_save()
         # state_dict's keys and layout; tensors sharded over several processes are gathered
         # one at a time while process 0 writes (see `trlax.checkpoint.gather`).

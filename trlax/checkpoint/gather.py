@@ -19,6 +19,7 @@ turns JAX's RuntimeError for such arrays into a `MultiHostError` naming the call
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from trlax.checkpoint.naming import TensorRule, get_path
 from trlax.checkpoint.writer import write_checkpoint_dir
@@ -96,16 +98,83 @@ class GatheredTensor:
         self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
 
     def fetch(self) -> np.ndarray:
-        """The whole tensor on this host (collective unless fully replicated)."""
+        """The whole tensor on this host, in the saved layout (collective unless fully replicated)."""
         if self.array.is_fully_replicated:  # every device holds all of it: read a local copy
             full = np.asarray(self.array.addressable_data(0))
-        else:
-            full = np.asarray(multihost_utils.process_allgather(self.array, tiled=True))
-        return np.ascontiguousarray(full.T) if self.transpose else full
+            return np.ascontiguousarray(full.T) if self.transpose else full
+        return gather_to_hosts(self.array, self.transpose)
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         full = self.plan.gather(self.position)
         return full if dtype is None else full.astype(dtype)
+
+
+def _host_layout(shape: tuple[int, ...]) -> NamedSharding:
+    """Each process's devices together hold one whole copy: split over a process's local
+    devices (along the first dim they divide), replicated across processes."""
+    devices = np.array([jax.local_devices(process_index=p) for p in range(jax.process_count())])
+    mesh = Mesh(devices, ("processes", "local"))
+    local = devices.shape[1]
+    dim = next((d for d, n in enumerate(shape) if n % local == 0), None)
+    spec = PartitionSpec() if dim is None else PartitionSpec(*(None,) * dim, "local")
+    return NamedSharding(mesh, spec)
+
+
+@functools.lru_cache(maxsize=256)
+def _mover(transpose: bool, sharding: NamedSharding) -> Callable[[jax.Array], jax.Array]:
+    """One jitted function per (transpose, target layout): compiled once per tensor shape."""
+    return jax.jit(lambda x: x.T if transpose else x, out_shardings=sharding)
+
+
+def gather_to_hosts(array: jax.Array, transpose: bool = False) -> np.ndarray:
+    """The whole of a sharded `array` (transposed if asked, on device) as numpy on every host.
+
+    A collective: every process calls it with the same array. Unlike replicating onto every
+    device (`multihost_utils.process_allgather`), the copy each process receives is spread
+    over its own devices, so a host holds the tensor once on its devices and once in numpy.
+    """
+    shape = tuple(reversed(array.shape)) if transpose else tuple(array.shape)
+    moved = _mover(transpose, _host_layout(shape))(array)
+    full = np.empty(shape, np.dtype(array.dtype))
+    for shard in moved.addressable_shards:
+        full[shard.index] = np.asarray(shard.data)
+    return full
+
+
+def host_tree(tree: Any) -> Any:
+    """`tree` with every array as numpy on this host; leaves spanning other hosts are gathered
+    (a collective: every process calls it). For small trees (LoRA adapters, a value head)."""
+    def one(leaf: Any) -> Any:
+        if not spans_other_hosts(leaf):
+            return np.asarray(leaf)
+        if leaf.is_fully_replicated:
+            return np.asarray(leaf.addressable_data(0))
+        return gather_to_hosts(leaf)
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def on_writer_process(write: Callable[[], list[Path]], what: str) -> list[Path]:
+    """Run `write` on process 0 only (after a `host_tree`, say); every process raises if it failed.
+    Returns what `write` returned on process 0, [] elsewhere."""
+    written: list[Path] = []
+    error: Exception | None = None
+    if jax.process_index() == WRITER_PROCESS:
+        try:
+            written = write()
+        except Exception as e:  # reported to the peers below before it is raised
+            error = e
+    _raise_if_failed(error, what)
+    return written
+
+
+def _raise_if_failed(error: Exception | None, what: str) -> None:
+    """Tell every process whether the writer failed (a collective); raise on all of them if so."""
+    failed = 0 if jax.process_count() == 1 else multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if error is not None:
+        raise error
+    if int(failed):
+        raise CheckpointError(f"process {WRITER_PROCESS} failed to write {what}; see its error")
 
 
 def checkpoint_tensors(params: Mapping[str, Any], table: Mapping[str, TensorRule]) -> dict[str, Any]:
@@ -148,9 +217,5 @@ def write_checkpoint(
             error = e
     for plan in plans:
         plan.drain()
-    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
-    if error is not None:
-        raise error
-    if int(failed):
-        raise CheckpointError(f"process {WRITER_PROCESS} failed to write {save_directory}; see its error")
+    _raise_if_failed(error, str(save_directory))
     return written
