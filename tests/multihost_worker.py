@@ -108,6 +108,7 @@ def checks(root: Path) -> dict[str, Any]:
     from trlax.checkpoint import restore_state, save_state
     from trlax.checkpoint.convert import load_orbax, to_hf
     from trlax.checkpoint.slices import READ_COUNTER
+    from trlax.cli import main as cli_main
     from trlax.errors import MultiHostError
     from trlax.ppo import make_ppo_update, make_rollout
     from trlax.reference import create_reference_model
@@ -163,6 +164,8 @@ def checks(root: Path) -> dict[str, Any]:
     r["push_result"] = policy.push_to_hub("me/tiny", api=hub)
     r["hub_calls"], r["hub_uploaded"] = hub.calls, hub.uploaded
     to_hf(root / "llama-orbax", root / "converted", mesh=mesh, progress=False)
+    cli_main(["convert", "--distributed", "--no-progress", str(root / "llama"), str(root / "cli-orbax")])
+    cli_main(["convert", "--distributed", "--no-progress", str(root / "cli-orbax"), str(root / "cli-hf")])
     adapter_policy = load(root / "llama", strict=True, mesh=mesh, peft_config=LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     adapter_policy.save_pretrained(root / "adapter")

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
@@ -80,6 +81,8 @@ def to_orbax(
     dst = Path(dst)
     if dst.exists() and any(dst.iterdir()):
         raise CheckpointError(f"{dst} exists and is not empty; convert into a new folder")
+    if jax.process_count() > 1:  # every host has checked before any writes into dst
+        multihost_utils.sync_global_devices("trlax.to_orbax: destination checked")
     options = hub_options or HubOptions()
     resolved = resolve_checkpoint(src, options)
     config = load_config(resolved.folder, resolved.source)

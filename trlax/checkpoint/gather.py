@@ -13,8 +13,10 @@ On a pod no host can read an array whose shards live on other hosts' devices
   collective. If process 0 fails mid-write, it still joins the remaining gathers, so no
   peer waits forever, and every process raises.
 
-Host-only operations (`state_dict`, the LoRA adapter export) call `host_array`, which
+Host-only operations (`state_dict`, the value head's export) call `host_array`, which
 turns JAX's RuntimeError for such arrays into a `MultiHostError` naming the call to use.
+Small trees (a LoRA adapter) are gathered whole with `host_tree` and written by process 0
+(`on_writer_process`); `global_replicas` makes host-local leaves (an rng key) savable by Orbax.
 """
 
 from __future__ import annotations
@@ -175,6 +177,23 @@ def _raise_if_failed(error: Exception | None, what: str) -> None:
         raise error
     if int(failed):
         raise CheckpointError(f"process {WRITER_PROCESS} failed to write {what}; see its error")
+
+
+def global_replicas(tree: Any) -> Any:
+    """With several processes: `tree` with each host-local leaf (numpy, or a jax.Array on this
+    host's devices, like an rng key) replaced by a global array replicated on every device,
+    so Orbax can save it. Every process must hold the same values (JAX checks). Global
+    leaves are kept; with one process the tree is returned as it is."""
+    if jax.process_count() == 1:
+        return tree
+    everywhere = NamedSharding(Mesh(np.array(jax.devices()), ("all",)), PartitionSpec())
+
+    def one(leaf: Any) -> Any:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return leaf
+        return jax.device_put(np.asarray(leaf), everywhere)
+
+    return jax.tree_util.tree_map(one, tree)
 
 
 def checkpoint_tensors(params: Mapping[str, Any], table: Mapping[str, TensorRule]) -> dict[str, Any]:
