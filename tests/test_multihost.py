@@ -85,8 +85,10 @@ def test_a_larger_model_reads_half_and_saves_without_gathering_everything(run: t
     for r in reports:
         assert r["big_bytes_read"] == r["big_bytes_needed"], r
         assert 0.45 * r["big_bytes_total"] < r["big_bytes_read"] < 0.55 * r["big_bytes_total"], r
-        # One tensor at a time: gathering the whole state dict would peak above the model's size.
-        assert r["big_save_peak_rss"] < 0.5 * r["big_bytes_total"], r
+        # One tensor at a time: gathering the whole state dict first would peak above the model's
+        # size (53 MB); one tensor (4 MB at most) is in flight, with its copies on the 4 CPU devices,
+        # in numpy and in the writer's buffer, plus XLA's temporaries.
+        assert r["big_save_peak_rss"] < 0.75 * r["big_bytes_total"], r
     source, saved = _tensors(root / "gpt2-big"), _tensors(root / "big-saved")
     assert saved.keys() == source.keys() and all(np.array_equal(saved[k], source[k]) for k in source)
 
@@ -137,7 +139,7 @@ def test_save_pretrained_from_the_mesh_writes_the_checkpoint(run: tuple[Path, li
     with torch.no_grad():
         # TRL reads the single file (it cannot find v_head in a local sharded folder: it asks the
         # hub for the shard files); transformers reads the shards.
-        theirs = AutoModelForCausalLMWithValueHead.from_pretrained(str(root / "saved"))
+        theirs = AutoModelForCausalLMWithValueHead.from_pretrained(str(root / "saved")).eval()  # no dropout
         t_logits, _, t_values = theirs(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
         plain = transformers.AutoModelForCausalLM.from_pretrained(str(root / "saved-sharded"))
         p_logits = plain(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits

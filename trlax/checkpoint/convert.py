@@ -124,12 +124,13 @@ def _save_orbax(dst: Path, params: Any, config: Any, value_head: bool, param_dty
         checkpointer.save(dst.absolute() / PARAMS_DIR, params)
         checkpointer.wait_until_finished()
         bar.update(bar.total)
-    if jax.process_index() != WRITER_PROCESS:  # Orbax wrote every host's shards; one host writes the rest
-        return
-    config.save_pretrained(str(dst))
-    marker = {"format": FORMAT, "version": 1, "value_head": value_head, "model_type": config.model_type,
-              "param_dtype": jnp.dtype(param_dtype).name}
-    (dst / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    if jax.process_index() == WRITER_PROCESS:  # Orbax wrote every host's shards; one host writes the rest
+        config.save_pretrained(str(dst))
+        marker = {"format": FORMAT, "version": 1, "value_head": value_head, "model_type": config.model_type,
+                  "param_dtype": jnp.dtype(param_dtype).name}
+        (dst / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    if jax.process_count() > 1:  # no host returns (and, say, reads the folder) before the marker exists
+        multihost_utils.sync_global_devices("trlax.to_orbax: marker written")
 
 
 def _read_marker(path: Path) -> dict[str, Any]:

@@ -103,8 +103,9 @@ class GatheredTensor:
         """The whole tensor on this host, in the saved layout (collective unless fully replicated)."""
         if self.array.is_fully_replicated:  # every device holds all of it: read a local copy
             full = np.asarray(self.array.addressable_data(0))
-            return np.ascontiguousarray(full.T) if self.transpose else full
-        return gather_to_hosts(self.array, self.transpose)
+        else:
+            full = gather_to_hosts(self.array)
+        return np.ascontiguousarray(full.T) if self.transpose else full
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         full = self.plan.gather(self.position)
@@ -123,20 +124,21 @@ def _host_layout(shape: tuple[int, ...]) -> NamedSharding:
 
 
 @functools.lru_cache(maxsize=256)
-def _mover(transpose: bool, sharding: NamedSharding) -> Callable[[jax.Array], jax.Array]:
-    """One jitted function per (transpose, target layout): compiled once per tensor shape."""
-    return jax.jit(lambda x: x.T if transpose else x, out_shardings=sharding)
+def _mover(sharding: NamedSharding) -> Callable[[jax.Array], jax.Array]:
+    """One jitted copy per target layout: compiled once per tensor shape."""
+    return jax.jit(lambda x: x, out_shardings=sharding)
 
 
-def gather_to_hosts(array: jax.Array, transpose: bool = False) -> np.ndarray:
-    """The whole of a sharded `array` (transposed if asked, on device) as numpy on every host.
+def gather_to_hosts(array: jax.Array) -> np.ndarray:
+    """The whole of a sharded `array` as numpy on every host.
 
     A collective: every process calls it with the same array. Unlike replicating onto every
     device (`multihost_utils.process_allgather`), the copy each process receives is spread
     over its own devices, so a host holds the tensor once on its devices and once in numpy.
     """
-    shape = tuple(reversed(array.shape)) if transpose else tuple(array.shape)
-    moved = _mover(transpose, _host_layout(shape))(array)
+    # (A transpose stays on the host: transposing on device made XLA replicate before splitting.)
+    shape = tuple(array.shape)
+    moved = _mover(_host_layout(shape))(array)
     full = np.empty(shape, np.dtype(array.dtype))
     for shard in moved.addressable_shards:
         full[shard.index] = np.asarray(shard.data)
