@@ -8,7 +8,13 @@
 
     # a TPU pod slice or several GPU hosts: run the same command on every host
     python examples/multihost_ppo.py --model Qwen/Qwen2.5-0.5B --distributed --fsdp -1 --tp 4 \\
-        --checkpoint-dir gs://bucket/run1
+        --checkpoint-dir gs://bucket/run1 --output-dir /shared/ppo-model
+
+    # two processes on one machine, 4 simulated CPU devices each, as two hosts would run it:
+    for i in 0 1; do
+      XLA_FLAGS=--xla_force_host_platform_device_count=4 python examples/multihost_ppo.py --distributed \\
+          --coordinator localhost:12355 --num-processes 2 --process-id $i --fsdp 4 --tp 2 --output-dir /tmp/ppo-model &
+    done; wait
 
 The task is a toy (the reward is how often the policy emits one chosen token), so the
 script needs no dataset or reward model; swap in your prompts and reward function.
@@ -40,6 +46,10 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="hub id or local folder (default: a tiny random GPT-2)")
     parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    parser.add_argument("--coordinator", default=None,
+                        help="with --distributed: HOST:PORT of process 0 (default: found from the environment)")
+    parser.add_argument("--num-processes", type=int, default=None, help="with --distributed: how many processes")
+    parser.add_argument("--process-id", type=int, default=None, help="with --distributed: this process's rank")
     parser.add_argument("--data", type=int, default=1, help="data-parallel mesh size")
     parser.add_argument("--fsdp", type=int, default=-1, help="FSDP mesh size (-1: the remaining devices)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel mesh size")
@@ -50,6 +60,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--target-token", type=int, default=7, help="the toy reward counts this token")
     parser.add_argument("--checkpoint-dir", default=None, help="Orbax training-state folder (resumes from it)")
     parser.add_argument("--save-every", type=int, default=2)
+    parser.add_argument("--output-dir", default=None, help="write the trained policy here as a TRL checkpoint")
     return parser.parse_args()
 
 
@@ -63,10 +74,11 @@ def tiny_gpt2(folder: str) -> str:
 def main() -> None:
     args = parse_args()
     if args.distributed:
-        # Finds the coordinator from the environment (TPU pods, SLURM, Open MPI) or from
-        # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; afterwards
-        # jax.devices() lists the devices of every host.
-        jax.distributed.initialize()
+        # Without arguments, finds the coordinator from the environment (TPU pods, SLURM,
+        # Open MPI); afterwards jax.devices() lists the devices of every host. CPU processes
+        # talk through gloo.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     mesh = make_mesh(data=args.data, fsdp=args.fsdp, tp=args.tp)
     main_process = jax.process_index() == 0
     if main_process:
@@ -121,9 +133,11 @@ def main() -> None:
         # 4. One PPO epoch on the whole batch (split `experience` along the batch for minibatches).
         experience = rollout(params, reference.params, batch, scores, jnp.float32(config.init_kl_coef))
         trainable, opt_state, stats = update(trainable, frozen, opt_state, experience)
+        # Every process computes the metrics (a computation on global arrays runs on all hosts
+        # or on none); one prints them.
+        reward, loss = float(scores.mean()), float(stats["loss/total"])
         if main_process:
-            print(f"step {step}: reward {float(scores.mean()):.3f}  loss {float(stats['loss/total']):.4f}  "
-                  f"({time.perf_counter() - began:.1f}s)")
+            print(f"step {step}: reward {reward:.3f}  loss {loss:.4f}  ({time.perf_counter() - began:.1f}s)")
         if args.checkpoint_dir and (step + 1) % args.save_every == 0:
             # Every host writes its own shards; async: training continues while files are written.
             save_state(args.checkpoint_dir, step, merge_trainable(trainable, frozen), opt_state, rng=key,
@@ -131,6 +145,11 @@ def main() -> None:
     if args.checkpoint_dir:
         wait_until_finished(args.checkpoint_dir)  # the last asynchronous save is committed
     policy.params = merge_trainable(trainable, frozen)
+    if args.output_dir:
+        # On every process: process 0 writes while the sharded tensors are gathered one at a time.
+        policy.save_pretrained(args.output_dir)
+        if main_process:
+            print(f"saved the policy to {args.output_dir}")
 
 
 if __name__ == "__main__":

@@ -67,3 +67,40 @@ def torch_generation_init(model: Any, seed: int = 0) -> Any:
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
     return model.eval()
+
+
+def trl_checkpoint(family: str, folder: Path, value_head: bool = True) -> Path:
+    """A tiny random PyTorch checkpoint of `family` in `folder / family` (TRL's layout with a
+    value head `v_head.summary.*` unless value_head=False; tied heads left out as transformers does)."""
+    import torch
+    import transformers
+
+    from tests.tiny_configs import TINY_CAUSAL
+
+    config = TINY_CAUSAL[family]()
+    torch.manual_seed(0)
+    lm = torch_random_init(transformers.AutoModelForCausalLM.from_config(config), std=0.1)
+    state = {k: v for k, v in lm.state_dict().items() if k != "lm_head.weight" or not config.tie_word_embeddings}
+    if value_head:
+        head = torch.nn.Linear(config.hidden_size, 1)
+        state["v_head.summary.weight"], state["v_head.summary.bias"] = head.weight.detach(), head.bias.detach()
+    return save_torch(lm, folder / family, state_dict=state)
+
+
+def random_gpt2_checkpoint(folder: Path, n_embd: int, n_layer: int, dtype: Any = None) -> Path:
+    """A random GPT-2 checkpoint (vocabulary 1024) written without torch; bfloat16 by default,
+    as hub checkpoints often are."""
+    import ml_dtypes
+    import transformers
+
+    from trlax import FlaxAutoModelForCausalLM
+    from trlax.checkpoint.writer import write_checkpoint_dir
+
+    config = transformers.GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=8, vocab_size=1024, n_positions=128,
+                                     bos_token_id=0, eos_token_id=1)
+    cls = FlaxAutoModelForCausalLM.model_class
+    rng = np.random.default_rng(0)
+    tensors = {key: (rng.standard_normal(rule.hf_shape, np.float32) * 0.02).astype(dtype or ml_dtypes.bfloat16)
+               for key, rule in cls(config).key_table().items()}
+    write_checkpoint_dir(folder, tensors, write_extra=lambda tmp: config.save_pretrained(str(tmp)))
+    return folder

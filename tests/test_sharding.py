@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
+from tests.helpers import random_gpt2_checkpoint, trl_checkpoint
 from trlax.models.registry import all_specs
 from trlax.sharding import (
     GENERIC_RULES,
@@ -152,7 +153,7 @@ def test_make_mesh_errors() -> None:
 def test_mesh_argument_errors(tmp_path: Path) -> None:
     from trlax import FlaxAutoModelForCausalLM
 
-    folder = _torch_checkpoint("gpt2", tmp_path, value_head=False)
+    folder = trl_checkpoint("gpt2", tmp_path, value_head=False)
     with pytest.raises(ValueError, match="either place= .* or mesh="):
         FlaxAutoModelForCausalLM.from_pretrained(folder, mesh=make_mesh(), place=lambda p, a: jnp.asarray(a))
     with pytest.raises(ValueError, match="sharding_rules only apply with a mesh"):
@@ -160,24 +161,6 @@ def test_mesh_argument_errors(tmp_path: Path) -> None:
 
 
 # --- 8 simulated devices, in a subprocess -----------------------------------------------------
-
-
-def _torch_checkpoint(family: str, folder: Path, value_head: bool = True) -> Path:
-    """A tiny PyTorch checkpoint (TRL layout with a value head unless value_head=False)."""
-    import torch
-    import transformers
-
-    from tests.helpers import save_torch, torch_random_init
-    from tests.tiny_configs import TINY_CAUSAL
-
-    config = TINY_CAUSAL[family]()
-    torch.manual_seed(0)
-    lm = torch_random_init(transformers.AutoModelForCausalLM.from_config(config), std=0.1)
-    state = {k: v for k, v in lm.state_dict().items() if k != "lm_head.weight" or not config.tie_word_embeddings}
-    if value_head:
-        head = torch.nn.Linear(config.hidden_size, 1)
-        state["v_head.summary.weight"], state["v_head.summary.bias"] = head.weight.detach(), head.bias.detach()
-    return save_torch(lm, folder / family, state_dict=state)
 
 
 def _start_worker(mode: str, root: Path, *args: str, devices: int = 8) -> subprocess.Popen:
@@ -200,7 +183,7 @@ def _report(proc: subprocess.Popen) -> dict[str, Any]:
 def device_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("sharding")
     for family in FAMILIES:
-        _torch_checkpoint(family, root)
+        trl_checkpoint(family, root)
     # One worker per family, run side by side: most of their time is XLA compiling.
     workers = [_start_worker("devices", root, family) for family in FAMILIES]
     return {key: value for worker in workers for key, value in _report(worker).items()}
@@ -353,7 +336,7 @@ FORWARD_FAMILIES = ("bloom", "falcon", "gptj", "cohere")
 def forward_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("sharding-forward")
     for family in FORWARD_FAMILIES:
-        _torch_checkpoint(family, root)
+        trl_checkpoint(family, root)
     workers = [_start_worker("forward", root, family) for family in FORWARD_FAMILIES]
     return {key: value for worker in workers for key, value in _report(worker).items()}
 
@@ -370,24 +353,6 @@ def test_family_sharded_equals_unsharded(forward_report: dict, family: str, mesh
     assert r["generate_equal"], r["generate_mismatch"]
 
 
-def _write_gpt2(folder: Path, n_embd: int, n_layer: int) -> Path:
-    """A random GPT-2 checkpoint in bfloat16 (as hub checkpoints often are), written without torch."""
-    import ml_dtypes
-    import transformers
-
-    from trlax import FlaxAutoModelForCausalLM
-    from trlax.checkpoint.writer import write_checkpoint_dir
-
-    config = transformers.GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=8, vocab_size=1024, n_positions=128,
-                                     bos_token_id=0, eos_token_id=1)
-    cls = FlaxAutoModelForCausalLM.model_class
-    rng = np.random.default_rng(0)
-    tensors = {key: (rng.standard_normal(rule.hf_shape, np.float32) * 0.02).astype(ml_dtypes.bfloat16)
-               for key, rule in cls(config).key_table().items()}
-    write_checkpoint_dir(folder, tensors, write_extra=lambda tmp: config.save_pretrained(str(tmp)))
-    return folder
-
-
 def test_sharded_loading_peak_host_memory(tmp_path: Path) -> None:
     """Loading with a mesh never holds much more than the sharded model plus one tensor.
 
@@ -395,8 +360,8 @@ def test_sharded_loading_peak_host_memory(tmp_path: Path) -> None:
     simulated devices (all on this host, so the per-host share is the whole sharded model).
     The worker samples anonymous RSS after every placed tensor and every 0.5 ms.
     """
-    _write_gpt2(tmp_path / "big", n_embd=512, n_layer=6)
-    _write_gpt2(tmp_path / "small", n_embd=64, n_layer=1)  # warms imports and code paths first
+    random_gpt2_checkpoint(tmp_path / "big", n_embd=512, n_layer=6)
+    random_gpt2_checkpoint(tmp_path / "small", n_embd=64, n_layer=1)  # warms imports and code paths first
     r = _report(_start_worker("memory", tmp_path))
     mib = 2**20
     assert r["model"] > 70 * mib and r["largest"] == 4 * mib

@@ -11,3 +11,7 @@ class CheckpointError(TrlaxError):
 
 class UnsupportedModelError(TrlaxError):
     """A config asks for an architecture or option trlax does not implement."""
+
+
+class MultiHostError(TrlaxError):
+    """A host-only operation met an array that spans devices of other processes (multi-host)."""

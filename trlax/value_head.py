@@ -22,12 +22,12 @@ import transformers
 from jax.sharding import Mesh
 
 from trlax.checkpoint.dtypes import stored_float_dtype
+from trlax.checkpoint.gather import checkpoint_tensors, host_array, host_tree, on_writer_process, write_checkpoint
 from trlax.checkpoint.hub import HubOptions, resolve_checkpoint
 from trlax.checkpoint.naming import key_table
 from trlax.checkpoint.push import push_to_hub
 from trlax.checkpoint.reader import CheckpointReader
 from trlax.checkpoint.torch_models import TorchParts, is_torch_model, peft_lm, torch_parts, trl_value_head_model
-from trlax.checkpoint.writer import write_checkpoint_dir
 from trlax.errors import CheckpointError, UnsupportedModelError
 from trlax.generation_config import read_generation_config
 from trlax.inputs import InputError, mask_for, same_shape, token_ids
@@ -472,8 +472,9 @@ class PreTrainedModelWrapper:
     def value_head_state(self, params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
         """TRL's value-head tensors: `v_head.summary.weight` [1, H] and `v_head.summary.bias` [1]."""
         summary = (self.params if params is None else params)["v_head"]["summary"]
-        return {"v_head.summary.weight": np.ascontiguousarray(np.asarray(summary["kernel"]).T),
-                "v_head.summary.bias": np.asarray(summary["bias"])}
+        instead = "model.save_pretrained(folder), called on every process, which gathers one tensor at a time"
+        return {"v_head.summary.weight": np.ascontiguousarray(host_array(summary["kernel"], instead=instead).T),
+                "v_head.summary.bias": host_array(summary["bias"], instead=instead)}
 
     def state_dict(self, params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
         """TRL's layout: the LM's transformers keys plus `v_head.summary.weight` [1, H] / `.bias` [1].
@@ -489,19 +490,27 @@ class PreTrainedModelWrapper:
 
         The LM's floats are written in `dtype` (default: the dtype of the checkpoint it was
         loaded from, else its params'), which config.json states; TRL's value head stays
-        float32, as TRL saves it. An adapter policy writes PEFT's adapter files plus its value
-        head instead (see `trlax.peft.policy.write_adapter_policy`).
+        float32, as TRL saves it. Params sharded over several processes: call it on every
+        process (process 0 writes, tensors gathered one at a time, see
+        `trlax.checkpoint.gather`). An adapter policy writes PEFT's adapter files plus its
+        value head instead (see `trlax.peft.policy.write_adapter_policy`).
         """
         params = self.params if params is None else params
         if self.is_peft_model:
-            return write_adapter_policy(save_directory, self.pretrained_model, self._lora_config,
-                                        params[LORA_COLLECTION], self.value_head_state(params),
-                                        base_name=self.base_model_name_or_path)
+            # The adapter and the head are small: gathered whole (on every process) if sharded.
+            small = host_tree({"lora": params[LORA_COLLECTION], "v_head": params["v_head"]})
+            return on_writer_process(
+                lambda: write_adapter_policy(save_directory, self.pretrained_model, self._lora_config, small["lora"],
+                                             self.value_head_state(small), base_name=self.base_model_name_or_path),
+                str(save_directory))
         lm = self.pretrained_model
         dtype = lm.save_dtype(params["pretrained_model"], dtype)
-        state = {**lm.state_dict(params["pretrained_model"], dtype), **self.value_head_state(params)}
-        return write_checkpoint_dir(save_directory, state, write_extra=lambda tmp: lm.write_config_files(tmp, dtype),
-                                    max_shard_size=max_shard_size)
+        table = lm.key_table(params["pretrained_model"], path_prefix=("pretrained_model",))
+        tensors = checkpoint_tensors(params, table, dtype)
+        tensors.update(checkpoint_tensors(params, key_table(params["v_head"], prefix=V_HEAD_PREFIX,
+                                                            path_prefix=("v_head",))))
+        return write_checkpoint(save_directory, tensors, write_extra=lambda tmp: lm.write_config_files(tmp, dtype),
+                                max_shard_size=max_shard_size)
 
     def push_to_hub(self, repo_id: str, *, params: dict[str, Any] | None = None,
                     max_shard_size: int | str | None = None, dtype: Any = None, **hub_args: Any) -> Any:

@@ -18,13 +18,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from trlax.checkpoint.gather import WRITER_PROCESS, checkpoint_tensors, write_checkpoint
 from trlax.checkpoint.hub import HubOptions, resolve_checkpoint
-from trlax.checkpoint.naming import flatten_paths, hf_tensors, key_table
+from trlax.checkpoint.naming import flatten_paths, key_table
 from trlax.checkpoint.reader import CheckpointReader
-from trlax.checkpoint.writer import write_checkpoint_dir
 from trlax.errors import CheckpointError
 from trlax.models.auto import AutoModel, FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
 from trlax.models.base import load_config
@@ -80,6 +81,8 @@ def to_orbax(
     dst = Path(dst)
     if dst.exists() and any(dst.iterdir()):
         raise CheckpointError(f"{dst} exists and is not empty; convert into a new folder")
+    if jax.process_count() > 1:  # every host has checked before any writes into dst
+        multihost_utils.sync_global_devices("trlax.to_orbax: destination checked")
     options = hub_options or HubOptions()
     resolved = resolve_checkpoint(src, options)
     config = load_config(resolved.folder, resolved.source)
@@ -121,10 +124,13 @@ def _save_orbax(dst: Path, params: Any, config: Any, value_head: bool, param_dty
         checkpointer.save(dst.absolute() / PARAMS_DIR, params)
         checkpointer.wait_until_finished()
         bar.update(bar.total)
-    config.save_pretrained(str(dst))
-    marker = {"format": FORMAT, "version": 1, "value_head": value_head, "model_type": config.model_type,
-              "param_dtype": jnp.dtype(param_dtype).name}
-    (dst / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    if jax.process_index() == WRITER_PROCESS:  # Orbax wrote every host's shards; one host writes the rest
+        config.save_pretrained(str(dst))
+        marker = {"format": FORMAT, "version": 1, "value_head": value_head, "model_type": config.model_type,
+                  "param_dtype": jnp.dtype(param_dtype).name}
+        (dst / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    if jax.process_count() > 1:  # no host returns (and, say, reads the folder) before the marker exists
+        multihost_utils.sync_global_devices("trlax.to_orbax: marker written")
 
 
 def _read_marker(path: Path) -> dict[str, Any]:
@@ -179,25 +185,26 @@ def load_orbax(
 
 
 def to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, max_shard_size: int | str | None = None,
-          progress: bool = True) -> list[Path]:
+          mesh: Mesh | None = None, progress: bool = True) -> list[Path]:
     """Write an Orbax model folder back as HF safetensors (+ TRL's `v_head.*` when it has a head).
 
     The result loads in transformers (PyTorch), TRL and trlax. Returns the written files.
+    mesh: restore sharded onto it (a model larger than one device, or a multi-host mesh:
+    then call it on every process; process 0 writes while the tensors are gathered one at
+    a time, see `trlax.checkpoint.gather`, and the others return []).
     """
-    model = load_orbax(src)
+    model = load_orbax(src, mesh=mesh)
     has_head = hasattr(model, "pretrained_model")
     lm = model.pretrained_model if has_head else model
     table = lm.key_table(lm.params, path_prefix=("pretrained_model",) if has_head else ())
     if has_head:
         table.update(key_table(model.params["v_head"], prefix="v_head.", path_prefix=("v_head",)))
-    state: dict[str, np.ndarray] = {}
-    with tqdm(total=len(table), unit="tensor", desc=f"gathering {src}", disable=not progress) as bar:
-        for key, tensor in hf_tensors(table, model.params):
-            state[key] = tensor
-            bar.update(1)
+    tensors = checkpoint_tensors(model.params, table)
+    if progress:
+        tensors = dict(tqdm(tensors.items(), total=len(tensors), unit="tensor", desc=f"gathering {src}"))
     config = lm.config_to_save()
-    return write_checkpoint_dir(dst, state, write_extra=lambda tmp: config.save_pretrained(str(tmp)),
-                                max_shard_size=max_shard_size)
+    return write_checkpoint(dst, tensors, write_extra=lambda tmp: config.save_pretrained(str(tmp)),
+                            max_shard_size=max_shard_size)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = None, **kwargs: Any) -> Any:

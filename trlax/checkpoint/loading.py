@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from trlax.checkpoint.naming import TensorRule, set_path
 from trlax.checkpoint.reader import CheckpointReader, aligned_empty
+from trlax.checkpoint.slices import tensor_slices
 from trlax.errors import CheckpointError
 
 logger = logging.getLogger("trlax")
@@ -105,6 +106,7 @@ def load_params(
     optional_prefixes: tuple[str, ...] = (),
     ignored: Iterable[str] = (),
     place: Placer = _default_place,
+    slice_reads: bool = False,
 ) -> tuple[dict[str, Any], LoadReport]:
     """Read every tensor in `table` from `reader` into a nested param dict.
 
@@ -114,6 +116,9 @@ def load_params(
         reported in `LoadReport.missing_optional` instead of raising.
     ignored: regexes of checkpoint keys to skip knowingly (buffers, tied copies, a value
         head when loading a plain LM); they are listed in `LoadReport.skipped`.
+    slice_reads: hand `place` a `trlax.checkpoint.slices.TensorSlices` (indexable, reads
+        only the boxes asked for) instead of the whole array wherever the file allows it;
+        for placers that only index their input, like `trlax.sharding.make_placer`'s.
     Raises CheckpointError for a missing, unexpected or mis-shaped tensor, or an integer
     tensor where a floating-point param belongs.
     """
@@ -169,7 +174,11 @@ def load_params(
         stacks: dict[tuple[str, ...], tuple[np.ndarray, int]] = {}  # stacked param -> (buffer, slices left)
         for key in to_read:
             rule = table[key]
-            array = read_converted(reader, stored_as[key], rule)
+            array = None
+            if slice_reads and not rule.index:  # a stacked expert slice is assembled whole on the host
+                array = tensor_slices(reader, stored_as[key], rule.transpose, rule.dtype)
+            if array is None:
+                array = read_converted(reader, stored_as[key], rule)
             bar.update(reader.nbytes(stored_as[key]))
             if not rule.index:
                 set_path(params, rule.path, place(rule.path, array))

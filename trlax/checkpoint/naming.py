@@ -17,7 +17,7 @@ then maps to a slice of its param (`TensorRule.index`).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,15 +120,16 @@ def key_table(
     return table
 
 
-def hf_tensors(table: Mapping[str, TensorRule], params: Mapping[str, Any]) -> Iterable[tuple[str, np.ndarray]]:
+def hf_tensors(table: Mapping[str, TensorRule], params: Mapping[str, Any],
+               fetch: Callable[[Any], np.ndarray] = np.asarray) -> Iterable[tuple[str, np.ndarray]]:
     """(HF key, checkpoint tensor) for every key of `table`, read from `params`.
 
-    Each param is fetched to the host once, even when it holds many keys (stacked experts).
+    Each param is fetched to the host (`fetch`) once, even when it holds many keys (stacked experts).
     """
     last: tuple[tuple[str, ...], np.ndarray] | None = None
     for key, rule in table.items():
         if last is None or last[0] != rule.path:
-            last = (rule.path, np.asarray(get_path(params, rule.path)))
+            last = (rule.path, fetch(get_path(params, rule.path)))
         yield key, rule.to_hf(last[1])
 
 

@@ -7,8 +7,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import EntryNotFoundError
+
+from trlax.checkpoint.gather import WRITER_PROCESS
 
 MODEL_CARD_NAME = "README.md"
 
@@ -49,14 +52,20 @@ def push_to_hub(
     the PR's base); `commit_message`, `commit_description`, `create_pr` go to
     `upload_folder`. `tags` are added to the repo's model card (README.md), which is
     created when the repo has none, as transformers does. `api`: an HfApi-like object
-    (tests pass a local stand-in).
+    (tests pass a local stand-in). With several processes (a multi-host mesh) call it on
+    every process: all take part in `save` (which gathers the sharded tensors), process 0
+    alone creates the repo and uploads what it wrote; the others return None.
     """
+    uploader = jax.process_index() == WRITER_PROCESS
     api = api or HfApi(token=token)
-    api.create_repo(repo_id, token=token, private=private, exist_ok=True)
-    if revision is not None and not create_pr and not revision.startswith("refs/pr"):
-        api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
+    if uploader:
+        api.create_repo(repo_id, token=token, private=private, exist_ok=True)
+        if revision is not None and not create_pr and not revision.startswith("refs/pr"):
+            api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="trlax-push-") as folder:
         save(Path(folder))
+        if not uploader:
+            return None
         if tags:
             card = _card_with_tags(api, repo_id, list(tags), token, revision)
             (Path(folder) / MODEL_CARD_NAME).write_text(card, encoding="utf-8")

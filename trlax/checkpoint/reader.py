@@ -194,6 +194,11 @@ class SafetensorsFile:
         data = self.read_bytes(first + start * row_bytes, (stop - start) * row_bytes)
         return data.view(dtype).reshape((stop - start, *shape[1:]))
 
+    def location(self, key: str) -> tuple[np.dtype, tuple[int, ...], int]:
+        """(dtype, shape, offset of its first byte in the file) of a tensor; see `read_bytes`."""
+        dtype, shape, start, _ = self._entries[key]
+        return dtype, shape, start
+
     def close(self) -> None:
         self._file.close()
 
@@ -314,6 +319,10 @@ class CheckpointReader:
     def read_rows(self, key: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of tensor `key`'s leading axis (`key` not a scalar)."""
         return self._where[key].read_rows(key, start, stop)
+
+    def opened_file(self, key: str) -> SafetensorsFile | TorchBinFile:
+        """The opened file that holds `key`."""
+        return self._where[key]
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for key in self._where:

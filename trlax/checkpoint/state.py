@@ -35,6 +35,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, Sharding, SingleDeviceSharding
 
+from trlax.checkpoint.gather import global_replicas
 from trlax.checkpoint.lock import WriterLock
 from trlax.errors import CheckpointError
 from trlax.sharding import ParamRule, ShardingRules, tree_shardings
@@ -115,7 +116,7 @@ class StateCheckpointer:
             rng_impl = str(jax.random.key_impl(rng))
             rng = jax.random.key_data(rng)
         items = {"params": params, "opt_state": opt_state, "rng": rng, "adapters": adapters}
-        state = {k: v for k, v in items.items() if v is not None}
+        state = global_replicas({k: v for k, v in items.items() if v is not None})  # multi-host: rng too
         meta = {"step": step, "items": sorted(state), "rng_impl": rng_impl, "extra": extra or {}}
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)))

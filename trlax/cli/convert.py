@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from trlax.checkpoint.convert import is_orbax_model, to_hf, to_orbax
 from trlax.checkpoint.hub import HubOptions
+from trlax.sharding import make_mesh
 
 
 def add_convert(subparsers: argparse._SubParsersAction) -> None:
@@ -29,19 +32,40 @@ def add_convert(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--cache-dir", default=None, help="huggingface_hub cache folder")
     parser.add_argument("--local-files-only", action="store_true", help="never download; use the hub cache")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--distributed", action="store_true",
+                        help="run on every host of a pod (jax.distributed) with one FSDP mesh over all devices: "
+                             "each host reads only its slices; HF output is written by process 0")
+    parser.add_argument("--coordinator", default=None, help="with --distributed: HOST:PORT of process 0 "
+                        "(default: found from the environment, as on TPU pods and SLURM)")
+    parser.add_argument("--num-processes", type=int, default=None, help="with --distributed: how many processes")
+    parser.add_argument("--process-id", type=int, default=None, help="with --distributed: this process's rank")
     parser.set_defaults(func=run_convert)
+
+
+def distributed_mesh(args: argparse.Namespace) -> Mesh | None:
+    """With --distributed: join the other processes (unless already joined) and mesh every device (FSDP)."""
+    if not args.distributed:
+        return None
+    if not jax.distributed.is_initialized():
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; GPUs/TPUs ignore it
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    return make_mesh(fsdp=-1)
 
 
 def run_convert(args: argparse.Namespace) -> int:
     to = args.to or ("hf" if is_orbax_model(args.src) else "orbax")
-    progress = not args.no_progress
+    mesh = distributed_mesh(args)
+    main_process = jax.process_index() == 0
+    progress = not args.no_progress and main_process
     if to == "hf":
-        written = to_hf(args.src, args.dst, max_shard_size=args.max_shard_size, progress=progress)
-        print(f"wrote {len(written)} file(s) to {args.dst}")
+        written = to_hf(args.src, args.dst, max_shard_size=args.max_shard_size, mesh=mesh, progress=progress)
+        if main_process:
+            print(f"wrote {len(written)} file(s) to {args.dst}")
         return 0
     value_head = {"auto": None, "yes": True, "no": False}[args.value_head]
     options = HubOptions(args.revision, None, args.cache_dir, args.local_files_only)
     to_orbax(args.src, args.dst, value_head=value_head, param_dtype=jnp.dtype(args.dtype), hub_options=options,
-             progress=progress)
-    print(f"wrote an Orbax model folder to {args.dst}")
+             mesh=mesh, progress=progress)
+    if main_process:
+        print(f"wrote an Orbax model folder to {args.dst}")
     return 0

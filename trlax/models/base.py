@@ -29,13 +29,13 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from trlax.checkpoint.dtypes import TensorSource, cast_floats, params_float_dtype, stored_float_dtype
+from trlax.checkpoint.gather import checkpoint_tensors, host_array, write_checkpoint
 from trlax.checkpoint.hub import HubOptions, resolve_checkpoint
 from trlax.checkpoint.loading import LoadReport, Placer, load_params
 from trlax.checkpoint.naming import TensorRule, flatten_paths, get_path, hf_tensors, key_table, set_path
 from trlax.checkpoint.push import push_to_hub
 from trlax.checkpoint.reader import CheckpointReader
 from trlax.checkpoint.torch_models import StateDictReader, TorchParts, is_torch_model, torch_lm, torch_parts
-from trlax.checkpoint.writer import write_checkpoint_dir
 from trlax.errors import TrlaxError, UnsupportedModelError
 from trlax.generation import GenerateOutput, GenerationCache, generate
 from trlax.generation_config import read_generation_config, resolve_generation, write_generation_config
@@ -312,8 +312,8 @@ class FlaxPreTrainedModel:
         defaults = {k: src for k, src in self.spec.key_defaults(self.config).items() if k in table}
         kwargs = {} if place is None else {"place": place}
         params, report = load_params(reader, table, source=source, base_model_prefix=self.spec.base_model_prefix,
-                                     ignored=ignored,
-                                     optional_prefixes=(*optional_prefixes, *defaults), **kwargs)
+                                     ignored=ignored, optional_prefixes=(*optional_prefixes, *defaults),
+                                     slice_reads=self.mesh is not None, **kwargs)
         for key in [k for k in report.missing_optional if k in defaults]:
             rule, src = table[key], defaults[key]
             if src is None:
@@ -368,9 +368,13 @@ class FlaxPreTrainedModel:
     # --- saving ---------------------------------------------------------------------------
     def state_dict(self, params: dict[str, Any] | None = None, dtype: Any = None) -> dict[str, np.ndarray]:
         """The params as a transformers (PyTorch) state dict of numpy arrays (tied copies left out),
-        floats cast to `dtype` when given."""
+        floats cast to `dtype` when given.
+
+        Host-only: params sharded over several processes raise MultiHostError (save them
+        with `save_pretrained`, called on every process)."""
         params = self.params if params is None else params
-        state = dict(hf_tensors(self.key_table(params), params))
+        instead = "model.save_pretrained(folder), called on every process, which gathers one tensor at a time"
+        state = dict(hf_tensors(self.key_table(params), params, fetch=lambda leaf: host_array(leaf, instead=instead)))
         return state if dtype is None else cast_floats(state, dtype)
 
     def save_dtype(self, params: dict[str, Any] | None = None, dtype: Any = None) -> np.dtype:
@@ -410,12 +414,15 @@ class FlaxPreTrainedModel:
         The folder loads in transformers (PyTorch) and back in trlax. Floats are written in
         `dtype` (default: the dtype of the checkpoint the model was loaded from, else the
         params'), and config.json's `dtype` says so. Written atomically: a failed save
-        leaves no half-written checkpoint.
+        leaves no half-written checkpoint. Params sharded over several processes: call it on
+        every process; process 0 writes while the tensors are gathered one at a time
+        (`trlax.checkpoint.gather`); the others return [].
         """
+        params = self.params if params is None else params
         dtype = self.save_dtype(params, dtype)
-        return write_checkpoint_dir(save_directory, self.state_dict(params, dtype),
-                                    write_extra=lambda tmp: self.write_config_files(tmp, dtype),
-                                    max_shard_size=max_shard_size)
+        return write_checkpoint(save_directory, checkpoint_tensors(params, self.key_table(params), dtype),
+                                write_extra=lambda tmp: self.write_config_files(tmp, dtype),
+                                max_shard_size=max_shard_size)
 
     def push_to_hub(self, repo_id: str, *, params: dict[str, Any] | None = None,
                     max_shard_size: int | str | None = None, dtype: Any = None, **hub_args: Any) -> Any:
