@@ -220,7 +220,8 @@ def test_save_pretrained_round_trip_still_loads(torch_model, saved, tmp_path):
     out = tmp_path / "out"
     model.save_pretrained(out, max_shard_size="20KB")
     model.save_pretrained(out)  # replaces the sharded save
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    # generation_config.json comes back too: the loaded model carries the one transformers saved.
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     ids, _ = batch(101, "none")

@@ -44,7 +44,7 @@ def test_read_box_equals_numpy_slicing_and_reads_only_the_box(reader: Checkpoint
     want = ARRAYS[key][index]
     box = tuple(s.indices(n)[:2] for s, n in zip(index, ARRAYS[key].shape, strict=True))
     READ_COUNTER.reset()
-    got = read_box(reader.file_of(key), key, box)
+    got = read_box(reader.opened_file(key), key, box)
     assert got.dtype == want.dtype and np.array_equal(got, want)
     assert READ_COUNTER.bytes == want.nbytes
 

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 
 from trlax.checkpoint.reader import CheckpointReader, SafetensorsFile
-from trlax.errors import CheckpointError
 
 Box = tuple[tuple[int, int], ...]  # (start, stop) per dim
 
@@ -75,17 +74,14 @@ def read_box(file: SafetensorsFile, key: str, box: Box) -> np.ndarray:
             (offset + sum(i * strides[d] for d, i in enumerate(outer)) + box[run_dim][0] * strides[run_dim], length)
             for outer in itertools.product(*(range(start, stop) for start, stop in box[:run_dim]))
         ]
-    buffer = bytearray(sum(length for _, length in runs))
+    buffer = np.empty(sum(length for _, length in runs), np.uint8)
     pos = 0
     for start, length in runs:
-        chunk = file.read_bytes(start, length)
-        if len(chunk) != length:
-            raise CheckpointError(f"{file.path} is truncated: tensor {key!r} ends before byte {start + length}")
-        buffer[pos:pos + length] = chunk
+        buffer[pos:pos + length] = file.read_bytes(start, length)  # raises CheckpointError if truncated
         pos += length
     READ_COUNTER.bytes += len(buffer)
     READ_COUNTER.reads += len(runs)
-    return np.frombuffer(buffer, dtype).reshape(out_shape)
+    return buffer.view(dtype).reshape(out_shape)
 
 
 class TensorSlices:

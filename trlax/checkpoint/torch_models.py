@@ -90,11 +90,26 @@ class StateDictReader:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._state[key].shape)
 
+    def dtype(self, key: str) -> np.dtype:
+        return np.dtype(self._state[key].dtype)
+
     def nbytes(self, key: str) -> int:
         return int(self._state[key].nbytes)
 
+    def file_of(self, key: str) -> str:
+        """Where `key` comes from, for error messages."""
+        return "the in-memory state dict"
+
     def get(self, key: str) -> np.ndarray:
         return self._state[key]
+
+    def read_rows(self, key: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the tensor's leading axis (a view)."""
+        return self._state[key][start:stop]
+
+    def opened_file(self, key: str) -> None:
+        """No file: slice reads fall back to whole tensors (see `trlax.checkpoint.slices.tensor_slices`)."""
+        return None
 
 
 @dataclass(frozen=True)
