@@ -34,8 +34,9 @@ from trlax.checkpoint.naming import TensorRule, flatten_paths, get_path, hf_tens
 from trlax.checkpoint.push import push_to_hub
 from trlax.checkpoint.reader import CheckpointReader
 from trlax.checkpoint.writer import write_checkpoint_dir
-from trlax.errors import TrlaxError, UnsupportedModelError
+from trlax.errors import CheckpointError, TrlaxError, UnsupportedModelError
 from trlax.generation import GenerationCache
+from trlax.inputs import ParamsCheck
 from trlax.models.layers import LORA_COLLECTION
 from trlax.models.registry import get_spec, supported_model_types
 from trlax.models.spec import ArchitectureSpec, ParamRule
@@ -48,13 +49,17 @@ VALUE_HEAD_KEYS = r"^v_head\."
 
 
 def load_config(folder: Path, source: str) -> transformers.PretrainedConfig:
-    """Read config.json with transformers' AutoConfig; unknown model types fail clearly."""
+    """Read config.json with transformers' AutoConfig; unknown model types and unreadable files fail clearly."""
     try:
         return transformers.AutoConfig.from_pretrained(str(folder))
     except (ValueError, KeyError) as e:
         raise UnsupportedModelError(
             f"cannot read the config of {source}: {e}. trlax supports model_type in {supported_model_types()}"
         ) from None
+    except Exception as e:  # noqa: BLE001 - invalid JSON (OSError), a field of the wrong type (hub's validation)
+        reason = " ".join(str(e).split()).rstrip(".")
+        raise CheckpointError(f"the config.json of {source} is not a valid transformers config ({reason}); "
+                              "fix or replace the file") from None
 
 
 class FlaxPreTrainedModel:
@@ -94,6 +99,7 @@ class FlaxPreTrainedModel:
         elif sharding_rules is not None:
             raise TrlaxError("sharding_rules only apply with a mesh; pass mesh=jax.sharding.Mesh(...) too")
         self.generation_cache = GenerationCache()
+        self.check_params = ParamsCheck(self.abstract_params, f"this {config.model_type} model")
         self._forward = jax.jit(self.apply, static_argnames=("train", "output_hidden_states"))
 
     @classmethod
@@ -123,6 +129,7 @@ class FlaxPreTrainedModel:
         view = type(self)(self.config, self.spec, dtype=self.dtype, param_dtype=self.param_dtype)
         view.mesh, view.sharding_rules = self.mesh, self.sharding_rules
         view.module = self.module
+        view.check_params = self.check_params  # same structure: share what it learned
         view._owner = owner
         return view
 
@@ -135,6 +142,11 @@ class FlaxPreTrainedModel:
     def init_params(self, rng: jax.Array) -> dict[str, Any]:
         """Random params from the module's initialisers (as a fresh model is)."""
         return jax.jit(lambda key: self.module.init(key, *self.dummy_inputs())["params"])(rng)
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the token embedding: token ids must lie in [0, vocab_size)."""
+        return int(self.config.vocab_size)
 
     def abstract_params(self) -> dict[str, Any]:
         """The param tree as ShapeDtypeStructs, computed without allocating anything."""
@@ -210,7 +222,7 @@ class FlaxPreTrainedModel:
         if self.mesh is None:
             return place
         if place is not None:
-            raise ValueError("pass either place= (a custom placer) or mesh= (sharded loading), not both")
+            raise TrlaxError("pass either place= (a custom placer) or mesh= (sharded loading), not both")
         return make_placer(self.mesh, self.sharding_rules)
 
     def sharding_context(self) -> contextlib.AbstractContextManager[None]:
@@ -249,7 +261,8 @@ class FlaxPreTrainedModel:
                      dropout_rng: jax.Array | None, **kwargs: Any) -> Any:
         """`module.apply` with the params (plus a LoRA adapter tree), dropout only when training, on the mesh."""
         if train and dropout_rng is None:
-            raise ValueError("train=True needs dropout_rng (a jax.random key) for dropout")
+            raise TrlaxError("train=True needs dropout_rng (a jax.random key) for dropout")
+        self.check_params(params)
         variables = {"params": params} if lora is None else {"params": params, LORA_COLLECTION: lora}
         with self.sharding_context():
             return self.module.apply(variables, *inputs, deterministic=not train,
@@ -262,6 +275,7 @@ class FlaxPreTrainedModel:
     def state_dict(self, params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
         """The params as a transformers (PyTorch) state dict of numpy arrays (tied copies left out)."""
         params = self.params if params is None else params
+        self.check_params(params)
         return dict(hf_tensors(self.key_table(params), params))
 
     def config_to_save(self) -> transformers.PretrainedConfig:

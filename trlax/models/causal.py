@@ -7,7 +7,7 @@ from typing import Any
 import jax
 
 from trlax.generation import GenerateOutput, generate
-from trlax.inputs import mask_for, same_shape, token_ids
+from trlax.inputs import check_positions, check_token_range, mask_for, same_shape, token_ids
 from trlax.models.base import FlaxPreTrainedModel
 from trlax.models.outputs import CausalLMOutput
 
@@ -25,12 +25,16 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
         train: bool = False,
         output_hidden_states: bool = False,
         lora: dict[str, Any] | None = None,
+        check_inputs: bool = False,
     ) -> CausalLMOutput:
-        """The pure forward (no checks, no jit): what a jitted train step calls.
+        """The pure forward (no jit): what a jitted train step calls.
 
         lora: a LoRA adapter tree (`trlax.peft`) applied on top of `params`, or None
-        for the base model alone.
+        for the base model alone. Checks (see `trlax.inputs`): the params' structure
+        (at trace time under jit), token ids and positions when they are concrete, and,
+        with `check_inputs=True` inside `trlax.inputs.checked`, traced ones too.
         """
+        self.check_inputs(input_ids, attention_mask, position_ids, traced=check_inputs)
         return self.apply_module(params, input_ids, attention_mask, position_ids, lora=lora, train=train,
                                  dropout_rng=dropout_rng, output_hidden_states=output_hidden_states)
 
@@ -43,6 +47,7 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
         output_hidden_states: bool = False,
         train: bool = False,
         dropout_rng: jax.Array | None = None,
+        check_inputs: bool = False,
     ) -> CausalLMOutput:
         """Forward pass, jit-compiled once per shape.
 
@@ -51,15 +56,29 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
         transformers' PyTorch forward (pass `cumsum(mask) - 1` for left-padded batches
         if you want padding-independent positions). Returns a CausalLMOutput whose
         logits are [B, T, V] float32. The LM inside a LoRA policy applies the policy's
-        adapter (when `params` is not given).
+        adapter (when `params` is not given). Token ids outside [0, vocab_size) and
+        positions past a learned position table (GPT-2, OPT, GPT-Neo) raise InputError
+        (under jit only with `check_inputs=True`, see `trlax.inputs`); so do params of
+        another model.
         """
         input_ids = token_ids("input_ids", input_ids)
         mask = mask_for("attention_mask", attention_mask, input_ids)
         if position_ids is not None:
             position_ids = same_shape("position_ids", position_ids, input_ids.shape)
+        self.check_inputs(input_ids, mask, position_ids, traced=check_inputs)
         return self._forward(self.params if params is None else params, input_ids, mask, position_ids,
                              dropout_rng, train=train, output_hidden_states=output_hidden_states,
                              lora=self.lora if params is None else None)
+
+    def check_inputs(self, input_ids: Any, attention_mask: Any, position_ids: Any = None, *,
+                     traced: bool = False) -> None:
+        """Token ids in [0, vocab_size) and positions within a learned position table, else InputError.
+
+        Concrete values are checked here; traced ones only with `traced=True` (checkify).
+        """
+        check_token_range("input_ids", input_ids, self.vocab_size, traced=traced)
+        check_positions("input_ids", input_ids.shape[1], position_ids, attention_mask,
+                        self.spec.position_limit(self.config), traced=traced)
 
     def generate(self, input_ids: Any, attention_mask: Any = None, *, params: dict[str, Any] | None = None,
                  lora: dict[str, Any] | None = None, **kwargs: Any) -> GenerateOutput:

@@ -10,7 +10,7 @@ from typing import Any
 import jax
 
 from trlax.generation import GenerateOutput, generate
-from trlax.inputs import InputError, mask_for, token_ids
+from trlax.inputs import InputError, check_positions, check_token_range, mask_for, token_ids
 from trlax.models.base import FlaxPreTrainedModel
 from trlax.models.outputs import Seq2SeqLMOutput
 
@@ -31,12 +31,15 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
         train: bool = False,
         output_hidden_states: bool = False,
         lora: dict[str, Any] | None = None,
+        check_inputs: bool = False,
     ) -> Seq2SeqLMOutput:
-        """The pure forward (no checks, no jit): what a jitted train step calls.
+        """The pure forward (no jit): what a jitted train step calls.
 
         decoder_attention_mask None means all ones (no decoder padding). lora: a LoRA
         adapter tree (`trlax.peft`) applied on top of `params`, or None for the base.
+        Checks as `FlaxModelForCausalLM.apply` (`check_inputs`: see `trlax.inputs`).
         """
+        self.check_inputs(input_ids, decoder_input_ids, traced=check_inputs)
         if decoder_attention_mask is None:
             decoder_attention_mask = mask_for("decoder_attention_mask", None, decoder_input_ids)
         return self.apply_module(params, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
@@ -53,6 +56,7 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
         output_hidden_states: bool = False,
         train: bool = False,
         dropout_rng: jax.Array | None = None,
+        check_inputs: bool = False,
     ) -> Seq2SeqLMOutput:
         """Forward pass, jit-compiled once per shape.
 
@@ -62,6 +66,8 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
         all ones. Returns a Seq2SeqLMOutput: logits [B, Td, V] float32, last_hidden_state
         [B, Td, H] (the decoder state TRL's value head reads), encoder_last_hidden_state
         [B, Te, H], and with output_hidden_states the per-layer states as transformers.
+        Token ids outside [0, vocab_size), sequences longer than a learned position table
+        (BART) and params of another model raise InputError (see `trlax.inputs`).
         """
         input_ids = token_ids("input_ids", input_ids)
         if decoder_input_ids is None:
@@ -77,9 +83,17 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
                              f"{input_ids.shape[0]}; they must match")
         mask = mask_for("attention_mask", attention_mask, input_ids)
         dmask = mask_for("decoder_attention_mask", decoder_attention_mask, decoder_input_ids)
+        self.check_inputs(input_ids, decoder_input_ids, traced=check_inputs)
         return self._forward(self.params if params is None else params, input_ids, mask, decoder_input_ids, dmask,
                              dropout_rng, train=train, output_hidden_states=output_hidden_states,
                              lora=self.lora if params is None else None)
+
+    def check_inputs(self, input_ids: Any, decoder_input_ids: Any, *, traced: bool = False) -> None:
+        """Encoder and decoder ids in [0, vocab_size), each sequence within a learned position table."""
+        limit = self.spec.position_limit(self.config)
+        for name, ids in (("input_ids", input_ids), ("decoder_input_ids", decoder_input_ids)):
+            check_token_range(name, ids, self.vocab_size, traced=traced)
+            check_positions(name, ids.shape[1], None, None, limit)
 
     def generate(self, input_ids: Any, attention_mask: Any = None, *, params: dict[str, Any] | None = None,
                  lora: dict[str, Any] | None = None, **kwargs: Any) -> GenerateOutput:
