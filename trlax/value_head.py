@@ -204,6 +204,10 @@ class PreTrainedModelWrapper:
         head = self.v_head
         self._check_head_params = ParamsCheck(lambda: jax.eval_shape(lambda: init_value_head(head, jax.random.key(0))),
                                               "this model's value head")
+        # The adapter's structure is the one it was built with (shapes only: no arrays kept alive).
+        lora = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                      self.params.get(LORA_COLLECTION))
+        self._check_lora_params = ParamsCheck(lambda: lora, "this policy's LoRA adapter")
         self._forward = jax.jit(self.apply, static_argnames=("train", "output_hidden_states"))
         self._reward_forward = jax.jit(self.apply_reward)
 
@@ -272,16 +276,20 @@ class PreTrainedModelWrapper:
 
     def check_params(self, params: dict[str, Any]) -> None:
         """InputError unless `params` has this wrapper's structure: {"pretrained_model": the LM's params,
-        "v_head": the head's (+ "lora" for a LoRA policy)}, every shape as the model's. Cheap when
-        repeated (see `trlax.inputs.ParamsCheck`); under jit it runs once per trace."""
-        want = {"pretrained_model", "v_head", *((LORA_COLLECTION,) if self.is_peft_model else ())}
+        "v_head": the head's, and for a LoRA policy optionally "lora" (without it: the base alone)}, every
+        shape as the model's. Cheap when repeated (see `trlax.inputs.ParamsCheck`); under jit it runs
+        once per trace."""
+        want = {"pretrained_model", "v_head"}
+        allowed = want | ({LORA_COLLECTION} if self.is_peft_model else set())
         got = set(params) if isinstance(params, dict) else set()
-        if got != want:
-            problem = (f"has no {sorted(want - got)}" if want - got else f"has unexpected {sorted(got - want)}")
-            raise InputError(f"params {problem}: a {type(self).__name__} takes {{{', '.join(sorted(want))}}}; "
+        if not want <= got <= allowed:
+            problem = f"has no {sorted(want - got)}" if want - got else f"has unexpected {sorted(got - allowed)}"
+            raise InputError(f"params {problem}: a {type(self).__name__} takes {{{', '.join(sorted(allowed))}}}; "
                              "pass this wrapper's params (model.params), not the LM's alone")
         self.pretrained_model.check_params(params["pretrained_model"], "params['pretrained_model']")
         self._check_head_params(params["v_head"], "params['v_head']")
+        if LORA_COLLECTION in params:
+            self._check_lora_params(params[LORA_COLLECTION], "params['lora']")
 
     @property
     def v_head_dropout_prob(self) -> float | None:
