@@ -17,6 +17,7 @@ import pytest
 
 import trlax.cli.demo
 import trlax.cli.info
+import trlax.cli.preflight
 from tests.tiny_configs import gpt2
 from trlax import CheckpointError, FlaxAutoModelForCausalLM, FlaxAutoModelForCausalLMWithValueHead
 from trlax.checkpoint.convert import load_orbax, to_orbax
@@ -114,16 +115,21 @@ def test_unwritable_output_dir_fails_before_training(command: str, capsys) -> No
 
 
 @pytest.mark.parametrize("command", ["demo", "ppo"])
-def test_a_batch_that_cannot_fit_fails_before_allocating(command: str, tmp_path: Path, capsys) -> None:
-    argv = [command, "--batch-size", "1000000000", "--output-dir", str(tmp_path / "out")]
+def test_a_batch_that_cannot_fit_fails_before_allocating(command: str, tmp_path: Path, monkeypatch,
+                                                         capsys) -> None:
+    # A 1 MB budget, so that without the check this would train (briefly), not exhaust the machine.
+    monkeypatch.setattr(trlax.cli.preflight, "memory_limit", lambda: (10**6, "a test budget of 1 MB"))
+    argv = [command, "--batch-size", "4096", "--steps", "1", "--output-dir", str(tmp_path / "out")]
     code, _, err = _run(argv + (["--quiet"] if command == "ppo" else []), capsys)
     assert code == 1
-    _one_line(err, command, "--batch-size 1000000000 cannot fit: one PPO step over 1000000000 sequences")
-    assert not (tmp_path / "out" / METRICS_FILE).exists()
+    _one_line(err, command, "--batch-size 4096 cannot fit: one PPO step over 4096 sequences")
+    assert "a test budget of 1 MB" in err and not (tmp_path / "out" / METRICS_FILE).exists()
 
 
 def test_batch_fit_check_against_the_memory_limit(monkeypatch) -> None:
     config = gpt2()
+    with pytest.raises(TrlaxError, match="--batch-size 1000000000 cannot fit"):  # the issue's case, any machine
+        check_batch_fits(config, 10**9, 16)
     need = step_bytes_lower_bound(config, 8, 16)
     assert need == 8 * 16 * (3 * 101 + 2 * (8 * 32 + 4 * 16)) * 4
     monkeypatch.setattr(trlax.cli.preflight, "memory_limit", lambda: (need, "a test budget"))
@@ -133,7 +139,7 @@ def test_batch_fit_check_against_the_memory_limit(monkeypatch) -> None:
 
 
 class _FakeLoop:
-    """Stands in for the demo's PPOLoop: three steps of made-up metrics, then Ctrl-C."""
+    """Stands in for the demo's PPOLoop: three steps of made-up metrics, then a crash."""
 
     def __init__(self, models, config) -> None:
         self.steps = 0
@@ -145,7 +151,7 @@ class _FakeLoop:
     def step(self) -> dict[str, float]:
         self.steps += 1
         if self.steps > 3:
-            raise KeyboardInterrupt
+            raise RuntimeError("simulated crash")
         return {"reward": 0.1 * self.steps, "kl": 0.0, "value_loss": 1.0}
 
 
@@ -153,7 +159,8 @@ def test_demo_saves_metrics_as_it_goes(tmp_path: Path, monkeypatch, capsys) -> N
     monkeypatch.setattr(trlax.cli.demo, "PPOLoop", _FakeLoop)
     out = tmp_path / "run"
     code, _, err = _run(["demo", "--steps", "10", "--output-dir", str(out)], capsys)
-    assert code == 130 and err.endswith("\ntrlax demo: interrupted\n")  # after the progress bar
+    assert code == 1 and err.endswith("\ntrlax demo: error: unexpected RuntimeError: simulated crash (TRLAX_DEBUG=1 "
+                                      "shows the traceback; please report it)\n")  # after the progress bar
     assert sorted(p.name for p in out.iterdir()) == [METRICS_FILE]
     log = json.loads((out / METRICS_FILE).read_text())
     assert [s["step"] for s in log["steps"]] == [0, 1, 2]
