@@ -98,11 +98,11 @@ def test_seq2seq_encoder_and_decoder_ids_are_checked(bart):
 # --- positions ------------------------------------------------------------------------------
 def test_sequences_past_a_learned_position_table_raise(lm, wrapper):
     ids = np.ones((1, 70), np.int32)  # GPT-2 here has 64 positions
-    with pytest.raises(InputError, match="a sequence of 70 tokens does not fit the model's 64 positions"):
+    with pytest.raises(InputError, match="input_ids: GPT2 has 64 positions; got a sequence of 70 tokens"):
         lm(ids)
-    with pytest.raises(InputError, match="does not fit the model's 64 positions"):
+    with pytest.raises(InputError, match="GPT2 has 64 positions"):
         wrapper(ids)
-    with pytest.raises(InputError, match="does not fit the model's 64 positions"):
+    with pytest.raises(InputError, match="GPT2 has 64 positions"):
         jax.jit(lm.apply)(lm.params, jnp.asarray(ids), jnp.ones_like(ids))  # a shape: checked under jit too
 
 
@@ -130,11 +130,11 @@ def test_generate_checks_prompt_plus_new_tokens_against_the_positions(lm):
 
 
 def test_seq2seq_learned_positions_bound_encoder_and_decoder(bart):
-    with pytest.raises(InputError, match="input_ids: a sequence of 20 tokens does not fit the model's 16"):
+    with pytest.raises(InputError, match="input_ids: BART has 16 positions; got a sequence of 20 tokens"):
         bart(np.ones((1, 20), np.int32), decoder_input_ids=np.array([[2]]))
-    with pytest.raises(InputError, match="decoder_input_ids: a sequence of 17 tokens"):
+    with pytest.raises(InputError, match="decoder_input_ids: BART has 16 positions; got a sequence of 17"):
         bart(np.ones((1, 3), np.int32), decoder_input_ids=np.full((1, 17), 2))
-    with pytest.raises(InputError, match="input_ids: a sequence of 20 tokens"):
+    with pytest.raises(InputError, match="input_ids: BART has 16 positions"):
         bart.generate(np.ones((1, 20), np.int32), max_new_tokens=2)
 
 

@@ -390,7 +390,8 @@ def generate(
         raise InputError("input_ids must hold at least one token per row; got shape (B, 0)")
     mask = mask_for("attention_mask", attention_mask, input_ids)
     if seq2seq:  # the encoder's input must fit a learned position table (BART)
-        check_positions("input_ids", input_ids.shape[1], None, None, model.spec.position_limit(config))
+        check_positions("input_ids", input_ids.shape[1], None, None, model.spec.position_limit(config),
+                        model=config.model_type.upper())
     model.check_params(model.params if params is None else params)
 
     max_positions = model.spec.max_positions(config)

@@ -93,18 +93,18 @@ def check_token_range(name: str, ids: Any, vocab_size: int, *, traced: bool = Fa
 
 
 def check_positions(name: str, length: int, position_ids: Any, mask: Any, limit: int | None, *,
-                    traced: bool = False) -> None:
+                    model: str = "the model", traced: bool = False) -> None:
     """Positions must fit a learned position table of `limit` rows (None: no table, nothing to check).
 
-    length: the sequence length T (default positions run 0..T-1). position_ids [B, T] or
+    length: the sequence length T (default positions run 0..T-1); model: its name in messages. position_ids [B, T] or
     None: every entry must be < limit, and the entries of real tokens (mask 1) >= 0
     (a negative position at a padded slot reads a finite row and is masked out).
     """
     if limit is None:
         return
     if length > limit:
-        raise InputError(f"{name}: a sequence of {length} tokens does not fit the model's {limit} positions; "
-                         f"truncate it to at most {limit} tokens")
+        raise InputError(f"{name}: {model} has {limit} positions; got a sequence of {length} tokens. Truncate it "
+                         f"to at most {limit} tokens")
     if position_ids is None:
         return
     fix = f"positions must lie in [0, {limit}) (the model's learned position table)"

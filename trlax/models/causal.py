@@ -78,7 +78,7 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
         """
         check_token_range("input_ids", input_ids, self.vocab_size, traced=traced)
         check_positions("input_ids", input_ids.shape[1], position_ids, attention_mask,
-                        self.spec.position_limit(self.config), traced=traced)
+                        self.spec.position_limit(self.config), model=self.config.model_type.upper(), traced=traced)
 
     def generate(self, input_ids: Any, attention_mask: Any = None, *, params: dict[str, Any] | None = None,
                  lora: dict[str, Any] | None = None, **kwargs: Any) -> GenerateOutput:

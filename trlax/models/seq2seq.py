@@ -93,7 +93,7 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
         limit = self.spec.position_limit(self.config)
         for name, ids in (("input_ids", input_ids), ("decoder_input_ids", decoder_input_ids)):
             check_token_range(name, ids, self.vocab_size, traced=traced)
-            check_positions(name, ids.shape[1], None, None, limit)
+            check_positions(name, ids.shape[1], None, None, limit, model=self.config.model_type.upper())
 
     def generate(self, input_ids: Any, attention_mask: Any = None, *, params: dict[str, Any] | None = None,
                  lora: dict[str, Any] | None = None, **kwargs: Any) -> GenerateOutput:
