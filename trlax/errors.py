@@ -1,8 +1,17 @@
-"""Exceptions trlax raises for bad input; each message says what is wrong and what to do."""
+"""Exceptions trlax raises for bad input; each message says what is wrong and what to do.
+
+Every one is a `TrlaxError`, and keeps the standard base the same mistake raised before
+(`ValueError` for all; `TypeError` too for an argument of the wrong kind), so
+`except ValueError` / `except TypeError` code keeps working.
+"""
 
 
 class TrlaxError(ValueError):
     """Base class: every trlax input error is also a ValueError."""
+
+
+class TrlaxTypeError(TrlaxError, TypeError):
+    """An argument of the wrong kind (a type, or an option that does not apply): also a TypeError."""
 
 
 class CheckpointError(TrlaxError):

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trlax.generation_config import penalty_context, process_logits
-from trlax.inputs import InputError, mask_for, token_ids
+from trlax.inputs import InputError, check_positions, check_token_range, mask_for, token_ids
 from trlax.models.layers import LORA_COLLECTION
 from trlax.sharding import constrain_kv_cache, shard_batch
 
@@ -343,7 +343,7 @@ def _is_concrete(x: Any) -> bool:
 def _check_prompt_mask(mask: Array) -> None:
     """Causal prompts must be left-padded: the loop appends after the last column."""
     if _is_concrete(mask) and not bool(jnp.all(mask[:, -1] == 1)):
-        raise ValueError(
+        raise InputError(
             "generate needs left-padded prompts: every row's last attention_mask entry must be 1 "
             "(pad on the left, e.g. tokenizer.padding_side = 'left')"
         )
@@ -351,15 +351,15 @@ def _check_prompt_mask(mask: Array) -> None:
 
 def _check_sampling(do_sample: bool, prng_key: Any, temperature: Any, top_k: Any, top_p: Any) -> None:
     if not isinstance(top_k, (int, np.integer)) or top_k < 0:
-        raise ValueError(f"top_k must be a Python int >= 0 (0 = off; it sets a static shape); got {top_k!r}")
+        raise InputError(f"top_k must be a Python int >= 0 (0 = off; it sets a static shape); got {top_k!r}")
     if not do_sample:
         return
     if prng_key is None:
-        raise ValueError("do_sample=True needs prng_key (a jax.random key), e.g. prng_key=jax.random.key(0)")
+        raise InputError("do_sample=True needs prng_key (a jax.random key), e.g. prng_key=jax.random.key(0)")
     if isinstance(temperature, (int, float)) and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling (use do_sample=False for greedy); got {temperature}")
+        raise InputError(f"temperature must be > 0 when sampling (use do_sample=False for greedy); got {temperature}")
     if isinstance(top_p, (int, float)) and not 0.0 <= top_p <= 1.0:
-        raise ValueError(f"top_p must be in [0, 1] (1.0 = off); got {top_p}")
+        raise InputError(f"top_p must be in [0, 1] (1.0 = off); got {top_p}")
 
 
 def generate(
@@ -403,7 +403,7 @@ def generate(
     tree (`trlax.peft`) applied on top of `params` (a LoRA policy's rollouts), or None.
     """
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
+        raise InputError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
     _check_sampling(do_sample, prng_key, temperature, top_k, top_p)
     if not isinstance(min_new_tokens, (int, np.integer)) or min_new_tokens < 0:
         raise ValueError(f"min_new_tokens must be an int >= 0; got {min_new_tokens!r}")
@@ -411,10 +411,14 @@ def generate(
         raise ValueError(f"repetition_penalty must be > 0 (1.0 = off); got {repetition_penalty}")
     config = model.config
     seq2seq = bool(model.spec.is_encoder_decoder)
-    input_ids = token_ids("input_ids", input_ids)
+    input_ids = token_ids("input_ids", input_ids, model.vocab_size)
     if input_ids.shape[1] == 0:
         raise InputError("input_ids must hold at least one token per row; got shape (B, 0)")
     mask = mask_for("attention_mask", attention_mask, input_ids)
+    if seq2seq:  # the encoder's input must fit a learned position table (BART)
+        check_positions("input_ids", input_ids.shape[1], None, None, model.spec.position_limit(config),
+                        model=config.model_type.upper())
+    model.check_params(model.params if params is None else params)
 
     if decoder_input_ids is not None and not seq2seq:
         raise InputError("decoder_input_ids are for encoder-decoder models; a causal LM continues input_ids")
@@ -427,7 +431,7 @@ def generate(
     length = decoder_length - 1 + max_new_tokens if seq2seq else input_ids.shape[1] + max_new_tokens
     if max_positions is not None and length > max_positions:
         what = "max_new_tokens" if seq2seq else f"prompt length {input_ids.shape[1]} + max_new_tokens"
-        raise ValueError(f"{what} = {length} exceeds the model's {max_positions} positions; "
+        raise InputError(f"{what} = {length} exceeds the model's {max_positions} positions; "
                          f"shorten the prompt or lower max_new_tokens")
     if not seq2seq:
         _check_prompt_mask(mask)
@@ -442,8 +446,9 @@ def generate(
         for name in ("decoder_start_token_id", "bos_token_id"):
             start = _config_value(config, name) if start is None else start
         if start is None:
-            raise ValueError("seq2seq generate needs decoder_start_token_id (none on the model config)")
+            raise InputError("seq2seq generate needs decoder_start_token_id (none on the model config)")
         start = int(start)
+        check_token_range("decoder_start_token_id", np.asarray(start), model.vocab_size)
         starts = jnp.full((input_ids.shape[0], 1), start, jnp.int32)
         if decoder_prompt is None:
             decoder_prompt = starts

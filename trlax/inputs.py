@@ -1,27 +1,123 @@
-"""Checks on what callers pass to a model: token ids, masks and positions, before anything is compiled."""
+"""Checks on what callers pass to a model: token ids, masks, positions and params, before any compute.
+
+Eager calls (`model(...)`, `wrapper(...)`, `generate`, `save_pretrained`) check concrete
+inputs on the host: a token id outside [0, vocab), a position past a learned position
+table, or params of another model raise an `InputError` naming the problem, where JAX
+would silently give NaN logits or read the wrong row (PyTorch raises an IndexError).
+
+Under `jax.jit` the ids are tracers and their values unknown, so the range checks are
+skipped (shapes are still checked: a sequence longer than a learned position table, and
+params of the wrong structure, fail at trace time). For range checks inside a jitted
+step, call `apply(..., check_inputs=True)` in a function wrapped with `checked`, which
+compiles the checks in with `jax.experimental.checkify` and raises an `InputError`
+after the call when one fails:
+
+    step = trlax.inputs.checked(lambda p, ids, m: model.apply(p, ids, m, check_inputs=True))
+    step(params, ids, mask)   # InputError if an id is outside the vocabulary
+
+`check_inputs=True` outside `checked` is an error from JAX ("checkify.check which was
+not functionalized"): the check has nowhere to report to.
+"""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
 
 from trlax.errors import TrlaxError
 
 
 class InputError(TrlaxError):
-    """Model inputs of the wrong shape, dtype or range."""
+    """Model inputs of the wrong shape, dtype or range, or params that do not fit the model."""
 
 
-def token_ids(name: str, ids: Any) -> jax.Array:
-    """input_ids-like arguments: an integer array [B, T], returned as int32."""
-    ids = jnp.asarray(ids)
+def is_concrete(x: Any) -> bool:
+    """Whether this host can read `x`'s values: numpy, a list, a jax.Array whose shards are all here
+    (even while a jit traces around it); not a tracer, nor a multi-host array."""
+    if isinstance(x, jax.core.Tracer):
+        return False
+    return not isinstance(x, jax.Array) or x.is_fully_addressable
+
+
+def _bounds(x: Any, where: Any = None) -> tuple[int, int] | None:
+    """(min, max) of a concrete integer array over the entries where `where` is true; None if none.
+
+    Read on the host with numpy (ids are small), so it also works while a jit is tracing.
+    """
+    values = np.asarray(x)
+    if where is not None:
+        values = values[np.asarray(where).astype(bool)]
+    return None if values.size == 0 else (int(values.min()), int(values.max()))
+
+
+def token_ids(name: str, ids: Any, vocab_size: int | None = None, *, traced: bool = False) -> jax.Array:
+    """input_ids-like arguments: an integer array [B, T], returned as int32.
+
+    With `vocab_size`, every id must be in [0, vocab_size): checked on the host when the
+    ids are concrete, with `checkify` when they are traced and `traced` is set (see the
+    module docstring), else not at all.
+    """
+    if not isinstance(ids, (np.ndarray, jax.Array)):
+        ids = np.asarray(ids)
     if ids.ndim != 2:
         raise InputError(f"{name} must be a 2-D [batch, seq_len] array of token ids; got shape {ids.shape}")
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise InputError(f"{name} must hold integer token ids; got dtype {ids.dtype}")
-    return ids.astype(jnp.int32)
+    if vocab_size is not None:
+        check_token_range(name, ids, vocab_size, traced=traced)
+    return jnp.asarray(ids).astype(jnp.int32)
+
+
+def check_token_range(name: str, ids: Any, vocab_size: int, *, traced: bool = False) -> None:
+    """Every id of `ids` (any shape, int) in [0, vocab_size), as PyTorch's embedding requires.
+
+    JAX's lookup gives NaN for ids >= vocab_size and wraps negative ones to the end of the
+    table, so a bad id would otherwise pass silently.
+    """
+    fix = "ids must come from this model's tokenizer; pad with a real id (e.g. pad_token_id) and mask it"
+    if is_concrete(ids):
+        bounds = _bounds(ids)
+        if bounds is not None and (bounds[0] < 0 or bounds[1] >= vocab_size):
+            bad = bounds[0] if bounds[0] < 0 else bounds[1]
+            raise InputError(f"{name} holds token id {bad}, outside the vocabulary [0, {vocab_size}); {fix}")
+    elif traced:
+        checkify.check(jnp.all((ids >= 0) & (ids < vocab_size)),
+                       f"{name} holds token ids outside the vocabulary [0, {vocab_size}) (min {{lo}}, max {{hi}}); "
+                       f"{fix}", lo=jnp.min(ids), hi=jnp.max(ids))
+
+
+def check_positions(name: str, length: int, position_ids: Any, mask: Any, limit: int | None, *,
+                    model: str = "the model", traced: bool = False) -> None:
+    """Positions must fit a learned position table of `limit` rows (None: no table, nothing to check).
+
+    length: the sequence length T (default positions run 0..T-1); model: its name in messages. position_ids [B, T] or
+    None: every entry must be < limit, and the entries of real tokens (mask 1) >= 0
+    (a negative position at a padded slot reads a finite row and is masked out).
+    """
+    if limit is None:
+        return
+    if length > limit:
+        raise InputError(f"{name}: {model} has {limit} positions; got a sequence of {length} tokens. Truncate it "
+                         f"to at most {limit} tokens")
+    if position_ids is None:
+        return
+    fix = f"positions must lie in [0, {limit}) (the model's learned position table)"
+    if is_concrete(position_ids) and is_concrete(mask):
+        everywhere, real = _bounds(position_ids), _bounds(position_ids, mask)
+        if everywhere is not None and everywhere[1] >= limit:
+            raise InputError(f"position_ids holds position {everywhere[1]}; {fix}")
+        if real is not None and real[0] < 0:
+            raise InputError(f"position_ids holds position {real[0]} at a real (unmasked) token; {fix}")
+    elif traced:
+        ok = jnp.all(position_ids < limit) & jnp.all((position_ids >= 0) | (mask == 0))
+        checkify.check(ok, f"position_ids out of range (min {{lo}}, max {{hi}}); {fix}",
+                       lo=jnp.min(position_ids), hi=jnp.max(position_ids))
 
 
 def same_shape(name: str, value: Any, shape: tuple[int, ...]) -> jax.Array:
@@ -35,3 +131,80 @@ def same_shape(name: str, value: Any, shape: tuple[int, ...]) -> jax.Array:
 def mask_for(name: str, mask: Any, ids: jax.Array) -> jax.Array:
     """The attention mask [B, T] int32 of `ids`: the given one (checked) or all ones."""
     return jnp.ones_like(ids) if mask is None else same_shape(name, mask, ids.shape)
+
+
+def checked(fn: Callable[..., Any], **jit_kwargs: Any) -> Callable[..., Any]:
+    """`fn` jit-compiled with its `checkify` input checks: a failed check raises InputError after the call.
+
+    Inside `fn`, call `apply(..., check_inputs=True)` (or `check_token_range(...,
+    traced=True)`) for the checks to be compiled in; `jit_kwargs` go to `jax.jit`
+    (donate_argnums, static_argnums, ...).
+    """
+    run = jax.jit(checkify.checkify(fn, errors=checkify.user_checks), **jit_kwargs)
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        error, out = run(*args, **kwargs)
+        message = error.get()
+        if message is not None:
+            raise InputError(message)
+        return out
+
+    return call
+
+
+# --- params -------------------------------------------------------------------------------
+
+
+def _kind(dtype: Any) -> str:
+    """What a param's dtype may vary in: any float for a float param (param_dtype), any int for an int."""
+    dtype = jnp.dtype(dtype)
+    for kind in (jnp.floating, jnp.integer, jnp.bool_):
+        if jnp.issubdtype(dtype, kind):
+            return kind.__name__
+    return dtype.name
+
+
+def _leaves(tree: Any) -> Iterable[tuple[str, Any]]:
+    """("a/b/kernel", leaf) pairs of a params tree."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        yield "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path), leaf
+
+
+class ParamsCheck:
+    """Checks that params have a model's structure: same paths, shapes and dtype kinds.
+
+    `expected` builds the model's abstract params (ShapeDtypeStructs) when first needed.
+    A structure that passed is remembered (by treedef, shapes and dtype kinds), so a
+    repeated check costs one tree flatten, and a check at jit trace time costs nothing
+    per call.
+    """
+
+    def __init__(self, expected: Callable[[], Any], what: str) -> None:
+        self._expected = expected
+        self._want: dict[str, tuple[tuple[int, ...], str]] | None = None
+        self._passed: set[Any] = set()
+        self.what = what
+
+    def __call__(self, params: Any, name: str = "params") -> None:
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        key = (treedef, tuple((tuple(np.shape(x)), _kind(x.dtype)) for x in leaves))
+        if key in self._passed:
+            return
+        if self._want is None:
+            self._want = {path: (tuple(x.shape), _kind(x.dtype)) for path, x in _leaves(self._expected())}
+        got = {path: (tuple(np.shape(x)), _kind(x.dtype)) for path, x in _leaves(params)}
+        problems = []
+        for path, (shape, kind) in self._want.items():
+            if path not in got:
+                problems.append(f"'{path}' is missing")
+            elif got[path][0] != shape:
+                problems.append(f"'{path}' has shape {got[path][0]} where {self.what} needs {shape}")
+            elif got[path][1] != kind:
+                problems.append(f"'{path}' holds {got[path][1]} values where {self.what} needs {kind}")
+        problems += [f"'{path}' is not a param of {self.what}" for path in got if path not in self._want]
+        if problems:
+            more = f" (and {len(problems) - 1} more mismatch(es))" if len(problems) > 1 else ""
+            raise InputError(f"{name} do not fit {self.what}: {problems[0]}{more}. Pass the params of this "
+                             "model (same config), e.g. model.params or what its train step returned")
+        self._passed.add(key)

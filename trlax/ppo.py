@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from trlax.errors import TrlaxError
 from trlax.trainable import merge_trainable, split_trainable
 from trlax.value_head import PreTrainedModelWrapper
 
@@ -61,7 +62,7 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         if self.kl_penalty not in KL_PENALTIES:
-            raise ValueError(f"kl_penalty must be one of {KL_PENALTIES}; got {self.kl_penalty!r}")
+            raise TrlaxError(f"kl_penalty must be one of {KL_PENALTIES}; got {self.kl_penalty!r}")
 
 
 # --- core.py --------------------------------------------------------------------------
@@ -129,7 +130,7 @@ def kl_penalty(logprob: Array, ref_logprob: Array, kind: str = "kl") -> Array:
         return 0.5 * jnp.square(logprob - ref_logprob)
     if kind == "full":
         return jnp.sum(jnp.exp(logprob) * (logprob - ref_logprob), axis=-1)
-    raise ValueError(f"kl_penalty must be one of {KL_PENALTIES}; got {kind!r}")
+    raise TrlaxError(f"kl_penalty must be one of {KL_PENALTIES}; got {kind!r}")
 
 
 def compute_rewards(
@@ -326,7 +327,7 @@ def make_ppo_update(
     def step(trainable: Any, frozen: Any, opt_state: Any, batch: dict[str, Array],
              rng: Array | None = None) -> tuple[Any, Any, dict[str, Array]]:
         if jax.tree_util.tree_structure(trainable) != expected:
-            raise ValueError(
+            raise TrlaxError(
                 "`trainable` must be split_trainable(params, model.trainable_mask)[0]: the update donates it, and "
                 "donating leaves that are frozen (shared with a reference model) would delete the reference's "
                 "arrays. Split the params with trlax.split_trainable and pass the frozen half separately.")

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 
 from trlax.checkpoint.naming import TensorRule, flatten_paths
+from trlax.errors import TrlaxError, TrlaxTypeError
 from trlax.models.base import FlaxPreTrainedModel
 from trlax.value_head import PreTrainedModelWrapper
 
@@ -105,9 +106,9 @@ def resolve_layer_pattern(names: list[str], pattern: str | None, default: str) -
     if pattern is None:
         return default
     if "{layer}" not in pattern:
-        raise ValueError(f"pattern must contain '{{layer}}' (e.g. 'transformer.h.{{layer}}'); got {pattern!r}")
+        raise TrlaxError(f"pattern must contain '{{layer}}' (e.g. 'transformer.h.{{layer}}'); got {pattern!r}")
     if not any(pattern.format(layer=0) in name for name in names):
-        raise ValueError(f"pattern {pattern!r} matches no parameter of this model (TRL would only warn and "
+        raise TrlaxError(f"pattern {pattern!r} matches no parameter of this model (TRL would only warn and "
                          f"freeze everything); parameter names look like {names[:3]}")
     return pattern
 
@@ -160,11 +161,11 @@ def create_reference_model(
     than the layer count.
     """
     if not isinstance(model, PreTrainedModelWrapper):
-        raise TypeError(f"create_reference_model takes a trlax value-head model (PreTrainedModelWrapper); "
+        raise TrlaxTypeError(f"create_reference_model takes a trlax value-head model (PreTrainedModelWrapper); "
                         f"got {type(model).__name__}")
     if model.is_peft_model:  # a LoRA policy: its reference is the base with the adapter off, no copy
         if num_shared_layers is not None or pattern is not None:
-            raise ValueError("num_shared_layers/pattern do not apply to a LoRA adapter policy: its reference "
+            raise TrlaxError("num_shared_layers/pattern do not apply to a LoRA adapter policy: its reference "
                              "already shares the whole frozen base (adapter off); call create_reference_model(model)")
         # The base is frozen in the policy, so sharing it is safe even when a train step
         # donates the trainable params; the value head, which the policy trains, is copied.
@@ -174,7 +175,7 @@ def create_reference_model(
     if num_shared_layers is not None:
         shared = _shared_paths(model.pretrained_model, num_shared_layers, pattern)
     elif pattern is not None:
-        raise ValueError("pattern is only used with num_shared_layers; pass num_shared_layers=N too")
+        raise TrlaxError("pattern is only used with num_shared_layers; pass num_shared_layers=N too")
 
     # One flat pass: shared leaves are reused as they are, every other leaf is copied.
     flat, treedef = jax.tree_util.tree_flatten_with_path(model.params)
@@ -197,13 +198,13 @@ def create_reference_model(
 def _shared_paths(lm: FlaxPreTrainedModel, num_shared_layers: int, pattern: str | None) -> set[tuple[str, ...]]:
     """Wrapper param paths ("pretrained_model", ...) of the leaves shared under TRL's rule."""
     if isinstance(num_shared_layers, bool) or not isinstance(num_shared_layers, int):
-        raise TypeError(f"num_shared_layers must be an int or None; got {num_shared_layers!r}")
+        raise TrlaxTypeError(f"num_shared_layers must be an int or None; got {num_shared_layers!r}")
     table = parameter_table(lm)
     names = list(table)
     pattern = resolve_layer_pattern(names, pattern, lm.spec.layer_pattern)
     num_layers = count_layers(names, pattern)
     if not 0 <= num_shared_layers < num_layers:
-        raise ValueError(f"num_shared_layers={num_shared_layers} is out of range: the model has {num_layers} layers "
+        raise TrlaxError(f"num_shared_layers={num_shared_layers} is out of range: the model has {num_layers} layers "
                          f"matching {pattern!r}, so it must be in [0, {num_layers - 1}] (0 shares only what comes "
                          "before the first layer, e.g. the embeddings); use None for an unshared copy")
     return {("pretrained_model", *table[name].path) for name in shared_parameter_names(names, num_shared_layers,

@@ -36,7 +36,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from trlax.errors import UnsupportedModelError
+from trlax.errors import TrlaxError, UnsupportedModelError
 from trlax.models.registry import spec_for_type
 from trlax.models.spec import ParamRule
 from trlax.models.stack import batch_constraint
@@ -156,7 +156,7 @@ def spec_for(axes: LogicalAxes, shape: Sequence[int], mesh: Mesh, rules: Shardin
             entries.append(None)
             continue
         if name not in rules.logical:
-            raise ValueError(f"logical axis {name!r} has no mesh mapping; known logical axes: "
+            raise TrlaxError(f"logical axis {name!r} has no mesh mapping; known logical axes: "
                              f"{sorted(rules.logical)} (add it to ShardingRules.logical)")
         chosen: list[str] = []
         size = 1
@@ -215,15 +215,15 @@ def make_mesh(data: int = 1, fsdp: int = -1, tp: int = 1, devices: Sequence[Any]
     sizes = [data, fsdp, expert, tp] if expert != 1 else [data, fsdp, tp]
     shown = " x ".join(f"{n}={s}" for n, s in zip(names, sizes, strict=True))
     if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis size may be -1; got {shown}")
+        raise TrlaxError(f"at most one mesh axis size may be -1; got {shown}")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot be split into {shown}")
+            raise TrlaxError(f"{len(devices)} devices cannot be split into {shown}")
         sizes[sizes.index(-1)] = len(devices) // known
     if int(np.prod(sizes)) != len(devices):
         shown = " x ".join(f"{n}={s}" for n, s in zip(names, sizes, strict=True))
-        raise ValueError(f"mesh {shown} needs {int(np.prod(sizes))} devices; there are {len(devices)}")
+        raise TrlaxError(f"mesh {shown} needs {int(np.prod(sizes))} devices; there are {len(devices)}")
     return Mesh(np.array(devices).reshape(sizes), names, axis_types=(AxisType.Auto,) * len(names))
 
 

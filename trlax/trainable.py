@@ -22,10 +22,12 @@ from typing import Any
 import jax
 import optax
 
+from trlax.errors import TrlaxError
+
 
 def _check_mask(params: Any, mask: Any) -> None:
     if jax.tree_util.tree_structure(params) != jax.tree_util.tree_structure(mask):
-        raise ValueError("the trainable mask must have exactly the params' tree structure (one bool per leaf); "
+        raise TrlaxError("the trainable mask must have exactly the params' tree structure (one bool per leaf); "
                          "use model.trainable_mask for model.params")
 
 
@@ -42,7 +44,7 @@ def merge_trainable(trainable: Any, frozen: Any) -> Any:
 
     def pick(t: Any, f: Any) -> Any:
         if (t is None) == (f is None):
-            raise ValueError("trainable and frozen must come from one split_trainable call: a leaf is "
+            raise TrlaxError("trainable and frozen must come from one split_trainable call: a leaf is "
                              f"{'in neither half' if t is None else 'in both halves'}")
         return f if t is None else t
 

@@ -28,9 +28,9 @@ from trlax.checkpoint.naming import key_table
 from trlax.checkpoint.push import push_to_hub
 from trlax.checkpoint.reader import CheckpointReader
 from trlax.checkpoint.torch_models import TorchParts, is_torch_model, peft_lm, torch_parts, trl_value_head_model
-from trlax.errors import CheckpointError, UnsupportedModelError
+from trlax.errors import CheckpointError, TrlaxError, TrlaxTypeError, UnsupportedModelError
 from trlax.generation_config import read_generation_config
-from trlax.inputs import InputError, mask_for, same_shape, token_ids
+from trlax.inputs import InputError, ParamsCheck, mask_for, same_shape, token_ids
 from trlax.models.auto import AutoModel, FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
 from trlax.models.base import FlaxPreTrainedModel, load_config
 from trlax.models.layers import LORA_COLLECTION, torch_linear_init
@@ -77,7 +77,7 @@ def value_head_hidden_size(config: transformers.PretrainedConfig) -> int:
     decoder = getattr(config, "decoder", None)
     if getattr(config, "is_encoder_decoder", False) and isinstance(getattr(decoder, "hidden_size", None), int):
         return decoder.hidden_size
-    raise ValueError(
+    raise TrlaxError(
         "Cannot determine the value head's hidden size from the model config: none of "
         "`word_embed_proj_dim`, `hidden_size`, `text_config.hidden_size`, `decoder.hidden_size` is set."
     )
@@ -118,7 +118,7 @@ def make_value_head(
 ) -> ValueHead:
     """The ValueHead TRL builds for this config (a `summary_dropout_prob` on the config wins)."""
     if v_head_init_strategy not in V_HEAD_INIT_STRATEGIES:
-        raise ValueError(f"v_head_init_strategy must be one of {V_HEAD_INIT_STRATEGIES}; got {v_head_init_strategy!r}")
+        raise TrlaxError(f"v_head_init_strategy must be one of {V_HEAD_INIT_STRATEGIES}; got {v_head_init_strategy!r}")
     dropout = getattr(config, "summary_dropout_prob", summary_dropout_prob)
     return ValueHead(value_head_hidden_size(config), dropout, v_head_init_strategy, v_head_initializer_range)
 
@@ -185,9 +185,9 @@ class PreTrainedModelWrapper:
         base_model_name_or_path: str | None = None,
     ) -> None:
         if pretrained_model.is_encoder_decoder != self.auto_class.model_class.is_encoder_decoder:
-            raise TypeError(f"{type(self).__name__} cannot wrap a {type(pretrained_model).__name__}")
+            raise TrlaxTypeError(f"{type(self).__name__} cannot wrap a {type(pretrained_model).__name__}")
         if (reward_adapter is None) != (reward_params is None):
-            raise ValueError("pass reward_adapter and reward_params together")
+            raise TrlaxError("pass reward_adapter and reward_params together")
         self.config = pretrained_model.config
         self.v_head = make_value_head(self.config, summary_dropout_prob, v_head_initializer_range,
                                       v_head_init_strategy)
@@ -214,6 +214,13 @@ class PreTrainedModelWrapper:
         self.base_model_name_or_path: str | None = (
             base_model_name_or_path or getattr(self.config, "name_or_path", None) or None)
         self.trainable_mask: dict[str, Any] = self._initial_trainable_mask()
+        head = self.v_head
+        self._check_head_params = ParamsCheck(lambda: jax.eval_shape(lambda: init_value_head(head, jax.random.key(0))),
+                                              "this model's value head")
+        # The adapter's structure is the one it was built with (shapes only: no arrays kept alive).
+        lora = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                      self.params.get(LORA_COLLECTION))
+        self._check_lora_params = ParamsCheck(lambda: lora, "this policy's LoRA adapter")
         self._forward = jax.jit(self.apply, static_argnames=("train", "output_hidden_states"))
         self._reward_forward = jax.jit(self.apply_reward)
 
@@ -280,6 +287,23 @@ class PreTrainedModelWrapper:
             raise CheckpointError(f"value head kernel has shape {got}, but the model's hidden size needs {want} "
                                   f"(v_head.summary.weight [1, {want[0]}])")
 
+    def check_params(self, params: dict[str, Any]) -> None:
+        """InputError unless `params` has this wrapper's structure: {"pretrained_model": the LM's params,
+        "v_head": the head's, and for a LoRA policy optionally "lora" (without it: the base alone)}, every
+        shape as the model's. Cheap when repeated (see `trlax.inputs.ParamsCheck`); under jit it runs
+        once per trace."""
+        want = {"pretrained_model", "v_head"}
+        allowed = want | ({LORA_COLLECTION} if self.is_peft_model else set())
+        got = set(params) if isinstance(params, dict) else set()
+        if not want <= got <= allowed:
+            problem = f"has no {sorted(want - got)}" if want - got else f"has unexpected {sorted(got - allowed)}"
+            raise InputError(f"params {problem}: a {type(self).__name__} takes {{{', '.join(sorted(allowed))}}}; "
+                             "pass this wrapper's params (model.params), not the LM's alone")
+        self.pretrained_model.check_params(params["pretrained_model"], "params['pretrained_model']")
+        self._check_head_params(params["v_head"], "params['v_head']")
+        if LORA_COLLECTION in params:
+            self._check_lora_params(params[LORA_COLLECTION], "params['lora']")
+
     @property
     def v_head_dropout_prob(self) -> float | None:
         return self.v_head.dropout_prob
@@ -293,7 +317,7 @@ class PreTrainedModelWrapper:
         trl_args = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.supported_args}
         model_args = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.model_args}
         if kwargs:
-            raise TypeError(
+            raise TrlaxTypeError(
                 f"{cls.__name__}.from_pretrained got unknown keyword argument(s) {sorted(kwargs)}; "
                 f"value-head arguments: {list(cls.supported_args)}; model arguments: {list(cls.model_args)}"
             )
@@ -332,7 +356,7 @@ class PreTrainedModelWrapper:
         """
         trl_args, model_args = cls._split_kwargs(dict(kwargs))
         if reward_adapter is not None and not isinstance(reward_adapter, (str, os.PathLike)):
-            raise ValueError(f"reward_adapter must be a local folder or a hub id; got {type(reward_adapter).__name__}")
+            raise TrlaxError(f"reward_adapter must be a local folder or a hub id; got {type(reward_adapter).__name__}")
         source = pretrained_model_name_or_path
         options = _hub_options(model_args)
         adapter: PolicyAdapter | None = None
@@ -351,12 +375,13 @@ class PreTrainedModelWrapper:
                 _missing_head(f"{type(source).__name__} has no value head", strict)
         elif isinstance(source, FlaxPreTrainedModel):
             if model_args:
-                raise TypeError(f"model arguments {sorted(model_args)} only apply when loading from a path or hub id")
+                raise TrlaxTypeError(f"model arguments {sorted(model_args)} only apply when loading from a path or "
+                                     "hub id")
             if source.is_encoder_decoder != cls.auto_class.model_class.is_encoder_decoder:
-                raise TypeError(f"{cls.__name__} cannot wrap a {type(source).__name__}")
+                raise TrlaxTypeError(f"{cls.__name__} cannot wrap a {type(source).__name__}")
             lm, v_head = source, None
         elif not isinstance(source, (str, os.PathLike)):
-            raise TypeError(f"pretrained_model_name_or_path must be a path, a hub id or a trlax model; "
+            raise TrlaxTypeError(f"pretrained_model_name_or_path must be a path, a hub id or a trlax model; "
                             f"got {type(source).__name__}")
         elif is_adapter_folder(source, options):
             if peft_config is not None:
@@ -374,7 +399,7 @@ class PreTrainedModelWrapper:
         reward = reward_params = None
         if reward_adapter is not None:
             if adapter is None:
-                raise ValueError("reward_adapter can only be used with a LoRA policy (pass peft_config=... or load a "
+                raise TrlaxError("reward_adapter can only be used with a LoRA policy (pass peft_config=... or load a "
                                  "saved adapter policy): the reward adapter scores on the frozen base, which a fully "
                                  "trained policy would change")
             hidden = value_head_hidden_size(lm.config)
@@ -433,7 +458,7 @@ class PreTrainedModelWrapper:
         if not train:
             return None, None
         if dropout_rng is None:
-            raise ValueError("train=True needs dropout_rng (a jax.random key) for dropout")
+            raise TrlaxError("train=True needs dropout_rng (a jax.random key) for dropout")
         base, head = jax.random.split(dropout_rng)
         return base, head
 
@@ -458,12 +483,13 @@ class PreTrainedModelWrapper:
         default `self.reward_params`. Pick the last real token's row for a sequence reward.
         """
         if not self.supports_rm_adapter:
-            raise ValueError("This model does not support reward modeling adapter: load one with "
+            raise TrlaxError("This model does not support reward modeling adapter: load one with "
                              "from_pretrained(..., peft_config=..., reward_adapter=<PEFT reward adapter>)")
         input_ids = token_ids("input_ids", input_ids)
         mask = mask_for("attention_mask", attention_mask, input_ids)
         if position_ids is not None:
             position_ids = same_shape("position_ids", position_ids, input_ids.shape)
+        self.pretrained_model.check_inputs(input_ids, mask, position_ids)
         return self._reward_forward(self.params if params is None else params,
                                     self.reward_params if reward_params is None else reward_params,
                                     input_ids, mask, position_ids)
@@ -496,6 +522,7 @@ class PreTrainedModelWrapper:
         value head instead (see `trlax.peft.policy.write_adapter_policy`).
         """
         params = self.params if params is None else params
+        self.check_params(params)
         if self.is_peft_model:
             # The adapter and the head are small: gathered whole (on every process) if sharded.
             small = host_tree({"lora": params[LORA_COLLECTION], "v_head": params["v_head"]})
@@ -541,6 +568,7 @@ class PreTrainedModelWrapper:
         """Generation with the LM's params and, for a LoRA policy, its adapter (values are not
         computed), as TRL delegates it."""
         params = self.params if params is None else params
+        self.check_params(params)
         return self.pretrained_model.generate(*args, params=params["pretrained_model"],
                                               lora=params.get(LORA_COLLECTION), **kwargs)
 
@@ -581,13 +609,16 @@ class FlaxAutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         train: bool = False,
         output_hidden_states: bool = False,
         labels: jax.Array | None = None,
+        check_inputs: bool = False,
     ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
-        """Pure forward: (lm_logits [B, T, V] f32, loss [] f32 with labels [B, T] else None, values [B, T] f32)."""
+        """Pure forward: (lm_logits [B, T, V] f32, loss [] f32 with labels [B, T] else None, values [B, T] f32).
+        Checks params and inputs as the LM's `apply` (`check_inputs`: traced ones too, see `trlax.inputs`)."""
+        self.check_params(params)
         params = self._params_for_forward(params)
         base_rng, head_rng = self._split_rng(dropout_rng, train)
         out = self.pretrained_model.apply(params["pretrained_model"], input_ids, attention_mask, position_ids,
                                           dropout_rng=base_rng, train=train, lora=params.get(LORA_COLLECTION),
-                                          labels=labels)
+                                          labels=labels, check_inputs=check_inputs)
         values = self._values(params, out.last_hidden_state, head_rng, train)
         return out.logits.astype(jnp.float32), out.loss, values
 
@@ -600,18 +631,21 @@ class FlaxAutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         train: bool = False,
         dropout_rng: jax.Array | None = None,
         labels: Any = None,
+        check_inputs: bool = False,
     ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
         """TRL's 3-tuple (lm_logits [B, T, V] float32, loss, values [B, T] float32), jitted.
 
         input_ids [B, T] int; attention_mask [B, T] (default all ones); position_ids as
         the LM's forward; `train=True` with `dropout_rng` enables dropout. labels [B, T]
         int (-100 = ignored): loss is the wrapped LM's loss as TRL returns it
-        (transformers' shifted cross-entropy, [] float32); None without labels.
+        (transformers' shifted cross-entropy, [] float32); None without labels. Bad ids,
+        positions or params raise InputError as in the LM's forward.
         """
         input_ids = token_ids("input_ids", input_ids)
         mask = mask_for("attention_mask", attention_mask, input_ids)
         if position_ids is not None:
             position_ids = same_shape("position_ids", position_ids, input_ids.shape)
+        self.pretrained_model.check_inputs(input_ids, mask, position_ids, traced=check_inputs)
         if labels is not None:
             labels = same_shape("labels", token_ids("labels", labels), input_ids.shape)
         return self._forward(self.params if params is None else params, input_ids, mask, position_ids,
@@ -634,13 +668,17 @@ class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
         train: bool = False,
         output_hidden_states: bool = False,
         labels: jax.Array | None = None,
+        check_inputs: bool = False,
     ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
-        """Pure forward: (lm_logits [B, Td, V] f32, loss [] f32 with labels [B, Td] else None, values [B, Td] f32)."""
+        """Pure forward: (lm_logits [B, Td, V] f32, loss [] f32 with labels [B, Td] else None, values [B, Td] f32);
+        checks as the causal one."""
+        self.check_params(params)
         params = self._params_for_forward(params)
         base_rng, head_rng = self._split_rng(dropout_rng, train)
         out = self.pretrained_model.apply(params["pretrained_model"], input_ids, attention_mask, decoder_input_ids,
                                           decoder_attention_mask, dropout_rng=base_rng, train=train,
-                                          lora=params.get(LORA_COLLECTION), labels=labels)
+                                          lora=params.get(LORA_COLLECTION), labels=labels,
+                                          check_inputs=check_inputs)
         values = self._values(params, out.last_hidden_state, head_rng, train)
         return out.logits.astype(jnp.float32), out.loss, values
 
@@ -654,6 +692,7 @@ class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
         train: bool = False,
         dropout_rng: jax.Array | None = None,
         labels: Any = None,
+        check_inputs: bool = False,
     ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
         """TRL's 3-tuple over decoder positions. decoder_input_ids [B, Td], or labels [B, Td]
         (-100 = ignored) from which they are derived as transformers does (shifted right behind
@@ -669,6 +708,7 @@ class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
         decoder_input_ids = token_ids("decoder_input_ids", decoder_input_ids)
         mask = mask_for("attention_mask", attention_mask, input_ids)
         dmask = mask_for("decoder_attention_mask", decoder_attention_mask, decoder_input_ids)
+        self.pretrained_model.check_inputs(input_ids, decoder_input_ids, traced=check_inputs)
         if labels is not None:
             labels = same_shape("labels", labels, decoder_input_ids.shape)
         return self._forward(self.params if params is None else params, input_ids, mask, decoder_input_ids, dmask,

@@ -26,7 +26,7 @@ from trlax.checkpoint.gather import WRITER_PROCESS, checkpoint_tensors, write_ch
 from trlax.checkpoint.hub import HubOptions, resolve_checkpoint
 from trlax.checkpoint.naming import flatten_paths, key_table
 from trlax.checkpoint.reader import CheckpointReader
-from trlax.errors import CheckpointError
+from trlax.errors import CheckpointError, TrlaxError
 from trlax.models.auto import AutoModel, FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
 from trlax.models.base import load_config
 from trlax.models.spec import ParamRule
@@ -79,6 +79,8 @@ def to_orbax(
     Returns the folder.
     """
     dst = Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"{dst} exists and is not a folder; convert into a new folder")
     if dst.exists() and any(dst.iterdir()):
         raise CheckpointError(f"{dst} exists and is not empty; convert into a new folder")
     if jax.process_count() > 1:  # every host has checked before any writes into dst
@@ -176,7 +178,13 @@ def load_orbax(
         shardings = jax.tree_util.tree_map(lambda _: device, abstract)
     target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     abstract, shardings)
-    params = ocp.StandardCheckpointer().restore(path.absolute() / PARAMS_DIR, target)
+    try:
+        params = ocp.StandardCheckpointer().restore(path.absolute() / PARAMS_DIR, target)
+    except Exception as e:  # noqa: BLE001 - Orbax / TensorStore raise bare errors for damaged files
+        reason = " ".join(str(e).split())[:400]
+        raise CheckpointError(f"the params of the Orbax model folder {path} cannot be restored: its files are "
+                              f"damaged or do not fit its config ({type(e).__name__}: {reason}); re-create it with "
+                              "`trlax convert`") from None
     if not marker["value_head"]:
         lm.params = params
         return lm
@@ -214,4 +222,4 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
         return to_orbax(src, dst, **kwargs)
     if to == "hf":
         return to_hf(src, dst, **kwargs)
-    raise ValueError(f"to must be 'orbax' or 'hf'; got {to!r}")
+    raise TrlaxError(f"to must be 'orbax' or 'hf'; got {to!r}")

@@ -65,7 +65,7 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     keys = [k for k, _ in pairs]
     if len(set(keys)) != len(keys):
         duplicate = next(k for k in keys if keys.count(k) > 1)
-        raise ValueError(f"key {duplicate!r} appears twice")
+        raise CheckpointError(f"key {duplicate!r} appears twice")
     return dict(pairs)
 
 

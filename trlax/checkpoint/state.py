@@ -37,7 +37,7 @@ from jax.sharding import Mesh, Sharding, SingleDeviceSharding
 
 from trlax.checkpoint.gather import global_replicas
 from trlax.checkpoint.lock import WriterLock
-from trlax.errors import CheckpointError
+from trlax.errors import CheckpointError, TrlaxError
 from trlax.sharding import ParamRule, ShardingRules, tree_shardings
 
 STATE_ITEMS = ("params", "opt_state", "rng", "adapters")
@@ -77,7 +77,7 @@ class StateCheckpointer:
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, async_save: bool = False,
                  read_only: bool = False):
         if max_to_keep is not None and max_to_keep < 1:
-            raise ValueError(f"max_to_keep must be >= 1 or None (keep all); got {max_to_keep}")
+            raise TrlaxError(f"max_to_keep must be >= 1 or None (keep all); got {max_to_keep}")
         self.directory = Path(directory).absolute()
         self.max_to_keep = max_to_keep
         self.async_save = async_save
@@ -108,7 +108,7 @@ class StateCheckpointer:
         already saved raises CheckpointError.
         """
         if not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be an int >= 0; got {step!r}")
+            raise TrlaxError(f"step must be an int >= 0; got {step!r}")
         if step in self.manager.all_steps():
             raise CheckpointError(f"step {step} is already saved in {self.directory}; use a new step number")
         rng_impl = None
@@ -184,12 +184,21 @@ class StateCheckpointer:
             damaged = " (its folder is incomplete)" if step in self.manager.all_steps() else ""
             raise CheckpointError(f"step {step} is not saved in {self.directory}{damaged}; "
                                   f"saved steps: {self.all_steps()}")
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        abstract = self._abstract_state(step, target or {})
-        shardings = self._shardings(abstract, target_sharding, sharding_rules, model_type)
-        abstract = jax.tree_util.tree_map(
-            lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), abstract, shardings)
-        state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            abstract = self._abstract_state(step, target or {})
+            shardings = self._shardings(abstract, target_sharding, sharding_rules, model_type)
+            abstract = jax.tree_util.tree_map(lambda leaf, sharding: jax.ShapeDtypeStruct(
+                leaf.shape, leaf.dtype, sharding=sharding), abstract, shardings)
+            state = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract)))["state"]
+        except TrlaxError:
+            raise
+        except Exception as e:  # noqa: BLE001 - Orbax / TensorStore raise bare errors for damaged files
+            reason = " ".join(str(e).split())[:400]
+            raise CheckpointError(f"step {step} in {self.directory} cannot be restored: its files are damaged or do "
+                                  f"not fit the target ({type(e).__name__}: {reason}); restore another step "
+                                  f"(saved: {self.all_steps()})") from None
         rng = state.get("rng")
         if rng is not None and meta.get("rng_impl"):
             rng = jax.random.wrap_key_data(rng, impl=meta["rng_impl"])
@@ -200,7 +209,7 @@ class StateCheckpointer:
         """ShapeDtypeStructs of the saved state; `target`'s items replace the saved structure."""
         unknown = set(target) - set(STATE_ITEMS)
         if unknown:
-            raise ValueError(f"target has unknown item(s) {sorted(unknown)}; items: {list(STATE_ITEMS)}")
+            raise TrlaxError(f"target has unknown item(s) {sorted(unknown)}; items: {list(STATE_ITEMS)}")
         saved = self.manager.item_metadata(step)["state"]
         saved = getattr(saved, "tree", saved)
         missing = set(target) - set(saved)

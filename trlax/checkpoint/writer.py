@@ -20,6 +20,7 @@ import numpy as np
 
 from trlax.checkpoint.atomic import replacing_folder
 from trlax.checkpoint.reader import SAFETENSORS_DTYPES
+from trlax.errors import TrlaxError
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -37,7 +38,7 @@ def parse_size(size: int | str) -> int:
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)\s*", size, flags=re.IGNORECASE)
     if not match:
-        raise ValueError(f"max_shard_size {size!r} is not a size; use an int or a string like '5GB' or '500MB'")
+        raise TrlaxError(f"max_shard_size {size!r} is not a size; use an int or a string like '5GB' or '500MB'")
     value, unit = float(match.group(1)), match.group(2).upper()
     base = 1024 if "I" in unit else 1000
     return int(value * base ** "KMGT".index(unit[0]) * base)
@@ -49,7 +50,7 @@ def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: M
     offset = 0
     for key, array in tensors.items():
         if array.dtype not in _DTYPE_NAMES:
-            raise ValueError(f"tensor {key!r} has dtype {array.dtype}, which safetensors cannot store")
+            raise TrlaxError(f"tensor {key!r} has dtype {array.dtype}, which safetensors cannot store")
         header[key] = {"dtype": _DTYPE_NAMES[array.dtype], "shape": list(array.shape),
                        "data_offsets": [offset, offset + array.nbytes]}
         offset += array.nbytes

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -36,14 +37,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def fail(command: str, message: str) -> int:
+    """Print one error line for `command` on stderr; the exit status 1."""
+    message = " ".join(message.split())  # one line, whatever the message (transformers' span several)
+    print(f"trlax {command}: error: {message}", file=sys.stderr)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `trlax` console script and `python -m trlax`."""
+    """Entry point of the `trlax` console script and `python -m trlax`.
+
+    Every failure is one line on stderr and a non-zero exit status: 2 for a usage error,
+    130 for Ctrl-C, 1 otherwise. `TRLAX_DEBUG=1` shows the traceback instead.
+    """
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:
         args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args)
-    except TrlaxError as e:
-        message = " ".join(str(e).split())  # one line, whatever the message (transformers' span several)
-        print(f"trlax {args.command}: error: {message}", file=sys.stderr)
-        return 1
+    except Exception as e:
+        if os.environ.get("TRLAX_DEBUG", "") not in ("", "0"):
+            raise
+        if isinstance(e, TrlaxError):
+            return fail(args.command, str(e))
+        if isinstance(e, OSError):  # a file or folder it cannot read or write
+            where = f": {e.filename}" if e.filename else ""
+            return fail(args.command, f"{e.strerror or e}{where}")
+        if isinstance(e, MemoryError):
+            return fail(args.command, "out of memory; try a smaller --batch-size or model")
+        return fail(args.command, f"unexpected {type(e).__name__}: {e} (TRLAX_DEBUG=1 shows the traceback; "
+                                  "please report it)")
+    except KeyboardInterrupt:
+        print(f"trlax {args.command}: interrupted", file=sys.stderr)
+        return 130

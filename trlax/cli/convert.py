@@ -10,6 +10,7 @@ from jax.sharding import Mesh
 
 from trlax.checkpoint.convert import is_orbax_model, to_hf, to_orbax
 from trlax.checkpoint.hub import HubOptions
+from trlax.cli.preflight import check_output_dir, shard_size
 from trlax.sharding import make_mesh
 
 
@@ -27,7 +28,8 @@ def add_convert(subparsers: argparse._SubParsersAction) -> None:
                         help="keep TRL's value head: auto = when the checkpoint has one (default)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="param dtype stored in the Orbax folder (default float32)")
-    parser.add_argument("--max-shard-size", default=None, help="HF output: split safetensors, e.g. 5GB")
+    parser.add_argument("--max-shard-size", type=shard_size, default=None,
+                        help="HF output: split safetensors, e.g. 5GB")
     parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     parser.add_argument("--cache-dir", default=None, help="huggingface_hub cache folder")
     parser.add_argument("--local-files-only", action="store_true", help="never download; use the hub cache")
@@ -53,6 +55,7 @@ def distributed_mesh(args: argparse.Namespace) -> Mesh | None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    check_output_dir(args.dst, "DST")  # writable, before anything is read
     to = args.to or ("hf" if is_orbax_model(args.src) else "orbax")
     mesh = distributed_mesh(args)
     main_process = jax.process_index() == 0

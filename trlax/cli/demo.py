@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from trlax.cli.demo_report import print_samples, print_summary, write_outputs
+from trlax.cli.demo_report import print_samples, print_summary, write_metrics, write_outputs
 from trlax.cli.demo_task import (
     Task,
     char_task,
@@ -35,6 +35,7 @@ from trlax.cli.demo_task import (
     score_replies,
     tiny_gpt2_config,
 )
+from trlax.cli.preflight import check_batch_fits, check_output_dir
 from trlax.errors import TrlaxError, UnsupportedModelError
 from trlax.models.auto import FlaxAutoModelForCausalLM
 from trlax.ppo import PPOConfig, make_ppo_update, make_rollout
@@ -237,10 +238,12 @@ class PPOLoop:
 
 
 def run(models: DemoModels, config: DemoConfig, progress: bool = True,
-        show_before: Callable[[list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
+        show_before: Callable[[list[dict[str, Any]]], None] | None = None,
+        on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train for `config.steps` PPO steps; returns the log (per-step metrics, samples, timings).
 
     show_before: called with the samples before training, before the first step.
+    on_step: called after each step with the log so far (history, samples_before).
     """
     loop = PPOLoop(models, config)
     start = time.perf_counter()
@@ -252,6 +255,8 @@ def run(models: DemoModels, config: DemoConfig, progress: bool = True,
     for step in bar:
         metrics = {"step": step, **loop.step()}
         history.append(metrics)
+        if on_step is not None:
+            on_step({"history": history, "samples_before": before})
         recent = history[-10:]
         bar.set_postfix(reward=f"{np.mean([m['reward'] for m in recent]):.3f}",
                         kl=f"{np.mean([m['kl'] for m in recent]):.2f}", refresh=False)
@@ -311,12 +316,12 @@ def run_demo_command(args: argparse.Namespace) -> int:
     if args.batch_size < 4:
         raise TrlaxError(f"--batch-size must be at least 4 (PPO whitens advantages over each of the "
                          f"{DemoConfig.num_minibatches} minibatches); got {args.batch_size}")
-    output_dir = Path(args.output_dir) if args.output_dir else new_output_dir(Path.cwd())
-    if output_dir.exists() and not output_dir.is_dir():
-        raise TrlaxError(f"--output-dir {output_dir} exists and is not a folder")
+    output_dir = check_output_dir(Path(args.output_dir) if args.output_dir else new_output_dir(Path.cwd()))
     config = DemoConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
     start = time.perf_counter()
     models = build_models(args.model, config.seed, config.max_new_tokens)
+    prompt_length = models.task.sample_prompts(np.random.default_rng(0), 1)[0].shape[1]
+    check_batch_fits(models.policy.config, config.batch_size, prompt_length + config.max_new_tokens)
     print(f"policy:    {models.description}")
     n = models.shared_layers
     layers = "" if n == 0 else " and the first layer" if n == 1 else f" and the first {n} layers"
@@ -325,7 +330,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
     print(f"PPO:       {config.steps} steps x {config.batch_size} replies, {config.ppo_epochs} epochs x "
           f"{config.num_minibatches} minibatches, KL coefficient {config.kl_coef}, Adam lr {config.learning_rate}")
     legend = models.task.legend
-    log = run(models, config, show_before=lambda samples: print_samples("before training", samples, legend))
+    log = run(models, config, show_before=lambda samples: print_samples("before training", samples, legend),
+              on_step=lambda so_far: write_metrics(output_dir, so_far, None, config, models))
     print_samples("after training", log["samples_after"], legend)
     log["wall_seconds"] = time.perf_counter() - start
     summary = print_summary(log["history"], log["wall_seconds"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +48,27 @@ def print_summary(history: list[dict[str, float]], wall_seconds: float) -> dict[
     return summary
 
 
-def write_outputs(output_dir: Path, log: dict[str, Any], summary: dict[str, Any], config: Any,
-                  models: Any) -> list[Path]:
-    """metrics.json (config, summary, per-step metrics, samples) and, with matplotlib, ppo_demo.png."""
+def write_metrics(output_dir: Path, log: dict[str, Any], summary: dict[str, Any] | None, config: Any,
+                  models: Any) -> Path:
+    """metrics.json: config, summary, per-step metrics and samples (those known so far: a run
+    in progress has no summary or samples_after yet). Replaced atomically, so an interrupted
+    run leaves the last complete version."""
     output_dir.mkdir(parents=True, exist_ok=True)
     record = {"model": models.description, "reward_rule": models.task.description,
               "shared_layers": models.shared_layers, "config": dataclasses.asdict(config), "summary": summary,
-              "steps": log["history"], "samples_before": log["samples_before"],
-              "samples_after": log["samples_after"]}
+              "steps": log["history"], "samples_before": log.get("samples_before"),
+              "samples_after": log.get("samples_after")}
     metrics = output_dir / METRICS_FILE
-    metrics.write_text(json.dumps(record, indent=1) + "\n")
-    written = [metrics]
+    partial = output_dir / f".{METRICS_FILE}.partial"
+    partial.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(partial, metrics)
+    return metrics
+
+
+def write_outputs(output_dir: Path, log: dict[str, Any], summary: dict[str, Any], config: Any,
+                  models: Any) -> list[Path]:
+    """metrics.json (config, summary, per-step metrics, samples) and, with matplotlib, ppo_demo.png."""
+    written = [write_metrics(output_dir, log, summary, config, models)]
     try:
         written.append(plot_metrics(log["history"], output_dir / PLOT_FILE, title=models.task.description))
     except ImportError:

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import transformers
 
+from trlax.errors import TrlaxError
+
 Array = jax.Array
 
 START = "^"  # the start-of-text token of the embedded vocabulary (shown as "^")
@@ -57,7 +59,7 @@ def encode_chars(text: str) -> list[int]:
     """Ids of `text` in the embedded vocabulary (ValueError on a character it lacks)."""
     unknown = sorted(set(text) - set(CHARS))
     if unknown:
-        raise ValueError(f"characters {unknown} are not in the demo vocabulary {CHARS!r}")
+        raise TrlaxError(f"characters {unknown} are not in the demo vocabulary {CHARS!r}")
     return [CHARS.index(c) for c in text]
 
 

@@ -19,13 +19,14 @@ from typing import Any
 import huggingface_hub
 import jax
 import numpy as np
-import transformers
 
+from trlax.checkpoint.convert import PARAMS_DIR, is_orbax_model
 from trlax.checkpoint.hub import HubOptions, fetch_file, resolve_checkpoint
+from trlax.checkpoint.naming import hf_key
 from trlax.checkpoint.reader import SAFETENSORS_DTYPES, SafetensorsFile, TorchBinFile
 from trlax.errors import CheckpointError, TrlaxError, UnsupportedModelError
 from trlax.models.auto import FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
-from trlax.models.base import FlaxPreTrainedModel
+from trlax.models.base import FlaxPreTrainedModel, load_config
 from trlax.peft.lora import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAMES, PEFT_PREFIX
 from trlax.reference import count_layers, parameter_names, resolve_layer_pattern, shared_parameter_names
 
@@ -55,6 +56,31 @@ def _hub_header_table(source: str, options: HubOptions) -> Tensors | None:
         return None
     return {key: (SAFETENSORS_DTYPES[info.dtype].name, tuple(info.shape))
             for file in metadata.files_metadata.values() for key, info in file.tensors.items()}
+
+
+def _orbax_tensors(folder: Path) -> Tensors:
+    """HF names, dtypes and (HF) shapes of the params of an Orbax model folder, from Orbax's metadata."""
+    import orbax.checkpoint as ocp  # seconds to import: only for an Orbax folder
+
+    try:
+        metadata = ocp.StandardCheckpointer().metadata((folder / PARAMS_DIR).absolute())
+    except Exception as e:  # noqa: BLE001 - Orbax raises bare exceptions for a damaged folder
+        reason = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"cannot read the params metadata of the Orbax model folder {folder} ({reason}); "
+                              "re-create it with `trlax convert`") from None
+    tree = getattr(metadata, "item_metadata", metadata)
+    table: Tensors = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        names = tuple(str(getattr(k, "key", k)) for k in path)
+        shape = tuple(leaf.shape)
+        if names[-1] == "kernel":  # HF stores Linear weights [out, in]
+            shape = shape[::-1]
+        if names[0] == "v_head":
+            key = hf_key(names[1:], prefix="v_head.")
+        else:
+            key = hf_key(names[1:] if names[0] == "pretrained_model" else names)
+        table[key] = (np.dtype(leaf.dtype).name, shape)
+    return table
 
 
 def read_tensors(source: str, options: HubOptions) -> tuple[Path, Tensors]:
@@ -156,16 +182,19 @@ def model_info(source: str, num_shared_layers: int | None = None, options: HubOp
     adapter_config = fetch_file(source, ADAPTER_CONFIG_NAME, options) if _maybe_checkpoint(source) else None
     if adapter_config is not None:
         return _adapter_folder_info(source, adapter_config, options)
-    config_path, tensors = read_tensors(source, options)
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(config_path.parent))
-    except (ValueError, KeyError, OSError) as e:
-        raise UnsupportedModelError(f"cannot read the config of {source}: {e}".split("\n")[0]) from None
+    orbax = is_orbax_model(source)
+    if orbax:
+        config_path, tensors = Path(source) / "config.json", _orbax_tensors(Path(source))
+    else:
+        config_path, tensors = read_tensors(source, options)
+    config = load_config(config_path.parent, source)
     lm_tensors = {k: v for k, v in tensors.items() if not k.startswith("v_head.")}
     info: dict[str, Any] = {"source": source, "architecture": architecture(config),
                             "parameters": sum(d["params"] for d in by_dtype(lm_tensors).values()),
                             "by_dtype": by_dtype(tensors), "tensors": len(tensors)}
-    if not tensors:
+    if orbax:
+        info["note"] = "an Orbax model folder (trlax convert); shapes as in HF checkpoints"
+    elif not tensors:
         info["note"] = "no weight files (config only)"
     head = {k: tensors[k] for k in V_HEAD_KEYS if k in tensors}
     info["value_head"] = ({"shape": list(head[V_HEAD_KEYS[0]][1]), "dtype": head[V_HEAD_KEYS[0]][0]}

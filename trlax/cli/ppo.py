@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from trlax.cli.demo import positive_int
 from trlax.cli.demo_task import CONSONANTS, START, decode_chars, encode_chars, tiny_gpt2_config
+from trlax.cli.preflight import check_batch_fits, check_output_dir
 from trlax.errors import TrlaxError
 from trlax.models.auto import FlaxAutoModelForCausalLM, FlaxAutoModelForSequenceClassification
 from trlax.ppo import PPOConfig
@@ -181,11 +182,12 @@ def reward_source(args: argparse.Namespace, policy: Any, mesh: Any) -> Any:
 
 def run_ppo_command(args: argparse.Namespace) -> int:
     output_dir = Path(args.output_dir) if args.output_dir else Path.cwd() / time.strftime("trlax-ppo-%Y%m%d-%H%M%S")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise TrlaxError(f"--output-dir {output_dir} exists and is not a folder")
+    check_output_dir(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     config = trainer_config(args)
     models, texts = build_models(args)
+    # Every prompt has at least one token: a lower bound of the sequence length.
+    check_batch_fits(models.policy.config, config.batch_size, 1 + config.max_new_tokens)
     prompts = PromptSet.build(texts, models.codec, models.pad_id, args.max_prompt_length)
     trainer = PPOTrainer(models, prompts, config)
     for role, text in models.description.items():

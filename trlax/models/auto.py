@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import transformers
 
 from trlax.checkpoint.hub import HubOptions
+from trlax.errors import TrlaxTypeError
 from trlax.models.base import FlaxPreTrainedModel
 from trlax.models.causal import FlaxModelForCausalLM
 from trlax.models.registry import supported_model_types
@@ -66,5 +67,5 @@ class FlaxAutoModelForSequenceClassification(AutoModel):
         if is_adapter_folder(pretrained_model_name_or_path, options):
             return load_seq_cls_adapter(pretrained_model_name_or_path, options, **kwargs)
         if "base_model" in kwargs:
-            raise TypeError("base_model= only applies when loading a PEFT adapter folder")
+            raise TrlaxTypeError("base_model= only applies when loading a PEFT adapter folder")
         return cls.model_class.from_pretrained(pretrained_model_name_or_path, **kwargs)

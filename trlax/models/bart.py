@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 
 from trlax.errors import UnsupportedModelError
+from trlax.inputs import InputError
 from trlax.models.attention import Array, attention_bias
 from trlax.models.cache import CacheGeometry, KVCache
 from trlax.models.encoder_decoder import EncoderDecoderLM, EncoderDecoderStack
@@ -111,7 +112,7 @@ class BartStack(EncoderDecoderStack):
     def layer_inputs(self, mask: Array, encoder_mask: Array | None, q_slots: Array) -> dict[str, Any]:
         c = self.config
         if mask.shape[1] > c.max_position_embeddings:
-            raise ValueError(f"BART has {c.max_position_embeddings} positions; got a sequence (or cache) of "
+            raise InputError(f"BART has {c.max_position_embeddings} positions; got a sequence (or cache) of "
                              f"{mask.shape[1]}")
         self_bias = attention_bias(mask, q_slots, causal=self.is_decoder)  # [B, 1, T, S]
         cross_bias = attention_bias(encoder_mask, q_slots, causal=False) if self.is_decoder else None
@@ -183,7 +184,7 @@ SPEC = ArchitectureSpec(
     peft_targets=("q_proj", "v_proj"),
     ignored_keys=(r"^model\.(encoder|decoder)\.version$",),  # fairseq leftovers transformers ignores too
     tied_keys=lambda c: ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"),
-    validate=_validate,
+    validate=_validate, learned_positions=True,
     is_encoder_decoder=True, raw_keys=("final_logits_bias",),
     key_defaults=lambda c: {"final_logits_bias": None},
 )

@@ -36,10 +36,10 @@ from trlax.checkpoint.naming import TensorRule, flatten_paths, get_path, hf_tens
 from trlax.checkpoint.push import push_to_hub
 from trlax.checkpoint.reader import CheckpointReader
 from trlax.checkpoint.torch_models import StateDictReader, TorchParts, is_torch_model, torch_lm, torch_parts
-from trlax.errors import TrlaxError, UnsupportedModelError
+from trlax.errors import CheckpointError, TrlaxError, UnsupportedModelError
 from trlax.generation import GenerateOutput, GenerationCache, generate
 from trlax.generation_config import read_generation_config, resolve_generation, write_generation_config
-from trlax.inputs import token_ids
+from trlax.inputs import ParamsCheck, token_ids
 from trlax.models.layers import LORA_COLLECTION
 from trlax.models.loading_args import resolve_dtype, translate_loading_args
 from trlax.models.registry import get_spec, supported_model_types
@@ -53,13 +53,17 @@ VALUE_HEAD_KEYS = r"^v_head\."
 
 
 def load_config(folder: Path, source: str) -> transformers.PretrainedConfig:
-    """Read config.json with transformers' AutoConfig; unknown model types fail clearly."""
+    """Read config.json with transformers' AutoConfig; unknown model types and unreadable files fail clearly."""
     try:
         return transformers.AutoConfig.from_pretrained(str(folder))
     except (ValueError, KeyError) as e:
         raise UnsupportedModelError(
             f"cannot read the config of {source}: {e}. trlax supports model_type in {supported_model_types()}"
         ) from None
+    except Exception as e:  # noqa: BLE001 - invalid JSON (OSError), a field of the wrong type (hub's validation)
+        reason = " ".join(str(e).split()).rstrip(".")
+        raise CheckpointError(f"the config.json of {source} is not a valid transformers config ({reason}); "
+                              "fix or replace the file") from None
 
 
 class FlaxPreTrainedModel:
@@ -103,6 +107,7 @@ class FlaxPreTrainedModel:
         # which save_pretrained writes by default; and the checkpoint's GenerationConfig.
         self.storage_dtype: np.dtype | None = None
         self.generation_config: transformers.GenerationConfig | None = None
+        self.check_params = ParamsCheck(self.abstract_params, f"this {config.model_type} model")
         self._forward = jax.jit(self.apply, static_argnames=("train", "output_hidden_states"))
 
     @classmethod
@@ -133,6 +138,7 @@ class FlaxPreTrainedModel:
         view.mesh, view.sharding_rules = self.mesh, self.sharding_rules
         view.storage_dtype, view.generation_config = self.storage_dtype, self.generation_config
         view.module = self.module
+        view.check_params = self.check_params  # same structure: share what it learned
         view._owner = owner
         return view
 
@@ -145,6 +151,11 @@ class FlaxPreTrainedModel:
     def init_params(self, rng: jax.Array) -> dict[str, Any]:
         """Random params from the module's initialisers (as a fresh model is)."""
         return jax.jit(lambda key: self.module.init(key, *self.dummy_inputs())["params"])(rng)
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the token embedding: token ids must lie in [0, vocab_size)."""
+        return int(self.config.vocab_size)
 
     def abstract_params(self) -> dict[str, Any]:
         """The param tree as ShapeDtypeStructs, computed without allocating anything."""
@@ -292,7 +303,7 @@ class FlaxPreTrainedModel:
         if self.mesh is None:
             return place
         if place is not None:
-            raise ValueError("pass either place= (a custom placer) or mesh= (sharded loading), not both")
+            raise TrlaxError("pass either place= (a custom placer) or mesh= (sharded loading), not both")
         return make_placer(self.mesh, self.sharding_rules)
 
     def sharding_context(self) -> contextlib.AbstractContextManager[None]:
@@ -330,7 +341,8 @@ class FlaxPreTrainedModel:
                      dropout_rng: jax.Array | None, **kwargs: Any) -> Any:
         """`module.apply` with the params (plus a LoRA adapter tree), dropout only when training, on the mesh."""
         if train and dropout_rng is None:
-            raise ValueError("train=True needs dropout_rng (a jax.random key) for dropout")
+            raise TrlaxError("train=True needs dropout_rng (a jax.random key) for dropout")
+        self.check_params(params)
         variables = {"params": params} if lora is None else {"params": params, LORA_COLLECTION: lora}
         with self.sharding_context():
             return self.module.apply(variables, *inputs, deterministic=not train,
@@ -373,6 +385,7 @@ class FlaxPreTrainedModel:
         Host-only: params sharded over several processes raise MultiHostError (save them
         with `save_pretrained`, called on every process)."""
         params = self.params if params is None else params
+        self.check_params(params)
         instead = "model.save_pretrained(folder), called on every process, which gathers one tensor at a time"
         state = dict(hf_tensors(self.key_table(params), params, fetch=lambda leaf: host_array(leaf, instead=instead)))
         return state if dtype is None else cast_floats(state, dtype)
@@ -419,6 +432,7 @@ class FlaxPreTrainedModel:
         (`trlax.checkpoint.gather`); the others return [].
         """
         params = self.params if params is None else params
+        self.check_params(params)
         dtype = self.save_dtype(params, dtype)
         return write_checkpoint(save_directory, checkpoint_tensors(params, self.key_table(params), dtype),
                                 write_extra=lambda tmp: self.write_config_files(tmp, dtype),

@@ -127,5 +127,5 @@ SPEC = ArchitectureSpec(
     ignored_keys=(r".*\.attn\.(bias|masked_bias)$",),
     tied_keys=tied_lm_head,
     validate=_validate,
-    max_positions=lambda c: c.n_positions,
+    max_positions=lambda c: c.n_positions, learned_positions=True,
 )

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from trlax.errors import TrlaxError
+
 Array = jax.Array
 
 
@@ -49,7 +51,7 @@ def activation(name: str) -> Callable[[Array], Array]:
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        raise ValueError(
+        raise TrlaxError(
             f"activation {name!r} is not supported by trlax; supported: {sorted(ACTIVATIONS)}"
         ) from None
 

@@ -167,5 +167,5 @@ SPEC = ArchitectureSpec(
         (r"(^|/)fc1/bias$", ("mlp",)),
         (r"(^|/)fc2/kernel$", ("mlp", "embed")),
     ),
-    peft_targets=("q_proj", "v_proj"), tied_keys=tied_lm_head, validate=_validate,
+    peft_targets=("q_proj", "v_proj"), tied_keys=tied_lm_head, validate=_validate, learned_positions=True,
 )

@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from trlax.inputs import InputError, mask_for, same_shape, token_ids
+from trlax.inputs import InputError, check_positions, check_token_range, mask_for, same_shape, token_ids
 from trlax.models.base import FlaxPreTrainedModel
 from trlax.models.loss import seq2seq_lm_loss, shift_tokens_right
 from trlax.models.outputs import Seq2SeqLMOutput
@@ -33,14 +33,17 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
         output_hidden_states: bool = False,
         lora: dict[str, Any] | None = None,
         labels: jax.Array | None = None,
+        check_inputs: bool = False,
     ) -> Seq2SeqLMOutput:
-        """The pure forward (no checks, no jit): what a jitted train step calls.
+        """The pure forward (no jit): what a jitted train step calls.
 
         decoder_attention_mask None means all ones (no decoder padding). lora: a LoRA
         adapter tree (`trlax.peft`) applied on top of `params`, or None for the base.
         labels: [B, Td] int (-100 = ignored) or None; with them `loss` is transformers'
         decoder cross-entropy [] float32 (labels aligned with decoder_input_ids, unshifted).
+        Checks as `FlaxModelForCausalLM.apply` (`check_inputs`: see `trlax.inputs`).
         """
+        self.check_inputs(input_ids, decoder_input_ids, traced=check_inputs)
         if decoder_attention_mask is None:
             decoder_attention_mask = mask_for("decoder_attention_mask", None, decoder_input_ids)
         out = self.apply_module(params, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
@@ -69,6 +72,7 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
         train: bool = False,
         dropout_rng: jax.Array | None = None,
         labels: Any = None,
+        check_inputs: bool = False,
     ) -> Seq2SeqLMOutput:
         """Forward pass, jit-compiled once per shape.
 
@@ -80,6 +84,8 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
         Seq2SeqLMOutput: logits [B, Td, V] float32, last_hidden_state [B, Td, H] (the
         decoder state TRL's value head reads), encoder_last_hidden_state [B, Te, H],
         and with output_hidden_states the per-layer states as transformers.
+        Token ids outside [0, vocab_size), sequences longer than a learned position table
+        (BART) and params of another model raise InputError (see `trlax.inputs`).
         """
         input_ids = token_ids("input_ids", input_ids)
         if labels is not None:
@@ -99,6 +105,7 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
                              f"{input_ids.shape[0]}; they must match")
         mask = mask_for("attention_mask", attention_mask, input_ids)
         dmask = mask_for("decoder_attention_mask", decoder_attention_mask, decoder_input_ids)
+        self.check_inputs(input_ids, decoder_input_ids, traced=check_inputs)
         if labels is not None:
             labels = same_shape("labels", labels, decoder_input_ids.shape)
         return self._forward(self.params if params is None else params, input_ids, mask, decoder_input_ids, dmask,
@@ -114,3 +121,10 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
         start = getattr(self.config, "decoder_start_token_id", None)
         prepended = start is not None and bool(jnp.all(decoder_input_ids[:, 0] != start))
         return int(decoder_input_ids.shape[1]) + int(prepended)
+
+    def check_inputs(self, input_ids: Any, decoder_input_ids: Any, *, traced: bool = False) -> None:
+        """Encoder and decoder ids in [0, vocab_size), each sequence within a learned position table."""
+        limit = self.spec.position_limit(self.config)
+        for name, ids in (("input_ids", input_ids), ("decoder_input_ids", decoder_input_ids)):
+            check_token_range(name, ids, self.vocab_size, traced=traced)
+            check_positions(name, ids.shape[1], None, None, limit, model=self.config.model_type.upper())

@@ -76,11 +76,18 @@ class ArchitectureSpec:
     tied_keys: Callable[[Any], tuple[str, ...]] = _nothing  # HF keys that alias another tensor
     validate: Callable[[Any], None] = _no_check  # raises UnsupportedModelError on unsupported options
     max_positions: Callable[[Any], int | None] = _max_position_embeddings
+    # Positions index a learned table of max_positions(config) rows (GPT-2, OPT, BART): a position past it is
+    # an input error. False for rotary / relative positions, which have no hard limit.
+    learned_positions: bool = False
     # Encoder-decoder families only:
     is_encoder_decoder: bool = False
     raw_keys: tuple[str, ...] = ()  # top-level params stored under their own name (BART's final_logits_bias)
     # HF keys transformers fills itself when absent: key -> the key it copies, or None for zeros.
     key_defaults: Callable[[Any], dict[str, str | None]] = _no_defaults
+
+    def position_limit(self, config: Any) -> int | None:
+        """How many positions the model can embed (a learned table's rows); None when unlimited."""
+        return self.max_positions(config) if self.learned_positions else None
 
     def init_cache(self, config: Any, batch: int, max_len: int, dtype: Any) -> list[KVCache]:
         """A zeroed KV cache for `batch` rows of `max_len` slots (see `CacheGeometry`)."""

@@ -40,7 +40,7 @@ from trlax.checkpoint.hub import HubOptions, fetch_file
 from trlax.checkpoint.naming import flatten_paths, get_path, set_path
 from trlax.checkpoint.reader import CheckpointReader
 from trlax.checkpoint.writer import write_safetensors
-from trlax.errors import CheckpointError, UnsupportedModelError
+from trlax.errors import CheckpointError, TrlaxError, TrlaxTypeError, UnsupportedModelError
 from trlax.models.base import FlaxPreTrainedModel
 from trlax.models.layers import LORA_COLLECTION
 from trlax.models.registry import spec_for_type
@@ -106,9 +106,9 @@ class LoraConfig:
     def __post_init__(self) -> None:
         for name, r in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
             if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-                raise ValueError(f"LoRA {name} must be a positive integer; got {r!r}")
+                raise TrlaxError(f"LoRA {name} must be a positive integer; got {r!r}")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1); got {self.lora_dropout!r}")
+            raise TrlaxError(f"lora_dropout must be in [0, 1); got {self.lora_dropout!r}")
         if self.bias != "none":
             raise UnsupportedModelError(f"LoRA bias={self.bias!r} (trainable base biases) is not supported by trlax; "
                                         "use bias='none'")
@@ -134,7 +134,7 @@ class LoraConfig:
             return config
         if not isinstance(config, Mapping):
             if not hasattr(config, "to_dict"):
-                raise TypeError(f"peft_config must be a trlax.LoraConfig, a dict of PEFT LoraConfig fields or a "
+                raise TrlaxTypeError(f"peft_config must be a trlax.LoraConfig, a dict of PEFT LoraConfig fields or a "
                                 f"peft.LoraConfig; got {type(config).__name__}")
             config = config.to_dict()
         config = dict(config)

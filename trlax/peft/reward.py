@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from trlax.checkpoint.hub import HubOptions
-from trlax.errors import CheckpointError, UnsupportedModelError
+from trlax.errors import CheckpointError, TrlaxError, UnsupportedModelError
 from trlax.models.base import FlaxPreTrainedModel
 from trlax.peft.lora import LoraConfig, check_applied, lora_from_peft, read_adapter
 
@@ -36,7 +36,7 @@ def load_reward_adapter(pretrained_model: FlaxPreTrainedModel, source: str, hidd
         raise UnsupportedModelError(f"reward adapters need a causal LM base (TRL's sequence-classification reward "
                                     f"models); {pretrained_model.config.model_type} is encoder-decoder")
     if not isinstance(source, str):
-        raise ValueError(f"reward_adapter must be a local folder or a hub id (str); got {type(source).__name__}")
+        raise TrlaxError(f"reward_adapter must be a local folder or a hub id (str); got {type(source).__name__}")
     files = read_adapter(source, options)
     lora, saved = lora_from_peft(files, pretrained_model.params, pretrained_model.config.model_type,
                                  base_name=base_name)

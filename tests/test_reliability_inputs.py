@@ -1,0 +1,224 @@
+"""Bad inputs fail loudly (issue 14, items 4, 5 and the error hierarchy of 8).
+
+Out-of-range token ids and positions past a learned position table raise InputError before
+any compute (JAX would give NaN logits or wrap -1 to the last row); params of another model
+raise naming the first mismatched path; every input error trlax raises is a TrlaxError that
+keeps its standard base (ValueError, TypeError).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+
+from tests.tiny_configs import gpt2, llama
+from trlax import (
+    FlaxAutoModelForCausalLM,
+    FlaxAutoModelForCausalLMWithValueHead,
+    FlaxAutoModelForSeq2SeqLM,
+    TrlaxError,
+    create_reference_model,
+)
+from trlax.errors import TrlaxTypeError
+from trlax.inputs import InputError, checked
+
+VOCAB = 101  # the tiny configs' vocabulary
+IDS = np.array([[5, 6, 7, 8], [9, 10, 11, 12]], np.int32)
+
+
+@pytest.fixture(scope="module")
+def lm() -> FlaxAutoModelForCausalLM:
+    return FlaxAutoModelForCausalLM.from_config(gpt2())  # 64 learned positions
+
+
+@pytest.fixture(scope="module")
+def wrapper(lm) -> FlaxAutoModelForCausalLMWithValueHead:
+    return FlaxAutoModelForCausalLMWithValueHead.from_pretrained(lm, summary_dropout_prob=0.0)
+
+
+@pytest.fixture(scope="module")
+def other_params() -> dict:
+    """The params of a 3-layer GPT-2 (the fixtures' model has 2)."""
+    config = gpt2()
+    config.n_layer = 3
+    return FlaxAutoModelForCausalLM.from_config(config).params
+
+
+@pytest.fixture(scope="module")
+def bart() -> FlaxAutoModelForSeq2SeqLM:
+    config = transformers.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=37,
+                                     decoder_ffn_dim=37, max_position_embeddings=16, dropout=0.0,
+                                     decoder_start_token_id=2)
+    return FlaxAutoModelForSeq2SeqLM.from_config(config)
+
+
+# --- token ids ------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [VOCAB, VOCAB + 50, -1])
+def test_out_of_vocabulary_ids_raise_in_every_forward(lm, wrapper, bad):
+    ids = IDS.copy()
+    ids[1, 2] = bad
+    message = rf"input_ids holds token id {bad}, outside the vocabulary \[0, {VOCAB}\)"
+    with pytest.raises(InputError, match=message):
+        lm(ids)
+    with pytest.raises(ValueError, match=message):  # InputError is a ValueError, as before
+        wrapper(ids)
+    with pytest.raises(InputError, match=message):
+        lm.apply(lm.params, jnp.asarray(ids), jnp.ones_like(ids))  # eager apply: concrete ids
+    with pytest.raises(InputError, match=message):
+        lm.generate(ids, max_new_tokens=2)
+    with pytest.raises(InputError, match=message):
+        wrapper.generate(ids, max_new_tokens=2)
+
+
+def test_in_range_ids_still_run(lm, wrapper):
+    ids = np.array([[0, VOCAB - 1]], np.int32)
+    assert np.isfinite(np.asarray(lm(ids).logits)).all()
+    _, _, values = wrapper(ids)
+    assert np.isfinite(np.asarray(values)).all()
+
+
+def test_seq2seq_encoder_and_decoder_ids_are_checked(bart):
+    decoder = np.array([[2, 5]], np.int32)
+    with pytest.raises(InputError, match="input_ids holds token id 101"):
+        bart(np.array([[4, VOCAB]]), decoder_input_ids=decoder)
+    with pytest.raises(InputError, match="decoder_input_ids holds token id -3"):
+        bart(np.array([[4, 5]]), decoder_input_ids=np.array([[2, -3]]))
+    with pytest.raises(InputError, match="decoder_start_token_id holds token id 500"):
+        bart.generate(np.array([[4, 5]]), max_new_tokens=2, decoder_start_token_id=500)
+    assert bart.generate(np.array([[4, 5]]), max_new_tokens=2).sequences.shape == (1, 3)
+
+
+# --- positions ------------------------------------------------------------------------------
+def test_sequences_past_a_learned_position_table_raise(lm, wrapper):
+    ids = np.ones((1, 70), np.int32)  # GPT-2 here has 64 positions
+    with pytest.raises(InputError, match="input_ids: GPT2 has 64 positions; got a sequence of 70 tokens"):
+        lm(ids)
+    with pytest.raises(InputError, match="GPT2 has 64 positions"):
+        wrapper(ids)
+    with pytest.raises(InputError, match="GPT2 has 64 positions"):
+        jax.jit(lm.apply)(lm.params, jnp.asarray(ids), jnp.ones_like(ids))  # a shape: checked under jit too
+
+
+def test_explicit_positions_past_the_table_raise(lm):
+    mask = np.ones_like(IDS)
+    with pytest.raises(InputError, match="position_ids holds position 64"):
+        lm(IDS, mask, position_ids=np.array([[0, 1, 2, 64], [0, 1, 2, 3]]))
+    with pytest.raises(InputError, match="position -1 at a real"):
+        lm(IDS, mask, position_ids=np.array([[-1, 0, 1, 2], [0, 1, 2, 3]]))
+    # cumsum(mask) - 1 gives -1 at left padding: a masked slot, allowed (it reads a finite row).
+    left = np.array([[0, 1, 1, 1], [1, 1, 1, 1]])
+    out = lm(IDS, left, position_ids=np.cumsum(left, axis=1) - 1)
+    assert np.isfinite(np.asarray(out.logits)[left.astype(bool)]).all()
+
+
+def test_rotary_models_have_no_hard_position_limit():
+    model = FlaxAutoModelForCausalLM.from_config(llama())  # max_position_embeddings 64, rotary
+    logits = np.asarray(model(np.ones((1, 70), np.int32)).logits)
+    assert np.isfinite(logits).all()
+
+
+def test_generate_checks_prompt_plus_new_tokens_against_the_positions(lm):
+    with pytest.raises(InputError, match="prompt length 60 \\+ max_new_tokens = 70 exceeds the model's 64"):
+        lm.generate(np.ones((1, 60), np.int32), max_new_tokens=10)
+
+
+def test_seq2seq_learned_positions_bound_encoder_and_decoder(bart):
+    with pytest.raises(InputError, match="input_ids: BART has 16 positions; got a sequence of 20 tokens"):
+        bart(np.ones((1, 20), np.int32), decoder_input_ids=np.array([[2]]))
+    with pytest.raises(InputError, match="decoder_input_ids: BART has 16 positions; got a sequence of 17"):
+        bart(np.ones((1, 3), np.int32), decoder_input_ids=np.full((1, 17), 2))
+    with pytest.raises(InputError, match="input_ids: BART has 16 positions"):
+        bart.generate(np.ones((1, 20), np.int32), max_new_tokens=2)
+
+
+# --- under jit: the checked mode -----------------------------------------------------------
+def test_checked_mode_compiles_range_checks_into_a_jitted_step(lm, wrapper):
+    step = checked(lambda p, ids, mask: lm.apply(p, ids, mask, check_inputs=True).logits)
+    good = jnp.asarray(IDS)
+    np.testing.assert_allclose(np.asarray(step(lm.params, good, jnp.ones_like(good))),
+                               np.asarray(lm(IDS).logits), atol=1e-6)
+    bad = good.at[0, 1].set(VOCAB + 3)
+    with pytest.raises(InputError, match=rf"outside the vocabulary \[0, {VOCAB}\) \(min 5, max 104\)"):
+        step(lm.params, bad, jnp.ones_like(bad))
+    value_step = checked(lambda p, ids, mask, pos: wrapper.apply(p, ids, mask, pos, check_inputs=True)[2])
+    positions = jnp.asarray([[0, 1, 2, 70], [0, 1, 2, 3]])
+    with pytest.raises(InputError, match="position_ids out of range"):
+        value_step(wrapper.params, good, jnp.ones_like(good), positions)
+
+
+# --- params of another model ----------------------------------------------------------------
+def test_params_of_another_model_raise_naming_the_first_path(lm, wrapper, other_params, tmp_path):
+    message = r"params do not fit this gpt2 model: 'transformer/h/2/attn/c_attn/bias' is not a param"
+    ids, mask = jnp.asarray(IDS), jnp.ones_like(jnp.asarray(IDS))
+    with pytest.raises(InputError, match=message):
+        lm(IDS, params=other_params)
+    with pytest.raises(InputError, match=message):
+        lm.apply(other_params, ids, mask)
+    with pytest.raises(InputError, match=message):
+        jax.jit(lm.apply)(other_params, ids, mask)
+    with pytest.raises(InputError, match=message):
+        lm.generate(IDS, params=other_params, max_new_tokens=2)
+    with pytest.raises(InputError, match=message):
+        lm.save_pretrained(tmp_path / "lm", params=other_params)
+    assert not (tmp_path / "lm").exists()
+    wrapped = {"pretrained_model": other_params, "v_head": wrapper.params["v_head"]}
+    for call in (lambda: wrapper(IDS, params=wrapped), lambda: wrapper.generate(IDS, params=wrapped),
+                 lambda: wrapper.save_pretrained(tmp_path / "vh", params=wrapped)):
+        with pytest.raises(InputError, match="params\\['pretrained_model'\\] do not fit"):
+            call()
+
+
+def test_mis_shaped_params_name_the_path_and_shapes(lm):
+    config = gpt2()
+    config.n_embd = 64
+    wide = FlaxAutoModelForCausalLM.from_config(config).params
+    with pytest.raises(InputError, match=r"'transformer/h/0/attn/c_attn/bias' has shape \(192,\) where this gpt2 "
+                                         r"model needs \(96,\)"):
+        lm(IDS, params=wide)
+    missing = {"transformer": {k: v for k, v in lm.params["transformer"].items() if k != "ln_f"}}
+    with pytest.raises(InputError, match="'transformer/ln_f/bias' is missing"):
+        lm(IDS, params=missing)
+    ints = jax.tree_util.tree_map(lambda x: x.astype(jnp.int32), lm.params)
+    with pytest.raises(InputError, match="holds integer values where this gpt2 model needs floating"):
+        lm(IDS, params=ints)
+
+
+def test_wrapper_params_need_their_value_head(wrapper, lm):
+    with pytest.raises(InputError, match=r"params has no \['pretrained_model', 'v_head'\]"):
+        wrapper(IDS, params=lm.params)
+    head = {"summary": {"kernel": jnp.zeros((16, 1)), "bias": jnp.zeros((1,))}}
+    with pytest.raises(InputError, match=r"params\['v_head'\] do not fit this model's value head: "
+                                         r"'summary/kernel' has shape \(16, 1\)"):
+        wrapper(IDS, params={"pretrained_model": wrapper.params["pretrained_model"], "v_head": head})
+
+
+def test_bf16_params_of_the_same_model_are_accepted(lm):
+    bf16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), lm.params)
+    assert lm(IDS, params=bf16).logits.shape == (2, 4, VOCAB)
+
+
+# --- the error hierarchy --------------------------------------------------------------------
+def test_type_errors_are_trlax_errors_too(wrapper):
+    with pytest.raises(TrlaxTypeError, match="create_reference_model takes a trlax value-head model") as info:
+        create_reference_model(wrapper.pretrained_model)
+    assert isinstance(info.value, TypeError) and isinstance(info.value, TrlaxError)
+    with pytest.raises(TypeError, match="must be an int or None"):
+        create_reference_model(wrapper, num_shared_layers=1.0)
+
+
+def test_no_bare_standard_errors_are_raised_by_trlax():
+    """Every `raise ValueError/TypeError/KeyError(...)` in trlax/ is a TrlaxError subclass instead."""
+    bare = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "trlax").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and isinstance(node.exc.func, ast.Name) \
+                    and node.exc.func.id in ("ValueError", "TypeError", "KeyError"):
+                bare.append(f"{path.name}:{node.lineno} {node.exc.func.id}")
+    assert not bare, bare
