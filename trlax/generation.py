@@ -25,6 +25,15 @@ slot 0 and loop step i feeds its token into slot i (S = max_new_tokens slots).
 
 Finished rows (after an eos) emit pad_token_id, as transformers does, and the loop stops
 early once every row is finished; the output keeps its static shape, filled with pad.
+
+Rollout precision: the loop computes in the model's compute dtype, or in `rollout_dtype`
+when one is given (e.g. bfloat16 from float32 master params). Either way the weight
+matrices (every float param with 2 or more dims: projections, embeddings, the tied LM
+head) are cast to it ONCE per call, before the prompt pass, so a decode step streams
+weights of that dtype and converts none; vectors (norms, biases) keep their dtype. The
+cast copies exist only during the call (for bfloat16 from float32: half the params'
+bytes); params already in that dtype are used as they are. The KV cache is in the same
+dtype; logits and sampling stay float32.
 """
 
 from __future__ import annotations
@@ -65,6 +74,7 @@ class GenerationSettings:
     top_k: int  # 0 = off
     use_top_p: bool  # False when top_p == 1.0: skips the sort statically
     num_eos: int  # 0 = no eos: rows never finish early
+    rollout_dtype: Any = None  # compute dtype of the loop (a numpy dtype); None = the model's
 
 
 @flax.struct.dataclass
@@ -238,14 +248,40 @@ def _variables(params: Any, lora: Any) -> dict[str, Any]:
     return {"params": params} if lora is None else {"params": params, LORA_COLLECTION: lora}
 
 
+def _rollout_dtype(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Any:
+    return model.dtype if settings.rollout_dtype is None else settings.rollout_dtype
+
+
+def _rollout_module(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Any:
+    """The model's module, computing in the rollout dtype."""
+    dtype = _rollout_dtype(model, settings)
+    return model.module if jnp.dtype(dtype) == jnp.dtype(model.dtype) else model.module.clone(dtype=dtype)
+
+
+def cast_weights(params: Any, dtype: Any) -> Any:
+    """params with every floating array of >= 2 dims (the weight matrices) cast to `dtype`.
+
+    Vectors (norm scales, biases) and integer leaves are left as they are. Inside jit the
+    cast runs once where it is called; leaves already of `dtype` are not copied.
+    """
+
+    def cast(leaf: Any) -> Any:
+        if jnp.ndim(leaf) >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype != dtype:
+            return leaf.astype(dtype)
+        return leaf
+
+    return jax.tree_util.tree_map(cast, params)
+
+
 def _causal_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Callable[..., Array]:
-    module, spec, config = model.module, model.spec, model.config
+    module, spec, config = _rollout_module(model, settings), model.spec, model.config
+    dtype = _rollout_dtype(model, settings)
     n = settings.max_new_tokens
 
     def run(params: Any, lora: Any, input_ids: Array, mask: Array, knobs: _Knobs, key: Array | None) -> Array:
         b, t = input_ids.shape
-        variables = _variables(params, lora)
-        cache = constrain_kv_cache(spec.init_cache(config, b, t + n, model.dtype), model.mesh, model.sharding_rules)
+        variables = _variables(cast_weights(params, dtype), lora)
+        cache = constrain_kv_cache(spec.init_cache(config, b, t + n, dtype), model.mesh, model.sharding_rules)
         kv_mask = jnp.concatenate([mask, jnp.ones((b, n), jnp.int32)], axis=1)  # [B, S]
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # [B, T]
         if t > 1:
@@ -268,17 +304,18 @@ def _causal_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Call
 
 
 def _seq2seq_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Callable[..., Array]:
-    module, spec, config = model.module, model.spec, model.config
+    module, spec, config = _rollout_module(model, settings), model.spec, model.config
+    dtype = _rollout_dtype(model, settings)
     n = settings.max_new_tokens
 
     def run(params: Any, lora: Any, input_ids: Array, mask: Array, knobs: _Knobs, key: Array | None) -> Array:
         b = input_ids.shape[0]
-        variables = _variables(params, lora)
+        variables = _variables(cast_weights(params, dtype), lora)
         encoded, _ = module.apply(variables, input_ids, mask, method="encode")  # [B, Te, H]
         # Decoder slot i holds the token fed at loop index i: the start token, then the
         # first n - 1 new tokens (the last is never fed back). An all-ones key mask works
         # because unwritten slots lie in the future of every query.
-        cache = constrain_kv_cache(spec.init_cache(config, b, n, model.dtype), model.mesh, model.sharding_rules)
+        cache = constrain_kv_cache(spec.init_cache(config, b, n, dtype), model.mesh, model.sharding_rules)
         dec_mask = jnp.ones((b, n), jnp.int32)
 
         def step(token: Array, i: Array, cache: Any) -> tuple[Array, Any]:
@@ -348,6 +385,20 @@ def _check_sampling(do_sample: bool, prng_key: Any, temperature: Any, top_k: Any
         raise ValueError(f"top_p must be in [0, 1] (1.0 = off); got {top_p}")
 
 
+def _check_rollout_dtype(rollout_dtype: Any) -> Any:
+    """The rollout dtype as a numpy dtype (hashable: part of the compiled function's key), or None."""
+    if rollout_dtype is None:
+        return None
+    try:
+        dtype = jnp.dtype(rollout_dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise InputError(f"rollout_dtype must be a floating dtype such as jnp.bfloat16 or jnp.float32 "
+                         f"(or None for the model's dtype); got {rollout_dtype!r}")
+    return dtype
+
+
 def generate(
     model: FlaxPreTrainedModel,
     input_ids: Any,
@@ -364,6 +415,7 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     decoder_start_token_id: int | None = None,
     lora: dict[str, Any] | None = None,
+    rollout_dtype: Any = None,
 ) -> GenerateOutput:
     """Generate up to `max_new_tokens` tokens per row with a KV cache, jit-compiled.
 
@@ -379,6 +431,9 @@ def generate(
     Returns GenerateOutput(sequences [B, T + new] int32 for causal LMs,
     [B, 1 + new] for seq2seq LMs). lora: a LoRA adapter tree (`trlax.adapters`) applied
     on top of `params` (a LoRA policy's rollouts), or None for the base model.
+    rollout_dtype: the loop's compute dtype (e.g. jnp.bfloat16: half the weight bytes per
+    step, from float32 master params); None = the model's `dtype`. Weight matrices are
+    cast to it once per call (see the module docstring); logits stay float32.
     """
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
@@ -413,7 +468,7 @@ def generate(
         start = int(start)
     top_p_on = not (isinstance(top_p, (int, float)) and top_p == 1.0)
     settings = GenerationSettings(int(max_new_tokens), bool(do_sample), int(top_k) if do_sample else 0,
-                         bool(do_sample and top_p_on), len(eos_ids))
+                         bool(do_sample and top_p_on), len(eos_ids), _check_rollout_dtype(rollout_dtype))
     knobs = _Knobs(jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32),
                    jnp.asarray(pad, jnp.int32), jnp.asarray(eos_ids, jnp.int32).reshape(-1),
                    jnp.asarray(start, jnp.int32))
