@@ -59,12 +59,15 @@ class Module:
                 todo.extend(inst.calls)
         return seen
 
+    def scheduled(self, start: str) -> set[str]:
+        """The computations of `reachable(start)` whose instructions run as their own ops: not the
+        bodies of fusions or the reducers of reduces (what those contain is never materialised)."""
+        inner = {c for insts in self.computations.values() for i in insts if i.opcode != "while"
+                 and i.opcode not in ("call", "conditional") for c in i.calls}
+        return self.reachable(start) - inner
+
     def whiles(self, computation: str) -> list[Instruction]:
         return [i for i in self.computations.get(computation, []) if i.opcode == "while"]
-
-    def body_of(self, loop: Instruction) -> str:
-        """The body computation of a while instruction."""
-        return loop.body
 
 
 def shape_bytes(shape: str) -> int:
@@ -133,11 +136,26 @@ def fused_ops(module: Module, inst: Instruction) -> list[str]:
 
 
 def is_copy(module: Module, inst: Instruction) -> bool:
-    """A materialised copy or transpose: a copy / transpose op or a fusion that only moves data."""
-    if inst.opcode in ("copy", "transpose"):
+    """A materialised copy, transpose or dtype cast: such an op, or a fusion that only moves data."""
+    if inst.opcode in ("copy", "transpose", "convert"):
         return True
     if inst.opcode != "fusion":
         return False
     moves = {"copy", "transpose", "bitcast", "parameter", "reshape", "broadcast", "slice", "concatenate",
              "convert"}
-    return set(fused_ops(module, inst)) <= moves and inst.root in ("copy", "transpose")
+    return set(fused_ops(module, inst)) <= moves and inst.root in ("copy", "transpose", "convert")
+
+
+def decode_loop(module: Module) -> Instruction:
+    """The ENTRY computation's while loop (generate has exactly one: the decode loop)."""
+    loops = module.whiles(module.entry)
+    if len(loops) != 1:
+        raise ValueError(f"expected one while loop in ENTRY, found {len(loops)}")
+    return loops[0]
+
+
+def large_moves(module: Module, computations: set[str], min_bytes: int) -> list[Instruction]:
+    """Copies, transposes and converts of >= min_bytes in the given computations (not inside fusions
+    that compute something else: those read their inputs where they lie)."""
+    return [inst for name in sorted(computations) for inst in module.computations[name]
+            if inst.bytes >= min_bytes and is_copy(module, inst)]

@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from cases import MODELS  # noqa: E402
 from env import set_env  # noqa: E402
-from hlo_report import Module, fused_ops, is_copy, parse  # noqa: E402
+from hlo_report import Module, decode_loop, fused_ops, large_moves, parse  # noqa: E402
 
 
 def build(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
@@ -90,13 +90,8 @@ def source(op_name: str) -> str:
 
 def report(module: Module, events: dict[str, tuple[float, int]], steps: int, cache_leaf_bytes: int,
            min_weight_bytes: int, top: int) -> list[str]:
-    entry_whiles = module.whiles(module.entry)
-    if not entry_whiles:
-        raise RuntimeError("no while loop in the compiled generate function")
-    # The decode loop: the ENTRY while whose body ran longest.
-    loop = max(entry_whiles, key=lambda w: sum(events.get(i.name, (0, 0))[0] for c in module.reachable(
-        module.body_of(w)) for i in module.computations[c]))
-    in_loop = module.reachable(module.body_of(loop))
+    loop = decode_loop(module)
+    in_loop = module.scheduled(loop.body)
     control = {"while", "conditional", "call"}
     step_ns: dict[str, float] = {}
     outside_ns = 0.0
@@ -129,21 +124,14 @@ def report(module: Module, events: dict[str, tuple[float, int]], steps: int, cac
     threshold = min(cache_leaf_bytes, min_weight_bytes)
     lines += ["", f"### Copies, transposes, converts of >= {threshold / 2**20:.2f} MB (one layer's K cache: "
                   f"{cache_leaf_bytes / 2**20:.2f} MB; smallest weight matrix: {min_weight_bytes / 2**20:.2f} MB)", ""]
-    found = False
-    for comp in sorted(module.computations):
-        for inst in module.computations[comp]:
-            if inst.bytes < threshold or not (is_copy(module, inst) or inst.opcode == "convert"
-                                              or inst.root == "convert"):
-                continue
-            if comp not in in_loop and comp != module.entry:
-                continue
-            found = True
-            where = "PER STEP (inside the decode loop)" if comp in in_loop else "once per call (outside the loop)"
-            ns = events.get(inst.name, (0.0, 0))[0]
-            per = ns / steps if comp in in_loop else ns
-            lines.append(f"- {where}: {inst.name} {inst.shape} ({inst.bytes / 2**20:.2f} MB), "
-                         f"{per / 1e6:.3f} ms{'/step' if comp in in_loop else ''}: {source(inst.op_name)}")
-    if not found:
+    moves = large_moves(module, in_loop | {module.entry}, threshold)
+    for inst in moves:
+        per_step = inst.computation in in_loop
+        where = "PER STEP (inside the decode loop)" if per_step else "once per call (outside the loop)"
+        ns = events.get(inst.name, (0.0, 0))[0] / (steps if per_step else 1)
+        lines.append(f"- {where}: {inst.name} {inst.shape} ({inst.bytes / 2**20:.2f} MB), "
+                     f"{ns / 1e6:.3f} ms{'/step' if per_step else ''}: {source(inst.op_name)}")
+    if not moves:
         lines.append("- none: no cache-sized or weight-sized copy, transpose or convert, inside the loop or out")
     updates = [i for c in in_loop for i in module.computations[c]
                if "dynamic-update-slice" in fused_ops(module, i) and i.bytes >= cache_leaf_bytes]
@@ -191,11 +179,7 @@ def main() -> None:
     assert out.shape == (args.batch, args.prompt + args.new), out.shape
     median = statistics.median(times)
 
-    # The optimised HLO of the same function (a second lowering of identical inputs; jit's cache
-    # does not expose its executable). Event names in the trace are its instruction names.
-    lowered_args = fn_args(model, ids, kwargs)
-    fn = next(iter(model.generation_cache._fns.values()))  # noqa: SLF001 - a profiling script
-    module = parse(fn.lower(*lowered_args).compile().as_text())
+    module = parse(model.generation_cache.compiled_text())
     events = trace_events(run)
 
     cfg = model.config
@@ -206,8 +190,9 @@ def main() -> None:
     min_weight = min(w.size for w in weights) * itemsize
     header = [
         f"# Decode profile: GPT-2 {args.model} ({cfg.n_layer} x {cfg.n_embd}, vocab {cfg.vocab_size}), "
-        f"batch {args.batch}, prompt {args.prompt} + {args.new} new, {'top_p 0.9 sampling' if args.sample else 'greedy'}"
-        f", rollout dtype {args.rollout_dtype or 'model dtype (float32)'}",
+        f"batch {args.batch}, prompt {args.prompt} + {args.new} new, "
+        f"{'top_p 0.9 sampling' if args.sample else 'greedy'}, "
+        f"rollout dtype {args.rollout_dtype or 'model dtype (float32)'}",
         "",
         f"jax {jax.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; CPU: {cpu_name()}",
         f"generate: first call {first:.2f} s (compile + run); steady {median * 1e3:.1f} ms per call "
@@ -220,28 +205,6 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
-
-
-def fn_args(model: Any, ids: Any, kwargs: dict[str, Any]) -> tuple[Any, ...]:
-    """The arguments `generate` passes to its jitted function, rebuilt for lowering."""
-    captured: list[tuple[Any, ...]] = []
-    settings = next(iter(model.generation_cache._fns))  # noqa: SLF001
-    original = model.generation_cache._fns[settings]  # noqa: SLF001
-
-    class Capture:
-        def __call__(self, *args: Any) -> Any:
-            captured.append(args)
-            return original(*args)
-
-        def lower(self, *args: Any) -> Any:
-            return original.lower(*args)
-
-    model.generation_cache._fns[settings] = Capture()  # noqa: SLF001
-    try:
-        model.generate(ids, **kwargs)
-    finally:
-        model.generation_cache._fns[settings] = original  # noqa: SLF001
-    return captured[0]
 
 
 def cpu_name() -> str:

@@ -33,7 +33,8 @@ head) are cast to it ONCE per call, before the prompt pass, so a decode step str
 weights of that dtype and converts none; vectors (norms, biases) keep their dtype. The
 cast copies exist only during the call (for bfloat16 from float32: half the params'
 bytes); params already in that dtype are used as they are. The KV cache is in the same
-dtype; logits and sampling stay float32.
+dtype, except on CPU, where it stays float32 (XLA:CPU's attention products run in float32
+only); logits and sampling stay float32.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ class GenerationCache:
 
     def __init__(self) -> None:
         self._fns: dict[GenerationSettings, Callable[..., Array]] = {}
+        self._traced_with: dict[GenerationSettings, tuple[Any, ...]] = {}
         self.compilations = 0
 
     def get(self, settings: GenerationSettings, build: Callable[[], Callable[..., Array]]) -> Callable[..., Array]:
@@ -105,11 +107,24 @@ class GenerationCache:
             run = build()
 
             def counted(*args: Any) -> Array:
-                self.compilations += 1  # runs only while jax traces, i.e. once per compilation
+                # Runs only while jax traces, i.e. once per compilation.
+                self.compilations += 1
+                self._traced_with[settings] = jax.tree_util.tree_map(
+                    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
                 return run(*args)
 
             self._fns[settings] = jax.jit(counted)
         return self._fns[settings]
+
+    def compiled_text(self, settings: GenerationSettings | None = None) -> str:
+        """The optimised XLA module (HLO text) of `settings`' function, for the argument shapes it
+        was last compiled for; settings None = the only one compiled. For profiling and tests:
+        it compiles again (without the shardings of the original call)."""
+        if settings is None:
+            if len(self._traced_with) != 1:
+                raise ValueError(f"{len(self._traced_with)} generate functions compiled: name the settings")
+            settings = next(iter(self._traced_with))
+        return self._fns[settings].lower(*self._traced_with[settings]).compile().as_text()
 
     def __len__(self) -> int:
         return len(self._fns)
@@ -252,6 +267,15 @@ def _rollout_dtype(model: FlaxPreTrainedModel, settings: GenerationSettings) -> 
     return model.dtype if settings.rollout_dtype is None else settings.rollout_dtype
 
 
+def _cache_dtype(dtype: Any) -> Any:
+    """The KV cache's dtype for a loop computing in `dtype`: the same, except on CPU, where it stays
+    float32: XLA:CPU runs the attention products (batched dots) in float32 only and would convert
+    every layer's whole low-precision cache to float32 on every step."""
+    if jax.default_backend() == "cpu" and jnp.dtype(dtype).itemsize < 4:
+        return jnp.float32
+    return dtype
+
+
 def _rollout_module(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Any:
     """The model's module, computing in the rollout dtype."""
     dtype = _rollout_dtype(model, settings)
@@ -261,16 +285,20 @@ def _rollout_module(model: FlaxPreTrainedModel, settings: GenerationSettings) ->
 def cast_weights(params: Any, dtype: Any) -> Any:
     """params with every floating array of >= 2 dims (the weight matrices) cast to `dtype`.
 
-    Vectors (norm scales, biases) and integer leaves are left as they are. Inside jit the
-    cast runs once where it is called; leaves already of `dtype` are not copied.
+    Vectors (norm scales, biases) and integer leaves are left as they are; leaves already
+    of `dtype` are not copied. Inside jit the casts run where this is called and stay
+    there: an optimization barrier keeps XLA from sinking them into a later while loop
+    (its WhileLoopFusibleSinking pass would, and every step would then read the float32
+    weights and convert them again).
     """
 
-    def cast(leaf: Any) -> Any:
-        if jnp.ndim(leaf) >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype != dtype:
-            return leaf.astype(dtype)
-        return leaf
+    def needs_cast(leaf: Any) -> bool:
+        return jnp.ndim(leaf) >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype != dtype
 
-    return jax.tree_util.tree_map(cast, params)
+    if not any(needs_cast(leaf) for leaf in jax.tree_util.tree_leaves(params)):
+        return params
+    cast = jax.tree_util.tree_map(lambda leaf: leaf.astype(dtype) if needs_cast(leaf) else leaf, params)
+    return jax.lax.optimization_barrier(cast)
 
 
 def _causal_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Callable[..., Array]:
@@ -281,7 +309,8 @@ def _causal_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Call
     def run(params: Any, lora: Any, input_ids: Array, mask: Array, knobs: _Knobs, key: Array | None) -> Array:
         b, t = input_ids.shape
         variables = _variables(cast_weights(params, dtype), lora)
-        cache = constrain_kv_cache(spec.init_cache(config, b, t + n, dtype), model.mesh, model.sharding_rules)
+        cache = constrain_kv_cache(spec.init_cache(config, b, t + n, _cache_dtype(dtype)), model.mesh,
+                                   model.sharding_rules)
         kv_mask = jnp.concatenate([mask, jnp.ones((b, n), jnp.int32)], axis=1)  # [B, S]
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # [B, T]
         if t > 1:
@@ -315,7 +344,8 @@ def _seq2seq_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Cal
         # Decoder slot i holds the token fed at loop index i: the start token, then the
         # first n - 1 new tokens (the last is never fed back). An all-ones key mask works
         # because unwritten slots lie in the future of every query.
-        cache = constrain_kv_cache(spec.init_cache(config, b, n, dtype), model.mesh, model.sharding_rules)
+        cache = constrain_kv_cache(spec.init_cache(config, b, n, _cache_dtype(dtype)), model.mesh,
+                                   model.sharding_rules)
         dec_mask = jnp.ones((b, n), jnp.int32)
 
         def step(token: Array, i: Array, cache: Any) -> tuple[Array, Any]:
@@ -385,8 +415,9 @@ def _check_sampling(do_sample: bool, prng_key: Any, temperature: Any, top_k: Any
         raise ValueError(f"top_p must be in [0, 1] (1.0 = off); got {top_p}")
 
 
-def _check_rollout_dtype(rollout_dtype: Any) -> Any:
-    """The rollout dtype as a numpy dtype (hashable: part of the compiled function's key), or None."""
+def _check_rollout_dtype(rollout_dtype: Any, model: FlaxPreTrainedModel) -> Any:
+    """The rollout dtype as a numpy dtype (hashable: part of the compiled function's key), or
+    None for the model's compute dtype (given or not)."""
     if rollout_dtype is None:
         return None
     try:
@@ -396,7 +427,7 @@ def _check_rollout_dtype(rollout_dtype: Any) -> Any:
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
         raise InputError(f"rollout_dtype must be a floating dtype such as jnp.bfloat16 or jnp.float32 "
                          f"(or None for the model's dtype); got {rollout_dtype!r}")
-    return dtype
+    return None if dtype == jnp.dtype(model.dtype) else dtype
 
 
 def generate(
@@ -468,7 +499,7 @@ def generate(
         start = int(start)
     top_p_on = not (isinstance(top_p, (int, float)) and top_p == 1.0)
     settings = GenerationSettings(int(max_new_tokens), bool(do_sample), int(top_k) if do_sample else 0,
-                         bool(do_sample and top_p_on), len(eos_ids), _check_rollout_dtype(rollout_dtype))
+                         bool(do_sample and top_p_on), len(eos_ids), _check_rollout_dtype(rollout_dtype, model))
     knobs = _Knobs(jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32),
                    jnp.asarray(pad, jnp.int32), jnp.asarray(eos_ids, jnp.int32).reshape(-1),
                    jnp.asarray(start, jnp.int32))
