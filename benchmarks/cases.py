@@ -66,6 +66,7 @@ class Case:
     unit: str = "tok/s"
     per_process: bool = False
     shared_layers: str | None = None  # memory cases: "none" (full copy), "half", or "lora"
+    rollout_dtype: str | None = None  # generate: trlax float32 model + generate(rollout_dtype=...); torch: .to(dtype)
     description: str = ""
 
     @property
@@ -92,6 +93,11 @@ CASES: tuple[Case, ...] = (
          description="(c) greedy with bf16 compute"),
     Case("generate_sample_bf16", "g", "generate", dtype="bfloat16", sample=True, unit="new tok/s",
          description="(c) sampling with bf16 compute"),
+    Case("generate_greedy_rollout_bf16", "g", "generate", unit="new tok/s", rollout_dtype="bfloat16",
+         description="(c) greedy, float32 model, bf16 rollout: trlax generate(rollout_dtype=bfloat16) "
+                     "vs torch model.to(bfloat16)"),
+    Case("generate_sample_rollout_bf16", "g", "generate", sample=True, unit="new tok/s", rollout_dtype="bfloat16",
+         description="(c) sampling, float32 model, bf16 rollout (as generate_greedy_rollout_bf16)"),
     Case("train_step_bf16", "g", "train", dtype="bfloat16", unit="steps/s",
          description="(d) with bf16 compute, f32 params and optimizer state"),
     Case("memory_ref_full", "h", "memory", metric="mb", unit="MB", shared_layers="none",

@@ -148,6 +148,8 @@ def reference(ctx: Context) -> Bench:
 def generate(ctx: Context) -> Bench:
     model = _load_model(ctx.model_dir).eval()
     lm = model.pretrained_model
+    if ctx.case.rollout_dtype:  # rollouts with low-precision weights: the whole model in that dtype
+        lm = lm.to(getattr(torch, ctx.case.rollout_dtype))
     lm.generation_config.eos_token_id = None  # eos disabled: every row makes exactly max_new_tokens
     s = ctx.shapes
     ids, mask = _batch(ctx, s.prompt)
@@ -167,7 +169,8 @@ def generate(ctx: Context) -> Bench:
         return {"new_tokens_per_row": int(new)}
 
     return Bench(call=run, sync=_sync, work=s.batch * s.new_tokens, check=check,
-                 extra={"call": f"lm.generate(ids, attention_mask, {kwargs}), eos disabled",
+                 extra={"call": f"lm.generate(ids, attention_mask, {kwargs}), eos disabled"
+                                + (f", lm.to({ctx.case.rollout_dtype})" if ctx.case.rollout_dtype else ""),
                         "steps_per_call": s.new_tokens})
 
 

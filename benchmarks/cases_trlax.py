@@ -110,6 +110,8 @@ def generate(ctx: Context) -> Bench:
     kwargs = {"max_new_tokens": s.new_tokens, "do_sample": ctx.case.sample, "top_k": 0, "top_p": 0.9,
               "temperature": 1.0, "prng_key": key if ctx.case.sample else None,
               "pad_token_id": ctx.cfg["vocab_size"] - 1, "eos_token_id": []}  # [] = no eos: rows never finish
+    if ctx.case.rollout_dtype:
+        kwargs["rollout_dtype"] = jnp.dtype(ctx.case.rollout_dtype)
 
     def call() -> jax.Array:
         return model.generate(ids, attention_mask=mask, **kwargs).sequences
@@ -124,7 +126,8 @@ def generate(ctx: Context) -> Bench:
 
     return Bench(call=call, sync=jax.block_until_ready, work=s.batch * s.new_tokens, check=check,
                  extra={"call": f"model.generate(ids, attention_mask, max_new_tokens={s.new_tokens}, "
-                                f"do_sample={ctx.case.sample}, top_k=0, top_p=0.9, eos_token_id=[])",
+                                f"do_sample={ctx.case.sample}, top_k=0, top_p=0.9, eos_token_id=[], "
+                                f"rollout_dtype={ctx.case.rollout_dtype})",
                         "steps_per_call": s.new_tokens})
 
 

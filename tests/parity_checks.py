@@ -90,7 +90,8 @@ def check_cached_decoding(model: Any, padding: str, explicit_positions: bool) ->
         pieces.append(np.asarray(out.logits))
         cache = out.cache
     assert len(cache) == model.spec.num_layers(model.config)
-    assert cache[0]["k"].shape[:2] == (b, slots)
+    geometry = model.spec.cache_geometry(model.config)
+    assert cache[0]["k"].shape == (b, geometry.num_kv_heads, slots, geometry.head_dim)
     diff = max_diff(full, np.concatenate(pieces, axis=1), mask)
     assert diff < ATOL
     return diff

@@ -11,10 +11,11 @@ import pytest
 import torch
 import transformers
 
+from benchmarks import hlo_report
 from tests.helpers import save_torch, torch_generation_init
 from tests.tiny_configs import TINY_CAUSAL, TINY_SEQ2SEQ
 from trlax import FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
-from trlax.generation import GenerateOutput, _top_p_keep, _top_p_mask, generate
+from trlax.generation import GenerateOutput, GenerationSettings, _top_p_keep, _top_p_mask, generate
 
 NEW = 8  # new tokens per parity run
 LEFT_PADS = (0, 2, 5, 0, 8, 1)  # one row per prompt; 8 of 9 tokens padded in row 4
@@ -239,6 +240,8 @@ def test_second_call_does_not_recompile(pairs):
         ({"input_ids": np.zeros((2, 9), np.float32)}, "must hold integer token ids"),
         ({"attention_mask": np.ones((6, 8), np.int32)}, "attention_mask must have the shape"),
         ({"attention_mask": np.tril(np.ones((6, 9), np.int32))}, "needs left-padded prompts"),
+        ({"rollout_dtype": jnp.int32}, "rollout_dtype must be a floating dtype"),
+        ({"rollout_dtype": "fp8"}, "rollout_dtype must be a floating dtype"),
     ],
 )
 def test_bad_input_raises_a_clear_error(pairs, kwargs, message):
@@ -247,3 +250,63 @@ def test_bad_input_raises_a_clear_error(pairs, kwargs, message):
     args = {"input_ids": ids, "attention_mask": mask, **kwargs}
     with pytest.raises(ValueError, match=message):
         generate(model, args.pop("input_ids"), args.pop("attention_mask"), **args)
+
+
+# --- the compiled decode loop --------------------------------------------------------------
+
+
+def _compiled_loop(model: Any, **kwargs: Any) -> tuple[Any, Any, set[str]]:
+    """Greedy generate (eos off), then its optimised HLO: (module, the decode while, its computations)."""
+    ids, mask = _prompts(model.config, False)
+    generate(model, ids, mask, max_new_tokens=NEW, eos_token_id=[], **kwargs)
+    rollout = kwargs.get("rollout_dtype")
+    settings = GenerationSettings(NEW, False, 0, False, 0, None if rollout is None else jnp.dtype(rollout))
+    module = hlo_report.parse(model.generation_cache.compiled_text(settings))
+    loop = hlo_report.decode_loop(module)
+    return module, loop, module.scheduled(loop.body)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_decode_loop_updates_the_cache_in_place_and_copies_no_cache_or_weight(pairs, model_type):
+    _, model = pairs(model_type)
+    module, loop, in_loop = _compiled_loop(model)
+    geometry = model.spec.cache_geometry(model.config)
+    batch, slots = len(LEFT_PADS), SEQ + NEW
+    leaf = f"f32[{batch},{geometry.num_kv_heads},{slots},{geometry.head_dim}]"  # [B, Hkv, S, D]
+    leaf_bytes = batch * geometry.num_kv_heads * slots * geometry.head_dim * 4
+    assert loop.shape.count(leaf) == 2 * geometry.num_layers  # every K and V is carried through the loop
+    writes = [i for c in in_loop for i in module.computations[c]
+              if i.shape == leaf and "dynamic-update-slice" in hlo_report.fused_ops(module, i)]
+    assert len(writes) == 2 * geometry.num_layers  # one in-place write per K and V per step
+    smallest_weight = min(x.size for x in jax.tree_util.tree_leaves(model.params) if x.ndim >= 2) * 4
+    moves = hlo_report.large_moves(module, in_loop, min(leaf_bytes, smallest_weight))
+    assert [(i.name, i.shape) for i in moves] == []
+
+
+def test_bf16_rollout_carries_bf16_weights_into_the_loop(pairs):
+    _, model = pairs("gpt2")
+    module, loop, in_loop = _compiled_loop(model, rollout_dtype=jnp.bfloat16)
+    c = model.config
+    head_dim = c.n_embd // c.n_head
+    # On CPU the cache stays float32: XLA:CPU's batched dots would convert a bf16 cache every step.
+    assert loop.shape.count(f"f32[{len(LEFT_PADS)},{c.n_head},{SEQ + NEW},{head_dim}]") == 2 * c.n_layer
+    weights = {",".join(map(str, leaf.shape)) for leaf in jax.tree_util.tree_leaves(model.params) if leaf.ndim >= 2}
+    for dims in weights:  # weight matrices enter the loop cast once, only as bf16 (tables: their uint16 bits)
+        assert f"16[{dims}]" in loop.shape and f"f32[{dims}]" not in loop.shape, dims
+    moved = [i.shape for i in hlo_report.large_moves(module, in_loop, 0) if i.shape.split("[")[1][:-1] in weights]
+    assert moved == []  # no per-step copy or cast of a weight
+
+
+def test_bf16_rollout_agrees_with_float32_and_compiles_its_own_function(pairs):
+    _, model = pairs("gpt2")
+    ids, mask = _prompts(model.config, False)
+    f32 = np.asarray(generate(model, ids, mask, max_new_tokens=NEW).sequences)
+    before = model.generation_cache.compilations
+    same = np.asarray(generate(model, ids, mask, max_new_tokens=NEW, rollout_dtype=jnp.float32).sequences)
+    np.testing.assert_array_equal(same, f32)  # the model's own dtype: the same function, no compile
+    assert model.generation_cache.compilations == before
+    bf16 = np.asarray(generate(model, ids, mask, max_new_tokens=NEW, rollout_dtype=jnp.bfloat16).sequences)
+    assert model.generation_cache.compilations == before + 1
+    np.testing.assert_array_equal(bf16[:, :SEQ], ids)
+    # The first new token: top-2 logit gaps of these weights are far above bf16 rounding.
+    np.testing.assert_array_equal(bf16[:, SEQ], f32[:, SEQ])

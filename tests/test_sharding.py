@@ -303,7 +303,7 @@ def test_outputs_and_kv_cache_follow_the_mesh(device_report: dict, family: str, 
     batch_axes = ["fsdp"] if mesh == "fsdp8" else ["data"]
     assert r["logits_spec"][:1] == batch_axes  # layer outputs are pinned batch-sharded
     assert r["generate_spec"][:1] == batch_axes
-    kv = {"fsdp8": ["fsdp"], "tp2_data4": ["data", None, "tp"]}[mesh]
+    kv = {"fsdp8": ["fsdp"], "tp2_data4": ["data", "tp"]}[mesh]  # [B, Hkv, S, D]
     assert r["kv_cache_spec"] == kv
     assert r["kv_cache_in_jit_spec"] == kv
 

@@ -25,6 +25,16 @@ slot 0 and loop step i feeds its token into slot i (S = max_new_tokens slots).
 
 Finished rows (after an eos) emit pad_token_id, as transformers does, and the loop stops
 early once every row is finished; the output keeps its static shape, filled with pad.
+
+Rollout precision: the loop computes in the model's compute dtype, or in `rollout_dtype`
+when one is given (e.g. bfloat16 from float32 master params). Either way the weight
+matrices (every float param with 2 or more dims: projections, embeddings, the tied LM
+head) are cast to it ONCE per call, before the prompt pass, so a decode step streams
+weights of that dtype and converts none; vectors (norms, biases) keep their dtype. The
+cast copies exist only during the call (for bfloat16 from float32: half the params'
+bytes); params already in that dtype are used as they are. The KV cache is in the same
+dtype, except on CPU, where it stays float32 (XLA:CPU's attention products run in float32
+only); logits and sampling stay float32.
 """
 
 from __future__ import annotations
@@ -68,6 +78,7 @@ class GenerationSettings:
     num_eos: int  # 0 = no eos: rows never finish early
     min_new_tokens: int = 0  # eos is banned for this many steps (trlax.generation_config)
     use_repetition_penalty: bool = False  # False when repetition_penalty == 1.0
+    rollout_dtype: Any = None  # compute dtype of the loop (a numpy dtype); None = the model's
 
 
 @flax.struct.dataclass
@@ -91,6 +102,7 @@ class GenerationCache:
 
     def __init__(self) -> None:
         self._fns: dict[GenerationSettings, Callable[..., Array]] = {}
+        self._traced_with: dict[GenerationSettings, tuple[Any, ...]] = {}
         self.compilations = 0
 
     def get(self, settings: GenerationSettings, build: Callable[[], Callable[..., Array]]) -> Callable[..., Array]:
@@ -99,11 +111,24 @@ class GenerationCache:
             run = build()
 
             def counted(*args: Any) -> Array:
-                self.compilations += 1  # runs only while jax traces, i.e. once per compilation
+                # Runs only while jax traces, i.e. once per compilation.
+                self.compilations += 1
+                self._traced_with[settings] = jax.tree_util.tree_map(
+                    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
                 return run(*args)
 
             self._fns[settings] = jax.jit(counted)
         return self._fns[settings]
+
+    def compiled_text(self, settings: GenerationSettings | None = None) -> str:
+        """The optimised XLA module (HLO text) of `settings`' function, for the argument shapes it
+        was last compiled for; settings None = the only one compiled. For profiling and tests:
+        it compiles again (without the shardings of the original call)."""
+        if settings is None:
+            if len(self._traced_with) != 1:
+                raise ValueError(f"{len(self._traced_with)} generate functions compiled: name the settings")
+            settings = next(iter(self._traced_with))
+        return self._fns[settings].lower(*self._traced_with[settings]).compile().as_text()
 
     def __len__(self) -> int:
         return len(self._fns)
@@ -247,14 +272,54 @@ def _variables(params: Any, lora: Any) -> dict[str, Any]:
     return {"params": params} if lora is None else {"params": params, LORA_COLLECTION: lora}
 
 
+def _rollout_dtype(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Any:
+    return model.dtype if settings.rollout_dtype is None else settings.rollout_dtype
+
+
+def _cache_dtype(dtype: Any) -> Any:
+    """The KV cache's dtype for a loop computing in `dtype`: the same, except on CPU, where it stays
+    float32: XLA:CPU runs the attention products (batched dots) in float32 only and would convert
+    every layer's whole low-precision cache to float32 on every step."""
+    if jax.default_backend() == "cpu" and jnp.dtype(dtype).itemsize < 4:
+        return jnp.float32
+    return dtype
+
+
+def _rollout_module(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Any:
+    """The model's module, computing in the rollout dtype."""
+    dtype = _rollout_dtype(model, settings)
+    return model.module if jnp.dtype(dtype) == jnp.dtype(model.dtype) else model.module.clone(dtype=dtype)
+
+
+def cast_weights(params: Any, dtype: Any) -> Any:
+    """params with every floating array of >= 2 dims (the weight matrices) cast to `dtype`.
+
+    Vectors (norm scales, biases) and integer leaves are left as they are; leaves already
+    of `dtype` are not copied. Inside jit the casts run where this is called and stay
+    there: an optimization barrier keeps XLA from sinking them into a later while loop
+    (its WhileLoopFusibleSinking pass would, and every step would then read the float32
+    weights and convert them again).
+    """
+
+    def needs_cast(leaf: Any) -> bool:
+        return jnp.ndim(leaf) >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype != dtype
+
+    if not any(needs_cast(leaf) for leaf in jax.tree_util.tree_leaves(params)):
+        return params
+    cast = jax.tree_util.tree_map(lambda leaf: leaf.astype(dtype) if needs_cast(leaf) else leaf, params)
+    return jax.lax.optimization_barrier(cast)
+
+
 def _causal_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Callable[..., Array]:
-    module, spec, config = model.module, model.spec, model.config
+    module, spec, config = _rollout_module(model, settings), model.spec, model.config
+    dtype = _rollout_dtype(model, settings)
     n = settings.max_new_tokens
 
     def run(params: Any, lora: Any, input_ids: Array, mask: Array, knobs: _Knobs, key: Array | None) -> Array:
         b, t = input_ids.shape
-        variables = _variables(params, lora)
-        cache = constrain_kv_cache(spec.init_cache(config, b, t + n, model.dtype), model.mesh, model.sharding_rules)
+        variables = _variables(cast_weights(params, dtype), lora)
+        cache = constrain_kv_cache(spec.init_cache(config, b, t + n, _cache_dtype(dtype)), model.mesh,
+                                   model.sharding_rules)
         kv_mask = jnp.concatenate([mask, jnp.ones((b, n), jnp.int32)], axis=1)  # [B, S]
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # [B, T]
         if t > 1:
@@ -277,20 +342,22 @@ def _causal_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Call
 
 
 def _seq2seq_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Callable[..., Array]:
-    module, spec, config = model.module, model.spec, model.config
+    module, spec, config = _rollout_module(model, settings), model.spec, model.config
+    dtype = _rollout_dtype(model, settings)
     n = settings.max_new_tokens
 
     def run(params: Any, lora: Any, input_ids: Array, mask: Array, knobs: _Knobs, key: Array | None,
             decoder_prompt: Array) -> Array:
         b, td = decoder_prompt.shape
-        variables = _variables(params, lora)
+        variables = _variables(cast_weights(params, dtype), lora)
         encoded, _ = module.apply(variables, input_ids, mask, method="encode")  # [B, Te, H]
         # Decoder slot j < Td - 1 holds prompt token j (prefilled); loop index i feeds slot
         # Td - 1 + i: the last prompt token (the start token without a prompt), then the
         # first n - 1 new tokens (the last is never fed back). An all-ones key mask works
         # because unwritten slots lie in the future of every query.
         slots = td - 1 + n
-        cache = constrain_kv_cache(spec.init_cache(config, b, slots, model.dtype), model.mesh, model.sharding_rules)
+        cache = constrain_kv_cache(spec.init_cache(config, b, slots, _cache_dtype(dtype)), model.mesh,
+                                   model.sharding_rules)
         dec_mask = jnp.ones((b, slots), jnp.int32)
         if td > 1:
             cache = module.apply(variables, decoder_prompt[:, :-1], dec_mask, encoded, mask, cache=cache,
@@ -362,6 +429,21 @@ def _check_sampling(do_sample: bool, prng_key: Any, temperature: Any, top_k: Any
         raise InputError(f"top_p must be in [0, 1] (1.0 = off); got {top_p}")
 
 
+def _check_rollout_dtype(rollout_dtype: Any, model: FlaxPreTrainedModel) -> Any:
+    """The rollout dtype as a numpy dtype (hashable: part of the compiled function's key), or
+    None for the model's compute dtype (given or not)."""
+    if rollout_dtype is None:
+        return None
+    try:
+        dtype = jnp.dtype(rollout_dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise InputError(f"rollout_dtype must be a floating dtype such as jnp.bfloat16 or jnp.float32 "
+                         f"(or None for the model's dtype); got {rollout_dtype!r}")
+    return None if dtype == jnp.dtype(model.dtype) else dtype
+
+
 def generate(
     model: FlaxPreTrainedModel,
     input_ids: Any,
@@ -381,6 +463,7 @@ def generate(
     min_new_tokens: int = 0,
     repetition_penalty: float | Array = 1.0,
     decoder_input_ids: Any = None,
+    rollout_dtype: Any = None,
 ) -> GenerateOutput:
     """Generate up to `max_new_tokens` tokens per row with a KV cache, jit-compiled.
 
@@ -401,6 +484,9 @@ def generate(
     Returns GenerateOutput(sequences [B, T + new] int32 for causal LMs,
     [B, Td + new] for seq2seq LMs, Td = 1 without a decoder prompt). lora: a LoRA adapter
     tree (`trlax.peft`) applied on top of `params` (a LoRA policy's rollouts), or None.
+    rollout_dtype: the loop's compute dtype (e.g. jnp.bfloat16: half the weight bytes per
+    step, from float32 master params); None = the model's `dtype`. Weight matrices are
+    cast to it once per call (see the module docstring); logits stay float32.
     """
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
         raise InputError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
@@ -457,7 +543,8 @@ def generate(
     top_p_on = not (isinstance(top_p, (int, float)) and top_p == 1.0)
     penalty_on = not (isinstance(repetition_penalty, (int, float)) and repetition_penalty == 1.0)
     settings = GenerationSettings(int(max_new_tokens), bool(do_sample), int(top_k) if do_sample else 0,
-                         bool(do_sample and top_p_on), len(eos_ids), int(min_new_tokens), penalty_on)
+                         bool(do_sample and top_p_on), len(eos_ids), int(min_new_tokens), penalty_on,
+                         _check_rollout_dtype(rollout_dtype, model))
     knobs = _Knobs(jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32),
                    jnp.asarray(pad, jnp.int32), jnp.asarray(eos_ids, jnp.int32).reshape(-1),
                    jnp.asarray(start, jnp.int32), jnp.asarray(repetition_penalty, jnp.float32))

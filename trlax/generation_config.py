@@ -58,7 +58,7 @@ NO_EFFECT_FIELDS = frozenset({
     "max_matching_ngram_size", "continuous_batching_config",
 })
 # Arguments of trlax's generate that are not GenerationConfig fields.
-TRLAX_ARGS = frozenset({"prng_key", "params", "lora", "decoder_input_ids"})
+TRLAX_ARGS = frozenset({"prng_key", "params", "lora", "decoder_input_ids", "rollout_dtype"})
 
 
 def read_generation_config(source: str | os.PathLike, options: HubOptions) -> transformers.GenerationConfig | None:

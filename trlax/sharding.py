@@ -280,12 +280,12 @@ def shard_batch(tree: Any, mesh: Mesh, rules: ShardingRules | None = None) -> An
     return jax.tree_util.tree_map(put, tree)
 
 
-# A KV cache leaf [B, S, Hkv, D]: split the batch like the inputs and the heads like k/v_proj.
-KV_CACHE_AXES: LogicalAxes = ("batch", "length", "kv_heads", "head_dim")
+# A KV cache leaf [B, Hkv, S, D]: split the batch like the inputs and the heads like k/v_proj.
+KV_CACHE_AXES: LogicalAxes = ("batch", "kv_heads", "length", "head_dim")
 
 
 def kv_cache_shardings(cache: Any, mesh: Mesh, rules: ShardingRules | None = None) -> Any:
-    """NamedShardings for a KV cache pytree (4-D leaves [B, S, Hkv, D]; others replicated)."""
+    """NamedShardings for a KV cache pytree (4-D leaves [B, Hkv, S, D]; others replicated)."""
     rules = resolve_rules(None, rules)
     mesh = auto_mesh(mesh)
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trlax.models.cache import KVCache, write_kv
+from trlax.models.cache import KVCache, heads_first, write_kv
 
 Array = jax.Array
 Masks = dict[int | None, Array]  # sliding window (None = full attention) -> additive bias [B, 1, T, S]
@@ -97,22 +97,19 @@ def dot_product_attention(
     deterministic: bool = True,
     softcap: float | None = None,
 ) -> Array:
-    """Softmax attention with grouped KV heads; scores and softmax in float32.
+    """Softmax attention with grouped KV heads; scores, softmax and sums in float32.
 
-    q: [B, T, Hq, D]; k, v: [B, S, Hkv, D] with Hq a multiple of Hkv; bias: [B, 1 | Hq, T, S].
-    Returns [B, T, Hq, Dv] in q's dtype.
+    q: [B, T, Hq, D]; k, v: [B, Hkv, S, D] (the cache's layout) with Hq a multiple of Hkv;
+    bias: [B, 1 | Hq, T, S]. Returns [B, T, Hq, Dv] in q's dtype.
+
+    One path for every T (prompt pass, decode step, training): two products batched over
+    (B, Hkv), which read k and v where they lie. Both products accumulate in float32.
     """
     b, t, hq, d = q.shape
-    hkv = k.shape[2]
+    hkv = k.shape[1]
     groups = hq // hkv
     qg = q.reshape(b, t, hkv, groups, d)
-    if t == 1:
-        # A decode step. As an einsum, XLA (CPU) copies the whole [B, S, Hkv, D] cache into a
-        # transposed layout on every step; a broadcast multiply-and-sum reads it in place.
-        scores = jnp.sum(qg[:, :, None].astype(jnp.float32) * k[:, None, :, :, None].astype(jnp.float32), -1)
-        scores = scores.transpose(0, 3, 4, 1, 2) * scale  # [B, 1, S, Hkv, G] -> [B, Hkv, G, 1, S]
-    else:
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
     if bias is not None:  # [B, 1 | Hq, T, S] -> [B, 1 | Hkv, 1 | G, T, S]
@@ -121,12 +118,8 @@ def dot_product_attention(
     probs = jax.nn.softmax(scores, axis=-1)
     if dropout is not None and not deterministic:
         probs = dropout(probs, deterministic=False)
-    if t == 1:
-        weights = probs.transpose(0, 3, 4, 1, 2)[:, 0, :, :, :, None]  # [B, S, Hkv, G, 1]
-        out = jnp.sum(weights * v[:, :, :, None].astype(jnp.float32), axis=1).astype(v.dtype)  # [B, Hkv, G, Dv]
-    else:
-        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
-    return out.reshape(b, t, hq, v.shape[-1])
+    out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype).reshape(b, t, hq, v.shape[-1])
 
 
 def attend(
@@ -150,7 +143,9 @@ def attend(
     """
     if cache is not None:
         cache = write_kv(cache, k, v, cache_index)
-        k, v = cache["k"], cache["v"]  # [B, S, Hkv, D]
+        k, v = cache["k"], cache["v"]  # [B, Hkv, S, D]
+    else:
+        k, v = heads_first(k), heads_first(v)
     out = dot_product_attention(q, k, v, bias, scale=scale, dropout=dropout, deterministic=deterministic,
                                 softcap=softcap)
     return out, cache

@@ -7,9 +7,12 @@ and attend to the same T keys; with a cache of S slots they sit in slots
 cases, left padding included, with no per-row offsets; slots not yet written lie in the
 future of every query, so they need no masking of their own.
 
-Layout: one {"k", "v"} pair of [B, S, Hkv, D] per layer, in the compute dtype. Inside a
-jitted `lax.while_loop` the cache is part of the loop carry and `write_kv` updates it with
-`dynamic_update_slice`, which XLA performs in place.
+Layout: a list with one {"k", "v"} pair of [B, Hkv, S, D] per layer (not one stacked
+array), in the compute dtype. Heads before slots is the layout the attention products read
+as they are, batched over (B, Hkv) with each head's [S, D] block contiguous: a
+[B, S, Hkv, D] cache makes XLA:CPU transpose (copy) every layer's whole cache on every
+decode step. Inside a jitted `lax.while_loop` the cache is part of the loop carry and
+`write_kv` updates it with `dynamic_update_slice`, which XLA performs in place.
 """
 
 from __future__ import annotations
@@ -21,12 +24,12 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-KVCache = dict[str, Array]  # {"k": [B, S, Hkv, D], "v": [B, S, Hkv, D]}
+KVCache = dict[str, Array]  # {"k": [B, Hkv, S, D], "v": [B, Hkv, S, D]}
 
 
 @dataclass(frozen=True)
 class CacheGeometry:
-    """The shape of a decoder's KV cache: num_layers x {"k", "v"} [B, S, num_kv_heads, head_dim]."""
+    """The shape of a decoder's KV cache: num_layers x {"k", "v"} [B, num_kv_heads, S, head_dim]."""
 
     num_layers: int
     num_kv_heads: int
@@ -35,7 +38,7 @@ class CacheGeometry:
 
 def empty_kv_cache(batch: int, max_len: int, geometry: CacheGeometry, dtype: Any) -> list[KVCache]:
     """A zeroed cache for `batch` rows of `max_len` slots, one {"k", "v"} per layer."""
-    shape = (batch, max_len, geometry.num_kv_heads, geometry.head_dim)
+    shape = (batch, geometry.num_kv_heads, max_len, geometry.head_dim)
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(geometry.num_layers)]
 
 
@@ -44,11 +47,20 @@ def query_slots(seq_len: int, cache_index: Array | int) -> Array:
     return jnp.arange(seq_len, dtype=jnp.int32) + jnp.asarray(cache_index, jnp.int32)
 
 
+def heads_first(x: Array) -> Array:
+    """[B, T, H, D] (the projections' layout) -> [B, H, T, D] (the cache's)."""
+    return x.transpose(0, 2, 1, 3)
+
+
 def write_kv(cache: KVCache, k: Array, v: Array, cache_index: Array | int) -> KVCache:
-    """The cache with k, v [B, T, Hkv, D] written at slots cache_index.. (the same for every row)."""
+    """The cache with k, v [B, T, Hkv, D] written at slots cache_index.. (the same for every row).
+
+    Only the T new slots are transposed; the write is one `dynamic_update_slice` per array.
+    """
     idx = jnp.asarray(cache_index, jnp.int32)
     zero = jnp.zeros((), jnp.int32)
+    start = (zero, zero, idx, zero)
     return {
-        "k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (zero, idx, zero, zero)),
-        "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (zero, idx, zero, zero)),
+        "k": jax.lax.dynamic_update_slice(cache["k"], heads_first(k).astype(cache["k"].dtype), start),
+        "v": jax.lax.dynamic_update_slice(cache["v"], heads_first(v).astype(cache["v"].dtype), start),
     }

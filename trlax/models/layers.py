@@ -12,6 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 
 from trlax.errors import TrlaxError
 
@@ -109,6 +110,39 @@ def add_lora(module: nn.Module, x: Array, y: Array) -> Array:
     return y + jnp.dot(jnp.dot(x.astype(y.dtype), a), b) * scaling
 
 
+def matmul(x: Array, kernel: Array) -> Array:
+    """x [..., in] @ kernel [in, out] in x's dtype, accumulated and returned by the dot in float32.
+
+    Asking for a float32 result keeps low-precision operands low-precision on XLA:CPU: a
+    bfloat16 dot with a bfloat16 result is rewritten to convert both operands (the whole
+    weight) to float32 on every call, while bf16 x bf16 -> f32 runs as it is.
+    """
+    return jnp.dot(x, kernel, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+class Embed(nn.Embed):
+    """`nn.Embed` for XLA:CPU's sake, same params and results.
+
+    - The lookup of a 16-bit float table gathers its bits as uint16: XLA:CPU gathers floats
+      only in float32, and would convert the whole table to float32 to look up a few rows.
+    - `attend` (a tied LM head) reads the [V, H] table as stored and accumulates in float32:
+      h [..., H] -> logits [..., V] in the compute dtype, with no transposed copy of the table.
+    """
+
+    def __call__(self, inputs: Array) -> Array:
+        (table,) = promote_dtype(self.embedding, dtype=self.dtype, inexact=False)
+        if not (jnp.issubdtype(inputs.dtype, jnp.integer) and jnp.issubdtype(table.dtype, jnp.floating)
+                and table.dtype.itemsize == 2):
+            return super().__call__(inputs)
+        rows = jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), inputs, axis=0)
+        return jax.lax.bitcast_convert_type(rows, table.dtype)
+
+    def attend(self, query: Array) -> Array:
+        query, embedding = promote_dtype(query, self.embedding, dtype=self.dtype)
+        dims = (((query.ndim - 1,), (1,)), ((), ()))
+        return jax.lax.dot_general(query, embedding, dims, preferred_element_type=jnp.float32).astype(query.dtype)
+
+
 class Dense(nn.Module):
     """A linear layer with kernel [in, out] (torch's Linear weight transposed) and LoRA support.
 
@@ -126,7 +160,7 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        y = matmul(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(self.dtype)
         return add_lora(self, x, y)
@@ -155,9 +189,9 @@ class HFModule(nn.Module):
         return Dense(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                      kernel_init=normal_init(std), name=name)
 
-    def embedding(self, num: int, features: int, std: float | None = None) -> nn.Embed:
+    def embedding(self, num: int, features: int, std: float | None = None) -> Embed:
         std = initializer_range(self.config) if std is None else std
-        return nn.Embed(num, features, dtype=self.dtype, param_dtype=self.param_dtype, embedding_init=normal_init(std))
+        return Embed(num, features, dtype=self.dtype, param_dtype=self.param_dtype, embedding_init=normal_init(std))
 
     def layer_norm(self, eps: float, name: str | None = None, **kwargs: Any) -> nn.LayerNorm:
         return nn.LayerNorm(eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kwargs)
