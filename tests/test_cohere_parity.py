@@ -5,56 +5,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import transformers
 
-from tests.helpers import PADDINGS
 from tests.parity_checks import (
-    VOCAB,
-    check_cached_decoding,
-    check_forward,
     check_greedy_generation,
-    check_save_roundtrip,
     make_pair,
 )
-from tests.tiny_configs import TINY_CAUSAL
+from tests.tiny_configs import CAUSAL_VARIANTS, TINY_CAUSAL, cohere_with
 from trlax import FlaxAutoModelForCausalLM
 from trlax.errors import UnsupportedModelError
 from trlax.models.rope import apply_rotary_interleaved, inv_frequencies, rotary_cos_sin_interleaved
 
-
-def _cohere(**overrides: object) -> transformers.CohereConfig:
-    kwargs = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "max_position_embeddings": 64, "bos_token_id": 0, "eos_token_id": 1,
-              "pad_token_id": 1}
-    return transformers.CohereConfig(**{**kwargs, **overrides})
-
-
-VARIANTS = {
-    # GQA, q/k norms, biased attention, logit_scale 0.5, untied head.
-    "qk_norm_gqa_untied": TINY_CAUSAL["cohere"],
-    # Command-R's shape: no q/k norm, full MHA, tied head, the default logit_scale 0.0625, linear RoPE scaling.
-    "tied_linear_rope": lambda: _cohere(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}),
-}
+VARIANTS = {"qk_norm_gqa_untied": TINY_CAUSAL["cohere"], "tied_linear_rope": CAUSAL_VARIANTS["cohere/tied_linear_rope"]}
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def pair(request, tmp_path_factory):
     return make_pair(VARIANTS[request.param](), tmp_path_factory.mktemp(request.param))
-
-
-@pytest.mark.parametrize("padding", PADDINGS)
-@pytest.mark.parametrize("explicit_positions", [False, True])
-def test_logits_and_hidden_states_match_pytorch(pair, padding, explicit_positions):
-    check_forward(*pair, padding, explicit_positions)
-
-
-@pytest.mark.parametrize("padding", PADDINGS)
-def test_cached_decoding_matches_full_forward(pair, padding):
-    check_cached_decoding(pair[1], padding, explicit_positions=False)
-
-
-def test_save_pretrained_loads_in_transformers(pair, tmp_path):
-    check_save_roundtrip(*pair, tmp_path / "saved")
 
 
 @pytest.mark.parametrize("variant", ["tied_linear_rope"])  # the tiny_configs entry runs in tests/test_generation.py
@@ -99,4 +65,4 @@ def test_interleaved_rotary_equals_transformers():
 ])
 def test_unsupported_options_are_refused(overrides, match):
     with pytest.raises(UnsupportedModelError, match=match):
-        FlaxAutoModelForCausalLM.from_config(_cohere(**overrides))
+        FlaxAutoModelForCausalLM.from_config(cohere_with(**overrides))

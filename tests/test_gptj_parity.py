@@ -5,61 +5,26 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import transformers
 
-from tests.helpers import PADDINGS, batch, max_diff
+from tests.helpers import batch, max_diff
 from tests.parity_checks import (
     SEQ,
     VOCAB,
-    check_cached_decoding,
-    check_forward,
     check_greedy_generation,
-    check_save_roundtrip,
     make_pair,
 )
-from tests.tiny_configs import TINY_CAUSAL
+from tests.tiny_configs import CAUSAL_VARIANTS, TINY_CAUSAL, gptj_with
 from trlax import FlaxAutoModelForCausalLM
 from trlax.errors import UnsupportedModelError
 from trlax.models.gptj import rotary_inv_freq
 from trlax.models.rope import apply_rotary_interleaved, rotary_cos_sin_interleaved
 
-
-def _gptj(**overrides: object) -> transformers.GPTJConfig:
-    kwargs = {"vocab_size": VOCAB, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64, "bos_token_id": 0,
-              "eos_token_id": 1, "pad_token_id": 1}
-    return transformers.GPTJConfig(**{**kwargs, **overrides})
-
-
-VARIANTS = {
-    # Half of each head rotated, untied biased head, MLP width 48.
-    "rot4_untied": TINY_CAUSAL["gptj"],
-    # Every dim of each head rotated, the head's weight tied to wte (its bias stays its own), exact GELU.
-    "rot8_tied": lambda: _gptj(rotary_dim=8, tie_word_embeddings=True, activation_function="gelu"),
-}
+VARIANTS = {"rot4_untied": TINY_CAUSAL["gptj"], "rot8_tied": CAUSAL_VARIANTS["gptj/rot8_tied"]}
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def pair(request, tmp_path_factory):
     return make_pair(VARIANTS[request.param](), tmp_path_factory.mktemp(request.param))
-
-
-@pytest.mark.parametrize("padding", PADDINGS)
-@pytest.mark.parametrize("explicit_positions", [False, True])
-def test_logits_and_hidden_states_match_pytorch(pair, padding, explicit_positions):
-    check_forward(*pair, padding, explicit_positions)
-
-
-@pytest.mark.parametrize("padding", PADDINGS)
-def test_cached_decoding_matches_full_forward(pair, padding):
-    check_cached_decoding(pair[1], padding, explicit_positions=False)
-
-
-def test_cached_decoding_with_explicit_positions(pair):
-    check_cached_decoding(pair[1], "left", explicit_positions=True)
-
-
-def test_save_pretrained_loads_in_transformers(pair, tmp_path):
-    check_save_roundtrip(*pair, tmp_path / "saved")
 
 
 @pytest.mark.parametrize("variant", ["rot8_tied"])  # the tiny_configs entry runs in tests/test_generation.py
@@ -104,4 +69,4 @@ def test_legacy_buffers_in_a_checkpoint_are_ignored(pair, tmp_path):
 @pytest.mark.parametrize("rotary_dim", [16, 5, 0])
 def test_rotary_dim_outside_the_head_or_odd_is_refused(rotary_dim):
     with pytest.raises(UnsupportedModelError, match=f"rotary_dim={rotary_dim} must be even and in"):
-        FlaxAutoModelForCausalLM.from_config(_gptj(rotary_dim=rotary_dim))
+        FlaxAutoModelForCausalLM.from_config(gptj_with(rotary_dim=rotary_dim))

@@ -4,45 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import transformers
 
-from tests.helpers import PADDINGS
-from tests.parity_checks import check_cached_decoding, check_forward, check_save_roundtrip, make_pair
-from tests.tiny_configs import TINY_CAUSAL
+from tests.parity_checks import make_pair
+from tests.tiny_configs import CAUSAL_VARIANTS, TINY_CAUSAL
 from trlax import FlaxAutoModelForCausalLM
 from trlax.errors import UnsupportedModelError
 from trlax.models.phi import rotary_inv_freq
 
-
-def _phi2_like() -> transformers.PhiConfig:
-    # Phi-2's own switches: multi-head attention, no q/k LayerNorm; a quarter of each head rotated, linear scaling.
-    config = TINY_CAUSAL["phi"]()
-    config.num_key_value_heads, config.qk_layernorm = 4, False
-    config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0, "partial_rotary_factor": 0.25}
-    return config
-
-
-VARIANTS = {"gqa_qk_layernorm": TINY_CAUSAL["phi"], "mha_linear_rope": _phi2_like}
+VARIANTS = {"gqa_qk_layernorm": TINY_CAUSAL["phi"], "mha_linear_rope": CAUSAL_VARIANTS["phi/mha_linear_rope"]}
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def pair(request, tmp_path_factory):
     return make_pair(VARIANTS[request.param](), tmp_path_factory.mktemp(request.param))
-
-
-@pytest.mark.parametrize("padding", PADDINGS)
-@pytest.mark.parametrize("explicit_positions", [False, True])
-def test_logits_and_hidden_states_match_pytorch(pair, padding, explicit_positions):
-    check_forward(*pair, padding, explicit_positions)
-
-
-@pytest.mark.parametrize("padding", PADDINGS)
-def test_cached_decoding_matches_full_forward(pair, padding):
-    check_cached_decoding(pair[1], padding, explicit_positions=False)
-
-
-def test_save_pretrained_loads_in_transformers(pair, tmp_path):
-    check_save_roundtrip(*pair, tmp_path / "saved")
 
 
 def test_variants_set_what_they_claim(pair):

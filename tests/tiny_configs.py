@@ -223,6 +223,67 @@ CAUSAL_VARIANTS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
                                                 rotary_emb_base=1000),
 }
 
+
+def bloom_post_ln_untied(**overrides: object) -> transformers.PretrainedConfig:
+    # 8 heads (a power of two), the residual taken after the norm, an untied head; pretraining_tp
+    # (BLOOM-176B's 4) without slow_but_exact changes nothing.
+    return transformers.BloomConfig(vocab_size=101, hidden_size=32, n_layer=2, n_head=8,
+                                    apply_residual_connection_post_layernorm=True, tie_word_embeddings=False,
+                                    pretraining_tp=4, bos_token_id=0, eos_token_id=1, pad_token_id=1, **overrides)
+
+
+def falcon_with(**overrides: object) -> transformers.PretrainedConfig:
+    kwargs = {"vocab_size": 101, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "ffn_hidden_size": 48, "max_position_embeddings": 64, "bos_token_id": 0, "eos_token_id": 1,
+              "pad_token_id": 1}
+    return transformers.FalconConfig(**{**kwargs, **overrides})
+
+
+def gptj_with(**overrides: object) -> transformers.PretrainedConfig:
+    kwargs = {"vocab_size": 101, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64, "bos_token_id": 0,
+              "eos_token_id": 1, "pad_token_id": 1}
+    return transformers.GPTJConfig(**{**kwargs, **overrides})
+
+
+def cohere_with(**overrides: object) -> transformers.PretrainedConfig:
+    kwargs = {"vocab_size": 101, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "max_position_embeddings": 64, "bos_token_id": 0, "eos_token_id": 1,
+              "pad_token_id": 1}
+    return transformers.CohereConfig(**{**kwargs, **overrides})
+
+
+def _phi2_like() -> transformers.PretrainedConfig:
+    # Phi-2's own switches: multi-head attention, no q/k LayerNorm; a quarter of each head rotated, linear scaling.
+    config = phi()
+    config.num_key_value_heads, config.qk_layernorm = 4, False
+    config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0, "partial_rotary_factor": 0.25}
+    return config
+
+
+FAMILY_VARIANTS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
+    "bloom/post_ln_8heads_untied": bloom_post_ln_untied,
+    # The new architecture with one shared norm (num_ln_in_parallel_attn=1) and a single KV group, tied head.
+    "falcon/new_arch_one_ln_mqa": lambda: falcon_with(new_decoder_architecture=True, num_kv_heads=1,
+                                                  num_ln_in_parallel_attn=1,
+                                                  rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                                   "rope_theta": 500.0}),
+    # Falcon-7B: multi-query attention, parallel attention and MLP on one input_layernorm.
+    "falcon/7b_multi_query_parallel": lambda: falcon_with(multi_query=True, parallel_attn=True, activation="gelu"),
+    # Falcon-RW: ALiBi, per-head [q|k|v], a sequential block, biases.
+    "falcon/rw_alibi_sequential": lambda: falcon_with(alibi=True, multi_query=False, parallel_attn=False, bias=True),
+    # ALiBi on the new architecture, 6 heads (ALiBi's extra slopes), untied head.
+    "falcon/alibi_new_arch_6heads": lambda: falcon_with(alibi=True, new_decoder_architecture=True,
+                                                        num_attention_heads=6, num_kv_heads=3, hidden_size=48,
+                                                        tie_word_embeddings=False),
+    # Every dim of each head rotated, the head's weight tied to wte (its bias stays its own), exact GELU.
+    "gptj/rot8_tied": lambda: gptj_with(rotary_dim=8, tie_word_embeddings=True, activation_function="gelu"),
+    # Command-R's shape: no q/k norm, full MHA, tied head, the default logit_scale 0.0625, linear RoPE scaling.
+    "cohere/tied_linear_rope": lambda: cohere_with(rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                                "rope_theta": 500.0}),
+    "phi/mha_linear_rope": _phi2_like,
+}
+CAUSAL_VARIANTS.update(FAMILY_VARIANTS)
+
 # T5 family: 2 encoder / 3 decoder blocks, d_kv * heads != d_model, and 8 buckets with
 # max_distance 16 so that 9-12 token sequences reach the logarithmic buckets.
 _T5_COMMON = {"vocab_size": 101, "d_model": 32, "d_kv": 6, "d_ff": 48, "num_layers": 2, "num_decoder_layers": 3,
