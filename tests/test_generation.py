@@ -260,7 +260,8 @@ def _compiled_loop(model: Any, **kwargs: Any) -> tuple[Any, Any, set[str]]:
     ids, mask = _prompts(model.config, False)
     generate(model, ids, mask, max_new_tokens=NEW, eos_token_id=[], **kwargs)
     rollout = kwargs.get("rollout_dtype")
-    settings = GenerationSettings(NEW, False, 0, False, 0, None if rollout is None else jnp.dtype(rollout))
+    settings = GenerationSettings(NEW, False, 0, False, 0,
+                                  rollout_dtype=None if rollout is None else jnp.dtype(rollout))
     module = hlo_report.parse(model.generation_cache.compiled_text(settings))
     loop = hlo_report.decode_loop(module)
     return module, loop, module.scheduled(loop.body)

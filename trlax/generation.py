@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trlax.errors import TrlaxError
 from trlax.generation_config import penalty_context, process_logits
 from trlax.inputs import InputError, check_positions, check_token_range, mask_for, token_ids
 from trlax.models.layers import LORA_COLLECTION
@@ -126,7 +127,7 @@ class GenerationCache:
         it compiles again (without the shardings of the original call)."""
         if settings is None:
             if len(self._traced_with) != 1:
-                raise ValueError(f"{len(self._traced_with)} generate functions compiled: name the settings")
+                raise TrlaxError(f"{len(self._traced_with)} generate functions compiled: name the settings")
             settings = next(iter(self._traced_with))
         return self._fns[settings].lower(*self._traced_with[settings]).compile().as_text()
 
@@ -492,9 +493,9 @@ def generate(
         raise InputError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
     _check_sampling(do_sample, prng_key, temperature, top_k, top_p)
     if not isinstance(min_new_tokens, (int, np.integer)) or min_new_tokens < 0:
-        raise ValueError(f"min_new_tokens must be an int >= 0; got {min_new_tokens!r}")
+        raise InputError(f"min_new_tokens must be an int >= 0; got {min_new_tokens!r}")
     if isinstance(repetition_penalty, (int, float)) and repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1.0 = off); got {repetition_penalty}")
+        raise InputError(f"repetition_penalty must be > 0 (1.0 = off); got {repetition_penalty}")
     config = model.config
     seq2seq = bool(model.spec.is_encoder_decoder)
     input_ids = token_ids("input_ids", input_ids, model.vocab_size)

@@ -363,7 +363,8 @@ class PreTrainedModelWrapper:
         base_name: str | None = None
         if is_torch_model(source):
             if set(model_args) - {"dtype", "param_dtype", "mesh", "sharding_rules"}:
-                raise TypeError(f"model arguments {sorted(model_args)} only apply when loading from a path or hub id")
+                raise TrlaxTypeError(f"model arguments {sorted(model_args)} only apply when loading from a path or "
+                                     "hub id")
             parts = torch_parts(source)
             lm = cls.auto_class.model_class.from_parts(parts, type(source).__name__, **model_args)
             v_head, base_name = parts.v_head, parts.name

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from trlax.checkpoint.reader import CheckpointReader, SafetensorsFile
+from trlax.errors import TrlaxError, TrlaxTypeError
 
 Box = tuple[tuple[int, int], ...]  # (start, stop) per dim
 
@@ -46,10 +47,10 @@ def _box(index: Sequence[Any], shape: tuple[int, ...]) -> Box:
     box = []
     for item, dim in zip(index, shape, strict=True):
         if not isinstance(item, slice):
-            raise TypeError(f"slice reads take a tuple of slices; got {item!r}")
+            raise TrlaxTypeError(f"slice reads take a tuple of slices; got {item!r}")
         start, stop, step = item.indices(dim)
         if step != 1:
-            raise ValueError(f"slice reads need contiguous slices; got step {step}")
+            raise TrlaxError(f"slice reads need contiguous slices; got step {step}")
         box.append((start, max(start, stop)))
     return tuple(box)
 

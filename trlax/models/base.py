@@ -36,7 +36,7 @@ from trlax.checkpoint.naming import TensorRule, flatten_paths, get_path, hf_tens
 from trlax.checkpoint.push import push_to_hub
 from trlax.checkpoint.reader import CheckpointReader
 from trlax.checkpoint.torch_models import StateDictReader, TorchParts, is_torch_model, torch_lm, torch_parts
-from trlax.errors import CheckpointError, TrlaxError, UnsupportedModelError
+from trlax.errors import CheckpointError, TrlaxError, TrlaxTypeError, UnsupportedModelError
 from trlax.generation import GenerateOutput, GenerationCache, generate
 from trlax.generation_config import read_generation_config, resolve_generation, write_generation_config
 from trlax.inputs import ParamsCheck, token_ids
@@ -226,11 +226,11 @@ class FlaxPreTrainedModel:
         extra = translate_loading_args({"dtype": dtype, **transformers_args}, where)
         dtype = extra.pop("dtype")
         if extra:
-            raise TypeError(f"{where} got unknown keyword argument(s) {sorted(extra)}")
+            raise TrlaxTypeError(f"{where} got unknown keyword argument(s) {sorted(extra)}")
         dtype = jnp.float32 if dtype is None else dtype
         if is_torch_model(pretrained_model_name_or_path):
             if any(v is not None for v in (revision, token, cache_dir, config, place)):
-                raise TypeError(f"{where}: revision/token/cache_dir/config/place apply to folders and hub ids, "
+                raise TrlaxTypeError(f"{where}: revision/token/cache_dir/config/place apply to folders and hub ids, "
                                 "not to an in-memory PyTorch model")
             return cls.from_torch(pretrained_model_name_or_path, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
                                   sharding_rules=sharding_rules)
