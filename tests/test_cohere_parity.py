@@ -13,7 +13,7 @@ from tests.parity_checks import (
 from tests.tiny_configs import CAUSAL_VARIANTS, TINY_CAUSAL, cohere_with
 from trlax import FlaxAutoModelForCausalLM
 from trlax.errors import UnsupportedModelError
-from trlax.models.rope import apply_rotary_interleaved, inv_frequencies, rotary_cos_sin_interleaved
+from trlax.models.rope import apply_rotary, inv_frequencies, rotary_cos_sin
 
 VARIANTS = {"qk_norm_gqa_untied": TINY_CAUSAL["cohere"], "tied_linear_rope": CAUSAL_VARIANTS["cohere/tied_linear_rope"]}
 
@@ -50,11 +50,11 @@ def test_interleaved_rotary_equals_transformers():
     cos, sin = rotary(torch.tensor(q), torch.tensor(positions))  # [B, T, D] each frequency twice
     # The layout: the same cos/sin in, the same rotation out.
     ref, _ = apply_rotary_pos_emb(torch.tensor(q).transpose(1, 2), torch.zeros(2, 4, 5, 8), cos, sin)
-    out = apply_rotary_interleaved(q, cos.numpy(), sin.numpy())
+    out = apply_rotary(q, cos.numpy(), sin.numpy(), interleaved=True)
     np.testing.assert_allclose(np.asarray(out), ref.transpose(1, 2).numpy(), atol=1e-6)
     # The tables: from the same inverse frequencies (float32 pow may differ by an ulp; see the NeoX test).
     np.testing.assert_array_max_ulp(inv_frequencies(config, 8), rotary.inv_freq.numpy(), maxulp=2)
-    ours = rotary_cos_sin_interleaved(positions, rotary.inv_freq.numpy())
+    ours = rotary_cos_sin(positions, rotary.inv_freq.numpy(), interleaved=True)
     np.testing.assert_allclose(np.asarray(ours[0]), cos.numpy(), atol=1e-6)
     np.testing.assert_allclose(np.asarray(ours[1]), sin.numpy(), atol=1e-6)
 

@@ -17,7 +17,7 @@ from tests.tiny_configs import CAUSAL_VARIANTS, TINY_CAUSAL, gptj_with
 from trlax import FlaxAutoModelForCausalLM
 from trlax.errors import UnsupportedModelError
 from trlax.models.gptj import rotary_inv_freq
-from trlax.models.rope import apply_rotary_interleaved, rotary_cos_sin_interleaved
+from trlax.models.rope import apply_rotary, rotary_cos_sin
 
 VARIANTS = {"rot4_untied": TINY_CAUSAL["gptj"], "rot8_tied": CAUSAL_VARIANTS["gptj/rot8_tied"]}
 
@@ -48,7 +48,7 @@ def test_interleaved_rotary_equals_transformers():
     positions = np.array([[0, 1, 2, 3, 4], [7, 8, 9, 30, 63]])
     sin, cos = torch.split(create_sinusoidal_positions(64, config.rotary_dim)[positions], config.rotary_dim // 2, -1)
     ref = apply_rotary_pos_emb(torch.tensor(x), sin, cos).numpy()
-    out = apply_rotary_interleaved(x, *rotary_cos_sin_interleaved(positions, rotary_inv_freq(config)))
+    out = apply_rotary(x, *rotary_cos_sin(positions, rotary_inv_freq(config), interleaved=True), interleaved=True)
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-6)
 
 

@@ -9,7 +9,8 @@ from tests.parity_checks import make_pair
 from tests.tiny_configs import CAUSAL_VARIANTS, TINY_CAUSAL
 from trlax import FlaxAutoModelForCausalLM
 from trlax.errors import UnsupportedModelError
-from trlax.models.phi import rotary_inv_freq
+from trlax.models.rope import partial_inv_frequencies
+from trlax.models.self_attention import head_dim_of
 
 VARIANTS = {"gqa_qk_layernorm": TINY_CAUSAL["phi"], "mha_linear_rope": CAUSAL_VARIANTS["phi/mha_linear_rope"]}
 
@@ -23,14 +24,16 @@ def test_variants_set_what_they_claim(pair):
     pt, model = pair
     config = model.config
     assert config.rope_parameters["partial_rotary_factor"] < 1.0
-    assert pt.model.layers[0].self_attn.rotary_ndims == 2 * len(rotary_inv_freq(config)) < config.hidden_size // 4
+    inv_freq = partial_inv_frequencies(config, head_dim_of(config))
+    assert pt.model.layers[0].self_attn.rotary_ndims == 2 * len(inv_freq) < config.hidden_size // 4
     assert ("q_layernorm" in model.params["model"]["layers"]["0"]["self_attn"]) is config.qk_layernorm
 
 
 def test_inv_freq_equals_transformers_within_two_ulps(pair):
     """2 ulps, not bit equality: see tests/test_llama_parity.py (float32 pow differs between vector kernels)."""
     pt, model = pair
-    np.testing.assert_array_max_ulp(rotary_inv_freq(model.config), pt.model.rotary_emb.inv_freq.numpy(), maxulp=2)
+    inv_freq = partial_inv_frequencies(model.config, head_dim_of(model.config))
+    np.testing.assert_array_max_ulp(inv_freq, pt.model.rotary_emb.inv_freq.numpy(), maxulp=2)
 
 
 def test_lm_head_has_its_bias(pair):

@@ -55,6 +55,14 @@ def causal_masks(key_mask: Array, q_slots: Array, windows: Iterable[int | None])
     return {window: attention_bias(key_mask, q_slots, sliding_window=window) for window in set(windows)}
 
 
+def split_heads_qkv(qkv: Array, num_heads: int) -> tuple[Array, Array, Array]:
+    """A fused projection laid out per head as [q | k | v] (GPT-NeoX, BLOOM, Falcon's classic layout):
+    [B, T, nH * 3 * D] -> q, k, v [B, T, nH, D]."""
+    b, t, width = qkv.shape
+    heads = qkv.reshape(b, t, num_heads, 3, width // (3 * num_heads))
+    return heads[..., 0, :], heads[..., 1, :], heads[..., 2, :]
+
+
 def alibi_slopes(num_heads: int) -> np.ndarray:
     """ALiBi's per-head slopes [H] float32, as transformers' Bloom and Falcon compute them.
 
@@ -84,6 +92,16 @@ def alibi_bias(key_mask: Array, slopes: Array | np.ndarray) -> Array:
     positions = (jnp.cumsum(mask, axis=-1) - 1) * mask  # [B, S]
     slopes = jnp.asarray(slopes)
     return slopes[None, :, None, None] * positions[:, None, None, :].astype(slopes.dtype)
+
+
+def alibi_attention_bias(key_mask: Array, q_slots: Array, slopes: np.ndarray, dtype: Any,
+                         divisor: float = 1.0) -> Array:
+    """The causal mask plus ALiBi, [B, H, T, S] float32, as BLOOM and Falcon add them: the ALiBi
+    product in slopes' dtype, rounded to the compute `dtype`, then divided by `divisor` in it."""
+    alibi = alibi_bias(key_mask, slopes).astype(dtype)  # [B, H, 1, S]
+    if divisor != 1.0:
+        alibi = alibi / jnp.asarray(divisor, dtype)
+    return attention_bias(key_mask, q_slots) + alibi
 
 
 def dot_product_attention(

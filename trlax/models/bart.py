@@ -40,7 +40,7 @@ from trlax.models.cache import CacheGeometry, KVCache
 from trlax.models.encoder_decoder import EncoderDecoderLM, EncoderDecoderStack
 from trlax.models.layers import ACTIVATIONS, HFModule, activation
 from trlax.models.projected_attention import ProjectedAttention
-from trlax.models.spec import ArchitectureSpec
+from trlax.models.spec import ArchitectureSpec, attention_rules, embedding_rules, feed_forward_rules
 from trlax.models.stack import layer_stack
 
 POSITION_OFFSET = 2  # BartLearnedPositionalEmbedding's fairseq offset
@@ -171,16 +171,9 @@ SPEC = ArchitectureSpec(
     base_model_prefix="model", layer_pattern="model.decoder.layers.{layer}", num_layers=lambda c: c.decoder_layers,
     cache_geometry=lambda c: CacheGeometry(c.decoder_layers, c.decoder_attention_heads,
                                            c.d_model // c.decoder_attention_heads),
-    sharding_rules=(
-        (r"(^|/)shared/embedding$", ("vocab", "embed")),
-        (r"(^|/)embed_positions/embedding$", (None, "embed")),
-        (r"(self_attn|encoder_attn)/[qkv]_proj/kernel$", ("embed", "heads")),
-        (r"(self_attn|encoder_attn)/[qkv]_proj/bias$", ("heads",)),
-        (r"(self_attn|encoder_attn)/out_proj/kernel$", ("heads", "embed")),
-        (r"(^|/)fc1/kernel$", ("embed", "mlp")),
-        (r"(^|/)fc1/bias$", ("mlp",)),
-        (r"(^|/)fc2/kernel$", ("mlp", "embed")),
-    ),
+    sharding_rules=(*embedding_rules("shared"), (r"(^|/)embed_positions/embedding$", (None, "embed")),
+                    *attention_rules("(self_attn|encoder_attn)", "q_proj", "[kv]_proj", "out_proj"),
+                    *feed_forward_rules("fc1", "fc2", scope="(^|/)")),
     peft_targets=("q_proj", "v_proj"),
     ignored_keys=(r"^model\.(encoder|decoder)\.version$",),  # fairseq leftovers transformers ignores too
     tied_keys=lambda c: ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"),

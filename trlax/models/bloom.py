@@ -22,11 +22,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from trlax.errors import UnsupportedModelError
-from trlax.models.attention import Array, alibi_bias, alibi_slopes, attend, attention_bias
+from trlax.models.attention import Array, alibi_attention_bias, alibi_slopes, split_heads_qkv
 from trlax.models.cache import CacheGeometry, KVCache
-from trlax.models.decoder import CausalLM, DecoderBackbone
-from trlax.models.layers import HFModule
-from trlax.models.spec import ArchitectureSpec, tied_lm_head
+from trlax.models.decoder import BackboneLayout, CausalLM, DecoderBackbone
+from trlax.models.layers import FeedForward, HFModule
+from trlax.models.self_attention import SelfAttention
+from trlax.models.spec import ArchitectureSpec, embedding_rules, feed_forward_rules, fused_attention_rules, tied_lm_head
 from trlax.models.stack import layer_stack
 
 
@@ -39,7 +40,9 @@ def bloom_gelu(x: Array) -> Array:
     return x * 0.5 * (1.0 + jnp.tanh(0.79788456 * x * (1.0 + 0.044715 * x * x)))
 
 
-class BloomAttention(HFModule):
+class BloomAttention(SelfAttention):
+    out_proj_name = "dense"
+
     def setup(self) -> None:
         c = self.config
         self.query_key_value = self.linear(3 * c.hidden_size)
@@ -47,31 +50,14 @@ class BloomAttention(HFModule):
         self.attention_dropout = nn.Dropout(c.attention_dropout)
         self.hidden_dropout = nn.Dropout(c.hidden_dropout)
 
-    def __call__(
-        self, x: Array, residual: Array, bias: Array, deterministic: bool, cache: KVCache | None, cache_index: Array
-    ) -> tuple[Array, KVCache | None]:
-        """x, residual: [B, T, H]; bias: causal mask + ALiBi [B, nH, T, S] -> (residual + attention, cache)."""
-        c = self.config
-        b, t, _ = x.shape
-        d = head_dim(c)
-        qkv = self.query_key_value(x).reshape(b, t, c.n_head, 3, d)  # HF's per-head [q | k | v]
-        q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]  # 3 x [B, T, nH, D]
-        out, cache = attend(q, k, v, bias, cache, cache_index, scale=d**-0.5, dropout=self.attention_dropout,
-                            deterministic=deterministic)
-        out = self.dense(out.reshape(b, t, c.hidden_size))
-        return residual + self.hidden_dropout(out, deterministic=deterministic), cache
+    def head_counts(self) -> tuple[int, int, int]:
+        return self.config.n_head, self.config.n_head, head_dim(self.config)
 
+    def project_qkv(self, x: Array) -> tuple[Array, Array, Array]:
+        return split_heads_qkv(self.query_key_value(x), self.config.n_head)  # HF's per-head [q | k | v]
 
-class BloomMLP(HFModule):
-    def setup(self) -> None:
-        c = self.config
-        self.dense_h_to_4h = self.linear(4 * c.hidden_size)
-        self.dense_4h_to_h = self.linear(c.hidden_size)
-        self.hidden_dropout = nn.Dropout(c.hidden_dropout)
-
-    def __call__(self, x: Array, residual: Array, deterministic: bool) -> Array:
-        out = self.dense_4h_to_h(bloom_gelu(self.dense_h_to_4h(x)))
-        return residual + self.hidden_dropout(out, deterministic=deterministic)
+    def project_out(self, out: Array, deterministic: bool) -> Array:
+        return self.hidden_dropout(self.dense(out), deterministic=deterministic)
 
 
 class BloomBlock(HFModule):
@@ -82,22 +68,22 @@ class BloomBlock(HFModule):
         self.input_layernorm = self.layer_norm(c.layer_norm_epsilon)
         self.self_attention = BloomAttention(c, self.dtype, self.param_dtype)
         self.post_attention_layernorm = self.layer_norm(c.layer_norm_epsilon)
-        self.mlp = BloomMLP(c, self.dtype, self.param_dtype)
+        self.mlp = FeedForward(c, self.dtype, self.param_dtype, names=("dense_h_to_4h", "dense_4h_to_h"),
+                               features=4 * c.hidden_size, hidden_act=bloom_gelu, dropout_rate=c.hidden_dropout)
 
     def __call__(self, x: Array, *, bias: Array, deterministic: bool, cache: KVCache | None,
                  cache_index: Array) -> tuple[Array, KVCache | None]:
+        """bias: the causal mask + ALiBi [B, nH, T, S] (no rotary)."""
         post_ln_residual = self.config.apply_residual_connection_post_layernorm
         h = self.input_layernorm(x)
-        x, cache = self.self_attention(h, h if post_ln_residual else x, bias, deterministic, cache, cache_index)
+        attn, cache = self.self_attention(h, bias, None, deterministic, cache, cache_index)
+        x = (h if post_ln_residual else x) + attn
         h = self.post_attention_layernorm(x)
-        return self.mlp(h, h if post_ln_residual else x, deterministic), cache
+        return (h if post_ln_residual else x) + self.mlp(h, deterministic), cache
 
 
 class BloomModel(DecoderBackbone):
-    embedding_name = "word_embeddings"
-    final_norm_name = "ln_f"
-
-    stack_name = "h"
+    layout = BackboneLayout(embedding="word_embeddings", stack="h", final_norm="ln_f", norm_eps="layer_norm_epsilon")
 
     def setup(self) -> None:
         c = self.config
@@ -111,8 +97,7 @@ class BloomModel(DecoderBackbone):
 
     def layer_inputs(self, attention_mask: Array, position_ids: Array, q_slots: Array) -> dict[str, Any]:
         # transformers builds ALiBi in the compute dtype and adds it to the causal mask.
-        alibi = alibi_bias(attention_mask, alibi_slopes(self.config.n_head)).astype(self.dtype)  # [B, nH, 1, S]
-        return {"bias": attention_bias(attention_mask, q_slots) + alibi}  # [B, nH, T, S] float32
+        return {"bias": alibi_attention_bias(attention_mask, q_slots, alibi_slopes(self.config.n_head), self.dtype)}
 
 
 class BloomForCausalLM(CausalLM):
@@ -130,17 +115,11 @@ def _validate(config: Any) -> None:
 
 SPEC = ArchitectureSpec(
     model_types=("bloom",), module=BloomForCausalLM, hf_architecture="BloomForCausalLM",
-    base_model_prefix="transformer", layer_pattern="transformer.h.{layer}", num_layers=lambda c: c.n_layer,
+    base_model_prefix="transformer", layer_pattern="transformer.h.{layer}",
     cache_geometry=lambda c: CacheGeometry(c.n_layer, c.n_head, head_dim(c)),
-    sharding_rules=(
-        (r"(^|/)word_embeddings/embedding$", ("vocab", "embed")),
-        (r"self_attention/query_key_value/kernel$", ("embed", "heads")),  # fused, per head [q|k|v]
-        (r"self_attention/query_key_value/bias$", ("heads",)),
-        (r"self_attention/dense/kernel$", ("heads", "embed")),
-        (r"mlp/dense_h_to_4h/kernel$", ("embed", "mlp")),
-        (r"mlp/dense_h_to_4h/bias$", ("mlp",)),
-        (r"mlp/dense_4h_to_h/kernel$", ("mlp", "embed")),
-    ),
+    sharding_rules=(*embedding_rules("word_embeddings"),
+                    *fused_attention_rules("self_attention", "query_key_value", "dense"),  # per head [q|k|v]
+                    *feed_forward_rules("dense_h_to_4h", "dense_4h_to_h")),
     peft_targets=("query_key_value",),
     tied_keys=tied_lm_head,
     validate=_validate,

@@ -20,25 +20,17 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from trlax.errors import UnsupportedModelError
-from trlax.models.attention import Array, attend, causal_masks
+from trlax.models.attention import Array
 from trlax.models.cache import CacheGeometry, KVCache
-from trlax.models.decoder import CausalLM, DecoderBackbone
+from trlax.models.decoder import BackboneLayout, CausalLM, DecoderBackbone
 from trlax.models.layers import HFModule, activation
-from trlax.models.llama import LLAMA_SHARDING, ROTARY_BUFFERS, head_dim_of, validate_rope
-from trlax.models.rope import apply_rotary_interleaved, inv_frequencies, rotary_cos_sin_interleaved
+from trlax.models.llama import LLAMA_SHARDING, ROTARY_BUFFERS, validate_rope
+from trlax.models.rope import apply_rotary, inv_frequencies, rotary_cos_sin
+from trlax.models.self_attention import SelfAttention, head_dim_of
 from trlax.models.spec import ArchitectureSpec, tied_lm_head
-from trlax.models.stack import layer_stack
 
 
-def rotate(x: Array, cos: Array, sin: Array) -> Array:
-    """Interleaved RoPE in float32 with cos/sin rounded to x's dtype first, as CohereAttention does."""
-    cos, sin = cos.astype(x.dtype).astype(jnp.float32), sin.astype(x.dtype).astype(jnp.float32)
-    return apply_rotary_interleaved(x.astype(jnp.float32), cos, sin).astype(x.dtype)
-
-
-class CohereAttention(HFModule):
-    layer_idx: int = 0
-
+class CohereAttention(SelfAttention):
     def setup(self) -> None:
         c = self.config
         d, bias = head_dim_of(c), c.attention_bias
@@ -51,22 +43,13 @@ class CohereAttention(HFModule):
             self.k_norm = self.layer_norm(c.layer_norm_eps, use_bias=False, feature_axes=(-2, -1))
         self.attention_dropout = nn.Dropout(c.attention_dropout)
 
-    def __call__(
-        self, x: Array, bias: Array, rotary: tuple[Array, Array], deterministic: bool, cache: KVCache | None,
-        cache_index: Array,
-    ) -> tuple[Array, KVCache | None]:
-        c = self.config
-        b, t, _ = x.shape
-        d = head_dim_of(c)
-        q = self.q_proj(x).reshape(b, t, c.num_attention_heads, d)  # [B, T, Hq, D]
-        k = self.k_proj(x).reshape(b, t, c.num_key_value_heads, d)  # [B, T, Hkv, D]
-        v = self.v_proj(x).reshape(b, t, c.num_key_value_heads, d)
-        if c.use_qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotate(q, *rotary), rotate(k, *rotary)
-        out, cache = attend(q, k, v, bias, cache, cache_index, scale=d**-0.5, dropout=self.attention_dropout,
-                            deterministic=deterministic)
-        return self.o_proj(out.reshape(b, t, c.num_attention_heads * d)), cache
+    def normalize_qk(self, q: Array, k: Array) -> tuple[Array, Array]:
+        return (self.q_norm(q), self.k_norm(k)) if self.config.use_qk_norm else (q, k)
+
+    def rotate(self, x: Array, cos: Array, sin: Array) -> Array:
+        """Interleaved RoPE in float32 with cos/sin rounded to x's dtype first, as CohereAttention does."""
+        cos, sin = cos.astype(x.dtype).astype(jnp.float32), sin.astype(x.dtype).astype(jnp.float32)
+        return apply_rotary(x.astype(jnp.float32), cos, sin, interleaved=True).astype(x.dtype)
 
 
 class CohereMLP(HFModule):
@@ -98,23 +81,13 @@ class CohereDecoderLayer(HFModule):
 
 
 class CohereModel(DecoderBackbone):
-    embedding_name = "embed_tokens"
-    final_norm_name = "norm"
+    layout = BackboneLayout(embedding="embed_tokens", final_norm="norm", norm_bias=False)
+    block_cls = CohereDecoderLayer
 
-    def setup(self) -> None:
-        c = self.config
-        self.embed_tokens = self.embedding(c.vocab_size, c.hidden_size)
-        self.layers = layer_stack(CohereDecoderLayer, c.num_hidden_layers, "layers", config=c, dtype=self.dtype,
-                                  param_dtype=self.param_dtype)
-        self.norm = self.layer_norm(c.layer_norm_eps, use_bias=False)
-        self.inv_freq = inv_frequencies(c, head_dim_of(c))  # [D/2] float32, a constant (not a param)
-
-    def embed(self, input_ids: Array, position_ids: Array, deterministic: bool) -> Array:
-        return self.embed_tokens(input_ids)  # [B, T, H]
-
-    def layer_inputs(self, attention_mask: Array, position_ids: Array, q_slots: Array) -> dict[str, Any]:
-        return {"masks": causal_masks(attention_mask, q_slots, [None]),
-                "rotary": rotary_cos_sin_interleaved(position_ids, self.inv_freq)}  # [B, T, D] float32
+    def rotary(self, position_ids: Array) -> tuple[Array, Array]:
+        """cos, sin [B, T, D] float32, each frequency twice."""
+        return rotary_cos_sin(position_ids, inv_frequencies(self.config, head_dim_of(self.config)),
+                              interleaved=True)
 
 
 class CohereForCausalLM(CausalLM):
@@ -136,7 +109,7 @@ def _validate(config: Any) -> None:
 
 SPEC = ArchitectureSpec(
     model_types=("cohere",), module=CohereForCausalLM, hf_architecture="CohereForCausalLM",
-    base_model_prefix="model", layer_pattern="model.layers.{layer}", num_layers=lambda c: c.num_hidden_layers,
+    base_model_prefix="model", layer_pattern="model.layers.{layer}",
     cache_geometry=lambda c: CacheGeometry(c.num_hidden_layers, c.num_key_value_heads, head_dim_of(c)),
     sharding_rules=LLAMA_SHARDING,
     peft_targets=(),  # PEFT has no default target_modules for cohere: users must name them

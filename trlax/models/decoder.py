@@ -9,45 +9,92 @@ transformers returns, the tied or untied LM head and float32 logits.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from trlax.models.attention import causal_masks
 from trlax.models.cache import KVCache, query_slots
 from trlax.models.layers import HFModule
 from trlax.models.outputs import CausalLMOutput
+from trlax.models.stack import layer_stack
 
 Array = jax.Array
 
 
-class DecoderBackbone(HFModule):
-    """Embeddings -> `LayerStack` -> final state. A family's subclass creates, in `setup`, its
-    embeddings, a `layer_stack(...)` under `stack_name` and its final norm, and implements:
+@dataclass(frozen=True)
+class BackboneLayout:
+    """The HF names of a decoder backbone's parts and the config attributes that size them.
 
-    - `embed(input_ids, position_ids, deterministic) -> x [B, T, H]`;
-    - `layer_inputs(attention_mask [B, S], position_ids [B, T], q_slots [T]) -> dict`: the
-      keyword inputs every block reads besides x and its cache (masks, rotary tables);
-    - `finish(x) -> x`: after the last block; by default the final norm `final_norm_name`;
-    - `tied_head(h) -> logits`: the LM head that shares the input embedding; by default
-      `embedding_name`'s `attend`.
+    embedding: the token embedding [V, H]; stack: the blocks' ModuleList; final_norm: the
+    LayerNorm after the last block, with `norm_eps` (the config attribute of its epsilon) and
+    `norm_bias`; embedding_dropout: the config attribute of the embedding dropout rate, if any.
     """
 
-    stack_name: ClassVar[str] = "layers"
-    embedding_name: ClassVar[str]
-    final_norm_name: ClassVar[str]
+    embedding: str
+    final_norm: str
+    stack: str = "layers"
+    norm_eps: str = "layer_norm_eps"
+    norm_bias: bool = True
+    embedding_dropout: str | None = None
+
+
+class DecoderBackbone(HFModule):
+    """Embeddings -> `LayerStack` of `block_cls` -> final state, named by `layout`.
+
+    `setup` creates the token embedding, its dropout, the blocks and the final LayerNorm, in
+    PyTorch's registration order (the order TRL's layer sharing walks); a family with more parts
+    (position tables, an embedding norm, RMSNorms) writes its own. Hooks, overridden where a
+    family differs:
+
+    - `embed(input_ids, position_ids, deterministic) -> x [B, T, H]`: by default the token
+      embedding, then its dropout if the layout has one;
+    - `layer_inputs(attention_mask [B, S], position_ids [B, T], q_slots [T]) -> dict`: the
+      keyword inputs every block reads besides x and its cache; by default `masks` (one causal
+      bias per distinct window of `layer_windows()`) and, when `rotary` gives a table, `rotary`;
+    - `finish(x) -> x`: after the last block; by default the final norm;
+    - `tied_head(h) -> logits`: the LM head that shares the input embedding (its `attend`).
+    """
+
+    layout: ClassVar[BackboneLayout]
+    block_cls: ClassVar[type[nn.Module]]
+
+    def setup(self) -> None:
+        c, names = self.config, self.layout
+        setattr(self, names.embedding, self.embedding(c.vocab_size, c.hidden_size))
+        if names.embedding_dropout is not None:
+            self.embedding_dropout = nn.Dropout(getattr(c, names.embedding_dropout))
+        setattr(self, names.stack, layer_stack(self.block_cls, c.num_hidden_layers, names.stack, config=c,
+                                               dtype=self.dtype, param_dtype=self.param_dtype))
+        setattr(self, names.final_norm, self.layer_norm(getattr(c, names.norm_eps), use_bias=names.norm_bias))
 
     def embed(self, input_ids: Array, position_ids: Array, deterministic: bool) -> Array:
-        raise NotImplementedError
+        x = getattr(self, self.layout.embedding)(input_ids)  # [B, T, H]
+        if self.layout.embedding_dropout is None:
+            return x
+        return self.embedding_dropout(x, deterministic=deterministic)
+
+    def layer_windows(self) -> list[int | None]:
+        """The sliding window of each layer (None: full attention); by default one full mask."""
+        return [None]
+
+    def rotary(self, position_ids: Array) -> Any:
+        """The rotary table the blocks read for positions [B, T] (cos, sin [B, T, rot] float32), or None."""
+        return None
 
     def layer_inputs(self, attention_mask: Array, position_ids: Array, q_slots: Array) -> dict[str, Any]:
-        raise NotImplementedError
+        inputs = {"masks": causal_masks(attention_mask, q_slots, self.layer_windows())}
+        rotary = self.rotary(position_ids)
+        return inputs if rotary is None else {**inputs, "rotary": rotary}
 
     def finish(self, x: Array) -> Array:
-        return getattr(self, self.final_norm_name)(x)
+        return getattr(self, self.layout.final_norm)(x)
 
     def tied_head(self, h: Array) -> Array:
-        return getattr(self, self.embedding_name).attend(h)
+        return getattr(self, self.layout.embedding).attend(h)
 
     def __call__(
         self,
@@ -64,7 +111,7 @@ class DecoderBackbone(HFModule):
         (final state [B, T, H'], hidden states as transformers returns them | None, new cache | None)."""
         x = self.embed(input_ids, position_ids, deterministic)
         inputs = self.layer_inputs(attention_mask, position_ids, query_slots(input_ids.shape[1], cache_index))
-        x, hidden, cache = getattr(self, self.stack_name)(
+        x, hidden, cache = getattr(self, self.layout.stack)(
             x, cache=cache, output_hidden_states=output_hidden_states, deterministic=deterministic,
             cache_index=cache_index, **inputs)
         x = self.finish(x)

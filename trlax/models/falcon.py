@@ -24,14 +24,14 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from trlax.errors import UnsupportedModelError
-from trlax.models.attention import Array, alibi_bias, alibi_slopes, attend, attention_bias
+from trlax.models.attention import Array, alibi_attention_bias, alibi_slopes, attention_bias, split_heads_qkv
 from trlax.models.cache import CacheGeometry, KVCache
-from trlax.models.decoder import CausalLM, DecoderBackbone
-from trlax.models.layers import HFModule, activation
+from trlax.models.decoder import BackboneLayout, CausalLM, DecoderBackbone
+from trlax.models.layers import FeedForward, HFModule, activation
 from trlax.models.llama import validate_rope
-from trlax.models.rope import apply_rotary, inv_frequencies, rotary_cos_sin
-from trlax.models.spec import ArchitectureSpec, tied_lm_head
-from trlax.models.stack import layer_stack
+from trlax.models.rope import inv_frequencies, rotary_cos_sin
+from trlax.models.self_attention import SelfAttention
+from trlax.models.spec import ArchitectureSpec, embedding_rules, feed_forward_rules, fused_attention_rules, tied_lm_head
 
 
 def head_dim(config: Any) -> int:
@@ -50,50 +50,31 @@ def num_layer_norms(config: Any) -> int:
     return 2 if config.new_decoder_architecture else 1
 
 
-class FalconAttention(HFModule):
+class FalconAttention(SelfAttention):
+    out_proj_name = "dense"
+
     def setup(self) -> None:
         c = self.config
         self.query_key_value = self.linear((c.num_attention_heads + 2 * num_kv_heads(c)) * head_dim(c), c.bias)
         self.dense = self.linear(c.hidden_size, c.bias)
         self.attention_dropout = nn.Dropout(c.attention_dropout)
 
-    def split_heads(self, qkv: Array) -> tuple[Array, Array, Array]:
-        """The fused projection [B, T, (nH + 2 nKV) D] -> q [B, T, nH, D], k, v [B, T, nKV, D]."""
+    def head_counts(self) -> tuple[int, int, int]:
+        return self.config.num_attention_heads, num_kv_heads(self.config), head_dim(self.config)
+
+    def project_qkv(self, x: Array) -> tuple[Array, Array, Array]:
+        """The fused projection, laid out per config -> q [B, T, nH, D], k, v [B, T, nKV, D]."""
         c = self.config
+        qkv = self.query_key_value(x)  # [B, T, (nH + 2 nKV) D]
         b, t, _ = qkv.shape
-        d, nh, nkv = head_dim(c), c.num_attention_heads, num_kv_heads(c)
+        nh, nkv, d = self.head_counts()
         if c.new_decoder_architecture:  # per KV group: its query heads, then its k and v
             grouped = qkv.reshape(b, t, nkv, nh // nkv + 2, d)
             return grouped[..., :-2, :].reshape(b, t, nh, d), grouped[..., -2, :], grouped[..., -1, :]
         if c.multi_query:  # every query head, then the one k and v
             heads = qkv.reshape(b, t, nh + 2, d)
             return heads[:, :, :nh], heads[:, :, nh:nh + 1], heads[:, :, nh + 1:]
-        heads = qkv.reshape(b, t, nh, 3, d)  # per head [q | k | v]
-        return heads[..., 0, :], heads[..., 1, :], heads[..., 2, :]
-
-    def __call__(
-        self, x: Array, bias: Array, rotary: tuple[Array, Array] | None, deterministic: bool,
-        cache: KVCache | None, cache_index: Array,
-    ) -> tuple[Array, KVCache | None]:
-        c = self.config
-        b, t, _ = x.shape
-        q, k, v = self.split_heads(self.query_key_value(x))
-        if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        out, cache = attend(q, k, v, bias, cache, cache_index, scale=head_dim(c) ** -0.5,
-                            dropout=self.attention_dropout, deterministic=deterministic)
-        return self.dense(out.reshape(b, t, c.hidden_size)), cache
-
-
-class FalconMLP(HFModule):
-    def setup(self) -> None:
-        c = self.config
-        self.dense_h_to_4h = self.linear(c.ffn_hidden_size, c.bias)
-        self.act = activation(c.activation)
-        self.dense_4h_to_h = self.linear(c.hidden_size, c.bias)
-
-    def __call__(self, x: Array) -> Array:
-        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
+        return split_heads_qkv(qkv, nh)  # per head [q | k | v]
 
 
 class FalconDecoderLayer(HFModule):
@@ -102,7 +83,8 @@ class FalconDecoderLayer(HFModule):
     def setup(self) -> None:
         c = self.config
         self.self_attention = FalconAttention(c, self.dtype, self.param_dtype)
-        self.mlp = FalconMLP(c, self.dtype, self.param_dtype)
+        self.mlp = FeedForward(c, self.dtype, self.param_dtype, names=("dense_h_to_4h", "dense_4h_to_h"),
+                               features=c.ffn_hidden_size, hidden_act=c.activation, use_bias=c.bias)
         eps = c.layer_norm_epsilon
         if not c.parallel_attn:
             self.post_attention_layernorm = self.layer_norm(eps)
@@ -131,30 +113,18 @@ class FalconDecoderLayer(HFModule):
 
 
 class FalconModel(DecoderBackbone):
-    embedding_name = "word_embeddings"
-    final_norm_name = "ln_f"
-
-    stack_name = "h"
-
-    def setup(self) -> None:
-        c = self.config
-        self.word_embeddings = self.embedding(c.vocab_size, c.hidden_size)
-        self.h = layer_stack(FalconDecoderLayer, c.num_hidden_layers, "h", config=c, dtype=self.dtype,
-                             param_dtype=self.param_dtype)
-        self.ln_f = self.layer_norm(c.layer_norm_epsilon)
-
-    def embed(self, input_ids: Array, position_ids: Array, deterministic: bool) -> Array:
-        return self.word_embeddings(input_ids)  # [B, T, H]
+    layout = BackboneLayout(embedding="word_embeddings", stack="h", final_norm="ln_f", norm_eps="layer_norm_epsilon")
+    block_cls = FalconDecoderLayer
 
     def layer_inputs(self, attention_mask: Array, position_ids: Array, q_slots: Array) -> dict[str, Any]:
         c = self.config
-        mask = attention_bias(attention_mask, q_slots)  # [B, 1, T, S]
         if not c.alibi:
-            return {"bias": mask, "rotary": rotary_cos_sin(position_ids, inv_frequencies(c, head_dim(c)))}
+            return {"bias": attention_bias(attention_mask, q_slots),  # [B, 1, T, S]
+                    "rotary": rotary_cos_sin(position_ids, inv_frequencies(c, head_dim(c)))}
         # transformers: bfloat16 slopes times positions (a bfloat16 product), in the compute dtype, / sqrt(D).
-        alibi = alibi_bias(attention_mask, alibi_slopes(c.num_attention_heads).astype(jnp.bfloat16))
-        alibi = alibi.astype(self.dtype) / jnp.asarray(math.sqrt(head_dim(c)), self.dtype)  # [B, nH, 1, S]
-        return {"bias": mask + alibi, "rotary": None}
+        slopes = alibi_slopes(c.num_attention_heads).astype(jnp.bfloat16)
+        return {"bias": alibi_attention_bias(attention_mask, q_slots, slopes, self.dtype, math.sqrt(head_dim(c))),
+                "rotary": None}
 
 
 class FalconForCausalLM(CausalLM):
@@ -184,17 +154,11 @@ def _validate(config: Any) -> None:
 
 SPEC = ArchitectureSpec(
     model_types=("falcon",), module=FalconForCausalLM, hf_architecture="FalconForCausalLM",
-    base_model_prefix="transformer", layer_pattern="transformer.h.{layer}", num_layers=lambda c: c.num_hidden_layers,
+    base_model_prefix="transformer", layer_pattern="transformer.h.{layer}",
     cache_geometry=lambda c: CacheGeometry(c.num_hidden_layers, num_kv_heads(c), head_dim(c)),
-    sharding_rules=(
-        (r"(^|/)word_embeddings/embedding$", ("vocab", "embed")),
-        (r"self_attention/query_key_value/kernel$", ("embed", "heads")),  # fused q | k | v, layout per config
-        (r"self_attention/query_key_value/bias$", ("heads",)),
-        (r"self_attention/dense/kernel$", ("heads", "embed")),
-        (r"mlp/dense_h_to_4h/kernel$", ("embed", "mlp")),
-        (r"mlp/dense_h_to_4h/bias$", ("mlp",)),
-        (r"mlp/dense_4h_to_h/kernel$", ("mlp", "embed")),
-    ),
+    sharding_rules=(*embedding_rules("word_embeddings"),
+                    *fused_attention_rules("self_attention", "query_key_value", "dense"),  # layout per config
+                    *feed_forward_rules("dense_h_to_4h", "dense_4h_to_h")),
     peft_targets=("query_key_value",),
     tied_keys=tied_lm_head,
     validate=_validate,

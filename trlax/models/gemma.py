@@ -26,10 +26,10 @@ from trlax.models.llama import (
     LlamaForCausalLM,
     LlamaModel,
     check_causal,
-    head_dim_of,
     sliding_layers,
     validate_rope,
 )
+from trlax.models.self_attention import head_dim_of
 
 
 def gemma_options(config: Any) -> DecoderOptions:

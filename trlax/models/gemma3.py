@@ -19,8 +19,9 @@ from trlax.models.attention import Array
 from trlax.models.cache import KVCache
 from trlax.models.gemma import SPEC as GEMMA_SPEC
 from trlax.models.gemma import Gemma2DecoderLayer, GemmaForCausalLM, GemmaModel, gemma_options
-from trlax.models.llama import head_dim_of, sliding_layers
+from trlax.models.llama import sliding_layers
 from trlax.models.rope import inv_frequencies, rotary_cos_sin
+from trlax.models.self_attention import head_dim_of
 
 LAYER_TYPES = {False: "full_attention", True: "sliding_attention"}  # is the layer sliding? -> its type
 

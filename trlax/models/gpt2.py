@@ -14,11 +14,11 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from trlax.errors import UnsupportedModelError
-from trlax.models.attention import Array, attend, causal_masks
+from trlax.models.attention import Array, attend
 from trlax.models.cache import CacheGeometry, KVCache
-from trlax.models.decoder import CausalLM, DecoderBackbone
-from trlax.models.layers import HFModule, activation
-from trlax.models.spec import ArchitectureSpec, tied_lm_head
+from trlax.models.decoder import BackboneLayout, CausalLM, DecoderBackbone
+from trlax.models.layers import FeedForward, HFModule, activation
+from trlax.models.spec import ArchitectureSpec, embedding_rules, feed_forward_rules, fused_attention_rules, tied_lm_head
 from trlax.models.stack import layer_stack
 
 
@@ -47,18 +47,6 @@ class GPT2Attention(HFModule):
         return self.resid_dropout(self.c_proj(out.reshape(b, t, c.n_embd)), deterministic=deterministic), cache
 
 
-class GPT2MLP(HFModule):
-    def setup(self) -> None:
-        c = self.config
-        self.c_fc = self.linear(c.n_inner if c.n_inner is not None else 4 * c.n_embd)
-        self.c_proj = self.linear(c.n_embd)
-        self.act = activation(c.activation_function)
-        self.dropout = nn.Dropout(c.resid_pdrop)
-
-    def __call__(self, x: Array, deterministic: bool) -> Array:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))), deterministic=deterministic)
-
-
 class GPT2Block(HFModule):
     layer_idx: int = 0
 
@@ -67,7 +55,9 @@ class GPT2Block(HFModule):
         self.ln_1 = self.layer_norm(c.layer_norm_epsilon)
         self.attn = GPT2Attention(c, self.dtype, self.param_dtype, self.layer_idx)
         self.ln_2 = self.layer_norm(c.layer_norm_epsilon)
-        self.mlp = GPT2MLP(c, self.dtype, self.param_dtype)
+        self.mlp = FeedForward(c, self.dtype, self.param_dtype, names=("c_fc", "c_proj"),
+                               features=c.n_inner if c.n_inner is not None else 4 * c.n_embd,
+                               hidden_act=c.activation_function, dropout_rate=c.resid_pdrop)
 
     def __call__(self, x: Array, *, masks: dict[Any, Array], deterministic: bool, cache: KVCache | None,
                  cache_index: Array) -> tuple[Array, KVCache | None]:
@@ -77,23 +67,23 @@ class GPT2Block(HFModule):
 
 
 class GPT2Model(DecoderBackbone):
-    embedding_name = "wte"
-    final_norm_name = "ln_f"
-    stack_name = "h"
+    """Token + learned position embeddings, dropout, the blocks, `ln_f`; GPT-Neo's backbone too."""
+
+    layout = BackboneLayout(embedding="wte", stack="h", final_norm="ln_f", norm_eps="layer_norm_epsilon",
+                            embedding_dropout="embd_pdrop")
+    block_cls = GPT2Block
 
     def setup(self) -> None:
         c = self.config
-        self.wte = self.embedding(c.vocab_size, c.n_embd)
-        self.wpe = self.embedding(c.n_positions, c.n_embd)
-        self.drop = nn.Dropout(c.embd_pdrop)
-        self.h = layer_stack(GPT2Block, c.n_layer, "h", config=c, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.wte = self.embedding(c.vocab_size, c.hidden_size)
+        self.wpe = self.embedding(c.max_position_embeddings, c.hidden_size)
+        self.embedding_dropout = nn.Dropout(float(getattr(c, self.layout.embedding_dropout)))
+        self.h = layer_stack(self.block_cls, c.num_hidden_layers, "h", config=c, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
         self.ln_f = self.layer_norm(c.layer_norm_epsilon)
 
     def embed(self, input_ids: Array, position_ids: Array, deterministic: bool) -> Array:
-        return self.drop(self.wte(input_ids) + self.wpe(position_ids), deterministic=deterministic)  # [B, T, H]
-
-    def layer_inputs(self, attention_mask: Array, position_ids: Array, q_slots: Array) -> dict[str, Any]:
-        return {"masks": causal_masks(attention_mask, q_slots, [None])}
+        return self.embedding_dropout(self.wte(input_ids) + self.wpe(position_ids), deterministic=deterministic)
 
 
 class GPT2LMHeadModel(CausalLM):
@@ -110,18 +100,10 @@ def _validate(config: Any) -> None:
 
 SPEC = ArchitectureSpec(
     model_types=("gpt2",), module=GPT2LMHeadModel, hf_architecture="GPT2LMHeadModel",
-    base_model_prefix="transformer", layer_pattern="transformer.h.{layer}", num_layers=lambda c: c.n_layer,
+    base_model_prefix="transformer", layer_pattern="transformer.h.{layer}",
     cache_geometry=lambda c: CacheGeometry(c.n_layer, c.n_head, c.n_embd // c.n_head),
-    sharding_rules=(
-        (r"(^|/)wte/embedding$", ("vocab", "embed")),
-        (r"(^|/)wpe/embedding$", (None, "embed")),
-        (r"attn/c_attn/kernel$", ("embed", "heads")),  # fused q|k|v, [E, 3E]
-        (r"attn/c_attn/bias$", ("heads",)),
-        (r"attn/c_proj/kernel$", ("heads", "embed")),
-        (r"mlp/c_fc/kernel$", ("embed", "mlp")),
-        (r"mlp/c_fc/bias$", ("mlp",)),
-        (r"mlp/c_proj/kernel$", ("mlp", "embed")),
-    ),
+    sharding_rules=(*embedding_rules("wte"), (r"(^|/)wpe/embedding$", (None, "embed")),
+                    *fused_attention_rules("attn", "c_attn", "c_proj"), *feed_forward_rules("c_fc", "c_proj")),
     peft_targets=("c_attn",),
     keep_layout=(r".*\.(c_attn|c_proj|c_fc)\.weight$",),
     ignored_keys=(r".*\.attn\.(bias|masked_bias)$",),

@@ -11,18 +11,19 @@ Param paths match transformers' GPTNeoForCausalLM state dict (`transformer.wte`,
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 
 from trlax.errors import UnsupportedModelError
-from trlax.models.attention import Array, causal_masks
+from trlax.models.attention import Array
 from trlax.models.cache import CacheGeometry, KVCache
-from trlax.models.decoder import CausalLM, DecoderBackbone
-from trlax.models.layers import HFModule, activation
+from trlax.models.decoder import CausalLM
+from trlax.models.gpt2 import GPT2Model
+from trlax.models.layers import FeedForward, HFModule, activation
 from trlax.models.projected_attention import ProjectedAttention
-from trlax.models.spec import ArchitectureSpec, tied_lm_head
-from trlax.models.stack import layer_stack
+from trlax.models.spec import ArchitectureSpec, attention_rules, embedding_rules, feed_forward_rules, tied_lm_head
 
 ATTENTION_TYPES = ("global", "local")
 
@@ -48,18 +49,6 @@ class GPTNeoAttention(HFModule):
         return self.resid_dropout(out, deterministic=deterministic), cache
 
 
-class GPTNeoMLP(HFModule):
-    def setup(self) -> None:
-        c = self.config
-        self.c_fc = self.linear(c.intermediate_size if c.intermediate_size is not None else 4 * c.hidden_size)
-        self.c_proj = self.linear(c.hidden_size)
-        self.act = activation(c.activation_function)
-        self.dropout = nn.Dropout(float(c.resid_dropout))
-
-    def __call__(self, x: Array, deterministic: bool) -> Array:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))), deterministic=deterministic)
-
-
 class GPTNeoBlock(HFModule):
     layer_idx: int = 0
 
@@ -68,7 +57,9 @@ class GPTNeoBlock(HFModule):
         self.ln_1 = self.layer_norm(c.layer_norm_epsilon)
         self.attn = GPTNeoAttention(c, self.dtype, self.param_dtype)
         self.ln_2 = self.layer_norm(c.layer_norm_epsilon)
-        self.mlp = GPTNeoMLP(c, self.dtype, self.param_dtype)
+        self.mlp = FeedForward(c, self.dtype, self.param_dtype, names=("c_fc", "c_proj"),
+                               features=c.intermediate_size if c.intermediate_size is not None else 4 * c.hidden_size,
+                               hidden_act=c.activation_function, dropout_rate=float(c.resid_dropout))
 
     def __call__(self, x: Array, *, masks: dict[Any, Array], deterministic: bool, cache: KVCache | None,
                  cache_index: Array) -> tuple[Array, KVCache | None]:
@@ -78,25 +69,12 @@ class GPTNeoBlock(HFModule):
         return x + self.mlp(self.ln_2(x), deterministic), cache
 
 
-class GPTNeoModel(DecoderBackbone):
-    embedding_name = "wte"
-    final_norm_name = "ln_f"
-    stack_name = "h"
+class GPTNeoModel(GPT2Model):
+    layout = dataclasses.replace(GPT2Model.layout, embedding_dropout="embed_dropout")
+    block_cls = GPTNeoBlock
 
-    def setup(self) -> None:
-        c = self.config
-        self.wte = self.embedding(c.vocab_size, c.hidden_size)
-        self.wpe = self.embedding(c.max_position_embeddings, c.hidden_size)
-        self.drop = nn.Dropout(float(c.embed_dropout))
-        self.h = layer_stack(GPTNeoBlock, c.num_layers, "h", config=c, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.ln_f = self.layer_norm(c.layer_norm_epsilon)
-
-    def embed(self, input_ids: Array, position_ids: Array, deterministic: bool) -> Array:
-        return self.drop(self.wte(input_ids) + self.wpe(position_ids), deterministic=deterministic)  # [B, T, H]
-
-    def layer_inputs(self, attention_mask: Array, position_ids: Array, q_slots: Array) -> dict[str, Any]:
-        windows = [layer_window(self.config, i) for i in range(self.config.num_layers)]
-        return {"masks": causal_masks(attention_mask, q_slots, windows)}
+    def layer_windows(self) -> list[int | None]:
+        return [layer_window(self.config, i) for i in range(self.config.num_layers)]
 
 
 class GPTNeoForCausalLM(CausalLM):
@@ -121,18 +99,12 @@ def _validate(config: Any) -> None:
 
 SPEC = ArchitectureSpec(
     model_types=("gpt_neo",), module=GPTNeoForCausalLM, hf_architecture="GPTNeoForCausalLM",
-    base_model_prefix="transformer", layer_pattern="transformer.h.{layer}", num_layers=lambda c: c.num_layers,
+    base_model_prefix="transformer", layer_pattern="transformer.h.{layer}",
     # Local layers keep a full-length cache too: their window is a mask, so every layer shares one layout.
     cache_geometry=lambda c: CacheGeometry(c.num_layers, c.num_heads, c.hidden_size // c.num_heads),
-    sharding_rules=(
-        (r"(^|/)wte/embedding$", ("vocab", "embed")),
-        (r"(^|/)wpe/embedding$", (None, "embed")),
-        (r"attention/[qkv]_proj/kernel$", ("embed", "heads")),
-        (r"attention/out_proj/kernel$", ("heads", "embed")),
-        (r"mlp/c_fc/kernel$", ("embed", "mlp")),
-        (r"mlp/c_fc/bias$", ("mlp",)),
-        (r"mlp/c_proj/kernel$", ("mlp", "embed")),
-    ),
+    sharding_rules=(*embedding_rules("wte"), (r"(^|/)wpe/embedding$", (None, "embed")),
+                    *attention_rules("attention", "q_proj", "[kv]_proj", "out_proj", biases=False),
+                    *feed_forward_rules("c_fc", "c_proj")),
     peft_targets=("q_proj", "v_proj"),
     # Mask buffers that older checkpoints saved (transformers no longer persists them).
     ignored_keys=(r".*\.attn\.attention\.(bias|masked_bias)$",),

@@ -18,13 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from trlax.errors import UnsupportedModelError
-from trlax.models.attention import Array, attend, causal_masks
+from trlax.models.attention import Array
 from trlax.models.cache import CacheGeometry, KVCache
-from trlax.models.decoder import CausalLM, DecoderBackbone
-from trlax.models.layers import HFModule, activation
-from trlax.models.rope import apply_rotary_interleaved, inv_frequencies, rotary_cos_sin_interleaved
-from trlax.models.spec import ArchitectureSpec, tied_lm_head
-from trlax.models.stack import layer_stack
+from trlax.models.decoder import BackboneLayout, CausalLM, DecoderBackbone
+from trlax.models.layers import FeedForward, HFModule, activation
+from trlax.models.rope import apply_rotary, inv_frequencies, rotary_cos_sin
+from trlax.models.self_attention import SelfAttention
+from trlax.models.spec import ArchitectureSpec, attention_rules, embedding_rules, feed_forward_rules, tied_lm_head
 
 
 def head_dim(config: Any) -> int:
@@ -36,8 +36,8 @@ def rotary_inv_freq(config: Any) -> np.ndarray:
     return inv_frequencies(config, config.rotary_dim)
 
 
-class GPTJAttention(HFModule):
-    layer_idx: int = 0
+class GPTJAttention(SelfAttention):
+    out_proj_name = "out_proj"
 
     def setup(self) -> None:
         c = self.config
@@ -45,36 +45,17 @@ class GPTJAttention(HFModule):
         self.v_proj = self.linear(c.n_embd, use_bias=False)
         self.q_proj = self.linear(c.n_embd, use_bias=False)
         self.out_proj = self.linear(c.n_embd, use_bias=False)
-        self.attn_dropout = nn.Dropout(c.attn_pdrop)
+        self.attention_dropout = nn.Dropout(c.attn_pdrop)
         self.resid_dropout = nn.Dropout(c.resid_pdrop)
 
-    def __call__(
-        self, x: Array, bias: Array, rotary: tuple[Array, Array], deterministic: bool, cache: KVCache | None,
-        cache_index: Array,
-    ) -> tuple[Array, KVCache | None]:
-        c = self.config
-        b, t, _ = x.shape
-        d = head_dim(c)
-        q, k, v = (proj(x).reshape(b, t, c.n_head, d) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        rot = rotary[0].shape[-1]
-        q = jnp.concatenate([apply_rotary_interleaved(q[..., :rot], *rotary), q[..., rot:]], axis=-1)
-        k = jnp.concatenate([apply_rotary_interleaved(k[..., :rot], *rotary), k[..., rot:]], axis=-1)
-        out, cache = attend(q, k, v, bias, cache, cache_index, scale=d**-0.5, dropout=self.attn_dropout,
-                            deterministic=deterministic)
-        out = self.out_proj(out.reshape(b, t, c.n_embd))
-        return self.resid_dropout(out, deterministic=deterministic), cache
+    def head_counts(self) -> tuple[int, int, int]:
+        return self.config.n_head, self.config.n_head, head_dim(self.config)
 
+    def rotate(self, x: Array, cos: Array, sin: Array) -> Array:
+        return apply_rotary(x, cos, sin, interleaved=True)  # the first rotary_dim dims of each head
 
-class GPTJMLP(HFModule):
-    def setup(self) -> None:
-        c = self.config
-        self.fc_in = self.linear(c.n_inner if c.n_inner is not None else 4 * c.n_embd)
-        self.fc_out = self.linear(c.n_embd)
-        self.act = activation(c.activation_function)
-        self.dropout = nn.Dropout(c.resid_pdrop)
-
-    def __call__(self, x: Array, deterministic: bool) -> Array:
-        return self.dropout(self.fc_out(self.act(self.fc_in(x))), deterministic=deterministic)
+    def project_out(self, out: Array, deterministic: bool) -> Array:
+        return self.resid_dropout(self.out_proj(out), deterministic=deterministic)
 
 
 class GPTJBlock(HFModule):
@@ -84,7 +65,9 @@ class GPTJBlock(HFModule):
         c = self.config
         self.ln_1 = self.layer_norm(c.layer_norm_epsilon)
         self.attn = GPTJAttention(c, self.dtype, self.param_dtype, self.layer_idx)
-        self.mlp = GPTJMLP(c, self.dtype, self.param_dtype)
+        self.mlp = FeedForward(c, self.dtype, self.param_dtype, names=("fc_in", "fc_out"),
+                               features=c.n_inner if c.n_inner is not None else 4 * c.n_embd,
+                               hidden_act=c.activation_function, dropout_rate=c.resid_pdrop)
 
     def __call__(self, x: Array, *, masks: dict[Any, Array], rotary: tuple[Array, Array], deterministic: bool,
                  cache: KVCache | None, cache_index: Array) -> tuple[Array, KVCache | None]:
@@ -94,24 +77,12 @@ class GPTJBlock(HFModule):
 
 
 class GPTJModel(DecoderBackbone):
-    embedding_name = "wte"
-    final_norm_name = "ln_f"
+    layout = BackboneLayout(embedding="wte", stack="h", final_norm="ln_f", norm_eps="layer_norm_epsilon",
+                            embedding_dropout="embd_pdrop")
+    block_cls = GPTJBlock
 
-    stack_name = "h"
-
-    def setup(self) -> None:
-        c = self.config
-        self.wte = self.embedding(c.vocab_size, c.n_embd)
-        self.drop = nn.Dropout(c.embd_pdrop)
-        self.h = layer_stack(GPTJBlock, c.n_layer, "h", config=c, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.ln_f = self.layer_norm(c.layer_norm_epsilon)
-
-    def embed(self, input_ids: Array, position_ids: Array, deterministic: bool) -> Array:
-        return self.drop(self.wte(input_ids), deterministic=deterministic)  # [B, T, H]
-
-    def layer_inputs(self, attention_mask: Array, position_ids: Array, q_slots: Array) -> dict[str, Any]:
-        return {"masks": causal_masks(attention_mask, q_slots, [None]),
-                "rotary": rotary_cos_sin_interleaved(position_ids, rotary_inv_freq(self.config))}  # [B, T, rot]
+    def rotary(self, position_ids: Array) -> tuple[Array, Array]:
+        return rotary_cos_sin(position_ids, rotary_inv_freq(self.config), interleaved=True)  # [B, T, rotary_dim]
 
 
 class HeadBias(nn.Module):
@@ -154,17 +125,10 @@ def _validate(config: Any) -> None:
 
 SPEC = ArchitectureSpec(
     model_types=("gptj",), module=GPTJForCausalLM, hf_architecture="GPTJForCausalLM",
-    base_model_prefix="transformer", layer_pattern="transformer.h.{layer}", num_layers=lambda c: c.n_layer,
+    base_model_prefix="transformer", layer_pattern="transformer.h.{layer}",
     cache_geometry=lambda c: CacheGeometry(c.n_layer, c.n_head, head_dim(c)),
-    sharding_rules=(
-        (r"(^|/)wte/embedding$", ("vocab", "embed")),
-        (r"attn/[qkv]_proj/kernel$", ("embed", "heads")),
-        (r"attn/out_proj/kernel$", ("heads", "embed")),
-        (r"mlp/fc_in/kernel$", ("embed", "mlp")),
-        (r"mlp/fc_in/bias$", ("mlp",)),
-        (r"mlp/fc_out/kernel$", ("mlp", "embed")),
-        (r"(^|/)lm_head/bias$", ("vocab",)),
-    ),
+    sharding_rules=(*embedding_rules("wte"), *attention_rules("attn", "q_proj", "[kv]_proj", "out_proj", biases=False),
+                    *feed_forward_rules("fc_in", "fc_out"), (r"(^|/)lm_head/bias$", ("vocab",))),
     peft_targets=("q_proj", "v_proj"),
     ignored_keys=(r".*\.attn\.(bias|masked_bias)$",),  # buffers of older checkpoints; transformers skips them too
     tied_keys=tied_lm_head,

@@ -198,3 +198,30 @@ class HFModule(nn.Module):
 
     def rms_norm(self, eps: float, add_unit_offset: bool = False) -> RMSNorm:
         return RMSNorm(eps=eps, dtype=self.dtype, param_dtype=self.param_dtype, add_unit_offset=add_unit_offset)
+
+
+class FeedForward(HFModule, kw_only=True):
+    """`outer(act(inner(x)))`, [B, T, H] -> [B, T, H], then a dropout when `dropout_rate` is set.
+
+    `names` are the family's HF names of the two projections (GPT-2's ("c_fc", "c_proj"),
+    GPT-NeoX's ("dense_h_to_4h", "dense_4h_to_h"), Phi's ("fc1", "fc2"), ...), created in that
+    order, the order PyTorch registers them. `hidden_act`: a transformers activation name or
+    the function itself (BLOOM's own GELU).
+    """
+
+    names: tuple[str, str]
+    features: int
+    hidden_act: str | Callable[[Array], Array]
+    use_bias: bool = True
+    dropout_rate: float = 0.0
+
+    def setup(self) -> None:
+        inner, outer = self.names
+        setattr(self, inner, self.linear(self.features, self.use_bias))
+        setattr(self, outer, self.linear(self.config.hidden_size, self.use_bias))
+        self.act = activation(self.hidden_act) if isinstance(self.hidden_act, str) else self.hidden_act
+        self.dropout = nn.Dropout(self.dropout_rate)
+
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        inner, outer = self.names
+        return self.dropout(getattr(self, outer)(self.act(getattr(self, inner)(x))), deterministic=deterministic)

@@ -25,12 +25,20 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from trlax.errors import UnsupportedModelError
-from trlax.models.attention import Array, attend, causal_masks
+from trlax.models.attention import Array
 from trlax.models.cache import CacheGeometry, KVCache
-from trlax.models.decoder import CausalLM, DecoderBackbone
+from trlax.models.decoder import BackboneLayout, CausalLM, DecoderBackbone
 from trlax.models.layers import HFModule, activation
-from trlax.models.rope import apply_rotary, inv_frequencies, rope_parameters, rotary_cos_sin
-from trlax.models.spec import ArchitectureSpec, ParamRule, tied_lm_head
+from trlax.models.rope import inv_frequencies, rope_parameters, rotary_cos_sin
+from trlax.models.self_attention import SelfAttention, head_dim_of
+from trlax.models.spec import (
+    ArchitectureSpec,
+    ParamRule,
+    attention_rules,
+    embedding_rules,
+    feed_forward_rules,
+    tied_lm_head,
+)
 from trlax.models.stack import layer_stack
 
 
@@ -58,10 +66,6 @@ class DecoderOptions:
     def window(self, layer_idx: int) -> int | None:
         """The sliding window of a layer (None: full attention)."""
         return self.sliding_window if self.sliding[layer_idx] else None
-
-
-def head_dim_of(config: Any) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def sliding_layers(config: Any) -> tuple[bool, ...]:
@@ -98,6 +102,15 @@ def check_causal(config: Any) -> None:
         )
 
 
+def decoder_options(config: Any, **switches: Any) -> DecoderOptions:
+    """DecoderOptions with the head dim, activation (`hidden_act`) and sliding layers read from the config
+    as transformers reads them, and the family's other `switches`."""
+    sliding = sliding_layers(config)
+    read = {"head_dim": head_dim_of(config), "hidden_act": getattr(config, "hidden_act", None), "sliding": sliding,
+            "sliding_window": config.sliding_window if any(sliding) else None}
+    return DecoderOptions(**{**read, **switches})
+
+
 def llama_options(config: Any) -> DecoderOptions:
     """DecoderOptions for llama, mistral, qwen2 and qwen3 configs (as their HF modules build them)."""
     check_causal(config)
@@ -113,24 +126,14 @@ def llama_options(config: Any) -> DecoderOptions:
         qkv_bias = o_bias = attention_bias
     else:
         raise UnsupportedModelError(f"model_type {mt!r} is not a Llama-family model")
-    sliding = sliding_layers(config)
-    return DecoderOptions(
-        head_dim=head_dim_of(config),
-        qkv_bias=qkv_bias,
-        o_bias=o_bias,
-        mlp_bias=bool(getattr(config, "mlp_bias", False)) if mt == "llama" else False,
-        hidden_act=config.hidden_act,
-        sliding=sliding,
-        sliding_window=config.sliding_window if any(sliding) else None,
-        qk_norm=mt == "qwen3",
-    )
+    mlp_bias = bool(getattr(config, "mlp_bias", False)) if mt == "llama" else False
+    return decoder_options(config, qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias, qk_norm=mt == "qwen3")
 
 
-class LlamaAttention(HFModule, kw_only=True):
+class LlamaAttention(SelfAttention, kw_only=True):
     """GQA self-attention with RoPE; the cache holds the (rotated) keys of the KV heads."""
 
     options: DecoderOptions
-    layer_idx: int = 0
 
     def setup(self) -> None:
         c, o = self.config, self.options
@@ -142,31 +145,19 @@ class LlamaAttention(HFModule, kw_only=True):
             # RMSNorms over the head dim: Qwen3's plain, Gemma 3's with its (1 + w) weights.
             self.q_norm = self.rms_norm(c.rms_norm_eps, o.norm_unit_offset)
             self.k_norm = self.rms_norm(c.rms_norm_eps, o.norm_unit_offset)
-        self.attn_dropout = nn.Dropout(getattr(c, "attention_dropout", 0.0) or 0.0)
+        self.attention_dropout = nn.Dropout(getattr(c, "attention_dropout", 0.0) or 0.0)
 
-    def project_qkv(self, x: Array) -> tuple[Array, Array, Array]:
-        """x [B, T, H] -> q [B, T, Hq, D], k and v [B, T, Hkv, D] (Phi-3 reads them from one fused kernel)."""
-        c, o = self.config, self.options
-        b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, c.num_attention_heads, o.head_dim)
-        k = self.k_proj(x).reshape(b, t, c.num_key_value_heads, o.head_dim)
-        v = self.v_proj(x).reshape(b, t, c.num_key_value_heads, o.head_dim)
-        return q, k, v
+    def head_counts(self) -> tuple[int, int, int]:
+        return self.config.num_attention_heads, self.config.num_key_value_heads, self.options.head_dim
 
-    def __call__(
-        self, x: Array, rotary: tuple[Array, Array], bias: Array, deterministic: bool,
-        cache: KVCache | None, cache_index: Array,
-    ) -> tuple[Array, KVCache | None]:
-        c, o = self.config, self.options
-        b, t, _ = x.shape
-        q, k, v = self.project_qkv(x)  # [B, T, Hq, D], [B, T, Hkv, D] x 2
-        if o.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        scale = o.attn_scale if o.attn_scale is not None else o.head_dim**-0.5
-        out, cache = attend(q, k, v, bias, cache, cache_index, scale=scale, dropout=self.attn_dropout,
-                            deterministic=deterministic, softcap=o.attn_softcap)
-        return self.o_proj(out.reshape(b, t, c.num_attention_heads * o.head_dim)), cache
+    def normalize_qk(self, q: Array, k: Array) -> tuple[Array, Array]:
+        return (self.q_norm(q), self.k_norm(k)) if self.options.qk_norm else (q, k)
+
+    def scale(self) -> float:
+        return self.options.attn_scale if self.options.attn_scale is not None else self.options.head_dim**-0.5
+
+    def softcap(self) -> float | None:
+        return self.options.attn_softcap
 
 
 class LlamaMLP(HFModule, kw_only=True):
@@ -200,23 +191,26 @@ class LlamaDecoderLayer(HFModule, kw_only=True):
     options: DecoderOptions
     layer_idx: int = 0
     attention_cls: ClassVar[type[nn.Module]] = LlamaAttention
-    mlp_cls: ClassVar[type[nn.Module]] = LlamaMLP
     make_norm: ClassVar[Callable[[HFModule, DecoderOptions], nn.Module]] = staticmethod(decoder_norm)
 
     def setup(self) -> None:
         c, o = self.config, self.options
         kw = {"config": c, "options": o, "dtype": self.dtype, "param_dtype": self.param_dtype}
         self.self_attn = self.attention_cls(**kw, layer_idx=self.layer_idx)
-        self.mlp = self.mlp_cls(**kw)
+        self.mlp = self.make_mlp()
         self.input_layernorm = self.make_norm(self, o)
         self.post_attention_layernorm = self.make_norm(self, o)
         self.resid_dropout = nn.Dropout(o.resid_dropout)
+
+    def make_mlp(self) -> nn.Module:
+        """The block's `mlp` (Phi-3: fused gate/up; StarCoder2: a plain GELU feed-forward)."""
+        return LlamaMLP(config=self.config, options=self.options, dtype=self.dtype, param_dtype=self.param_dtype)
 
     def attention(self, x: Array, masks: dict[Any, Array], rotary: tuple[Array, Array], deterministic: bool,
                   cache: KVCache | None, cache_index: Array) -> tuple[Array, KVCache | None]:
         """Self-attention over this layer's mask (full or sliding window)."""
         bias = masks[self.options.window(self.layer_idx)]
-        return self.self_attn(x, rotary, bias, deterministic, cache, cache_index)
+        return self.self_attn(x, bias, rotary, deterministic, cache, cache_index)
 
     def __call__(self, x: Array, *, masks: dict[Any, Array], rotary: tuple[Array, Array], deterministic: bool,
                  cache: KVCache | None, cache_index: Array) -> tuple[Array, KVCache | None]:
@@ -230,8 +224,7 @@ class LlamaModel(DecoderBackbone):
     """Subclasses (Gemma, Phi-3, StarCoder2) swap `make_options`, `layer_cls_for` and `make_norm`;
     everything else is shared."""
 
-    embedding_name = "embed_tokens"
-    final_norm_name = "norm"
+    layout = BackboneLayout(embedding="embed_tokens", final_norm="norm", norm_eps="rms_norm_eps")
 
     make_options: ClassVar[Callable[[Any], DecoderOptions]] = staticmethod(llama_options)
     layer_cls_for: ClassVar[Callable[[Any], type[nn.Module]]] = staticmethod(lambda config: LlamaDecoderLayer)
@@ -261,10 +254,8 @@ class LlamaModel(DecoderBackbone):
             x = x * jnp.asarray(self.config.hidden_size**0.5, x.dtype)
         return self.embed_dropout(x, deterministic=deterministic)
 
-    def layer_inputs(self, attention_mask: Array, position_ids: Array, q_slots: Array) -> dict[str, Any]:
-        windows = [self.options.window(i) for i in range(self.config.num_hidden_layers)]
-        return {"masks": causal_masks(attention_mask, q_slots, windows),
-                "rotary": self.rotary(position_ids)}
+    def layer_windows(self) -> list[int | None]:
+        return [self.options.window(i) for i in range(self.config.num_hidden_layers)]
 
 
 class LlamaForCausalLM(CausalLM):
@@ -297,15 +288,9 @@ def _validate(config: Any) -> None:
 
 
 LLAMA_SHARDING: tuple[ParamRule, ...] = (
-    (r"(^|/)embed_tokens/embedding$", ("vocab", "embed")),
-    (r"self_attn/q_proj/kernel$", ("embed", "heads")),
-    (r"self_attn/[kv]_proj/kernel$", ("embed", "kv_heads")),
-    (r"self_attn/q_proj/bias$", ("heads",)),
-    (r"self_attn/[kv]_proj/bias$", ("kv_heads",)),
-    (r"self_attn/o_proj/kernel$", ("heads", "embed")),
-    (r"mlp/(gate|up)_proj/kernel$", ("embed", "mlp")),
-    (r"mlp/(gate|up)_proj/bias$", ("mlp",)),
-    (r"mlp/down_proj/kernel$", ("mlp", "embed")),
+    *embedding_rules("embed_tokens"),
+    *attention_rules("self_attn", "q_proj", "[kv]_proj", "o_proj", kv_axis="kv_heads"),
+    *feed_forward_rules("(gate|up)_proj", "down_proj"),
 )
 # Older checkpoints carry RoPE buffers; transformers recomputes them and ignores these keys.
 ROTARY_BUFFERS = (r".*\.rotary_emb\.inv_freq$", r".*\.rotary_emb\.original_inv_freq$")
@@ -318,7 +303,7 @@ def cache_geometry(config: Any) -> CacheGeometry:
 
 SPEC = ArchitectureSpec(
     model_types=("llama", "mistral", "qwen2", "qwen3"), module=LlamaForCausalLM, hf_architecture="LlamaForCausalLM",
-    base_model_prefix="model", layer_pattern="model.layers.{layer}", num_layers=lambda c: c.num_hidden_layers,
+    base_model_prefix="model", layer_pattern="model.layers.{layer}",
     cache_geometry=cache_geometry, sharding_rules=LLAMA_SHARDING, peft_targets=("q_proj", "v_proj"),
     ignored_keys=ROTARY_BUFFERS, tied_keys=tied_lm_head, validate=_validate,
 )

@@ -55,8 +55,7 @@ from trlax.models.llama import (
     LlamaModel,
     cache_geometry,
     check_causal,
-    head_dim_of,
-    sliding_layers,
+    decoder_options,
     validate_rope,
 )
 from trlax.models.spec import ArchitectureSpec, ParamRule, tied_lm_head
@@ -94,10 +93,8 @@ def moe_decoder_options(config: Any) -> DecoderOptions:
     check_causal(config)
     qwen = config.model_type == "qwen3_moe"
     bias = bool(getattr(config, "attention_bias", False)) if qwen else False  # Mixtral hard-codes no bias
-    sliding = sliding_layers(config)  # one window for every layer, when set (neither type has layer_types)
-    return DecoderOptions(head_dim=head_dim_of(config), qkv_bias=bias, o_bias=bias, mlp_bias=False,
-                          hidden_act=config.hidden_act, sliding=sliding,
-                          sliding_window=config.sliding_window if any(sliding) else None, qk_norm=qwen)
+    # One window for every layer, when set (neither type has layer_types).
+    return decoder_options(config, qkv_bias=bias, o_bias=bias, mlp_bias=False, qk_norm=qwen)
 
 
 def route(router_logits: Array, top_k: int, normalise: bool) -> tuple[Array, Array]:
@@ -207,7 +204,7 @@ class MoeDecoderLayer(HFModule, kw_only=True):
     def __call__(self, x: Array, *, masks: dict[Any, Array], rotary: tuple[Array, Array], deterministic: bool,
                  cache: KVCache | None, cache_index: Array) -> tuple[Array, KVCache | None]:
         bias = masks[self.options.window(self.layer_idx)]
-        attn_out, cache = self.self_attn(self.input_layernorm(x), rotary, bias, deterministic, cache, cache_index)
+        attn_out, cache = self.self_attn(self.input_layernorm(x), bias, rotary, deterministic, cache, cache_index)
         x = x + attn_out
         ffn = getattr(self, moe_options(self.config).block_name)
         return x + ffn(self.post_attention_layernorm(x)), cache
@@ -261,6 +258,6 @@ def moe_spec(model_type: str, hf_architecture: str, peft_targets: tuple[str, ...
     """The SPEC of one MoE model type (they differ in names and PEFT defaults only)."""
     return ArchitectureSpec(
         model_types=(model_type,), module=MoeForCausalLM, hf_architecture=hf_architecture, base_model_prefix="model",
-        layer_pattern="model.layers.{layer}", num_layers=lambda c: c.num_hidden_layers, cache_geometry=cache_geometry,
+        layer_pattern="model.layers.{layer}", cache_geometry=cache_geometry,
         sharding_rules=MOE_SHARDING, peft_targets=peft_targets, ignored_keys=ROTARY_BUFFERS, tied_keys=tied_lm_head,
         validate=validate_moe, stacked_weights=stacked_weights)

@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 
 from trlax.errors import UnsupportedModelError
-from trlax.models.attention import Array, causal_masks
+from trlax.models.attention import Array
 from trlax.models.cache import CacheGeometry, KVCache
-from trlax.models.decoder import CausalLM, DecoderBackbone
+from trlax.models.decoder import BackboneLayout, CausalLM, DecoderBackbone
 from trlax.models.layers import HFModule, activation
 from trlax.models.projected_attention import ProjectedAttention
-from trlax.models.spec import ArchitectureSpec, tied_lm_head
+from trlax.models.spec import ArchitectureSpec, attention_rules, embedding_rules, feed_forward_rules, tied_lm_head
 from trlax.models.stack import layer_stack
 
 POSITION_OFFSET = 2  # OPT's learned position table has 2 extra leading rows (a fairseq legacy)
@@ -86,7 +86,7 @@ class OPTDecoderLayer(HFModule):
 
 
 class OPTDecoder(DecoderBackbone):
-    embedding_name = "embed_tokens"
+    layout = BackboneLayout(embedding="embed_tokens", final_norm="final_layer_norm")
 
     def setup(self) -> None:
         c = self.config
@@ -106,9 +106,6 @@ class OPTDecoder(DecoderBackbone):
             x = self.project_in(x)  # [B, T, H]
         # transformers' OPT applies no dropout to the embeddings.
         return x + self.embed_positions(position_ids + POSITION_OFFSET)
-
-    def layer_inputs(self, attention_mask: Array, position_ids: Array, q_slots: Array) -> dict[str, Any]:
-        return {"masks": causal_masks(attention_mask, q_slots, [None])}
 
     def finish(self, x: Array) -> Array:
         if final_norm(self.config):
@@ -154,18 +151,11 @@ def _validate(config: Any) -> None:
 
 SPEC = ArchitectureSpec(
     model_types=("opt",), module=OPTForCausalLM, hf_architecture="OPTForCausalLM", base_model_prefix="model",
-    layer_pattern="model.decoder.layers.{layer}", num_layers=lambda c: c.num_hidden_layers,
+    layer_pattern="model.decoder.layers.{layer}",
     cache_geometry=lambda c: CacheGeometry(c.num_hidden_layers, c.num_attention_heads,
                                            c.hidden_size // c.num_attention_heads),
-    sharding_rules=(
-        (r"(^|/)embed_tokens/embedding$", ("vocab", "embed")),
-        (r"(^|/)embed_positions/embedding$", (None, "embed")),
-        (r"self_attn/[qkv]_proj/kernel$", ("embed", "heads")),
-        (r"self_attn/[qkv]_proj/bias$", ("heads",)),
-        (r"self_attn/out_proj/kernel$", ("heads", "embed")),
-        (r"(^|/)fc1/kernel$", ("embed", "mlp")),
-        (r"(^|/)fc1/bias$", ("mlp",)),
-        (r"(^|/)fc2/kernel$", ("mlp", "embed")),
-    ),
+    sharding_rules=(*embedding_rules("embed_tokens"), (r"(^|/)embed_positions/embedding$", (None, "embed")),
+                    *attention_rules("self_attn", "q_proj", "[kv]_proj", "out_proj"),
+                    *feed_forward_rules("fc1", "fc2", scope="(^|/)")),
     peft_targets=("q_proj", "v_proj"), tied_keys=tied_lm_head, validate=_validate, learned_positions=True,
 )

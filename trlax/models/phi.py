@@ -17,18 +17,18 @@ from typing import Any
 import flax.linen as nn
 
 from trlax.errors import UnsupportedModelError
-from trlax.models.attention import Array, attend, causal_masks
+from trlax.models.attention import Array
 from trlax.models.cache import CacheGeometry, KVCache
-from trlax.models.decoder import CausalLM, DecoderBackbone
-from trlax.models.layers import HFModule, activation
-from trlax.models.llama import ROTARY_BUFFERS, head_dim_of
-from trlax.models.rope import apply_rotary, inv_frequencies, rope_parameters, rotary_cos_sin
-from trlax.models.spec import ArchitectureSpec
-from trlax.models.stack import layer_stack
+from trlax.models.decoder import BackboneLayout, CausalLM, DecoderBackbone
+from trlax.models.layers import FeedForward, HFModule, activation
+from trlax.models.llama import ROTARY_BUFFERS
+from trlax.models.rope import partial_inv_frequencies, rotary_cos_sin
+from trlax.models.self_attention import SelfAttention, head_dim_of
+from trlax.models.spec import ArchitectureSpec, attention_rules, embedding_rules, feed_forward_rules
 
 
-class PhiAttention(HFModule):
-    layer_idx: int = 0
+class PhiAttention(SelfAttention):
+    out_proj_name = "dense"
 
     def setup(self) -> None:
         c = self.config
@@ -42,31 +42,8 @@ class PhiAttention(HFModule):
             self.k_layernorm = self.layer_norm(c.layer_norm_eps)
         self.attention_dropout = nn.Dropout(c.attention_dropout or 0.0)
 
-    def __call__(self, x: Array, bias: Array, rotary: tuple[Array, Array], deterministic: bool,
-                 cache: KVCache | None, cache_index: Array) -> tuple[Array, KVCache | None]:
-        c = self.config
-        b, t, _ = x.shape
-        d = head_dim_of(c)
-        q = self.q_proj(x).reshape(b, t, c.num_attention_heads, d)  # [B, T, Hq, D]
-        k = self.k_proj(x).reshape(b, t, c.num_key_value_heads, d)  # [B, T, Hkv, D]
-        v = self.v_proj(x).reshape(b, t, c.num_key_value_heads, d)
-        if c.qk_layernorm:
-            q, k = self.q_layernorm(q), self.k_layernorm(k)
-        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)  # the first rot_dim dims of each head
-        out, cache = attend(q, k, v, bias, cache, cache_index, scale=d**-0.5, dropout=self.attention_dropout,
-                            deterministic=deterministic)
-        return self.dense(out.reshape(b, t, c.num_attention_heads * d)), cache
-
-
-class PhiMLP(HFModule):
-    def setup(self) -> None:
-        c = self.config
-        self.fc1 = self.linear(c.intermediate_size)
-        self.fc2 = self.linear(c.hidden_size)
-        self.act = activation(c.hidden_act)
-
-    def __call__(self, x: Array) -> Array:
-        return self.fc2(self.act(self.fc1(x)))
+    def normalize_qk(self, q: Array, k: Array) -> tuple[Array, Array]:
+        return (self.q_layernorm(q), self.k_layernorm(k)) if self.config.qk_layernorm else (q, k)
 
 
 class PhiDecoderLayer(HFModule):
@@ -77,7 +54,8 @@ class PhiDecoderLayer(HFModule):
     def setup(self) -> None:
         c = self.config
         self.self_attn = PhiAttention(c, self.dtype, self.param_dtype, self.layer_idx)
-        self.mlp = PhiMLP(c, self.dtype, self.param_dtype)
+        self.mlp = FeedForward(c, self.dtype, self.param_dtype, names=("fc1", "fc2"), features=c.intermediate_size,
+                               hidden_act=c.hidden_act)
         self.input_layernorm = self.layer_norm(c.layer_norm_eps)
         self.resid_dropout = nn.Dropout(c.resid_pdrop)
 
@@ -90,29 +68,13 @@ class PhiDecoderLayer(HFModule):
                 + self.resid_dropout(mlp, deterministic=deterministic) + x), cache
 
 
-def rotary_inv_freq(config: Any) -> Any:
-    """Inverse frequencies [rot_dim / 2] float32 of the rotated part of each head."""
-    return inv_frequencies(config, head_dim_of(config), rope_parameters(config).get("partial_rotary_factor", 1.0))
-
-
 class PhiModel(DecoderBackbone):
-    embedding_name = "embed_tokens"
-    final_norm_name = "final_layernorm"
+    layout = BackboneLayout(embedding="embed_tokens", final_norm="final_layernorm", embedding_dropout="embd_pdrop")
+    block_cls = PhiDecoderLayer
 
-    def setup(self) -> None:
-        c = self.config
-        self.embed_tokens = self.embedding(c.vocab_size, c.hidden_size)
-        self.layers = layer_stack(PhiDecoderLayer, c.num_hidden_layers, "layers", config=c, dtype=self.dtype,
-                                  param_dtype=self.param_dtype)
-        self.embed_dropout = nn.Dropout(c.embd_pdrop)
-        self.final_layernorm = self.layer_norm(c.layer_norm_eps)
-
-    def embed(self, input_ids: Array, position_ids: Array, deterministic: bool) -> Array:
-        return self.embed_dropout(self.embed_tokens(input_ids), deterministic=deterministic)  # [B, T, H]
-
-    def layer_inputs(self, attention_mask: Array, position_ids: Array, q_slots: Array) -> dict[str, Any]:
-        return {"masks": causal_masks(attention_mask, q_slots, [None]),
-                "rotary": rotary_cos_sin(position_ids, rotary_inv_freq(self.config))}  # [B, T, rot_dim] float32
+    def rotary(self, position_ids: Array) -> tuple[Array, Array]:
+        """cos, sin [B, T, rot_dim] float32."""
+        return rotary_cos_sin(position_ids, partial_inv_frequencies(self.config, head_dim_of(self.config)))
 
 
 class PhiForCausalLM(CausalLM):
@@ -127,25 +89,17 @@ def _validate(config: Any) -> None:
             "phi with tie_word_embeddings=True is not supported by trlax (transformers keeps an untied "
             "lm_head.bias next to the tied weight); use tie_word_embeddings=False, as Phi checkpoints do"
         )
-    rotary_inv_freq(config)  # raises UnsupportedModelError for a rope_type trlax lacks
+    partial_inv_frequencies(config, head_dim_of(config))  # raises UnsupportedModelError for a rope_type trlax lacks
     activation(config.hidden_act)
 
 
 SPEC = ArchitectureSpec(
     model_types=("phi",), module=PhiForCausalLM, hf_architecture="PhiForCausalLM", base_model_prefix="model",
-    layer_pattern="model.layers.{layer}", num_layers=lambda c: c.num_hidden_layers,
+    layer_pattern="model.layers.{layer}",
     cache_geometry=lambda c: CacheGeometry(c.num_hidden_layers, c.num_key_value_heads, head_dim_of(c)),
-    sharding_rules=(
-        (r"(^|/)embed_tokens/embedding$", ("vocab", "embed")),
-        (r"self_attn/q_proj/kernel$", ("embed", "heads")),
-        (r"self_attn/[kv]_proj/kernel$", ("embed", "kv_heads")),
-        (r"self_attn/q_proj/bias$", ("heads",)),
-        (r"self_attn/[kv]_proj/bias$", ("kv_heads",)),
-        (r"self_attn/dense/kernel$", ("heads", "embed")),
-        (r"mlp/fc1/kernel$", ("embed", "mlp")),
-        (r"mlp/fc1/bias$", ("mlp",)),
-        (r"mlp/fc2/kernel$", ("mlp", "embed")),
-    ),
+    sharding_rules=(*embedding_rules("embed_tokens"),
+                    *attention_rules("self_attn", "q_proj", "[kv]_proj", "dense", kv_axis="kv_heads"),
+                    *feed_forward_rules("fc1", "fc2")),
     peft_targets=("q_proj", "v_proj", "fc1", "fc2"),
     ignored_keys=ROTARY_BUFFERS,
     validate=_validate,

@@ -33,22 +33,17 @@ from trlax.models.llama import (
     LlamaDecoderLayer,
     LlamaForCausalLM,
     LlamaModel,
-    head_dim_of,
-    sliding_layers,
+    decoder_options,
 )
-from trlax.models.rope import inv_frequencies, rope_parameters
-from trlax.models.spec import ParamRule
+from trlax.models.rope import partial_inv_frequencies, rope_parameters
+from trlax.models.self_attention import head_dim_of
+from trlax.models.spec import ParamRule, embedding_rules, feed_forward_rules, fused_attention_rules
 
 
 def phi3_options(config: Any) -> DecoderOptions:
     """DecoderOptions of a phi3 config (no biases, partial rotary, residual dropout)."""
-    sliding = sliding_layers(config)
-    return DecoderOptions(
-        head_dim=head_dim_of(config), qkv_bias=False, o_bias=False, mlp_bias=False, hidden_act=config.hidden_act,
-        sliding=sliding, sliding_window=config.sliding_window if any(sliding) else None,
-        partial_rotary_factor=rope_parameters(config).get("partial_rotary_factor", 1.0),
-        resid_dropout=config.resid_pdrop,
-    )
+    return decoder_options(config, qkv_bias=False, o_bias=False, mlp_bias=False, resid_dropout=config.resid_pdrop,
+                           partial_rotary_factor=rope_parameters(config).get("partial_rotary_factor", 1.0))
 
 
 class Phi3Attention(LlamaAttention):
@@ -59,7 +54,7 @@ class Phi3Attention(LlamaAttention):
         # PyTorch registers o_proj first: the order TRL's layer-sharing rule walks.
         self.o_proj = self.linear(c.hidden_size, use_bias=False)
         self.qkv_proj = self.linear((c.num_attention_heads + 2 * c.num_key_value_heads) * o.head_dim, use_bias=False)
-        self.attn_dropout = nn.Dropout(c.attention_dropout)
+        self.attention_dropout = nn.Dropout(c.attention_dropout)
 
     def project_qkv(self, x: Array) -> tuple[Array, Array, Array]:
         c, o = self.config, self.options
@@ -90,7 +85,9 @@ class Phi3MLP(HFModule, kw_only=True):
 
 class Phi3DecoderLayer(LlamaDecoderLayer):
     attention_cls = Phi3Attention
-    mlp_cls = Phi3MLP
+
+    def make_mlp(self) -> nn.Module:
+        return Phi3MLP(config=self.config, options=self.options, dtype=self.dtype, param_dtype=self.param_dtype)
 
 
 class Phi3Model(LlamaModel):
@@ -110,17 +107,15 @@ def _validate(config: Any) -> None:
             "'su' or 'yarn') is not supported by trlax; use a phi3 config without `rope_scaling` "
             "(e.g. Phi-3-mini-4k)"
         )
-    inv_frequencies(config, head_dim_of(config), rope_parameters(config).get("partial_rotary_factor", 1.0))
+    partial_inv_frequencies(config, head_dim_of(config))
     activation(config.hidden_act)
     phi3_options(config)
 
 
 PHI3_SHARDING: tuple[ParamRule, ...] = (
-    (r"(^|/)embed_tokens/embedding$", ("vocab", "embed")),
-    (r"self_attn/qkv_proj/kernel$", ("embed", "heads")),  # fused [q | k | v]
-    (r"self_attn/o_proj/kernel$", ("heads", "embed")),
-    (r"mlp/gate_up_proj/kernel$", ("embed", "mlp")),  # fused [gate | up]
-    (r"mlp/down_proj/kernel$", ("mlp", "embed")),
+    *embedding_rules("embed_tokens"),
+    *fused_attention_rules("self_attn", "qkv_proj", "o_proj", biases=False),  # [q | k | v]
+    *feed_forward_rules("gate_up_proj", "down_proj", biases=False),  # fused [gate | up]
 )
 
 SPEC = dataclasses.replace(

@@ -82,6 +82,12 @@ def inv_frequencies(config: Any, head_dim: int, partial_rotary_factor: float = 1
     return inv_freq.astype(np.float32)
 
 
+def partial_inv_frequencies(config: Any, head_dim: int) -> np.ndarray:
+    """Inverse frequencies [rot_dim / 2] float32 of the rotated part of each head: the first
+    `partial_rotary_factor` of it (v5's `rope_parameters` home of GPT-NeoX's `rotary_pct`; Phi, Phi-3)."""
+    return inv_frequencies(config, head_dim, rope_parameters(config).get("partial_rotary_factor", 1.0))
+
+
 def _llama3_scaling(inv_freq: np.ndarray, params: dict[str, Any]) -> np.ndarray:
     """Llama 3.1's frequency-dependent scaling (transformers' `_compute_llama3_parameters`)."""
     factor = np.float32(params["factor"])
@@ -103,10 +109,11 @@ def _llama3_scaling(inv_freq: np.ndarray, params: dict[str, Any]) -> np.ndarray:
     return np.where(is_medium, smoothed, scaled).astype(np.float32)
 
 
-def rotary_cos_sin(positions: Array, inv_freq: np.ndarray | Array) -> tuple[Array, Array]:
-    """cos, sin [B, T, rot_dim] float32 for integer positions [B, T] (HF's cat(freqs, freqs))."""
+def rotary_cos_sin(positions: Array, inv_freq: np.ndarray | Array, interleaved: bool = False) -> tuple[Array, Array]:
+    """cos, sin [B, T, rot_dim] float32 for integer positions [B, T]: HF's rotate-half `cat(freqs, freqs)`,
+    or with `interleaved` (GPT-J, Cohere) each frequency twice in a row (`repeat_interleave(freqs, 2)`)."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B, T, D/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, D]
+    emb = jnp.repeat(freqs, 2, axis=-1) if interleaved else jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, D]
     return jnp.cos(emb), jnp.sin(emb)
 
 
@@ -116,42 +123,24 @@ def rotate_half(x: Array) -> Array:
     return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
-    """Rotate x [B, T, H, D] by cos/sin [B, T, rot_dim]; returns x's shape and dtype.
-
-    With rot_dim < D (partial rotary: GPT-NeoX, Phi) only the first rot_dim dims of each
-    head rotate and the rest pass through. Like transformers, cos and sin are cast to x's
-    dtype first and the rotation runs in that dtype (float32 in, float32 math; bfloat16
-    in, bfloat16 math, as PyTorch does).
-    """
-    rot = cos.shape[-1]
-    if rot < x.shape[-1]:
-        return jnp.concatenate([apply_rotary(x[..., :rot], cos, sin), x[..., rot:]], axis=-1)
-    cos = cos.astype(x.dtype)[:, :, None, :]  # [B, T, 1, D]
-    sin = sin.astype(x.dtype)[:, :, None, :]
-    return x * cos + rotate_half(x) * sin
-
-
-# --- Interleaved ("rotate every two") layout: GPT-J, Cohere ----------------------------------------
-# Pairs of adjacent dims (2i, 2i + 1) rotate together, and cos/sin repeat each frequency twice
-# (`repeat_interleave(freqs, 2)`) instead of HF's rotate-half `cat(freqs, freqs)`.
-
-
-def rotary_cos_sin_interleaved(positions: Array, inv_freq: np.ndarray | Array) -> tuple[Array, Array]:
-    """cos, sin [B, T, rot_dim] float32 for integer positions [B, T], each frequency repeated twice."""
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B, T, D/2]
-    emb = jnp.repeat(freqs, 2, axis=-1)  # [B, T, D]: f0 f0 f1 f1 ...
-    return jnp.cos(emb), jnp.sin(emb)
-
-
 def rotate_every_two(x: Array) -> Array:
     """[x0, x1, x2, x3, ...] -> [-x1, x0, -x3, x2, ...] over the last axis."""
     pairs = jnp.stack([-x[..., 1::2], x[..., ::2]], axis=-1)  # [..., D/2, 2]
     return pairs.reshape(x.shape)
 
 
-def apply_rotary_interleaved(x: Array, cos: Array, sin: Array) -> Array:
-    """Rotate x [B, T, H, rot_dim] by interleaved cos/sin [B, T, rot_dim]; math in x's dtype, as GPT-J."""
+def apply_rotary(x: Array, cos: Array, sin: Array, interleaved: bool = False) -> Array:
+    """Rotate x [B, T, H, D] by cos/sin [B, T, rot_dim]; returns x's shape and dtype.
+
+    Rotate-half pairs (dims i and i + D/2), or with `interleaved` adjacent pairs (GPT-J, Cohere).
+    With rot_dim < D (partial rotary: GPT-NeoX, Phi, GPT-J's `rotary_dim`) only the first rot_dim
+    dims of each head rotate and the rest pass through. Like transformers, cos and sin are cast
+    to x's dtype first and the rotation runs in that dtype (float32 in, float32 math; bfloat16
+    in, bfloat16 math, as PyTorch does).
+    """
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return jnp.concatenate([apply_rotary(x[..., :rot], cos, sin, interleaved), x[..., rot:]], axis=-1)
     cos = cos.astype(x.dtype)[:, :, None, :]  # [B, T, 1, D]
     sin = sin.astype(x.dtype)[:, :, None, :]
-    return x * cos + rotate_every_two(x) * sin
+    return x * cos + (rotate_every_two(x) if interleaved else rotate_half(x)) * sin

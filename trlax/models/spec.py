@@ -51,6 +51,39 @@ def _max_position_embeddings(config: Any) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
+def _num_hidden_layers(config: Any) -> int:
+    return config.num_hidden_layers
+
+
+def embedding_rules(*names: str) -> tuple[ParamRule, ...]:
+    """Token embeddings [V, H] split over the vocabulary."""
+    return tuple((rf"(^|/){name}/embedding$", ("vocab", "embed")) for name in names)
+
+
+def attention_rules(scope: str, q: str, kv: str, out: str, kv_axis: str = "heads",
+                    biases: bool = True) -> tuple[ParamRule, ...]:
+    """Separate projections: the q kernel [H, Hq * D] (and bias) split over heads, k and v (`kv`, a
+    regex) over `kv_axis` ("kv_heads" where GQA has fewer), the output kernel [Hq * D, H] over its input.
+    biases=False for families whose q/k/v projections never have one."""
+    bias_rules = ((rf"{scope}/{q}/bias$", ("heads",)), (rf"{scope}/{kv}/bias$", (kv_axis,))) if biases else ()
+    return ((rf"{scope}/{q}/kernel$", ("embed", "heads")), (rf"{scope}/{kv}/kernel$", ("embed", kv_axis)),
+            *bias_rules, (rf"{scope}/{out}/kernel$", ("heads", "embed")))
+
+
+def fused_attention_rules(scope: str, qkv: str, out: str, biases: bool = True) -> tuple[ParamRule, ...]:
+    """One fused q | k | v projection (kernel [H, 3H], bias [3H]) split over heads, and the output projection."""
+    bias_rules = ((rf"{scope}/{qkv}/bias$", ("heads",)),) if biases else ()
+    return ((rf"{scope}/{qkv}/kernel$", ("embed", "heads")), *bias_rules,
+            (rf"{scope}/{out}/kernel$", ("heads", "embed")))
+
+
+def feed_forward_rules(inner: str, outer: str, scope: str = "mlp/", biases: bool = True) -> tuple[ParamRule, ...]:
+    """A feed-forward: the `inner` projection(s) (a regex; kernel [H, I], bias [I]) split over the
+    intermediate dim, the `outer` kernel [I, H] over its input. scope: the regex before the names."""
+    bias_rules = ((rf"{scope}{inner}/bias$", ("mlp",)),) if biases else ()
+    return ((rf"{scope}{inner}/kernel$", ("embed", "mlp")), *bias_rules, (rf"{scope}{outer}/kernel$", ("mlp", "embed")))
+
+
 @dataclass(frozen=True)
 class ArchitectureSpec:
     """A model family: its Linen module and every fact conversion, sharding, PEFT and TRL need.
@@ -66,10 +99,10 @@ class ArchitectureSpec:
     hf_architecture: str  # config.architectures entry written on save (transformers' mapping wins)
     base_model_prefix: str  # the backbone's name in the state dict ("transformer", "model", ...; "" if none)
     layer_pattern: str  # TRL's LAYER_PATTERNS entry that matches this family, e.g. "transformer.h.{layer}"
-    num_layers: Callable[[Any], int]  # the layers `layer_pattern` counts
     cache_geometry: Callable[[Any], CacheGeometry]
     sharding_rules: tuple[ParamRule, ...]  # tried before trlax.sharding's generic rules
     peft_targets: tuple[str, ...]  # PEFT's default target_modules for these model types (() if PEFT has none)
+    num_layers: Callable[[Any], int] = _num_hidden_layers  # the layers `layer_pattern` counts
     keep_layout: tuple[str, ...] = ()  # regexes of HF keys stored as-is in a `kernel`
     stacked_weights: tuple[StackedWeight, ...] = ()  # MoE experts: one param, one HF tensor per expert
     ignored_keys: tuple[str, ...] = ()  # regexes of checkpoint keys transformers ignores too

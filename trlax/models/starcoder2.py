@@ -17,30 +17,25 @@ from typing import Any
 
 import flax.linen as nn
 
-from trlax.models.attention import Array
-from trlax.models.layers import HFModule, activation
+from trlax.models.layers import FeedForward, HFModule, activation
 from trlax.models.llama import (
     LLAMA_SHARDING,
     DecoderOptions,
     LlamaDecoderLayer,
     LlamaForCausalLM,
     LlamaModel,
-    head_dim_of,
-    sliding_layers,
+    decoder_options,
     validate_rope,
 )
 from trlax.models.llama import SPEC as LLAMA_SPEC
-from trlax.models.spec import ParamRule
+from trlax.models.spec import ParamRule, feed_forward_rules
 
 
 def starcoder2_options(config: Any) -> DecoderOptions:
     """DecoderOptions of a starcoder2 config."""
-    sliding = sliding_layers(config)
-    return DecoderOptions(
-        head_dim=head_dim_of(config), qkv_bias=config.use_bias, o_bias=config.use_bias, mlp_bias=config.use_bias,
-        hidden_act=config.hidden_act, sliding=sliding, sliding_window=config.sliding_window if any(sliding) else None,
-        embed_dropout=config.embedding_dropout, resid_dropout=config.residual_dropout,
-    )
+    bias = config.use_bias
+    return decoder_options(config, qkv_bias=bias, o_bias=bias, mlp_bias=bias, embed_dropout=config.embedding_dropout,
+                           resid_dropout=config.residual_dropout)
 
 
 def layer_norm(module: HFModule, options: DecoderOptions) -> nn.Module:
@@ -48,22 +43,13 @@ def layer_norm(module: HFModule, options: DecoderOptions) -> nn.Module:
     return module.layer_norm(module.config.norm_epsilon)
 
 
-class Starcoder2MLP(HFModule, kw_only=True):
-    options: DecoderOptions
-
-    def setup(self) -> None:
-        c, o = self.config, self.options
-        self.c_fc = self.linear(c.intermediate_size, o.mlp_bias)
-        self.c_proj = self.linear(c.hidden_size, o.mlp_bias)
-        self.act = activation(o.hidden_act)
-
-    def __call__(self, x: Array) -> Array:
-        return self.c_proj(self.act(self.c_fc(x)))
-
-
 class Starcoder2DecoderLayer(LlamaDecoderLayer):
-    mlp_cls = Starcoder2MLP
     make_norm = staticmethod(layer_norm)
+
+    def make_mlp(self) -> nn.Module:
+        c, o = self.config, self.options
+        return FeedForward(c, self.dtype, self.param_dtype, names=("c_fc", "c_proj"), features=c.intermediate_size,
+                           hidden_act=o.hidden_act, use_bias=o.mlp_bias)
 
 
 class Starcoder2Model(LlamaModel):
@@ -84,9 +70,7 @@ def _validate(config: Any) -> None:
 
 STARCODER2_SHARDING: tuple[ParamRule, ...] = (
     *(rule for rule in LLAMA_SHARDING if "mlp/" not in rule[0]),  # embeddings and attention as Llama's
-    (r"mlp/c_fc/kernel$", ("embed", "mlp")),
-    (r"mlp/c_fc/bias$", ("mlp",)),
-    (r"mlp/c_proj/kernel$", ("mlp", "embed")),
+    *feed_forward_rules("c_fc", "c_proj"),
 )
 
 SPEC = dataclasses.replace(
