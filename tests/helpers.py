@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 PADDINGS = ("none", "right", "left")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(devices: int | None = None, *python_paths: str | Path, **extra: str) -> dict[str, str]:
+    """The environment of a test's subprocess: this one's (the suite's XLA flags and compilation cache,
+    see conftest.py), JAX on CPU with `devices` simulated devices, the repo (and `python_paths`) importable."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if devices is not None:
+        flags = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    path = os.pathsep.join(str(p) for p in (ROOT, *python_paths, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path, **extra}
 
 
 def batch(vocab_size: int, padding: str, batch_size: int = 3, seq_len: int = 9, seed: int = 0,

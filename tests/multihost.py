@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
 LOG_TAIL = 3000  # characters of each process's log shown when a run fails
 
@@ -57,11 +59,9 @@ def run_processes(
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     coordinator = f"localhost:{free_port()}"
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
-           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           # glibc hands large freed blocks back to the OS at once, so RSS tracks live memory.
-           "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = subprocess_env(devices, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+                         # glibc hands large freed blocks back to the OS at once, so RSS tracks live memory.
+                         MALLOC_MMAP_THRESHOLD_="65536")
     logs = [log_dir / f"process{i}.log" for i in range(num_processes)]
     procs: list[subprocess.Popen] = []
     try:

@@ -11,7 +11,6 @@ simulated devices.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from tests.helpers import PADDINGS, batch, max_diff, save_torch, torch_random_init
+from tests.helpers import PADDINGS, batch, max_diff, save_torch, subprocess_env, torch_random_init
 from tests.parity_checks import check_cached_decoding, check_forward, check_save_roundtrip, make_pair
 from tests.tiny_configs import TINY_CAUSAL
 from trlax import FlaxAutoModelForCausalLM, FlaxAutoModelForCausalLMWithValueHead, LoraConfig
@@ -250,8 +249,7 @@ def device_report(tmp_path_factory) -> dict[str, Any]:
         torch.manual_seed(0)
         pt = torch_random_init(transformers.AutoModelForCausalLM.from_config(TINY_CAUSAL[model_type]()), std=0.1)
         save_torch(pt, root / model_type)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = subprocess_env(8)
     proc = subprocess.run([sys.executable, __file__, str(root)], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

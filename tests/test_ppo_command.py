@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import pytest
 import torch
 import transformers
 
+from tests.helpers import subprocess_env
 from trlax.checkpoint.reader import CheckpointReader
 from trlax.cli import build_parser, main
 from trlax.cli.ppo import EMBEDDED_REWARD_MODEL, build_models, trainer_config
@@ -130,7 +130,7 @@ def jax_leaves(tree):
 
 # --- real runs ----------------------------------------------------------------------------------
 def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{cwd or ''}", "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env(None, *([cwd] if cwd else []))
     return subprocess.run([sys.executable, "-m", "trlax", "ppo", "--quiet", *args], cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -165,7 +165,7 @@ def test_transformers_saved_reward_model(tmp_path):
     rm = transformers.AutoModelForSequenceClassification.from_pretrained(str(EMBEDDED_REWARD_MODEL),
                                                                          dtype=torch.float32)
     rm.save_pretrained(str(tmp_path / "rm"))
-    result = run_cli(["--reward-model", str(tmp_path / "rm"), "--steps", "40", "--output-dir", str(tmp_path / "o")])
+    result = run_cli(["--reward-model", str(tmp_path / "rm"), "--steps", "20", "--output-dir", str(tmp_path / "o")])
     assert result.returncode == 0, result.stderr
     assert "reward model" in result.stdout
     assert_rising(rewards(tmp_path / "o"), 0.3)
@@ -174,7 +174,7 @@ def test_transformers_saved_reward_model(tmp_path):
 @pytest.mark.slow
 def test_reward_function(tmp_path):
     (tmp_path / "my_rewards.py").write_text(VOWEL_FN)
-    result = run_cli(["--reward-fn", "my_rewards:vowels", "--steps", "40", "--output-dir", str(tmp_path / "o")],
+    result = run_cli(["--reward-fn", "my_rewards:vowels", "--steps", "20", "--output-dir", str(tmp_path / "o")],
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert_rising(rewards(tmp_path / "o"), 0.3)
@@ -186,7 +186,7 @@ def test_sigkill_and_resume_give_bit_identical_params(tmp_path):
              "--save-every", "2", "--seed", "3"]
     assert run_cli([*flags, "--output-dir", str(tmp_path / "straight")]).returncode == 0
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env()
     for kill_at in (1, 4, 7):  # before the first save, between saves, after the last but one
         cmd = [sys.executable, "-m", "trlax", "ppo", "--quiet", *flags, "--output-dir", str(out), "--resume"]
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -21,7 +21,7 @@ import pytest
 import torch
 import transformers
 
-from tests.helpers import batch, max_diff, save_torch, torch_random_init
+from tests.helpers import batch, max_diff, save_torch, subprocess_env, torch_random_init
 from tests.tiny_configs import gpt2
 from trlax import CheckpointError, FlaxAutoModelForCausalLM
 from trlax.checkpoint import atomic
@@ -34,7 +34,7 @@ ATOL = 1e-4
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess_env()
 
 
 def _spawn(*args: str) -> subprocess.Popen:

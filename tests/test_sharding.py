@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from tests.helpers import random_gpt2_checkpoint, trl_checkpoint
+from tests.helpers import random_gpt2_checkpoint, subprocess_env, trl_checkpoint
 from trlax.models.registry import all_specs
 from trlax.sharding import (
     GENERIC_RULES,
@@ -164,11 +163,9 @@ def test_mesh_argument_errors(tmp_path: Path) -> None:
 
 
 def _start_worker(mode: str, root: Path, *args: str, devices: int = 8) -> subprocess.Popen:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           # glibc hands large freed blocks back to the OS at once, so RSS tracks live memory
-           # instead of the allocator's cache (what the memory test measures).
-           "MALLOC_MMAP_THRESHOLD_": "65536"}
+    # glibc hands large freed blocks back to the OS at once, so RSS tracks live memory
+    # instead of the allocator's cache (what the memory test measures).
+    env = subprocess_env(devices, MALLOC_MMAP_THRESHOLD_="65536")
     return subprocess.Popen([sys.executable, __file__, mode, str(root), *args], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -184,8 +181,9 @@ def device_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("sharding")
     for family in FAMILIES:
         trl_checkpoint(family, root)
-    # One worker per family, run side by side: most of their time is XLA compiling.
-    workers = [_start_worker("devices", root, family) for family in FAMILIES]
+    # Two workers side by side (one per core), each taking every other family: a worker's start
+    # (imports, the JAX client) costs as much as checking a family.
+    workers = [_start_worker("devices", root, *FAMILIES[i::2]) for i in range(2)]
     return {key: value for worker in workers for key, value in _report(worker).items()}
 
 
@@ -328,7 +326,7 @@ def test_lora_adapter_is_sharded_like_its_kernel(device_report: dict, mesh: str)
     assert lora["logits_diff"] < TOL
 
 
-# Families checked for forward and generation only (their tiny_configs entry), one worker each.
+# Families checked for forward and generation only (their tiny_configs entry).
 FORWARD_FAMILIES = ("bloom", "falcon", "gptj", "cohere")
 
 
@@ -337,7 +335,7 @@ def forward_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("sharding-forward")
     for family in FORWARD_FAMILIES:
         trl_checkpoint(family, root)
-    workers = [_start_worker("forward", root, family) for family in FORWARD_FAMILIES]
+    workers = [_start_worker("forward", root, *FORWARD_FAMILIES[i::2]) for i in range(2)]
     return {key: value for worker in workers for key, value in _report(worker).items()}
 
 
@@ -474,7 +472,7 @@ def _unsharded_results(base: Any, inputs: dict[str, np.ndarray]) -> dict[str, An
     return refs
 
 
-def _worker_devices(root: Path, family: str) -> None:
+def _worker_devices(root: Path, *families: str) -> None:
     from tests.helpers import batch
     from trlax import FlaxAutoModelForCausalLMWithValueHead
     from trlax.checkpoint.convert import load_orbax, to_orbax
@@ -487,16 +485,18 @@ def _worker_devices(root: Path, family: str) -> None:
               "scores": np.linspace(-1, 1, 8, dtype=np.float32)}
     report: dict[str, Any] = {}
     load = functools.partial(FlaxAutoModelForCausalLMWithValueHead.from_pretrained, strict=True)
-    refs = _unsharded_results(load(root / family), inputs)
-    to_orbax(root / family, root / f"{family}-orbax", progress=False)
-    for name, mesh in meshes.items():
-        r = _check_model(load(root / family, mesh=mesh), mesh, inputs, refs)
-        restored = _flat(load_orbax(root / f"{family}-orbax", mesh=mesh).params)
-        r["orbax_params_diff"] = max(_diff(x, refs["params"][p]) for p, x in restored.items())
-        r["orbax_layout_differs"] = [p for p, x in restored.items() if _spec_list(x.sharding) != r["leaves"][p]["spec"]]
-        report[f"{family}/{name}"] = r
-    if family == "gpt2":
-        report.update(_lora_checks(root, meshes, inputs))
+    for family in families:
+        refs = _unsharded_results(load(root / family), inputs)
+        to_orbax(root / family, root / f"{family}-orbax", progress=False)
+        for name, mesh in meshes.items():
+            r = _check_model(load(root / family, mesh=mesh), mesh, inputs, refs)
+            restored = _flat(load_orbax(root / f"{family}-orbax", mesh=mesh).params)
+            r["orbax_params_diff"] = max(_diff(x, refs["params"][p]) for p, x in restored.items())
+            r["orbax_layout_differs"] = [p for p, x in restored.items()
+                                         if _spec_list(x.sharding) != r["leaves"][p]["spec"]]
+            report[f"{family}/{name}"] = r
+        if family == "gpt2":
+            report.update(_lora_checks(root, meshes, inputs))
     print(json.dumps(report))
 
 

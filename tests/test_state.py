@@ -20,6 +20,7 @@ import optax
 import pytest
 import transformers
 
+from tests.helpers import subprocess_env
 from trlax import FlaxAutoModelForCausalLM, FlaxAutoModelForCausalLMWithValueHead
 from trlax.checkpoint import StateCheckpointer, restore_state, save_state
 from trlax.errors import CheckpointError
@@ -135,7 +136,7 @@ def test_state_errors(tmp_path: Path) -> None:
 
 
 def _run(mode: str, directory: Path, devices: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env(devices)
     return subprocess.run([sys.executable, __file__, mode, str(directory)], env=env, capture_output=True,
                           text=True, timeout=300)
 

@@ -93,7 +93,10 @@ def check_cached_decoding(model: Any) -> None:
         full = model(ids, mask, dec_ids, dec_mask, output_hidden_states=True)
         encoded, hidden = encode(ids, mask)
         assert hidden is None
-        assert max_diff(full.encoder_last_hidden_state, encoded, mask) == 0.0
+        # `encode` alone and the encoder inside the full forward are two XLA programs whose fusions
+        # may round differently: equal up to a few float32 ulps of the state's scale, not bit for bit.
+        ulp = np.finfo(np.float32).eps * float(np.max(np.abs(np.asarray(encoded))))
+        assert max_diff(full.encoder_last_hidden_state, encoded, mask) <= 8 * ulp
         b, t = dec_ids.shape
         key_mask = np.zeros((b, t + 2), np.int32)
         key_mask[:, :t] = dec_mask
