@@ -39,6 +39,7 @@ def short_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return out, stdout.getvalue()
 
 
+@pytest.mark.slow
 def test_short_run_reward_rises(short_run: tuple[Path, str]) -> None:
     out, printed = short_run
     log = json.loads((out / METRICS_FILE).read_text())
@@ -54,6 +55,7 @@ def test_short_run_reward_rises(short_run: tuple[Path, str]) -> None:
     assert "samples before training" in printed and "samples after training" in printed
 
 
+@pytest.mark.slow
 def test_short_run_outputs(short_run: tuple[Path, str]) -> None:
     out, printed = short_run
     assert sorted(p.name for p in out.iterdir()) == sorted([METRICS_FILE, PLOT_FILE])

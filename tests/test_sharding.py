@@ -187,6 +187,7 @@ def device_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {key: value for worker in workers for key, value in _report(worker).items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mesh", MESHES)
 def test_sharded_equals_unsharded(device_report: dict, family: str, mesh: str) -> None:
@@ -197,6 +198,7 @@ def test_sharded_equals_unsharded(device_report: dict, family: str, mesh: str) -
     assert r["generate_equal"], r["generate_mismatch"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mesh", MESHES)
 def test_ppo_update_under_the_mesh(device_report: dict, family: str, mesh: str) -> None:
@@ -278,6 +280,7 @@ EXPECTED_LAYOUT = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mesh", MESHES)
 def test_params_really_are_sharded(device_report: dict, family: str, mesh: str) -> None:
@@ -294,6 +297,7 @@ def test_params_really_are_sharded(device_report: dict, family: str, mesh: str) 
             assert got["devices"] == 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mesh", MESHES)
 def test_outputs_and_kv_cache_follow_the_mesh(device_report: dict, family: str, mesh: str) -> None:
@@ -306,6 +310,7 @@ def test_outputs_and_kv_cache_follow_the_mesh(device_report: dict, family: str, 
     assert r["kv_cache_in_jit_spec"] == kv
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mesh", MESHES)
 def test_reference_model_keeps_shared_leaves_sharded_and_shared(device_report: dict, family: str, mesh: str) -> None:
@@ -315,6 +320,7 @@ def test_reference_model_keeps_shared_leaves_sharded_and_shared(device_report: d
     assert r["ref_leaves_layout_changed"] == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES)
 def test_lora_adapter_is_sharded_like_its_kernel(device_report: dict, mesh: str) -> None:
     lora = device_report[f"lora/{mesh}"]
@@ -351,6 +357,7 @@ def test_family_sharded_equals_unsharded(forward_report: dict, family: str, mesh
     assert r["generate_equal"], r["generate_mismatch"]
 
 
+@pytest.mark.slow
 def test_sharded_loading_peak_host_memory(tmp_path: Path) -> None:
     """Loading with a mesh never holds much more than the sharded model plus one tensor.
 

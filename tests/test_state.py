@@ -141,6 +141,7 @@ def _run(mode: str, directory: Path, devices: int) -> subprocess.CompletedProces
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_restore_on_other_mesh_after_crash_mid_save(tmp_path: Path) -> None:
     saved = _run("save8", tmp_path, 8)
     # The child kills itself (SIGKILL) at the commit of step 2: every file written, not renamed.
