@@ -14,8 +14,7 @@ from tests.parity_checks import (
 from tests.tiny_configs import CAUSAL_VARIANTS, TINY_CAUSAL
 from trlax import FlaxAutoModelForCausalLM
 from trlax.errors import UnsupportedModelError
-from trlax.models.gpt_neox import head_dim
-from trlax.models.rope import partial_inv_frequencies
+from trlax.models.gpt_neox import rotary_inv_freq
 
 VARIANTS = {
     "parallel_rot25": TINY_CAUSAL["gpt_neox"],  # Pythia's shape
@@ -43,7 +42,7 @@ def test_inv_freq_equals_transformers_within_two_ulps():
     for make in VARIANTS.values():
         config = make()
         ref = GPTNeoXRotaryEmbedding(config).inv_freq.numpy()
-        np.testing.assert_array_max_ulp(partial_inv_frequencies(config, head_dim(config)), ref, maxulp=2)
+        np.testing.assert_array_max_ulp(rotary_inv_freq(config), ref, maxulp=2)
 
 
 def test_fused_qkv_keeps_the_transformers_layout(pair):
@@ -62,8 +61,7 @@ def test_legacy_buffers_in_a_checkpoint_are_ignored(pair, tmp_path):
     tensors = load_file(str(tmp_path / "model.safetensors"))
     tensors["gpt_neox.layers.0.attention.bias"] = np.tril(np.ones((1, 1, 8, 8), bool))
     tensors["gpt_neox.layers.0.attention.masked_bias"] = np.array(-1e9, np.float32)
-    inv_freq = partial_inv_frequencies(model.config, head_dim(model.config))
-    tensors["gpt_neox.layers.0.attention.rotary_emb.inv_freq"] = inv_freq
+    tensors["gpt_neox.layers.0.attention.rotary_emb.inv_freq"] = rotary_inv_freq(model.config)
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     again = FlaxAutoModelForCausalLM.from_pretrained(tmp_path)
     ids, mask = batch(VOCAB, "none", seq_len=SEQ)

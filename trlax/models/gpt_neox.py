@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import numpy as np
 
 from trlax.models.attention import Array, split_heads_qkv
 from trlax.models.cache import CacheGeometry, KVCache
@@ -29,6 +30,11 @@ from trlax.models.spec import ArchitectureSpec, embedding_rules, feed_forward_ru
 
 def head_dim(config: Any) -> int:
     return config.hidden_size // config.num_attention_heads
+
+
+def rotary_inv_freq(config: Any) -> np.ndarray:
+    """Inverse frequencies [rot_dim / 2] float32 of the rotated part of each head."""
+    return partial_inv_frequencies(config, head_dim(config))
 
 
 class GPTNeoXAttention(SelfAttention):
@@ -78,7 +84,7 @@ class GPTNeoXModel(DecoderBackbone):
 
     def rotary(self, position_ids: Array) -> tuple[Array, Array]:
         """cos, sin [B, T, rot_dim] float32."""
-        return rotary_cos_sin(position_ids, partial_inv_frequencies(self.config, head_dim(self.config)))
+        return rotary_cos_sin(position_ids, rotary_inv_freq(self.config))
 
 
 class GPTNeoXForCausalLM(CausalLM):
@@ -88,7 +94,7 @@ class GPTNeoXForCausalLM(CausalLM):
 
 
 def _validate(config: Any) -> None:
-    partial_inv_frequencies(config, head_dim(config))  # raises UnsupportedModelError for a rope_type trlax lacks
+    rotary_inv_freq(config)  # raises UnsupportedModelError for a rope_type trlax lacks
     activation(config.hidden_act)  # raises for an activation trlax lacks
 
 
