@@ -242,7 +242,9 @@ MESHES = {"expert4_data2": {"data": 2, "fsdp": 1, "expert": 4}, "expert2_tp2_dat
                                                                                       "expert": 2, "tp": 2}}
 
 
-@pytest.fixture(scope="module")
+# Session scope: built at most once per xdist worker, even when other modules' tests run in between
+# (a module-scoped fixture is torn down and rebuilt then: minutes of subprocesses).
+@pytest.fixture(scope="session")
 def device_report(tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("moe-sharding")
     for model_type in ("mixtral", "qwen3_moe"):

@@ -53,7 +53,9 @@ def build_inputs(root: Path) -> None:
              response_mask=mask * (np.arange(12) >= 4), scores=np.linspace(-1, 1, 8, dtype=np.float32))
 
 
-@pytest.fixture(scope="module")
+# Session scope: built at most once per xdist worker, even when other modules' tests run in between
+# (a module-scoped fixture is torn down and rebuilt then: minutes of subprocesses).
+@pytest.fixture(scope="session")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     """Build the inputs here (one process), run the worker as 2 processes, return their reports."""
     root = tmp_path_factory.mktemp("multihost")

@@ -176,7 +176,9 @@ def _report(proc: subprocess.Popen) -> dict[str, Any]:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
+# Session scope: built at most once per xdist worker, even when other modules' tests run in between
+# (a module-scoped fixture is torn down and rebuilt then: minutes of subprocesses).
+@pytest.fixture(scope="session")
 def device_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("sharding")
     for family in FAMILIES:
@@ -336,7 +338,9 @@ def test_lora_adapter_is_sharded_like_its_kernel(device_report: dict, mesh: str)
 FORWARD_FAMILIES = ("bloom", "falcon", "gptj", "cohere")
 
 
-@pytest.fixture(scope="module")
+# Session scope: built at most once per xdist worker, even when other modules' tests run in between
+# (a module-scoped fixture is torn down and rebuilt then: minutes of subprocesses).
+@pytest.fixture(scope="session")
 def forward_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("sharding-forward")
     for family in FORWARD_FAMILIES:
