@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
+from filelock import FileLock
 
 PADDINGS = ("none", "right", "left")
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +24,23 @@ def subprocess_env(devices: int | None = None, *python_paths: str | Path, **extr
         flags = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
     path = os.pathsep.join(str(p) for p in (ROOT, *python_paths, os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path, **extra}
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Any]) -> Any:
+    """A session fixture's value built by one pytest-xdist worker per run and read by the others.
+
+    `build(folder)` runs in the first worker that asks, under a file lock; its value (JSON-able)
+    is stored beside the workers' temp folders, which one run's workers share, so a fixture of
+    minutes of subprocesses runs once per run instead of once per worker. Without xdist it
+    simply runs. A build that fails stores nothing: each worker that needs it fails on its own.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return build(tmp_path_factory.mktemp(name))
+    stored = tmp_path_factory.getbasetemp().parent / f"{name}.json"
+    with FileLock(f"{stored}.lock"):
+        if not stored.is_file():
+            stored.write_text(json.dumps(build(tmp_path_factory.mktemp(name))))
+        return json.loads(stored.read_text())
 
 
 def batch(vocab_size: int, padding: str, batch_size: int = 3, seq_len: int = 9, seed: int = 0,

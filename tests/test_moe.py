@@ -24,7 +24,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from tests.helpers import PADDINGS, batch, max_diff, save_torch, subprocess_env, torch_random_init
+from tests.helpers import PADDINGS, batch, built_once, max_diff, save_torch, subprocess_env, torch_random_init
 from tests.parity_checks import check_cached_decoding, check_forward, check_save_roundtrip, make_pair
 from tests.tiny_configs import TINY_CAUSAL
 from trlax import FlaxAutoModelForCausalLM, FlaxAutoModelForCausalLMWithValueHead, LoraConfig
@@ -242,11 +242,7 @@ MESHES = {"expert4_data2": {"data": 2, "fsdp": 1, "expert": 4}, "expert2_tp2_dat
                                                                                       "expert": 2, "tp": 2}}
 
 
-# Session scope: built at most once per xdist worker, even when other modules' tests run in between
-# (a module-scoped fixture is torn down and rebuilt then: minutes of subprocesses).
-@pytest.fixture(scope="session")
-def device_report(tmp_path_factory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("moe-sharding")
+def _device_report(root: Path) -> dict[str, Any]:
     for model_type in ("mixtral", "qwen3_moe"):
         torch.manual_seed(0)
         pt = torch_random_init(transformers.AutoModelForCausalLM.from_config(TINY_CAUSAL[model_type]()), std=0.1)
@@ -256,6 +252,12 @@ def device_report(tmp_path_factory) -> dict[str, Any]:
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# Session scope, built once per run (`built_once`): minutes of subprocesses.
+@pytest.fixture(scope="session")
+def device_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return built_once(tmp_path_factory, "moe-sharding", _device_report)
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers import batch, max_diff, random_gpt2_checkpoint, trl_checkpoint
+from tests.helpers import batch, built_once, max_diff, random_gpt2_checkpoint, trl_checkpoint
 from tests.multihost import run_processes
 
 pytestmark = pytest.mark.slow
@@ -53,15 +53,18 @@ def build_inputs(root: Path) -> None:
              response_mask=mask * (np.arange(12) >= 4), scores=np.linspace(-1, 1, 8, dtype=np.float32))
 
 
-# Session scope: built at most once per xdist worker, even when other modules' tests run in between
-# (a module-scoped fixture is torn down and rebuilt then: minutes of subprocesses).
-@pytest.fixture(scope="session")
-def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
-    """Build the inputs here (one process), run the worker as 2 processes, return their reports."""
-    root = tmp_path_factory.mktemp("multihost")
+def _run(root: Path) -> dict[str, Any]:
+    """Build the inputs here (one process), run the worker as 2 processes: their folder and reports."""
     build_inputs(root)
     run_processes(["tests/multihost_worker.py", str(root)], root / "logs", timeout=420)
-    return root, [json.loads((root / f"report{i}.json").read_text()) for i in range(2)]
+    return {"root": str(root), "reports": [json.loads((root / f"report{i}.json").read_text()) for i in range(2)]}
+
+
+# Session scope, built once per run (`built_once`): minutes of subprocesses.
+@pytest.fixture(scope="session")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    result = built_once(tmp_path_factory, "multihost", _run)
+    return Path(result["root"]), result["reports"]
 
 
 def test_two_processes_form_one_mesh(run: tuple[Path, list[dict]]) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from tests.helpers import random_gpt2_checkpoint, subprocess_env, trl_checkpoint
+from tests.helpers import built_once, random_gpt2_checkpoint, subprocess_env, trl_checkpoint
 from trlax.models.registry import all_specs
 from trlax.sharding import (
     GENERIC_RULES,
@@ -176,17 +176,19 @@ def _report(proc: subprocess.Popen) -> dict[str, Any]:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-# Session scope: built at most once per xdist worker, even when other modules' tests run in between
-# (a module-scoped fixture is torn down and rebuilt then: minutes of subprocesses).
-@pytest.fixture(scope="session")
-def device_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("sharding")
+def _device_report(root: Path) -> dict[str, Any]:
     for family in FAMILIES:
         trl_checkpoint(family, root)
     # Two workers side by side (one per core), each taking every other family: a worker's start
     # (imports, the JAX client) costs as much as checking a family.
     workers = [_start_worker("devices", root, *FAMILIES[i::2]) for i in range(2)]
     return {key: value for worker in workers for key, value in _report(worker).items()}
+
+
+# Session scope, built once per run (`built_once`): minutes of subprocesses.
+@pytest.fixture(scope="session")
+def device_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return built_once(tmp_path_factory, "sharding", _device_report)
 
 
 @pytest.mark.slow
@@ -338,15 +340,17 @@ def test_lora_adapter_is_sharded_like_its_kernel(device_report: dict, mesh: str)
 FORWARD_FAMILIES = ("bloom", "falcon", "gptj", "cohere")
 
 
-# Session scope: built at most once per xdist worker, even when other modules' tests run in between
-# (a module-scoped fixture is torn down and rebuilt then: minutes of subprocesses).
-@pytest.fixture(scope="session")
-def forward_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("sharding-forward")
+def _forward_report(root: Path) -> dict[str, Any]:
     for family in FORWARD_FAMILIES:
         trl_checkpoint(family, root)
     workers = [_start_worker("forward", root, *FORWARD_FAMILIES[i::2]) for i in range(2)]
     return {key: value for worker in workers for key, value in _report(worker).items()}
+
+
+# Session scope, built once per run (`built_once`): minutes of subprocesses.
+@pytest.fixture(scope="session")
+def forward_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return built_once(tmp_path_factory, "sharding-forward", _forward_report)
 
 
 @pytest.mark.slow

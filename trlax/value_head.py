@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 from trlax.checkpoint.dtypes import stored_float_dtype
 from trlax.checkpoint.gather import checkpoint_tensors, host_array, host_tree, on_writer_process, write_checkpoint
 from trlax.checkpoint.hub import HubOptions, resolve_checkpoint
+from trlax.checkpoint.loading_args import resolve_dtype, translate_loading_args
 from trlax.checkpoint.naming import key_table
 from trlax.checkpoint.push import push_to_hub
 from trlax.checkpoint.reader import CheckpointReader
@@ -34,7 +35,6 @@ from trlax.inputs import InputError, ParamsCheck, mask_for, same_shape, token_id
 from trlax.models.auto import AutoModel, FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
 from trlax.models.base import FlaxPreTrainedModel, load_config
 from trlax.models.layers import LORA_COLLECTION, torch_linear_init
-from trlax.models.loading_args import resolve_dtype, translate_loading_args
 from trlax.peft.lora import (
     AdapterFiles,
     LoraConfig,
