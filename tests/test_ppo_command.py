@@ -84,6 +84,14 @@ def test_reward_function_is_called_with_texts_and_checked(tmp_path, monkeypatch)
         load_function("my_rewards:nope")
 
 
+def test_reward_module_in_the_current_directory_imports_under_the_console_script(tmp_path, monkeypatch):
+    """The `trlax` console script's sys.path starts with its bin folder, not the current directory."""
+    (tmp_path / "rewards_in_cwd.py").write_text(VOWEL_FN)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert load_function("rewards_in_cwd:vowels")(prompts=["p"], completions=["ae"]) == [2 / 12]
+
+
 def test_bad_flag_combinations_fail_with_one_line(tmp_path, capsys):
     assert main(["ppo", "--output-dir", str(tmp_path), "--reward-adapter", "x"]) == 1
     assert main(["ppo", "--output-dir", str(tmp_path), "--reward-fn", "a:b", "--reward-model", "x"]) == 1
@@ -130,8 +138,9 @@ def jax_leaves(tree):
 
 # --- real runs ----------------------------------------------------------------------------------
 def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = subprocess_env(None, *([cwd] if cwd else []))
-    return subprocess.run([sys.executable, "-m", "trlax", "ppo", "--quiet", *args], cwd=cwd or ROOT, env=env,
+    """`trlax ppo --quiet ARGS` as a user runs it: the console script, from `cwd` (the repo by default)."""
+    trlax = Path(sys.executable).with_name("trlax")
+    return subprocess.run([str(trlax), "ppo", "--quiet", *args], cwd=cwd or ROOT, env=subprocess_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -188,7 +197,8 @@ def test_sigkill_and_resume_give_bit_identical_params(tmp_path):
     out = tmp_path / "killed"
     env = subprocess_env()
     for kill_at in (1, 4, 7):  # before the first save, between saves, after the last but one
-        cmd = [sys.executable, "-m", "trlax", "ppo", "--quiet", *flags, "--output-dir", str(out), "--resume"]
+        cmd = [str(Path(sys.executable).with_name("trlax")), "ppo", "--quiet", *flags, "--output-dir", str(out),
+               "--resume"]
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         metrics = out / "metrics.jsonl"
         deadline = time.time() + 600

@@ -17,6 +17,8 @@ float32 (TRL's classic PPO adds each at the reply's last token):
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -126,10 +128,16 @@ class AdapterReward:
 
 
 def load_function(spec: str) -> Callable[..., Sequence[float]]:
-    """`package.module:function` -> the function (the current directory is importable, as for `python -m`)."""
+    """`package.module:function` -> the function.
+
+    The current directory is importable, as with `python -m trlax`: the `trlax` console
+    script's `sys.path` starts with its own bin folder instead, so the directory is added.
+    """
     module_name, sep, name = spec.partition(":")
     if not sep or not module_name or not name:
         raise RewardError(f"--reward-fn {spec!r} must be MODULE:FUNCTION, e.g. my_rewards:length_bonus")
+    if not {"", os.getcwd()} & set(sys.path):
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
