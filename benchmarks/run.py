@@ -206,7 +206,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--f32-matmul", choices=("default", "highest"), default="default",
                         help="GPU float32 matmuls: default = TF32 allowed in both stacks; highest = IEEE f32 in both")
     parser.add_argument("--model-dir", help="keep the checkpoints here (reused when present) instead of a temp dir")
-    parser.add_argument("--no-hardware", action="store_true", help="skip the hardware probes (no % of limit)")
+    parser.add_argument("--no-hardware", action="store_true", help="skip the hardware probes (no %% of limit)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per process")
     args = parser.parse_args()
     args.repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)

@@ -5,12 +5,12 @@ trained for a minute by regression to the demo's rule: the fraction of the 12 re
 characters (after a start token and 3 consonants) that are vowels. It is a learned model,
 so a policy can in principle find inputs it over-rates; `trlax ppo` also logs the exact rule.
 
-    python examples/make_tiny_reward_model.py [OUT_DIR]
+    python examples/make_tiny_reward_model.py [OUT_DIR] [--steps N] [--seed S]
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 import jax
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import transformers
+from tqdm import tqdm
 
 from trlax import FlaxAutoModelForSequenceClassification
 from trlax.cli.demo_task import CHARS, CONSONANTS, VOWELS
@@ -61,10 +62,11 @@ def main(out: Path = OUT, steps: int = 3000, seed: int = 0) -> None:
         return optax.apply_updates(params, updates), opt_state, loss
 
     rng = np.random.default_rng(seed)
-    for step in range(steps):
-        params, opt_state, loss = update(params, opt_state, *sample(rng, 128))
-        if step % 500 == 0 or step == steps - 1:
-            print(f"step {step}: mse {float(loss):.5f}")
+    with tqdm(range(steps), desc="training the reward model") as bar:
+        for step in bar:
+            params, opt_state, loss = update(params, opt_state, *sample(rng, 128))
+            if step % 100 == 0 or step == steps - 1:
+                bar.set_postfix(mse=f"{float(loss):.5f}")
     ids, labels = sample(np.random.default_rng(seed + 1), 1024)
     pred = np.asarray(model.apply(params, ids, np.ones_like(ids)).logits[:, 0])
     print(f"held-out: mse {np.mean((pred - labels) ** 2):.5f}, corr {np.corrcoef(pred, labels)[0, 1]:.4f}")
@@ -73,4 +75,9 @@ def main(out: Path = OUT, steps: int = 3000, seed: int = 0) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else OUT)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", type=Path, default=OUT, help=f"output folder (default: {OUT})")
+    parser.add_argument("--steps", type=int, default=3000, help="training steps (default 3000)")
+    parser.add_argument("--seed", type=int, default=0, help="init and data seed (default 0)")
+    args = parser.parse_args()
+    main(args.out, steps=args.steps, seed=args.seed)

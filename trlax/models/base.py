@@ -58,7 +58,6 @@ def load_config(folder: Path, source: str) -> transformers.PretrainedConfig:
                               "fix or replace the file") from None
 
 
-
 class FlaxPreTrainedModel(CheckpointMixin):
     """A trlax model: `module` (Linen), `config` (transformers), `params` (plain dict).
 
@@ -277,7 +276,6 @@ class FlaxPreTrainedModel(CheckpointMixin):
         out = generate(self, input_ids, attention_mask, params=params, lora=lora, **request.kwargs)
         return out if request.return_dict else out.sequences
 
-    # --- saving ---------------------------------------------------------------------------
     # --- info ---------------------------------------------------------------------------
     def num_params(self, params: dict[str, Any] | None = None) -> int:
         params = self.params if params is None else params
