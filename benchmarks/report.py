@@ -203,7 +203,8 @@ def markdown(rows: list[dict], targets: list[dict], hardware: dict[str, Any], me
                   "that the harness works. Run without --quick for measurements.", ""]
     s = meta["shapes"]
     lines += [f"Machine: {meta['machine']}. Device: {meta['device']}. Date: {meta['date']}.",
-              f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}.",
+              f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}; "
+              f"trlax commit {meta.get('git_commit') or 'unknown'}.",
               f"Shapes: forward/train b{s.batch} x s{s.seq}; generate b{s.batch}, {s.prompt} + {s.new_tokens} new "
               f"tokens (eos disabled). Repeats: {meta['warmup']} warm-up + {meta['repeats']} timed per process "
               "(load: one call per process, 1 warm-up process + repeats). Every (case, impl) in its own process.",

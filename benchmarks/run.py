@@ -21,6 +21,7 @@ import dataclasses
 import datetime
 import json
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -79,6 +80,10 @@ def _versions() -> dict[str, str]:
     for name in PACKAGES:
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[name] = metadata.version(name)
+    # An editable install's metadata keeps the version it was installed at; the source says what runs.
+    source = re.search(r'^__version__ = "([^"]+)"', (HERE.parent / "trlax" / "__init__.py").read_text(), re.M)
+    if source:
+        out["trlax"] = source.group(1)
     return out
 
 
