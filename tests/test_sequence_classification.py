@@ -3,9 +3,11 @@ losses, PEFT SEQ_CLS adapters and sharded loading."""
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
@@ -17,6 +19,7 @@ from tests.helpers import PADDINGS, batch, max_diff, save_torch, torch_random_in
 from tests.test_adapters import randomise_lora_b
 from tests.tiny_configs import TINY_CAUSAL
 from trlax import FlaxAutoModelForSequenceClassification, TrlaxError, UnsupportedModelError
+from trlax.errors import TrlaxTypeError
 from trlax.models.sequence_classification import last_non_pad_index
 from trlax.peft.seq_cls import FlaxPeftModelForSequenceClassification
 from trlax.sharding import make_mesh
@@ -188,3 +191,32 @@ def test_sharded_load_on_a_mesh(tmp_path):
     assert isinstance(kernel.sharding, jax.sharding.NamedSharding) and kernel.sharding.mesh.shape == mesh.shape
     ids, mask = padded(pt.config, "left")
     assert max_diff(torch_forward(pt, ids, mask).logits, model(ids, mask).logits) < ATOL
+
+
+def test_transformers_loading_keywords_and_in_memory_models_load_as_for_lms(tmp_path):
+    pt = torch_classifier("llama", tmp_path / "pt", num_labels=2)
+    copy.deepcopy(pt).to(torch.bfloat16).save_pretrained(str(tmp_path / "bf16"))
+    auto = FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path / "bf16", dtype="auto", param_dtype="auto")
+    assert auto.dtype == jnp.bfloat16 and auto.storage_dtype == np.dtype(jnp.bfloat16)
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(auto.params)} == {jnp.dtype(jnp.bfloat16)}
+    with pytest.warns(FutureWarning, match="torch_dtype"):
+        f32 = FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path / "pt", torch_dtype=torch.float32)
+    with pytest.warns(UserWarning, match="device_map"):
+        FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path / "pt", device_map="cpu")
+    in_memory = FlaxAutoModelForSequenceClassification.from_pretrained(pt)  # no file in between
+    ids, mask = padded(pt.config, "left")
+    ref = torch_forward(pt, ids, mask).logits
+    assert max_diff(ref, f32(ids, mask).logits) < ATOL
+    assert max_diff(ref, in_memory(ids, mask).logits) < ATOL
+
+
+def test_config_overrides_go_to_a_copy_and_a_classifier_cannot_generate(tmp_path):
+    torch_classifier("gpt2", tmp_path / "pt", num_labels=1)
+    config = transformers.AutoConfig.from_pretrained(str(tmp_path / "pt"))
+    model = FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path / "pt", config=config,
+                                                                   problem_type="regression")
+    assert model.config.problem_type == "regression" and config.problem_type is None
+    with pytest.raises(TrlaxTypeError, match="cannot generate"):
+        model.generate(np.ones((1, 3), np.int32))
+    with pytest.raises(TrlaxTypeError, match="unknown keyword"):
+        FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path / "pt", num_label=1)

@@ -6,8 +6,10 @@ transformers' formats: the HF state-dict key table, loading params from an open 
 calls `load_from`), `state_dict`, `save_pretrained`, `push_to_hub` and `to_torch`. It
 reads what the model class provides: `config`, `spec` (the family's `ArchitectureSpec`),
 `params`, `check_params`, `mesh`, `storage_dtype`, `generation_config`,
-`is_encoder_decoder`, `abstract_params()` and `placer()`, and builds models with
-`cls(config, dtype=, param_dtype=, mesh=, sharding_rules=)`."""
+`is_encoder_decoder`, `can_generate`, `abstract_params()` and `placer()`, and builds models
+with `cls(config, dtype=, param_dtype=, mesh=, sharding_rules=, **model_args)`. A model
+class with a head of its own that checkpoints may lack (a classifier's `score`) names it in
+`optional_checkpoint_prefixes` and initialises it in `complete_params`."""
 
 from __future__ import annotations
 
@@ -68,32 +70,47 @@ class CheckpointMixin:
         tied = tuple(rf"^{k.replace('.', r'[.]')}$" for k in self.spec.tied_keys(self.config))
         return (*self.spec.ignored_keys, *tied, *((VALUE_HEAD_KEYS,) if value_head else ()))
 
+    def optional_checkpoint_prefixes(self) -> tuple[str, ...]:
+        """Key prefixes a checkpoint may lack (a head the model initialises itself); none by default."""
+        return ()
+
+    def complete_params(self, params: dict[str, Any], missing: list[str], source: str,
+                        place: Placer | None) -> dict[str, Any]:
+        """The loaded params with the `missing` keys of `optional_checkpoint_prefixes` initialised
+        (placed with `place` when given); the base class has none to fill."""
+        return params
+
     @classmethod
     def load_from(
         cls, reader: TensorSource, source: str, config: transformers.PretrainedConfig, *, dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32, mesh: Mesh | None = None,
         sharding_rules: ShardingRules | Sequence[ParamRule] | None = None, place: Placer | None = None,
+        **model_args: Any,
     ) -> Self:
-        """A model of `config` with its params read from an open reader (files or a state dict);
-        "auto" dtypes resolve to the reader's float dtype, recorded as `storage_dtype`."""
+        """A model of `config` (built with `model_args`, a subclass's own constructor arguments) with
+        its params read from an open reader (files or a state dict); "auto" dtypes resolve to the
+        reader's float dtype, recorded as `storage_dtype`."""
         stored = stored_float_dtype(reader)
         model = cls(config, dtype=resolve_dtype(dtype, stored), param_dtype=resolve_dtype(param_dtype, stored),
-                    mesh=mesh, sharding_rules=sharding_rules)
-        model.params, _ = model.load_checkpoint(reader, source, model.key_table(), model.ignored_checkpoint_keys(),
-                                                place=model.placer(place))
+                    mesh=mesh, sharding_rules=sharding_rules, **model_args)
+        placer = model.placer(place)
+        params, report = model.load_checkpoint(reader, source, model.key_table(), model.ignored_checkpoint_keys(),
+                                               optional_prefixes=model.optional_checkpoint_prefixes(), place=placer)
+        model.params = model.complete_params(params, report.missing_optional, source, placer)
         model.storage_dtype = stored
         return model
 
     @classmethod
     def from_torch(
         cls, torch_model: Any, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, mesh: Mesh | None = None,
-        sharding_rules: ShardingRules | Sequence[ParamRule] | None = None,
+        sharding_rules: ShardingRules | Sequence[ParamRule] | None = None, **model_args: Any,
     ) -> Self:
         """Convert a transformers PyTorch model (or the LM of a TRL value-head model) in memory.
 
         The tensors are read from `state_dict()` (numpy views, no file) and checked as a
         checkpoint is. A PEFT model needs the value-head wrapper (`...WithValueHead.from_pretrained`),
         which keeps the adapter as a LoRA policy, or PEFT's `merge_and_unload()` first.
+        `model_args`: a subclass's own constructor arguments.
         """
         parts = torch_parts(torch_model)
         if parts.adapter_state is not None:
@@ -101,20 +118,21 @@ class CheckpointMixin:
                 f"{type(torch_model).__name__} holds a PEFT adapter: load it with the value-head wrapper "
                 "(which keeps it as a LoRA policy), or call merge_and_unload() first")
         return cls.from_parts(parts, type(torch_model).__name__, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
-                              sharding_rules=sharding_rules)
+                              sharding_rules=sharding_rules, **model_args)
 
     @classmethod
     def from_parts(
         cls, parts: TorchParts, source: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
         mesh: Mesh | None = None, sharding_rules: ShardingRules | Sequence[ParamRule] | None = None,
+        **model_args: Any,
     ) -> Self:
         """The LM of a PyTorch model taken apart (`trlax.checkpoint.torch_models.torch_parts`): a copy
-        of its config and generation config, params from its state dict."""
+        of its config and (for a model that generates) generation config, params from its state dict."""
         config = parts.config.__class__.from_dict(parts.config.to_dict())
         with StateDictReader(parts.lm_state) as reader:
             model = cls.load_from(reader, source, config, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
-                                  sharding_rules=sharding_rules)
-        if parts.generation_config is not None:
+                                  sharding_rules=sharding_rules, **model_args)
+        if parts.generation_config is not None and cls.can_generate:
             model.generation_config = transformers.GenerationConfig.from_dict(parts.generation_config.to_dict())
         return model
 

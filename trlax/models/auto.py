@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import transformers
 
 from trlax.checkpoint.hub import HubOptions
+from trlax.checkpoint.torch_models import is_torch_model
 from trlax.errors import TrlaxTypeError
 from trlax.models.base import FlaxPreTrainedModel
 from trlax.models.causal import FlaxModelForCausalLM
@@ -64,7 +65,8 @@ class FlaxAutoModelForSequenceClassification(AutoModel):
         warning), or a PEFT SEQ_CLS adapter on its base (`base_model=` overrides the adapter's)."""
         options = HubOptions(kwargs.get("revision"), kwargs.get("token"), kwargs.get("cache_dir"),
                              bool(kwargs.get("local_files_only", False)))
-        if is_adapter_folder(pretrained_model_name_or_path, options):
+        in_memory = is_torch_model(pretrained_model_name_or_path)  # a transformers model: no folder to look in
+        if not in_memory and is_adapter_folder(pretrained_model_name_or_path, options):
             return load_seq_cls_adapter(pretrained_model_name_or_path, options, **kwargs)
         if "base_model" in kwargs:
             raise TrlaxTypeError("base_model= only applies when loading a PEFT adapter folder")

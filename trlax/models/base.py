@@ -66,6 +66,9 @@ class FlaxPreTrainedModel(CheckpointMixin):
     """
 
     is_encoder_decoder: ClassVar[bool] = False
+    can_generate: ClassVar[bool] = True  # an LM head: `generate`, and a generation_config read at load
+    # `from_pretrained` keywords that go on to the constructor (a subclass's own arguments).
+    constructor_arguments: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -190,15 +193,17 @@ class FlaxPreTrainedModel(CheckpointMixin):
         (`trlax.sharding`; `sharding_rules` overrides the defaults). A transformers PyTorch
         model (or a TRL value-head model, whose head a plain LM leaves out) converts from
         its `state_dict()` without touching disk. The checkpoint's generation_config.json
-        becomes `generation_config`; its float dtype `storage_dtype` (what
-        `save_pretrained` writes by default). transformers' `torch_dtype`, `device_map`,
-        `attn_implementation`, `low_cpu_mem_usage` are translated or ignored with a
-        warning, quantisation and `trust_remote_code=True` refused
-        (`trlax.checkpoint.loading_args`).
+        becomes `generation_config` (for a model that generates); its float dtype
+        `storage_dtype` (what `save_pretrained` writes by default). transformers'
+        `torch_dtype`, `device_map`, `attn_implementation`, `low_cpu_mem_usage` are
+        translated or ignored with a warning, quantisation and `trust_remote_code=True`
+        refused (`trlax.checkpoint.loading_args`). A subclass's own keywords
+        (`constructor_arguments`, e.g. a classifier's `num_labels`) go to its constructor.
         """
         where = f"{cls.__name__}.from_pretrained"
         extra = translate_loading_args({"dtype": dtype, **transformers_args}, where)
         dtype = extra.pop("dtype")
+        model_args = {name: extra.pop(name) for name in cls.constructor_arguments if name in extra}
         if extra:
             raise TrlaxTypeError(f"{where} got unknown keyword argument(s) {sorted(extra)}")
         dtype = jnp.float32 if dtype is None else dtype
@@ -207,14 +212,15 @@ class FlaxPreTrainedModel(CheckpointMixin):
                 raise TrlaxTypeError(f"{where}: revision/token/cache_dir/config/place apply to folders and hub ids, "
                                 "not to an in-memory PyTorch model")
             return cls.from_torch(pretrained_model_name_or_path, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
-                                  sharding_rules=sharding_rules)
+                                  sharding_rules=sharding_rules, **model_args)
         options = HubOptions(revision, token, cache_dir, local_files_only)
         resolved = resolve_checkpoint(pretrained_model_name_or_path, options)
         config = config or load_config(resolved.folder, resolved.source)
         with CheckpointReader(list(resolved.weight_files)) as reader:
             model = cls.load_from(reader, resolved.source, config, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
-                                  sharding_rules=sharding_rules, place=place)
-        model.generation_config = read_generation_config(pretrained_model_name_or_path, options)
+                                  sharding_rules=sharding_rules, place=place, **model_args)
+        if cls.can_generate:
+            model.generation_config = read_generation_config(pretrained_model_name_or_path, options)
         return model
 
     def use_mesh(self, mesh: Mesh, sharding_rules: ShardingRules | Sequence[ParamRule] | None = None) -> None:
@@ -268,6 +274,9 @@ class FlaxPreTrainedModel(CheckpointMixin):
         with return_dict_in_generate=False. lora: an adapter tree to generate with; without
         params and lora, the owning LoRA policy's adapter (if any).
         """
+        if not self.can_generate:
+            raise TrlaxTypeError(f"{type(self).__name__} has no language-model head, so it cannot generate; load the "
+                                 "checkpoint with FlaxAutoModelForCausalLM (or ...WithValueHead) to generate")
         if params is None and lora is None:
             lora = self.lora
         input_ids = token_ids("input_ids", input_ids)

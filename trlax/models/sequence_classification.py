@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -27,22 +25,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import transformers
-from jax.sharding import Mesh
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
-from trlax.checkpoint.dtypes import stored_float_dtype
-from trlax.checkpoint.hub import HubOptions, resolve_checkpoint
 from trlax.checkpoint.loading import Placer
 from trlax.checkpoint.naming import set_path
-from trlax.checkpoint.reader import CheckpointReader
 from trlax.errors import UnsupportedModelError
 from trlax.inputs import InputError, mask_for, same_shape, token_ids
-from trlax.models.base import FlaxPreTrainedModel, load_config
+from trlax.models.base import FlaxPreTrainedModel
 from trlax.models.decoder import CausalLM
 from trlax.models.layers import HFModule, initializer_range
 from trlax.models.outputs import SequenceClassifierOutput
-from trlax.models.spec import ArchitectureSpec, ParamRule
-from trlax.sharding import ShardingRules
+from trlax.models.spec import ArchitectureSpec
 
 logger = logging.getLogger("trlax")
 
@@ -141,8 +134,22 @@ class FlaxModelForSequenceClassification(FlaxPreTrainedModel):
     head on every position (what TRL's PPO reads from a value model).
     """
 
+    can_generate = False
+    constructor_arguments = ("num_labels", "problem_type", "seed")
+
     def __init__(self, config: transformers.PretrainedConfig, spec: ArchitectureSpec | None = None,
-                 params: dict[str, Any] | None = None, **kwargs: Any) -> None:
+                 params: dict[str, Any] | None = None, *, num_labels: int | None = None,
+                 problem_type: str | None = None, seed: int = 0, **kwargs: Any) -> None:
+        """num_labels / problem_type: override the config's (on a copy; `from_pretrained` passes them
+        here, so a checkpoint whose score head has another num_labels fails with a CheckpointError).
+        seed: the init of a `score` head the checkpoint lacks (see `complete_params`)."""
+        updates = {name: value for name, value in (("num_labels", num_labels), ("problem_type", problem_type))
+                   if value is not None}
+        if updates:
+            config = config.__class__.from_dict(config.to_dict())
+            for name, value in updates.items():
+                setattr(config, name, value)
+        self.score_seed = seed
         if config.num_labels < 1:
             raise UnsupportedModelError(f"num_labels must be >= 1; the config has {config.num_labels}")
         problem = getattr(config, "problem_type", None)
@@ -196,52 +203,28 @@ class FlaxModelForSequenceClassification(FlaxPreTrainedModel):
         head = getattr(self.spec.module, "head_name", "lm_head")
         return (*super().ignored_checkpoint_keys(value_head), rf"^{head}\.")
 
+    def optional_checkpoint_prefixes(self) -> tuple[str, ...]:
+        """A causal-LM (or base-model) checkpoint has no `score` head: it loads, and gets a new one."""
+        return (f"{SCORE}.",)
+
+    def complete_params(self, params: dict[str, Any], missing: list[str], source: str,
+                        place: Placer | None) -> dict[str, Any]:
+        """A new `score` head (N(0, initializer_range) from `seed`) when the checkpoint had none,
+        with a warning, as transformers does."""
+        if not missing:
+            return params
+        logger.warning("%s has no %s.weight (not a sequence-classification checkpoint): initialised a new score "
+                       "head [%d labels] from seed %d; train it before using its outputs", source, SCORE,
+                       self.config.num_labels, self.score_seed)
+        kernel, path = self.init_score(self.score_seed), (SCORE, "kernel")
+        set_path(params, path, jax.device_put(kernel) if place is None else place(path, np.asarray(kernel)))
+        return params
+
     def init_score(self, seed: int = 0) -> Array:
         """A fresh score kernel [H', num_labels]: N(0, initializer_range), transformers' init."""
         shape = self.abstract_params()[SCORE]["kernel"]
         std = initializer_range(self.config)
         return (jax.random.normal(jax.random.key(seed), shape.shape, jnp.float32) * std).astype(shape.dtype)
-
-    @classmethod
-    def from_pretrained(
-        cls, pretrained_model_name_or_path: str | os.PathLike, *, num_labels: int | None = None,
-        problem_type: str | None = None, seed: int = 0, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-        revision: str | None = None, token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool = False, config: transformers.PretrainedConfig | None = None,
-        place: Placer | None = None, mesh: Mesh | None = None,
-        sharding_rules: ShardingRules | Sequence[ParamRule] | None = None,
-    ) -> FlaxModelForSequenceClassification:
-        """Load a transformers `*ForSequenceClassification` checkpoint (folder or hub id).
-
-        A causal-LM (or base-model) checkpoint loads too: its LM head is skipped and the
-        `score` head initialised from `seed` (N(0, initializer_range)), with a warning, as
-        transformers does. num_labels / problem_type override the config's (a checkpoint
-        whose score head has another num_labels then fails with a CheckpointError). Other
-        arguments: see `FlaxPreTrainedModel.from_pretrained`.
-        """
-        resolved = resolve_checkpoint(pretrained_model_name_or_path,
-                                      HubOptions(revision, token, cache_dir, local_files_only))
-        config = config or load_config(resolved.folder, resolved.source)
-        if num_labels is not None:
-            config.num_labels = num_labels
-        if problem_type is not None:
-            config.problem_type = problem_type
-        model = cls(config, dtype=dtype, param_dtype=param_dtype, mesh=mesh, sharding_rules=sharding_rules)
-        placer = model.placer(place)
-        with CheckpointReader(list(resolved.weight_files)) as reader:
-            params, report = model.load_checkpoint(reader, resolved.source, model.key_table(),
-                                                   model.ignored_checkpoint_keys(), optional_prefixes=(f"{SCORE}.",),
-                                                   place=placer)
-            model.storage_dtype = stored_float_dtype(reader)
-        if report.missing_optional:
-            logger.warning("%s has no %s.weight (not a sequence-classification checkpoint): initialised a new score "
-                           "head [%d labels] from seed %d; train it before using its outputs", resolved.source,
-                           SCORE, config.num_labels, seed)
-            kernel = model.init_score(seed)
-            path = (SCORE, "kernel")
-            set_path(params, path, jax.device_put(kernel) if placer is None else placer(path, np.asarray(kernel)))
-        model.params = params
-        return model
 
     def config_to_save(self, dtype: Any = None) -> transformers.PretrainedConfig:
         """The config with `architectures` naming transformers' sequence-classification class
