@@ -204,6 +204,28 @@ def test_bf16_params_of_the_same_model_are_accepted(lm):
     assert lm(IDS, params=bf16).logits.shape == (2, 4, VOCAB)
 
 
+
+def test_abstract_params_are_traced_once_per_architecture_and_copied_per_call(monkeypatch):
+    config = gpt2()
+    config.n_inner = 48  # an architecture no other test in this process has traced
+    first = FlaxAutoModelForCausalLM.model_class(config)
+    module_class = type(first.module)
+    traces = []
+    real_init = module_class.init
+    monkeypatch.setattr(module_class, "init", lambda self, *a, **k: traces.append(1) or real_init(self, *a, **k))
+    tree = first.abstract_params()
+    tree["transformer"] = None  # a caller's edit stays in its copy
+    again = FlaxAutoModelForCausalLM.model_class(transformers.GPT2Config.from_dict(config.to_dict()))
+    assert again.abstract_params()["transformer"]["h"]["0"]["mlp"]["c_fc"]["kernel"].shape == (32, 48)
+    assert len(traces) == 1  # the same config (a copy of it) and dtypes: traced once
+    deeper = gpt2()
+    deeper.n_inner, deeper.n_layer = 48, 3
+    assert "2" in FlaxAutoModelForCausalLM.model_class(deeper).abstract_params()["transformer"]["h"]
+    bf16 = FlaxAutoModelForCausalLM.model_class(config, param_dtype=jnp.bfloat16).abstract_params()
+    assert bf16["transformer"]["wte"]["embedding"].dtype == jnp.bfloat16
+    assert len(traces) == 3  # another config or another param dtype: traced again
+
+
 # --- the error hierarchy --------------------------------------------------------------------
 def test_type_errors_are_trlax_errors_too(wrapper):
     with pytest.raises(TrlaxTypeError, match="create_reference_model takes a trlax value-head model") as info:

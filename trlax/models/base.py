@@ -58,6 +58,12 @@ def load_config(folder: Path, source: str) -> transformers.PretrainedConfig:
                               "fix or replace the file") from None
 
 
+# Abstract param trees (ShapeDtypeStructs) by (module class, config JSON, dtype, param dtype): see
+# `FlaxPreTrainedModel.abstract_params`. A few dozen architectures at most stay in a process.
+ABSTRACT_PARAMS: dict[tuple[Any, ...], dict[str, Any]] = {}
+ABSTRACT_PARAMS_KEPT = 32
+
+
 class FlaxPreTrainedModel(CheckpointMixin):
     """A trlax model: `module` (Linen), `config` (transformers), `params` (plain dict).
 
@@ -153,8 +159,25 @@ class FlaxPreTrainedModel(CheckpointMixin):
         return int(self.config.vocab_size)
 
     def abstract_params(self) -> dict[str, Any]:
-        """The param tree as ShapeDtypeStructs, computed without allocating anything."""
-        return jax.eval_shape(lambda: self.module.init(jax.random.key(0), *self.dummy_inputs())["params"])
+        """The param tree as ShapeDtypeStructs, computed without allocating anything.
+
+        Tracing `module.init` costs as much as tracing a forward pass, so the tree is traced once
+        per module class, config and dtypes in a process (loading the same architecture again,
+        a policy and its value model, ...) and each call gets its own copy of the containers.
+        """
+        def trace() -> dict[str, Any]:
+            return jax.eval_shape(lambda: self.module.init(jax.random.key(0), *self.dummy_inputs())["params"])
+
+        try:
+            config = self.config.to_json_string(use_diff=False)
+        except (TypeError, ValueError):  # a config attribute JSON cannot hold: trace without the cache
+            return trace()
+        key = (type(self.module), config, jnp.dtype(self.dtype).name, jnp.dtype(self.param_dtype).name)
+        if key not in ABSTRACT_PARAMS:
+            if len(ABSTRACT_PARAMS) >= ABSTRACT_PARAMS_KEPT:
+                ABSTRACT_PARAMS.pop(next(iter(ABSTRACT_PARAMS)))  # the oldest
+            ABSTRACT_PARAMS[key] = trace()
+        return jax.tree_util.tree_map(lambda leaf: leaf, ABSTRACT_PARAMS[key])
 
     @classmethod
     def from_config(
