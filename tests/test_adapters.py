@@ -125,6 +125,7 @@ def test_config_parsing_accepts_peft_dicts_and_objects_and_round_trips():
     ({"use_dora": True}, UnsupportedModelError, "use_dora=True is not supported"),
     ({"bias": "all"}, UnsupportedModelError, "bias='all'"),
     ({"layers_to_transform": [0]}, UnsupportedModelError, "layers_to_transform"),
+    ({"layers_to_transform": 0}, UnsupportedModelError, "layers_to_transform=0"),  # layer 0 only, not unset
     ({"init_lora_weights": "pissa"}, UnsupportedModelError, "init_lora_weights='pissa' is not supported"),
     ({"lora_dropout": 1.0}, ValueError, "lora_dropout must be in"),
 ])
@@ -150,10 +151,22 @@ def gpt2_folder(tmp_path_factory):
     (r"transformer\.h\.9\..*", "match no module"),
     (["wte"], r"match \['transformer.wte'\], which are not linear layers"),
     (["attn"], "which are not linear layers"),
+    # PEFT adapts GPT-2's tied head; trlax has no linear layer there (nor says PEFT ignores it).
+    (["c_attn", "lm_head"], r"LoRA target 'lm_head' is no linear layer of this gpt2 model: its LM head is tied"),
+    (["lm_head"], "LoRA target 'lm_head' is no linear layer"),
 ])
 def test_target_modules_that_match_nothing_or_no_linear_layer_are_refused(gpt2_folder, targets, match):
     with pytest.raises(UnsupportedModelError, match=match):
         FlaxAutoModelForCausalLMWithValueHead.from_pretrained(gpt2_folder, peft_config={"target_modules": targets})
+
+
+def test_adapter_folder_into_a_plain_lm_names_the_wrapper(gpt2_folder, tmp_path):
+    pt = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder),
+                             peft.LoraConfig(r=2, target_modules=["c_attn"]))
+    pt.save_pretrained(str(tmp_path / "adapter"))
+    with pytest.raises(CheckpointError, match=r"is a PEFT adapter .* FlaxAutoModelForCausalLMWithValueHead"):
+        FlaxAutoModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    assert FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "adapter").is_peft_model
 
 
 def test_partly_unmatched_target_names_warn(gpt2_folder, caplog):

@@ -154,6 +154,22 @@ def test_full_copy_has_own_buffers_and_leaves_policy_trainable():
         np.testing.assert_array_equal(p, r)
 
 
+@pytest.mark.parametrize("num_shared", [None, 1])
+def test_reference_keeps_generation_settings_and_storage_dtype(num_shared):
+    """TRL's reference is a deepcopy: it generates with the checkpoint's generation_config.json and
+    saves in the checkpoint's dtype, as the policy does."""
+    policy = _wrapper("gpt2")
+    policy.pretrained_model.generation_config = transformers.GenerationConfig(max_new_tokens=3, eos_token_id=1,
+                                                                              pad_token_id=1)
+    policy.pretrained_model.storage_dtype = np.dtype(jnp.bfloat16)
+    ref = create_reference_model(policy, num_shared_layers=num_shared)
+    assert ref.pretrained_model.storage_dtype == np.dtype(jnp.bfloat16)
+    assert ref.pretrained_model.generation_config.max_new_tokens == 3
+    assert ref.pretrained_model.generation_config is not policy.pretrained_model.generation_config
+    ids = np.array([[5, 6, 7]])
+    assert ref.generate(ids).sequences.shape == policy.generate(ids).sequences.shape == (1, 6)
+
+
 @pytest.mark.parametrize("num_shared", [0, 1])
 def test_shared_layers_are_the_same_arrays(num_shared):
     policy = _wrapper("gpt2")

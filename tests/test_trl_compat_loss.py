@@ -11,7 +11,11 @@ import transformers
 
 from tests.helpers import batch, save_torch, torch_random_init
 from tests.tiny_configs import TINY_CAUSAL, TINY_SEQ2SEQ
-from trlax import FlaxAutoModelForCausalLMWithValueHead, FlaxAutoModelForSeq2SeqLMWithValueHead
+from trlax import (
+    FlaxAutoModelForCausalLM,
+    FlaxAutoModelForCausalLMWithValueHead,
+    FlaxAutoModelForSeq2SeqLMWithValueHead,
+)
 from trlax.inputs import InputError
 
 VOCAB = 101
@@ -98,3 +102,36 @@ def test_bad_labels_raise(tmp_path):
         model(ids, labels=ids[:, :-1])
     with pytest.raises(InputError, match="labels must hold integer"):
         model(ids, labels=ids.astype(np.float32))
+
+
+@pytest.mark.parametrize("bad", [VOCAB, -1, -5])
+def test_labels_outside_the_vocabulary_raise_as_torch_does(tmp_path, bad):
+    """PyTorch's cross-entropy raises on them; JAX would give a NaN loss (>= vocab) or score the label
+    against the end of the vocabulary (negative)."""
+    causal_pt, causal = _pair("causal", "gpt2", tmp_path / "causal")
+    _, seq2seq = _pair("seq2seq", "t5", tmp_path / "t5")
+    ids, _ = batch(VOCAB, "none")
+    labels = ids.copy()
+    labels[0, -1] = bad
+    with pytest.raises(InputError, match=f"labels holds {bad}"):
+        causal(ids, labels=labels)
+    with pytest.raises(InputError, match=f"labels holds {bad}"):
+        causal.pretrained_model(ids, labels=labels)
+    with pytest.raises(InputError, match=f"labels holds {bad}"):
+        seq2seq(ids, labels=labels)
+    with pytest.raises(IndexError):
+        causal_pt(torch.tensor(ids), labels=torch.tensor(labels))
+    labels[0, -1] = -100  # ignored, not out of range
+    assert np.isfinite(float(causal(ids, labels=labels)[1]))
+
+
+def test_traced_labels_are_checked_inside_checked():
+    from trlax.inputs import checked
+
+    model = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(FlaxAutoModelForCausalLM.from_config(
+        TINY_CAUSAL["gpt2"]()), summary_dropout_prob=0.0)
+    ids, mask = batch(VOCAB, "none")
+    step = checked(lambda p, i, m, y: model.apply(p, i, m, labels=y, check_inputs=True)[1])
+    assert np.isfinite(float(step(model.params, ids, mask, ids)))
+    with pytest.raises(InputError, match="labels outside the vocabulary"):
+        step(model.params, ids, mask, np.full_like(ids, VOCAB))

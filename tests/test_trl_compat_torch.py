@@ -44,7 +44,9 @@ def _causal(model_type="gpt2"):
     return torch_random_init(transformers.AutoModelForCausalLM.from_config(TINY_CAUSAL[model_type]()), std=0.1)
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+# GPT-NeoX, Mixtral and Qwen3-MoE: transformers v5 renames or fuses their weights in memory (embed_out ->
+# lm_head, one fused tensor per layer's experts) and converts them back when it saves.
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gpt_neox", "mixtral", "qwen3_moe"])
 def test_transformers_model_converts_in_memory_and_back(monkeypatch, model_type):
     _no_files(monkeypatch)
     pt = _causal(model_type)
@@ -58,6 +60,27 @@ def test_transformers_model_converts_in_memory_and_back(monkeypatch, model_type)
     with torch.no_grad():
         again = back(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
     assert max_diff(ref, again, mask) < ATOL
+
+
+def test_to_torch_keeps_the_generation_config():
+    pt = _causal()
+    pt.generation_config = transformers.GenerationConfig(max_new_tokens=3, eos_token_id=1, pad_token_id=1)
+    model = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(pt)
+    for back in (model.to_torch().pretrained_model, model.pretrained_model.to_torch()):
+        assert back.generation_config.max_new_tokens == 3
+        assert back.generation_config.eos_token_id == 1
+    assert model.pretrained_model.generation_config.max_new_tokens == 3  # a copy went to PyTorch
+
+
+def test_merged_peft_model_is_refused():
+    import peft
+
+    peft_model = peft.get_peft_model(_causal("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    peft_model.merge_adapter()  # the base layers now hold base + LoRA
+    with pytest.raises(TrlaxError, match="unmerge_adapter"):
+        FlaxAutoModelForCausalLMWithValueHead.from_pretrained(peft_model)
+    peft_model.unmerge_adapter()
+    assert FlaxAutoModelForCausalLMWithValueHead.from_pretrained(peft_model).is_peft_model
 
 
 def test_trl_value_head_model_converts_with_its_head():
@@ -119,10 +142,23 @@ def test_peft_model_becomes_a_lora_policy_and_back():
     assert max_diff(plain, ref, mask) > 1e-3  # the adapter matters
     back = model.to_torch()
     assert back.is_peft_model
+    trainable = {name for name, p in back.named_parameters() if p.requires_grad}  # as get_peft_model made it
+    assert any("lora_B" in name for name in trainable) and all("lora_" in n or "v_head" in n for n in trainable)
     with torch.no_grad():
         again = back(torch.tensor(ids), attention_mask=torch.tensor(mask))
     assert max_diff(ref, again[0], mask) < ATOL
     assert max_diff(model(ids, mask)[2], again[2], mask) < ATOL
+
+
+def test_trainable_lora_policy_converts_trainable():
+    import peft
+
+    model = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(
+        _causal("llama"), peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    back = model.to_torch()
+    trainable = {name for name, p in back.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name or "v_head" in name for name in trainable)
+    assert any("lora_A" in name for name in trainable)
 
 
 def test_peft_model_into_a_plain_lm_is_refused():

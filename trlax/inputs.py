@@ -32,6 +32,9 @@ from jax.experimental import checkify
 
 from trlax.errors import TrlaxError
 
+# The label the language-modelling losses skip (transformers' and PyTorch's ignore_index).
+IGNORE_INDEX = -100
+
 
 class InputError(TrlaxError):
     """Model inputs of the wrong shape, dtype or range, or params that do not fit the model."""
@@ -90,6 +93,25 @@ def check_token_range(name: str, ids: Any, vocab_size: int, *, traced: bool = Fa
         checkify.check(jnp.all((ids >= 0) & (ids < vocab_size)),
                        f"{name} holds token ids outside the vocabulary [0, {vocab_size}) (min {{lo}}, max {{hi}}); "
                        f"{fix}", lo=jnp.min(ids), hi=jnp.max(ids))
+
+
+def check_labels(name: str, labels: Any, vocab_size: int, *, traced: bool = False) -> None:
+    """Every label of `labels` (any shape, int) in [0, vocab_size) or IGNORE_INDEX (-100), as PyTorch's
+    cross-entropy requires.
+
+    JAX would give a NaN loss for a label >= vocab_size and read another negative one from the end of
+    the vocabulary; concrete labels are checked here, traced ones with `traced=True` (checkify).
+    """
+    fix = f"labels must be token ids in [0, {vocab_size}), or {IGNORE_INDEX} where the loss ignores a position"
+    if is_concrete(labels):
+        bounds = _bounds(labels, np.asarray(labels) != IGNORE_INDEX)
+        if bounds is not None and (bounds[0] < 0 or bounds[1] >= vocab_size):
+            bad = bounds[0] if bounds[0] < 0 else bounds[1]
+            raise InputError(f"{name} holds {bad}; {fix}")
+    elif traced:
+        scored = labels != IGNORE_INDEX
+        checkify.check(jnp.all(~scored | ((labels >= 0) & (labels < vocab_size))),
+                       f"{name} holds labels outside the vocabulary; {fix}")
 
 
 def check_positions(name: str, length: int, position_ids: Any, mask: Any, limit: int | None, *,

@@ -559,7 +559,7 @@ class PreTrainedModelWrapper:
         lm = self.pretrained_model.to_torch(params["pretrained_model"], dtype)
         if self.is_peft_model:
             config = self._lora_config.to_peft_dict()
-            config.update(base_model_name_or_path=self.base_model_name_or_path,
+            config.update(base_model_name_or_path=self.base_model_name_or_path, inference_mode=not self._lora_trainable,
                           task_type="SEQ_2_SEQ_LM" if self.pretrained_model.is_encoder_decoder else "CAUSAL_LM")
             lm = peft_lm(lm, config, peft_state_dict(params[LORA_COLLECTION]))
         head = {k.removeprefix(V_HEAD_PREFIX): v for k, v in self.value_head_state(params).items()}
@@ -646,9 +646,9 @@ class FlaxAutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         mask = mask_for("attention_mask", attention_mask, input_ids)
         if position_ids is not None:
             position_ids = same_shape("position_ids", position_ids, input_ids.shape)
-        self.pretrained_model.check_inputs(input_ids, mask, position_ids, traced=check_inputs)
         if labels is not None:
             labels = same_shape("labels", token_ids("labels", labels), input_ids.shape)
+        self.pretrained_model.check_inputs(input_ids, mask, position_ids, labels, traced=check_inputs)
         return self._forward(self.params if params is None else params, input_ids, mask, position_ids,
                              dropout_rng, train=train, labels=labels)
 
@@ -709,9 +709,9 @@ class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
         decoder_input_ids = token_ids("decoder_input_ids", decoder_input_ids)
         mask = mask_for("attention_mask", attention_mask, input_ids)
         dmask = mask_for("decoder_attention_mask", decoder_attention_mask, decoder_input_ids)
-        self.pretrained_model.check_inputs(input_ids, decoder_input_ids, traced=check_inputs)
         if labels is not None:
             labels = same_shape("labels", labels, decoder_input_ids.shape)
+        self.pretrained_model.check_inputs(input_ids, decoder_input_ids, labels, traced=check_inputs)
         return self._forward(self.params if params is None else params, input_ids, mask, decoder_input_ids, dmask,
                              dropout_rng, train=train, labels=labels)
 

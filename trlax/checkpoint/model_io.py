@@ -236,4 +236,5 @@ class CheckpointMixin:
         """
         dtype = self.save_dtype(params, dtype)
         tied = set(self.spec.tied_keys(self.config))
-        return torch_lm(self.config_to_save(dtype), self.state_dict(params, dtype), self.is_encoder_decoder, tied)
+        return torch_lm(self.config_to_save(dtype), self.state_dict(params, dtype), self.is_encoder_decoder, tied,
+                        self.generation_config)

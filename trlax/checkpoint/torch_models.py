@@ -12,6 +12,7 @@ that need them (`require`), and a missing one is a TrlaxError naming it.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import warnings
 from dataclasses import dataclass
@@ -133,18 +134,29 @@ class TorchParts:
     generation_config: Any = None
 
 
-def _numpy_state(module: Any) -> dict[str, np.ndarray]:
-    return {key: tensor_to_numpy(value) for key, value in module.state_dict().items()}
+def checkpoint_state(model: Any, state: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A transformers model's state dict (torch tensors) under its checkpoint names, as numpy.
+
+    transformers v5 renames some weights in memory (GPT-NeoX's `embed_out` is `lm_head`; MoE
+    experts are fused into one tensor per layer) and converts them back when it saves; this is
+    the same reversal (`revert_weight_conversion`, what `save_pretrained` calls).
+    """
+    loading = require("transformers.core_model_loading", "converting a transformers model")
+    return {key: tensor_to_numpy(value) for key, value in loading.revert_weight_conversion(model, state).items()}
 
 
 def _peft_base_state(peft_model: Any) -> dict[str, np.ndarray]:
-    """The base weights under a PeftModel's injected LoRA layers, under transformers' own names."""
-    state = {}
-    for key, value in peft_model.get_base_model().state_dict().items():
-        if ".lora_" in key:
-            continue
-        state[key.replace(".base_layer.", ".")] = tensor_to_numpy(value)
-    return state
+    """The base weights under a PeftModel's injected LoRA layers, under the base's checkpoint names.
+
+    A merged adapter is refused: its base layers hold base + LoRA, and the adapter would apply twice.
+    """
+    if any(getattr(layer, "merged", False) for layer in peft_model.modules()):  # PEFT's tuner layers
+        raise TrlaxError("this PEFT model's LoRA adapter is merged into its base weights (merge_adapter()), so "
+                         "its base cannot be read apart from the adapter; call unmerge_adapter() first, or "
+                         "merge_and_unload() to convert the merged model as a plain transformers model")
+    base = peft_model.get_base_model()
+    state = {key.replace(".base_layer.", "."): value for key, value in base.state_dict().items() if ".lora_" not in key}
+    return checkpoint_state(base, state)
 
 
 def torch_parts(obj: Any) -> TorchParts:
@@ -166,22 +178,32 @@ def torch_parts(obj: Any) -> TorchParts:
         return TorchParts(base.config, _peft_base_state(lm), v_head, adapter_config, adapter_state,
                           not getattr(adapter_config, "inference_mode", False), base.config.name_or_path or None,
                           getattr(base, "generation_config", None))
-    return TorchParts(lm.config, _numpy_state(lm), v_head, None, None, False, lm.config.name_or_path or None,
+    return TorchParts(lm.config, checkpoint_state(lm, lm.state_dict()), v_head, None, None, False,
+                      lm.config.name_or_path or None,
                       getattr(lm, "generation_config", None))
 
 
-def torch_lm(config: Any, state: dict[str, np.ndarray], encoder_decoder: bool, tied_keys: set[str]) -> Any:
-    """A transformers (PyTorch) LM of `config` holding `state` (transformers keys; tied copies may be absent)."""
+def torch_lm(config: Any, state: dict[str, np.ndarray], encoder_decoder: bool, tied_keys: set[str],
+             generation_config: Any = None) -> Any:
+    """A transformers (PyTorch) LM of `config` holding `state` (checkpoint keys; tied copies may be absent),
+    with `generation_config` (a transformers GenerationConfig) when given.
+
+    The state goes through transformers' own loading (`from_pretrained(None, state_dict=...)`), so the
+    families whose weights transformers renames or fuses in memory (GPT-NeoX, the MoE families) load too.
+    """
     require("torch", "to_torch()")
-    transformers = require("transformers", "to_torch()")
-    auto = transformers.AutoModelForSeq2SeqLM if encoder_decoder else transformers.AutoModelForCausalLM
-    model = auto.from_config(config)
-    result = model.load_state_dict({k: numpy_to_tensor(v) for k, v in state.items()}, strict=False)
-    missing = set(result.missing_keys) - tied_keys
-    if missing or result.unexpected_keys:
+    auto = require("transformers.models.auto.modeling_auto", "to_torch()")
+    mapping = auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING if encoder_decoder else auto.MODEL_FOR_CAUSAL_LM_MAPPING
+    model, info = mapping[type(config)].from_pretrained(
+        None, config=config, state_dict={k: numpy_to_tensor(v) for k, v in state.items()}, dtype="auto",
+        output_loading_info=True)
+    missing = set(info["missing_keys"]) - tied_keys
+    if missing or info["unexpected_keys"] or info["mismatched_keys"]:
         raise TrlaxError(f"the transformers {type(model).__name__} does not match trlax's state dict: missing "
-                         f"{sorted(missing)[:4]}, unexpected {sorted(result.unexpected_keys)[:4]}")
-    model.tie_weights()
+                         f"{sorted(missing)[:4]}, unexpected {sorted(info['unexpected_keys'])[:4]}, mismatched "
+                         f"{sorted(info['mismatched_keys'])[:4]}")
+    if generation_config is not None:
+        model.generation_config = copy.deepcopy(generation_config)
     return model.eval()
 
 

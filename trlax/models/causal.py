@@ -6,7 +6,7 @@ from typing import Any
 
 import jax
 
-from trlax.inputs import check_positions, check_token_range, mask_for, same_shape, token_ids
+from trlax.inputs import check_labels, check_positions, check_token_range, mask_for, same_shape, token_ids
 from trlax.models.base import FlaxPreTrainedModel
 from trlax.models.loss import causal_lm_loss
 from trlax.models.outputs import CausalLMOutput
@@ -36,7 +36,7 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
         the params' structure (at trace time under jit), token ids and positions when they
         are concrete, and, with `check_inputs=True` inside `trlax.inputs.checked`, traced ones too.
         """
-        self.check_inputs(input_ids, attention_mask, position_ids, traced=check_inputs)
+        self.check_inputs(input_ids, attention_mask, position_ids, labels, traced=check_inputs)
         out = self.apply_module(params, input_ids, attention_mask, position_ids, lora=lora, train=train,
                                 dropout_rng=dropout_rng, output_hidden_states=output_hidden_states)
         return out if labels is None else out.replace(loss=causal_lm_loss(out.logits, labels))
@@ -70,9 +70,9 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
         mask = mask_for("attention_mask", attention_mask, input_ids)
         if position_ids is not None:
             position_ids = same_shape("position_ids", position_ids, input_ids.shape)
-        self.check_inputs(input_ids, mask, position_ids, traced=check_inputs)
         if labels is not None:
             labels = same_shape("labels", token_ids("labels", labels), input_ids.shape)
+        self.check_inputs(input_ids, mask, position_ids, labels, traced=check_inputs)
         return self._forward(self.params if params is None else params, input_ids, mask, position_ids,
                              dropout_rng, train=train, output_hidden_states=output_hidden_states,
                              lora=self.lora if params is None else None, labels=labels)
@@ -81,12 +81,15 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
         """The length generation_config's max_length / min_length count from: the (padded) prompt T."""
         return int(input_ids.shape[1])
 
-    def check_inputs(self, input_ids: Any, attention_mask: Any, position_ids: Any = None, *,
+    def check_inputs(self, input_ids: Any, attention_mask: Any, position_ids: Any = None, labels: Any = None, *,
                      traced: bool = False) -> None:
-        """Token ids in [0, vocab_size) and positions within a learned position table, else InputError.
+        """Token ids in [0, vocab_size), positions within a learned position table and labels (if any) in
+        [0, vocab_size) or -100, else InputError.
 
         Concrete values are checked here; traced ones only with `traced=True` (checkify).
         """
         check_token_range("input_ids", input_ids, self.vocab_size, traced=traced)
+        if labels is not None:
+            check_labels("labels", labels, self.vocab_size, traced=traced)
         check_positions("input_ids", input_ids.shape[1], position_ids, attention_mask,
                         self.spec.position_limit(self.config), model=self.config.model_type.upper(), traced=traced)

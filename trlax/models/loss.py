@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IGNORE_INDEX = -100
+from trlax.inputs import IGNORE_INDEX
 
 
 def token_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from trlax.inputs import InputError, check_positions, check_token_range, mask_for, same_shape, token_ids
+from trlax.inputs import InputError, check_labels, check_positions, check_token_range, mask_for, same_shape, token_ids
 from trlax.models.base import FlaxPreTrainedModel
 from trlax.models.loss import seq2seq_lm_loss, shift_tokens_right
 from trlax.models.outputs import Seq2SeqLMOutput
@@ -43,7 +43,7 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
         decoder cross-entropy [] float32 (labels aligned with decoder_input_ids, unshifted).
         Checks as `FlaxModelForCausalLM.apply` (`check_inputs`: see `trlax.inputs`).
         """
-        self.check_inputs(input_ids, decoder_input_ids, traced=check_inputs)
+        self.check_inputs(input_ids, decoder_input_ids, labels, traced=check_inputs)
         if decoder_attention_mask is None:
             decoder_attention_mask = mask_for("decoder_attention_mask", None, decoder_input_ids)
         out = self.apply_module(params, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
@@ -105,9 +105,9 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
                              f"{input_ids.shape[0]}; they must match")
         mask = mask_for("attention_mask", attention_mask, input_ids)
         dmask = mask_for("decoder_attention_mask", decoder_attention_mask, decoder_input_ids)
-        self.check_inputs(input_ids, decoder_input_ids, traced=check_inputs)
         if labels is not None:
             labels = same_shape("labels", labels, decoder_input_ids.shape)
+        self.check_inputs(input_ids, decoder_input_ids, labels, traced=check_inputs)
         return self._forward(self.params if params is None else params, input_ids, mask, decoder_input_ids, dmask,
                              dropout_rng, train=train, output_hidden_states=output_hidden_states,
                              lora=self.lora if params is None else None, labels=labels)
@@ -122,9 +122,13 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
         prepended = start is not None and bool(jnp.all(decoder_input_ids[:, 0] != start))
         return int(decoder_input_ids.shape[1]) + int(prepended)
 
-    def check_inputs(self, input_ids: Any, decoder_input_ids: Any, *, traced: bool = False) -> None:
-        """Encoder and decoder ids in [0, vocab_size), each sequence within a learned position table."""
+    def check_inputs(self, input_ids: Any, decoder_input_ids: Any, labels: Any = None, *,
+                     traced: bool = False) -> None:
+        """Encoder and decoder ids in [0, vocab_size), each sequence within a learned position table, and
+        labels (if any) in [0, vocab_size) or -100."""
         limit = self.spec.position_limit(self.config)
         for name, ids in (("input_ids", input_ids), ("decoder_input_ids", decoder_input_ids)):
             check_token_range(name, ids, self.vocab_size, traced=traced)
             check_positions(name, ids.shape[1], None, None, limit, model=self.config.model_type.upper())
+        if labels is not None:
+            check_labels("labels", labels, self.vocab_size, traced=traced)

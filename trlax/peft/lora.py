@@ -53,6 +53,8 @@ PEFT_PREFIX = "base_model.model."
 SUPPORTED_PEFT_TYPES = ("LORA",)
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 
+# PEFT's name for the LM head, which it adapts even when the head is tied to the input embedding.
+HEAD_NAME = "lm_head"
 # Output layers "all-linear" leaves out, as PEFT does.
 _OUTPUT_LAYERS = ("lm_head", "embed_out")
 
@@ -144,7 +146,7 @@ class LoraConfig:
                                         f"{list(SUPPORTED_PEFT_TYPES)} (LoRA adapters)")
         own = {f.name for f in dataclasses.fields(cls)}
         for name, value in config.items():
-            if name in own or name in _BOOKKEEPING_FIELDS or not value:
+            if name in own or name in _BOOKKEEPING_FIELDS or _left_at_default(value):
                 continue
             raise UnsupportedModelError(f"PEFT LoRA option {name}={value!r} is not supported by trlax; "
                                         "remove it (or leave it at its default)")
@@ -168,6 +170,11 @@ class LoraConfig:
     def scaling(self, module_path: str) -> float:
         r, alpha = self.rank_and_alpha(module_path)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def _left_at_default(value: Any) -> bool:
+    """Whether a PEFT option trlax lacks is at its default (None, False or empty); 0 is not (it selects layer 0)."""
+    return value is None or value is False or (isinstance(value, (list, tuple, set, dict, str)) and not value)
 
 
 def _pattern_key(patterns: Mapping[str, Any], module_path: str) -> str | None:
@@ -222,6 +229,12 @@ def resolve_targets(config: LoraConfig, base_params: Mapping[str, Any], model_ty
     saved = config.modules_to_save or []
     chosen = sorted(p for p in candidates if not _name_matches(config.exclude_modules, p)
                     and not any(re.match(rf"(^|.*\.){m}($|\..*)", p) for m in saved))
+    if isinstance(targets, list) and HEAD_NAME in targets and not any(_name_matches([HEAD_NAME], p) for p in linear):
+        raise UnsupportedModelError(
+            f"LoRA target {HEAD_NAME!r} is no linear layer of this {model_type} model: its LM head is tied to the "
+            "input embedding (or has another name), and trlax applies LoRA to linear layers only, where PEFT "
+            f"would adapt a tied head too; remove {HEAD_NAME!r} from target_modules (this model's linear layers: "
+            f"{_short_names(linear)})")
     not_linear = [p for p in chosen if p not in linear]
     if not_linear:
         raise UnsupportedModelError(
