@@ -231,7 +231,7 @@ def test_second_call_does_not_recompile(pairs):
     [
         ({"max_new_tokens": 0}, "max_new_tokens must be a positive int"),
         ({"max_new_tokens": -3}, "max_new_tokens must be a positive int"),
-        ({"max_new_tokens": 56}, "exceeds the model's 64 positions"),
+        ({"max_new_tokens": 57}, "exceeds the model's 64 positions"),  # 9 + 57 - 1 fed: one too many
         ({"do_sample": True}, "do_sample=True needs prng_key"),
         ({"do_sample": True, "prng_key": jax.random.key(0), "temperature": 0.0}, "temperature must be > 0"),
         ({"do_sample": True, "prng_key": jax.random.key(0), "top_p": 1.5}, r"top_p must be in \[0, 1\]"),

@@ -125,8 +125,11 @@ def test_rotary_models_have_no_hard_position_limit():
 
 
 def test_generate_checks_prompt_plus_new_tokens_against_the_positions(lm):
-    with pytest.raises(InputError, match="prompt length 60 \\+ max_new_tokens = 70 exceeds the model's 64"):
+    with pytest.raises(InputError, match="prompt length 60 \\+ max_new_tokens - 1 = 69 exceeds the model's 64"):
         lm.generate(np.ones((1, 60), np.int32), max_new_tokens=10)
+    # The last new token is never fed back: 60 + 5 tokens need 64 positions, as transformers counts them.
+    prompt = np.full((1, 60), 2, np.int32)  # not the pad id (1), which would count as padding here
+    assert lm.generate(prompt, max_new_tokens=5, eos_token_id=[]).sequences.shape == (1, 65)
 
 
 def test_seq2seq_learned_positions_bound_encoder_and_decoder(bart):

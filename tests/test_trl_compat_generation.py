@@ -76,6 +76,9 @@ def test_generation_config_argument_and_kwargs_override(gpt2_pair):
     {"repetition_penalty": 1.5},
     {"repetition_penalty": 0.7, "min_new_tokens": 3},
     {"min_length": 14},
+    {"min_length": 14, "min_new_tokens": 1},  # min_new_tokens takes precedence, as transformers has it
+    {"forced_eos_token_id": 20},
+    {"forced_eos_token_id": [20, 30], "min_new_tokens": 2},
 ])
 def test_processors_match_transformers_greedy(gpt2_pair, settings):
     pt, model = gpt2_pair
@@ -156,3 +159,76 @@ def test_seq2seq_continues_a_decoder_prompt(tmp_path, model_type):
                           use_cache=False, eos_token_id=None,
                           repetition_penalty=1.4).numpy()
     np.testing.assert_array_equal(np.asarray(penalised.sequences), ref)
+
+
+def _folder_pair(folder, generation_config=None, **config_fields):
+    """A random GPT-2 saved with these config.json fields and generation_config.json (None: no file), and
+    both frameworks' loads of the folder."""
+    config = TINY_CAUSAL["gpt2"]()
+    torch.manual_seed(0)
+    pt = torch_random_init(transformers.AutoModelForCausalLM.from_config(config), std=0.1)
+    save_torch(pt, folder)
+    (folder / "generation_config.json").unlink()
+    if generation_config is not None:
+        (folder / "generation_config.json").write_text(json.dumps(generation_config))
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, **config_fields}))
+    return transformers.AutoModelForCausalLM.from_pretrained(folder).eval(), FlaxAutoModelForCausalLM.from_pretrained(
+        folder)
+
+
+def test_config_json_generation_fields_apply_without_a_generation_config(tmp_path):
+    """An older checkpoint's config.json generation fields: transformers builds its generation config from
+    them when generation_config.json is missing; trlax applies them (or refuses what it lacks)."""
+    pt, model = _folder_pair(tmp_path / "penalty", repetition_penalty=1.8)
+    assert pt.generation_config.repetition_penalty == model.generation_config.repetition_penalty == 1.8
+    ids, mask = batch(VOCAB, "left", low=2)
+    out = np.asarray(model.generate(ids, mask, max_new_tokens=8, eos_token_id=None).sequences)
+    np.testing.assert_array_equal(out, _torch_generate(pt, ids, mask, max_new_tokens=8, eos_token_id=None))
+    _, model = _folder_pair(tmp_path / "ngram", no_repeat_ngram_size=2)
+    with pytest.raises(UnsupportedModelError, match="no_repeat_ngram_size=2"):
+        model.generate(ids, mask)
+
+
+def test_pad_falls_back_to_eos_not_to_config_json(tmp_path):
+    """generation_config.json with eos but no pad: finished rows emit the first eos (transformers' rule),
+    not config.json's pad_token_id (1)."""
+    pt, model = _folder_pair(tmp_path, {"eos_token_id": [13, 20], "max_new_tokens": 8})
+    ids, mask = batch(VOCAB, "left", low=2)
+    out = np.asarray(model.generate(ids, mask).sequences)
+    ref = _torch_generate(pt, ids, mask, out.shape[1], pad=13)
+    np.testing.assert_array_equal(out, ref)
+    finished = [row for row in out[:, ids.shape[1]:] if np.isin(row[:-1], (13, 20)).any()]
+    assert finished and all(1 not in row for row in finished)
+
+
+def test_none_arguments_unset_the_checkpoint_settings(gpt2_pair):
+    pt, model = gpt2_pair  # checkpoint: eos 13, 7 new tokens
+    ids, mask = batch(VOCAB, "left", low=2)
+    out = np.asarray(model.generate(ids, mask, eos_token_id=None).sequences)
+    np.testing.assert_array_equal(out, _torch_generate(pt, ids, mask, eos_token_id=None))
+    assert out.shape[1] == ids.shape[1] + 7 and np.asarray(model.generate(ids, mask).sequences).tolist() != out.tolist()
+
+
+def test_attention_mask_is_inferred_from_pad_as_transformers_does(gpt2_pair):
+    pt, model = gpt2_pair  # pad 1, eos 13
+    ids, mask = batch(VOCAB, "left", low=2)
+    ids[mask == 0] = 1
+    inferred = np.asarray(model.generate(ids).sequences)
+    np.testing.assert_array_equal(inferred, np.asarray(model.generate(ids, mask).sequences))
+    with torch.no_grad():
+        ref = pt.generate(torch.tensor(ids), do_sample=False).numpy()
+    np.testing.assert_array_equal(inferred, np.pad(ref, ((0, 0), (0, inferred.shape[1] - ref.shape[1])),
+                                                   constant_values=1))
+    # pad == eos: nothing can be inferred (a pad may be a real eos), the mask is all ones.
+    ones = np.asarray(model.generate(ids, pad_token_id=13).sequences)
+    np.testing.assert_array_equal(ones, np.asarray(model.generate(ids, np.ones_like(mask), pad_token_id=13).sequences))
+
+
+def test_generation_may_fill_every_learned_position(gpt2_pair):
+    """The last new token is never fed back, so prompt + max_new_tokens may be one more than the positions."""
+    pt, model = gpt2_pair  # 64 learned positions
+    ids, mask = batch(VOCAB, "left", low=2)
+    new = 64 - ids.shape[1] + 1
+    out = np.asarray(model.generate(ids, mask, max_new_tokens=new, eos_token_id=None).sequences)
+    np.testing.assert_array_equal(out, _torch_generate(pt, ids, mask, max_new_tokens=new, eos_token_id=None))

@@ -9,8 +9,9 @@ recompile. Each model keeps its compiled functions in its `generation_cache`, wh
 counts the compilations (`model.generation_cache.compilations`).
 
 Padding, cache slots and positions (causal):
-    Prompts are LEFT-padded to a common length T, with an explicit attention_mask (never
-    inferred from pad ids: pad may equal eos or a real token). The cache has
+    Prompts are LEFT-padded to a common length T, with an explicit attention_mask (here never
+    inferred from pad ids: pad may equal eos or a real token; the model's `generate` infers
+    one as transformers does, see `FlaxPreTrainedModel.generate`). The cache has
     S = T + max_new_tokens slots. The prompt pass writes slots 0..T-2, and loop step i
     feeds one token into slot T - 1 + i (the last prompt token at i = 0, then each new
     token), so one scalar write index serves every row.
@@ -79,6 +80,7 @@ class GenerationSettings:
     num_eos: int  # 0 = no eos: rows never finish early
     min_new_tokens: int = 0  # eos is banned for this many steps (trlax.generation_config)
     use_repetition_penalty: bool = False  # False when repetition_penalty == 1.0
+    num_forced_eos: int = 0  # forced_eos_token_id: ids the last step must choose among (0 = off)
     rollout_dtype: Any = None  # compute dtype of the loop (a numpy dtype); None = the model's
 
 
@@ -92,6 +94,7 @@ class _Knobs:
     eos_ids: Array  # [num_eos] int32
     start_id: Array  # [] int32: the decoder start token (encoder-decoder only)
     repetition_penalty: Array  # [] float32 (used when settings.use_repetition_penalty)
+    forced_eos_ids: Array  # [num_forced_eos] int32
 
 
 class GenerationCache:
@@ -255,7 +258,9 @@ def _decode_loop(
         logits, cache = step(token, i, cache)
         penalty = knobs.repetition_penalty if settings.use_repetition_penalty else None
         logits = process_logits(logits, i, context, tokens, knobs.eos_ids, min_new_tokens=settings.min_new_tokens,
-                                repetition_penalty=penalty)
+                                repetition_penalty=penalty,
+                                forced_eos_ids=knobs.forced_eos_ids if settings.num_forced_eos else None,
+                                last_step=n - 1)
         step_key = None
         if settings.do_sample:
             key, step_key = jax.random.split(key)
@@ -463,6 +468,7 @@ def generate(
     lora: dict[str, Any] | None = None,
     min_new_tokens: int = 0,
     repetition_penalty: float | Array = 1.0,
+    forced_eos_token_id: int | Sequence[int] | None = None,
     decoder_input_ids: Any = None,
     rollout_dtype: Any = None,
 ) -> GenerateOutput:
@@ -477,11 +483,12 @@ def generate(
     default to the model config's; pad falls back to the first eos. A row that emitted an
     eos emits pad from then on. One compilation serves each (shapes, max_new_tokens,
     do_sample, top_k, top_p == 1.0 or not, number of eos ids); other values are traced.
-    min_new_tokens (static) bans the eos ids for that many steps and repetition_penalty
-    (1.0 = off) rescales the logits of tokens already in the sequence, both as transformers'
-    processors (`trlax.generation_config`). Seq2seq: decoder_input_ids [B, Td] (no padding)
-    is a decoder prompt to continue; the start token is put in front when no row begins with
-    it, as transformers does.
+    min_new_tokens (static) bans the eos ids for that many steps, repetition_penalty
+    (1.0 = off) rescales the logits of tokens already in the sequence and forced_eos_token_id
+    (an int or a list; None = off) makes the last step (the max_new_tokens-th token) one of
+    those ids, all as transformers' processors (`trlax.generation_config`). Seq2seq:
+    decoder_input_ids [B, Td] (no padding) is a decoder prompt to continue; the start token is
+    put in front when no row begins with it, as transformers does.
     Returns GenerateOutput(sequences [B, T + new] int32 for causal LMs,
     [B, Td + new] for seq2seq LMs, Td = 1 without a decoder prompt). lora: a LoRA adapter
     tree (`trlax.peft`) applied on top of `params` (a LoRA policy's rollouts), or None.
@@ -513,17 +520,20 @@ def generate(
     if decoder_prompt is not None and decoder_prompt.shape[0] != input_ids.shape[0]:
         raise InputError(f"decoder_input_ids has batch size {decoder_prompt.shape[0]} but input_ids has "
                          f"{input_ids.shape[0]}; they must match")
-    max_positions = model.spec.max_positions(config)
+    # Positions the loop feeds: the prompt (and start token), then every new token but the last.
     decoder_length = 1 if decoder_prompt is None else decoder_prompt.shape[1] + 1  # + a start token, at most
-    length = decoder_length - 1 + max_new_tokens if seq2seq else input_ids.shape[1] + max_new_tokens
-    if max_positions is not None and length > max_positions:
-        what = "max_new_tokens" if seq2seq else f"prompt length {input_ids.shape[1]} + max_new_tokens"
-        raise InputError(f"{what} = {length} exceeds the model's {max_positions} positions; "
-                         f"shorten the prompt or lower max_new_tokens")
+    length = decoder_length - 1 + max_new_tokens if seq2seq else input_ids.shape[1] + max_new_tokens - 1
+    limit = model.spec.position_limit(config)  # a learned position table; rotary / relative: none
+    if limit is not None and length > limit:
+        what = "max_new_tokens" if seq2seq else f"prompt length {input_ids.shape[1]} + max_new_tokens - 1"
+        raise InputError(f"{what} = {length} exceeds the model's {limit} positions (the last new token is never "
+                         "fed back); shorten the prompt or lower max_new_tokens")
     if not seq2seq:
         _check_prompt_mask(mask)
 
     eos_ids = _token_ids(eos_token_id if eos_token_id is not None else _config_value(config, "eos_token_id"))
+    forced_eos = _token_ids(forced_eos_token_id)  # the last token must be one of them: ids of the vocabulary
+    check_token_range("forced_eos_token_id", np.asarray(forced_eos, np.int64).reshape(1, -1), model.vocab_size)
     pad = pad_token_id if pad_token_id is not None else _config_value(config, "pad_token_id")
     if pad is None:
         pad = eos_ids[0] if eos_ids else 0  # without an eos no row finishes, so pad is never emitted
@@ -545,10 +555,11 @@ def generate(
     penalty_on = not (isinstance(repetition_penalty, (int, float)) and repetition_penalty == 1.0)
     settings = GenerationSettings(int(max_new_tokens), bool(do_sample), int(top_k) if do_sample else 0,
                          bool(do_sample and top_p_on), len(eos_ids), int(min_new_tokens), penalty_on,
-                         _check_rollout_dtype(rollout_dtype, model))
+                         len(forced_eos), _check_rollout_dtype(rollout_dtype, model))
     knobs = _Knobs(jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32),
                    jnp.asarray(pad, jnp.int32), jnp.asarray(eos_ids, jnp.int32).reshape(-1),
-                   jnp.asarray(start, jnp.int32), jnp.asarray(repetition_penalty, jnp.float32))
+                   jnp.asarray(start, jnp.int32), jnp.asarray(repetition_penalty, jnp.float32),
+                   jnp.asarray(forced_eos, jnp.int32).reshape(-1))
 
     run = model.generation_cache.get(settings, lambda: (_seq2seq_fn if seq2seq else _causal_fn)(model, settings))
     if model.mesh is not None:  # the batch is split like the layer outputs and the KV cache

@@ -2,15 +2,20 @@
 
 Which settings apply (highest first): keyword arguments to `generate`, a `generation_config`
 passed to it, the model's own `generation_config` (read from the checkpoint's
-generation_config.json, as transformers does), then trlax's defaults. transformers v5
-leaves unset fields None, so "set" is well defined; for fields nobody set, trlax keeps its
+generation_config.json, or, without one, built from config.json as transformers does, so
+an older checkpoint's generation fields there apply or are refused), then trlax's defaults.
+A keyword argument set to None unsets the field below it (`eos_token_id=None`: no eos), as
+in transformers. transformers v5 leaves unset fields None, so "set" is well defined. The pad
+id comes from these settings only, falling back to the first eos id (transformers' rule,
+which ignores config.json's pad when generation_config.json has none); `min_new_tokens`, when
+set, takes precedence over `min_length`. For fields nobody set, trlax keeps its
 defaults where they differ from transformers': `top_k` 0 (transformers: 50), so sampling
 draws from the model's full distribution, which PPO's log-probs assume, and
 `max_new_tokens` 32 (transformers: `max_length` 20, prompt included).
 
 Fields trlax implements: max_new_tokens, max_length, min_new_tokens, min_length,
-do_sample, temperature, top_k, top_p, repetition_penalty, eos/pad/decoder start ids and
-return_dict_in_generate. Fields that only tune how transformers runs (cache, compile,
+do_sample, temperature, top_k, top_p, repetition_penalty, eos/pad/decoder start ids,
+forced_eos_token_id and return_dict_in_generate. Fields that only tune how transformers runs (cache, compile,
 bos_token_id, beam-only options while num_beams is 1, ...) are accepted and have no
 effect. Any other field set to something other than its neutral value (num_beams > 1,
 constraints, no_repeat_ngram_size, output_scores, ...) is an UnsupportedModelError naming
@@ -21,7 +26,7 @@ float32 logits [B, V], before the sampling warpers, as transformers orders them:
 repetition penalty (logits of tokens already in the sequence: divided by the penalty if
 positive, multiplied if negative; the prompt's left padding does not count, as in
 transformers v5), then min-length (eos ids at -inf while fewer than `min_new_tokens`
-tokens are new).
+tokens are new), then forced eos (only the forced ids at the last new token).
 """
 
 from __future__ import annotations
@@ -41,12 +46,14 @@ from trlax.checkpoint.hub import HubOptions, fetch_file
 from trlax.errors import UnsupportedModelError
 
 GENERATION_CONFIG_NAME = "generation_config.json"
+CONFIG_NAME = "config.json"
 DEFAULT_MAX_NEW_TOKENS = 32
 
 # GenerationConfig fields trlax implements (translated by `resolve_generation`).
 SUPPORTED_FIELDS = frozenset({
     "max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k", "top_p",
     "repetition_penalty", "eos_token_id", "pad_token_id", "decoder_start_token_id", "return_dict_in_generate",
+    "forced_eos_token_id",
 })
 # Fields with no effect on greedy or sampled tokens (how transformers runs, or beam-search-only
 # options, beams being refused): accepted whatever their value.
@@ -62,9 +69,14 @@ TRLAX_ARGS = frozenset({"prng_key", "params", "lora", "decoder_input_ids", "roll
 
 
 def read_generation_config(source: str | os.PathLike, options: HubOptions) -> transformers.GenerationConfig | None:
-    """The checkpoint's generation_config.json (folder or hub id) as transformers reads it, or None."""
+    """The checkpoint's generation settings (folder or hub id) as transformers reads them: its
+    generation_config.json or, without one, the generation fields of its config.json; None without either."""
     path = fetch_file(source, GENERATION_CONFIG_NAME, options)
-    return None if path is None else transformers.GenerationConfig.from_pretrained(str(path.parent))
+    if path is not None:
+        return transformers.GenerationConfig.from_pretrained(str(path.parent))
+    path = fetch_file(source, CONFIG_NAME, options)
+    return None if path is None else transformers.GenerationConfig.from_pretrained(
+        str(path.parent), config_file_name=CONFIG_NAME, _from_model_config=True)
 
 
 def write_generation_config(config: transformers.GenerationConfig, folder: Path) -> None:
@@ -117,10 +129,12 @@ def resolve_generation(
     if generation_config is not None and not isinstance(generation_config, (transformers.GenerationConfig, Mapping)):
         raise UnsupportedModelError(f"generation_config must be a transformers.GenerationConfig; got "
                                     f"{type(generation_config).__name__}")
-    passed = {k: v for k, v in kwargs.items() if k not in TRLAX_ARGS and v is not None}
-    merged = {**_set_fields(model_config), **_set_fields(generation_config), **passed}
+    passed = {k: v for k, v in kwargs.items() if k not in TRLAX_ARGS}
+    # A keyword argument of None unsets what the configs below it set, as in transformers.
+    merged = {k: v for k, v in {**_set_fields(model_config), **_set_fields(generation_config), **passed}.items()
+              if v is not None}
     # Output plumbing is the caller's choice, never a checkpoint file's.
-    return_dict = {**_set_fields(generation_config), **passed}.get("return_dict_in_generate", True)
+    return_dict = _set_fields({**_set_fields(generation_config), **passed}).get("return_dict_in_generate", True)
     defaults = transformers.GenerationConfig()._get_default_generation_params()
     unsupported = sorted(name for name, value in merged.items()
                          if name not in SUPPORTED_FIELDS and name not in NO_EFFECT_FIELDS
@@ -142,15 +156,31 @@ def resolve_generation(
         out["max_new_tokens"] = new
     else:
         out["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
-    min_new = max(_as_int("min_new_tokens", merged.get("min_new_tokens", 0)),
-                  _as_int("min_length", merged.get("min_length", 0)) - prompt_length, 0)
-    out["min_new_tokens"] = min_new
+    if "min_new_tokens" in merged:  # transformers: it takes precedence over min_length
+        out["min_new_tokens"] = max(_as_int("min_new_tokens", merged["min_new_tokens"]), 0)
+    else:
+        out["min_new_tokens"] = max(_as_int("min_length", merged.get("min_length", 0)) - prompt_length, 0)
     out["top_k"] = _as_int("top_k", merged.get("top_k", 0))
-    for name in ("do_sample", "temperature", "top_p", "repetition_penalty", "pad_token_id", "eos_token_id",
-                 "decoder_start_token_id"):
+    for name in ("do_sample", "temperature", "top_p", "repetition_penalty", "decoder_start_token_id",
+                 "forced_eos_token_id"):
         if name in merged:
             out[name] = merged[name]
+    eos = merged.get("eos_token_id")
+    out["eos_token_id"] = [] if eos is None else eos
+    eos_ids = [eos] if isinstance(eos, (int, np.integer)) else list(eos or [])
+    # transformers' pad: the settings' own, else the first eos (config.json's pad does not enter).
+    out["pad_token_id"] = merged.get("pad_token_id", eos_ids[0] if eos_ids else None)
     return GenerateRequest(out, bool(return_dict))
+
+
+def inferred_attention_mask(input_ids: jax.Array, pad_token_id: int | None, eos_token_id: Any) -> jax.Array | None:
+    """transformers' attention mask for a generate call without one: [B, T] int32 `input_ids != pad` when
+    the pad id occurs in the concrete input_ids and is no eos id; else None (all ones)."""
+    eos_ids = [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id or [])
+    if pad_token_id is None or pad_token_id in eos_ids or isinstance(input_ids, jax.core.Tracer):
+        return None
+    ids = np.asarray(input_ids)
+    return jnp.asarray(ids != pad_token_id, jnp.int32) if bool((ids == pad_token_id).any()) else None
 
 
 # --- logits processors, inside the jitted decode loop ---------------------------------------------
@@ -184,12 +214,17 @@ def process_logits(
     *,
     min_new_tokens: int,
     repetition_penalty: jax.Array | None,
+    forced_eos_ids: jax.Array | None = None,
+    last_step: int = 0,
 ) -> jax.Array:
-    """transformers' repetition-penalty and min-new-tokens processors on one step's logits [B, V] float32.
+    """transformers' repetition-penalty, min-new-tokens and forced-eos processors on one step's logits
+    [B, V] float32.
 
     step: how many new tokens exist ([] int32); context: `penalty_context` [B, T];
     new_tokens: [B, N] (entries at and after `step` are not yet written); eos_ids: [E]
-    int32; min_new_tokens: static (0 = off); repetition_penalty: [] float32, or None = off.
+    int32; min_new_tokens: static (0 = off); repetition_penalty: [] float32, or None = off;
+    forced_eos_ids: [F] int32, or None = off: at step `last_step` (the last new token) only
+    these ids stay possible (logit 0, every other -inf, as transformers sets them).
     """
     if repetition_penalty is not None:
         seen = seen_tokens(context, new_tokens, step, logits.shape[-1])
@@ -198,4 +233,7 @@ def process_logits(
     if min_new_tokens and eos_ids.shape[0]:
         is_eos = jnp.any(jnp.arange(logits.shape[-1])[:, None] == eos_ids[None, :], axis=-1)  # [V]
         logits = jnp.where((step < min_new_tokens) & is_eos[None, :], -jnp.inf, logits)
+    if forced_eos_ids is not None:
+        is_forced = jnp.any(jnp.arange(logits.shape[-1])[:, None] == forced_eos_ids[None, :], axis=-1)  # [V]
+        logits = jnp.where(step == last_step, jnp.where(is_forced, 0.0, -jnp.inf)[None, :], logits)
     return logits

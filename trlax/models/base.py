@@ -36,7 +36,7 @@ from trlax.checkpoint.reader import CheckpointReader
 from trlax.checkpoint.torch_models import is_torch_model
 from trlax.errors import CheckpointError, TrlaxError, TrlaxTypeError, UnsupportedModelError
 from trlax.generation import GenerateOutput, GenerationCache, generate
-from trlax.generation_config import read_generation_config, resolve_generation
+from trlax.generation_config import inferred_attention_mask, read_generation_config, resolve_generation
 from trlax.inputs import ParamsCheck, token_ids
 from trlax.models.layers import LORA_COLLECTION
 from trlax.models.registry import get_spec, supported_model_types
@@ -291,10 +291,13 @@ class FlaxPreTrainedModel(CheckpointMixin):
         """Jit-compiled generation with a KV cache (`trlax.generation.generate`).
 
         Settings come from, lowest first: trlax's defaults, `self.generation_config` (the
-        checkpoint's generation_config.json), `generation_config` (a transformers
-        GenerationConfig), keyword arguments (`trlax.generation_config` says which fields
-        apply; unsupported ones raise). Returns a GenerateOutput, or the bare sequences
-        with return_dict_in_generate=False. lora: an adapter tree to generate with; without
+        checkpoint's generation settings; without any, those of the model config, as
+        transformers builds them), `generation_config` (a transformers GenerationConfig),
+        keyword arguments (`trlax.generation_config` says which fields apply; unsupported
+        ones raise). Without an attention_mask, the mask is inferred from the pad id as
+        transformers infers it: `input_ids != pad` when the pad id occurs in input_ids and is
+        no eos id, else all ones. Returns a GenerateOutput, or the bare sequences with
+        return_dict_in_generate=False. lora: an adapter tree to generate with; without
         params and lora, the owning LoRA policy's adapter (if any).
         """
         if not self.can_generate:
@@ -304,7 +307,11 @@ class FlaxPreTrainedModel(CheckpointMixin):
             lora = self.lora
         input_ids = token_ids("input_ids", input_ids)
         length = self.generation_prompt_length(input_ids, kwargs.get("decoder_input_ids"))
-        request = resolve_generation(self.generation_config, generation_config, kwargs, prompt_length=length)
+        settings = self.generation_config or transformers.GenerationConfig.from_model_config(self.config)
+        request = resolve_generation(settings, generation_config, kwargs, prompt_length=length)
+        if attention_mask is None:
+            attention_mask = inferred_attention_mask(input_ids, request.kwargs["pad_token_id"],
+                                                     request.kwargs["eos_token_id"])
         out = generate(self, input_ids, attention_mask, params=params, lora=lora, **request.kwargs)
         return out if request.return_dict else out.sequences
 
