@@ -223,6 +223,10 @@ def test_attention_mask_is_inferred_from_pad_as_transformers_does(gpt2_pair):
     # pad == eos: nothing can be inferred (a pad may be a real eos), the mask is all ones.
     ones = np.asarray(model.generate(ids, pad_token_id=13).sequences)
     np.testing.assert_array_equal(ones, np.asarray(model.generate(ids, np.ones_like(mask), pad_token_id=13).sequences))
+    # A row ending in the pad id (right padding) keeps the all-ones mask: causal prompts must end in a token.
+    ids[0, -1] = 1
+    np.testing.assert_array_equal(np.asarray(model.generate(ids).sequences),
+                                  np.asarray(model.generate(ids, np.ones_like(mask)).sequences))
 
 
 def test_generation_may_fill_every_learned_position(gpt2_pair):

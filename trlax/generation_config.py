@@ -31,6 +31,7 @@ tokens are new), then forced eos (only the forced ids at the last new token).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ import transformers
 
 from trlax.checkpoint.hub import HubOptions, fetch_file
 from trlax.errors import UnsupportedModelError
+
+logger = logging.getLogger("trlax")
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 CONFIG_NAME = "config.json"
@@ -173,14 +176,26 @@ def resolve_generation(
     return GenerateRequest(out, bool(return_dict))
 
 
-def inferred_attention_mask(input_ids: jax.Array, pad_token_id: int | None, eos_token_id: Any) -> jax.Array | None:
+def inferred_attention_mask(input_ids: jax.Array, pad_token_id: int | None, eos_token_id: Any, *,
+                            left_padded: bool) -> jax.Array | None:
     """transformers' attention mask for a generate call without one: [B, T] int32 `input_ids != pad` when
-    the pad id occurs in the concrete input_ids and is no eos id; else None (all ones)."""
+    the pad id occurs in the concrete input_ids and is no eos id; else None (all ones).
+
+    left_padded (causal LMs, whose prompts must end in a real token): a row that ends in the pad id
+    keeps the all-ones mask, with a warning (transformers warns of right padding there too).
+    """
     eos_ids = [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id or [])
     if pad_token_id is None or pad_token_id in eos_ids or isinstance(input_ids, jax.core.Tracer):
         return None
     ids = np.asarray(input_ids)
-    return jnp.asarray(ids != pad_token_id, jnp.int32) if bool((ids == pad_token_id).any()) else None
+    if not (ids == pad_token_id).any():
+        return None
+    if left_padded and (ids[:, -1] == pad_token_id).any():
+        logger.warning("input_ids end in the pad id %d in some row (right padding?), so no attention mask is "
+                       "inferred from it: every token is attended to. Left-pad the prompts and pass "
+                       "attention_mask", pad_token_id)
+        return None
+    return jnp.asarray(ids != pad_token_id, jnp.int32)
 
 
 # --- logits processors, inside the jitted decode loop ---------------------------------------------

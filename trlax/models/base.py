@@ -296,9 +296,9 @@ class FlaxPreTrainedModel(CheckpointMixin):
         keyword arguments (`trlax.generation_config` says which fields apply; unsupported
         ones raise). Without an attention_mask, the mask is inferred from the pad id as
         transformers infers it: `input_ids != pad` when the pad id occurs in input_ids and is
-        no eos id, else all ones. Returns a GenerateOutput, or the bare sequences with
-        return_dict_in_generate=False. lora: an adapter tree to generate with; without
-        params and lora, the owning LoRA policy's adapter (if any).
+        no eos id (and, for a causal LM, ends no row), else all ones. Returns a GenerateOutput,
+        or the bare sequences with return_dict_in_generate=False. lora: an adapter tree to
+        generate with; without params and lora, the owning LoRA policy's adapter (if any).
         """
         if not self.can_generate:
             raise TrlaxTypeError(f"{type(self).__name__} has no language-model head, so it cannot generate; load the "
@@ -311,7 +311,8 @@ class FlaxPreTrainedModel(CheckpointMixin):
         request = resolve_generation(settings, generation_config, kwargs, prompt_length=length)
         if attention_mask is None:
             attention_mask = inferred_attention_mask(input_ids, request.kwargs["pad_token_id"],
-                                                     request.kwargs["eos_token_id"])
+                                                     request.kwargs["eos_token_id"],
+                                                     left_padded=not self.is_encoder_decoder)
         out = generate(self, input_ids, attention_mask, params=params, lora=lora, **request.kwargs)
         return out if request.return_dict else out.sequences
 
