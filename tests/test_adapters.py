@@ -234,6 +234,29 @@ def test_peft_adapters_load_and_save_with_the_same_logits(model_type, tmp_path):
     assert loaded < ATOL and written < ATOL
 
 
+def test_peft_adapter_on_an_untied_lm_head_loads(tmp_path):
+    """PEFT also saves an adapted lm_head's base weight (save_embedding_layers): an unchanged copy loads, a
+    changed one (a retrained head) is refused."""
+    from safetensors.torch import load_file, save_file
+
+    _, lm = torch_base("llama", tmp_path / "base")  # untied head
+    pt = peft.get_peft_model(lm, peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    randomise_lora_b(pt)
+    pt.save_pretrained(str(tmp_path / "adapter"))
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(weights)
+    model = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "adapter")
+    ids, mask = batch(101, "left", low=2)
+    with torch.no_grad():
+        ref = pt.eval()(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
+    assert max_diff(ref, model(ids, mask)[0], mask) < ATOL
+    tensors = load_file(weights)
+    tensors["base_model.model.lm_head.base_layer.weight"] += 0.5
+    save_file(tensors, weights)
+    with pytest.raises(CheckpointError, match="lm_head.base_layer.weight'.* differs from the base"):
+        FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "adapter")
+
+
 @pytest.fixture(scope="module")
 def gpt2_policy(gpt2_folder):
     """A trlax adapter policy on every linear layer with random lora_B (init_lora_weights=False)."""

@@ -51,6 +51,7 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's order of preference
 PEFT_PREFIX = "base_model.model."
 SUPPORTED_PEFT_TYPES = ("LORA",)
+BASE_LAYER_SUFFIX = ".base_layer.weight"  # [out, in]: a PEFT-wrapped layer's own weight, saved in full
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 
 # PEFT's name for the LM head, which it adapts even when the head is tied to the input embedding.
@@ -403,6 +404,14 @@ def lora_from_peft(files: AdapterFiles, base_params: Mapping[str, Any], model_ty
     strangers = sorted(set(found) - set(linear))
     if strangers:
         raise CheckpointError(f"{fit}: it adapts {strangers[:4]}, which the base has no linear layer for")
+    for key in [k for k in rest if k.endswith(BASE_LAYER_SUFFIX) and k.removesuffix(BASE_LAYER_SUFFIX) in found]:
+        # PEFT saves the base weight of an adapted lm_head / embedding too (save_embedding_layers): a copy
+        # of the base's layer is nothing to load; a changed one (a resized or retrained head) is refused.
+        kernel = np.asarray(get_path(base_params, (*key.removesuffix(BASE_LAYER_SUFFIX).split("."), "kernel")))
+        if not np.array_equal(np.asarray(rest[key], np.float32).T, kernel.astype(np.float32)):
+            raise CheckpointError(f"{fit}: it saves {key!r}, which differs from the base's layer (a resized or "
+                                  "retrained layer); trlax loads LoRA adapters over an unchanged base")
+        del rest[key]
     try:
         targets = resolve_targets(config, base_params, model_type)
     except UnsupportedModelError as e:
