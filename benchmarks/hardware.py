@@ -5,8 +5,11 @@
 prints one result line (see common.emit): {"impl", "probes": {name: {"median", "min",
 "max", "n", "unit", "noise"}}}. Probes: `matmul_f32` / `matmul_bf16` (GFLOP/s of an
 N x N @ N x N product: jitted `jnp.dot` or `torch.mm`; N = 2048 on CPU, 8192 on GPU),
-`read` (GB/s of a full sum over a 1 GiB float32 array) and `copy` (GB/s counting read +
-write of a 1 GiB elementwise copy). Each: 2 warm-up calls, then 10 timed (rate of each).
+`read` (GB/s of a full sum over a 1 GiB float32 array), `copy` (GB/s counting read +
+write of a 1 GiB elementwise copy) and `stream_b8` (GB/s of weights read by batch-8 float32
+matmuls, x [8, 768] @ W [768, 3072] over distinct W totalling 1 GiB: a decode step's access
+pattern, every weight read once from memory, at the framework's own matmul). Each: 2 warm-up
+calls, then 10 timed (rate of each).
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import NoiseMeter, emit, summarize  # noqa: E402
 from env import configure_process  # noqa: E402
+
+# The stream_b8 probe's weight shape: GPT-2 small's MLP input projection.
+STREAM_WEIGHT = (768, 3072)
+STREAM_BATCH = 8
 
 
 def _rates(fn: Callable[[], Any], sync: Callable[[Any], Any], amount: float, warmup: int,
@@ -62,7 +69,27 @@ def jax_probes(n: int, nbytes: int, warmup: int, repeats: int) -> dict[str, Any]
                    "call": f"jax.jit(jnp.sum) over {nbytes >> 20} MiB"}
     out["copy"] = {**_rates(lambda: copy(x), sync, 2 * nbytes / 1e9, warmup, repeats), "unit": "GB/s",
                    "call": f"jax.jit(x + 1) over {nbytes >> 20} MiB (read + write)"}
+    count = stream_count(nbytes)
+    weights = [jax.random.normal(jax.random.fold_in(key, i), STREAM_WEIGHT, jnp.float32) for i in range(count)]
+    rows = jnp.ones((STREAM_BATCH, STREAM_WEIGHT[0]), jnp.float32)
+    stream = jax.jit(lambda rows, weights: [jnp.dot(rows, w) for w in weights])
+    out["stream_b8"] = {**_rates(lambda: stream(rows, weights), sync, count * weight_bytes() / 1e9, warmup, repeats),
+                        "unit": "GB/s", "call": stream_call("jax.jit(jnp.dot)", count)}
     return out
+
+
+def weight_bytes() -> int:
+    return STREAM_WEIGHT[0] * STREAM_WEIGHT[1] * 4
+
+
+def stream_count(nbytes: int) -> int:
+    """How many distinct stream_b8 weights make `nbytes` (at least 2)."""
+    return max(2, nbytes // weight_bytes())
+
+
+def stream_call(call: str, count: int) -> str:
+    return (f"{call} [{STREAM_BATCH}, {STREAM_WEIGHT[0]}] @ {count} distinct [{STREAM_WEIGHT[0]}, "
+            f"{STREAM_WEIGHT[1]}] float32 ({count * weight_bytes() >> 20} MiB)")
 
 
 def torch_probes(n: int, nbytes: int, warmup: int, repeats: int, gpu: bool) -> dict[str, Any]:
@@ -89,6 +116,12 @@ def torch_probes(n: int, nbytes: int, warmup: int, repeats: int, gpu: bool) -> d
                    "call": f"torch.sum over {nbytes >> 20} MiB"}
     out["copy"] = {**_rates(lambda: y.copy_(x), sync, 2 * nbytes / 1e9, warmup, repeats), "unit": "GB/s",
                    "call": f"torch copy_ over {nbytes >> 20} MiB (read + write)"}
+    count = stream_count(nbytes)
+    weights = [torch.randn(STREAM_WEIGHT, generator=gen, device=device) for _ in range(count)]
+    rows = torch.ones((STREAM_BATCH, STREAM_WEIGHT[0]), device=device)
+    with torch.inference_mode():
+        out["stream_b8"] = {**_rates(lambda: [rows @ w for w in weights], sync, count * weight_bytes() / 1e9, warmup,
+                                     repeats), "unit": "GB/s", "call": stream_call("torch.matmul", count)}
     return out
 
 

@@ -209,7 +209,7 @@ def markdown(rows: list[dict], targets: list[dict], hardware: dict[str, Any], me
               f"tokens (eos disabled). Repeats: {meta['warmup']} warm-up + {meta['repeats']} timed per process "
               "(load: one call per process, 1 warm-up process + repeats). Every (case, impl) in its own process.",
               "", "| probe | jax | torch |", "|---|---|---|"]
-    for probe in ("matmul_f32", "matmul_bf16", "read", "copy"):
+    for probe in ("matmul_f32", "matmul_bf16", "read", "copy", "stream_b8"):
         cells = []
         for impl in ("jax", "torch"):
             p = ((hardware.get(impl) or {}).get("probes") or {}).get(probe)
