@@ -136,3 +136,26 @@ def test_push_to_hub_passes_everything_through(bf16_folder, tmp_path):
     assert hub.calls[1][2]["create_pr"] is True
     card = (repo / "README.md").read_text()
     assert "- rlhf" in card and "- ppo" in card
+
+
+def test_transformers_saving_and_forward_keywords(bf16_folder, tmp_path):
+    """What TRL and accelerate scripts pass: accepted where trlax does that anyway, refused naming them."""
+    from trlax.errors import TrlaxTypeError
+
+    model = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(bf16_folder, summary_dropout_prob=0.0)
+    model.save_pretrained(tmp_path / "safe", safe_serialization=True)
+    assert (tmp_path / "safe" / "model.safetensors").is_file()
+    model.pretrained_model.save_pretrained(tmp_path / "lm", safe_serialization=True, push_to_hub=False)
+    with pytest.warns(UserWarning, match="is_main_process=True is ignored"):
+        model.save_pretrained(tmp_path / "main", is_main_process=True)
+    for kwargs, error, match in [({"safe_serialization": False}, UnsupportedModelError, "writes model.safetensors"),
+                                 ({"state_dict": {"a": 1}}, UnsupportedModelError, "pass params="),
+                                 ({"push_to_hub": True}, UnsupportedModelError, "call push_to_hub"),
+                                 ({"shard_size": 1}, TrlaxTypeError, "unexpected keyword argument 'shard_size'")]:
+        with pytest.raises(error, match=match):
+            model.save_pretrained(tmp_path / "refused", **kwargs)
+        assert not (tmp_path / "refused").exists()
+    ids, mask = batch(101, "none")
+    np.testing.assert_array_equal(model(ids, mask, use_cache=False)[0], model(ids, mask)[0])
+    with pytest.raises(TrlaxTypeError, match="return_past_key_values=True is not supported"):
+        model(ids, mask, return_past_key_values=True)

@@ -28,6 +28,7 @@ from trlax.checkpoint.loading_args import resolve_dtype, translate_loading_args
 from trlax.checkpoint.naming import key_table
 from trlax.checkpoint.push import push_to_hub
 from trlax.checkpoint.reader import CheckpointReader
+from trlax.checkpoint.saving_args import check_saving_args
 from trlax.checkpoint.torch_models import TorchParts, is_torch_model, peft_lm, torch_parts, trl_value_head_model
 from trlax.errors import CheckpointError, TrlaxError, TrlaxTypeError, UnsupportedModelError
 from trlax.generation_config import read_generation_config
@@ -512,7 +513,8 @@ class PreTrainedModelWrapper:
         return {**self.pretrained_model.state_dict(params["pretrained_model"]), **self.value_head_state(params)}
 
     def save_pretrained(self, save_directory: str | os.PathLike, params: dict[str, Any] | None = None,
-                        max_shard_size: int | str | None = None, dtype: Any = None) -> list[Path]:
+                        max_shard_size: int | str | None = None, dtype: Any = None,
+                        **transformers_args: Any) -> list[Path]:
         """config.json + model.safetensors (or shards) as TRL writes them; loads in TRL and transformers.
 
         The LM's floats are written in `dtype` (default: the dtype of the checkpoint it was
@@ -520,8 +522,10 @@ class PreTrainedModelWrapper:
         float32, as TRL saves it. Params sharded over several processes: call it on every
         process (process 0 writes, tensors gathered one at a time, see
         `trlax.checkpoint.gather`). An adapter policy writes PEFT's adapter files plus its
-        value head instead (see `trlax.peft.policy.write_adapter_policy`).
+        value head instead (see `trlax.peft.policy.write_adapter_policy`). transformers' saving
+        keywords: `trlax.checkpoint.saving_args` (safe_serialization=True is accepted).
         """
+        check_saving_args(transformers_args, f"{type(self).__name__}.save_pretrained")
         params = self.params if params is None else params
         self.check_params(params)
         if self.is_peft_model:
@@ -633,6 +637,8 @@ class FlaxAutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         dropout_rng: jax.Array | None = None,
         labels: Any = None,
         check_inputs: bool = False,
+        return_past_key_values: bool = False,
+        use_cache: bool | None = None,
     ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
         """TRL's 3-tuple (lm_logits [B, T, V] float32, loss, values [B, T] float32), jitted.
 
@@ -640,8 +646,11 @@ class FlaxAutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         the LM's forward; `train=True` with `dropout_rng` enables dropout. labels [B, T]
         int (-100 = ignored): loss is the wrapped LM's loss as TRL returns it
         (transformers' shifted cross-entropy, [] float32); None without labels. Bad ids,
-        positions or params raise InputError as in the LM's forward.
+        positions or params raise InputError as in the LM's forward. TRL's `use_cache` changes
+        nothing (the forward builds no cache; `generate` keeps its own); `return_past_key_values=True`
+        is refused.
         """
+        refuse_past_key_values(return_past_key_values)
         input_ids = token_ids("input_ids", input_ids)
         mask = mask_for("attention_mask", attention_mask, input_ids)
         if position_ids is not None:
@@ -694,10 +703,14 @@ class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
         dropout_rng: jax.Array | None = None,
         labels: Any = None,
         check_inputs: bool = False,
+        return_past_key_values: bool = False,
+        use_cache: bool | None = None,
     ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
         """TRL's 3-tuple over decoder positions. decoder_input_ids [B, Td], or labels [B, Td]
         (-100 = ignored) from which they are derived as transformers does (shifted right behind
-        the decoder start token); with labels, loss is the decoder LM loss [] float32."""
+        the decoder start token); with labels, loss is the decoder LM loss [] float32.
+        use_cache / return_past_key_values: as the causal wrapper's."""
+        refuse_past_key_values(return_past_key_values)
         if labels is not None:
             labels = token_ids("labels", labels)
             if decoder_input_ids is None:
@@ -714,6 +727,13 @@ class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
         self.pretrained_model.check_inputs(input_ids, decoder_input_ids, labels, traced=check_inputs)
         return self._forward(self.params if params is None else params, input_ids, mask, decoder_input_ids, dmask,
                              dropout_rng, train=train, labels=labels)
+
+
+def refuse_past_key_values(return_past_key_values: bool) -> None:
+    """TRL's forward can return the LM's past_key_values as a 4th output; trlax's cannot."""
+    if return_past_key_values:
+        raise TrlaxTypeError("return_past_key_values=True is not supported: trlax's forward returns TRL's 3-tuple "
+                             "without a KV cache (generate keeps its own cache inside its jitted loop)")
 
 
 # TRL's names.

@@ -35,6 +35,7 @@ from trlax.checkpoint.loading import LoadReport, Placer, load_params
 from trlax.checkpoint.loading_args import resolve_dtype
 from trlax.checkpoint.naming import TensorRule, flatten_paths, get_path, hf_tensors, key_table, set_path
 from trlax.checkpoint.push import push_to_hub
+from trlax.checkpoint.saving_args import check_saving_args
 from trlax.checkpoint.torch_models import StateDictReader, TorchParts, torch_lm, torch_parts
 from trlax.errors import UnsupportedModelError
 from trlax.generation_config import write_generation_config
@@ -203,7 +204,7 @@ class CheckpointMixin:
 
     def save_pretrained(
         self, save_directory: str | os.PathLike, params: dict[str, Any] | None = None,
-        max_shard_size: int | str | None = None, dtype: Any = None,
+        max_shard_size: int | str | None = None, dtype: Any = None, **transformers_args: Any,
     ) -> list[Path]:
         """Write config.json + model.safetensors (or shards + index) with transformers' key names.
 
@@ -212,8 +213,10 @@ class CheckpointMixin:
         params'), and config.json's `dtype` says so. Written atomically: a failed save
         leaves no half-written checkpoint. Params sharded over several processes: call it on
         every process; process 0 writes while the tensors are gathered one at a time
-        (`trlax.checkpoint.gather`); the others return [].
+        (`trlax.checkpoint.gather`); the others return []. transformers' saving keywords:
+        `trlax.checkpoint.saving_args` (safe_serialization=True is accepted, others refused).
         """
+        check_saving_args(transformers_args, f"{type(self).__name__}.save_pretrained")
         params = self.params if params is None else params
         self.check_params(params)
         dtype = self.save_dtype(params, dtype)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trlax.checkpoint.hub import HubOptions
+from trlax.checkpoint.saving_args import check_saving_args
 from trlax.errors import CheckpointError, UnsupportedModelError
 from trlax.models.sequence_classification import SCORE, FlaxModelForSequenceClassification
 from trlax.peft.lora import (
@@ -48,9 +49,11 @@ class FlaxPeftModelForSequenceClassification(FlaxModelForSequenceClassification)
         return self.adapter
 
     def save_pretrained(self, save_directory: str | os.PathLike, params: dict[str, Any] | None = None,
-                        max_shard_size: int | str | None = None) -> list[Path]:
+                        max_shard_size: int | str | None = None, **transformers_args: Any) -> list[Path]:
         """PEFT's adapter folder (adapter_config.json, adapter_model.safetensors with the LoRA weights and
-        `score`); `peft.PeftModel.from_pretrained(AutoModelForSequenceClassification..., folder)` loads it."""
+        `score`); `peft.PeftModel.from_pretrained(AutoModelForSequenceClassification..., folder)` loads it.
+        transformers' saving keywords: `trlax.checkpoint.saving_args`."""
+        check_saving_args(transformers_args, f"{type(self).__name__}.save_pretrained")
         params = self.params if params is None else params
         keep = [re.compile(p) for p in self.spec.keep_layout]
         keeps_layout = any(k.match(f"{path}.weight") for path in lora_modules(self.adapter) for k in keep)
