@@ -104,6 +104,38 @@ def test_convert_errors(tmp_path: Path, capsys) -> None:
         load_orbax(src)
 
 
+def test_round_trip_keeps_dtype_statement_and_generation_config(tmp_path: Path, capsys) -> None:
+    """config.json states what the files hold (bf16 here, the source's was float32), and the checkpoint's
+    generation_config.json survives HF -> Orbax -> HF."""
+    src = _torch_checkpoint(gpt2(), tmp_path / "src", value_head=True)
+    settings = transformers.GenerationConfig(eos_token_id=[1, 7], do_sample=True, temperature=0.6, max_new_tokens=5)
+    settings.save_pretrained(src)
+    assert main(["convert", str(src), str(tmp_path / "orbax"), "--dtype", "bfloat16"]) == 0
+    assert main(["convert", str(tmp_path / "orbax"), str(tmp_path / "hf")]) == 0
+    with CheckpointReader([tmp_path / "hf" / "model.safetensors"]) as reader:
+        stored = {str(reader.dtype(k)) for k in reader.keys() if not k.startswith("v_head.")}  # noqa: SIM118
+    assert stored == {"bfloat16"}
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").dtype == torch.bfloat16
+    again = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
+    assert (again.eos_token_id, again.do_sample, again.temperature, again.max_new_tokens) == ([1, 7], True, 0.6, 5)
+
+
+def test_convert_refuses_what_it_would_ignore_or_clobber(tmp_path: Path, capsys) -> None:
+    src = _torch_checkpoint(gpt2(), tmp_path / "src", value_head=False)
+    assert main(["convert", str(src), str(tmp_path / "orbax"), "--max-shard-size", "10KB"]) == 1
+    assert "--max-shard-size applies to HF output only" in capsys.readouterr().err
+    assert not (tmp_path / "orbax").exists()
+    assert main(["convert", str(src), str(tmp_path / "orbax")]) == 0
+    for flags in (["--dtype", "bfloat16"], ["--value-head", "no"]):
+        assert main(["convert", str(tmp_path / "orbax"), str(tmp_path / "hf"), *flags]) == 1
+        assert f"{flags[0]} applies to Orbax output only" in capsys.readouterr().err
+        assert not (tmp_path / "hf").exists()
+    before = sorted(p.name for p in (tmp_path / "orbax").iterdir())
+    assert main(["convert", str(tmp_path / "orbax"), str(tmp_path / "orbax")]) == 1
+    assert "is the Orbax folder SRC itself" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "orbax").iterdir()) == before
+
+
 def test_python_dash_m_trlax(monkeypatch, capsys) -> None:
     monkeypatch.setattr(sys, "argv", ["trlax", "convert", "--help"])
     with pytest.raises(SystemExit) as exit_info:

@@ -27,6 +27,7 @@ from trlax.checkpoint.hub import HubOptions, resolve_checkpoint
 from trlax.checkpoint.naming import flatten_paths, key_table
 from trlax.checkpoint.reader import CheckpointReader
 from trlax.errors import CheckpointError, TrlaxError
+from trlax.generation_config import read_generation_config, write_generation_config
 from trlax.models.auto import AutoModel, FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
 from trlax.models.base import load_config
 from trlax.models.spec import ParamRule
@@ -110,14 +111,17 @@ def to_orbax(
         kwargs = {"param_dtype": param_dtype, "revision": options.revision, "token": options.token,
                   "cache_dir": options.cache_dir, "local_files_only": options.local_files_only, "place": tracked}
         if keep_head:
-            params = wrapper_cls.from_pretrained(src, strict=True, **kwargs).params
+            wrapper = wrapper_cls.from_pretrained(src, strict=True, **kwargs)
+            params, generation_config = wrapper.params, wrapper.pretrained_model.generation_config
         else:
-            params = lm_cls.from_pretrained(src, **kwargs).params
-    _save_orbax(dst, params, config, keep_head, param_dtype, progress)
+            lm = lm_cls.from_pretrained(src, **kwargs)
+            params, generation_config = lm.params, lm.generation_config
+    _save_orbax(dst, params, config, keep_head, param_dtype, progress, generation_config)
     return dst
 
 
-def _save_orbax(dst: Path, params: Any, config: Any, value_head: bool, param_dtype: Any, progress: bool) -> None:
+def _save_orbax(dst: Path, params: Any, config: Any, value_head: bool, param_dtype: Any, progress: bool,
+                generation_config: Any) -> None:
     import orbax.checkpoint as ocp  # seconds to import: only when an Orbax folder is read or written
 
     dst.mkdir(parents=True, exist_ok=True)
@@ -127,7 +131,11 @@ def _save_orbax(dst: Path, params: Any, config: Any, value_head: bool, param_dty
         checkpointer.wait_until_finished()
         bar.update(bar.total)
     if jax.process_index() == WRITER_PROCESS:  # Orbax wrote every host's shards; one host writes the rest
+        config = config.__class__.from_dict(config.to_dict())
+        config.dtype = jnp.dtype(param_dtype).name  # what the params are stored as
         config.save_pretrained(str(dst))
+        if generation_config is not None:
+            write_generation_config(generation_config, dst)
         marker = {"format": FORMAT, "version": 1, "value_head": value_head, "model_type": config.model_type,
                   "param_dtype": jnp.dtype(param_dtype).name}
         (dst / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
@@ -185,6 +193,7 @@ def load_orbax(
         raise CheckpointError(f"the params of the Orbax model folder {path} cannot be restored: its files are "
                               f"damaged or do not fit its config ({type(e).__name__}: {reason}); re-create it with "
                               "`trlax convert`") from None
+    lm.generation_config = read_generation_config(path, HubOptions())
     if not marker["value_head"]:
         lm.params = params
         return lm
@@ -201,6 +210,10 @@ def to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, max_shard_size: int
     then call it on every process; process 0 writes while the tensors are gathered one at
     a time, see `trlax.checkpoint.gather`, and the others return []).
     """
+    if Path(dst).resolve() == Path(src).resolve():
+        raise CheckpointError(f"DST {dst} is the Orbax folder SRC itself; convert into another folder")
+    if is_orbax_model(dst):
+        raise CheckpointError(f"DST {dst} is an Orbax model folder; convert into a new or HF folder")
     model = load_orbax(src, mesh=mesh)
     has_head = hasattr(model, "pretrained_model")
     lm = model.pretrained_model if has_head else model
@@ -210,8 +223,8 @@ def to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, max_shard_size: int
     tensors = checkpoint_tensors(model.params, table)
     if progress:
         tensors = dict(tqdm(tensors.items(), total=len(tensors), unit="tensor", desc=f"gathering {src}"))
-    config = lm.config_to_save()
-    return write_checkpoint(dst, tensors, write_extra=lambda tmp: config.save_pretrained(str(tmp)),
+    dtype = lm.save_dtype(lm.params)  # the LM tensors' own dtype: config.json states it
+    return write_checkpoint(dst, tensors, write_extra=lambda tmp: lm.write_config_files(tmp, dtype),
                             max_shard_size=max_shard_size)
 
 

@@ -11,6 +11,7 @@ from jax.sharding import Mesh
 from trlax.checkpoint.convert import is_orbax_model, to_hf, to_orbax
 from trlax.checkpoint.hub import HubOptions
 from trlax.cli.preflight import check_output_dir, shard_size
+from trlax.errors import TrlaxError
 from trlax.sharding import make_mesh
 
 
@@ -25,9 +26,9 @@ def add_convert(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--to", choices=("orbax", "hf"), default=None,
                         help="target format (default: hf for an Orbax model folder, else orbax)")
     parser.add_argument("--value-head", choices=("auto", "yes", "no"), default="auto",
-                        help="keep TRL's value head: auto = when the checkpoint has one (default)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                        help="param dtype stored in the Orbax folder (default float32)")
+                        help="Orbax output: keep TRL's value head: auto = when the checkpoint has one (default)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="Orbax output: the param dtype it stores (default float32)")
     parser.add_argument("--max-shard-size", type=shard_size, default=None,
                         help="HF output: split safetensors, e.g. 5GB")
     parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
@@ -42,6 +43,9 @@ def add_convert(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-processes", type=int, default=None, help="with --distributed: how many processes")
     parser.add_argument("--process-id", type=int, default=None, help="with --distributed: this process's rank")
     parser.set_defaults(func=run_convert)
+
+
+FORMATS = {"hf": "HF", "orbax": "Orbax"}
 
 
 def distributed_mesh(args: argparse.Namespace) -> Mesh | None:
@@ -60,6 +64,15 @@ def run_convert(args: argparse.Namespace) -> int:
     mesh = distributed_mesh(args)
     main_process = jax.process_index() == 0
     progress = not args.no_progress and main_process
+    for flag, given, target in (("--dtype", args.dtype is not None, "orbax"),
+                                 ("--value-head", args.value_head != "auto", "orbax"),
+                                 ("--revision", args.revision is not None, "orbax"),
+                                 ("--cache-dir", args.cache_dir is not None, "orbax"),
+                                 ("--local-files-only", args.local_files_only, "orbax"),
+                                 ("--max-shard-size", args.max_shard_size is not None, "hf")):
+        if given and to != target:
+            raise TrlaxError(f"{flag} applies to {FORMATS[target]} output only, and this converts to {FORMATS[to]}; "
+                             f"drop {flag}")
     if to == "hf":
         written = to_hf(args.src, args.dst, max_shard_size=args.max_shard_size, mesh=mesh, progress=progress)
         if main_process:
@@ -67,8 +80,8 @@ def run_convert(args: argparse.Namespace) -> int:
         return 0
     value_head = {"auto": None, "yes": True, "no": False}[args.value_head]
     options = HubOptions(args.revision, None, args.cache_dir, args.local_files_only)
-    to_orbax(args.src, args.dst, value_head=value_head, param_dtype=jnp.dtype(args.dtype), hub_options=options,
-             mesh=mesh, progress=progress)
+    to_orbax(args.src, args.dst, value_head=value_head, param_dtype=jnp.dtype(args.dtype or "float32"),
+             hub_options=options, mesh=mesh, progress=progress)
     if main_process:
         print(f"wrote an Orbax model folder to {args.dst}")
     return 0
