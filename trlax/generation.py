@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trlax.errors import TrlaxError
-from trlax.generation_config import penalty_context, process_logits
+from trlax.generation_config import id_list, penalty_context, process_logits
 from trlax.inputs import InputError, check_positions, check_token_range, mask_for, token_ids
 from trlax.models.layers import LORA_COLLECTION
 from trlax.sharding import constrain_kv_cache, shard_batch
@@ -394,14 +394,6 @@ def _traced_under_mesh(model: FlaxPreTrainedModel, run: Callable[..., Array]) ->
 # --- the public entry point ----------------------------------------------------------------
 
 
-def _token_ids(value: Any) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, (int, np.integer)):
-        return (int(value),)
-    return tuple(int(v) for v in value)
-
-
 def _config_value(config: Any, name: str) -> Any:
     value = getattr(config, name, None)
     if value is None and hasattr(config, "get_text_config"):
@@ -531,8 +523,8 @@ def generate(
     if not seq2seq:
         _check_prompt_mask(mask)
 
-    eos_ids = _token_ids(eos_token_id if eos_token_id is not None else _config_value(config, "eos_token_id"))
-    forced_eos = _token_ids(forced_eos_token_id)  # the last token must be one of them: ids of the vocabulary
+    eos_ids = id_list(eos_token_id if eos_token_id is not None else _config_value(config, "eos_token_id"))
+    forced_eos = id_list(forced_eos_token_id)  # the last token must be one of them: ids of the vocabulary
     check_token_range("forced_eos_token_id", np.asarray(forced_eos, np.int64).reshape(1, -1), model.vocab_size)
     pad = pad_token_id if pad_token_id is not None else _config_value(config, "pad_token_id")
     if pad is None:

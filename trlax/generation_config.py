@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,10 +170,17 @@ def resolve_generation(
             out[name] = merged[name]
     eos = merged.get("eos_token_id")
     out["eos_token_id"] = [] if eos is None else eos
-    eos_ids = [eos] if isinstance(eos, (int, np.integer)) else list(eos or [])
+    eos_ids = id_list(eos)
     # transformers' pad: the settings' own, else the first eos (config.json's pad does not enter).
     out["pad_token_id"] = merged.get("pad_token_id", eos_ids[0] if eos_ids else None)
     return GenerateRequest(out, bool(return_dict))
+
+
+def id_list(ids: int | Sequence[int] | None) -> list[int]:
+    """A token-id setting (an int, a list, or None) as a list of ints."""
+    if ids is None:
+        return []
+    return [int(ids)] if isinstance(ids, (int, np.integer)) else [int(i) for i in ids]
 
 
 def inferred_attention_mask(input_ids: jax.Array, pad_token_id: int | None, eos_token_id: Any, *,
@@ -184,8 +191,7 @@ def inferred_attention_mask(input_ids: jax.Array, pad_token_id: int | None, eos_
     left_padded (causal LMs, whose prompts must end in a real token): a row that ends in the pad id
     keeps the all-ones mask, with a warning (transformers warns of right padding there too).
     """
-    eos_ids = [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id or [])
-    if pad_token_id is None or pad_token_id in eos_ids or isinstance(input_ids, jax.core.Tracer):
+    if pad_token_id is None or pad_token_id in id_list(eos_token_id) or isinstance(input_ids, jax.core.Tracer):
         return None
     ids = np.asarray(input_ids)
     if not (ids == pad_token_id).any():
