@@ -57,7 +57,7 @@ _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.
 # PEFT's name for the LM head, which it adapts even when the head is tied to the input embedding.
 HEAD_NAME = "lm_head"
 # Output layers "all-linear" leaves out, as PEFT does.
-_OUTPUT_LAYERS = ("lm_head", "embed_out")
+_OUTPUT_LAYERS = (HEAD_NAME, "embed_out")
 
 # init_lora_weights values whose adapters fit the unmodified base; the first three can also
 # initialise a new adapter ("eva" / "orthogonal" adapters can only be loaded).
