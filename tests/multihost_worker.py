@@ -87,6 +87,15 @@ class PeakRss:
         self.peak = max([*self.samples, _anon_rss()]) - self.base
 
 
+def _raised(call: Any) -> str | None:
+    """`call()`'s exception as "Type: message", or None when it returns."""
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001 - reported to the test, which names the type it expects
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 class FakeHub:
     """Stands in for huggingface_hub.HfApi: records what would be uploaded."""
 
@@ -107,6 +116,7 @@ def checks(root: Path) -> dict[str, Any]:
     from trlax import FlaxAutoModelForCausalLM, FlaxAutoModelForCausalLMWithValueHead, LoraConfig
     from trlax.checkpoint import restore_state, save_state
     from trlax.checkpoint.convert import load_orbax, to_hf
+    from trlax.checkpoint.lock import WriterLock
     from trlax.checkpoint.slices import READ_COUNTER
     from trlax.cli import main as cli_main
     from trlax.errors import MultiHostError
@@ -163,6 +173,9 @@ def checks(root: Path) -> dict[str, Any]:
     hub = FakeHub()
     r["push_result"] = policy.push_to_hub("me/tiny", api=hub)
     r["hub_calls"], r["hub_uploaded"] = hub.calls, hub.uploaded
+    failing = FakeHub()
+    failing.create_repo = lambda repo_id, **kwargs: (_ for _ in ()).throw(OSError("401 Unauthorized"))
+    r["push_failure"] = _raised(lambda: policy.push_to_hub("me/tiny", api=failing))
     to_hf(root / "llama-orbax", root / "converted", mesh=mesh, progress=False)
     cli_main(["convert", "--distributed", "--no-progress", str(root / "llama"), str(root / "cli-orbax")])
     cli_main(["convert", "--distributed", "--no-progress", str(root / "cli-orbax"), str(root / "cli-hf")])
@@ -177,6 +190,12 @@ def checks(root: Path) -> dict[str, Any]:
     r["state_1p_to_2p_diff"] = _max_diff(restored.params, want)
     r["state_1p_to_2p_step"] = restored.step
     save_state(root / "state-2p", 3, policy.params)
+    # Another writer holds the folder's lock (process 0 takes it for the job): every process raises, none waits.
+    (root / "state-locked").mkdir(exist_ok=True)
+    locked = WriterLock(root / "state-locked") if jax.process_index() == 0 else None
+    r["locked_state_error"] = _raised(lambda: save_state(root / "state-locked", 1, policy.params))
+    if locked is not None:
+        locked.release()
 
     # --- a larger model (53 MB): bytes read, and host memory while saving from the mesh --------
     READ_COUNTER.reset()

@@ -9,12 +9,19 @@ to tests/tiny_configs.py.
 
 from __future__ import annotations
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+import torch
 from safetensors import safe_open
 
-from tests.helpers import PADDINGS
-from tests.parity_checks import check_cached_decoding, check_forward, check_save_roundtrip, make_pair
+from tests.helpers import PADDINGS, batch
+from tests.parity_checks import SEQ, VOCAB, check_cached_decoding, check_forward, check_save_roundtrip, make_pair
 from tests.tiny_configs import CAUSAL_VARIANTS, TINY_CAUSAL
+from trlax.checkpoint.naming import get_path
+from trlax.models.layers import HFModule
 
 CASES = {**TINY_CAUSAL, **CAUSAL_VARIANTS}
 
@@ -45,6 +52,47 @@ def test_cached_decoding_with_explicit_positions(case):
 def test_save_pretrained_loads_in_transformers(case, tmp_path):
     pt, model, _ = case
     check_save_roundtrip(pt, model, tmp_path / "saved")
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama", "gemma", "opt", "phi", "cohere", "qwen3_moe", "bloom"],
+                         indirect=True)
+def test_embedding_gradient_matches_pytorch_with_the_pad_id_as_a_real_token(case):
+    """The families whose transformers embedding has padding_idx=pad_token_id pass no gradient to the pad row, even
+    where the pad id is a real token (pad == eos); trlax's gradient reached it (0.04 off for llama)."""
+    pt, model, _ = case
+    ids, mask = batch(VOCAB, "left", seq_len=SEQ)
+    ids[:, -3] = model.config.pad_token_id  # attended, as an eos that is also the pad id is
+    pt.zero_grad()
+    logits = pt(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
+    ((logits**2).mean(-1) * torch.tensor(mask)).sum().backward()
+    name = next(n for n, p in pt.named_parameters() if p is pt.get_input_embeddings().weight)
+    rule = model.key_table()[name]
+
+    def loss(params):
+        out = model.module.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)).logits
+        return ((out**2).mean(-1) * mask).sum()
+
+    grad = rule.to_hf(np.asarray(get_path(jax.grad(loss)(model.params), rule.path)))
+    expected = pt.get_input_embeddings().weight.grad.numpy()
+    # float32 sums over the batch, sequence and vocabulary in different orders: a few 1e-6 of the largest entry
+    # apart (Gemma's scaled embeddings reach 20).
+    np.testing.assert_allclose(grad, expected, atol=1e-5 * np.abs(expected).max(), rtol=0)
+
+
+def test_layer_norm_variance_is_two_pass_as_torch():
+    """torch computes mean((x - mean)^2); flax's default E[x^2] - E[x]^2 cancels digits when the mean is large
+    against the spread (here mean 100, std 0.2: 0.1 off). Bound: a few float32 ulps of x (7.6e-6 at 100) over std."""
+    class Norm(HFModule):
+        @nn.compact
+        def __call__(self, x):
+            return self.layer_norm(1e-5)(x)
+
+    x = (100 + 0.2 * np.random.default_rng(0).standard_normal((4, 64))).astype(np.float32)
+    norm = Norm(config=None)
+    out = np.asarray(norm.apply(norm.init(jax.random.key(0), x), x))
+    exact = (x - x.astype(np.float64).mean(-1, keepdims=True)) / np.sqrt(x.astype(np.float64).var(-1, keepdims=True)
+                                                                         + 1e-5)
+    np.testing.assert_allclose(out, exact, atol=5e-4)
 
 
 def test_state_dict_names_are_the_checkpoints(case):

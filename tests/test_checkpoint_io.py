@@ -18,8 +18,16 @@ from huggingface_hub.file_download import repo_folder_name
 
 from tests.helpers import batch, max_diff, save_torch, torch_random_init
 from tests.tiny_configs import gpt2
-from trlax import CheckpointError, FlaxAutoModelForCausalLM, UnsupportedModelError
+from trlax import (
+    CheckpointError,
+    FlaxAutoModelForCausalLM,
+    FlaxAutoModelForCausalLMWithValueHead,
+    LoraConfig,
+    TrlaxError,
+    UnsupportedModelError,
+)
 from trlax.checkpoint.naming import flatten_paths
+from trlax.checkpoint.writer import parse_size
 
 ATOL = 1e-4
 
@@ -239,3 +247,42 @@ def test_failed_save_leaves_no_loadable_checkpoint(saved, tmp_path, monkeypatch)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path / "out")
     assert [p.name for p in (tmp_path / "out").iterdir()] == []
+
+
+def test_a_stored_tied_copy_that_differs_is_refused(torch_model, tmp_path):
+    """transformers unties such a pair (and warns); trlax, one tensor for both, used the embedding: logits 10 off."""
+    from safetensors.numpy import load_file, save_file
+
+    folder = save_torch(torch_model, tmp_path / "pt")
+    tensors = load_file(folder / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["transformer.wte.weight"].copy()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    FlaxAutoModelForCausalLM.from_pretrained(folder)  # an equal copy loads
+    tensors["lm_head.weight"][3] += 1
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="ties lm_head.weight to transformer.wte.weight.*tie_word_embeddings"):
+        FlaxAutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_saving_keywords_that_cannot_be_right_are_refused_before_writing(saved, tmp_path):
+    model = FlaxAutoModelForCausalLM.from_pretrained(saved)
+    model.save_pretrained(tmp_path / "out")
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "out").iterdir())
+    for kwargs, match in (({"dtype": "int8"}, "float dtype"), ({"max_shard_size": 0}, "at least 1 byte"),
+                          ({"max_shard_size": 5e8}, "not a size"), ({"max_shard_size": True}, "not a size")):
+        with pytest.raises(TrlaxError, match=match):
+            model.save_pretrained(tmp_path / "out", **kwargs)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "out").iterdir()) == before
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("5Gb") == parse_size("5gb") == 5 * 10**9 // 8  # bits
+
+
+def test_a_full_save_drops_an_earlier_adapter_save(saved, tmp_path):
+    """The old adapter_config.json made the folder load as the old LoRA policy (logits 0.3 off)."""
+    policy = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(saved, peft_config=LoraConfig(r=4))
+    policy.save_pretrained(tmp_path / "out")
+    assert (tmp_path / "out" / "adapter_config.json").exists()
+    full = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(saved)
+    full.save_pretrained(tmp_path / "out")
+    assert not list((tmp_path / "out").glob("adapter_*"))
+    back = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "out")
+    assert not back.is_peft_model

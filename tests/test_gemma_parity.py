@@ -109,6 +109,17 @@ def test_gemma3_layer_types_rotate_with_their_own_rope_parameters(tmp_path):
     assert not np.allclose(inv_freq["full_attention"], inv_freq["sliding_attention"])
 
 
+def test_gemma3_given_a_flat_rope_dict_uses_the_per_layer_type_entries_as_transformers(tmp_path):
+    """transformers keeps a flat rope_parameters dict beside the per-layer-type entries it adds, and reads only
+    those; trlax applied the flat linear / theta-1000 settings to every layer (logits off by up to 8)."""
+    config = TINY_CAUSAL["gemma3_text"]()
+    config = transformers.Gemma3TextConfig(**{**config.to_dict(), "rope_parameters": {
+        "rope_type": "linear", "factor": 4.0, "rope_theta": 1000.0}})
+    assert {"full_attention", "rope_type"} <= set(config.rope_parameters)
+    pt, model = make_pair(config, tmp_path)
+    check_forward(pt, model, "left", explicit_positions=False)
+
+
 def test_gemma3_attention_softcap_is_ignored_as_transformers_does(tmp_path):
     """transformers 5's Gemma 3 attention never passes `attn_logit_softcapping` on; trlax matches it. If a
     later transformers starts applying it, the first assertion fails and trlax must follow."""

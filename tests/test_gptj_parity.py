@@ -10,6 +10,7 @@ from tests.helpers import batch, max_diff
 from tests.parity_checks import (
     SEQ,
     VOCAB,
+    check_forward,
     check_greedy_generation,
     make_pair,
 )
@@ -30,6 +31,16 @@ def pair(request, tmp_path_factory):
 @pytest.mark.parametrize("variant", ["rot8_tied"])  # the tiny_configs entry runs in tests/test_generation.py
 def test_greedy_generation_matches_transformers(variant, tmp_path):
     check_greedy_generation(VARIANTS[variant](), tmp_path)
+
+
+@pytest.mark.parametrize("rope", [{"rope_theta": 100.0}, {"rope_scaling": {"type": "linear", "factor": 4.0}}])
+def test_rope_fields_are_ignored_as_transformers_does(rope, tmp_path):
+    """transformers' GPT-J rotates with base 10000 and no scaling whatever the config says; trlax read the fields."""
+    config = TINY_CAUSAL["gptj"]()
+    for key, value in rope.items():
+        setattr(config, key, value)
+    pt, model = make_pair(config, tmp_path)
+    check_forward(pt, model, "left", explicit_positions=False)
 
 
 def test_head_bias_is_its_own_tensor_when_tied(pair):

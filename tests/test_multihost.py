@@ -173,6 +173,18 @@ def test_push_to_hub_uploads_from_process_0_only(run: tuple[Path, list[dict]]) -
     assert first["hub_calls"] == ["create_repo me/tiny", "upload_folder me/tiny"]
     assert {"config.json", "model.safetensors"} <= set(first["hub_uploaded"])
     assert second["push_result"] is None and second["hub_calls"] == []
+    # The hub refuses process 0: process 1 raises too, instead of waiting in the save's gathers forever.
+    assert first["push_failure"] == "OSError: 401 Unauthorized"
+    assert second["push_failure"].startswith("CheckpointError: process 0 failed to write to the hub repo me/tiny")
+
+
+def test_a_held_state_folder_stops_every_process(run: tuple[Path, list[dict]]) -> None:
+    """Process 0 takes the folder's writer lock for the job; when another writer holds it, the other processes
+    raise too (they waited in Orbax's setup barrier forever)."""
+    _, (first, second) = run
+    assert first["locked_state_error"].startswith("CheckpointError: ") and "already has a writer" in \
+        first["locked_state_error"]
+    assert second["locked_state_error"].startswith("CheckpointError: process 0 failed to write ")
 
 
 def test_state_moves_between_one_and_two_processes(run: tuple[Path, list[dict]]) -> None:

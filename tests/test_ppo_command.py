@@ -19,11 +19,14 @@ import transformers
 
 from tests.helpers import subprocess_env
 from trlax.checkpoint.reader import CheckpointReader
+from trlax.checkpoint.state import StateCheckpointer
 from trlax.cli import build_parser, main
 from trlax.cli.ppo import EMBEDDED_REWARD_MODEL, build_models, trainer_config
-from trlax.errors import TrlaxError
+from trlax.errors import CheckpointError, TrlaxError
+from trlax.models.auto import FlaxAutoModelForSequenceClassification
+from trlax.ppo import PPOConfig
 from trlax.ppo_data import PromptSet, read_prompts
-from trlax.ppo_rewards import FunctionReward, Generated, RewardError, load_function
+from trlax.ppo_rewards import FunctionReward, Generated, ModelReward, RewardError, load_function
 from trlax.ppo_trainer import PPOTrainer, resume, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,6 +111,92 @@ def test_embedded_reward_model_is_small_and_scores_vowels():
     ids = np.array([prompt + [1] * 12, prompt + [2] * 12, prompt + [3] * 12, prompt + [2, 3] * 6])  # " ", a, b, ab
     scores = models.reward(Generated(ids, np.ones_like(ids)))
     np.testing.assert_allclose(scores, [0.0, 1.0, 0.0, 0.5], atol=0.05)
+
+
+def test_reward_model_past_its_positions_or_non_finite_raises_instead_of_nan():
+    """The embedded reward model has 32 learned positions: a longer prompt + reply gave NaN scores (and NaN params
+    after the step), now a RewardError naming the flags to lower; a non-finite score is refused too."""
+    models, _ = build_models(cli_args(steps=1))
+    ids = np.full((2, 40), 2)
+    with pytest.raises(RewardError, match="has 32 positions.*40 of its tokens.*--max-prompt-length"):
+        models.reward(Generated(ids, np.ones_like(ids)))
+    reward = models.reward
+    reward.model.params = jax.tree_util.tree_map(lambda x: x * np.nan, reward.model.params)
+    with pytest.raises(RewardError, match="non-finite scores"):
+        reward(Generated(ids[:, :8], np.ones((2, 8), int)))
+
+
+def test_reward_is_read_where_trl_reads_it_when_pad_is_eos(tmp_path):
+    """pad == eos (the CLI's choice for a tokenizer without a pad token): TRL's get_reward and transformers' pooling
+    read the token before the eos, where TRL's reward trainer puts the score; trlax read the eos itself."""
+    from trl.experimental.utils import get_reward
+
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=101, n_positions=64, num_labels=1,
+                                     pad_token_id=1, eos_token_id=1)
+    torch.manual_seed(0)
+    pt = transformers.GPT2ForSequenceClassification(config).eval()
+    pt.save_pretrained(tmp_path / "rm")
+    reward = ModelReward(FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path / "rm"), None, "rm")
+    pad = eos = 1
+    prompt = [[pad, pad, 5, 6], [7, 8, 9, 10], [pad, 11, 12, 13]]
+    replies = [[20, 21, eos, pad, pad], [22, 23, 24, 25, 26], [eos, pad, pad, pad, pad]]  # eos, none, at once
+    sequences = np.array([p + r for p, r in zip(prompt, replies, strict=True)])
+    reply_mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    mask = np.concatenate([(np.array(prompt) != pad).astype(int), reply_mask], axis=1)
+    with torch.no_grad():
+        _, expected, _ = get_reward(pt, torch.tensor(sequences), pad, context_length=4)
+    np.testing.assert_allclose(reward(Generated(sequences, mask, pad_id=pad)), expected.numpy(), atol=1e-5)
+
+
+def test_truncated_prompts_reach_the_reward_as_the_policy_read_them():
+    class Codec:
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    prompts = PromptSet.build(["abcdef", "xy"], Codec(), pad_id=0, max_length=3)
+    assert prompts.texts == ["def", "xy"]
+
+
+def test_fresh_run_into_a_saved_state_is_refused_and_orbax_never_skips_a_save(tmp_path, capsys):
+    """Orbax silently skips a step below the latest, so a second fresh run into the same folder kept the first run's
+    state, and a later --resume continued the wrong run."""
+    args = cli_args(steps=2, batch_size=2, mini_batch_size=1, max_new_tokens=4, save_every=2)  # minibatches of 1
+    models, texts = build_models(args)
+    prompts = PromptSet.build(texts, models.codec, models.pad_id, 16)
+    train(PPOTrainer(models, prompts, trainer_config(args)), tmp_path)
+    again = cli_args(steps=1, batch_size=2, mini_batch_size=2, max_new_tokens=4, save_every=1)
+    with pytest.raises(TrlaxError, match="training state of an earlier run \\(step 2\\).*--resume"):
+        train(PPOTrainer(models, prompts, trainer_config(again)), tmp_path)
+    assert main(["ppo", "--output-dir", str(tmp_path), "--steps", "1"]) == 1
+    assert "training state of an earlier run" in capsys.readouterr().err
+    checkpointer = StateCheckpointer(tmp_path / "state")
+    try:
+        with pytest.raises(CheckpointError, match="step 1 is not after the latest saved step 2"):
+            checkpointer.save(1, {"w": np.zeros(2)})
+    finally:
+        checkpointer.close()
+    resumed = PPOTrainer(models, prompts, trainer_config(cli_args(steps=3, batch_size=4, mini_batch_size=2,
+                                                                  max_new_tokens=4, save_every=2)))
+    with pytest.raises(TrlaxError, match="trained with --batch-size 2, not 4"):
+        resume(resumed, tmp_path)
+
+
+def test_ppo_settings_trl_names_and_limits(tmp_path, capsys):
+    """--target is TRL's adaptive-KL `target`; TRL's `target_kl` (early stopping) is not implemented, so
+    --target-kl is refused rather than read as the other setting. A zero target or horizon is refused up front."""
+    assert trainer_config(cli_args(target=3.0)).ppo.target == 3.0
+    assert main(["ppo", "--output-dir", str(tmp_path / "a"), "--target-kl", "1.0"]) == 1
+    assert "early-stopping threshold" in capsys.readouterr().err
+    for field in ("target", "horizon"):
+        with pytest.raises(TrlaxError, match=f"{field} .* must be > 0"):
+            PPOConfig(**{field: 0.0})
+    args = cli_args(max_new_tokens=40)  # the embedded policy has 32 positions
+    models, texts = build_models(args)
+    with pytest.raises(TrlaxError, match="32 positions, but a prompt of 4 tokens \\+ 40 new ones"):
+        PPOTrainer(models, PromptSet.build(texts, models.codec, models.pad_id, 16), trainer_config(args))
 
 
 @pytest.mark.slow

@@ -157,6 +157,27 @@ def test_bad_num_labels_is_refused(tmp_path):
         FlaxAutoModelForSequenceClassification.from_config(config)
 
 
+def test_bad_ids_and_positions_past_the_table_raise_like_the_lm(tmp_path):
+    """transformers raises IndexError; the classifier gave NaN or a silently wrong score (the LM raised already)."""
+    torch_classifier("gpt2", tmp_path / "pt")  # 64 learned positions, vocabulary 101
+    model = FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path / "pt")
+    for ids, match in (([[5] * 65], "has 64 positions"), ([[5, 101]], "token id 101"), ([[5, -3]], "token id -3")):
+        with pytest.raises(TrlaxError, match=match):
+            model(np.array(ids))
+
+
+def test_a_pad_id_set_after_a_call_is_used(tmp_path):
+    """TRL's RewardTrainer, and trlax's own no-pad-id message, set config.pad_token_id on a loaded model: a shape
+    already called pooled with the old pad id."""
+    pt = torch_classifier("gpt2", tmp_path / "pt", pad_token_id=None)
+    model = FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path / "pt")
+    ids = np.array([[5, 6, 7, 0, 0]])
+    model(ids)  # pools the last position: no pad id
+    model.config.pad_token_id = pt.config.pad_token_id = 0
+    assert max_diff(torch_forward(pt, ids, np.ones_like(ids)).logits, model(ids).logits) < ATOL
+    np.testing.assert_array_equal(model(ids).pooled_index, [2])
+
+
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_peft_seq_cls_adapter_matches_peft_and_saves_back(model_type, tmp_path):
     pt = torch_classifier(model_type, tmp_path / "base", num_labels=2)
@@ -174,6 +195,12 @@ def test_peft_seq_cls_adapter_matches_peft_and_saves_back(model_type, tmp_path):
         with torch.no_grad():
             ref = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
         assert max_diff(ref, model(ids, mask).logits) < ATOL, padding
+    ids, mask = padded(pt.config, "left")
+    np.testing.assert_array_equal(model(ids, mask, params=model.params).logits, model(ids, mask).logits)  # adapter on
+    with pytest.raises(TrlaxError, match="head of 2 labels, not num_labels=3"):
+        FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path / "adapter", num_labels=3)
+    same = FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path / "adapter", num_labels=2)
+    assert same.config.num_labels == 2
     model.save_pretrained(tmp_path / "again")
     base = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "base"))
     back = peft.PeftModel.from_pretrained(base, str(tmp_path / "again")).eval()

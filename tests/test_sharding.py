@@ -143,6 +143,9 @@ def test_generic_rules_cover_an_unlisted_family() -> None:
 def test_make_mesh_errors() -> None:
     with pytest.raises(ValueError, match="at most one mesh axis size may be -1"):
         make_mesh(data=-1, fsdp=-1)
+    for sizes in ({"data": 0}, {"tp": -2}, {"expert": 0}):  # ZeroDivisionError / numpy's reshape error before
+        with pytest.raises(ValueError, match="must be >= 1"):
+            make_mesh(**sizes)
     with pytest.raises(ValueError, match="needs 2 devices"):
         make_mesh(data=2, fsdp=1, tp=1)
     mesh = make_mesh()

@@ -23,7 +23,7 @@ import transformers
 from tests.helpers import subprocess_env
 from trlax import FlaxAutoModelForCausalLM, FlaxAutoModelForCausalLMWithValueHead
 from trlax.checkpoint import StateCheckpointer, restore_state, save_state
-from trlax.errors import CheckpointError
+from trlax.errors import CheckpointError, TrlaxError, TrlaxTypeError
 from trlax.sharding import path_str
 
 OPT = optax.adam(1e-2)
@@ -122,6 +122,16 @@ def test_state_errors(tmp_path: Path) -> None:
     save_state(tmp_path / "run", 5, params)
     with pytest.raises(CheckpointError, match="step 5 is already saved"):
         save_state(tmp_path / "run", 5, params)
+    with pytest.raises(CheckpointError, match="step 4 is not after the latest saved step 5"):  # Orbax skipped it
+        save_state(tmp_path / "run", 4, params)
+    with pytest.raises(TrlaxError, match="step must be an int"):
+        save_state(tmp_path / "run", True, params)
+    with pytest.raises(TrlaxTypeError, match="extra must hold JSON values"):  # before any array is written
+        save_state(tmp_path / "run", 6, params, extra={"lr": jnp.float32(1e-3)})
+    assert not (tmp_path / "run" / "6").exists() and not list((tmp_path / "run").glob("*tmp*"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CheckpointError, match="is a file"):
+        StateCheckpointer(tmp_path / "file")
     with pytest.raises(CheckpointError, match="step 6 is not saved"):
         restore_state(tmp_path / "run", step=6)
     with pytest.raises(CheckpointError, match="has no \\['opt_state'\\]"):

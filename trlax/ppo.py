@@ -63,6 +63,9 @@ class PPOConfig:
     def __post_init__(self) -> None:
         if self.kl_penalty not in KL_PENALTIES:
             raise TrlaxError(f"kl_penalty must be one of {KL_PENALTIES}; got {self.kl_penalty!r}")
+        for name in ("target", "horizon"):  # the adaptive KL controller divides by both
+            if not getattr(self, name) > 0:
+                raise TrlaxError(f"{name} (the adaptive KL controller's) must be > 0; got {getattr(self, name)}")
 
 
 # --- core.py --------------------------------------------------------------------------
@@ -76,7 +79,7 @@ def masked_var(values: Array, mask: Array, unbiased: bool = True) -> Array:
     """Variance of `values` where `mask` is 1; Bessel-corrected like TRL when `unbiased`.
 
     TRL raises on an all-zero mask; under jit that cannot be checked, so a mask sum of 0
-    gives NaN and a mask sum of 1 gives inf (TRL's division by zero too).
+    gives NaN, and so does a mask sum of 1 when unbiased (0 * 1/0, as in TRL).
     """
     mask = mask.astype(jnp.float32)
     mean = masked_mean(values, mask)

@@ -83,7 +83,8 @@ def read_prompts(source: str | Path) -> list[str]:
 
 @dataclass(frozen=True)
 class PromptSet:
-    """Tokenized prompts: ids and mask [N, P] int32, left-padded with `pad_id`; `texts` the originals."""
+    """Tokenized prompts: ids and mask [N, P] int32, left-padded with `pad_id`; `texts` what the policy reads
+    (the original text, or for a prompt cut to its last `max_length` tokens the text those tokens decode to)."""
 
     texts: list[str]
     ids: np.ndarray
@@ -92,7 +93,8 @@ class PromptSet:
     @classmethod
     def build(cls, texts: Sequence[str], codec: TextCodec, pad_id: int, max_length: int) -> PromptSet:
         """Tokenize every prompt, keep its last `max_length` tokens, left-pad to the longest."""
-        encoded = [codec.encode(t)[-max_length:] for t in texts]
+        full = [codec.encode(t) for t in texts]
+        encoded = [tokens[-max_length:] for tokens in full]
         empty = [t for t, e in zip(texts, encoded, strict=True) if not e]
         if empty:
             raise PromptError(f"{len(empty)} prompt(s) tokenize to nothing, e.g. {empty[0]!r}")
@@ -102,7 +104,9 @@ class PromptSet:
         for row, tokens in enumerate(encoded):
             ids[row, width - len(tokens):] = tokens
             mask[row, width - len(tokens):] = 1
-        return cls(list(texts), ids, mask)
+        # A reward source reads the prompt the policy saw (as TRL's classic examples decode the truncated query).
+        seen = [t if len(f) == len(e) else codec.decode(e) for t, f, e in zip(texts, full, encoded, strict=True)]
+        return cls(seen, ids, mask)
 
     def rows(self, seed: int, step: int, batch_size: int) -> np.ndarray:
         """The [batch_size] prompt rows of `step`: row k of the stream is perm_e[k mod N], with a fresh

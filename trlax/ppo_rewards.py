@@ -5,11 +5,13 @@ float32 (TRL's classic PPO adds each at the reply's last token):
 
 - `ModelReward`: a sequence-classification checkpoint (`FlaxAutoModelForSequenceClassification`,
   label 0) on prompt + reply. With the policy's vocabulary it reads the ids as generated;
-  with its own tokenizer it re-tokenizes the decoded texts. The score is read at the last
-  real token (the attention mask's, as TRL's `get_reward` does), with positions counted
-  over real tokens only, so padding never changes it.
+  with its own tokenizer it re-tokenizes the decoded texts (the prompt as the policy saw it).
+  The score is read where TRL's `get_reward` and transformers' pooling read it: at the last
+  real token that is not the pad id (so with pad == eos, the token before the eos), with
+  positions counted over real tokens only, so padding never changes it. A prompt + reply
+  longer than the model's position table, or a non-finite score, raises RewardError.
 - `AdapterReward`: the PEFT reward adapter loaded on the LoRA policy's frozen base
-  (`compute_reward_score`, TRL's multi-adapter PPO), label 0 at the last real token.
+  (`compute_reward_score`, TRL's multi-adapter PPO), label 0 at the same token.
 - `FunctionReward`: `module:function`, called as `function(prompts=[str], completions=[str])`
   and returning one number per completion (TRL's reward-function convention).
 """
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trlax.errors import TrlaxError
+from trlax.inputs import check_token_range
 from trlax.models.sequence_classification import FlaxModelForSequenceClassification
 from trlax.peft.reward import reward_scores
 from trlax.ppo_data import TextCodec
@@ -40,10 +43,10 @@ class RewardError(TrlaxError):
     """A reward source that cannot be loaded or returned unusable scores."""
 
 
-def last_token_index(attention_mask: Array) -> Array:
-    """[B] int32: the last position whose mask is 1 (0 for an empty row)."""
-    t = attention_mask.shape[1]
-    return (t - 1 - jnp.argmax(attention_mask[:, ::-1] > 0, axis=1)).astype(jnp.int32)
+def last_token_index(valid: Array) -> Array:
+    """[B] int32: the last position where `valid` [B, T] is nonzero (0 for a row with none), transformers' pooling."""
+    positions = jnp.arange(valid.shape[1], dtype=jnp.int32) * (valid > 0).astype(jnp.int32)
+    return jnp.argmax(positions, axis=1).astype(jnp.int32)
 
 
 def real_positions(attention_mask: Array) -> Array:
@@ -51,21 +54,30 @@ def real_positions(attention_mask: Array) -> Array:
     return jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0).astype(jnp.int32)
 
 
-def at_last_token(token_scores: Array, attention_mask: Array) -> Array:
-    """token_scores [B, T, L] -> [B] float32: label 0 at each row's last real token."""
-    index = last_token_index(attention_mask)
+def at_last_token(token_scores: Array, attention_mask: Array, ids: Array, pad_id: int | None) -> Array:
+    """token_scores [B, T, L] -> [B] float32: label 0 at each row's last real token that is not `pad_id`.
+
+    That is where TRL's `get_reward` and transformers' pooling read a score: when pad == eos, the token
+    before the eos (where TRL's reward trainer put the score), else the eos itself.
+    """
+    valid = attention_mask > 0
+    if pad_id is not None:
+        valid = valid & (ids != pad_id)
+    index = last_token_index(valid)
     return jnp.take_along_axis(token_scores[..., 0], index[:, None], axis=1)[:, 0].astype(jnp.float32)
 
 
 @dataclass
 class Generated:
     """One step's replies: sequences [B, P+N] (left-padded prompt, reply, pads after an eos),
-    attention_mask [B, P+N], and the decoded prompt and reply texts (None unless a source needs them)."""
+    attention_mask [B, P+N], the decoded prompt and reply texts (None unless a source needs them), and the
+    pad id of `sequences` (None: every masked-in token is real)."""
 
     sequences: np.ndarray
     attention_mask: np.ndarray
     prompts: list[str] | None = None
     completions: list[str] | None = None
+    pad_id: int | None = None
 
 
 class ModelReward:
@@ -75,28 +87,43 @@ class ModelReward:
 
     def __init__(self, model: FlaxModelForSequenceClassification, codec: TextCodec | None, source: str,
                  pad_id: int = 0) -> None:
-        self.model, self.codec, self.pad_id = model, codec, pad_id
+        self.model, self.codec, self.pad_id, self.source = model, codec, pad_id, source
         self.needs_text = codec is not None
+        self.positions = model.spec.position_limit(model.config)  # a learned position table's rows, or None
         self.description = (f"reward model {source} ({model.config.model_type}, {model.num_params():,} params, "
                             f"label 0 of {model.config.num_labels}) at the last reply token")
 
-        def score(params: dict[str, Any], ids: Array, mask: Array) -> Array:
+        def score(params: dict[str, Any], ids: Array, mask: Array, pad_id: int | None) -> Array:
             out = model.apply(params, ids, mask, real_positions(mask))
-            return at_last_token(out.token_logits, mask)
+            return at_last_token(out.token_logits, mask, ids, pad_id)
 
-        self._score = jax.jit(score)
+        self._score = jax.jit(score, static_argnums=3)
 
     def __call__(self, generated: Generated) -> np.ndarray:
+        """Scores [B] float32; RewardError when prompts + replies [B, T] are longer than the model's position table."""
         if self.codec is None:
-            ids, mask = generated.sequences, generated.attention_mask
+            ids, mask, pad = generated.sequences, generated.attention_mask, generated.pad_id
         else:
-            ids, mask = self._encode(generated)
-        return np.asarray(self._score(self.model.params, jnp.asarray(ids), jnp.asarray(mask)))
+            (ids, mask), pad = self._encode(generated), self.pad_id
+        if self.positions is not None and ids.shape[1] > self.positions:
+            raise RewardError(f"the reward model {self.source} has {self.positions} positions, but a prompt + reply "
+                              f"holds {ids.shape[1]} of its tokens; lower --max-prompt-length or --max-new-tokens, or "
+                              "use a reward model with more positions")
+        check_token_range("the reward model's input_ids", ids, self.model.vocab_size)
+        scores = np.asarray(self._score(self.model.params, jnp.asarray(ids), jnp.asarray(mask), pad))
+        if not np.all(np.isfinite(scores)):
+            raise RewardError(f"the reward model {self.source} returned non-finite scores {scores.tolist()}; check "
+                              "its weights")
+        return scores
 
     def _encode(self, generated: Generated) -> tuple[np.ndarray, np.ndarray]:
-        """The texts in the reward model's tokens, right-padded to a multiple of 32 (few compilations)."""
+        """The texts in the reward model's tokens, right-padded to a multiple of 32 (few compilations), at most
+        to the model's positions when the texts fit them."""
         encoded = [self.codec.encode(p + c) for p, c in zip(generated.prompts, generated.completions, strict=True)]
-        width = max(32, -(-max(len(e) for e in encoded) // 32) * 32)
+        longest = max(len(e) for e in encoded)
+        width = max(32, -(-longest // 32) * 32)
+        if self.positions is not None and longest <= self.positions:
+            width = min(width, self.positions)
         ids = np.full((len(encoded), width), self.pad_id, np.int32)
         mask = np.zeros_like(ids)
         for row, tokens in enumerate(encoded):
@@ -116,15 +143,15 @@ class AdapterReward:
         self.description = f"reward adapter {source} on the policy's frozen base, label 0 at the last reply token"
         lm = policy.pretrained_model
 
-        def score(base: dict[str, Any], reward: dict[str, Any], ids: Array, mask: Array) -> Array:
-            return at_last_token(reward_scores(lm, base, reward, ids, mask, real_positions(mask)), mask)
+        def score(base: dict[str, Any], reward: dict[str, Any], ids: Array, mask: Array, pad_id: int | None) -> Array:
+            return at_last_token(reward_scores(lm, base, reward, ids, mask, real_positions(mask)), mask, ids, pad_id)
 
-        self._score = jax.jit(score)
+        self._score = jax.jit(score, static_argnums=4)
 
     def __call__(self, generated: Generated) -> np.ndarray:
         base = self.policy.params["pretrained_model"]  # frozen in a LoRA policy: never trained
         return np.asarray(self._score(base, self.policy.reward_params, jnp.asarray(generated.sequences),
-                                      jnp.asarray(generated.attention_mask)))
+                                      jnp.asarray(generated.attention_mask), generated.pad_id))
 
 
 def load_function(spec: str) -> Callable[..., Sequence[float]]:

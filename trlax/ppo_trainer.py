@@ -61,8 +61,6 @@ class TrainerConfig:
         if self.batch_size % self.mini_batch_size:
             raise TrlaxError(f"--batch-size {self.batch_size} must be a multiple of --mini-batch-size "
                              f"{self.mini_batch_size}")
-        if self.mini_batch_size < 2:
-            raise TrlaxError("--mini-batch-size must be at least 2 (advantages are whitened per minibatch)")
 
 
 @dataclasses.dataclass
@@ -93,6 +91,12 @@ class PPOTrainer:
     def __init__(self, models: Models, prompts: PromptSet, config: TrainerConfig) -> None:
         self.models, self.prompts, self.config = models, prompts, config
         policy = models.policy
+        lm = policy.pretrained_model
+        positions, length = lm.spec.position_limit(lm.config), prompts.ids.shape[1] + config.max_new_tokens
+        if positions is not None and length > positions:  # the learn step reads every prompt + reply token
+            raise TrlaxError(f"the policy has {positions} positions, but a prompt of {prompts.ids.shape[1]} tokens "
+                             f"+ {config.max_new_tokens} new ones is {length}; lower --max-prompt-length or "
+                             "--max-new-tokens")
         adam = optax.adam(config.learning_rate)
         self.tx = adam if config.max_grad_norm is None else optax.chain(
             optax.clip_by_global_norm(config.max_grad_norm), adam)
@@ -158,7 +162,8 @@ class PPOTrainer:
         p = self.prompts.ids.shape[1]
         sequences = np.asarray(sequences)
         reply = np.asarray(reply_mask(jnp.asarray(sequences[:, p:]), self.models.eos_ids))
-        out = Generated(sequences, np.concatenate([self.prompts.mask[prompt_rows], reply], axis=1))
+        out = Generated(sequences, np.concatenate([self.prompts.mask[prompt_rows], reply], axis=1),
+                        pad_id=self.models.pad_id)
         if needs_text:
             out.prompts = [self.prompts.texts[r] for r in prompt_rows]
             out.completions = [self.models.codec.decode(row[m > 0].tolist())
@@ -199,6 +204,11 @@ class PPOTrainer:
         if state.extra.get("seed") != self.config.seed:
             raise TrlaxError(f"the saved state in {checkpointer.directory} was trained with --seed "
                              f"{state.extra.get('seed')}, not {self.config.seed}; resume with the same settings")
+        if state.step and state.extra.get("data_position") != state.step * self.config.batch_size:
+            # The prompts of step s are rows [s * batch_size, (s + 1) * batch_size) of the seed's stream.
+            raise TrlaxError(f"the saved state in {checkpointer.directory} was trained with --batch-size "
+                             f"{state.extra.get('data_position', 0) // state.step}, not {self.config.batch_size}; "
+                             "resume with the same settings")
         self.trainable, self.opt_state = committed(state.params), committed(state.opt_state)
         self.key, self.step_index, self.kl_coef = state.rng, state.step, float(state.extra["kl_coef"])
         return state.step
@@ -207,6 +217,26 @@ class PPOTrainer:
 def committed(tree: Any) -> Any:
     """The same arrays committed to their devices, so jit compiles once for fresh and updated params alike."""
     return jax.tree_util.tree_map(lambda x: jax.device_put(x, x.sharding), tree)
+
+
+def check_no_later_state(checkpointer: StateCheckpointer, step: int) -> None:
+    """TrlaxError when the state folder holds a step after `step`: another run's, which this one's saves would
+    not replace (Orbax skips a step below the latest), and which a later resume would continue."""
+    latest = checkpointer.latest_step()
+    if latest is not None and latest > step:
+        raise TrlaxError(f"{checkpointer.directory} holds the training state of an earlier run (step {latest}); "
+                         "continue it with --resume, or train into another --output-dir")
+
+
+def refuse_saved_state(output_dir: Path) -> None:
+    """Before a fresh run: TrlaxError when `<output_dir>/state` already holds a saved step."""
+    if not (output_dir / STATE_DIR).is_dir():
+        return
+    checkpointer = StateCheckpointer(output_dir / STATE_DIR, max_to_keep=2)
+    try:
+        check_no_later_state(checkpointer, 0)
+    finally:
+        checkpointer.close()
 
 
 def resume(trainer: PPOTrainer, output_dir: Path) -> int:
@@ -228,6 +258,8 @@ def train(trainer: PPOTrainer, output_dir: Path,
     checkpointer = StateCheckpointer(output_dir / STATE_DIR, max_to_keep=2) if cfg.save_every else None
     history = []
     try:
+        if checkpointer is not None:
+            check_no_later_state(checkpointer, trainer.step_index)
         while trainer.step_index < cfg.steps:
             start = time.perf_counter()
             metrics = {**trainer.step(), "seconds": time.perf_counter() - start}

@@ -216,6 +216,8 @@ def make_mesh(data: int = 1, fsdp: int = -1, tp: int = 1, devices: Sequence[Any]
     shown = " x ".join(f"{n}={s}" for n, s in zip(names, sizes, strict=True))
     if sizes.count(-1) > 1:
         raise TrlaxError(f"at most one mesh axis size may be -1; got {shown}")
+    if any(s < 1 and s != -1 for s in sizes):
+        raise TrlaxError(f"mesh axis sizes must be >= 1 (or one -1: the rest of the devices); got {shown}")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if len(devices) % known:

@@ -37,7 +37,7 @@ from trlax.checkpoint.naming import TensorRule, flatten_paths, get_path, hf_tens
 from trlax.checkpoint.push import push_to_hub
 from trlax.checkpoint.saving_args import check_saving_args
 from trlax.checkpoint.torch_models import StateDictReader, TorchParts, torch_lm, torch_parts
-from trlax.errors import UnsupportedModelError
+from trlax.errors import CheckpointError, UnsupportedModelError
 from trlax.generation_config import write_generation_config
 
 if TYPE_CHECKING:
@@ -70,6 +70,22 @@ class CheckpointMixin:
         plain LM reading a TRL checkpoint, `value_head=True`) TRL's `v_head.*`."""
         tied = tuple(rf"^{k.replace('.', r'[.]')}$" for k in self.spec.tied_keys(self.config))
         return (*self.spec.ignored_keys, *tied, *((VALUE_HEAD_KEYS,) if value_head else ()))
+
+    def tied_copies(self) -> dict[str, str]:
+        """The tied keys a load reads through the tensor they copy (`spec.tied_keys`): key -> that tensor's key."""
+        return self.spec.tied_keys(self.config)
+
+    def check_tied_copies(self, reader: TensorSource, source: str) -> None:
+        """CheckpointError when the checkpoint stores a tied copy (e.g. `lm_head.weight` with
+        `tie_word_embeddings`) that differs from the tensor it copies: transformers then unties the
+        two (and warns); trlax, whose module has one tensor for both, would use the wrong one."""
+        keys = set(reader.keys())
+        for key, copied in self.tied_copies().items():
+            if key in keys and copied in keys and not np.array_equal(reader.get(key), reader.get(copied)):
+                raise CheckpointError(
+                    f"{source}: the config ties {key} to {copied}, but the checkpoint stores the two with different "
+                    f"values; if {key} is meant to be its own tensor, set tie_word_embeddings=false in its "
+                    "config.json (transformers unties the two for such a checkpoint)")
 
     def optional_checkpoint_prefixes(self) -> tuple[str, ...]:
         """Key prefixes a checkpoint may lack (a head the model initialises itself); none by default."""
@@ -146,6 +162,7 @@ class CheckpointMixin:
         Keys transformers fills itself (`spec.key_defaults`: T5's tied-back `lm_head`, BART's
         zero `final_logits_bias`) may be absent; they are then filled the same way.
         """
+        self.check_tied_copies(reader, source)
         defaults = {k: src for k, src in self.spec.key_defaults(self.config).items() if k in table}
         kwargs = {} if place is None else {"place": place}
         params, report = load_params(reader, table, source=source, base_model_prefix=self.spec.base_model_prefix,
@@ -177,7 +194,11 @@ class CheckpointMixin:
     def save_dtype(self, params: dict[str, Any] | None = None, dtype: Any = None) -> np.dtype:
         """The float dtype a save writes: `dtype`, else the checkpoint's (`storage_dtype`), else the params'."""
         if dtype is not None:
-            return np.dtype(resolve_dtype(dtype, self.storage_dtype))
+            resolved = np.dtype(resolve_dtype(dtype, self.storage_dtype))
+            if not jnp.issubdtype(resolved, jnp.floating):  # checked before anything is written
+                raise UnsupportedModelError(f"cannot save the weights as {resolved.name}: pass a float dtype "
+                                            "(float32, bfloat16, float16)")
+            return resolved
         if self.storage_dtype is not None:
             return np.dtype(self.storage_dtype)
         params = self.params if params is None else params

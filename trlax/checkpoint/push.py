@@ -11,7 +11,7 @@ import jax
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import EntryNotFoundError
 
-from trlax.checkpoint.gather import WRITER_PROCESS
+from trlax.checkpoint.gather import WRITER_PROCESS, on_writer_process
 
 MODEL_CARD_NAME = "README.md"
 
@@ -58,10 +58,14 @@ def push_to_hub(
     """
     uploader = jax.process_index() == WRITER_PROCESS
     api = api or HfApi(token=token)
-    if uploader:
+
+    def create() -> list[Path]:
         api.create_repo(repo_id, token=token, private=private, exist_ok=True)
         if revision is not None and not create_pr and not revision.startswith("refs/pr"):
             api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
+        return []
+
+    on_writer_process(create, f"to the hub repo {repo_id} (creating it)")  # a failure stops every process here
     with tempfile.TemporaryDirectory(prefix="trlax-push-") as folder:
         save(Path(folder))
         if not uploader:

@@ -26,6 +26,7 @@ place every leaf, optimizer moments included (their paths end like the params').
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import threading
 from pathlib import Path
@@ -35,9 +36,9 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, Sharding, SingleDeviceSharding
 
-from trlax.checkpoint.gather import global_replicas
+from trlax.checkpoint.gather import global_replicas, on_writer_process
 from trlax.checkpoint.lock import WriterLock
-from trlax.errors import CheckpointError, TrlaxError
+from trlax.errors import CheckpointError, TrlaxError, TrlaxTypeError
 from trlax.sharding import ParamRule, ShardingRules, tree_shardings
 
 STATE_ITEMS = ("params", "opt_state", "rng", "adapters")
@@ -79,15 +80,20 @@ class StateCheckpointer:
         if max_to_keep is not None and max_to_keep < 1:
             raise TrlaxError(f"max_to_keep must be >= 1 or None (keep all); got {max_to_keep}")
         self.directory = Path(directory).absolute()
+        if self.directory.exists() and not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory} is a file, not a folder of training states; pass a folder")
         self.max_to_keep = max_to_keep
         self.async_save = async_save
         self._lock: WriterLock | None = None
         if read_only:
             options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
         else:
-            if jax.process_index() == 0:  # the job's lock; the other hosts write their shards under it
+            def take_lock() -> list[Path]:  # the job's lock; the other hosts write their shards under it
                 self.directory.mkdir(parents=True, exist_ok=True)
                 self._lock = WriterLock(self.directory)
+                return []
+
+            on_writer_process(take_lock, f"{self.directory} (taking its writer lock)")  # every process raises
             # Holding the lock, every temporary folder here is from a save that crashed: remove them.
             options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                                    create=True, cleanup_tmp_directories=True)
@@ -105,12 +111,21 @@ class StateCheckpointer:
         """Save one step: params (the policy + value head pytree), optax state, rng key, adapters.
 
         `extra` is any JSON-serialisable dict (e.g. a config or metrics). A step that is
-        already saved raises CheckpointError.
+        already saved, or earlier than the latest saved one, raises CheckpointError.
         """
-        if not isinstance(step, int) or step < 0:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise TrlaxError(f"step must be an int >= 0; got {step!r}")
+        try:  # before anything is written: Orbax would fail only after saving the arrays
+            json.dumps(extra or {}, allow_nan=True)
+        except (TypeError, ValueError) as e:
+            raise TrlaxTypeError(f"extra must hold JSON values (numbers, strings, lists, dicts): {e}; convert arrays "
+                                 "with float(x) or x.tolist()") from None
         if step in self.manager.all_steps():
             raise CheckpointError(f"step {step} is already saved in {self.directory}; use a new step number")
+        latest = self.manager.latest_step()
+        if latest is not None and step < latest:  # Orbax would skip it without a word
+            raise CheckpointError(f"step {step} is not after the latest saved step {latest} in {self.directory}; "
+                                  "save a later step, or into another folder")
         rng_impl = None
         if rng is not None and jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
             rng_impl = str(jax.random.key_impl(rng))

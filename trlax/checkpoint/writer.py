@@ -25,23 +25,30 @@ from trlax.errors import TrlaxError
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-# Entries of an earlier save that a new save drops instead of carrying over: weight files
-# (and the staging folders that trlax <= 0.2 left inside the target when a save crashed).
+# Entries of an earlier save that a new save drops instead of carrying over: weight files, a PEFT
+# adapter's (whose config makes loaders read the folder as an adapter), and the staging folders
+# that trlax <= 0.2 left inside the target when a save crashed.
 _STALE_WEIGHTS = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|"
                             r"pytorch_model(-\d{5}-of-\d{5})?\.bin|pytorch_model\.bin\.index\.json|"
-                            r"\.trlax-save-.*)$")
+                            r"adapter_model\.(safetensors|bin)|adapter_config\.json|\.trlax-save-.*)$")
 
 
 def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string like "5GB", "500MB", "1MiB" (transformers' units)."""
-    if isinstance(size, int):
+    """Bytes from an int or a string like "5GB", "500MB", "1MiB" (transformers' units: a lower-case final
+    "b", as in "5Gb", counts bits)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size < 1:
+            raise TrlaxError(f"max_shard_size must be at least 1 byte; got {size}")
         return size
+    if not isinstance(size, str):
+        raise TrlaxError(f"max_shard_size {size!r} is not a size; use an int or a string like '5GB' or '500MB'")
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)\s*", size, flags=re.IGNORECASE)
     if not match:
         raise TrlaxError(f"max_shard_size {size!r} is not a size; use an int or a string like '5GB' or '500MB'")
-    value, unit = float(match.group(1)), match.group(2).upper()
-    base = 1024 if "I" in unit else 1000
-    return int(value * base ** "KMGT".index(unit[0]) * base)
+    value, unit = float(match.group(1)), match.group(2)
+    base = 1024 if "I" in unit.upper() else 1000
+    size_bytes = int(value * base ** "KMGT".index(unit[0].upper()) * base)
+    return size_bytes // 8 if unit.endswith("b") and "i" not in unit.lower() else size_bytes
 
 
 def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
@@ -92,10 +99,20 @@ def write_checkpoint_dir(
     """
     metadata = {"format": "pt", **(metadata or {})}
     max_bytes = None if max_shard_size is None else parse_size(max_shard_size)
-    with replacing_folder(save_directory, carry_over=lambda name: not _STALE_WEIGHTS.match(name)) as tmp:
-        write_weights(tmp, tensors, max_bytes, metadata)
+
+    def write(folder: Path) -> None:
+        write_weights(folder, tensors, max_bytes, metadata)
         if write_extra is not None:
-            write_extra(tmp)
+            write_extra(folder)
+
+    return write_folder(save_directory, write)
+
+
+def write_folder(save_directory: str | os.PathLike, write: Callable[[Path], None]) -> list[Path]:
+    """`write(tmp_dir)`'s files as the folder `save_directory`, replacing it atomically; the old folder's
+    weight files are dropped and its other files kept (see the module docstring). Returns the written paths."""
+    with replacing_folder(save_directory, carry_over=lambda name: not _STALE_WEIGHTS.match(name)) as tmp:
+        write(tmp)
         written = sorted(p.name for p in tmp.iterdir())
     target = Path(os.path.realpath(save_directory))
     return [target / name for name in written]

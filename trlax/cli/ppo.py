@@ -33,7 +33,7 @@ from trlax.ppo import PPOConfig
 from trlax.ppo_data import HFCodec, PromptSet, TextCodec, read_prompts
 from trlax.ppo_log import PLOT_FILE, MetricsLog, plot
 from trlax.ppo_rewards import AdapterReward, FunctionReward, ModelReward, RewardError, load_function
-from trlax.ppo_trainer import Models, PPOTrainer, TrainerConfig, committed, resume, train
+from trlax.ppo_trainer import Models, PPOTrainer, TrainerConfig, committed, refuse_saved_state, resume, train
 from trlax.reference import create_reference_model
 from trlax.sharding import make_mesh
 from trlax.value_head import FlaxAutoModelForCausalLMWithValueHead
@@ -45,7 +45,7 @@ MAX_PROMPT_TOKENS = 256
 # Unset flags: TRL's classic PPOConfig with --model; the tiny default's tuned values without it.
 TRL_DEFAULTS: dict[str, Any] = {
     "steps": 100, "batch_size": 128, "mini_batch_size": 128, "ppo_epochs": 4, "learning_rate": 1.41e-5,
-    "init_kl_coef": 0.2, "adaptive_kl": True, "target_kl": 6.0, "cliprange": 0.2, "cliprange_value": 0.2,
+    "init_kl_coef": 0.2, "adaptive_kl": True, "target": 6.0, "cliprange": 0.2, "cliprange_value": 0.2,
     "vf_coef": 0.1, "gamma": 1.0, "lam": 0.95, "max_new_tokens": 32, "temperature": 1.0, "top_k": 0,
     "top_p": 1.0, "max_grad_norm": None,
 }
@@ -95,7 +95,7 @@ def trainer_config(args: argparse.Namespace) -> TrainerConfig:
     s = settings(args)
     ppo = PPOConfig(gamma=s["gamma"], lam=s["lam"], cliprange=s["cliprange"], cliprange_value=s["cliprange_value"],
                     vf_coef=s["vf_coef"], init_kl_coef=s["init_kl_coef"], adap_kl_ctrl=s["adaptive_kl"],
-                    target=s["target_kl"])
+                    target=s["target"])
     return TrainerConfig(steps=s["steps"], batch_size=s["batch_size"], mini_batch_size=s["mini_batch_size"],
                          ppo_epochs=s["ppo_epochs"], learning_rate=s["learning_rate"],
                          max_grad_norm=s["max_grad_norm"], max_new_tokens=s["max_new_tokens"],
@@ -183,6 +183,11 @@ def reward_source(args: argparse.Namespace, policy: Any, mesh: Any) -> Any:
 def run_ppo_command(args: argparse.Namespace) -> int:
     output_dir = Path(args.output_dir) if args.output_dir else Path.cwd() / time.strftime("trlax-ppo-%Y%m%d-%H%M%S")
     check_output_dir(output_dir)
+    if args.target_kl is not None:
+        raise TrlaxError("--target-kl is TRL's early-stopping threshold (target_kl with early_stopping), which trlax "
+                         "does not implement; the adaptive KL controller's target is --target (TRL's `target`)")
+    if not args.resume:
+        refuse_saved_state(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     config = trainer_config(args)
     models, texts = build_models(args)
@@ -257,13 +262,14 @@ def add_ppo(subparsers: argparse._SubParsersAction) -> None:
                                    "tuned tiny values without)")
     for flag, kind in (("steps", positive_int), ("batch-size", positive_int), ("mini-batch-size", positive_int),
                        ("ppo-epochs", positive_int), ("learning-rate", float), ("init-kl-coef", float),
-                       ("target-kl", float), ("cliprange", float), ("cliprange-value", float), ("vf-coef", float),
+                       ("target", float), ("cliprange", float), ("cliprange-value", float), ("vf-coef", float),
                        ("gamma", float), ("lam", float), ("max-grad-norm", float), ("max-new-tokens", positive_int),
                        ("temperature", float), ("top-k", int), ("top-p", float)):
         default = TRL_DEFAULTS[flag.replace("-", "_")]
         hp.add_argument(f"--{flag}", type=kind, default=None, help=f"TRL default {default}")
     hp.add_argument("--adaptive-kl", action=argparse.BooleanOptionalAction, default=None,
-                    help="TRL's adaptive KL controller towards --target-kl (default on with --model)")
+                    help="TRL's adaptive KL controller towards --target (default on with --model)")
+    hp.add_argument("--target-kl", type=float, default=None, help=argparse.SUPPRESS)  # refused: see run_ppo_command
     model = parser.add_argument_group("policy and mesh")
     model.add_argument("--num-shared-layers", type=int, default=None,
                        help="layers the reference shares with the policy (frozen in both); default none")

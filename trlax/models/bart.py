@@ -47,8 +47,7 @@ POSITION_OFFSET = 2  # BartLearnedPositionalEmbedding's fairseq offset
 
 
 def _layer_norm(module: HFModule, name: str) -> nn.LayerNorm:
-    # torch.nn.LayerNorm defaults (eps 1e-5); two-pass variance as torch computes it.
-    return module.layer_norm(1e-5, name=name, use_fast_variance=False)
+    return module.layer_norm(1e-5, name=name)  # torch.nn.LayerNorm's default eps
 
 
 class BartLayer(HFModule, kw_only=True):
@@ -126,7 +125,7 @@ class BartModel(HFModule):
     def setup(self) -> None:
         c = self.config
         kw = {"config": c, "dtype": self.dtype, "param_dtype": self.param_dtype}
-        self.shared = self.embedding(c.vocab_size, c.d_model)
+        self.shared = self.embedding(c.vocab_size, c.d_model, padding_idx=c.pad_token_id)  # as BartScaledWordEmbedding
         self.encoder = BartStack(**kw, is_decoder=False)
         self.decoder = BartStack(**kw, is_decoder=True)
 
@@ -176,7 +175,8 @@ SPEC = ArchitectureSpec(
                     *feed_forward_rules("fc1", "fc2", scope="(^|/)")),
     peft_targets=("q_proj", "v_proj"),
     ignored_keys=(r"^model\.(encoder|decoder)\.version$",),  # fairseq leftovers transformers ignores too
-    tied_keys=lambda c: ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"),
+    tied_keys=lambda c: dict.fromkeys(("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight",
+                                       "lm_head.weight"), "model.shared.weight"),
     validate=_validate, learned_positions=True,
     is_encoder_decoder=True, raw_keys=("final_logits_bias",),
     key_defaults=lambda c: {"final_logits_bias": None},

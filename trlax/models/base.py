@@ -37,7 +37,7 @@ from trlax.checkpoint.torch_models import is_torch_model
 from trlax.errors import CheckpointError, TrlaxError, TrlaxTypeError, UnsupportedModelError
 from trlax.generation import GenerateOutput, GenerationCache, generate
 from trlax.generation_config import inferred_attention_mask, read_generation_config, resolve_generation
-from trlax.inputs import ParamsCheck, token_ids
+from trlax.inputs import ParamsCheck, check_positions, check_token_range, token_ids
 from trlax.models.layers import LORA_COLLECTION
 from trlax.models.registry import get_spec, supported_model_types
 from trlax.models.spec import ArchitectureSpec, ParamRule
@@ -278,6 +278,16 @@ class FlaxPreTrainedModel(CheckpointMixin):
 
     def apply(self, params: dict[str, Any], *inputs: Any, **kwargs: Any) -> Any:
         raise NotImplementedError
+
+    def check_token_inputs(self, input_ids: Any, attention_mask: Any, position_ids: Any = None, *,
+                           traced: bool = False) -> None:
+        """Token ids [B, T] in [0, vocab_size) and positions within a learned position table, else InputError.
+
+        Concrete values are checked here; traced ones only with `traced=True` (checkify, see `trlax.inputs`).
+        """
+        check_token_range("input_ids", input_ids, self.vocab_size, traced=traced)
+        check_positions("input_ids", input_ids.shape[1], position_ids, attention_mask,
+                        self.spec.position_limit(self.config), model=self.config.model_type.upper(), traced=traced)
 
     # --- generation ---------------------------------------------------------------------
     def generation_prompt_length(self, input_ids: jax.Array, decoder_input_ids: Any = None) -> int:

@@ -121,7 +121,7 @@ SPEC = ArchitectureSpec(
                     *fused_attention_rules("self_attention", "query_key_value", "dense"),  # per head [q|k|v]
                     *feed_forward_rules("dense_h_to_4h", "dense_4h_to_h")),
     peft_targets=("query_key_value",),
-    tied_keys=tied_lm_head,
+    tied_keys=tied_lm_head("transformer.word_embeddings.weight"),
     validate=_validate,
     # ALiBi has no position table; transformers does not limit the length either.
     max_positions=lambda c: None,

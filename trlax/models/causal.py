@@ -6,7 +6,7 @@ from typing import Any
 
 import jax
 
-from trlax.inputs import check_labels, check_positions, check_token_range, mask_for, same_shape, token_ids
+from trlax.inputs import check_labels, mask_for, same_shape, token_ids
 from trlax.models.base import FlaxPreTrainedModel
 from trlax.models.loss import causal_lm_loss
 from trlax.models.outputs import CausalLMOutput
@@ -88,8 +88,6 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
 
         Concrete values are checked here; traced ones only with `traced=True` (checkify).
         """
-        check_token_range("input_ids", input_ids, self.vocab_size, traced=traced)
         if labels is not None:
             check_labels("labels", labels, self.vocab_size, traced=traced)
-        check_positions("input_ids", input_ids.shape[1], position_ids, attention_mask,
-                        self.spec.position_limit(self.config), model=self.config.model_type.upper(), traced=traced)
+        self.check_token_inputs(input_ids, attention_mask, position_ids, traced=traced)

@@ -81,7 +81,7 @@ class CohereDecoderLayer(HFModule):
 
 
 class CohereModel(DecoderBackbone):
-    layout = BackboneLayout(embedding="embed_tokens", final_norm="norm", norm_bias=False)
+    layout = BackboneLayout(embedding="embed_tokens", final_norm="norm", norm_bias=False, padding_idx=True)
     block_cls = CohereDecoderLayer
 
     def rotary(self, position_ids: Array) -> tuple[Array, Array]:
@@ -114,6 +114,6 @@ SPEC = ArchitectureSpec(
     sharding_rules=LLAMA_SHARDING,
     peft_targets=(),  # PEFT has no default target_modules for cohere: users must name them
     ignored_keys=ROTARY_BUFFERS,
-    tied_keys=tied_lm_head,
+    tied_keys=tied_lm_head("model.embed_tokens.weight"),
     validate=_validate,
 )

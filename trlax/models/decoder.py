@@ -31,7 +31,9 @@ class BackboneLayout:
 
     embedding: the token embedding [V, H]; stack: the blocks' ModuleList; final_norm: the
     LayerNorm after the last block, with `norm_eps` (the config attribute of its epsilon) and
-    `norm_bias`; embedding_dropout: the config attribute of the embedding dropout rate, if any.
+    `norm_bias`; embedding_dropout: the config attribute of the embedding dropout rate, if any;
+    padding_idx: whether the token embedding is built with `padding_idx=config.pad_token_id`
+    (no gradient to the pad row) as the family's transformers module builds it.
     """
 
     embedding: str
@@ -40,6 +42,7 @@ class BackboneLayout:
     norm_eps: str = "layer_norm_eps"
     norm_bias: bool = True
     embedding_dropout: str | None = None
+    padding_idx: bool = False
 
 
 class DecoderBackbone(HFModule):
@@ -64,12 +67,17 @@ class DecoderBackbone(HFModule):
 
     def setup(self) -> None:
         c, names = self.config, self.layout
-        setattr(self, names.embedding, self.embedding(c.vocab_size, c.hidden_size))
+        setattr(self, names.embedding, self.token_embedding(c.hidden_size))
         if names.embedding_dropout is not None:
             self.embedding_dropout = nn.Dropout(getattr(c, names.embedding_dropout))
         setattr(self, names.stack, layer_stack(self.block_cls, c.num_hidden_layers, names.stack, config=c,
                                                dtype=self.dtype, param_dtype=self.param_dtype))
         setattr(self, names.final_norm, self.layer_norm(getattr(c, names.norm_eps), use_bias=names.norm_bias))
+
+    def token_embedding(self, features: int) -> nn.Module:
+        """The token embedding [V, features] (with the pad row out of training where the layout says so)."""
+        padding_idx = self.config.pad_token_id if self.layout.padding_idx else None
+        return self.embedding(self.config.vocab_size, features, padding_idx=padding_idx)
 
     def embed(self, input_ids: Array, position_ids: Array, deterministic: bool) -> Array:
         x = getattr(self, self.layout.embedding)(input_ids)  # [B, T, H]

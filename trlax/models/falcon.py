@@ -160,7 +160,7 @@ SPEC = ArchitectureSpec(
                     *fused_attention_rules("self_attention", "query_key_value", "dense"),  # layout per config
                     *feed_forward_rules("dense_h_to_4h", "dense_4h_to_h")),
     peft_targets=("query_key_value",),
-    tied_keys=tied_lm_head,
+    tied_keys=tied_lm_head("transformer.word_embeddings.weight"),
     validate=_validate,
     # ALiBi has no position table; transformers only limits rotary models by max_position_embeddings.
     max_positions=lambda c: None if c.alibi else c.max_position_embeddings,

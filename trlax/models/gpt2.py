@@ -107,7 +107,7 @@ SPEC = ArchitectureSpec(
     peft_targets=("c_attn",),
     keep_layout=(r".*\.(c_attn|c_proj|c_fc)\.weight$",),
     ignored_keys=(r".*\.attn\.(bias|masked_bias)$",),
-    tied_keys=tied_lm_head,
+    tied_keys=tied_lm_head("transformer.wte.weight"),
     validate=_validate,
     max_positions=lambda c: c.n_positions, learned_positions=True,
 )

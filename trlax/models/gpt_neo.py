@@ -108,5 +108,5 @@ SPEC = ArchitectureSpec(
     peft_targets=("q_proj", "v_proj"),
     # Mask buffers that older checkpoints saved (transformers no longer persists them).
     ignored_keys=(r".*\.attn\.attention\.(bias|masked_bias)$",),
-    tied_keys=tied_lm_head, validate=_validate, learned_positions=True,
+    tied_keys=tied_lm_head("transformer.wte.weight"), validate=_validate, learned_positions=True,
 )

@@ -108,6 +108,6 @@ SPEC = ArchitectureSpec(
     peft_targets=("query_key_value",),
     # Buffers older checkpoints saved; transformers skips them on load too.
     ignored_keys=(r".*\.attention\.(bias|masked_bias)$", r".*\.rotary_emb\.inv_freq$"),
-    tied_keys=lambda c: ("embed_out.weight",) if c.tie_word_embeddings else (),
+    tied_keys=lambda c: {"embed_out.weight": "gpt_neox.embed_in.weight"} if c.tie_word_embeddings else {},
     validate=_validate,
 )

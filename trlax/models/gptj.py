@@ -22,7 +22,7 @@ from trlax.models.attention import Array
 from trlax.models.cache import CacheGeometry, KVCache
 from trlax.models.decoder import BackboneLayout, CausalLM, DecoderBackbone
 from trlax.models.layers import FeedForward, HFModule, activation
-from trlax.models.rope import apply_rotary, inv_frequencies, rotary_cos_sin
+from trlax.models.rope import apply_rotary, base_inv_frequencies, rotary_cos_sin
 from trlax.models.self_attention import SelfAttention
 from trlax.models.spec import ArchitectureSpec, attention_rules, embedding_rules, feed_forward_rules, tied_lm_head
 
@@ -32,8 +32,9 @@ def head_dim(config: Any) -> int:
 
 
 def rotary_inv_freq(config: Any) -> np.ndarray:
-    """GPT-J's inverse frequencies [rotary_dim / 2] float32: base 10000, no scaling."""
-    return inv_frequencies(config, config.rotary_dim)
+    """GPT-J's inverse frequencies [rotary_dim / 2] float32: base 10000, no scaling, whatever RoPE fields
+    the config carries (transformers' GPT-J reads none of them)."""
+    return base_inv_frequencies(10_000.0, config.rotary_dim)
 
 
 class GPTJAttention(SelfAttention):
@@ -115,11 +116,10 @@ class GPTJForCausalLM(CausalLM):
 
 def _validate(config: Any) -> None:
     rot, d = config.rotary_dim, head_dim(config)
-    if not 0 < rot <= d or rot % 2:
+    if not isinstance(rot, int) or not 0 < rot <= d or rot % 2:
         raise UnsupportedModelError(
             f"gptj: rotary_dim={rot} must be even and in (0, {d}] (the head dim n_embd // n_head); "
             "transformers cannot run other values either")
-    rotary_inv_freq(config)  # raises UnsupportedModelError for RoPE scaling GPT-J does not have
     activation(config.activation_function)  # raises for an activation trlax lacks
 
 
@@ -131,7 +131,7 @@ SPEC = ArchitectureSpec(
                     *feed_forward_rules("fc_in", "fc_out"), (r"(^|/)lm_head/bias$", ("vocab",))),
     peft_targets=("q_proj", "v_proj"),
     ignored_keys=(r".*\.attn\.(bias|masked_bias)$",),  # buffers of older checkpoints; transformers skips them too
-    tied_keys=tied_lm_head,
+    tied_keys=tied_lm_head("transformer.wte.weight"),
     validate=_validate,
     max_positions=lambda c: c.n_positions,
 )

@@ -127,15 +127,25 @@ class Embed(nn.Embed):
       only in float32, and would convert the whole table to float32 to look up a few rows.
     - `attend` (a tied LM head) reads the [V, H] table as stored and accumulates in float32:
       h [..., H] -> logits [..., V] in the compute dtype, with no transposed copy of the table.
+
+    `padding_idx` is torch's: the lookups of that id pass no gradient to the table (its row
+    still reaches the logits of a tied head); the forward pass is unchanged.
     """
+
+    padding_idx: int | None = None
 
     def __call__(self, inputs: Array) -> Array:
         (table,) = promote_dtype(self.embedding, dtype=self.dtype, inexact=False)
         if not (jnp.issubdtype(inputs.dtype, jnp.integer) and jnp.issubdtype(table.dtype, jnp.floating)
                 and table.dtype.itemsize == 2):
-            return super().__call__(inputs)
-        rows = jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), inputs, axis=0)
-        return jax.lax.bitcast_convert_type(rows, table.dtype)
+            rows = super().__call__(inputs)
+        else:
+            rows = jax.lax.bitcast_convert_type(
+                jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), inputs, axis=0), table.dtype)
+        if self.padding_idx is None:
+            return rows
+        pad = self.padding_idx + (self.num_embeddings if self.padding_idx < 0 else 0)  # as torch reads a negative one
+        return jnp.where((inputs == pad)[..., None], jax.lax.stop_gradient(rows), rows)
 
     def attend(self, query: Array) -> Array:
         query, embedding = promote_dtype(query, self.embedding, dtype=self.dtype)
@@ -189,12 +199,17 @@ class HFModule(nn.Module):
         return Dense(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                      kernel_init=normal_init(std), name=name)
 
-    def embedding(self, num: int, features: int, std: float | None = None) -> Embed:
+    def embedding(self, num: int, features: int, std: float | None = None, padding_idx: int | None = None) -> Embed:
+        """An embedding [num, features] initialised N(0, std); padding_idx: torch's (see `Embed`)."""
         std = initializer_range(self.config) if std is None else std
-        return Embed(num, features, dtype=self.dtype, param_dtype=self.param_dtype, embedding_init=normal_init(std))
+        return Embed(num, features, dtype=self.dtype, param_dtype=self.param_dtype, embedding_init=normal_init(std),
+                     padding_idx=padding_idx)
 
     def layer_norm(self, eps: float, name: str | None = None, **kwargs: Any) -> nn.LayerNorm:
-        return nn.LayerNorm(eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kwargs)
+        """torch's LayerNorm: the variance in two passes, mean((x - mean)^2). Flax's default E[x^2] - E[x]^2
+        loses float32 digits when a vector's mean is large against its spread (1e-3 off at mean/std 50)."""
+        return nn.LayerNorm(eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name, use_fast_variance=False,
+                            **kwargs)
 
     def rms_norm(self, eps: float, add_unit_offset: bool = False) -> RMSNorm:
         return RMSNorm(eps=eps, dtype=self.dtype, param_dtype=self.param_dtype, add_unit_offset=add_unit_offset)

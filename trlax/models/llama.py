@@ -224,7 +224,7 @@ class LlamaModel(DecoderBackbone):
     """Subclasses (Gemma, Phi-3, StarCoder2) swap `make_options`, `layer_cls_for` and `make_norm`;
     everything else is shared."""
 
-    layout = BackboneLayout(embedding="embed_tokens", final_norm="norm", norm_eps="rms_norm_eps")
+    layout = BackboneLayout(embedding="embed_tokens", final_norm="norm", norm_eps="rms_norm_eps", padding_idx=True)
 
     make_options: ClassVar[Callable[[Any], DecoderOptions]] = staticmethod(llama_options)
     layer_cls_for: ClassVar[Callable[[Any], type[nn.Module]]] = staticmethod(lambda config: LlamaDecoderLayer)
@@ -233,7 +233,7 @@ class LlamaModel(DecoderBackbone):
     def setup(self) -> None:
         c = self.config
         self.options = self.make_options(c)
-        self.embed_tokens = self.embedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens = self.token_embedding(c.hidden_size)
         self.layers = layer_stack(self.layer_cls_for(c), c.num_hidden_layers, "layers", config=c,
                                   options=self.options, dtype=self.dtype, param_dtype=self.param_dtype)
         self.norm = self.make_norm(self, self.options)
@@ -305,5 +305,5 @@ SPEC = ArchitectureSpec(
     model_types=("llama", "mistral", "qwen2", "qwen3"), module=LlamaForCausalLM, hf_architecture="LlamaForCausalLM",
     base_model_prefix="model", layer_pattern="model.layers.{layer}",
     cache_geometry=cache_geometry, sharding_rules=LLAMA_SHARDING, peft_targets=("q_proj", "v_proj"),
-    ignored_keys=ROTARY_BUFFERS, tied_keys=tied_lm_head, validate=_validate,
+    ignored_keys=ROTARY_BUFFERS, tied_keys=tied_lm_head("model.embed_tokens.weight"), validate=_validate,
 )

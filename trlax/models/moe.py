@@ -259,5 +259,5 @@ def moe_spec(model_type: str, hf_architecture: str, peft_targets: tuple[str, ...
     return ArchitectureSpec(
         model_types=(model_type,), module=MoeForCausalLM, hf_architecture=hf_architecture, base_model_prefix="model",
         layer_pattern="model.layers.{layer}", cache_geometry=cache_geometry,
-        sharding_rules=MOE_SHARDING, peft_targets=peft_targets, ignored_keys=ROTARY_BUFFERS, tied_keys=tied_lm_head,
-        validate=validate_moe, stacked_weights=stacked_weights)
+        sharding_rules=MOE_SHARDING, peft_targets=peft_targets, ignored_keys=ROTARY_BUFFERS,
+        tied_keys=tied_lm_head("model.embed_tokens.weight"), validate=validate_moe, stacked_weights=stacked_weights)

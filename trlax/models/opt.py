@@ -86,11 +86,11 @@ class OPTDecoderLayer(HFModule):
 
 
 class OPTDecoder(DecoderBackbone):
-    layout = BackboneLayout(embedding="embed_tokens", final_norm="final_layer_norm")
+    layout = BackboneLayout(embedding="embed_tokens", final_norm="final_layer_norm", padding_idx=True)
 
     def setup(self) -> None:
         c = self.config
-        self.embed_tokens = self.embedding(c.vocab_size, c.word_embed_proj_dim)
+        self.embed_tokens = self.token_embedding(c.word_embed_proj_dim)
         self.embed_positions = self.embedding(c.max_position_embeddings + POSITION_OFFSET, c.hidden_size)
         if projects(c):
             self.project_out = self.linear(c.word_embed_proj_dim, use_bias=False)  # PyTorch's order
@@ -157,5 +157,6 @@ SPEC = ArchitectureSpec(
     sharding_rules=(*embedding_rules("embed_tokens"), (r"(^|/)embed_positions/embedding$", (None, "embed")),
                     *attention_rules("self_attn", "q_proj", "[kv]_proj", "out_proj"),
                     *feed_forward_rules("fc1", "fc2", scope="(^|/)")),
-    peft_targets=("q_proj", "v_proj"), tied_keys=tied_lm_head, validate=_validate, learned_positions=True,
+    peft_targets=("q_proj", "v_proj"), tied_keys=tied_lm_head("model.decoder.embed_tokens.weight"),
+    validate=_validate, learned_positions=True,
 )

@@ -69,7 +69,8 @@ class PhiDecoderLayer(HFModule):
 
 
 class PhiModel(DecoderBackbone):
-    layout = BackboneLayout(embedding="embed_tokens", final_norm="final_layernorm", embedding_dropout="embd_pdrop")
+    layout = BackboneLayout(embedding="embed_tokens", final_norm="final_layernorm", embedding_dropout="embd_pdrop",
+                            padding_idx=True)
     block_cls = PhiDecoderLayer
 
     def rotary(self, position_ids: Array) -> tuple[Array, Array]:

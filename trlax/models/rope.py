@@ -7,7 +7,8 @@ projection layout, so no permutation is needed on load or save.
 The inverse frequencies follow ``transformers/modeling_rope_utils.py`` (v5): the config's
 ``rope_parameters`` dict (``rope_type``, ``rope_theta``, ``factor``, ...), or the legacy
 ``rope_theta`` / ``rope_scaling`` attributes of an older config object. They are computed
-in float32 with the same operations as PyTorch, so they agree to the last bit or two.
+with the same float32 operations as PyTorch (the power rounded from float64), so they agree
+to the last bit.
 """
 
 from __future__ import annotations
@@ -33,20 +34,23 @@ def rope_parameters(config: Any, layer_type: str | None = None) -> dict[str, Any
     transformers v5 configs carry `config.rope_parameters`; older config objects carry
     `rope_theta` and an optional `rope_scaling` dict (whose type key may be `type`).
     Per-layer-type nested dicts (Gemma 3: {"full_attention": {...}, "sliding_attention": {...}})
-    are read for the `layer_type` given, and refused without one.
+    are read for the `layer_type` given, and refused without one. Beside flat keys (a Gemma 3
+    config given a flat dict keeps it and adds the nested ones), the nested entry wins, as in
+    transformers.
     """
     params = getattr(config, "rope_parameters", None)
     if not params:
         params = dict(getattr(config, "rope_scaling", None) or {})
-    params = dict(params)
-    if params and all(isinstance(v, dict) for v in params.values()):
-        if layer_type not in params:
+    nested = {k: v for k, v in params.items() if isinstance(v, dict)}
+    params = {k: v for k, v in params.items() if not isinstance(v, dict)}
+    if nested and (layer_type is not None or not params):
+        if layer_type not in nested:
             raise UnsupportedModelError(
-                f"per-layer-type RoPE parameters ({sorted(params)}) are not supported by trlax for "
+                f"per-layer-type RoPE parameters ({sorted(nested)}) are not supported by trlax for "
                 f"{getattr(config, 'model_type', 'this model')} (layer type {layer_type!r}); "
                 "use a config with one `rope_parameters` dict"
             )
-        params = dict(params[layer_type])
+        params = dict(nested[layer_type])
     params.setdefault("rope_type", params.get("type", "default"))
     if params.get("rope_theta") is None:
         params["rope_theta"] = getattr(config, "rope_theta", None) or _DEFAULT_THETA
@@ -71,15 +75,24 @@ def inv_frequencies(config: Any, head_dim: int, partial_rotary_factor: float = 1
             f"rope_type {rope_type!r} is not supported by trlax; supported rope types: "
             f"{list(SUPPORTED_ROPE_TYPES)}. Use a config with one of those in `rope_parameters`."
         )
-    dim = int(head_dim * partial_rotary_factor)
-    # float32 throughout, as torch computes `1 / (base ** (arange(0, dim, 2).float() / dim))`.
-    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    inv_freq = (np.float32(1.0) / (np.float32(params["rope_theta"]) ** exponent)).astype(np.float32)
+    inv_freq = base_inv_frequencies(params["rope_theta"], int(head_dim * partial_rotary_factor))
     if rope_type == "linear":
         inv_freq = inv_freq / np.float32(params["factor"])
     elif rope_type == "llama3":
         inv_freq = _llama3_scaling(inv_freq, params)
     return inv_freq.astype(np.float32)
+
+
+def base_inv_frequencies(theta: float, dim: int) -> np.ndarray:
+    """Unscaled inverse frequencies [dim / 2] float32: `1 / theta ** (arange(0, dim, 2) / dim)`.
+
+    torch computes this in float32: the same float32 exponent and reciprocal here, and the power
+    rounded from float64, which is what torch's float32 pow returns to within its last bit (numpy's
+    float32 pow is 1-2 ulps off, and the error grows with the position in the rotation angle).
+    """
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    power = (np.float64(np.float32(theta)) ** exponent.astype(np.float64)).astype(np.float32)
+    return (np.float32(1.0) / power).astype(np.float32)
 
 
 def partial_inv_frequencies(config: Any, head_dim: int) -> np.ndarray:

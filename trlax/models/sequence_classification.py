@@ -50,13 +50,17 @@ def pad_token_id(config: Any) -> int | None:
     return None if pad is None else int(pad)
 
 
-def last_non_pad_index(input_ids: Array, pad_id: int | None) -> Array:
+def pad_id_array(config: Any) -> Array:
+    """The config's pad id as an int32 scalar, -1 when it has none (no token id is -1)."""
+    pad = pad_token_id(config)
+    return jnp.asarray(-1 if pad is None else pad, jnp.int32)
+
+
+def last_non_pad_index(input_ids: Array, pad_id: int | Array | None) -> Array:
     """[B] int32: transformers' pooling index, the rightmost position whose id is not `pad_id`
-    (argmax of `arange(T) * (ids != pad)`, so an all-pad row gives 0); T - 1 without a pad id."""
-    b, t = input_ids.shape
-    if pad_id is None:
-        return jnp.full((b,), t - 1, jnp.int32)
-    positions = jnp.arange(t, dtype=jnp.int32) * (input_ids != pad_id).astype(jnp.int32)
+    (argmax of `arange(T) * (ids != pad)`, so an all-pad row gives 0); T - 1 without a pad id (None or -1)."""
+    pad = -1 if pad_id is None else pad_id
+    positions = jnp.arange(input_ids.shape[1], dtype=jnp.int32) * (jnp.asarray(input_ids) != pad).astype(jnp.int32)
     return jnp.argmax(positions, axis=-1).astype(jnp.int32)
 
 
@@ -69,8 +73,10 @@ class SequenceClassifierHead(HFModule):
         setattr(self, self.backbone_name, self.backbone_cls(c, self.dtype, self.param_dtype))
         self.score = self.linear(c.num_labels, use_bias=False)
 
-    def __call__(self, input_ids: Array, attention_mask: Array, position_ids: Array | None = None, *,
-                 deterministic: bool = True, output_hidden_states: bool = False) -> SequenceClassifierOutput:
+    def __call__(self, input_ids: Array, attention_mask: Array, position_ids: Array | None = None,
+                 pad_id: Array | None = None, *, deterministic: bool = True,
+                 output_hidden_states: bool = False) -> SequenceClassifierOutput:
+        """pad_id: int32 [] the pooling pad id (-1: none); None: the config's."""
         cache_index = jnp.zeros((), jnp.int32)
         if position_ids is None:
             position_ids = self.default_positions(input_ids, attention_mask, cache_index)
@@ -78,7 +84,7 @@ class SequenceClassifierHead(HFModule):
             input_ids, attention_mask, position_ids, deterministic=deterministic,
             output_hidden_states=output_hidden_states, cache=None, cache_index=cache_index)
         token_logits = self.score(h).astype(jnp.float32)  # [B, T, L]; computed in the compute dtype as transformers
-        index = last_non_pad_index(input_ids, pad_token_id(self.config))
+        index = last_non_pad_index(input_ids, pad_id_array(self.config) if pad_id is None else pad_id)
         logits = jnp.take_along_axis(token_logits, index[:, None, None], axis=1)[:, 0]  # [B, L]
         return SequenceClassifierOutput(logits=logits, token_logits=token_logits, last_hidden_state=h,
                                         hidden_states=hidden, pooled_index=index)
@@ -163,10 +169,18 @@ class FlaxModelForSequenceClassification(FlaxPreTrainedModel):
 
     def apply(self, params: dict[str, Any], input_ids: Array, attention_mask: Array,
               position_ids: Array | None = None, dropout_rng: Array | None = None, train: bool = False,
-              output_hidden_states: bool = False, lora: dict[str, Any] | None = None) -> SequenceClassifierOutput:
-        """The pure forward (no checks, no jit); lora: an adapter tree on `params`, or None."""
-        return self.apply_module(params, input_ids, attention_mask, position_ids, lora=lora, train=train,
+              output_hidden_states: bool = False, lora: dict[str, Any] | None = None,
+              pad_id: Array | None = None) -> SequenceClassifierOutput:
+        """The pure forward (no jit); lora: an adapter tree on `params`, or None. pad_id: the pooling pad id
+        (int32 [], -1: none); None: `config.pad_token_id` as it is when traced. Concrete token ids and
+        positions are checked as `__call__` checks them."""
+        self.check_token_inputs(input_ids, attention_mask, position_ids)
+        return self.apply_module(params, input_ids, attention_mask, position_ids, pad_id, lora=lora, train=train,
                                  dropout_rng=dropout_rng, output_hidden_states=output_hidden_states)
+
+    def adapter_for(self, params: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The LoRA adapter a call applies: the owning policy's, only on the model's own params."""
+        return self.lora if params is None else None
 
     def __call__(self, input_ids: Any, attention_mask: Any = None, position_ids: Any = None,
                  params: dict[str, Any] | None = None, labels: Any = None, output_hidden_states: bool = False,
@@ -175,7 +189,8 @@ class FlaxModelForSequenceClassification(FlaxPreTrainedModel):
 
         input_ids [B, T] int; attention_mask [B, T] (default all ones); position_ids [B, T]
         (default the family's, as transformers). Pools at the last non-pad token (see the
-        module docstring). labels: [B] (regression / single label) or [B, L], giving `loss`
+        module docstring). Token ids outside [0, vocab_size) and positions past a learned
+        position table raise InputError. labels: [B] (regression / single label) or [B, L], giving `loss`
         as transformers computes it for `config.problem_type` (inferred and stored in the
         config when None, as transformers does).
         """
@@ -183,13 +198,14 @@ class FlaxModelForSequenceClassification(FlaxPreTrainedModel):
         mask = mask_for("attention_mask", attention_mask, input_ids)
         if position_ids is not None:
             position_ids = same_shape("position_ids", position_ids, input_ids.shape)
+        self.check_token_inputs(input_ids, mask, position_ids)
         if pad_token_id(self.config) is None and input_ids.shape[0] != 1:
             raise InputError("this sequence-classification model has no config.pad_token_id, so it cannot find the "
                              "last token of padded rows (transformers refuses batches > 1 too): set "
                              "model.config.pad_token_id, or pass one sequence at a time")
         out = self._forward(self.params if params is None else params, input_ids, mask, position_ids, dropout_rng,
-                            train=train, output_hidden_states=output_hidden_states,
-                            lora=self.lora if params is None else None)
+                            train=train, output_hidden_states=output_hidden_states, lora=self.adapter_for(params),
+                            pad_id=pad_id_array(self.config))  # read now: a changed pad id needs no new trace
         if labels is None:
             return out
         labels = jnp.asarray(labels)
@@ -200,8 +216,16 @@ class FlaxModelForSequenceClassification(FlaxPreTrainedModel):
     # --- checkpoints --------------------------------------------------------------------
     def ignored_checkpoint_keys(self, value_head: bool = True) -> tuple[str, ...]:
         """Also skips a causal-LM checkpoint's LM head (transformers drops it the same way)."""
-        head = getattr(self.spec.module, "head_name", "lm_head")
-        return (*super().ignored_checkpoint_keys(value_head), rf"^{head}\.")
+        return (*super().ignored_checkpoint_keys(value_head), rf"^{self.lm_head_name()}\.")
+
+    def tied_copies(self) -> dict[str, str]:
+        """None from the LM head, which this model skips."""
+        head = f"{self.lm_head_name()}."
+        return {k: v for k, v in super().tied_copies().items() if not k.startswith(head)}
+
+    def lm_head_name(self) -> str:
+        """The HF name of the family's LM head (`lm_head`; GPT-NeoX `embed_out`)."""
+        return self.spec.module.head_name
 
     def optional_checkpoint_prefixes(self) -> tuple[str, ...]:
         """A causal-LM (or base-model) checkpoint has no `score` head: it loads, and gets a new one."""

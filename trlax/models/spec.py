@@ -34,17 +34,14 @@ def _no_check(config: Any) -> None:
     return None
 
 
-def _nothing(config: Any) -> tuple[str, ...]:
-    return ()
-
-
 def _no_defaults(config: Any) -> dict[str, str | None]:
     return {}
 
 
-def tied_lm_head(config: Any) -> tuple[str, ...]:
-    """`lm_head.weight` aliases the input embedding when the config ties them (most causal families)."""
-    return ("lm_head.weight",) if config.tie_word_embeddings else ()
+def tied_lm_head(embedding_key: str) -> Callable[[Any], dict[str, str]]:
+    """`tied_keys` of most causal families: `lm_head.weight` is a copy of the input embedding (its HF key
+    `embedding_key`) when the config ties them."""
+    return lambda config: {"lm_head.weight": embedding_key} if config.tie_word_embeddings else {}
 
 
 def _max_position_embeddings(config: Any) -> int | None:
@@ -106,7 +103,8 @@ class ArchitectureSpec:
     keep_layout: tuple[str, ...] = ()  # regexes of HF keys stored as-is in a `kernel`
     stacked_weights: tuple[StackedWeight, ...] = ()  # MoE experts: one param, one HF tensor per expert
     ignored_keys: tuple[str, ...] = ()  # regexes of checkpoint keys transformers ignores too
-    tied_keys: Callable[[Any], tuple[str, ...]] = _nothing  # HF keys that alias another tensor
+    # HF keys that alias another tensor: key -> the key it copies (a checkpoint may store both, equal).
+    tied_keys: Callable[[Any], dict[str, str]] = _no_defaults
     validate: Callable[[Any], None] = _no_check  # raises UnsupportedModelError on unsupported options
     max_positions: Callable[[Any], int | None] = _max_position_embeddings
     # Positions index a learned table of max_positions(config) rows (GPT-2, OPT, BART): a position past it is

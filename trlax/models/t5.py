@@ -295,9 +295,9 @@ def _validate(config: Any) -> None:
         )
 
 
-def _tied_keys(config: Any) -> tuple[str, ...]:
+def _tied_keys(config: Any) -> dict[str, str]:
     tied = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
-    return (*tied, "lm_head.weight") if tied_lm_head(config) else tied
+    return dict.fromkeys((*tied, "lm_head.weight") if tied_lm_head(config) else tied, "shared.weight")
 
 
 SPEC = ArchitectureSpec(

@@ -18,11 +18,11 @@ import numpy as np
 
 from trlax.checkpoint.hub import HubOptions
 from trlax.checkpoint.saving_args import check_saving_args
-from trlax.errors import CheckpointError, UnsupportedModelError
+from trlax.checkpoint.writer import write_folder
+from trlax.errors import CheckpointError, TrlaxTypeError, UnsupportedModelError
 from trlax.models.sequence_classification import SCORE, FlaxModelForSequenceClassification
 from trlax.peft.lora import (
     ADAPTER_CONFIG_NAME,
-    ADAPTER_WEIGHTS_NAMES,
     PEFT_PREFIX,
     LoraConfig,
     check_applied,
@@ -48,11 +48,16 @@ class FlaxPeftModelForSequenceClassification(FlaxModelForSequenceClassification)
     def lora(self) -> dict[str, Any] | None:
         return self.adapter
 
+    def adapter_for(self, params: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The adapter applies to every call, `params=` given or not (they are the base's)."""
+        return self.adapter
+
     def save_pretrained(self, save_directory: str | os.PathLike, params: dict[str, Any] | None = None,
                         max_shard_size: int | str | None = None, **transformers_args: Any) -> list[Path]:
         """PEFT's adapter folder (adapter_config.json, adapter_model.safetensors with the LoRA weights and
-        `score`); `peft.PeftModel.from_pretrained(AutoModelForSequenceClassification..., folder)` loads it.
-        transformers' saving keywords: `trlax.checkpoint.saving_args`."""
+        `score`), replacing the folder atomically as every trlax save does; `peft.PeftModel.from_pretrained(
+        AutoModelForSequenceClassification..., folder)` loads it. transformers' saving keywords:
+        `trlax.checkpoint.saving_args`."""
         check_saving_args(transformers_args, f"{type(self).__name__}.save_pretrained")
         params = self.params if params is None else params
         keep = [re.compile(p) for p in self.spec.keep_layout]
@@ -62,11 +67,11 @@ class FlaxPeftModelForSequenceClassification(FlaxModelForSequenceClassification)
                                                                   SCORE})})
         score = {f"{PEFT_PREFIX}{SCORE}.weight": np.ascontiguousarray(np.asarray(params[SCORE]["kernel"]).T)}
 
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_adapter_files(folder, config, self.adapter, base_name=self.base_model_name_or_path,
-                            task_type="SEQ_CLS", keeps_layout=keeps_layout, extra_tensors=score)
-        return [folder / ADAPTER_CONFIG_NAME, folder / ADAPTER_WEIGHTS_NAMES[0]]
+        if max_shard_size is not None:
+            raise TrlaxTypeError("an adapter is saved in one file: save_pretrained takes no max_shard_size here")
+        return write_folder(save_directory, lambda folder: write_adapter_files(
+            folder, config, self.adapter, base_name=self.base_model_name_or_path, task_type="SEQ_CLS",
+            keeps_layout=keeps_layout, extra_tensors=score))
 
 
 def load_seq_cls_adapter(source: str | os.PathLike, options: HubOptions | None = None, *,
@@ -83,6 +88,10 @@ def load_seq_cls_adapter(source: str | os.PathLike, options: HubOptions | None =
     if weight is None or weight.ndim != 2:
         raise CheckpointError(f"adapter {source} has no {PEFT_PREFIX}{SCORE}.weight [num_labels, hidden]: save it from "
                               "AutoModelForSequenceClassification with PEFT's SEQ_CLS task (modules_to_save=['score'])")
+    num_labels = model_args.pop("num_labels", None)
+    if num_labels is not None and num_labels != weight.shape[0]:
+        raise CheckpointError(f"adapter {source} has a {SCORE} head of {weight.shape[0]} labels, not num_labels="
+                              f"{num_labels}; load it without num_labels")
     base = FlaxModelForSequenceClassification.from_pretrained(base_name, num_labels=int(weight.shape[0]), **model_args)
     lora, saved = lora_from_peft(files, base.params, base.config.model_type, base_name=base_name)
     others = sorted(set(saved) - {f"{SCORE}.weight"})
