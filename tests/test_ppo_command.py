@@ -67,6 +67,7 @@ def test_prompt_batches_are_left_padded_and_a_function_of_seed_and_step():
     prompts = PromptSet.build(["ab", "abcd", "c", "xyz", "q"], Codec(), pad_id=0, max_length=3)
     np.testing.assert_array_equal(prompts.ids[1], [ord("b"), ord("c"), ord("d")])  # the last max_length tokens
     np.testing.assert_array_equal(prompts.mask[2], [0, 0, 1])
+    assert prompts.texts == ["ab", "bcd", "c", "xyz", "q"]  # what the policy reads: the reward sources get these
     first_pass = np.concatenate([prompts.rows(7, s, 1) for s in range(5)])
     assert sorted(first_pass) == [0, 1, 2, 3, 4]  # each prompt once per pass
     np.testing.assert_array_equal(prompts.rows(7, 3, 2), prompts.rows(7, 3, 2))
@@ -146,18 +147,6 @@ def test_reward_is_read_where_trl_reads_it_when_pad_is_eos(tmp_path):
     with torch.no_grad():
         _, expected, _ = get_reward(pt, torch.tensor(sequences), pad, context_length=4)
     np.testing.assert_allclose(reward(Generated(sequences, mask, pad_id=pad)), expected.numpy(), atol=1e-5)
-
-
-def test_truncated_prompts_reach_the_reward_as_the_policy_read_them():
-    class Codec:
-        def encode(self, text):
-            return [ord(c) for c in text]
-
-        def decode(self, ids):
-            return "".join(map(chr, ids))
-
-    prompts = PromptSet.build(["abcdef", "xy"], Codec(), pad_id=0, max_length=3)
-    assert prompts.texts == ["def", "xy"]
 
 
 def test_fresh_run_into_a_saved_state_is_refused_and_orbax_never_skips_a_save(tmp_path, capsys):
