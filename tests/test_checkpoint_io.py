@@ -9,6 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -286,3 +287,15 @@ def test_a_full_save_drops_an_earlier_adapter_save(saved, tmp_path):
     assert not list((tmp_path / "out").glob("adapter_*"))
     back = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "out")
     assert not back.is_peft_model
+
+
+def test_non_finite_params_are_saved_with_a_warning(saved, tmp_path, caplog):
+    """A diverged run's params still save (worth inspecting), but not silently."""
+    model = FlaxAutoModelForCausalLM.from_pretrained(saved)
+    params = jax.tree_util.tree_map(lambda x: x, model.params)
+    params["transformer"]["wte"]["embedding"] = params["transformer"]["wte"]["embedding"].at[0, 0].set(np.nan)
+    with caplog.at_level(logging.WARNING, logger="trlax"):
+        model.save_pretrained(tmp_path / "out", params=params, dtype="bfloat16")
+    assert "1 tensor(s) hold NaN or inf values, e.g. ['transformer.wte.weight']" in caplog.text
+    assert np.isnan(np.asarray(FlaxAutoModelForCausalLM.from_pretrained(tmp_path / "out").params["transformer"]["wte"]
+                               ["embedding"][0, 0], np.float32))

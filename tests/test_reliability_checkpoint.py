@@ -337,6 +337,14 @@ def test_incomplete_step_is_not_listed(tmp_path):
     assert restore_state(tmp_path).step == 1
     with pytest.raises(CheckpointError, match="step 2 is not saved .* incomplete"):
         restore_state(tmp_path, step=2)
+    # A writer removes it: Orbax counted it toward max_to_keep and deleted the good step 1 for it.
+    with StateCheckpointer(tmp_path, max_to_keep=2) as checkpointer:
+        checkpointer.save(3, _small_params(3.0))
+    assert StateCheckpointer(tmp_path, read_only=True).all_steps() == [1, 3]
+    (tmp_path / "9").mkdir()
+    (tmp_path / "9" / "notes.txt").write_text("not a step")
+    with pytest.raises(CheckpointError, match="9 is named like a saved step but holds no training state"):
+        StateCheckpointer(tmp_path, max_to_keep=2)
 
 
 # --- item 3: shard paths stay inside the checkpoint; no key in two shards ------------------------------

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -42,6 +44,8 @@ from trlax.errors import CheckpointError, TrlaxError, TrlaxTypeError
 from trlax.sharding import ParamRule, ShardingRules, tree_shardings
 
 STATE_ITEMS = ("params", "opt_state", "rng", "adapters")
+logger = logging.getLogger("trlax")
+
 SAVED_ITEMS = ("state", "meta")  # the Orbax items of one step folder
 # Orbax's markers of a finished step: one in the step folder, one in each item folder.
 STEP_COMMITTED, ITEM_COMMITTED = "_CHECKPOINT_METADATA", "commit_success.txt"
@@ -51,6 +55,23 @@ def step_is_complete(step_dir: Path) -> bool:
     """Whether a committed step folder holds every item with Orbax's commit markers."""
     return (step_dir / STEP_COMMITTED).is_file() and all(
         (step_dir / item / ITEM_COMMITTED).is_file() for item in SAVED_ITEMS)
+
+
+def remove_crashed_steps(directory: Path) -> list[Path]:
+    """For the writer (holding the folder's lock): delete the step folders a crashed save left incomplete, which
+    Orbax would count as the latest step and toward `max_to_keep` (deleting complete steps instead); raise
+    CheckpointError for a folder named like a step that holds no Orbax step at all. Returns the removed folders."""
+    removed = []
+    for entry in sorted(directory.iterdir()):
+        if not (entry.is_dir() and entry.name.isdigit()) or step_is_complete(entry):
+            continue
+        if not any((entry / name).exists() for name in (STEP_COMMITTED, *SAVED_ITEMS)):
+            raise CheckpointError(f"{entry} is named like a saved step but holds no training state; move it out of "
+                                  f"{directory} (Orbax would count it as a step, and delete saved steps for it)")
+        logger.warning("%s: removed step %s, which a crashed save left incomplete", directory, entry.name)
+        shutil.rmtree(entry)
+        removed.append(entry)
+    return removed
 
 
 class RestoredState(NamedTuple):
@@ -98,6 +119,8 @@ class StateCheckpointer:
             options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                                    create=True, cleanup_tmp_directories=True)
         try:
+            if not read_only:
+                on_writer_process(lambda: remove_crashed_steps(self.directory), f"{self.directory} (its step folders)")
             self.manager = ocp.CheckpointManager(
                 self.directory, options=options,
                 item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})

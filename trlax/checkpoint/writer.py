@@ -10,6 +10,7 @@ not, so loaders cannot mix an old shard with new ones.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import struct
@@ -19,8 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from trlax.checkpoint.atomic import replacing_folder
+from trlax.checkpoint.dtypes import is_float
 from trlax.checkpoint.reader import SAFETENSORS_DTYPES
 from trlax.errors import TrlaxError
+
+logger = logging.getLogger("trlax")
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -52,9 +56,15 @@ def parse_size(size: int | str) -> int:
 
 
 def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
-    """Write one safetensors file (header + raw little-endian bytes)."""
+    """Write one safetensors file (header + raw little-endian bytes); tensors holding NaN or inf are written
+    as they are, with a warning naming them (a diverged run is still worth inspecting)."""
     header: dict[str, object] = {"__metadata__": dict(metadata)}
     offset = 0
+    non_finite = [key for key, array in tensors.items()
+                  if is_float(array.dtype) and not np.isfinite(array).all()]
+    if non_finite:
+        logger.warning("%s: %d tensor(s) hold NaN or inf values, e.g. %s; saved as they are",
+                       path.name, len(non_finite), non_finite[:3])
     for key, array in tensors.items():
         if array.dtype not in _DTYPE_NAMES:
             raise TrlaxError(f"tensor {key!r} has dtype {array.dtype}, which safetensors cannot store")
