@@ -18,7 +18,7 @@ from trlax import (
     FlaxAutoModelForCausalLM,
     FlaxAutoModelForCausalLMWithValueHead,
 )
-from trlax.checkpoint.convert import is_orbax_model, load_orbax
+from trlax.checkpoint.convert import is_orbax_model, load_orbax, to_hf, to_orbax
 from trlax.checkpoint.reader import CheckpointReader
 from trlax.cli import main
 from trlax.value_head import value_head_hidden_size
@@ -142,3 +142,19 @@ def test_python_dash_m_trlax(monkeypatch, capsys) -> None:
         runpy.run_module("trlax", run_name="__main__")
     assert exit_info.value.code == 0
     assert "usage: trlax convert" in capsys.readouterr().out
+
+
+def test_a_bf16_checkpoint_comes_back_bf16_through_float32_orbax_params(tmp_path: Path) -> None:
+    """to_orbax keeps float32 params by default; to_hf wrote them as float32, doubling a bf16 checkpoint."""
+    src = _torch_checkpoint(gpt2(), tmp_path / "src", value_head=True)
+    FlaxAutoModelForCausalLMWithValueHead.from_pretrained(src).save_pretrained(tmp_path / "bf16", dtype="bfloat16")
+    to_orbax(tmp_path / "bf16", tmp_path / "orbax", progress=False)
+    assert load_orbax(tmp_path / "orbax").params["v_head"]["summary"]["kernel"].dtype == np.float32
+    to_hf(tmp_path / "orbax", tmp_path / "hf", progress=False)
+    with CheckpointReader([tmp_path / "hf" / "model.safetensors"]) as reader:
+        lm = {str(reader.dtype(k)) for k in reader.keys() if not k.startswith("v_head.")}  # noqa: SIM118
+        head = {str(reader.dtype(k)) for k in reader.keys() if k.startswith("v_head.")}  # noqa: SIM118
+    assert lm == {"bfloat16"} and head == {"float32"}
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").dtype == torch.bfloat16
+    sizes = {name: (tmp_path / name / "model.safetensors").stat().st_size for name in ("bf16", "hf")}
+    assert sizes["hf"] == sizes["bf16"]

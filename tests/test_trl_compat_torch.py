@@ -18,6 +18,7 @@ from trlax import (
     FlaxAutoModelForCausalLMWithValueHead,
     FlaxAutoModelForSeq2SeqLMWithValueHead,
     TrlaxError,
+    create_reference_model,
 )
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -100,6 +101,8 @@ def test_trl_value_head_model_converts_with_its_head():
         again = back(torch.tensor(ids), attention_mask=torch.tensor(mask))
     assert max_diff(ref[0], again[0], mask) < ATOL
     assert max_diff(ref[2], again[2], mask) < ATOL
+    reference = create_reference_model(model, num_shared_layers=1)  # the head came as numpy: copying it failed
+    assert max_diff(ref[2], reference(ids, mask)[2], mask) < ATOL
     # A plain transformers model has no head: strict says so, as for a checkpoint without one.
     with pytest.raises(TrlaxError, match="no value head"):
         FlaxAutoModelForCausalLMWithValueHead.from_pretrained(pt, strict=True)

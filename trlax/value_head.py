@@ -199,6 +199,8 @@ class PreTrainedModelWrapper:
         if pretrained_model.mesh is not None:  # the head joins the LM's layout (a no-op if it already has it)
             v_head_params = shard_params({"v_head": v_head_params}, pretrained_model.mesh,
                                          pretrained_model.sharding_rules)["v_head"]
+        else:  # device arrays, as the LM's are (a head converted from torch arrives as numpy)
+            v_head_params = jax.tree_util.tree_map(jnp.asarray, v_head_params)
         params: dict[str, Any] = {"pretrained_model": pretrained_model.params}
         if policy_adapter is not None:
             params[LORA_COLLECTION] = policy_adapter.lora

@@ -112,16 +112,16 @@ def to_orbax(
                   "cache_dir": options.cache_dir, "local_files_only": options.local_files_only, "place": tracked}
         if keep_head:
             wrapper = wrapper_cls.from_pretrained(src, strict=True, **kwargs)
-            params, generation_config = wrapper.params, wrapper.pretrained_model.generation_config
+            params, lm = wrapper.params, wrapper.pretrained_model
         else:
             lm = lm_cls.from_pretrained(src, **kwargs)
-            params, generation_config = lm.params, lm.generation_config
-    _save_orbax(dst, params, config, keep_head, param_dtype, progress, generation_config)
+            params = lm.params
+    _save_orbax(dst, params, config, keep_head, param_dtype, progress, lm.generation_config, lm.storage_dtype)
     return dst
 
 
 def _save_orbax(dst: Path, params: Any, config: Any, value_head: bool, param_dtype: Any, progress: bool,
-                generation_config: Any) -> None:
+                generation_config: Any, storage_dtype: Any) -> None:
     import orbax.checkpoint as ocp  # seconds to import: only when an Orbax folder is read or written
 
     dst.mkdir(parents=True, exist_ok=True)
@@ -136,8 +136,10 @@ def _save_orbax(dst: Path, params: Any, config: Any, value_head: bool, param_dty
         config.save_pretrained(str(dst))
         if generation_config is not None:
             write_generation_config(generation_config, dst)
+        # storage_dtype: the source checkpoint's float dtype (see `load_orbax`: bf16 comes back bf16).
         marker = {"format": FORMAT, "version": 1, "value_head": value_head, "model_type": config.model_type,
-                  "param_dtype": jnp.dtype(param_dtype).name}
+                  "param_dtype": jnp.dtype(param_dtype).name,
+                  "storage_dtype": None if storage_dtype is None else np.dtype(storage_dtype).name}
         (dst / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     if jax.process_count() > 1:  # no host returns (and, say, reads the folder) before the marker exists
         multihost_utils.sync_global_devices("trlax.to_orbax: marker written")
@@ -194,6 +196,11 @@ def load_orbax(
                               f"damaged or do not fit its config ({type(e).__name__}: {reason}); re-create it with "
                               "`trlax convert`") from None
     lm.generation_config = read_generation_config(path, HubOptions())
+    # What a save writes by default: the source checkpoint's dtype when it is narrower than the params (a bf16
+    # checkpoint held as float32 params comes back bf16), else the params' own, which hold no more precision.
+    stored = marker.get("storage_dtype")  # None in folders written before trlax recorded it
+    if stored is not None and jnp.dtype(stored).itemsize < jnp.dtype(marker["param_dtype"]).itemsize:
+        lm.storage_dtype = np.dtype(jnp.dtype(stored))
     if not marker["value_head"]:
         lm.params = params
         return lm
@@ -217,13 +224,14 @@ def to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, max_shard_size: int
     model = load_orbax(src, mesh=mesh)
     has_head = hasattr(model, "pretrained_model")
     lm = model.pretrained_model if has_head else model
-    table = lm.key_table(lm.params, path_prefix=("pretrained_model",) if has_head else ())
-    if has_head:
-        table.update(key_table(model.params["v_head"], prefix="v_head.", path_prefix=("v_head",)))
-    tensors = checkpoint_tensors(model.params, table)
+    dtype = lm.save_dtype(lm.params)  # see load_orbax; config.json states it
+    tensors = checkpoint_tensors(model.params, lm.key_table(lm.params, path_prefix=("pretrained_model",) if has_head
+                                                            else ()), dtype)
+    if has_head:  # TRL's value head stays float32
+        tensors.update(checkpoint_tensors(model.params, key_table(model.params["v_head"], prefix="v_head.",
+                                                                  path_prefix=("v_head",))))
     if progress:
         tensors = dict(tqdm(tensors.items(), total=len(tensors), unit="tensor", desc=f"gathering {src}"))
-    dtype = lm.save_dtype(lm.params)  # the LM tensors' own dtype: config.json states it
     return write_checkpoint(dst, tensors, write_extra=lambda tmp: lm.write_config_files(tmp, dtype),
                             max_shard_size=max_shard_size)
 
