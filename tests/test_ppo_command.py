@@ -9,10 +9,12 @@ import sys
 import time
 from argparse import Namespace
 from pathlib import Path
+from typing import Any
 
 import datasets
 import jax
 import numpy as np
+import peft
 import pytest
 import torch
 import transformers
@@ -21,9 +23,10 @@ from tests.helpers import subprocess_env
 from trlax.checkpoint.reader import CheckpointReader
 from trlax.checkpoint.state import StateCheckpointer
 from trlax.cli import build_parser, main
+from trlax.cli.demo_task import tiny_gpt2_config
 from trlax.cli.ppo import EMBEDDED_REWARD_MODEL, build_models, trainer_config
 from trlax.errors import CheckpointError, TrlaxError
-from trlax.models.auto import FlaxAutoModelForSequenceClassification
+from trlax.models.auto import FlaxAutoModelForCausalLM, FlaxAutoModelForSequenceClassification
 from trlax.ppo import PPOConfig
 from trlax.ppo_data import PromptSet, read_prompts
 from trlax.ppo_rewards import FunctionReward, Generated, ModelReward, RewardError, load_function
@@ -188,6 +191,86 @@ def test_ppo_settings_trl_names_and_limits(tmp_path, capsys):
         PPOTrainer(models, PromptSet.build(texts, models.codec, models.pad_id, 16), trainer_config(args))
 
 
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "away"]
+
+
+def word_tokenizer(pad: bool = True) -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer built offline: <unk> 0, <pad> 1, </s> 2, then WORDS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "</s>", *WORDS])}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="</s>",
+                                                **({"pad_token": "<pad>"} if pad else {}))
+
+
+def word_checkpoint(folder: Path, classifier: bool = False, pad: bool = True, **config: Any) -> Path:
+    """A tiny GPT-2 over WORDS (an LM, or a 1-label classifier) saved with its word tokenizer."""
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=3 + len(WORDS), n_positions=32,
+                                   num_labels=1, eos_token_id=2, bos_token_id=2, **config)
+    auto = transformers.AutoModelForSequenceClassification if classifier else transformers.AutoModelForCausalLM
+    auto.from_config(gpt2).save_pretrained(folder)
+    word_tokenizer(pad).save_pretrained(folder)
+    (folder.parent / "prompts.txt").write_text("the cat sat\na dog ran\non a mat\nthe dog sat far\n")
+    return folder
+
+
+def test_reward_model_tokenizers_without_pad_and_peft_adapters_without_tokenizers(tmp_path):
+    """A reward tokenizer without a pad token scored with pad id 0 (a real token, skipped at the end of a text);
+    a PEFT SEQ_CLS adapter folder has no tokenizer, so its base's was ignored and the policy's ids were read."""
+    policy = word_checkpoint(tmp_path / "policy")
+    rm = word_checkpoint(tmp_path / "rm", classifier=True, pad=False)  # config pad None, tokenizer without pad
+    args = cli_args(model=policy, reward_model=rm, prompts=tmp_path / "prompts.txt")
+    models, _ = build_models(args)
+    assert models.reward.pad_id is None and models.reward.needs_text
+    pt = transformers.AutoModelForSequenceClassification.from_pretrained(rm).eval()
+    generated = Generated(np.zeros((2, 1)), np.ones((2, 1)), ["the cat", "a dog"], [" sat <unk>", " ran"])
+    with torch.no_grad():
+        expected = [pt(torch.tensor([word_tokenizer()(p + c)["input_ids"]])).logits[0, 0].item()
+                    for p, c in zip(generated.prompts, generated.completions, strict=True)]
+    np.testing.assert_allclose(models.reward(generated), expected, atol=1e-5)
+    base = peft.get_peft_model(pt, peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["c_attn"]))
+    base.save_pretrained(str(tmp_path / "adapter"))
+    adapter_args = cli_args(model=policy, reward_model=tmp_path / "adapter", prompts=tmp_path / "prompts.txt")
+    assert build_models(adapter_args)[0].reward.needs_text  # the base folder's tokenizer
+
+
+def test_flags_that_would_train_the_wrong_thing_are_refused(tmp_path, capsys):
+    """A causal-LM checkpoint as --reward-model trained against a random head; --num-shared-layers with --lora-r was
+    dropped; resuming with other model flags (here --num-shared-layers) silently reset the newly frozen layers to
+    the base checkpoint's weights."""
+    FlaxAutoModelForCausalLM.from_config(tiny_gpt2_config()).save_pretrained(tmp_path / "lm")
+    assert main(["ppo", "--output-dir", str(tmp_path / "a"), "--reward-model", str(tmp_path / "lm")]) == 1
+    assert main(["ppo", "--output-dir", str(tmp_path / "b"), "--lora-r", "4", "--num-shared-layers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "no trained score head" in err and "--num-shared-layers applies to a full-weight policy" in err
+    args = cli_args(steps=1, batch_size=2, mini_batch_size=2, max_new_tokens=4, save_every=1)
+    models, texts = build_models(args)
+    prompts = PromptSet.build(texts, models.codec, models.pad_id, 16)
+    train(PPOTrainer(models, prompts, trainer_config(args), run={"num_shared_layers": None}), tmp_path / "c")
+    again = PPOTrainer(models, prompts, trainer_config(args), run={"num_shared_layers": 1})
+    with pytest.raises(TrlaxError, match="other settings \\(num_shared_layers None -> 1\\)"):
+        resume(again, tmp_path / "c")
+
+
+@pytest.mark.slow
+def test_mesh_flags_train_and_resume(tmp_path):
+    """--fsdp/--data on 4 devices: Adam's step count (and a restored RNG key) sat on device 0 beside params on the
+    mesh, and every run stopped at its first step."""
+    policy = word_checkpoint(tmp_path / "policy")
+    (tmp_path / "rewards.py").write_text("def words(prompts, completions):\n"
+                                         "    return [len(c.split()) / 4 for c in completions]\n")
+    flags = ["--model", str(policy), "--reward-fn", "rewards:words", "--prompts", str(tmp_path / "prompts.txt"),
+             "--batch-size", "4", "--mini-batch-size", "2", "--max-new-tokens", "4", "--save-every", "1",
+             "--fsdp", "2", "--data", "2", "--output-dir", str(tmp_path / "out")]
+    for extra in (["--steps", "1"], ["--steps", "2", "--resume"]):
+        done = run_cli([*flags, *extra], cwd=tmp_path, devices=4)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
 @pytest.mark.slow
 def test_resumed_trainer_matches_an_uninterrupted_one(tmp_path):
     """In process: save after step 2, a fresh trainer resumes and ends with the same bits as one that did not stop."""
@@ -215,10 +298,11 @@ def jax_leaves(tree):
 
 
 # --- real runs ----------------------------------------------------------------------------------
-def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 900,
+            devices: int | None = None) -> subprocess.CompletedProcess:
     """`trlax ppo --quiet ARGS` as a user runs it: the console script, from `cwd` (the repo by default)."""
     trlax = Path(sys.executable).with_name("trlax")
-    return subprocess.run([str(trlax), "ppo", "--quiet", *args], cwd=cwd or ROOT, env=subprocess_env(),
+    return subprocess.run([str(trlax), "ppo", "--quiet", *args], cwd=cwd or ROOT, env=subprocess_env(devices),
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -86,7 +86,9 @@ class ModelReward:
     needs_text: bool
 
     def __init__(self, model: FlaxModelForSequenceClassification, codec: TextCodec | None, source: str,
-                 pad_id: int = 0) -> None:
+                 pad_id: int | None = None) -> None:
+        """pad_id: with a codec, the id the texts are padded with and that the score skips (the reward model's
+        pad token; None: no skip, padding with id 0)."""
         self.model, self.codec, self.pad_id, self.source = model, codec, pad_id, source
         self.needs_text = codec is not None
         self.positions = model.spec.position_limit(model.config)  # a learned position table's rows, or None
@@ -124,7 +126,7 @@ class ModelReward:
         width = max(32, -(-longest // 32) * 32)
         if self.positions is not None and longest <= self.positions:
             width = min(width, self.positions)
-        ids = np.full((len(encoded), width), self.pad_id, np.int32)
+        ids = np.full((len(encoded), width), 0 if self.pad_id is None else self.pad_id, np.int32)
         mask = np.zeros_like(ids)
         for row, tokens in enumerate(encoded):
             ids[row, :len(tokens)], mask[row, :len(tokens)] = tokens, 1

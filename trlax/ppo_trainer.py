@@ -17,6 +17,7 @@ the base RNG key, the step, the KL coefficient and the data position) after ever
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,7 @@ from trlax.errors import TrlaxError
 from trlax.ppo import PPOConfig, adaptive_kl_coef, make_ppo_update, make_rollout
 from trlax.ppo_data import PromptSet, TextCodec
 from trlax.ppo_rewards import Generated
+from trlax.sharding import committed
 from trlax.trainable import merge_trainable, split_trainable
 from trlax.value_head import PreTrainedModelWrapper
 
@@ -86,10 +88,18 @@ def reply_mask(reply: Array, eos_ids: tuple[int, ...]) -> Array:
 
 
 class PPOTrainer:
-    """`trainer.step()` runs one PPO step and returns its metrics; `trainer.params` is the policy's pytree."""
+    """`trainer.step()` runs one PPO step and returns its metrics; `trainer.params` is the policy's pytree.
 
-    def __init__(self, models: Models, prompts: PromptSet, config: TrainerConfig) -> None:
+    run: what else defines the run besides `config` (the CLI's model, reward and prompt flags), JSON values;
+    saved with every state, and a resume with other settings (`config` but `steps` and `save_every`, or `run`)
+    is refused.
+    """
+
+    def __init__(self, models: Models, prompts: PromptSet, config: TrainerConfig,
+                 run: dict[str, Any] | None = None) -> None:
         self.models, self.prompts, self.config = models, prompts, config
+        settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("steps", "save_every")}
+        self.run_settings = json.loads(json.dumps({**settings, **(run or {})}))  # as a saved state holds them
         policy = models.policy
         lm = policy.pretrained_model
         positions, length = lm.spec.position_limit(lm.config), prompts.ids.shape[1] + config.max_new_tokens
@@ -101,8 +111,9 @@ class PPOTrainer:
         self.tx = adam if config.max_grad_norm is None else optax.chain(
             optax.clip_by_global_norm(config.max_grad_norm), adam)
         self.trainable, self.frozen = split_trainable(policy.params, policy.trainable_mask)
-        self.opt_state = committed(self.tx.init(self.trainable))
-        self.trainable = committed(self.trainable)
+        self.mesh = lm.mesh  # leaves off it (Adam's step count, a restored RNG key) are replicated over it
+        self.opt_state = committed(self.tx.init(self.trainable), self.mesh)
+        self.trainable = committed(self.trainable, self.mesh)
         self.rollout = make_rollout(policy, models.reference, config.ppo)
         self.update = make_ppo_update(policy, self.tx, config.ppo)
         self.learn = jax.jit(self._learn, donate_argnums=(0, 2))
@@ -194,29 +205,38 @@ class PPOTrainer:
         """Orbax state of the steps done so far: trainable params, optimizer state, RNG, KL coef, data position."""
         checkpointer.save(self.step_index, self.trainable, self.opt_state, rng=self.key,
                           extra={"kl_coef": self.kl_coef, "data_position": self.step_index * self.config.batch_size,
-                                 "seed": self.config.seed})
+                                 "seed": self.config.seed, "run": self.run_settings})
 
     def restore_state(self, checkpointer: StateCheckpointer) -> int | None:
         """Continue from the latest saved step (returns it), or None when nothing is saved."""
-        if checkpointer.latest_step() is None:
+        step = checkpointer.latest_step()
+        if step is None:
             return None
-        state = checkpointer.restore(target={"params": self.trainable, "opt_state": self.opt_state})
-        if state.extra.get("seed") != self.config.seed:
-            raise TrlaxError(f"the saved state in {checkpointer.directory} was trained with --seed "
-                             f"{state.extra.get('seed')}, not {self.config.seed}; resume with the same settings")
-        if state.step and state.extra.get("data_position") != state.step * self.config.batch_size:
-            # The prompts of step s are rows [s * batch_size, (s + 1) * batch_size) of the seed's stream.
-            raise TrlaxError(f"the saved state in {checkpointer.directory} was trained with --batch-size "
-                             f"{state.extra.get('data_position', 0) // state.step}, not {self.config.batch_size}; "
-                             "resume with the same settings")
-        self.trainable, self.opt_state = committed(state.params), committed(state.opt_state)
-        self.key, self.step_index, self.kl_coef = state.rng, state.step, float(state.extra["kl_coef"])
+        self.check_settings(checkpointer.extra(step), step, checkpointer.directory)  # before the arrays
+        state = checkpointer.restore(step, target={"params": self.trainable, "opt_state": self.opt_state})
+        self.trainable, self.opt_state = committed(state.params, self.mesh), committed(state.opt_state, self.mesh)
+        self.key = committed(state.rng, self.mesh)
+        self.step_index, self.kl_coef = state.step, float(state.extra["kl_coef"])
         return state.step
 
 
-def committed(tree: Any) -> Any:
-    """The same arrays committed to their devices, so jit compiles once for fresh and updated params alike."""
-    return jax.tree_util.tree_map(lambda x: jax.device_put(x, x.sharding), tree)
+    def check_settings(self, extra: dict[str, Any], step: int, where: Path) -> None:
+        """TrlaxError when the state saved at `step` (its `extra`) was trained with other settings than this run:
+        a resumed run would silently change course (another batch size reads other prompts; other shared layers
+        drop trained weights)."""
+        again = "resume with the same flags, or train into another --output-dir"
+        if extra.get("seed") != self.config.seed:
+            raise TrlaxError(f"the saved state in {where} was trained with --seed {extra.get('seed')}, not "
+                             f"{self.config.seed}; {again}")
+        if step and extra.get("data_position") != step * self.config.batch_size:
+            # The prompts of step s are rows [s * batch_size, (s + 1) * batch_size) of the seed's stream.
+            raise TrlaxError(f"the saved state in {where} was trained with --batch-size "
+                             f"{extra.get('data_position', 0) // step}, not {self.config.batch_size}; {again}")
+        saved = extra.get("run")  # absent in states saved before trlax recorded the settings
+        if saved is not None and saved != self.run_settings:
+            changed = sorted(k for k in {*saved, *self.run_settings} if saved.get(k) != self.run_settings.get(k))
+            shown = ", ".join(f"{k} {saved.get(k)!r} -> {self.run_settings.get(k)!r}" for k in changed)
+            raise TrlaxError(f"the saved state in {where} was trained with other settings ({shown}); {again}")
 
 
 def check_no_later_state(checkpointer: StateCheckpointer, step: int) -> None:

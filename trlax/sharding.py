@@ -353,3 +353,21 @@ def shard_model(model: Any, mesh: Mesh, sharding_rules: ShardingRules | Sequence
         model.reward_params = shard_params(model.reward_params, mesh, rules)
     inner.mesh, inner.sharding_rules = mesh, rules
     return model
+
+
+def committed(tree: Any, mesh: Mesh | None = None) -> Any:
+    """The same arrays, committed to their devices; with a `mesh`, leaves off it (Adam's step count, an RNG
+    key restored onto one device) replicated over it.
+
+    jit compiles separately for committed and uncommitted inputs, and its outputs are committed: params fresh
+    from `init` (or Adam's step count) would otherwise compile every jitted function twice, once for the first
+    step and again for the rest; and one jitted call cannot take a leaf on device 0 beside leaves on the mesh.
+    """
+    devices = None if mesh is None else set(mesh.devices.flat)
+
+    def commit(x: Any) -> Any:
+        if devices is not None and set(x.sharding.device_set) != devices:
+            return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+        return jax.device_put(x, x.sharding)
+
+    return jax.tree_util.tree_map(commit, tree)

@@ -215,15 +215,9 @@ class StateCheckpointer:
             {"params": ..., "opt_state": ..., "rng": ..., "adapters": ...}. Default:
             the target's shardings, else the first local device.
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"no saved training state in {self.directory}")
-        if step not in self.all_steps():
-            damaged = " (its folder is incomplete)" if step in self.manager.all_steps() else ""
-            raise CheckpointError(f"step {step} is not saved in {self.directory}{damaged}; "
-                                  f"saved steps: {self.all_steps()}")
+        step = self.saved_step(step)
         try:
-            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            meta = self._meta(step)
             abstract = self._abstract_state(step, target or {})
             shardings = self._shardings(abstract, target_sharding, sharding_rules, model_type)
             abstract = jax.tree_util.tree_map(lambda leaf, sharding: jax.ShapeDtypeStruct(
@@ -242,6 +236,24 @@ class StateCheckpointer:
             rng = jax.random.wrap_key_data(rng, impl=meta["rng_impl"])
         return RestoredState(int(meta["step"]), state.get("params"), state.get("opt_state"), rng,
                              state.get("adapters"), dict(meta.get("extra") or {}))
+
+    def extra(self, step: int | None = None) -> dict[str, Any]:
+        """The `extra` dict saved with a step (default: the latest), read without its arrays."""
+        return dict(self._meta(self.saved_step(step)).get("extra") or {})
+
+    def saved_step(self, step: int | None) -> int:
+        """`step`, or the latest when None; CheckpointError when it is not a complete saved step."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no saved training state in {self.directory}")
+        if step not in self.all_steps():
+            damaged = " (its folder is incomplete)" if step in self.manager.all_steps() else ""
+            raise CheckpointError(f"step {step} is not saved in {self.directory}{damaged}; "
+                                  f"saved steps: {self.all_steps()}")
+        return step
+
+    def _meta(self, step: int) -> dict[str, Any]:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def _abstract_state(self, step: int, target: dict[str, Any]) -> dict[str, Any]:
         """ShapeDtypeStructs of the saved state; `target`'s items replace the saved structure."""

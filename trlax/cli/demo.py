@@ -40,6 +40,7 @@ from trlax.errors import TrlaxError, UnsupportedModelError
 from trlax.models.auto import FlaxAutoModelForCausalLM
 from trlax.ppo import PPOConfig, make_ppo_update, make_rollout
 from trlax.reference import count_layers, create_reference_model, parameter_names
+from trlax.sharding import committed
 from trlax.trainable import merge_trainable, split_trainable
 from trlax.value_head import FlaxAutoModelForCausalLMWithValueHead, PreTrainedModelWrapper
 
@@ -75,16 +76,6 @@ class DemoModels:
 
 
 # --- models ---------------------------------------------------------------------------
-def committed(tree: Any) -> Any:
-    """The same arrays, committed to their devices.
-
-    jit compiles separately for committed and uncommitted inputs, and its outputs are
-    committed: params fresh from `init` (or Adam's step count) would otherwise compile
-    every jitted function twice, once for the first step and again for the rest.
-    """
-    return jax.tree_util.tree_map(lambda x: jax.device_put(x, x.sharding), tree)
-
-
 def build_default(seed: int = 0, max_new_tokens: int = 12, num_shared_layers: int = 1) -> DemoModels:
     """The embedded default: a random tiny GPT-2 over characters, its reference sharing the first layers."""
     config = tiny_gpt2_config()

@@ -29,18 +29,22 @@ from trlax.cli.demo_task import CONSONANTS, START, decode_chars, encode_chars, t
 from trlax.cli.preflight import check_batch_fits, check_output_dir
 from trlax.errors import TrlaxError
 from trlax.models.auto import FlaxAutoModelForCausalLM, FlaxAutoModelForSequenceClassification
+from trlax.models.sequence_classification import pad_token_id
 from trlax.ppo import PPOConfig
 from trlax.ppo_data import HFCodec, PromptSet, TextCodec, read_prompts
 from trlax.ppo_log import PLOT_FILE, MetricsLog, plot
 from trlax.ppo_rewards import AdapterReward, FunctionReward, ModelReward, RewardError, load_function
-from trlax.ppo_trainer import Models, PPOTrainer, TrainerConfig, committed, refuse_saved_state, resume, train
+from trlax.ppo_trainer import Models, PPOTrainer, TrainerConfig, refuse_saved_state, resume, train
 from trlax.reference import create_reference_model
-from trlax.sharding import make_mesh
+from trlax.sharding import committed, make_mesh
 from trlax.value_head import FlaxAutoModelForCausalLMWithValueHead
 
 EMBEDDED_REWARD_MODEL = Path(__file__).resolve().parent / "data" / "tiny_reward_model"
 FINAL_DIR = "final"
 MAX_PROMPT_TOKENS = 256
+# Flags that define a run besides the hyper-parameters: a resume with others is refused (mesh flags may change).
+RUN_FLAGS = ("model", "reward_model", "reward_adapter", "reward_fn", "prompts", "max_prompt_length",
+             "num_shared_layers", "lora_r")
 
 # Unset flags: TRL's classic PPOConfig with --model; the tiny default's tuned values without it.
 TRL_DEFAULTS: dict[str, Any] = {
@@ -138,6 +142,9 @@ def build_models(args: argparse.Namespace) -> tuple[Models, list[str]]:
         pad_id = int(pad) if pad is not None else (eos_ids[0] if eos_ids else 0)
         policy_name = f"{args.model} ({policy.config.model_type})"
     policy.params = committed(policy.params)
+    if policy.is_peft_model and args.num_shared_layers is not None:
+        raise TrlaxError("--num-shared-layers applies to a full-weight policy: a LoRA policy's reference is its own "
+                         "base with the adapter off, which shares everything")
     shared = None if policy.is_peft_model else args.num_shared_layers
     reference = create_reference_model(policy, num_shared_layers=shared)
     reward = reward_source(args, policy, mesh)
@@ -167,8 +174,17 @@ def reward_source(args: argparse.Namespace, policy: Any, mesh: Any) -> Any:
     source = args.reward_model or EMBEDDED_REWARD_MODEL
     name = args.reward_model or "embedded tiny GPT-2 classifier (vowel fraction)"
     model = FlaxAutoModelForSequenceClassification.from_pretrained(source, mesh=mesh)
+    if model.new_score_head:
+        raise RewardError(f"reward model {name} has no trained score head (score.weight): it is a causal-LM "
+                          "checkpoint, and its new head is random; pass a model trained as "
+                          "AutoModelForSequenceClassification (e.g. with TRL's RewardTrainer)")
     rm_vocab = int(model.config.get_text_config().vocab_size)
-    tokenizer = load_tokenizer(source, rm_vocab) if args.reward_model is not None else None
+    tokenizer = None
+    if args.reward_model is not None:  # a PEFT adapter folder has no tokenizer: its base's is the one
+        tokenizer = load_tokenizer(source, rm_vocab)
+        base = getattr(model, "base_model_name_or_path", None)
+        if tokenizer is None and base:
+            tokenizer = load_tokenizer(base, rm_vocab)
     if tokenizer is None:  # the policy's ids, as generated
         policy_vocab = int(policy.config.get_text_config().vocab_size)
         if rm_vocab < policy_vocab:
@@ -176,8 +192,9 @@ def reward_source(args: argparse.Namespace, policy: Any, mesh: Any) -> Any:
                               f"({rm_vocab}) than the policy ({policy_vocab}); "
                               "save its tokenizer with it")
         return ModelReward(model, None, str(name))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return ModelReward(model, HFCodec(tokenizer), str(name), pad_id=int(pad))
+    pad = pad_token_id(model.config)  # transformers pools at the last token that is not it
+    pad = tokenizer.pad_token_id if pad is None else pad
+    return ModelReward(model, HFCodec(tokenizer), str(name), pad_id=pad)
 
 
 def run_ppo_command(args: argparse.Namespace) -> int:
@@ -194,7 +211,8 @@ def run_ppo_command(args: argparse.Namespace) -> int:
     # Every prompt has at least one token: a lower bound of the sequence length.
     check_batch_fits(models.policy.config, config.batch_size, 1 + config.max_new_tokens)
     prompts = PromptSet.build(texts, models.codec, models.pad_id, args.max_prompt_length)
-    trainer = PPOTrainer(models, prompts, config)
+    run = {name: getattr(args, name) for name in RUN_FLAGS}
+    trainer = PPOTrainer(models, prompts, config, run=run)
     for role, text in models.description.items():
         print(f"{role + ':':10} {text}")
     ppo = config.ppo

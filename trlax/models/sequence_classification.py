@@ -156,6 +156,7 @@ class FlaxModelForSequenceClassification(FlaxPreTrainedModel):
             for name, value in updates.items():
                 setattr(config, name, value)
         self.score_seed = seed
+        self.new_score_head = False  # set by a load: whether `score` was initialised here (the checkpoint had none)
         if config.num_labels < 1:
             raise UnsupportedModelError(f"num_labels must be >= 1; the config has {config.num_labels}")
         problem = getattr(config, "problem_type", None)
@@ -235,6 +236,7 @@ class FlaxModelForSequenceClassification(FlaxPreTrainedModel):
                         place: Placer | None) -> dict[str, Any]:
         """A new `score` head (N(0, initializer_range) from `seed`) when the checkpoint had none,
         with a warning, as transformers does."""
+        self.new_score_head = bool(missing)
         if not missing:
             return params
         logger.warning("%s has no %s.weight (not a sequence-classification checkpoint): initialised a new score "
