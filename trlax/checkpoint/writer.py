@@ -60,11 +60,6 @@ def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: M
     as they are, with a warning naming them (a diverged run is still worth inspecting)."""
     header: dict[str, object] = {"__metadata__": dict(metadata)}
     offset = 0
-    non_finite = [key for key, array in tensors.items()
-                  if is_float(array.dtype) and not np.isfinite(array).all()]
-    if non_finite:
-        logger.warning("%s: %d tensor(s) hold NaN or inf values, e.g. %s; saved as they are",
-                       path.name, len(non_finite), non_finite[:3])
     for key, array in tensors.items():
         if array.dtype not in _DTYPE_NAMES:
             raise TrlaxError(f"tensor {key!r} has dtype {array.dtype}, which safetensors cannot store")
@@ -76,8 +71,15 @@ def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: M
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for array in tensors.values():
-            f.write(np.ascontiguousarray(array).tobytes())
+        non_finite = []
+        for key, array in tensors.items():  # each tensor read once, in order (a multi-host save gathers it here)
+            data = np.ascontiguousarray(array)
+            if is_float(data.dtype) and not np.isfinite(data).all():
+                non_finite.append(key)
+            f.write(data.tobytes())
+    if non_finite:
+        logger.warning("%s: %d tensor(s) hold NaN or inf values, e.g. %s; saved as they are",
+                       path.name, len(non_finite), non_finite[:3])
 
 
 def _shards(tensors: Mapping[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
