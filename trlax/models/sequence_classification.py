@@ -220,7 +220,7 @@ class FlaxModelForSequenceClassification(FlaxPreTrainedModel):
         return (*super().ignored_checkpoint_keys(value_head), rf"^{self.lm_head_name()}\.")
 
     def tied_copies(self) -> dict[str, str]:
-        """None from the LM head, which this model skips."""
+        """The base class's tied copies, less the LM head's (this model skips the LM head)."""
         head = f"{self.lm_head_name()}."
         return {k: v for k, v in super().tied_copies().items() if not k.startswith(head)}
 
