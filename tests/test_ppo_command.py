@@ -79,12 +79,15 @@ def test_prompt_batches_are_left_padded_and_a_function_of_seed_and_step():
 
 
 def test_reward_function_is_called_with_texts_and_checked(tmp_path, monkeypatch):
-    (tmp_path / "my_rewards.py").write_text(VOWEL_FN + "def broken(prompts, completions):\n    return [1.0]\n")
+    (tmp_path / "my_rewards.py").write_text(VOWEL_FN + "def broken(prompts, completions):\n    return [1.0]\n"
+                                            "def raises(prompts, completions):\n    return 1 / 0\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     generated = Generated(np.zeros((2, 3)), np.ones((2, 3)), ["^b", "^c"], ["aaab", "bbbbbbbbbbbb"])
     np.testing.assert_allclose(FunctionReward(load_function("my_rewards:vowels"), "v")(generated), [0.25, 0.0])
     with pytest.raises(RewardError, match="one finite number per completion"):
         FunctionReward(load_function("my_rewards:broken"), "b")(generated)
+    with pytest.raises(RewardError, match="reward function r\\(prompts, completions\\) raised ZeroDivisionError"):
+        FunctionReward(load_function("my_rewards:raises"), "r")(generated)  # reported as a trlax bug before
     with pytest.raises(RewardError, match="MODULE:FUNCTION"):
         load_function("my_rewards")
     with pytest.raises(RewardError, match="no function"):

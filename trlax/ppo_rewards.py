@@ -188,7 +188,10 @@ class FunctionReward:
         self.description = f"reward function {source}(prompts, completions)"
 
     def __call__(self, generated: Generated) -> np.ndarray:
-        scores = np.asarray(self.fn(prompts=generated.prompts, completions=generated.completions), np.float32)
+        try:
+            scores = np.asarray(self.fn(prompts=generated.prompts, completions=generated.completions), np.float32)
+        except Exception as e:  # the user's code: say so, rather than let it pass for a trlax bug
+            raise RewardError(f"the {self.description} raised {type(e).__name__}: {e}") from e
         if scores.shape != (len(generated.completions),) or not np.all(np.isfinite(scores)):
             raise RewardError(f"the reward function returned {scores.shape} values (finite: "
                               f"{bool(np.all(np.isfinite(scores)))}); it must return one finite number per "
