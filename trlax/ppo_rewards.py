@@ -31,7 +31,7 @@ import numpy as np
 
 from trlax.errors import TrlaxError
 from trlax.inputs import check_token_range
-from trlax.models.sequence_classification import FlaxModelForSequenceClassification
+from trlax.models.sequence_classification import FlaxModelForSequenceClassification, last_true_index
 from trlax.peft.reward import reward_scores
 from trlax.ppo_data import TextCodec
 from trlax.value_head import PreTrainedModelWrapper
@@ -41,12 +41,6 @@ Array = jax.Array
 
 class RewardError(TrlaxError):
     """A reward source that cannot be loaded or returned unusable scores."""
-
-
-def last_token_index(valid: Array) -> Array:
-    """[B] int32: the last position where `valid` [B, T] is nonzero (0 for a row with none), transformers' pooling."""
-    positions = jnp.arange(valid.shape[1], dtype=jnp.int32) * (valid > 0).astype(jnp.int32)
-    return jnp.argmax(positions, axis=1).astype(jnp.int32)
 
 
 def real_positions(attention_mask: Array) -> Array:
@@ -63,7 +57,7 @@ def at_last_token(token_scores: Array, attention_mask: Array, ids: Array, pad_id
     valid = attention_mask > 0
     if pad_id is not None:
         valid = valid & (ids != pad_id)
-    index = last_token_index(valid)
+    index = last_true_index(valid)
     return jnp.take_along_axis(token_scores[..., 0], index[:, None], axis=1)[:, 0].astype(jnp.float32)
 
 

@@ -56,12 +56,17 @@ def pad_id_array(config: Any) -> Array:
     return jnp.asarray(-1 if pad is None else pad, jnp.int32)
 
 
-def last_non_pad_index(input_ids: Array, pad_id: int | Array | None) -> Array:
-    """[B] int32: transformers' pooling index, the rightmost position whose id is not `pad_id`
-    (argmax of `arange(T) * (ids != pad)`, so an all-pad row gives 0); T - 1 without a pad id (None or -1)."""
-    pad = -1 if pad_id is None else pad_id
-    positions = jnp.arange(input_ids.shape[1], dtype=jnp.int32) * (jnp.asarray(input_ids) != pad).astype(jnp.int32)
+def last_true_index(valid: Array) -> Array:
+    """[B] int32: the rightmost position where `valid` [B, T] is true, by transformers' pooling rule (argmax of
+    `arange(T) * valid`, so a row with none gives 0)."""
+    positions = jnp.arange(valid.shape[1], dtype=jnp.int32) * jnp.asarray(valid).astype(jnp.int32)
     return jnp.argmax(positions, axis=-1).astype(jnp.int32)
+
+
+def last_non_pad_index(input_ids: Array, pad_id: int | Array | None) -> Array:
+    """[B] int32: transformers' pooling index, the rightmost position whose id is not `pad_id` (an all-pad row
+    gives 0); T - 1 without a pad id (None or -1)."""
+    return last_true_index(jnp.asarray(input_ids) != (-1 if pad_id is None else pad_id))
 
 
 class SequenceClassifierHead(HFModule):
