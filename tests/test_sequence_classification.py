@@ -210,6 +210,28 @@ def test_peft_seq_cls_adapter_matches_peft_and_saves_back(model_type, tmp_path):
     assert max_diff(ref, model(ids, mask).logits) < ATOL
 
 
+def test_a_failed_adapter_save_keeps_the_saved_adapter(tmp_path, monkeypatch):
+    """The SEQ_CLS adapter was written in place: a save failing part-way left a truncated adapter."""
+    pt = torch_classifier("gpt2", tmp_path / "base", num_labels=2)
+    peft.get_peft_model(pt, peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["c_attn"])).save_pretrained(
+        str(tmp_path / "adapter"))
+    model = FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path / "adapter")
+    model.save_pretrained(tmp_path / "saved")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "saved").iterdir()}
+    import trlax.peft.lora as lora
+
+    def broken(path, tensors, metadata):
+        path.write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(lora, "write_safetensors", broken)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path / "saved")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "saved").iterdir()} == before
+    with pytest.raises(TrlaxError, match="no max_shard_size"):
+        model.save_pretrained(tmp_path / "saved", max_shard_size="1MB")
+
+
 def test_sharded_load_on_a_mesh(tmp_path):
     pt = torch_classifier("llama", tmp_path / "pt", num_labels=1)
     mesh = make_mesh()

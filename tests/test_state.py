@@ -134,6 +134,8 @@ def test_state_errors(tmp_path: Path) -> None:
         StateCheckpointer(tmp_path / "file")
     with pytest.raises(CheckpointError, match="step 6 is not saved"):
         restore_state(tmp_path / "run", step=6)
+    with pytest.raises(CheckpointError, match="step 6 is not saved"):
+        StateCheckpointer(tmp_path / "run", read_only=True).extra(6)
     with pytest.raises(CheckpointError, match="has no \\['opt_state'\\]"):
         restore_state(tmp_path / "run", target={"opt_state": {}})
     with pytest.raises(ValueError, match="unknown item"):
