@@ -58,6 +58,24 @@ def test_param_dtype_auto_keeps_the_checkpoint_dtype(bf16_folder, tmp_path):
     assert _written(tmp_path) == ("float32", {"float32"})
 
 
+@pytest.mark.parametrize("declared", ["float32", "float16", None])
+def test_dtype_auto_reads_config_json_first_as_transformers_does(bf16_folder, tmp_path, declared):
+    # A bf16 file whose config.json says another dtype (or none): transformers' "auto" takes the config's.
+    shutil.copytree(bf16_folder, tmp_path, dirs_exist_ok=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("torch_dtype", None)
+    config["dtype"] = declared
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    expected = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto").dtype
+    assert expected == getattr(torch, declared or "bfloat16")
+    for cls in (FlaxAutoModelForCausalLM, FlaxAutoModelForCausalLMWithValueHead):
+        model = cls.from_pretrained(tmp_path, dtype="auto", param_dtype="auto")
+        lm = model.pretrained_model if cls is FlaxAutoModelForCausalLMWithValueHead else model
+        assert jnp.dtype(lm.dtype).name == str(expected).removeprefix("torch.")
+        assert lm.params["model"]["embed_tokens"]["embedding"].dtype == lm.dtype
+        assert lm.storage_dtype == jnp.bfloat16  # what the file holds: a save writes it by default
+
+
 def test_transformers_loading_keywords(bf16_folder):
     with pytest.warns(FutureWarning, match="torch_dtype"):
         model = FlaxAutoModelForCausalLM.from_pretrained(bf16_folder, torch_dtype=torch.bfloat16)

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 from trlax.checkpoint.dtypes import stored_float_dtype
 from trlax.checkpoint.gather import checkpoint_tensors, host_array, host_tree, on_writer_process, write_checkpoint
 from trlax.checkpoint.hub import HubOptions, resolve_checkpoint
-from trlax.checkpoint.loading_args import resolve_dtype, translate_loading_args
+from trlax.checkpoint.loading_args import auto_dtype, resolve_dtype, translate_loading_args
 from trlax.checkpoint.naming import key_table
 from trlax.checkpoint.push import push_to_hub
 from trlax.checkpoint.reader import CheckpointReader
@@ -434,8 +434,9 @@ class PreTrainedModelWrapper:
         config = config or load_config(resolved.folder, resolved.source)
         with CheckpointReader(list(resolved.weight_files)) as reader:
             stored = stored_float_dtype(reader)
-            model = cls.auto_class.model_class(config, dtype=resolve_dtype(dtype, stored),
-                                               param_dtype=resolve_dtype(param_dtype, stored), mesh=mesh,
+            auto = auto_dtype(config, stored)
+            model = cls.auto_class.model_class(config, dtype=resolve_dtype(dtype, auto),
+                                               param_dtype=resolve_dtype(param_dtype, auto), mesh=mesh,
                                                sharding_rules=sharding_rules)
             head = make_value_head(config, **trl_args)
             table = model.key_table(path_prefix=("pretrained_model",))

@@ -77,8 +77,20 @@ def as_dtype(value: Any) -> Any:
         raise UnsupportedModelError(f"{value!r} is not a dtype; use e.g. jnp.bfloat16, 'float32' or 'auto'") from None
 
 
+def auto_dtype(config: Any, stored: np.dtype | None) -> np.dtype | None:
+    """What "auto" loads as, in transformers' order: config.json's `dtype` when it names a float dtype,
+    else `stored` (the float dtype holding most of the checkpoint's bytes; transformers takes the first
+    float tensor's, the same for any checkpoint stored in one dtype)."""
+    declared = getattr(config, "dtype", None)
+    if declared is not None and not (isinstance(declared, str) and declared == AUTO):
+        declared = as_dtype(declared)
+        if jnp.issubdtype(declared, jnp.floating):
+            return np.dtype(declared)
+    return stored
+
+
 def resolve_dtype(value: Any, checkpoint_dtype: np.dtype | None) -> Any:
-    """`value` as a jnp dtype, with "auto" meaning the checkpoint's dtype (float32 when it has none)."""
+    """`value` as a jnp dtype, with "auto" meaning `checkpoint_dtype` (float32 when None)."""
     value = as_dtype(value)
     if isinstance(value, str):  # "auto"
         return jnp.dtype(checkpoint_dtype) if checkpoint_dtype is not None else jnp.dtype(jnp.float32)

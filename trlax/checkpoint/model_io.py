@@ -32,7 +32,7 @@ from transformers.models.auto.modeling_auto import (
 from trlax.checkpoint.dtypes import TensorSource, cast_floats, params_float_dtype, stored_float_dtype
 from trlax.checkpoint.gather import checkpoint_tensors, host_array, write_checkpoint
 from trlax.checkpoint.loading import LoadReport, Placer, load_params
-from trlax.checkpoint.loading_args import resolve_dtype
+from trlax.checkpoint.loading_args import auto_dtype, resolve_dtype
 from trlax.checkpoint.naming import TensorRule, flatten_paths, get_path, hf_tensors, key_table, set_path
 from trlax.checkpoint.push import push_to_hub
 from trlax.checkpoint.saving_args import check_saving_args
@@ -106,9 +106,11 @@ class CheckpointMixin:
     ) -> Self:
         """A model of `config` (built with `model_args`, a subclass's own constructor arguments) with
         its params read from an open reader (files or a state dict); "auto" dtypes resolve to the
-        reader's float dtype, recorded as `storage_dtype`."""
+        config's `dtype`, else the reader's float dtype (`auto_dtype`); the reader's is recorded as
+        `storage_dtype`."""
         stored = stored_float_dtype(reader)
-        model = cls(config, dtype=resolve_dtype(dtype, stored), param_dtype=resolve_dtype(param_dtype, stored),
+        auto = auto_dtype(config, stored)
+        model = cls(config, dtype=resolve_dtype(dtype, auto), param_dtype=resolve_dtype(param_dtype, auto),
                     mesh=mesh, sharding_rules=sharding_rules, **model_args)
         placer = model.placer(place)
         params, report = model.load_checkpoint(reader, source, model.key_table(), model.ignored_checkpoint_keys(),
