@@ -8,6 +8,7 @@ its single device.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -110,6 +111,22 @@ def test_async_save_then_restore(tmp_path: Path) -> None:
     latest = restore_state(tmp_path)
     assert latest.step == 1 and latest.opt_state is None and latest.rng is None
     _assert_same(latest.params, jax.tree_util.tree_map(lambda p: p + 1, params))
+
+
+def test_non_finite_arrays_are_saved_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    params, opt_state = _small_state()
+    with caplog.at_level(logging.WARNING, logger="trlax"):
+        save_state(tmp_path, 1, params, opt_state, rng=jax.random.key(0)).close()
+    assert "NaN" not in caplog.text
+    bad = {**params, "v_head": {**params["v_head"], "bias": jnp.array([jnp.inf])}}
+    embedding = params["pretrained_model"]["wte"]["embedding"]
+    bad["pretrained_model"] = {"wte": {"embedding": embedding.at[2, 3].set(jnp.nan)}}
+    with caplog.at_level(logging.WARNING, logger="trlax"):
+        save_state(tmp_path, 2, bad, opt_state).close()
+    assert ("step 2: 2 saved array(s) hold NaN or inf values, e.g. [\"['params']['pretrained_model']['wte']"
+            "['embedding']\", \"['params']['v_head']['bias']\"]; saved as they are") in caplog.text
+    restored = restore_state(tmp_path)
+    assert np.isnan(restored.params["pretrained_model"]["wte"]["embedding"][2, 3])
 
 
 def test_state_errors(tmp_path: Path) -> None:

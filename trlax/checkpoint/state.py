@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, Sharding, SingleDeviceSharding
 
@@ -49,6 +51,18 @@ logger = logging.getLogger("trlax")
 SAVED_ITEMS = ("state", "meta")  # the Orbax items of one step folder
 # Orbax's markers of a finished step: one in the step folder, one in each item folder.
 STEP_COMMITTED, ITEM_COMMITTED = "_CHECKPOINT_METADATA", "commit_success.txt"
+
+
+def non_finite_leaves(tree: Any) -> list[str]:
+    """Paths of the float leaves of `tree` holding NaN or inf. Each leaf is reduced where it lives (every
+    process of a multi-host job takes part), and only one bool per leaf comes to the host."""
+    found = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if jnp.issubdtype(getattr(leaf, "dtype", np.int32), jnp.inexact):
+            finite = jnp.isfinite(leaf).all()
+            if not bool(np.asarray(finite.addressable_data(0))):
+                found.append(jax.tree_util.keystr(path))
+    return found
 
 
 def step_is_complete(step_dir: Path) -> bool:
@@ -155,6 +169,9 @@ class StateCheckpointer:
             rng = jax.random.key_data(rng)
         items = {"params": params, "opt_state": opt_state, "rng": rng, "adapters": adapters}
         state = global_replicas({k: v for k, v in items.items() if v is not None})  # multi-host: rng too
+        if non_finite := non_finite_leaves(state):
+            logger.warning("step %d: %d saved array(s) hold NaN or inf values, e.g. %s; saved as they are", step,
+                           len(non_finite), non_finite[:3])
         meta = {"step": step, "items": sorted(state), "rng_impl": rng_impl, "extra": extra or {}}
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)))
