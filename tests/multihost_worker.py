@@ -11,6 +11,8 @@ device), because a sharded output spans both processes and must be gathered firs
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import threading
 from pathlib import Path
@@ -177,8 +179,13 @@ def checks(root: Path) -> dict[str, Any]:
     failing.create_repo = lambda repo_id, **kwargs: (_ for _ in ()).throw(OSError("401 Unauthorized"))
     r["push_failure"] = _raised(lambda: policy.push_to_hub("me/tiny", api=failing))
     to_hf(root / "llama-orbax", root / "converted", mesh=mesh, progress=False)
-    cli_main(["convert", "--distributed", "--no-progress", str(root / "llama"), str(root / "cli-orbax")])
-    cli_main(["convert", "--distributed", "--no-progress", str(root / "cli-orbax"), str(root / "cli-hf")])
+    r["cli_codes"] = [cli_main(["convert", "--distributed", "--no-progress", str(root / src), str(root / dst)])
+                      for src, dst in (("llama", "cli-orbax"), ("cli-orbax", "cli-hf"))]
+    error = io.StringIO()
+    with contextlib.redirect_stderr(error):  # a DST process 0 cannot write stops every process at once
+        r["cli_bad_dst_code"] = cli_main(["convert", "--distributed", "--no-progress", str(root / "llama"),
+                                          str(root / "llama" / "config.json")])
+    r["cli_bad_dst_error"] = error.getvalue()
     adapter_policy = load(root / "llama", strict=True, mesh=mesh, peft_config=LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     adapter_policy.save_pretrained(root / "adapter")

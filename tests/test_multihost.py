@@ -127,13 +127,18 @@ def test_save_pretrained_from_the_mesh_writes_the_checkpoint(run: tuple[Path, li
 
     from trlax import FlaxAutoModelForCausalLMWithValueHead
 
-    root, _ = run
+    root, reports = run
     source = _tensors(root / "llama")
     for name in ("saved", "saved-sharded", "converted", "cli-hf"):
         saved = _tensors(root / name)
         assert saved.keys() == source.keys(), name
         assert all(np.array_equal(saved[k], source[k]) for k in source), name
     assert (root / "saved" / "model.safetensors").is_file()
+    first, second = reports
+    assert first["cli_codes"] == second["cli_codes"] == [0, 0]  # the processes raced on checking DST before
+    assert first["cli_bad_dst_code"] == second["cli_bad_dst_code"] == 1
+    assert "DST " in first["cli_bad_dst_error"] and "exists and is not a folder" in first["cli_bad_dst_error"]
+    assert "process 0 failed to write " in second["cli_bad_dst_error"]
     index = json.loads((root / "saved-sharded" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1 and set(index["weight_map"]) == set(source)
     assert not list(root.glob("saved*/.trlax-save-*"))  # nothing half-written left behind

@@ -54,14 +54,19 @@ STEP_COMMITTED, ITEM_COMMITTED = "_CHECKPOINT_METADATA", "commit_success.txt"
 
 
 def non_finite_leaves(tree: Any) -> list[str]:
-    """Paths of the float leaves of `tree` holding NaN or inf. Each leaf is reduced where it lives (every
-    process of a multi-host job takes part), and only one bool per leaf comes to the host."""
+    """Paths of the float leaves of `tree` holding NaN or inf in the part this process holds.
+
+    Each local shard is reduced on its own device, so no collective runs (processes of a multi-host
+    job never wait on one another here) and one bool per shard comes to the host.
+    """
     found = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if jnp.issubdtype(getattr(leaf, "dtype", np.int32), jnp.inexact):
-            finite = jnp.isfinite(leaf).all()
-            if not bool(np.asarray(finite.addressable_data(0))):
-                found.append(jax.tree_util.keystr(path))
+        if not jnp.issubdtype(getattr(leaf, "dtype", np.int32), jnp.inexact):
+            continue
+        parts = {str(s.index): s.data for s in leaf.addressable_shards}.values() if isinstance(leaf, jax.Array) \
+            else [leaf]
+        if not all(bool(jnp.isfinite(part).all()) for part in parts):
+            found.append(jax.tree_util.keystr(path))
     return found
 
 

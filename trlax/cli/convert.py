@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from trlax.checkpoint.convert import is_orbax_model, to_hf, to_orbax
+from trlax.checkpoint.gather import on_writer_process
 from trlax.checkpoint.hub import HubOptions
 from trlax.cli.preflight import check_output_dir, shard_size
 from trlax.errors import TrlaxError
@@ -59,9 +60,11 @@ def distributed_mesh(args: argparse.Namespace) -> Mesh | None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    check_output_dir(args.dst, "DST")  # writable, before anything is read
-    to = args.to or ("hf" if is_orbax_model(args.src) else "orbax")
     mesh = distributed_mesh(args)
+    # Writable, before anything is read. Only process 0 writes, so only it checks: the processes checking
+    # at once would race on creating and removing the same folder; a failure stops every process here.
+    on_writer_process(lambda: [check_output_dir(args.dst, "DST")], f"{args.dst} (checking it)")
+    to = args.to or ("hf" if is_orbax_model(args.src) else "orbax")
     main_process = jax.process_index() == 0
     progress = not args.no_progress and main_process
     for flag, given, target in (("--dtype", args.dtype is not None, "orbax"),
