@@ -148,14 +148,27 @@ def test_hub_id_reads_headers_without_downloading(tmp_path: Path, monkeypatch, c
 
 
 def test_unsupported_architecture_is_reported_not_fatal(tmp_path: Path, capsys) -> None:
-    transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=37).save_pretrained(tmp_path)
+    transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                            architectures=["BertForMaskedLM"]).save_pretrained(tmp_path)
     safetensors.numpy.save_file({"bert.embeddings.word_embeddings.weight": np.zeros((4, 32), np.float16)},
                                 str(tmp_path / "model.safetensors"))
     code, text, _ = _run(["info", str(tmp_path)], capsys)
     assert code == 0
     assert "architecture: bert" in text and "trlax:        no: model_type 'bert' is not supported" in text
     assert "float16" in text and "reference:" not in text
+    assert model_info(str(tmp_path))["architecture"]["kind"] == "another head: neither a causal nor a seq2seq LM"
+
+
+@pytest.mark.parametrize(("save", "kind"), [
+    (lambda c, d: transformers.GPT2ForSequenceClassification(c).save_pretrained(d), "sequence classifier (1 label"),
+    (lambda c, d: transformers.GPT2LMHeadModel(c).save_pretrained(d), "causal LM"),
+    (lambda c, d: c.save_pretrained(d), "causal LM"),  # no `architectures`: gpt2 has a causal-LM class
+])
+def test_kind_is_the_checkpoint_head(tmp_path: Path, save, kind) -> None:
+    config = gpt2()
+    config.num_labels = 1
+    save(config, tmp_path)
+    assert model_info(str(tmp_path))["architecture"]["kind"].startswith(kind)
 
 
 def test_errors_are_one_line(tmp_path: Path, capsys) -> None:

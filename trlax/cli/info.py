@@ -19,6 +19,7 @@ from typing import Any
 import huggingface_hub
 import jax
 import numpy as np
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL_LM_TYPES
 
 from trlax.checkpoint.convert import PARAMS_DIR, is_orbax_model
 from trlax.checkpoint.hub import HubOptions, fetch_file, resolve_checkpoint
@@ -119,15 +120,28 @@ def architecture(config: Any) -> dict[str, Any]:
         value = next((getattr(text, n) for n in names if isinstance(getattr(text, n, None), int)), None)
         if value is not None:
             sizes[label] = value
-    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
     info = {"model_type": config.model_type, "architectures": list(getattr(config, "architectures", None) or []),
-            "kind": "encoder-decoder (seq2seq) LM" if seq2seq else "causal LM", **sizes}
+            "kind": model_kind(config), **sizes}
     try:
         _lm_object(config)
         info["trlax_support"] = "yes"
     except UnsupportedModelError as e:
         info["trlax_support"] = f"no: {e}"
     return info
+
+
+def model_kind(config: Any) -> str:
+    """What the checkpoint's head is: from transformers' class in config.json's `architectures`, else (a
+    config without one) causal for the model types transformers has a causal-LM class for."""
+    head = (getattr(config, "architectures", None) or [""])[0]
+    if head.endswith("ForSequenceClassification"):
+        labels = getattr(config, "num_labels", 1)
+        return f"sequence classifier ({labels} label{'s' * (labels != 1)}: a reward model)"
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder (seq2seq) LM"
+    if head.endswith(("ForCausalLM", "LMHeadModel")) or (not head and config.model_type in CAUSAL_LM_TYPES):
+        return "causal LM"
+    return "another head: neither a causal nor a seq2seq LM"
 
 
 def _lm_object(config: Any) -> FlaxPreTrainedModel:
