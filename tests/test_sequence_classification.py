@@ -190,6 +190,9 @@ def test_peft_seq_cls_adapter_matches_peft_and_saves_back(model_type, tmp_path):
     pm.eval()
     model = FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path / "adapter")
     assert isinstance(model, FlaxPeftModelForSequenceClassification)
+    # PEFT counts the score head twice (the original and its modules_to_save copy); trlax has one.
+    score = pm.base_model.model.score.modules_to_save["default"].weight.numel()
+    assert model.num_params() == pm.get_nb_trainable_parameters()[1] - score
     for padding in ("right", "left"):
         ids, mask = padded(pt.config, padding)
         with torch.no_grad():

@@ -48,6 +48,12 @@ class FlaxPeftModelForSequenceClassification(FlaxModelForSequenceClassification)
     def lora(self) -> dict[str, Any] | None:
         return self.adapter
 
+    def num_params(self, params: dict[str, Any] | None = None) -> int:
+        """The base's params (its `score` head the adapter's) plus the adapter's LoRA matrices."""
+        adapter = sum(int(np.prod(np.shape(module[name]))) for module in lora_modules(self.adapter).values()
+                      for name in ("lora_A", "lora_B"))
+        return super().num_params(params) + adapter
+
     def adapter_for(self, params: dict[str, Any] | None) -> dict[str, Any] | None:
         """The adapter applies to every call, `params=` given or not (they are the base's)."""
         return self.adapter
