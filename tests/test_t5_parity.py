@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -19,6 +20,7 @@ from tests.helpers import batch, max_diff, save_torch, torch_random_init
 from tests.tiny_configs import TINY_SEQ2SEQ
 from trlax import FlaxAutoModelForSeq2SeqLM
 from trlax.errors import UnsupportedModelError
+from trlax.models.layers import clamp_float16_overflow
 from trlax.models.t5 import relative_position_buckets
 
 ATOL = 1e-4
@@ -263,3 +265,58 @@ def test_unsupported_configs_raise() -> None:
     config.dense_act_fn = "unknown_act"
     with pytest.raises(UnsupportedModelError, match="activation 'unknown_act'"):
         FlaxAutoModelForSeq2SeqLM.from_config(config)
+
+
+# --- float16, as transformers runs it ----------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["t5", "t5-gated"])
+def test_float16_keeps_wo_in_float32_and_clamps_overflow_as_transformers(kind: str, tmp_path: Path) -> None:
+    """A float16 T5 in transformers keeps `wo` in float32 (the residual is float32 after it) and clamps a
+    block's float16 output that overflowed. Weights scaled so block 0's attention output and the feed-forward
+    pass 65504: trlax gave NaN logits before."""
+    pt = torch_model(TINY_SEQ2SEQ[kind](), untie=kind != "t5")
+    with torch.no_grad():
+        for name, weight in pt.named_parameters():
+            if name.endswith("DenseReluDense.wo.weight"):
+                weight.mul_(3e4)
+            if name == "encoder.block.0.layer.0.SelfAttention.o.weight":
+                weight.mul_(1e5)
+    folder = save_torch(pt, tmp_path)
+    ids, mask, dec_ids, dec_mask = inputs("right")
+    full = torch_forward(pt, ids, mask, dec_ids, dec_mask)
+    assert max(float(h.abs().max()) for h in full.encoder_hidden_states) > 65504  # past float16's range
+    ref = transformers.AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=torch.float16).eval()
+    expected = torch_forward(ref, ids, mask, dec_ids, dec_mask)
+    model = FlaxAutoModelForSeq2SeqLM.from_pretrained(folder, dtype=jnp.float16, param_dtype=jnp.float16)
+    ff = model.params["encoder"]["block"]["0"]["layer"]["1"]["DenseReluDense"]
+    assert ff["wo"]["kernel"].dtype == jnp.float32
+    assert ff["wi" if kind == "t5" else "wi_0"]["kernel"].dtype == jnp.float16
+    out = model(ids, mask, dec_ids, dec_mask, output_hidden_states=True)
+    dtypes = [str(h.dtype).removeprefix("torch.") for h in expected.encoder_hidden_states]
+    assert [jnp.dtype(h.dtype).name for h in out.encoder_hidden_states] == dtypes == ["float16", "float32", "float16"]
+    assert np.isfinite(np.asarray(out.logits)).all()
+    # Tolerance: the float32 residual stream reaches 2.5e5 here, summed from float16 sub-layer outputs that
+    # each framework rounds in its own order (2^-11 relative: 32 at 6e4); the final norm divides by the
+    # stream's RMS, so every logit carries ~1e-3 of the largest entries' error. Measured: 0.6% of the largest
+    # logit; 1% allowed. The float32 model (whose residual never overflows) is > 10x that away.
+    atol = 0.01 * float(expected.logits.float().abs().max())
+    assert max_diff(expected.logits.float(), out.logits, dec_mask) <= atol
+    assert max_diff(full.logits, expected.logits.float(), dec_mask) > 10 * atol
+
+
+def test_float16_overflow_clamp_is_transformers_formula() -> None:
+    """`clamp_float16_overflow` against transformers' code (T5Block's; BartEncoderLayer's with on_nan)."""
+    x = np.array([[1.0, -70000.0, 65504.0, 64600.0], [np.inf, -np.inf, 3.0, np.nan]], np.float32).astype(np.float16)
+    rows = {"inf": x, "finite": x[:1], "nan only": np.array([65504.0, np.nan], np.float16)}
+    for label, data in rows.items():
+        h = torch.tensor(data)
+        t5_limit = torch.where(torch.isinf(h).any(), torch.finfo(h.dtype).max - 1000, torch.finfo(h.dtype).max)
+        t5 = torch.clamp(h, min=-t5_limit, max=t5_limit).numpy()
+        limit = torch.finfo(h.dtype).max - 1000
+        bart = (torch.clamp(h, min=-limit, max=limit) if not torch.isfinite(h).all() else h).numpy()
+        np.testing.assert_array_equal(np.asarray(clamp_float16_overflow(jnp.asarray(data))), t5, err_msg=label)
+        np.testing.assert_array_equal(np.asarray(clamp_float16_overflow(jnp.asarray(data), on_nan=True)), bart,
+                                      err_msg=label)
+    assert clamp_float16_overflow(jnp.full(3, jnp.inf, jnp.bfloat16)).dtype == jnp.bfloat16  # untouched
+    assert np.isinf(np.asarray(clamp_float16_overflow(jnp.full(3, jnp.inf, jnp.bfloat16)), np.float32)).all()

@@ -38,7 +38,7 @@ from trlax.inputs import InputError
 from trlax.models.attention import Array, attention_bias
 from trlax.models.cache import CacheGeometry, KVCache
 from trlax.models.encoder_decoder import EncoderDecoderLM, EncoderDecoderStack
-from trlax.models.layers import ACTIVATIONS, HFModule, activation
+from trlax.models.layers import ACTIVATIONS, HFModule, activation, clamp_float16_overflow
 from trlax.models.projected_attention import ProjectedAttention
 from trlax.models.spec import ArchitectureSpec, attention_rules, embedding_rules, feed_forward_rules
 from trlax.models.stack import layer_stack
@@ -82,7 +82,8 @@ class BartLayer(HFModule, kw_only=True):
             x = self.encoder_attn_layer_norm(x + self.dropout(out, deterministic=deterministic))
         out = self.activation_dropout(self.act(self.fc1(x)), deterministic=deterministic)
         out = self.dropout(self.fc2(out), deterministic=deterministic)
-        return self.final_layer_norm(x + out), cache
+        x = self.final_layer_norm(x + out)
+        return (x if self.is_decoder else clamp_float16_overflow(x, on_nan=True)), cache
 
 
 class BartStack(EncoderDecoderStack):

@@ -91,6 +91,17 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * x32.astype(self.dtype)
 
 
+def clamp_float16_overflow(x: Array, *, on_nan: bool = False) -> Array:
+    """transformers' float16 overflow guard (T5 blocks; BART encoder layers with `on_nan`): a float16 `x`
+    holding an inf (`on_nan`: any non-finite value) is clipped to +-(65504 - 1000), which float16 rounds
+    to 64512. Other dtypes pass through untouched (decided when tracing)."""
+    if x.dtype != jnp.float16:
+        return x
+    bad = ~jnp.isfinite(x) if on_nan else jnp.isinf(x)
+    limit = jnp.asarray(jnp.finfo(jnp.float16).max - 1000, jnp.float16)
+    return jnp.where(bad.any(), jnp.clip(x, -limit, limit), x)
+
+
 LORA_COLLECTION = "lora"
 
 

@@ -48,7 +48,15 @@ from trlax.errors import UnsupportedModelError
 from trlax.models.attention import Array, attend, attention_bias
 from trlax.models.cache import CacheGeometry, KVCache
 from trlax.models.encoder_decoder import EncoderDecoderLM, EncoderDecoderStack
-from trlax.models.layers import ACTIVATIONS, HFModule, RMSNorm, activation
+from trlax.models.layers import (
+    ACTIVATIONS,
+    Dense,
+    HFModule,
+    RMSNorm,
+    activation,
+    clamp_float16_overflow,
+    normal_init,
+)
 from trlax.models.spec import ArchitectureSpec
 from trlax.models.stack import layer_stack
 
@@ -159,13 +167,24 @@ class T5LayerCrossAttention(HFModule):
         return x + self.dropout(out, deterministic=deterministic)
 
 
+def output_projection(module: HFModule, std: float) -> Dense:
+    """The feed-forward's `wo` [d_ff, d_model]. A float16 T5 keeps it in float32, as transformers does
+    (`_keep_in_fp32_modules`): float16 params are float32 here, and a float16 input is cast up. The residual
+    it is added to is then float32 from the first feed-forward on, in PyTorch and here alike."""
+    def widened(dtype: Any) -> Any:
+        return jnp.float32 if jnp.dtype(dtype) == jnp.float16 else dtype
+
+    return Dense(module.config.d_model, use_bias=False, dtype=widened(module.dtype),
+                 param_dtype=widened(module.param_dtype), kernel_init=normal_init(std))
+
+
 class T5DenseActDense(HFModule):
     """relu (or any `{act}`) feed-forward: wo(dropout(act(wi(x))))."""
 
     def setup(self) -> None:
         c = self.config
         self.wi = self.linear(c.d_ff, use_bias=False, std=c.initializer_factor * c.d_model**-0.5)
-        self.wo = self.linear(c.d_model, use_bias=False, std=c.initializer_factor * c.d_ff**-0.5)
+        self.wo = output_projection(self, std=c.initializer_factor * c.d_ff**-0.5)
         self.act = activation(c.dense_act_fn)
         self.dropout = nn.Dropout(c.dropout_rate)
 
@@ -181,7 +200,7 @@ class T5DenseGatedActDense(HFModule):
         std_in, std_out = c.initializer_factor * c.d_model**-0.5, c.initializer_factor * c.d_ff**-0.5
         self.wi_0 = self.linear(c.d_ff, use_bias=False, std=std_in)
         self.wi_1 = self.linear(c.d_ff, use_bias=False, std=std_in)
-        self.wo = self.linear(c.d_model, use_bias=False, std=std_out)
+        self.wo = output_projection(self, std=std_out)
         self.act = activation(c.dense_act_fn)
         self.dropout = nn.Dropout(c.dropout_rate)
 
@@ -230,10 +249,12 @@ class T5Block(HFModule, kw_only=True):
 
     def __call__(self, x: Array, *, self_bias: Array, cross_bias: Array | None, encoder_states: Array | None,
                  deterministic: bool, cache: KVCache | None, cache_index: Array) -> tuple[Array, KVCache | None]:
+        # In float16 each sub-layer's output is clamped when it overflowed, as transformers does.
         x, cache = self.layer.self_attention(x, self_bias, deterministic, cache, cache_index)
+        x = clamp_float16_overflow(x)
         if self.is_decoder:
-            x = self.layer.cross_attention(x, encoder_states, cross_bias, deterministic)
-        return self.layer.ff(x, deterministic), cache
+            x = clamp_float16_overflow(self.layer.cross_attention(x, encoder_states, cross_bias, deterministic))
+        return clamp_float16_overflow(self.layer.ff(x, deterministic)), cache
 
 
 class T5Stack(EncoderDecoderStack):
