@@ -63,8 +63,10 @@ def non_finite_leaves(tree: Any) -> list[str]:
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if not jnp.issubdtype(getattr(leaf, "dtype", np.int32), jnp.inexact):
             continue
-        parts = {str(s.index): s.data for s in leaf.addressable_shards}.values() if isinstance(leaf, jax.Array) \
-            else [leaf]
+        if isinstance(leaf, jax.Array):  # one copy of each local shard
+            parts = list({str(shard.index): shard.data for shard in leaf.addressable_shards}.values())
+        else:
+            parts = [leaf]
         if not all(bool(jnp.isfinite(part).all()) for part in parts):
             found.append(jax.tree_util.keystr(path))
     return found
