@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import flax.linen as nn
 import jax
@@ -128,6 +129,7 @@ def test_config_parsing_accepts_peft_dicts_and_objects_and_round_trips():
     ({"layers_to_transform": 0}, UnsupportedModelError, "layers_to_transform=0"),  # layer 0 only, not unset
     ({"init_lora_weights": "pissa"}, UnsupportedModelError, "init_lora_weights='pissa' is not supported"),
     ({"lora_dropout": 1.0}, ValueError, "lora_dropout must be in"),
+    ({"layers_pattern": "layers"}, UnsupportedModelError, "layers_pattern needs layers_to_transform"),  # PEFT too
 ])
 def test_bad_configs_are_refused(config, error, match):
     with pytest.raises(error, match=match):
@@ -255,6 +257,69 @@ def test_peft_adapter_on_an_untied_lm_head_loads(tmp_path):
     save_file(tensors, weights)
     with pytest.raises(CheckpointError, match="lm_head.base_layer.weight'.* differs from the base"):
         FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "adapter")
+
+
+def test_gpt_neox_head_uses_pefts_name_lm_head(tmp_path):
+    """transformers 5 holds GPT-NeoX's head (`embed_out` in the file) as `lm_head`, the name PEFT adapts and
+    saves: trlax refused PEFT's adapter, and wrote `embed_out` keys that PEFT skipped (logits 2.6 off)."""
+    _, lm = torch_base("gpt_neox", tmp_path / "base")
+    pt = peft.get_peft_model(lm, peft.LoraConfig(r=4, target_modules=["query_key_value", "lm_head"]))
+    randomise_lora_b(pt)
+    pt.save_pretrained(str(tmp_path / "adapter"))
+    model = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "adapter")
+    assert "embed_out" in lora_modules(model.params["lora"])
+    ids, mask = batch(101, "left", low=2)
+    with torch.no_grad():
+        ref = pt.eval()(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
+    logits = model(ids, mask)[0]
+    assert max_diff(ref, logits, mask) < ATOL
+    model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "adapter_config.json").read_text())
+    assert saved["target_modules"] == ["lm_head", "query_key_value"]
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))
+    with torch.no_grad():
+        again = peft.PeftModel.from_pretrained(base, str(tmp_path / "saved")).eval()
+        assert "lm_head" in {name.rsplit(".", 1)[-1] for name in _peft_modules(again)}
+        assert max_diff(again(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits, logits, mask) < ATOL
+    in_torch = model.to_torch()  # PEFT takes the adapter under its names
+    with torch.no_grad():
+        assert max_diff(in_torch(torch.tensor(ids), attention_mask=torch.tensor(mask))[0], logits, mask) < ATOL
+
+
+@pytest.mark.parametrize(("model_type", "targets", "fused"), [
+    ("qwen3_moe", ["q_proj", "down_proj"], "['down_proj']"),  # PEFT skips layer 1's dense down_proj too
+    ("mixtral", ["q_proj", "v_proj", "w1", "w2", "w3"], "['w1', 'w2', 'w3']"),  # the usual Mixtral recipe
+    ("mixtral", "All-Linear", "['gate', 'w1', 'w2', 'w3']"),
+])
+def test_targets_peft_turns_into_fused_expert_parameters_are_refused(model_type, targets, fused):
+    """PEFT (on transformers 5) adapts these names as target_parameters of the fused experts and router; trlax
+    adapted the attention (and a dense layer) only, without a word."""
+    config = peft.LoraConfig(r=2, target_modules=targets)
+    pt = peft.get_peft_model(transformers.AutoModelForCausalLM.from_config(TINY_CAUSAL[model_type]()), config)
+    assert pt.peft_config["default"].target_parameters  # PEFT's own reading of the same config
+    lm = FlaxAutoModelForCausalLM.from_config(TINY_CAUSAL[model_type]())
+    with pytest.raises(UnsupportedModelError, match=re.escape(f"name {fused} of this {model_type} model")):
+        FlaxAutoModelForCausalLMWithValueHead.from_pretrained(lm, peft_config=LoraConfig(r=2, target_modules=targets))
+
+
+def test_peft_model_with_modules_to_save_in_memory_names_the_saved_module(tmp_path):
+    _, lm = torch_base("llama", tmp_path / "base")
+    pt = peft.get_peft_model(lm, peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with pytest.raises(UnsupportedModelError, match=r"saves \['lm_head.weight'\] in full \(modules_to_save\)"):
+        FlaxAutoModelForCausalLMWithValueHead.from_pretrained(pt)
+
+
+def test_loading_a_trainable_adapter_with_dropout_warns(gpt2_folder, tmp_path, caplog):
+    lm = transformers.AutoModelForCausalLM.from_pretrained(str(gpt2_folder))
+    lm.name_or_path = str(gpt2_folder)
+    peft.get_peft_model(lm, peft.LoraConfig(r=2, target_modules=["c_attn"], lora_dropout=0.1)).save_pretrained(
+        str(tmp_path / "adapter"))
+    with caplog.at_level(logging.WARNING, logger="trlax"):
+        FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "adapter")
+    assert "lora_dropout" not in caplog.text  # inference mode: nothing to say
+    with caplog.at_level(logging.WARNING, logger="trlax"):
+        FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "adapter", is_trainable=True)
+    assert "lora_dropout=0.1 is not applied by trlax" in caplog.text
 
 
 @pytest.fixture(scope="module")

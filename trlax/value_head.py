@@ -51,6 +51,7 @@ from trlax.peft.policy import (
     PolicyAdapter,
     load_adapter_policy,
     new_policy_adapter,
+    warn_dropout_not_applied,
     write_adapter_policy,
 )
 from trlax.peft.reward import load_reward_adapter, reward_scores
@@ -568,7 +569,7 @@ class PreTrainedModelWrapper:
             config = self._lora_config.to_peft_dict()
             config.update(base_model_name_or_path=self.base_model_name_or_path, inference_mode=not self._lora_trainable,
                           task_type="SEQ_2_SEQ_LM" if self.pretrained_model.is_encoder_decoder else "CAUSAL_LM")
-            lm = peft_lm(lm, config, peft_state_dict(params[LORA_COLLECTION]))
+            lm = peft_lm(lm, config, peft_state_dict(params[LORA_COLLECTION], self.pretrained_model.config.model_type))
         head = {k.removeprefix(V_HEAD_PREFIX): v for k, v in self.value_head_state(params).items()}
         return trl_value_head_model(lm, head, self.pretrained_model.is_encoder_decoder, self.head_options())
 
@@ -592,6 +593,7 @@ def _adapter_from_torch(parts: TorchParts, lm: FlaxPreTrainedModel, is_trainable
         raise UnsupportedModelError(f"the PEFT model saves {sorted(saved)[:4]} in full (modules_to_save); trlax "
                                     "policy adapters support LoRA weights only")
     check_applied(lm, lora)
+    warn_dropout_not_applied(files.config, parts.adapter_trainable or is_trainable)
     return PolicyAdapter(files.config, lora, parts.adapter_trainable or is_trainable)
 
 

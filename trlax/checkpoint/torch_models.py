@@ -155,7 +155,10 @@ def _peft_base_state(peft_model: Any) -> dict[str, np.ndarray]:
                          "its base cannot be read apart from the adapter; call unmerge_adapter() first, or "
                          "merge_and_unload() to convert the merged model as a plain transformers model")
     base = peft_model.get_base_model()
-    state = {key.replace(".base_layer.", "."): value for key, value in base.state_dict().items() if ".lora_" not in key}
+    # The adapter's own tensors (LoRA weights, a modules_to_save copy) are left out; a module saved in full
+    # keeps the base's weights as `original_module`.
+    state = {key.replace(".base_layer.", ".").replace(".original_module.", "."): value
+             for key, value in base.state_dict().items() if ".lora_" not in key and ".modules_to_save." not in key}
     return checkpoint_state(base, state)
 
 

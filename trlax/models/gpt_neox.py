@@ -105,7 +105,7 @@ SPEC = ArchitectureSpec(
     sharding_rules=(*embedding_rules("embed_in"), (r"(^|/)embed_out/kernel$", ("embed", "vocab")),
                     *fused_attention_rules("attention", "query_key_value", "dense"),  # fused, per head [q|k|v]
                     *feed_forward_rules("dense_h_to_4h", "dense_4h_to_h")),
-    peft_targets=("query_key_value",),
+    peft_targets=("query_key_value",), peft_module_names=(("embed_out", "lm_head"),),
     # Buffers older checkpoints saved; transformers skips them on load too.
     ignored_keys=(r".*\.attention\.(bias|masked_bias)$", r".*\.rotary_emb\.inv_freq$"),
     tied_keys=lambda c: {"embed_out.weight": "gpt_neox.embed_in.weight"} if c.tie_word_embeddings else {},

@@ -9,4 +9,4 @@ from __future__ import annotations
 from trlax.models.moe import MIXTRAL_EXPERT_KEYS, moe_spec
 
 SPEC = moe_spec("mixtral", "MixtralForCausalLM", peft_targets=("q_proj", "v_proj"),
-                stacked_weights=MIXTRAL_EXPERT_KEYS)
+                stacked_weights=MIXTRAL_EXPERT_KEYS, peft_fused_targets=("gate", "w1", "w2", "w3"))

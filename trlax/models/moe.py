@@ -254,10 +254,11 @@ QWEN3_MOE_EXPERT_KEYS = (
 
 
 def moe_spec(model_type: str, hf_architecture: str, peft_targets: tuple[str, ...],
-             stacked_weights: tuple[StackedWeight, ...]) -> ArchitectureSpec:
-    """The SPEC of one MoE model type (they differ in names and PEFT defaults only)."""
+             stacked_weights: tuple[StackedWeight, ...], peft_fused_targets: tuple[str, ...]) -> ArchitectureSpec:
+    """The SPEC of one MoE model type (they differ in names and PEFT facts only)."""
     return ArchitectureSpec(
         model_types=(model_type,), module=MoeForCausalLM, hf_architecture=hf_architecture, base_model_prefix="model",
         layer_pattern="model.layers.{layer}", cache_geometry=cache_geometry,
-        sharding_rules=MOE_SHARDING, peft_targets=peft_targets, ignored_keys=ROTARY_BUFFERS,
+        sharding_rules=MOE_SHARDING, peft_targets=peft_targets, peft_fused_targets=peft_fused_targets,
+        ignored_keys=ROTARY_BUFFERS,
         tied_keys=tied_lm_head("model.embed_tokens.weight"), validate=validate_moe, stacked_weights=stacked_weights)

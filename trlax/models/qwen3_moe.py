@@ -10,4 +10,5 @@ from __future__ import annotations
 
 from trlax.models.moe import QWEN3_MOE_EXPERT_KEYS, moe_spec
 
-SPEC = moe_spec("qwen3_moe", "Qwen3MoeForCausalLM", peft_targets=(), stacked_weights=QWEN3_MOE_EXPERT_KEYS)
+SPEC = moe_spec("qwen3_moe", "Qwen3MoeForCausalLM", peft_targets=(), stacked_weights=QWEN3_MOE_EXPERT_KEYS,
+                peft_fused_targets=("gate", "gate_proj", "up_proj", "down_proj"))

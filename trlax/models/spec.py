@@ -99,6 +99,12 @@ class ArchitectureSpec:
     cache_geometry: Callable[[Any], CacheGeometry]
     sharding_rules: tuple[ParamRule, ...]  # tried before trlax.sharding's generic rules
     peft_targets: tuple[str, ...]  # PEFT's default target_modules for these model types (() if PEFT has none)
+    # Where PEFT's module name differs from trlax's (PEFT names modules as transformers 5 holds them in memory,
+    # trlax as the checkpoint stores them): (trlax module path, PEFT's), e.g. GPT-NeoX's ("embed_out", "lm_head").
+    peft_module_names: tuple[tuple[str, str], ...] = ()
+    # target_modules names that PEFT (on transformers 5) turns into target_parameters on fused MoE experts or
+    # the router, which trlax cannot adapt: refused.
+    peft_fused_targets: tuple[str, ...] = ()
     num_layers: Callable[[Any], int] = _num_hidden_layers  # the layers `layer_pattern` counts
     keep_layout: tuple[str, ...] = ()  # regexes of HF keys stored as-is in a `kernel`
     stacked_weights: tuple[StackedWeight, ...] = ()  # MoE experts: one param, one HF tensor per expert

@@ -11,7 +11,9 @@ the base model. The base weights are never merged into, or copied for, an adapte
 
 PEFT's files map one to one: `base_model.model.<module path>.lora_A.weight` [r, in] and
 `.lora_B.weight` [out, r] are the transposes of `lora_A` / `lora_B` here, and the module
-path is the trlax param path, since trlax modules carry the transformers names.
+path is the trlax param path, since trlax modules carry the transformers names (where
+transformers 5 renames a module in memory, PEFT's name is used at the boundary:
+`SPEC.peft_module_names`, e.g. GPT-NeoX's `embed_out` is PEFT's `lm_head`).
 
 `lora_dropout` is read, kept and written back, but not applied: trlax's LoRA forward is
 deterministic (PEFT applies dropout to x before lora_A in training only, so inference
@@ -54,10 +56,10 @@ SUPPORTED_PEFT_TYPES = ("LORA",)
 BASE_LAYER_SUFFIX = ".base_layer.weight"  # [out, in]: a PEFT-wrapped layer's own weight, saved in full
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 
-# PEFT's name for the LM head, which it adapts even when the head is tied to the input embedding.
+# PEFT's name for the LM head, which it adapts even when the head is tied to the input embedding, and which
+# "all-linear" leaves out.
 HEAD_NAME = "lm_head"
-# Output layers "all-linear" leaves out, as PEFT does.
-_OUTPUT_LAYERS = (HEAD_NAME, "embed_out")
+ALL_LINEAR = "all-linear"  # matched case-insensitively, as PEFT does
 
 # init_lora_weights values whose adapters fit the unmodified base; the first three can also
 # initialise a new adapter ("eva" / "orthogonal" adapters can only be loaded).
@@ -145,6 +147,9 @@ class LoraConfig:
         if peft_type not in SUPPORTED_PEFT_TYPES:
             raise UnsupportedModelError(f"PEFT type {peft_type!r} is not supported by trlax; supported PEFT types: "
                                         f"{list(SUPPORTED_PEFT_TYPES)} (LoRA adapters)")
+        if not _left_at_default(config.get("layers_pattern")) and _left_at_default(config.get("layers_to_transform")):
+            raise UnsupportedModelError("PEFT LoRA option layers_pattern needs layers_to_transform too (PEFT refuses "
+                                        "it alone); remove layers_pattern")
         own = {f.name for f in dataclasses.fields(cls)}
         for name, value in config.items():
             if name in own or name in _BOOKKEEPING_FIELDS or _left_at_default(value):
@@ -195,6 +200,47 @@ def _name_matches(names: list[str] | str | None, module_path: str) -> bool:
     return module_path in names or any(module_path.endswith(f".{n}") for n in names)
 
 
+class PeftNames:
+    """trlax module paths <-> PEFT's, for one model type (`SPEC.peft_module_names`; equal for most families).
+
+    A rename applies to its module and everything under it ("embed_out" <-> "lm_head", and keys below them).
+    """
+
+    def __init__(self, model_type: str) -> None:
+        try:
+            self.renames = dict(spec_for_type(model_type).peft_module_names)
+        except UnsupportedModelError:  # a type trlax does not know has nothing to rename
+            self.renames = {}
+
+    @staticmethod
+    def _swap(name: str, table: Mapping[str, str]) -> str:
+        for old, new in table.items():
+            if name == old or name.startswith(f"{old}."):
+                return new + name[len(old):]
+        return name
+
+    def to_peft(self, path: str) -> str:
+        return self._swap(path, self.renames)
+
+    def to_trlax(self, name: str) -> str:
+        return self._swap(name, {new: old for old, new in self.renames.items()})
+
+
+def fused_targets(targets: list[str] | str, model_type: str, module_paths: Iterable[str]) -> list[str]:
+    """The target_modules names PEFT turns into target_parameters on fused MoE experts (or the router) of this
+    model type (`SPEC.peft_fused_targets`; transformers 5 fused them). "all-linear" includes them all; a regex
+    names those it matches under any module, as PEFT probes the unfused names."""
+    try:
+        fused = spec_for_type(model_type).peft_fused_targets
+    except UnsupportedModelError:
+        return []
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        return list(fused)
+    if isinstance(targets, str):
+        return [f for f in fused if any(re.fullmatch(targets, f"{m}.{f}") for m in module_paths)]
+    return [f for f in fused if any(t == f or t.endswith(f".{f}") for t in targets)]
+
+
 # --- targets ---------------------------------------------------------------------------------
 def linear_modules(base_params: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
     """Dotted path -> (in, out) of every linear layer (a 2-D `kernel` [in, out]) of a param tree."""
@@ -213,6 +259,7 @@ def resolve_targets(config: LoraConfig, base_params: Mapping[str, Any], model_ty
     is not a linear layer (an embedding, a norm, a whole block).
     """
     linear = linear_modules(base_params)
+    names = PeftNames(model_type)
     targets = config.target_modules
     if targets is None:
         try:
@@ -222,31 +269,40 @@ def resolve_targets(config: LoraConfig, base_params: Mapping[str, Any], model_ty
         if not targets:  # PEFT has no default for the type (or trlax does not know it): PEFT refuses too
             raise UnsupportedModelError(f"LoRA target_modules=None has no PEFT default for model_type {model_type!r}; "
                                         "name the modules, e.g. target_modules=['q_proj', 'v_proj']")
-    if targets == "all-linear":
-        candidates = [p for p in linear if p.split(".")[-1] not in _OUTPUT_LAYERS]
+    modules = _all_modules(base_params)
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        candidates = [p for p in linear if names.to_peft(p).split(".")[-1] != HEAD_NAME]
     else:
-        candidates = [p for p in _all_modules(base_params) if _name_matches(targets, p)]
+        candidates = [p for p in modules if _name_matches(targets, names.to_peft(p))]
     # PEFT never adapts excluded modules, nor modules saved in full (modules_to_save).
     saved = config.modules_to_save or []
-    chosen = sorted(p for p in candidates if not _name_matches(config.exclude_modules, p)
-                    and not any(re.match(rf"(^|.*\.){m}($|\..*)", p) for m in saved))
-    if isinstance(targets, list) and HEAD_NAME in targets and not any(_name_matches([HEAD_NAME], p) for p in linear):
+    chosen = sorted(p for p in candidates if not _name_matches(config.exclude_modules, names.to_peft(p))
+                    and not any(re.match(rf"(^|.*\.){m}($|\..*)", names.to_peft(p)) for m in saved))
+    if isinstance(targets, list) and HEAD_NAME in targets and not any(
+            _name_matches([HEAD_NAME], names.to_peft(p)) for p in linear):
         raise UnsupportedModelError(
             f"LoRA target {HEAD_NAME!r} is no linear layer of this {model_type} model: its LM head is tied to the "
             "input embedding (or has another name), and trlax applies LoRA to linear layers only, where PEFT "
             f"would adapt a tied head too; remove {HEAD_NAME!r} from target_modules (this model's linear layers: "
-            f"{_short_names(linear)})")
+            f"{_short_names(map(names.to_peft, linear))})")
     not_linear = [p for p in chosen if p not in linear]
     if not_linear:
         raise UnsupportedModelError(
             f"LoRA target_modules={targets!r} match {not_linear[:4]}, which are not linear layers; trlax applies "
-            f"LoRA to linear layers only (this {model_type} model's: {_short_names(linear)})")
+            f"LoRA to linear layers only (this {model_type} model's: {_short_names(map(names.to_peft, linear))})")
     if not chosen:
         raise UnsupportedModelError(
             f"LoRA target_modules={targets!r} match no module of this {model_type} model; its linear layers are "
-            f"named {_short_names(linear)} (PEFT names, e.g. {sorted(linear)[:1]})")
+            f"named {_short_names(map(names.to_peft, linear))} (PEFT names, e.g. {sorted(linear)[:1]})")
+    fused = fused_targets(targets, model_type, modules)
+    if fused:
+        raise UnsupportedModelError(
+            f"LoRA target_modules={targets!r} name {fused} of this {model_type} model, which PEFT (with transformers "
+            "5) adapts as target_parameters of the fused experts or the router, not as linear layers; trlax cannot "
+            f"adapt those: drop {fused} (this model's other linear layers: "
+            f"{[n for n in _short_names(map(names.to_peft, linear)) if n not in fused]})")
     if isinstance(targets, list):
-        unused = [n for n in targets if not any(p == n or p.endswith(f".{n}") for p in chosen)]
+        unused = [n for n in targets if not any(_name_matches([n], names.to_peft(p)) for p in chosen)]
         if unused:
             logger.warning("LoRA target_modules %s match no linear layer of this %s model (ignored, as PEFT does)",
                            unused, model_type)
@@ -270,8 +326,9 @@ def init_lora(config: LoraConfig, base_params: Mapping[str, Any], model_type: st
     # costs seconds per distinct layer shape; the draws here need no device program at all.
     gen = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel().tolist())
     tree: dict[str, Any] = {}
+    names = PeftNames(model_type)
     for path, (fan_in, fan_out) in sorted(resolve_targets(config, base_params, model_type).items()):
-        r, _ = config.rank_and_alpha(path)
+        r, _ = config.rank_and_alpha(names.to_peft(path))
         if config.init_lora_weights == "gaussian":
             a = gen.normal(0.0, 1.0 / r, (fan_in, r))
         else:  # kaiming_uniform(a=sqrt(5)) on the [r, in] torch weight = U(+-1/sqrt(in))
@@ -280,7 +337,7 @@ def init_lora(config: LoraConfig, base_params: Mapping[str, Any], model_type: st
             b = gen.uniform(-(r**-0.5), r**-0.5, (r, fan_out))
         else:
             b = np.zeros((r, fan_out))
-        leaves = {"lora_A": a, "lora_B": b, "scaling": np.asarray(config.scaling(path))}
+        leaves = {"lora_A": a, "lora_B": b, "scaling": np.asarray(config.scaling(names.to_peft(path)))}
         set_path(tree, tuple(path.split(".")), {k: jnp.asarray(v, jnp.float32) for k, v in leaves.items()})
     return tree
 
@@ -388,14 +445,15 @@ def lora_from_peft(files: AdapterFiles, base_params: Mapping[str, Any], model_ty
     if trained_on and base_name and trained_on != base_name:
         logger.warning("adapter %s was trained on base %r; applying it to %r (shapes are checked)",
                        files.source, trained_on, base_name)
-    found: dict[str, dict[str, np.ndarray]] = {}
+    names = PeftNames(model_type)
+    found: dict[str, dict[str, np.ndarray]] = {}  # by trlax module path
     rest: dict[str, np.ndarray] = {}
     for key, array in files.tensors.items():
         match = _LORA_KEY.match(key)
         if match:
-            found.setdefault(match["module"], {})[match["ab"]] = array
+            found.setdefault(names.to_trlax(match["module"]), {})[match["ab"]] = array
         elif key.startswith(PEFT_PREFIX) and ".lora_" not in key:
-            rest[key[len(PEFT_PREFIX):]] = array
+            rest[names.to_trlax(key[len(PEFT_PREFIX):])] = array
         else:
             raise UnsupportedModelError(f"adapter {files.source} holds {key!r}, which is not a LoRA A/B weight or a "
                                         "saved module; trlax supports plain LoRA adapters (no DoRA, biases, "
@@ -403,7 +461,8 @@ def lora_from_peft(files: AdapterFiles, base_params: Mapping[str, Any], model_ty
     linear = linear_modules(base_params)
     strangers = sorted(set(found) - set(linear))
     if strangers:
-        raise CheckpointError(f"{fit}: it adapts {strangers[:4]}, which the base has no linear layer for")
+        raise CheckpointError(f"{fit}: it adapts {[names.to_peft(p) for p in strangers[:4]]}, which the base has no "
+                              "linear layer for")
     for key in [k for k in rest if k.endswith(BASE_LAYER_SUFFIX) and k.removesuffix(BASE_LAYER_SUFFIX) in found]:
         # PEFT saves the base weight of an adapted lm_head / embedding too (save_embedding_layers): a copy
         # of the base's layer is nothing to load; a changed one (a resized or retrained head) is refused.
@@ -422,32 +481,34 @@ def lora_from_peft(files: AdapterFiles, base_params: Mapping[str, Any], model_ty
                               f"{len(found)} (missing {missing[:4]}, not targeted {extra[:4]})")
     tree: dict[str, Any] = {}
     for path, (fan_in, fan_out) in sorted(targets.items()):
-        r, _ = config.rank_and_alpha(path)
+        r, _ = config.rank_and_alpha(names.to_peft(path))
         pair = found[path]
         want = {"A": (r, fan_in), "B": (fan_out, r)}
         for ab in "AB":
             got = tuple(pair[ab].shape) if ab in pair else None
             if got != want[ab]:
-                raise CheckpointError(f"{fit}: {PEFT_PREFIX}{path}.lora_{ab}.weight has shape {got}, the base's "
+                raise CheckpointError(f"{fit}: {PEFT_PREFIX}{names.to_peft(path)}.lora_{ab}.weight has shape {got}, "
+                                      "the base's "
                                       f"layer ({fan_in} -> {fan_out}, r={r}) needs {want[ab]}")
         set_path(tree, tuple(path.split(".")), {
             "lora_A": jnp.asarray(pair["A"].T, jnp.float32), "lora_B": jnp.asarray(pair["B"].T, jnp.float32),
-            "scaling": jnp.asarray(config.scaling(path), jnp.float32)})
+            "scaling": jnp.asarray(config.scaling(names.to_peft(path)), jnp.float32)})
     return tree, rest
 
 
-def peft_state_dict(lora: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def peft_state_dict(lora: Mapping[str, Any], model_type: str) -> dict[str, np.ndarray]:
     """PEFT's adapter_model keys for an adapter tree: lora_A.weight [r, in], lora_B.weight [out, r], float32."""
+    names = PeftNames(model_type)
     state: dict[str, np.ndarray] = {}
     for path, leaves in sorted(lora_modules(lora).items()):
         for ab in "AB":
             weight = np.asarray(jax.device_get(leaves[f"lora_{ab}"]), np.float32).T
-            state[f"{PEFT_PREFIX}{path}.lora_{ab}.weight"] = np.ascontiguousarray(weight)
+            state[f"{PEFT_PREFIX}{names.to_peft(path)}.lora_{ab}.weight"] = np.ascontiguousarray(weight)
     return state
 
 
-def write_adapter_files(folder: Path, config: LoraConfig, lora: Mapping[str, Any], *, base_name: str | None,
-                        task_type: str, keeps_layout: bool,
+def write_adapter_files(folder: Path, config: LoraConfig, lora: Mapping[str, Any], *, model_type: str,
+                        base_name: str | None, task_type: str, keeps_layout: bool,
                         extra_tensors: Mapping[str, np.ndarray] | None = None) -> None:
     """Write adapter_config.json + adapter_model.safetensors into `folder` (PEFT's layout).
 
@@ -459,8 +520,8 @@ def write_adapter_files(folder: Path, config: LoraConfig, lora: Mapping[str, Any
     peft_config.update(base_model_name_or_path=base_name, task_type=task_type,
                        fan_in_fan_out=bool(keeps_layout or config.fan_in_fan_out))
     (folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
-    write_safetensors(folder / ADAPTER_WEIGHTS_NAMES[0], {**peft_state_dict(lora), **(extra_tensors or {})},
-                      {"format": "pt"})
+    tensors = {**peft_state_dict(lora, model_type), **(extra_tensors or {})}
+    write_safetensors(folder / ADAPTER_WEIGHTS_NAMES[0], tensors, {"format": "pt"})
 
 
 def get_module(tree: Mapping[str, Any], module_path: str) -> Any:

@@ -76,7 +76,8 @@ class FlaxPeftModelForSequenceClassification(FlaxModelForSequenceClassification)
         if max_shard_size is not None:
             raise TrlaxTypeError("an adapter is saved in one file: save_pretrained takes no max_shard_size here")
         return write_folder(save_directory, lambda folder: write_adapter_files(
-            folder, config, self.adapter, base_name=self.base_model_name_or_path, task_type="SEQ_CLS",
+            folder, config, self.adapter, model_type=self.config.model_type, base_name=self.base_model_name_or_path,
+            task_type="SEQ_CLS",
             keeps_layout=keeps_layout, extra_tensors=score))
 
 
