@@ -14,8 +14,9 @@ import transformers
 from tests.helpers import batch, save_torch, torch_random_init
 from tests.tiny_configs import TINY_CAUSAL, TINY_SEQ2SEQ
 from trlax import FlaxAutoModelForCausalLM, FlaxAutoModelForCausalLMWithValueHead, FlaxAutoModelForSeq2SeqLM
-from trlax.errors import UnsupportedModelError
+from trlax.errors import TrlaxTypeError, UnsupportedModelError
 from trlax.generation import GenerateOutput
+from trlax.inputs import InputError
 
 VOCAB = 101
 
@@ -236,3 +237,96 @@ def test_generation_may_fill_every_learned_position(gpt2_pair):
     new = 64 - ids.shape[1] + 1
     out = np.asarray(model.generate(ids, mask, max_new_tokens=new, eos_token_id=None).sequences)
     np.testing.assert_array_equal(out, _torch_generate(pt, ids, mask, max_new_tokens=new, eos_token_id=None))
+
+
+@pytest.fixture(scope="module")
+def seq2seq_pairs(tmp_path_factory):
+    """(transformers, trlax) of a random T5 and BART."""
+    pairs = {}
+    for model_type in ("t5", "bart"):
+        torch.manual_seed(0)
+        pt = torch_random_init(transformers.AutoModelForSeq2SeqLM.from_config(TINY_SEQ2SEQ[model_type]()), std=0.1)
+        pairs[model_type] = (pt.eval(), FlaxAutoModelForSeq2SeqLM.from_pretrained(
+            save_torch(pt, tmp_path_factory.mktemp(model_type))))
+    return pairs
+
+
+@pytest.mark.parametrize("model_type", ["t5", "bart"])
+def test_seq2seq_without_a_mask_attends_to_every_encoder_token(seq2seq_pairs, model_type):
+    """transformers 5 infers no attention mask for an encoder-decoder (trlax masked the pads)."""
+    pt, model = seq2seq_pairs[model_type]
+    ids, mask = batch(VOCAB, "right", low=3)
+    ids = np.where(mask == 1, ids, pt.config.pad_token_id)
+    out = np.asarray(model.generate(ids, max_new_tokens=5, eos_token_id=[]).sequences)
+    with torch.no_grad():
+        ref = pt.generate(torch.tensor(ids), max_new_tokens=5, do_sample=False, use_cache=False,
+                          eos_token_id=None).numpy()
+    np.testing.assert_array_equal(out, ref)
+    masked = np.asarray(model.generate(ids, mask, max_new_tokens=5, eos_token_id=[]).sequences)
+    assert (masked != out).any()  # the pads change the result
+
+
+def test_seq2seq_max_length_counts_the_start_token_the_settings_name(seq2seq_pairs):
+    """max_length counts the decoder prompt with the start token generate puts in front: the one the call
+    names, not the config's (trlax's width was one off either way)."""
+    pt, model = seq2seq_pairs["bart"]
+    ids, mask = batch(VOCAB, "none", low=3)
+    config_start = pt.config.decoder_start_token_id
+    for start, prompt in ((5, [5, 6, 7]), (7, [config_start, 5, 6, 7])):
+        prompt = np.array([prompt] * ids.shape[0])
+        out = np.asarray(model.generate(ids, mask, decoder_input_ids=prompt, decoder_start_token_id=start,
+                                        max_length=8, eos_token_id=[]).sequences)
+        with torch.no_grad():
+            ref = pt.generate(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                              decoder_input_ids=torch.tensor(prompt), decoder_start_token_id=start, max_length=8,
+                              do_sample=False, use_cache=False, eos_token_id=None, forced_eos_token_id=None).numpy()
+        assert out.shape == ref.shape == (ids.shape[0], 8)
+
+
+def test_bart_decoder_prompt_may_fill_every_position(seq2seq_pairs):
+    """A decoder prompt that starts with the start token gets none added: it may fill the position table."""
+    pt, model = seq2seq_pairs["bart"]
+    ids, mask = batch(VOCAB, "none", low=3)
+    limit = pt.config.max_position_embeddings
+    prompt = np.array([[pt.config.decoder_start_token_id, 5, 6, 7]] * ids.shape[0])
+    out = model.generate(ids, mask, decoder_input_ids=prompt, max_new_tokens=limit - 3, eos_token_id=[])
+    assert out.sequences.shape == (ids.shape[0], limit + 1)
+    with pytest.raises(InputError, match=f"decoder prompt length 4 \\+ max_new_tokens {limit - 2} - 1"):
+        model.generate(ids, mask, decoder_input_ids=prompt, max_new_tokens=limit - 2, eos_token_id=[])
+
+
+@pytest.mark.parametrize("bad", [VOCAB, -3])
+def test_decoder_prompt_ids_outside_the_vocabulary_are_refused(seq2seq_pairs, bad):
+    _, model = seq2seq_pairs["t5"]
+    ids, mask = batch(VOCAB, "none", low=3)
+    prompt = np.full((ids.shape[0], 2), bad)
+    with pytest.raises(InputError, match="decoder_input_ids"):
+        model.generate(ids, mask, decoder_input_ids=prompt, max_new_tokens=3)
+
+
+@pytest.mark.parametrize(("setting", "match"), [
+    ({"temperature": np.float32(0.0)}, "temperature must be > 0"),
+    ({"temperature": np.float32(-1.0)}, "temperature must be > 0"),
+    ({"top_p": np.float64(1.5)}, "top_p must be in"),
+    ({"repetition_penalty": np.float32(0.0)}, "repetition_penalty must be > 0"),
+    ({"repetition_penalty": np.array(-2.0)}, "repetition_penalty must be > 0"),
+])
+def test_numpy_scalar_settings_are_checked_like_python_numbers(gpt2_pair, setting, match):
+    _, model = gpt2_pair
+    ids, _ = batch(VOCAB, "none")
+    with pytest.raises(InputError, match=match):
+        model.generate(ids, do_sample=True, prng_key=jax.random.key(0), max_new_tokens=2, **setting)
+
+
+def test_model_inputs_typos_and_no_op_values(gpt2_pair):
+    """An array model input is refused by name (it crashed inside numpy), a typo is an error (it passed when
+    False), values transformers treats as off pass, a 0-d eos id works."""
+    _, model = gpt2_pair
+    ids, _ = batch(VOCAB, "none")
+    shape = rf"\({ids.shape[0]}, {ids.shape[1]}\)"
+    with pytest.raises(UnsupportedModelError, match=rf"token_type_ids=<array of shape {shape}>"):
+        model.generate(ids, token_type_ids=np.zeros_like(ids), max_new_tokens=2)
+    with pytest.raises(TrlaxTypeError, match=r"unknown keyword argument\(s\) \['do_smaple'\]"):
+        model.generate(ids, do_smaple=False, max_new_tokens=2)
+    out = model.generate(ids, min_p=0.0, guidance_scale=1.0, eos_token_id=np.array(5), max_new_tokens=2)
+    assert out.sequences.shape == (3, ids.shape[1] + 2)

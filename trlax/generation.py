@@ -405,6 +405,29 @@ def _is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def decoder_start_id(config: Any, given: int | None = None) -> int | None:
+    """The decoder start token: `given` (the generation settings'), else the config's
+    decoder_start_token_id, else its bos_token_id (transformers' order); None when none is set."""
+    start = given
+    for name in ("decoder_start_token_id", "bos_token_id"):
+        start = _config_value(config, name) if start is None else start
+    return None if start is None else int(start)
+
+
+def start_prepended(decoder_prompt: Array, start: int | None) -> bool:
+    """Whether generate puts the start token in front of a decoder prompt [B, Td]: when no row begins
+    with it, as transformers does (a traced prompt is taken as it is)."""
+    return start is not None and _is_concrete(decoder_prompt) and bool(jnp.all(decoder_prompt[:, 0] != start))
+
+
+def _scalar(x: Any) -> float | None:
+    """A setting's value when it is a concrete scalar (Python, numpy, or a concrete 0-d array); None when
+    traced (checked by nothing: the caller's responsibility)."""
+    if _is_concrete(x) and np.ndim(x) == 0 and np.issubdtype(np.asarray(x).dtype, np.number):
+        return float(x)
+    return None
+
+
 def _check_prompt_mask(mask: Array) -> None:
     """Causal prompts must be left-padded: the loop appends after the last column."""
     if _is_concrete(mask) and not bool(jnp.all(mask[:, -1] == 1)):
@@ -421,9 +444,9 @@ def _check_sampling(do_sample: bool, prng_key: Any, temperature: Any, top_k: Any
         return
     if prng_key is None:
         raise InputError("do_sample=True needs prng_key (a jax.random key), e.g. prng_key=jax.random.key(0)")
-    if isinstance(temperature, (int, float)) and temperature <= 0:
+    if (value := _scalar(temperature)) is not None and not value > 0:
         raise InputError(f"temperature must be > 0 when sampling (use do_sample=False for greedy); got {temperature}")
-    if isinstance(top_p, (int, float)) and not 0.0 <= top_p <= 1.0:
+    if (value := _scalar(top_p)) is not None and not 0.0 <= value <= 1.0:
         raise InputError(f"top_p must be in [0, 1] (1.0 = off); got {top_p}")
 
 
@@ -493,7 +516,7 @@ def generate(
     _check_sampling(do_sample, prng_key, temperature, top_k, top_p)
     if not isinstance(min_new_tokens, (int, np.integer)) or min_new_tokens < 0:
         raise InputError(f"min_new_tokens must be an int >= 0; got {min_new_tokens!r}")
-    if isinstance(repetition_penalty, (int, float)) and repetition_penalty <= 0:
+    if (value := _scalar(repetition_penalty)) is not None and not value > 0:
         raise InputError(f"repetition_penalty must be > 0 (1.0 = off); got {repetition_penalty}")
     config = model.config
     seq2seq = bool(model.spec.is_encoder_decoder)
@@ -508,18 +531,30 @@ def generate(
 
     if decoder_input_ids is not None and not seq2seq:
         raise InputError("decoder_input_ids are for encoder-decoder models; a causal LM continues input_ids")
-    decoder_prompt = None if decoder_input_ids is None else token_ids("decoder_input_ids", decoder_input_ids)
+    decoder_prompt = None if decoder_input_ids is None else token_ids("decoder_input_ids", decoder_input_ids,
+                                                                      model.vocab_size)
     if decoder_prompt is not None and decoder_prompt.shape[0] != input_ids.shape[0]:
         raise InputError(f"decoder_input_ids has batch size {decoder_prompt.shape[0]} but input_ids has "
                          f"{input_ids.shape[0]}; they must match")
-    # Positions the loop feeds: the prompt (and start token), then every new token but the last.
-    decoder_length = 1 if decoder_prompt is None else decoder_prompt.shape[1] + 1  # + a start token, at most
-    length = decoder_length - 1 + max_new_tokens if seq2seq else input_ids.shape[1] + max_new_tokens - 1
+    start = decoder_start_id(config, decoder_start_token_id) if seq2seq else 0
+    if seq2seq and start is None:
+        raise InputError("seq2seq generate needs decoder_start_token_id (none on the model config)")
+    if seq2seq:
+        check_token_range("decoder_start_token_id", np.asarray(start), model.vocab_size)
+        starts = jnp.full((input_ids.shape[0], 1), start, jnp.int32)
+        if decoder_prompt is None:
+            decoder_prompt = starts
+        elif start_prepended(decoder_prompt, start):
+            decoder_prompt = jnp.concatenate([starts, decoder_prompt], axis=1)
+    # Positions the loop feeds: the prompt (the decoder's, with its start token), then every new token but the last.
+    prompt = decoder_prompt if seq2seq else input_ids
+    length = prompt.shape[1] + max_new_tokens - 1
     limit = model.spec.position_limit(config)  # a learned position table; rotary / relative: none
     if limit is not None and length > limit:
-        what = "max_new_tokens" if seq2seq else f"prompt length {input_ids.shape[1]} + max_new_tokens - 1"
-        raise InputError(f"{what} = {length} exceeds the model's {limit} positions (the last new token is never "
-                         "fed back); shorten the prompt or lower max_new_tokens")
+        what = "decoder prompt" if seq2seq else "prompt"
+        raise InputError(f"{what} length {prompt.shape[1]} + max_new_tokens {max_new_tokens} - 1 = {length} exceeds "
+                         f"the model's {limit} positions (the last new token is never fed back); shorten the prompt "
+                         "or lower max_new_tokens")
     if not seq2seq:
         _check_prompt_mask(mask)
 
@@ -529,22 +564,8 @@ def generate(
     pad = pad_token_id if pad_token_id is not None else _config_value(config, "pad_token_id")
     if pad is None:
         pad = eos_ids[0] if eos_ids else 0  # without an eos no row finishes, so pad is never emitted
-    start = 0
-    if seq2seq:
-        start = decoder_start_token_id
-        for name in ("decoder_start_token_id", "bos_token_id"):
-            start = _config_value(config, name) if start is None else start
-        if start is None:
-            raise InputError("seq2seq generate needs decoder_start_token_id (none on the model config)")
-        start = int(start)
-        check_token_range("decoder_start_token_id", np.asarray(start), model.vocab_size)
-        starts = jnp.full((input_ids.shape[0], 1), start, jnp.int32)
-        if decoder_prompt is None:
-            decoder_prompt = starts
-        elif _is_concrete(decoder_prompt) and bool(jnp.all(decoder_prompt[:, 0] != start)):
-            decoder_prompt = jnp.concatenate([starts, decoder_prompt], axis=1)
-    top_p_on = not (isinstance(top_p, (int, float)) and top_p == 1.0)
-    penalty_on = not (isinstance(repetition_penalty, (int, float)) and repetition_penalty == 1.0)
+    top_p_on = _scalar(top_p) != 1.0
+    penalty_on = _scalar(repetition_penalty) != 1.0
     settings = GenerationSettings(int(max_new_tokens), bool(do_sample), int(top_k) if do_sample else 0,
                          bool(do_sample and top_p_on), len(eos_ids), int(min_new_tokens), penalty_on,
                          len(forced_eos), _check_rollout_dtype(rollout_dtype, model))

@@ -19,7 +19,8 @@ forced_eos_token_id and return_dict_in_generate. Fields that only tune how trans
 bos_token_id, beam-only options while num_beams is 1, ...) are accepted and have no
 effect. Any other field set to something other than its neutral value (num_beams > 1,
 constraints, no_repeat_ngram_size, output_scores, ...) is an UnsupportedModelError naming
-it, never silently ignored.
+it, never silently ignored; so is a model input other than the ids and mask (token_type_ids,
+...). A keyword that is neither a setting nor a generate argument (a typo) is a TrlaxTypeError.
 
 The processors (`process_logits`) run inside the jitted decode loop on each step's
 float32 logits [B, V], before the sampling warpers, as transformers orders them:
@@ -31,9 +32,10 @@ tokens are new), then forced eos (only the forced ids at the last new token).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,7 @@ import numpy as np
 import transformers
 
 from trlax.checkpoint.hub import HubOptions, fetch_file
-from trlax.errors import UnsupportedModelError
+from trlax.errors import TrlaxTypeError, UnsupportedModelError
 
 logger = logging.getLogger("trlax")
 
@@ -69,6 +71,12 @@ NO_EFFECT_FIELDS = frozenset({
 })
 # Arguments of trlax's generate that are not GenerationConfig fields.
 TRLAX_ARGS = frozenset({"prng_key", "params", "lora", "decoder_input_ids", "rollout_dtype"})
+# Every name a generate call may pass: settings, transformers' generate arguments and model inputs
+# (refused unless neutral, like any setting trlax lacks), trlax's own. Others are typos.
+KNOWN_NAMES = frozenset({*transformers.GenerationConfig().to_dict(), *SUPPORTED_FIELDS, *NO_EFFECT_FIELDS,
+                         *inspect.signature(transformers.GenerationMixin.generate).parameters, *TRLAX_ARGS,
+                         "token_type_ids", "position_ids", "inputs_embeds", "decoder_attention_mask",
+                         "encoder_outputs", "past_key_values", "cache_position"}) - {"self", "kwargs"}
 
 
 def read_generation_config(source: str | os.PathLike, options: HubOptions) -> transformers.GenerationConfig | None:
@@ -95,9 +103,24 @@ def _set_fields(config: transformers.GenerationConfig | Mapping[str, Any] | None
     return {k: v for k, v in config.items() if v is not None}
 
 
+# Values transformers treats as "off" although they are not the field's default (None).
+NO_OP_VALUES = {"min_p": 0.0, "guidance_scale": 1.0}
+
+
 def _is_neutral(name: str, value: Any, defaults: Mapping[str, Any]) -> bool:
-    """Whether a field's value asks for nothing (unset, off, or transformers' default)."""
-    return value is None or value is False or value == {} or value == [] or value == defaults.get(name)
+    """Whether a field's value asks for nothing (unset, off, or transformers' default). An array asks for
+    something (e.g. token_type_ids)."""
+    if hasattr(value, "shape") and not isinstance(value, (np.generic, int, float)):
+        return False
+    return (value is None or value is False or value == {} or value == [] or value == defaults.get(name)
+            or (name in NO_OP_VALUES and value == NO_OP_VALUES[name]))
+
+
+def _shown(value: Any) -> str:
+    """A setting for an error message: arrays by shape, the rest as they are."""
+    if hasattr(value, "shape") and not isinstance(value, np.generic):
+        return f"<array of shape {tuple(value.shape)}>"
+    return repr(value)
 
 
 def _as_int(name: str, value: Any) -> int:
@@ -120,13 +143,14 @@ def resolve_generation(
     generation_config: transformers.GenerationConfig | Mapping[str, Any] | None,
     kwargs: Mapping[str, Any],
     *,
-    prompt_length: int,
+    prompt_length: Callable[[int | None], int],
 ) -> GenerateRequest:
     """Merge the model's GenerationConfig, a passed one and keyword arguments (in that order of
     precedence, lowest first) into trlax's generate arguments.
 
-    prompt_length: the length `max_length` / `min_length` count from (causal: the padded
-    prompt T; seq2seq: the decoder prompt, start token included). Raises
+    prompt_length: the length `max_length` / `min_length` count from, given the decoder start id
+    the settings name (causal: the padded prompt T; seq2seq: the decoder prompt, start token
+    included when it is put in front). Raises
     UnsupportedModelError naming every field set that trlax does not implement.
     """
     if generation_config is not None and not isinstance(generation_config, (transformers.GenerationConfig, Mapping)):
@@ -138,31 +162,37 @@ def resolve_generation(
               if v is not None}
     # Output plumbing is the caller's choice, never a checkpoint file's.
     return_dict = _set_fields({**_set_fields(generation_config), **passed}).get("return_dict_in_generate", True)
+    unknown = sorted(set(passed) - KNOWN_NAMES)
+    if unknown:
+        raise TrlaxTypeError(f"generate got unknown keyword argument(s) {unknown}: neither generation settings "
+                             "(transformers.GenerationConfig fields) nor arguments of transformers' or trlax's "
+                             "generate")
     defaults = transformers.GenerationConfig()._get_default_generation_params()
     unsupported = sorted(name for name, value in merged.items()
                          if name not in SUPPORTED_FIELDS and name not in NO_EFFECT_FIELDS
                          and not _is_neutral(name, value, defaults))
     if unsupported:
-        shown = ", ".join(f"{name}={merged[name]!r}" for name in unsupported)
+        shown = ", ".join(f"{name}={_shown(merged[name])}" for name in unsupported)
         raise UnsupportedModelError(
             f"generate does not implement {shown}: trlax generates greedily or by sampling (temperature, top_k, "
             "top_p, repetition_penalty, min_new_tokens), one sequence per prompt, without beams, constraints or "
             "score outputs. Unset these (from the generation_config, or pass e.g. num_beams=1)")
     out = {k: trlax_kwargs for k, trlax_kwargs in kwargs.items() if k in TRLAX_ARGS}
+    length = prompt_length(merged.get("decoder_start_token_id"))
     if "max_new_tokens" in merged:
         out["max_new_tokens"] = _as_int("max_new_tokens", merged["max_new_tokens"])
     elif "max_length" in merged:
-        new = _as_int("max_length", merged["max_length"]) - prompt_length
+        new = _as_int("max_length", merged["max_length"]) - length
         if new <= 0:
             raise UnsupportedModelError(f"generate: max_length={merged['max_length']} leaves no room after the "
-                                        f"{prompt_length}-token prompt; set max_new_tokens instead")
+                                        f"{length}-token prompt; set max_new_tokens instead")
         out["max_new_tokens"] = new
     else:
         out["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
     if "min_new_tokens" in merged:  # transformers: it takes precedence over min_length
         out["min_new_tokens"] = max(_as_int("min_new_tokens", merged["min_new_tokens"]), 0)
     else:
-        out["min_new_tokens"] = max(_as_int("min_length", merged.get("min_length", 0)) - prompt_length, 0)
+        out["min_new_tokens"] = max(_as_int("min_length", merged.get("min_length", 0)) - length, 0)
     out["top_k"] = _as_int("top_k", merged.get("top_k", 0))
     for name in ("do_sample", "temperature", "top_p", "repetition_penalty", "decoder_start_token_id",
                  "forced_eos_token_id"):
@@ -180,23 +210,21 @@ def id_list(ids: int | Sequence[int] | None) -> list[int]:
     """A token-id setting (an int, a list, or None) as a list of ints."""
     if ids is None:
         return []
-    return [int(ids)] if isinstance(ids, (int, np.integer)) else [int(i) for i in ids]
+    return [int(ids)] if np.ndim(ids) == 0 else [int(i) for i in ids]
 
 
-def inferred_attention_mask(input_ids: jax.Array, pad_token_id: int | None, eos_token_id: Any, *,
-                            left_padded: bool) -> jax.Array | None:
-    """transformers' attention mask for a generate call without one: [B, T] int32 `input_ids != pad` when
-    the pad id occurs in the concrete input_ids and is no eos id; else None (all ones).
-
-    left_padded (causal LMs, whose prompts must end in a real token): a row that ends in the pad id
-    keeps the all-ones mask, with a warning (transformers warns of right padding there too).
+def inferred_attention_mask(input_ids: jax.Array, pad_token_id: int | None, eos_token_id: Any) -> jax.Array | None:
+    """transformers' attention mask for a causal LM's generate call without one: [B, T] int32
+    `input_ids != pad` when the pad id occurs in the concrete input_ids and is no eos id; else None (all
+    ones). A row that ends in the pad id keeps the all-ones mask, with a warning (a prompt must end in a
+    real token; transformers warns of right padding too). transformers infers none for an encoder-decoder.
     """
     if pad_token_id is None or pad_token_id in id_list(eos_token_id) or isinstance(input_ids, jax.core.Tracer):
         return None
     ids = np.asarray(input_ids)
     if not (ids == pad_token_id).any():
         return None
-    if left_padded and (ids[:, -1] == pad_token_id).any():
+    if (ids[:, -1] == pad_token_id).any():
         logger.warning("input_ids end in the pad id %d in some row (right padding?), so no attention mask is "
                        "inferred from it: every token is attended to. Left-pad the prompts and pass "
                        "attention_mask", pad_token_id)

@@ -290,7 +290,8 @@ class FlaxPreTrainedModel(CheckpointMixin):
                         self.spec.position_limit(self.config), model=self.config.model_type.upper(), traced=traced)
 
     # --- generation ---------------------------------------------------------------------
-    def generation_prompt_length(self, input_ids: jax.Array, decoder_input_ids: Any = None) -> int:
+    def generation_prompt_length(self, input_ids: jax.Array, decoder_input_ids: Any = None,
+                                 decoder_start_token_id: int | None = None) -> int:
         raise NotImplementedError
 
     def generate(
@@ -304,9 +305,10 @@ class FlaxPreTrainedModel(CheckpointMixin):
         checkpoint's generation settings; without any, those of the model config, as
         transformers builds them), `generation_config` (a transformers GenerationConfig),
         keyword arguments (`trlax.generation_config` says which fields apply; unsupported
-        ones raise). Without an attention_mask, the mask is inferred from the pad id as
-        transformers infers it: `input_ids != pad` when the pad id occurs in input_ids and is
-        no eos id (and, for a causal LM, ends no row), else all ones. Returns a GenerateOutput,
+        ones raise). Without an attention_mask, a causal LM's mask is inferred from the pad id
+        as transformers infers it: `input_ids != pad` when the pad id occurs in input_ids, is
+        no eos id and ends no row, else all ones; an encoder-decoder's encoder attends to every
+        token (transformers 5 infers no mask there). Returns a GenerateOutput,
         or the bare sequences with return_dict_in_generate=False. lora: an adapter tree to
         generate with; without params and lora, the owning LoRA policy's adapter (if any).
         """
@@ -316,13 +318,12 @@ class FlaxPreTrainedModel(CheckpointMixin):
         if params is None and lora is None:
             lora = self.lora
         input_ids = token_ids("input_ids", input_ids)
-        length = self.generation_prompt_length(input_ids, kwargs.get("decoder_input_ids"))
         settings = self.generation_config or transformers.GenerationConfig.from_model_config(self.config)
-        request = resolve_generation(settings, generation_config, kwargs, prompt_length=length)
-        if attention_mask is None:
+        request = resolve_generation(settings, generation_config, kwargs, prompt_length=lambda start: (
+            self.generation_prompt_length(input_ids, kwargs.get("decoder_input_ids"), start)))
+        if attention_mask is None and not self.is_encoder_decoder:
             attention_mask = inferred_attention_mask(input_ids, request.kwargs["pad_token_id"],
-                                                     request.kwargs["eos_token_id"],
-                                                     left_padded=not self.is_encoder_decoder)
+                                                     request.kwargs["eos_token_id"])
         out = generate(self, input_ids, attention_mask, params=params, lora=lora, **request.kwargs)
         return out if request.return_dict else out.sequences
 

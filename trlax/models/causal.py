@@ -77,7 +77,8 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
                              dropout_rng, train=train, output_hidden_states=output_hidden_states,
                              lora=self.lora if params is None else None, labels=labels)
 
-    def generation_prompt_length(self, input_ids: jax.Array, decoder_input_ids: Any = None) -> int:
+    def generation_prompt_length(self, input_ids: jax.Array, decoder_input_ids: Any = None,
+                                 decoder_start_token_id: int | None = None) -> int:
         """The length generation_config's max_length / min_length count from: the (padded) prompt T."""
         return int(input_ids.shape[1])
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
+from trlax.generation import decoder_start_id, start_prepended
 from trlax.inputs import InputError, check_labels, check_positions, check_token_range, mask_for, same_shape, token_ids
 from trlax.models.base import FlaxPreTrainedModel
 from trlax.models.loss import seq2seq_lm_loss, shift_tokens_right
@@ -112,15 +112,16 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
                              dropout_rng, train=train, output_hidden_states=output_hidden_states,
                              lora=self.lora if params is None else None, labels=labels)
 
-    def generation_prompt_length(self, input_ids: jax.Array, decoder_input_ids: Any = None) -> int:
+    def generation_prompt_length(self, input_ids: jax.Array, decoder_input_ids: Any = None,
+                                 decoder_start_token_id: int | None = None) -> int:
         """The length generation_config's max_length / min_length count from: the decoder prompt
-        with its start token (1 without a prompt), as transformers counts it."""
+        with its start token (1 without a prompt), as transformers counts it; the start token is
+        `decoder_start_token_id` (the generation settings'), else the config's."""
         if decoder_input_ids is None:
             return 1
-        decoder_input_ids = token_ids("decoder_input_ids", decoder_input_ids)
-        start = getattr(self.config, "decoder_start_token_id", None)
-        prepended = start is not None and bool(jnp.all(decoder_input_ids[:, 0] != start))
-        return int(decoder_input_ids.shape[1]) + int(prepended)
+        decoder_input_ids = token_ids("decoder_input_ids", decoder_input_ids, self.vocab_size)
+        start = decoder_start_id(self.config, decoder_start_token_id)
+        return int(decoder_input_ids.shape[1]) + int(start_prepended(decoder_input_ids, start))
 
     def check_inputs(self, input_ids: Any, decoder_input_ids: Any, labels: Any = None, *,
                      traced: bool = False) -> None:
