@@ -291,7 +291,7 @@ def test_bart_decoder_prompt_may_fill_every_position(seq2seq_pairs):
     prompt = np.array([[pt.config.decoder_start_token_id, 5, 6, 7]] * ids.shape[0])
     out = model.generate(ids, mask, decoder_input_ids=prompt, max_new_tokens=limit - 3, eos_token_id=[])
     assert out.sequences.shape == (ids.shape[0], limit + 1)
-    with pytest.raises(InputError, match=f"decoder prompt length 4 \\+ max_new_tokens {limit - 2} - 1"):
+    with pytest.raises(InputError, match=f"decoder prompt length 4 \\+ max_new_tokens - 1 = {limit + 1} exceeds"):
         model.generate(ids, mask, decoder_input_ids=prompt, max_new_tokens=limit - 2, eos_token_id=[])
 
 

@@ -551,10 +551,10 @@ def generate(
     length = prompt.shape[1] + max_new_tokens - 1
     limit = model.spec.position_limit(config)  # a learned position table; rotary / relative: none
     if limit is not None and length > limit:
-        what = "decoder prompt" if seq2seq else "prompt"
-        raise InputError(f"{what} length {prompt.shape[1]} + max_new_tokens {max_new_tokens} - 1 = {length} exceeds "
-                         f"the model's {limit} positions (the last new token is never fed back); shorten the prompt "
-                         "or lower max_new_tokens")
+        what = ("max_new_tokens" if decoder_input_ids is None else f"decoder prompt length {prompt.shape[1]} + "
+                "max_new_tokens - 1") if seq2seq else f"prompt length {prompt.shape[1]} + max_new_tokens - 1"
+        raise InputError(f"{what} = {length} exceeds the model's {limit} positions (the last new token is never "
+                         "fed back); shorten the prompt or lower max_new_tokens")
     if not seq2seq:
         _check_prompt_mask(mask)
 
