@@ -32,7 +32,6 @@ tokens are new), then forced eos (only the forced ids at the last new token).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -71,12 +70,17 @@ NO_EFFECT_FIELDS = frozenset({
 })
 # Arguments of trlax's generate that are not GenerationConfig fields.
 TRLAX_ARGS = frozenset({"prng_key", "params", "lora", "decoder_input_ids", "rollout_dtype"})
-# Every name a generate call may pass: settings, transformers' generate arguments and model inputs
-# (refused unless neutral, like any setting trlax lacks), trlax's own. Others are typos.
+# transformers 5's `generate` arguments besides the settings (written out: GenerationMixin needs torch), and
+# the model inputs it passes on: refused unless neutral, like any setting trlax lacks.
+TRANSFORMERS_ARGS = frozenset({
+    "inputs", "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
+    "assistant_model", "streamer", "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate",
+    "use_model_defaults", "tokenizer", "token_type_ids", "position_ids", "inputs_embeds", "decoder_attention_mask",
+    "encoder_outputs", "past_key_values", "cache_position",
+})
+# Every name a generate call may pass; others are typos.
 KNOWN_NAMES = frozenset({*transformers.GenerationConfig().to_dict(), *SUPPORTED_FIELDS, *NO_EFFECT_FIELDS,
-                         *inspect.signature(transformers.GenerationMixin.generate).parameters, *TRLAX_ARGS,
-                         "token_type_ids", "position_ids", "inputs_embeds", "decoder_attention_mask",
-                         "encoder_outputs", "past_key_values", "cache_position"}) - {"self", "kwargs"}
+                         *TRANSFORMERS_ARGS, *TRLAX_ARGS})
 
 
 def read_generation_config(source: str | os.PathLike, options: HubOptions) -> transformers.GenerationConfig | None:
