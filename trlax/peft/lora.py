@@ -270,6 +270,7 @@ def resolve_targets(config: LoraConfig, base_params: Mapping[str, Any], model_ty
             raise UnsupportedModelError(f"LoRA target_modules=None has no PEFT default for model_type {model_type!r}; "
                                         "name the modules, e.g. target_modules=['q_proj', 'v_proj']")
     modules = _all_modules(base_params)
+    known = _short_names(map(names.to_peft, linear))  # for the messages: the linear layers' PEFT names
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         candidates = [p for p in linear if names.to_peft(p).split(".")[-1] != HEAD_NAME]
     else:
@@ -284,23 +285,23 @@ def resolve_targets(config: LoraConfig, base_params: Mapping[str, Any], model_ty
             f"LoRA target {HEAD_NAME!r} is no linear layer of this {model_type} model: its LM head is tied to the "
             "input embedding (or has another name), and trlax applies LoRA to linear layers only, where PEFT "
             f"would adapt a tied head too; remove {HEAD_NAME!r} from target_modules (this model's linear layers: "
-            f"{_short_names(map(names.to_peft, linear))})")
+            f"{known})")
     not_linear = [p for p in chosen if p not in linear]
     if not_linear:
         raise UnsupportedModelError(
             f"LoRA target_modules={targets!r} match {not_linear[:4]}, which are not linear layers; trlax applies "
-            f"LoRA to linear layers only (this {model_type} model's: {_short_names(map(names.to_peft, linear))})")
+            f"LoRA to linear layers only (this {model_type} model's: {known})")
     if not chosen:
         raise UnsupportedModelError(
             f"LoRA target_modules={targets!r} match no module of this {model_type} model; its linear layers are "
-            f"named {_short_names(map(names.to_peft, linear))} (PEFT names, e.g. {sorted(linear)[:1]})")
+            f"named {known} (PEFT names, e.g. {sorted(map(names.to_peft, linear))[:1]})")
     fused = fused_targets(targets, model_type, modules)
     if fused:
         raise UnsupportedModelError(
             f"LoRA target_modules={targets!r} name {fused} of this {model_type} model, which PEFT (with transformers "
             "5) adapts as target_parameters of the fused experts or the router, not as linear layers; trlax cannot "
             f"adapt those: drop {fused} (this model's other linear layers: "
-            f"{[n for n in _short_names(map(names.to_peft, linear)) if n not in fused]})")
+            f"{[n for n in known if n not in fused]})")
     if isinstance(targets, list):
         unused = [n for n in targets if not any(_name_matches([n], names.to_peft(p)) for p in chosen)]
         if unused:
