@@ -111,10 +111,15 @@ def _set_fields(config: transformers.GenerationConfig | Mapping[str, Any] | None
 NO_OP_VALUES = {"min_p": 0.0, "guidance_scale": 1.0}
 
 
+def _is_array(value: Any) -> bool:
+    """An array (numpy, jax, torch), not a scalar setting."""
+    return hasattr(value, "shape") and not isinstance(value, np.generic)
+
+
 def _is_neutral(name: str, value: Any, defaults: Mapping[str, Any]) -> bool:
     """Whether a field's value asks for nothing (unset, off, or transformers' default). An array asks for
     something (e.g. token_type_ids)."""
-    if hasattr(value, "shape") and not isinstance(value, (np.generic, int, float)):
+    if _is_array(value):
         return False
     return (value is None or value is False or value == {} or value == [] or value == defaults.get(name)
             or (name in NO_OP_VALUES and value == NO_OP_VALUES[name]))
@@ -122,7 +127,7 @@ def _is_neutral(name: str, value: Any, defaults: Mapping[str, Any]) -> bool:
 
 def _shown(value: Any) -> str:
     """A setting for an error message: arrays by shape, the rest as they are."""
-    if hasattr(value, "shape") and not isinstance(value, np.generic):
+    if _is_array(value):
         return f"<array of shape {tuple(value.shape)}>"
     return repr(value)
 
