@@ -194,6 +194,32 @@ def test_ppo_settings_trl_names_and_limits(tmp_path, capsys):
         PPOTrainer(models, PromptSet.build(texts, models.codec, models.pad_id, 16), trainer_config(args))
 
 
+
+@pytest.mark.parametrize(("flags", "found"), [
+    (["--learning-rate", "1e30", "--mini-batch-size", "1"], "approxkl nan, entropy nan, policy_loss nan, value_loss "
+                                                           "nan, the updated params hold NaN or inf"),
+    # one update per step: the losses are computed before it, so only the params show it
+    (["--learning-rate", "1e39", "--mini-batch-size", "2", "--ppo-epochs", "1"], "the updated params hold NaN or inf"),
+])
+def test_a_diverging_run_stops_at_that_step_and_writes_no_nan(tmp_path, capsys, flags, found):
+    """A run whose updates turned the params NaN went on to the end, logged NaN metrics every step and saved the
+    NaN policy as its result (a save warning was the only sign)."""
+    run = tmp_path / "run"
+    argv = ["ppo", "--output-dir", str(run), "--steps", "3", "--batch-size", "2", "--max-new-tokens", "4", "--quiet"]
+    assert main(argv + flags) == 1
+    err = capsys.readouterr().err
+    assert f"PPO step 1 diverged ({found}); lower the learning rate" in err
+    assert (run / "metrics.jsonl").read_text() == ""  # the diverged step is not logged
+    assert not (run / "final").exists()
+
+
+def test_learning_rate_and_grad_norm_must_be_finite_and_positive(tmp_path, capsys):
+    for flag in ("--learning-rate", "--max-grad-norm"):
+        for value in ("nan", "inf", "0", "-1"):
+            assert main(["ppo", "--output-dir", str(tmp_path / "run"), flag, value]) == 1
+            assert f"{flag} must be a finite number > 0" in capsys.readouterr().err
+
+
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "away"]
 
 

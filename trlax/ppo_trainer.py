@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +42,10 @@ Array = jax.Array
 STATE_DIR = "state"
 
 
+class DivergedError(TrlaxError):
+    """A PPO step made the policy's params or its losses NaN or inf (training diverged)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainerConfig:
     """Run settings; the loss settings are TRL's `PPOConfig` (`trlax.ppo.PPOConfig`)."""
@@ -60,6 +65,10 @@ class TrainerConfig:
     ppo: PPOConfig = PPOConfig()
 
     def __post_init__(self) -> None:
+        if not 0 < self.learning_rate < math.inf:
+            raise TrlaxError(f"--learning-rate must be a finite number > 0; got {self.learning_rate}")
+        if self.max_grad_norm is not None and not 0 < self.max_grad_norm < math.inf:
+            raise TrlaxError(f"--max-grad-norm must be a finite number > 0 (or unset); got {self.max_grad_norm}")
         if self.batch_size % self.mini_batch_size:
             raise TrlaxError(f"--batch-size {self.batch_size} must be a multiple of --mini-batch-size "
                              f"{self.mini_batch_size}")
@@ -127,7 +136,9 @@ class PPOTrainer:
 
     # --- one step -------------------------------------------------------------------------
     def _learn(self, trainable: Any, frozen: Any, opt_state: Any, ref_params: Any, sequences: Array,
-               prompt_mask: Array, scores: Array, kl_coef: Array, order: Array) -> tuple[Any, Any, dict[str, Array]]:
+               prompt_mask: Array, scores: Array, kl_coef: Array, order: Array,
+               ) -> tuple[Any, Any, dict[str, Array], Array]:
+        """The step's updates: (trainable, opt_state, metrics, whether every updated trainable param is finite)."""
         p = prompt_mask.shape[1]
         reply = reply_mask(sequences[:, p:], self.models.eos_ids)
         attention = jnp.concatenate([prompt_mask, reply], axis=1)
@@ -150,7 +161,8 @@ class PPOTrainer:
             "entropy": stats["policy/entropy"].mean(), "clipfrac": stats["policy/clipfrac"].mean(),
             "approxkl": stats["policy/approxkl"].mean(), "reply_length": mask.sum(axis=1).mean(),
         }
-        return trainable, opt_state, metrics
+        finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(trainable)]))
+        return trainable, opt_state, metrics, finite
 
     def minibatch_order(self, step: int) -> np.ndarray:
         """[ppo_epochs * n_minibatches, mini_batch_size] rows: a fresh permutation per epoch, from (seed, step)."""
@@ -182,7 +194,10 @@ class PPOTrainer:
         return out
 
     def step(self) -> dict[str, float]:
-        """One PPO step (generate, score, rollout, updates, KL control); returns its float metrics."""
+        """One PPO step (generate, score, rollout, updates, KL control); returns its float metrics.
+
+        Raises DivergedError when the step's losses or updated params are NaN or inf; the trainer's
+        params are then unusable (continue from a saved state with other settings)."""
         cfg, s = self.config, self.step_index
         rows = self.prompts.rows(cfg.seed, s, cfg.batch_size)
         prompt_ids, prompt_mask = self.prompts.ids[rows], self.prompts.mask[rows]
@@ -190,11 +205,18 @@ class PPOTrainer:
         reward = self.models.reward
         scores = reward(self.generated(rows, sequences, getattr(reward, "needs_text", True)))
         kl_coef = self.kl_coef
-        self.trainable, self.opt_state, metrics = self.learn(
+        self.trainable, self.opt_state, metrics, finite = self.learn(
             self.trainable, self.frozen, self.opt_state, self.models.reference.params, sequences,
             jnp.asarray(prompt_mask), jnp.asarray(scores, jnp.float32), jnp.float32(kl_coef),
             self.minibatch_order(s))
         out = {name: float(v) for name, v in jax.device_get(metrics).items()}
+        diverged = [f"{name} {value}" for name, value in out.items() if not math.isfinite(value)]
+        if diverged or not bool(finite):
+            found = diverged + ([] if bool(finite) else ["the updated params hold NaN or inf"])
+            clip = "" if cfg.max_grad_norm is not None else " or clip gradients (max_grad_norm)"
+            raise DivergedError(f"PPO step {s + 1} diverged ({', '.join(found)}); lower the learning rate "
+                                f"({cfg.learning_rate}){clip}, and start again or resume from a state saved "
+                                "before this step")
         if cfg.ppo.adap_kl_ctrl:  # TRL's AdaptiveKLController.update(mean_kl, batch_size)
             self.kl_coef = adaptive_kl_coef(self.kl_coef, out["kl"], cfg.batch_size, cfg.ppo.target, cfg.ppo.horizon)
         self.step_index += 1
