@@ -77,6 +77,22 @@ def test_out_of_vocabulary_ids_raise_in_every_forward(lm, wrapper, bad):
         wrapper.generate(ids, max_new_tokens=2)
 
 
+@pytest.mark.parametrize("mask", [np.array([[1, 1, 2, 1]] * 2), np.array([[0.5, 1.0, 1.0, 1.0]] * 2)])
+def test_attention_masks_other_than_zeros_and_ones_raise(lm, wrapper, bart, mask):
+    """A mask holding 2 or 0.5 was cast to int32 and used: 2 counted twice in the positions a mask gives
+    (generate, OPT), 0.5 became padding, and generate blamed the padding side."""
+    calls = [lambda: lm(IDS, attention_mask=mask), lambda: wrapper(IDS, attention_mask=mask),
+             lambda: lm.generate(IDS, attention_mask=mask, max_new_tokens=2),
+             lambda: bart(IDS, attention_mask=mask, decoder_input_ids=IDS),
+             lambda: bart(IDS, decoder_input_ids=IDS, decoder_attention_mask=mask)]
+    for call in calls:
+        with pytest.raises(InputError, match="mask must hold only 1 \\(a token\\) and 0 \\(padding\\); got the "
+                                             f"values \\[{np.unique(mask)[0]}"):
+            call()
+    lm(IDS, attention_mask=np.array([[False, True, True, True]] * 2))  # bool and float 0/1 masks are fine
+    wrapper(IDS, attention_mask=np.array([[0.0, 1.0, 1.0, 1.0]] * 2))
+
+
 def test_in_range_ids_still_run(lm, wrapper):
     ids = np.array([[0, VOCAB - 1]], np.int32)
     assert np.isfinite(np.asarray(lm(ids).logits)).all()

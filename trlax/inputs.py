@@ -151,8 +151,14 @@ def same_shape(name: str, value: Any, shape: tuple[int, ...]) -> jax.Array:
 
 
 def mask_for(name: str, mask: Any, ids: jax.Array) -> jax.Array:
-    """The attention mask [B, T] int32 of `ids`: the given one (checked) or all ones."""
-    return jnp.ones_like(ids) if mask is None else same_shape(name, mask, ids.shape)
+    """The attention mask [B, T] int32 of `ids`: the given one (checked: its shape, and when concrete that it
+    holds only 0 and 1, in any dtype) or all ones."""
+    if mask is None:
+        return jnp.ones_like(ids)
+    if is_concrete(mask) and not np.isin(np.asarray(mask), (0, 1)).all():
+        values = np.unique(np.asarray(mask))
+        raise InputError(f"{name} must hold only 1 (a token) and 0 (padding); got the values {values[:8].tolist()}")
+    return same_shape(name, mask, ids.shape)
 
 
 def checked(fn: Callable[..., Any], **jit_kwargs: Any) -> Callable[..., Any]:
