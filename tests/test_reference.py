@@ -200,6 +200,20 @@ def test_custom_pattern_uses_trl_order_rule():
     assert len(frozen) == 2 + 12 + 2
 
 
+@pytest.mark.parametrize("kwargs", [{"pattern": "pretrained_model.transformer.h.{layer}"},
+                                    {"pattern": "model.transformer.h.{layer}"}, {"pattern": "transformer.h.{layer}"},
+                                    {"num_shared_layers": np.int64(1)}])
+def test_patterns_match_the_wrappers_names_and_numpy_ints_count(kwargs):
+    """TRL matches the pattern against the wrapper's `named_parameters()` ("pretrained_model.transformer.h.0...") and
+    takes any integer; trlax matched the LM's names only (refusing the first two patterns, with a message saying TRL
+    would freeze everything) and refused np.int64."""
+    policy = _wrapper("gpt2")
+    create_reference_model(policy, **{"num_shared_layers": 1, **kwargs})
+    frozen = {n for n, m in _leaves_by_path(policy.trainable_mask).items() if not m}
+    assert len(frozen) == 2 + 12  # the embeddings and block 0, as TRL freezes them
+    assert ("pretrained_model", "transformer", "h", "0", "mlp", "c_proj", "bias") in frozen
+
+
 def test_reference_forward_stops_gradients():
     policy = _wrapper("gpt2")
     ref = create_reference_model(policy, num_shared_layers=1)

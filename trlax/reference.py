@@ -21,6 +21,7 @@ policy.trainable_mask)` and take the frozen half as a plain argument.
 from __future__ import annotations
 
 import copy
+import numbers
 from typing import Any
 
 import flax.linen as nn
@@ -39,6 +40,7 @@ LAYER_PATTERNS: tuple[str, ...] = (
     "gpt_neox.layers.{layer}",
     "model.layers.{layer}",  # Llama, Mistral, Qwen, Gemma
 )
+
 
 def parameter_names(model: FlaxPreTrainedModel) -> list[str]:
     """The LM's HF parameter names in PyTorch's `named_parameters()` order (tied copies once).
@@ -146,8 +148,9 @@ def create_reference_model(
       `jax.Array` objects in both models and become frozen in the policy
       (`model.trainable_mask` False there); the rest (later layers, final norm, untied
       head, value head) are copies.
-    - `pattern`: a custom layer pattern such as `"transformer.h.{layer}"`, matched as a
-      substring of the LM's HF parameter names; by default the family's
+    - `pattern`: a custom layer pattern such as `"transformer.h.{layer}"`, matched as TRL
+      matches it: a substring of the wrapper's parameter names ("pretrained_model." + the
+      LM's HF names); by default the family's
       (`spec.layer_pattern`: the first of TRL's `LAYER_PATTERNS` that matches it).
 
     A LoRA adapter policy (`model.is_peft_model`) gets the base with the adapter off
@@ -197,9 +200,11 @@ def create_reference_model(
 
 def _shared_paths(lm: FlaxPreTrainedModel, num_shared_layers: int, pattern: str | None) -> set[tuple[str, ...]]:
     """Wrapper param paths ("pretrained_model", ...) of the leaves shared under TRL's rule."""
-    if isinstance(num_shared_layers, bool) or not isinstance(num_shared_layers, int):
+    if isinstance(num_shared_layers, bool) or not isinstance(num_shared_layers, numbers.Integral):
         raise TrlaxTypeError(f"num_shared_layers must be an int or None; got {num_shared_layers!r}")
-    table = parameter_table(lm)
+    num_shared_layers = int(num_shared_layers)
+    # Matched as TRL matches: against the wrapper's parameter names, so "pretrained_model.transformer.h.{layer}" works.
+    table = {f"pretrained_model.{name}": rule for name, rule in parameter_table(lm).items()}
     names = list(table)
     pattern = resolve_layer_pattern(names, pattern, lm.spec.layer_pattern)
     num_layers = count_layers(names, pattern)
@@ -207,8 +212,8 @@ def _shared_paths(lm: FlaxPreTrainedModel, num_shared_layers: int, pattern: str 
         raise TrlaxError(f"num_shared_layers={num_shared_layers} is out of range: the model has {num_layers} layers "
                          f"matching {pattern!r}, so it must be in [0, {num_layers - 1}] (0 shares only what comes "
                          "before the first layer, e.g. the embeddings); use None for an unshared copy")
-    return {("pretrained_model", *table[name].path) for name in shared_parameter_names(names, num_shared_layers,
-                                                                                      pattern)}
+    shared = shared_parameter_names(names, num_shared_layers, pattern)
+    return {("pretrained_model", *table[name].path) for name in shared}
 
 
 def _frozen_wrapper(model: PreTrainedModelWrapper, ref_params: dict[str, Any]) -> PreTrainedModelWrapper:
