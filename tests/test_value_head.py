@@ -133,6 +133,28 @@ def test_trl_defaults_dropout_precedence_and_init_strategies():
     assert 0.1 < float(np.std(np.asarray(normal.params["v_head"]["summary"]["kernel"]))) < 0.3
     with pytest.raises(ValueError, match="v_head_init_strategy"):
         AutoModelForCausalLMWithValueHead.from_pretrained(lm, v_head_init_strategy="xavier")
+    # TRL's nn.Dropout refuses these; trlax took them (1.5 zeroed every hidden state in train mode)
+    plain = FlaxAutoModelForCausalLM.from_config(gpt2())  # `lm`'s config now names a dropout, which would win
+    for bad in (1.5, -0.1, "0.1"):
+        with pytest.raises(ValueError, match=f"summary_dropout_prob must be a probability in \\[0, 1\\].*{bad}"):
+            AutoModelForCausalLMWithValueHead.from_pretrained(plain, summary_dropout_prob=bad)
+    config.summary_dropout_prob = 2.0
+    with pytest.raises(ValueError, match="the config's summary_dropout_prob must be a probability"):
+        AutoModelForCausalLMWithValueHead.from_pretrained(FlaxAutoModelForCausalLM.from_config(config))
+
+
+def test_dropout_of_a_trl_model_carries_over_both_ways():
+    """A TRL model built with summary_dropout_prob=0.3 came over with trlax's default 0.1 (and went back with it)."""
+    trl_ppo = pytest.importorskip("trl.experimental.ppo")
+    for dropout in (0.3, 0.0):
+        trl_model = trl_ppo.AutoModelForCausalLMWithValueHead(transformers.GPT2LMHeadModel(gpt2()),
+                                                              summary_dropout_prob=dropout)
+        model = AutoModelForCausalLMWithValueHead.from_pretrained(trl_model)
+        assert model.v_head.dropout_prob == dropout
+        back = model.to_torch().v_head.dropout
+        assert (back.p if dropout else type(back).__name__) == (dropout or "Identity")
+    assert AutoModelForCausalLMWithValueHead.from_pretrained(trl_model, summary_dropout_prob=0.2).v_head.dropout_prob \
+        == 0.2  # the call's own value wins
 
 
 def test_params_pytree_and_pure_jitted_functional_form():
@@ -159,6 +181,8 @@ def test_hidden_size_lookup_follows_trl():
     assert value_head_hidden_size(transformers.OPTConfig(hidden_size=16, word_embed_proj_dim=8)) == 8
     assert value_head_hidden_size(gpt2()) == 32
     assert value_head_hidden_size(transformers.T5Config(d_model=24)) == 24
+    multimodal = transformers.Gemma3Config(text_config={"hidden_size": 40})  # no top-level hidden_size
+    assert not hasattr(multimodal, "hidden_size") and value_head_hidden_size(multimodal) == 40
 
     class Bare(transformers.PretrainedConfig):
         model_type = "bare"

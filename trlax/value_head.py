@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,16 +70,12 @@ def value_head_hidden_size(config: transformers.PretrainedConfig) -> int:
     `word_embed_proj_dim` (OPT-350m projects before the head), then `hidden_size`, then
     `text_config.hidden_size` (multimodal), then `decoder.hidden_size` (encoder-decoder).
     """
-    for source in (config, getattr(config, "text_config", None)):
-        for name in ("word_embed_proj_dim", "hidden_size"):
-            value = getattr(source, name, None) if source is not None else None
-            if isinstance(value, int):
-                return value
-            if source is not config:
-                break
-    decoder = getattr(config, "decoder", None)
-    if getattr(config, "is_encoder_decoder", False) and isinstance(getattr(decoder, "hidden_size", None), int):
-        return decoder.hidden_size
+    decoder = getattr(config, "decoder", None) if getattr(config, "is_encoder_decoder", False) else None
+    for source, name in ((config, "word_embed_proj_dim"), (config, "hidden_size"),
+                         (getattr(config, "text_config", None), "hidden_size"), (decoder, "hidden_size")):
+        value = getattr(source, name, None)
+        if isinstance(value, int):
+            return value
     raise TrlaxError(
         "Cannot determine the value head's hidden size from the model config: none of "
         "`word_embed_proj_dim`, `hidden_size`, `text_config.hidden_size`, `decoder.hidden_size` is set."
@@ -122,6 +119,10 @@ def make_value_head(
     if v_head_init_strategy not in V_HEAD_INIT_STRATEGIES:
         raise TrlaxError(f"v_head_init_strategy must be one of {V_HEAD_INIT_STRATEGIES}; got {v_head_init_strategy!r}")
     dropout = getattr(config, "summary_dropout_prob", summary_dropout_prob)
+    if dropout is not None and not (isinstance(dropout, numbers.Real) and 0 <= dropout <= 1):
+        where = "the config's summary_dropout_prob" if hasattr(config, "summary_dropout_prob") else \
+            "summary_dropout_prob"
+        raise TrlaxError(f"{where} must be a probability in [0, 1] (0 or None: no dropout); got {dropout!r}")
     return ValueHead(value_head_hidden_size(config), dropout, v_head_init_strategy, v_head_initializer_range)
 
 
@@ -372,6 +373,8 @@ class PreTrainedModelWrapper:
             parts = torch_parts(source)
             lm = cls.auto_class.model_class.from_parts(parts, type(source).__name__, **model_args)
             v_head, base_name = parts.v_head, parts.name
+            if parts.v_head_dropout is not None:  # the TRL model's dropout, unless the call names one
+                trl_args.setdefault("summary_dropout_prob", parts.v_head_dropout)
             if parts.adapter_state is not None:
                 adapter = _adapter_from_torch(parts, lm, is_trainable)
                 if peft_config is not None:

@@ -118,7 +118,8 @@ class TorchParts:
     """A PyTorch model taken apart: what trlax builds its model, value head and adapter from.
 
     config: the transformers config; lm_state: the LM's state dict (transformers keys,
-    numpy); v_head: TRL's {"summary": {"kernel": [H, 1], "bias": [1]}} or None;
+    numpy); v_head: TRL's {"summary": {"kernel": [H, 1], "bias": [1]}} or None, and
+    v_head_dropout its dropout probability (0.0 for TRL's Identity; None without a head);
     adapter_config / adapter_state: the PEFT LoraConfig and PEFT-keyed adapter tensors
     (`base_model.model.<path>.lora_A.weight`), or None; adapter_trainable: not in
     PEFT's inference mode; name: the model's `name_or_path`.
@@ -132,6 +133,7 @@ class TorchParts:
     adapter_trainable: bool
     name: str | None
     generation_config: Any = None
+    v_head_dropout: float | None = None
 
 
 def checkpoint_state(model: Any, state: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -164,12 +166,13 @@ def _peft_base_state(peft_model: Any) -> dict[str, np.ndarray]:
 
 def torch_parts(obj: Any) -> TorchParts:
     """Take a transformers PreTrainedModel, a TRL value-head model, or a PEFT PeftModel (or TRL over PEFT) apart."""
-    v_head = None
+    v_head = dropout = None
     lm = obj
     if hasattr(obj, "v_head") and hasattr(obj, "pretrained_model"):  # TRL's PreTrainedModelWrapper
         summary = obj.v_head.summary
         v_head = {"summary": {"kernel": tensor_to_numpy(summary.weight).T.astype(np.float32),
                               "bias": tensor_to_numpy(summary.bias).astype(np.float32)}}
+        dropout = float(getattr(obj.v_head.dropout, "p", 0.0))  # nn.Dropout, or nn.Identity for none
         lm = obj.pretrained_model
     if type(lm).__module__.split(".")[0] == "peft":
         peft = require("peft", "converting a PEFT model")
@@ -180,10 +183,9 @@ def torch_parts(obj: Any) -> TorchParts:
         base = lm.get_base_model()
         return TorchParts(base.config, _peft_base_state(lm), v_head, adapter_config, adapter_state,
                           not getattr(adapter_config, "inference_mode", False), base.config.name_or_path or None,
-                          getattr(base, "generation_config", None))
+                          getattr(base, "generation_config", None), dropout)
     return TorchParts(lm.config, checkpoint_state(lm, lm.state_dict()), v_head, None, None, False,
-                      lm.config.name_or_path or None,
-                      getattr(lm, "generation_config", None))
+                      lm.config.name_or_path or None, getattr(lm, "generation_config", None), dropout)
 
 
 def torch_lm(config: Any, state: dict[str, np.ndarray], encoder_decoder: bool, tied_keys: set[str],
