@@ -19,7 +19,6 @@ from tests.test_t5_parity import (
     check_cached_decoding,
     check_dropout,
     check_forward,
-    check_missing_decoder_inputs,
     check_round_trip,
     check_shared_prefix,
     inputs,
@@ -27,7 +26,7 @@ from tests.test_t5_parity import (
     torch_model,
 )
 from tests.tiny_configs import TINY_SEQ2SEQ
-from trlax import FlaxAutoModelForSeq2SeqLM
+from trlax import FlaxAutoModelForSeq2SeqLM, FlaxAutoModelForSeq2SeqLMWithValueHead
 from trlax.errors import UnsupportedModelError
 from trlax.models.seq2seq import FlaxModelForSeq2SeqLM
 
@@ -78,8 +77,18 @@ def test_layer_pattern_shares_encoder_and_first_decoder_layers(pair: tuple[Any, 
     check_shared_prefix(*pair, layer, ("model.shared.", "model.decoder.embed_positions."))
 
 
-def test_missing_decoder_inputs_raise(pair: tuple[Any, Any]) -> None:
-    check_missing_decoder_inputs(pair[1])
+def test_without_decoder_inputs_the_decoder_reads_input_ids_shifted_as_transformers(pair: tuple[Any, Any]) -> None:
+    """transformers' BartModel shifts input_ids right when given neither decoder_input_ids nor labels (so TRL's
+    seq2seq value-head forward takes input_ids alone); trlax raised, as it does for T5, where transformers does."""
+    pt, model = pair
+    ids, mask, _, _ = inputs("right")
+    with torch.no_grad():
+        ref = pt(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    assert max_diff(model(ids, mask).logits, ref) < ATOL
+    logits, _, values = FlaxAutoModelForSeq2SeqLMWithValueHead.from_pretrained(model)(ids, mask)
+    assert max_diff(logits, ref) < ATOL and values.shape == ids.shape
+    with pytest.raises(ValueError, match="batch size 1 but input_ids has 3"):
+        model(ids, decoder_input_ids=np.zeros((1, 1), np.int32))
 
 
 def test_from_config_round_trip_and_dropout(tmp_path: Path) -> None:

@@ -716,18 +716,13 @@ class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
     ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
         """TRL's 3-tuple over decoder positions. decoder_input_ids [B, Td], or labels [B, Td]
         (-100 = ignored) from which they are derived as transformers does (shifted right behind
-        the decoder start token); with labels, loss is the decoder LM loss [] float32.
+        the decoder start token; BART without either: input_ids shifted so); with labels, loss is
+        the decoder LM loss [] float32.
         use_cache / return_past_key_values: as the causal wrapper's."""
         refuse_past_key_values(return_past_key_values)
-        if labels is not None:
-            labels = token_ids("labels", labels)
-            if decoder_input_ids is None:
-                decoder_input_ids = self.pretrained_model.decoder_inputs_from_labels(labels)
-        if decoder_input_ids is None:
-            raise InputError("a seq2seq value-head model needs decoder_input_ids [B, Td] (e.g. the shifted "
-                             "response, starting with config.decoder_start_token_id) or labels")
         input_ids = token_ids("input_ids", input_ids)
-        decoder_input_ids = token_ids("decoder_input_ids", decoder_input_ids)
+        labels = None if labels is None else token_ids("labels", labels)
+        decoder_input_ids = self.pretrained_model.decoder_inputs(input_ids, decoder_input_ids, labels)
         mask = mask_for("attention_mask", attention_mask, input_ids)
         dmask = mask_for("decoder_attention_mask", decoder_attention_mask, decoder_input_ids)
         if labels is not None:

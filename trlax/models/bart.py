@@ -179,6 +179,6 @@ SPEC = ArchitectureSpec(
     tied_keys=lambda c: dict.fromkeys(("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight",
                                        "lm_head.weight"), "model.shared.weight"),
     validate=_validate, learned_positions=True,
-    is_encoder_decoder=True, raw_keys=("final_logits_bias",),
+    is_encoder_decoder=True, raw_keys=("final_logits_bias",), decoder_inputs_from_input_ids=True,
     key_defaults=lambda c: {"final_logits_bias": None},
 )

@@ -51,15 +51,25 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
                                 output_hidden_states=output_hidden_states)
         return out if labels is None else out.replace(loss=seq2seq_lm_loss(out.logits, labels))
 
-    def decoder_inputs_from_labels(self, labels: jax.Array) -> jax.Array:
-        """decoder_input_ids [B, Td] from labels [B, Td] as transformers derives them: shifted right
-        behind config.decoder_start_token_id, -100 replaced by config.pad_token_id."""
+    def decoder_inputs(self, input_ids: jax.Array, decoder_input_ids: Any, labels: jax.Array | None) -> jax.Array:
+        """decoder_input_ids [B, Td] int32 as transformers picks them: the given ones; else labels [B, Td]
+        shifted right behind config.decoder_start_token_id (-100 -> config.pad_token_id); else, for BART
+        (`spec.decoder_inputs_from_input_ids`), input_ids shifted so. InputError when none applies."""
+        if decoder_input_ids is not None:
+            return token_ids("decoder_input_ids", decoder_input_ids)
+        shifted = "labels" if labels is not None else "input_ids" if self.spec.decoder_inputs_from_input_ids else None
         start = getattr(self.config, "decoder_start_token_id", None)
+        if shifted is None:
+            raise InputError(
+                "an encoder-decoder model needs decoder_input_ids [B, Td]: pass the labels shifted right "
+                f"(starting with config.decoder_start_token_id={start}), or [[{start}]] * batch for the "
+                "first-step logits, or labels=... to derive them as transformers does."
+            )
         pad = getattr(self.config, "pad_token_id", None)
         if start is None or pad is None:
-            raise InputError(f"deriving decoder_input_ids from labels needs config.decoder_start_token_id and "
+            raise InputError(f"deriving decoder_input_ids from {shifted} needs config.decoder_start_token_id and "
                              f"config.pad_token_id (got {start}, {pad}); pass decoder_input_ids yourself")
-        return shift_tokens_right(labels, int(pad), int(start))
+        return shift_tokens_right(labels if labels is not None else input_ids, int(pad), int(start))
 
     def __call__(
         self,
@@ -78,7 +88,7 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
 
         input_ids: [B, Te] int (encoder input); attention_mask: [B, Te] (1 = token, 0 = pad,
         either side), default all ones. decoder_input_ids: [B, Td] int; without them,
-        labels [B, Td] are shifted right as transformers does (`decoder_inputs_from_labels`);
+        labels [B, Td] (BART: else input_ids) are shifted right as transformers does (`decoder_inputs`);
         decoder_attention_mask: [B, Td], default all ones. labels: with them `loss` is
         transformers' LM loss over the decoder positions (-100 ignored). Returns a
         Seq2SeqLMOutput: logits [B, Td, V] float32, last_hidden_state [B, Td, H] (the
@@ -88,18 +98,8 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
         (BART) and params of another model raise InputError (see `trlax.inputs`).
         """
         input_ids = token_ids("input_ids", input_ids)
-        if labels is not None:
-            labels = token_ids("labels", labels)
-            if decoder_input_ids is None:
-                decoder_input_ids = self.decoder_inputs_from_labels(labels)
-        if decoder_input_ids is None:
-            start = getattr(self.config, "decoder_start_token_id", None)
-            raise InputError(
-                "an encoder-decoder model needs decoder_input_ids [B, Td]: pass the labels shifted right "
-                f"(starting with config.decoder_start_token_id={start}), or [[{start}]] * batch for the "
-                "first-step logits, or labels=... to derive them as transformers does."
-            )
-        decoder_input_ids = token_ids("decoder_input_ids", decoder_input_ids)
+        labels = None if labels is None else token_ids("labels", labels)
+        decoder_input_ids = self.decoder_inputs(input_ids, decoder_input_ids, labels)
         if decoder_input_ids.shape[0] != input_ids.shape[0]:
             raise InputError(f"decoder_input_ids has batch size {decoder_input_ids.shape[0]} but input_ids has "
                              f"{input_ids.shape[0]}; they must match")

@@ -119,6 +119,8 @@ class ArchitectureSpec:
     # Encoder-decoder families only:
     is_encoder_decoder: bool = False
     raw_keys: tuple[str, ...] = ()  # top-level params stored under their own name (BART's final_logits_bias)
+    # Without decoder_input_ids or labels, the decoder reads input_ids shifted right (BART, as its BartModel).
+    decoder_inputs_from_input_ids: bool = False
     # HF keys transformers fills itself when absent: key -> the key it copies, or None for zeros.
     key_defaults: Callable[[Any], dict[str, str | None]] = _no_defaults
 
