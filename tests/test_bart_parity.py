@@ -85,7 +85,9 @@ def test_without_decoder_inputs_the_decoder_reads_input_ids_shifted_as_transform
     with torch.no_grad():
         ref = pt(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
     assert max_diff(model(ids, mask).logits, ref) < ATOL
-    logits, _, values = FlaxAutoModelForSeq2SeqLMWithValueHead.from_pretrained(model)(ids, mask)
+    wrapper = FlaxAutoModelForSeq2SeqLMWithValueHead.from_pretrained(model)
+    assert wrapper.is_encoder_decoder is True  # TRL's attribute, set on its seq2seq wrapper only
+    logits, _, values = wrapper(ids, mask)
     assert max_diff(logits, ref) < ATOL and values.shape == ids.shape
     with pytest.raises(ValueError, match="batch size 1 but input_ids has 3"):
         model(ids, decoder_input_ids=np.zeros((1, 1), np.int32))

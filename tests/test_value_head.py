@@ -161,6 +161,7 @@ def test_params_pytree_and_pure_jitted_functional_form():
     lm = FlaxAutoModelForCausalLM.from_config(gpt2())
     model = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(lm)
     assert set(model.params) == {"pretrained_model", "v_head"}
+    assert not hasattr(model, "is_encoder_decoder")  # TRL's trainers test hasattr; only its seq2seq wrapper has it
     assert model.params["pretrained_model"] is lm.params
     ids, mask = batch(101, "left")
 

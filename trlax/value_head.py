@@ -674,6 +674,8 @@ class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
     """An encoder-decoder LM with TRL's value head over the decoder positions."""
 
     auto_class = FlaxAutoModelForSeq2SeqLM
+    # TRL sets it on its seq2seq wrapper only (TRL's trainers test `hasattr(model, "is_encoder_decoder")`).
+    is_encoder_decoder: ClassVar[bool] = True
 
     def apply(
         self,
