@@ -104,6 +104,24 @@ def test_missing_value_head_is_initialised_with_warning_or_refused_when_strict(t
         FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path, strict=True)
 
 
+def test_part_of_a_value_head_is_kept_and_the_rest_initialised_as_trl_does(tmp_path, caplog):
+    """A checkpoint with v_head.summary.weight but no bias: TRL keeps the stored weight; trlax threw it away and
+    said the checkpoint had no value head."""
+    lm = transformers.AutoModelForCausalLM.from_config(gpt2())
+    state = {k: v for k, v in lm.state_dict().items() if k != "lm_head.weight"}
+    state["v_head.summary.weight"] = torch.arange(32, dtype=torch.float32)[None] / 100
+    save_torch(lm, tmp_path, state_dict=state)
+    with caplog.at_level(logging.WARNING, logger="trlax"):
+        model = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path, seed=4)
+    assert "only part of a value head (no v_head.summary.bias); initialised the missing part" in caplog.text
+    np.testing.assert_array_equal(np.asarray(model.params["v_head"]["summary"]["kernel"])[:, 0],
+                                  np.arange(32, dtype=np.float32) / 100)
+    fresh = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(FlaxAutoModelForCausalLM.from_config(gpt2()), seed=4)
+    np.testing.assert_array_equal(model.params["v_head"]["summary"]["bias"], fresh.params["v_head"]["summary"]["bias"])
+    with pytest.raises(CheckpointError, match="only part of a value head.*strict=True"):
+        FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path, strict=True)
+
+
 def test_value_head_of_wrong_shape_is_refused(tmp_path):
     config = gpt2()
     lm = transformers.AutoModelForCausalLM.from_config(config)

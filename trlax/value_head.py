@@ -26,7 +26,7 @@ from trlax.checkpoint.dtypes import stored_float_dtype
 from trlax.checkpoint.gather import checkpoint_tensors, host_array, host_tree, on_writer_process, write_checkpoint
 from trlax.checkpoint.hub import HubOptions, resolve_checkpoint
 from trlax.checkpoint.loading_args import auto_dtype, resolve_dtype, translate_loading_args
-from trlax.checkpoint.naming import key_table
+from trlax.checkpoint.naming import get_path, key_table, set_path
 from trlax.checkpoint.push import push_to_hub
 from trlax.checkpoint.reader import CheckpointReader
 from trlax.checkpoint.saving_args import check_saving_args
@@ -400,7 +400,7 @@ class PreTrainedModelWrapper:
                 _missing_head(f"{source} has no value head (v_head.summary.* in model.safetensors or "
                               "pytorch_model.bin)", strict)
         else:
-            lm, v_head = cls._load(source, strict=strict, trl_args=trl_args, **model_args)
+            lm, v_head = cls._load(source, strict=strict, seed=seed, trl_args=trl_args, **model_args)
             base_name = str(source)
         if peft_config is not None and adapter is None:
             adapter = new_policy_adapter(peft_config, lm, seed)
@@ -425,7 +425,7 @@ class PreTrainedModelWrapper:
                    reward_params=reward_params, base_model_name_or_path=base_name, **trl_args)
 
     @classmethod
-    def _load(cls, source: str | os.PathLike, *, strict: bool, trl_args: dict[str, Any],
+    def _load(cls, source: str | os.PathLike, *, strict: bool, seed: int, trl_args: dict[str, Any],
               dtype: Any = None, param_dtype: Any = jnp.float32, revision: str | None = None,
               token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
               local_files_only: bool = False, config: transformers.PretrainedConfig | None = None,
@@ -452,10 +452,18 @@ class PreTrainedModelWrapper:
         model.params = params["pretrained_model"]
         model.storage_dtype = stored
         model.generation_config = read_generation_config(source, options)
-        if report.missing_optional:
-            _missing_head(f"{resolved.source} has no value head ({', '.join(sorted(report.missing_optional))})",
-                          strict)
+        missing = sorted(report.missing_optional)
+        if len(missing) == sum(key.startswith(V_HEAD_PREFIX) for key in table):
+            _missing_head(f"{resolved.source} has no value head ({', '.join(missing)})", strict)
             return model, None
+        if missing:  # part of a head: TRL keeps the stored part and initialises the rest
+            what = f"{resolved.source} has only part of a value head (no {', '.join(missing)})"
+            if strict:
+                raise CheckpointError(f"{what} (strict=True)")
+            fresh = {"v_head": init_value_head(head, jax.random.key(seed))}
+            for key in missing:
+                set_path(params, table[key].path, get_path(fresh, table[key].path))
+            logger.warning("%s; initialised the missing part and kept the stored one, as TRL does", what)
         return model, params["v_head"]
 
     # --- forward ------------------------------------------------------------------------
