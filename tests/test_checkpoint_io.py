@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 import transformers
 from huggingface_hub import scan_cache_dir
@@ -28,6 +29,7 @@ from trlax import (
     UnsupportedModelError,
 )
 from trlax.checkpoint.naming import flatten_paths
+from trlax.checkpoint.reader import SafetensorsFile
 from trlax.checkpoint.writer import parse_size
 
 ATOL = 1e-4
@@ -69,6 +71,19 @@ def test_trlax_save_loads_in_transformers_with_identical_logits(torch_model, sav
         np.testing.assert_array_equal(value.numpy(), torch_model.state_dict()[key].numpy(), err_msg=key)
     # trlax -> trlax is bit-exact too.
     _assert_same_params(FlaxAutoModelForCausalLM.from_pretrained(tmp_path / "out").params, model.params)
+
+
+def test_a_load_reads_each_tensor_once(saved, monkeypatch):
+    """The storage dtype was found by reading every tensor (`get`), a whole extra pass over the checkpoint; on a
+    multi-host mesh each host then read 1.5x the file instead of its half."""
+    read = []
+    original = SafetensorsFile.read_bytes
+    monkeypatch.setattr(SafetensorsFile, "read_bytes", lambda self, at, n: read.append(n) or original(self, at, n))
+    data = sum(a.nbytes for a in safetensors.numpy.load_file(saved / "model.safetensors").values())
+    for model_class in (FlaxAutoModelForCausalLM, FlaxAutoModelForCausalLMWithValueHead):
+        read.clear()
+        model_class.from_pretrained(saved)
+        assert sum(read) == data, model_class.__name__
 
 
 def test_sharded_transformers_checkpoint_loads(torch_model, tmp_path):

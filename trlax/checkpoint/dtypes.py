@@ -20,6 +20,10 @@ class TensorSource(Protocol):
 
     def keys(self) -> list[str]: ...
 
+    def dtype(self, key: str) -> np.dtype: ...
+
+    def nbytes(self, key: str) -> int: ...
+
     def get(self, key: str) -> np.ndarray: ...
 
 
@@ -30,13 +34,13 @@ def is_float(dtype: Any) -> bool:
 def stored_float_dtype(source: TensorSource, keys: Iterable[str] | None = None) -> np.dtype | None:
     """The floating dtype holding most of the bytes of `keys` (default: every tensor); None without floats.
 
-    Only headers are consulted for safetensors (`get` returns a memory-mapped view).
+    Read from the headers (dtype and size per tensor): no tensor data is read.
     """
     sizes: Counter[np.dtype] = Counter()
     for key in source.keys() if keys is None else keys:
-        array = source.get(key)
-        if is_float(array.dtype):
-            sizes[np.dtype(array.dtype)] += array.nbytes
+        dtype = np.dtype(source.dtype(key))
+        if is_float(dtype):
+            sizes[dtype] += source.nbytes(key)
     return sizes.most_common(1)[0][0] if sizes else None
 
 
