@@ -304,6 +304,22 @@ def test_a_full_save_drops_an_earlier_adapter_save(saved, tmp_path):
     assert not back.is_peft_model
 
 
+def test_a_save_over_another_models_folder_drops_its_generation_settings(saved, tmp_path):
+    """A model without generation settings saved over a folder that had some: the old generation_config.json
+    (sampling at temperature 0.3, eos 77) stayed and was read back as this model's."""
+    sampler = FlaxAutoModelForCausalLM.from_pretrained(saved)
+    sampler.generation_config = transformers.GenerationConfig(do_sample=True, temperature=0.3, eos_token_id=77)
+    sampler.save_pretrained(tmp_path / "out")
+    (tmp_path / "out" / "tokenizer_config.json").write_text("{}")  # other files are still carried over
+    plain = FlaxAutoModelForCausalLM.from_config(gpt2())
+    assert plain.generation_config is None
+    plain.save_pretrained(tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer_config.json"]
+    back = FlaxAutoModelForCausalLM.from_pretrained(tmp_path / "out").generation_config
+    assert not back.do_sample and back.eos_token_id == gpt2().eos_token_id
+
+
 def test_non_finite_params_are_saved_with_a_warning(saved, tmp_path, caplog):
     """A diverged run's params still save (worth inspecting), but not silently."""
     model = FlaxAutoModelForCausalLM.from_pretrained(saved)

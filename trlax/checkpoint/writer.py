@@ -4,7 +4,8 @@ The whole folder is replaced in one step (`trlax.checkpoint.atomic`): everything
 written and fsynced in a temporary folder beside the target, which is then swapped in, so
 at every instant the target holds the complete old or the complete new checkpoint. Other
 files of the old folder (a tokenizer, a README) are carried over; its weight files are
-not, so loaders cannot mix an old shard with new ones.
+not, so loaders cannot mix an old shard with new ones, nor its generation_config.json (a save
+writes the model's own, or none: an old one would hand its settings to another model).
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 # Entries of an earlier save that a new save drops instead of carrying over: weight files, a PEFT
-# adapter's (whose config makes loaders read the folder as an adapter), and the staging folders
-# that trlax <= 0.2 left inside the target when a save crashed.
-_STALE_WEIGHTS = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|"
+# adapter's (whose config makes loaders read the folder as an adapter), generation settings, and the
+# staging folders that trlax <= 0.2 left inside the target when a save crashed.
+_STALE_ENTRIES = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|"
                             r"pytorch_model(-\d{5}-of-\d{5})?\.bin|pytorch_model\.bin\.index\.json|"
-                            r"adapter_model\.(safetensors|bin)|adapter_config\.json|\.trlax-save-.*)$")
+                            r"adapter_model\.(safetensors|bin)|adapter_config\.json|generation_config\.json|"
+                            r"\.trlax-save-.*)$")
 
 
 def parse_size(size: int | str) -> int:
@@ -122,8 +124,9 @@ def write_checkpoint_dir(
 
 def write_folder(save_directory: str | os.PathLike, write: Callable[[Path], None]) -> list[Path]:
     """`write(tmp_dir)`'s files as the folder `save_directory`, replacing it atomically; the old folder's
-    weight files are dropped and its other files kept (see the module docstring). Returns the written paths."""
-    with replacing_folder(save_directory, carry_over=lambda name: not _STALE_WEIGHTS.match(name)) as tmp:
+    weight files and generation settings are dropped and its other files kept (see the module docstring).
+    Returns the written paths."""
+    with replacing_folder(save_directory, carry_over=lambda name: not _STALE_ENTRIES.match(name)) as tmp:
         write(tmp)
         written = sorted(p.name for p in tmp.iterdir())
     target = Path(os.path.realpath(save_directory))
