@@ -304,6 +304,18 @@ def test_a_full_save_drops_an_earlier_adapter_save(saved, tmp_path):
     assert not back.is_peft_model
 
 
+@pytest.mark.parametrize("text", ["{", "[1, 2]"])
+def test_an_unreadable_generation_config_falls_back_to_config_json_with_a_warning(saved, tmp_path, caplog, text):
+    """A damaged generation_config.json failed the load with a raw OSError / TypeError after every weight was
+    read; transformers falls back to the model config (for "{")."""
+    folder = shutil.copytree(saved, tmp_path / "model")
+    (folder / "generation_config.json").write_text(text)
+    with caplog.at_level(logging.WARNING, logger="trlax"):
+        model = FlaxAutoModelForCausalLM.from_pretrained(folder)
+    assert "generation_config.json cannot be read" in caplog.text and "come from config.json" in caplog.text
+    assert model.generation_config.eos_token_id == gpt2().eos_token_id
+
+
 def test_a_save_over_another_models_folder_drops_its_generation_settings(saved, tmp_path):
     """A model without generation settings saved over a folder that had some: the old generation_config.json
     (sampling at temperature 0.3, eos 77) stayed and was read back as this model's."""

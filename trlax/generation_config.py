@@ -85,10 +85,15 @@ KNOWN_NAMES = frozenset({*transformers.GenerationConfig().to_dict(), *SUPPORTED_
 
 def read_generation_config(source: str | os.PathLike, options: HubOptions) -> transformers.GenerationConfig | None:
     """The checkpoint's generation settings (folder or hub id) as transformers reads them: its
-    generation_config.json or, without one, the generation fields of its config.json; None without either."""
+    generation_config.json or, without one (or when it cannot be read: a warning says so), the
+    generation fields of its config.json; None without either."""
     path = fetch_file(source, GENERATION_CONFIG_NAME, options)
     if path is not None:
-        return transformers.GenerationConfig.from_pretrained(str(path.parent))
+        try:
+            return transformers.GenerationConfig.from_pretrained(str(path.parent))
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            logger.warning("%s cannot be read (%s: %s); the generation settings come from config.json instead "
+                           "(fix or delete the file)", path, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
     path = fetch_file(source, CONFIG_NAME, options)
     return None if path is None else transformers.GenerationConfig.from_pretrained(
         str(path.parent), config_file_name=CONFIG_NAME, _from_model_config=True)
