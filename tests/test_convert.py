@@ -104,6 +104,27 @@ def test_convert_errors(tmp_path: Path, capsys) -> None:
         load_orbax(src)
 
 
+def test_a_damaged_orbax_marker_is_a_checkpoint_error(tmp_path: Path, capsys) -> None:
+    """A marker that is not JSON, or lacks its fields, raised a raw JSONDecodeError / KeyError (`trlax convert`:
+    "unexpected JSONDecodeError ... please report it")."""
+    src = _torch_checkpoint(gpt2(), tmp_path / "src", value_head=False)
+    to_orbax(src, tmp_path / "orbax", progress=False)
+    marker = tmp_path / "orbax" / "trlax_orbax.json"
+    good = marker.read_text()
+    for text, problem in (("{", "cannot be read"), ("[]", "is not a trlax-orbax-model marker"),
+                          ('{"format": "trlax-orbax-model", "value_head": false}', "lacks a valid param_dtype"),
+                          (good.replace('"float32"', '"int8"'), "lacks a valid param_dtype"),
+                          (good.replace('"float32"', '"floaty"'), "lacks a valid param_dtype"),
+                          (good.replace("false", '"no"'), "or value_head")):
+        marker.write_text(text)
+        with pytest.raises(CheckpointError, match=problem):
+            load_orbax(tmp_path / "orbax")
+        assert main(["convert", str(tmp_path / "orbax"), str(tmp_path / "hf"), "--to", "hf"]) == 1
+        assert problem in capsys.readouterr().err
+    marker.write_text(good)
+    load_orbax(tmp_path / "orbax")
+
+
 def test_round_trip_keeps_dtype_statement_and_generation_config(tmp_path: Path, capsys) -> None:
     """config.json states what the files hold (bf16 here, the source's was float32), and the checkpoint's
     generation_config.json survives HF -> Orbax -> HF."""

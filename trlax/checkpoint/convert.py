@@ -149,9 +149,21 @@ def _read_marker(path: Path) -> dict[str, Any]:
     if not is_orbax_model(path):
         raise CheckpointError(f"{path} is not a trlax Orbax model folder (no {MARKER}); "
                               "create one with `trlax convert SRC DST` or trlax.convert.to_orbax")
-    marker = json.loads((path / MARKER).read_text())
-    if marker.get("format") != FORMAT:
+    again = "re-create the folder with `trlax convert` from the HF checkpoint it was made from"
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / MARKER} cannot be read ({e}); {again}") from e
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT:
         raise CheckpointError(f"{path / MARKER} is not a {FORMAT} marker: {marker}")
+    name = marker.get("param_dtype")
+    try:
+        valid = isinstance(name, str) and jnp.issubdtype(jnp.dtype(name), jnp.floating)
+    except TypeError:  # not a dtype name
+        valid = False
+    if not valid or not isinstance(marker.get("value_head"), bool):
+        raise CheckpointError(f"{path / MARKER} lacks a valid param_dtype (a float dtype name) or value_head (true or "
+                              f"false): {marker}; {again}")
     return marker
 
 
