@@ -162,6 +162,30 @@ def test_mesh_argument_errors(tmp_path: Path) -> None:
         FlaxAutoModelForCausalLM.from_pretrained(folder, sharding_rules=[])
 
 
+    for mesh, error, match in (("fsdp", TypeError, "mesh must be a jax.sharding.Mesh"),
+                               (4, TypeError, "mesh must be a jax.sharding.Mesh")):
+        with pytest.raises(error, match=match):  # AttributeError: no 'axis_types' before
+            FlaxAutoModelForCausalLM.from_pretrained(folder, mesh=mesh)
+    for rules, error, match in ((["wte"], TypeError, "sharding rule 'wte' is not a \\(regex, logical axes\\) pair"),
+                                ([("(", ("embed",))], ValueError, "'\\(' is not a regular expression"),
+                                ("wte", TypeError, "a list of \\(regex, logical axes\\) pairs; got str"),
+                                (ShardingRules(logical={"embed": 3}), TypeError, "mesh axis names .* got 3")):
+        with pytest.raises(error, match=match):  # raw re.error / unpacking errors before
+            FlaxAutoModelForCausalLM.from_pretrained(folder, mesh=make_mesh(), sharding_rules=rules)
+
+
+@pytest.mark.slow
+def test_meshes_the_rules_cannot_use_are_errors(device_report: dict) -> None:
+    """A mesh with none of the axes the rules map to (or rules naming a missing axis) replicated every param
+    on every device, silently."""
+    errors = device_report["mesh_errors"]
+    for name in ("model8", "dp2_mp4", "shard_model_x8"):
+        assert errors[name].startswith("TrlaxError: no axis of this mesh"), errors[name]
+    assert "8 devices" in errors["model8"] and "{'dp': 2, 'mp': 4}" in errors["dp2_mp4"]
+    assert errors["logical_typo"].startswith("TrlaxError: the sharding rules map logical axes to mesh axes "
+                                             "['fsdpp'], which this mesh lacks"), errors["logical_typo"]
+
+
 # --- 8 simulated devices, in a subprocess -----------------------------------------------------
 
 
@@ -515,7 +539,33 @@ def _worker_devices(root: Path, *families: str) -> None:
             report[f"{family}/{name}"] = r
         if family == "gpt2":
             report.update(_lora_checks(root, meshes, inputs))
+            report["mesh_errors"] = _mesh_errors(root / family)
     print(json.dumps(report))
+
+
+def _mesh_errors(folder: Path) -> dict[str, str]:
+    """What loading or sharding on meshes the rules cannot use says (each replicated every param silently)."""
+    from trlax import FlaxAutoModelForCausalLMWithValueHead
+    from trlax.sharding import shard_model
+
+    attempts = {
+        "model8": lambda: FlaxAutoModelForCausalLMWithValueHead.from_pretrained(
+            folder, mesh=jax.make_mesh((8,), ("model",))),
+        "dp2_mp4": lambda: FlaxAutoModelForCausalLMWithValueHead.from_pretrained(
+            folder, mesh=jax.make_mesh((2, 4), ("dp", "mp"))),
+        "logical_typo": lambda: FlaxAutoModelForCausalLMWithValueHead.from_pretrained(
+            folder, mesh=make_mesh(fsdp=8), sharding_rules=ShardingRules(logical={"embed": ("fsdpp",)})),
+        "shard_model_x8": lambda: shard_model(FlaxAutoModelForCausalLMWithValueHead.from_pretrained(folder),
+                                              jax.make_mesh((8,), ("x",))),
+    }
+    report = {}
+    for name, attempt in attempts.items():
+        try:
+            attempt()
+            report[name] = "accepted"
+        except ValueError as e:
+            report[name] = f"{type(e).__name__}: {e}"
+    return report
 
 
 def _worker_forward(root: Path, *families: str) -> None:

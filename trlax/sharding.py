@@ -26,6 +26,7 @@ up to float reassociation.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,12 +37,13 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from trlax.errors import TrlaxError, UnsupportedModelError
+from trlax.errors import TrlaxError, TrlaxTypeError, UnsupportedModelError
 from trlax.models.registry import spec_for_type
 from trlax.models.spec import ParamRule
 from trlax.models.stack import batch_constraint
 
 LogicalAxes = tuple[str | None, ...]
+logger = logging.getLogger("trlax")
 
 MESH_AXES = ("data", "fsdp", "tp")
 
@@ -104,10 +106,47 @@ def resolve_rules(
     if overrides is None:
         overrides = ShardingRules()
     elif not isinstance(overrides, ShardingRules):
-        overrides = ShardingRules(params=tuple((p, tuple(a)) for p, a in overrides))
+        if isinstance(overrides, (str, Mapping)) or not isinstance(overrides, Sequence):
+            raise TrlaxTypeError(f"sharding_rules must be a ShardingRules or a list of (regex, logical axes) pairs; "
+                                 f"got {type(overrides).__name__}")
+        overrides = ShardingRules(params=tuple(overrides))
     family = _family_rules(model_type)
+    params = tuple(_checked_rule(rule) for rule in overrides.params)
     logical = {**DEFAULT_LOGICAL_AXES, **{k: _as_axes(v) for k, v in overrides.logical.items()}}
-    return ShardingRules(params=(*overrides.params, *family, *GENERIC_RULES), logical=logical, resolved=True)
+    return ShardingRules(params=(*params, *family, *GENERIC_RULES), logical=logical, resolved=True)
+
+
+def _checked_rule(rule: Any) -> ParamRule:
+    """A user's (regex, logical axes) pair, or a TrlaxTypeError naming it."""
+    example = "e.g. (r'(^|/)wte/embedding$', ('vocab', 'embed'))"
+    if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str) or isinstance(
+            rule[1], str) or not isinstance(rule[1], Sequence) or not all(a is None or isinstance(a, str)
+                                                                          for a in rule[1]):
+        raise TrlaxTypeError(f"sharding rule {rule!r} is not a (regex, logical axes) pair of a str and a tuple of "
+                             f"axis names or None ({example})")
+    try:
+        re.compile(rule[0])
+    except re.error as e:
+        raise TrlaxError(f"sharding rule {rule!r}: {rule[0]!r} is not a regular expression ({e})") from e
+    return rule[0], tuple(rule[1])
+
+
+def check_mesh(mesh: Mesh, rules: ShardingRules) -> None:
+    """TrlaxError when the rules would leave the mesh unused: they name mesh axes it lacks (other than
+    trlax's own), or none of its axes with more than one device (every param and batch replicated on all of
+    them). An unused axis beside used ones gets a warning (params are replicated over it)."""
+    mapped = {axis for axes in rules.logical.values() for axis in axes}
+    unknown = sorted(mapped - set(mesh.axis_names) - {*MESH_AXES, "expert"})
+    if unknown:
+        raise TrlaxError(f"the sharding rules map logical axes to mesh axes {unknown}, which this mesh lacks (its "
+                         f"axes: {list(mesh.axis_names)}); fix ShardingRules.logical")
+    split = [axis for axis in mesh.axis_names if mesh.shape[axis] > 1]
+    if split and not set(split) & mapped:
+        raise TrlaxError(f"no axis of this mesh {dict(mesh.shape)} is one the sharding rules use ({sorted(mapped)}): "
+                         f"every param and batch would be replicated on all {mesh.size} devices; build it with "
+                         "trlax.make_mesh(data=, fsdp=, tp=) or map its axes in ShardingRules(logical=...)")
+    if unused := [axis for axis in split if axis not in mapped]:
+        logger.warning("mesh axes %s are not used by the sharding rules: params are replicated over them", unused)
 
 
 def _family_rules(model_type: str | None) -> tuple[ParamRule, ...]:
@@ -123,7 +162,11 @@ def _family_rules(model_type: str | None) -> tuple[ParamRule, ...]:
 def _as_axes(value: str | Sequence[str] | None) -> tuple[str, ...]:
     if value is None:
         return ()
-    return (value,) if isinstance(value, str) else tuple(value)
+    axes = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, Sequence) else None
+    if axes is None or not all(isinstance(axis, str) for axis in axes):
+        raise TrlaxTypeError(f"ShardingRules.logical values are mesh axis names (a str, a tuple of them, or None); "
+                             f"got {value!r}")
+    return axes
 
 
 @lru_cache(maxsize=64)
@@ -195,6 +238,8 @@ def auto_mesh(mesh: Mesh) -> Mesh:
     `jax.make_mesh` makes Explicit axes by default; trlax's models leave activation
     layouts to the compiler, which needs Auto axes.
     """
+    if not isinstance(mesh, Mesh):
+        raise TrlaxTypeError(f"mesh must be a jax.sharding.Mesh (e.g. trlax.make_mesh(fsdp=-1)); got {mesh!r}")
     if all(t == AxisType.Auto for t in mesh.axis_types):
         return mesh
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
@@ -261,6 +306,7 @@ def make_placer(
     """
     mesh = auto_mesh(mesh)
     rules = resolve_rules(model_type, rules)
+    check_mesh(mesh, rules)
 
     def place(path: tuple[str, ...], array: np.ndarray) -> jax.Array:
         sharding = leaf_sharding("/".join(path), array.shape, mesh, rules)
@@ -348,6 +394,7 @@ def shard_model(model: Any, mesh: Mesh, sharding_rules: ShardingRules | Sequence
     inner = getattr(model, "pretrained_model", model)  # the wrapper's LM, or the LM itself
     mesh = auto_mesh(mesh)
     rules = resolve_rules(inner.config.model_type, sharding_rules)
+    check_mesh(mesh, rules)
     model.params = shard_params(model.params, mesh, rules)  # a wrapper's LM reads its params from here
     if getattr(model, "reward_params", None) is not None:
         model.reward_params = shard_params(model.reward_params, mesh, rules)

@@ -41,7 +41,14 @@ from trlax.inputs import ParamsCheck, check_positions, check_token_range, token_
 from trlax.models.layers import LORA_COLLECTION
 from trlax.models.registry import get_spec, supported_model_types
 from trlax.models.spec import ArchitectureSpec, ParamRule
-from trlax.sharding import ShardingRules, activation_sharding, auto_mesh, make_placer, resolve_rules
+from trlax.sharding import (
+    ShardingRules,
+    activation_sharding,
+    auto_mesh,
+    check_mesh,
+    make_placer,
+    resolve_rules,
+)
 
 
 def load_config(folder: Path, source: str) -> transformers.PretrainedConfig:
@@ -250,6 +257,7 @@ class FlaxPreTrainedModel(CheckpointMixin):
         """Record the mesh and rules this model's params are (to be) sharded with."""
         self.mesh = auto_mesh(mesh)
         self.sharding_rules = resolve_rules(self.config.model_type, sharding_rules)
+        check_mesh(self.mesh, self.sharding_rules)
 
     def placer(self, place: Placer | None = None) -> Placer | None:
         """How the loader puts each tensor on devices: `place`, or the mesh's sharded layout."""
