@@ -9,6 +9,7 @@ keeps its standard base (ValueError, TypeError).
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import jax
@@ -25,7 +26,7 @@ from trlax import (
     TrlaxError,
     create_reference_model,
 )
-from trlax.errors import TrlaxTypeError
+from trlax.errors import TrlaxTypeError, UnsupportedModelError
 from trlax.inputs import InputError, checked
 
 VOCAB = 101  # the tiny configs' vocabulary
@@ -91,6 +92,32 @@ def test_attention_masks_other_than_zeros_and_ones_raise(lm, wrapper, bart, mask
             call()
     lm(IDS, attention_mask=np.array([[False, True, True, True]] * 2))  # bool and float 0/1 masks are fine
     wrapper(IDS, attention_mask=np.array([[0.0, 1.0, 1.0, 1.0]] * 2))
+
+
+def test_empty_batches_and_sequences_raise(lm, wrapper, bart):
+    """[B, 0] ids gave a raw ZeroDivisionError (rotary families) or empty outputs (GPT-2)."""
+    llama_lm = FlaxAutoModelForCausalLM.from_config(llama())
+    for call in (lambda x: lm(x), lambda x: wrapper(x), lambda x: llama_lm(x), lambda x: bart(x, decoder_input_ids=x),
+                 lambda x: lm.generate(x, max_new_tokens=2)):
+        for empty in (np.zeros((2, 0), np.int32), np.zeros((0, 4), np.int32)):
+            with pytest.raises(InputError, match=re.escape(f"has shape {empty.shape}: it needs at least one row")):
+                call(empty)
+
+
+@pytest.mark.parametrize("dtype", ["int8", jnp.int32, np.dtype("bool"), "auto"])
+def test_non_float_model_dtypes_raise(dtype, tmp_path):
+    """dtype=int8 failed deep in Flax or jax.nn ('Dtype must be inexact', 'logistic does not accept dtype int8')
+    after reading the config; transformers refuses it up front too."""
+    for kwargs in ({"dtype": dtype}, {"param_dtype": dtype}):
+        if dtype == "auto":  # from_pretrained reads "auto" from the checkpoint; from_config has nothing to read
+            with pytest.raises(UnsupportedModelError, match=f"{next(iter(kwargs))}=auto is not a floating-point"):
+                FlaxAutoModelForCausalLM.from_config(llama(), **kwargs)
+            continue
+        with pytest.raises(UnsupportedModelError, match="is not a floating-point dtype.*float32, bfloat16"):
+            FlaxAutoModelForCausalLM.from_config(llama(), **kwargs)
+    FlaxAutoModelForCausalLM.from_config(gpt2()).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="is not a floating-point dtype"):
+        FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path, dtype="int8")
 
 
 def test_in_range_ids_still_run(lm, wrapper):

@@ -70,6 +70,8 @@ def token_ids(name: str, ids: Any, vocab_size: int | None = None, *, traced: boo
         ids = np.asarray(ids)
     if ids.ndim != 2:
         raise InputError(f"{name} must be a 2-D [batch, seq_len] array of token ids; got shape {ids.shape}")
+    if 0 in ids.shape:
+        raise InputError(f"{name} has shape {ids.shape}: it needs at least one row and one token per row")
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise InputError(f"{name} must hold integer token ids; got dtype {ids.dtype}")
     if vocab_size is not None:

@@ -28,7 +28,11 @@ class TensorSource(Protocol):
 
 
 def is_float(dtype: Any) -> bool:
-    return jnp.issubdtype(np.dtype(dtype), jnp.floating)
+    """Whether `dtype` (a dtype, a scalar type or a name) is a floating-point dtype; False for a non-dtype."""
+    try:
+        return jnp.issubdtype(np.dtype(dtype), jnp.floating)
+    except TypeError:
+        return False
 
 
 def stored_float_dtype(source: TensorSource, keys: Iterable[str] | None = None) -> np.dtype | None:

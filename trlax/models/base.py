@@ -27,6 +27,7 @@ import numpy as np
 import transformers
 from jax.sharding import Mesh
 
+from trlax.checkpoint.dtypes import is_float
 from trlax.checkpoint.hub import HubOptions, resolve_checkpoint
 from trlax.checkpoint.loading import Placer
 from trlax.checkpoint.loading_args import translate_loading_args
@@ -96,6 +97,11 @@ class FlaxPreTrainedModel(CheckpointMixin):
     ) -> None:
         spec = spec or get_spec(config.model_type, encoder_decoder=self.is_encoder_decoder)
         spec.validate(config)
+        for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
+            if not is_float(value):
+                shown = getattr(value, "__name__", str(value))  # a scalar type's name, a dtype's or a string
+                raise UnsupportedModelError(f"{name}={shown} is not a floating-point dtype; trlax models compute "
+                                            "and hold params in one: use float32, bfloat16 or float16")
         self.config = config
         self.spec = spec
         self.dtype = dtype
