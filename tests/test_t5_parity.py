@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from tests.helpers import batch, max_diff, save_torch, torch_random_init
 from tests.tiny_configs import TINY_SEQ2SEQ
-from trlax import FlaxAutoModelForSeq2SeqLM
+from trlax import FlaxAutoModelForSeq2SeqLM, FlaxAutoModelForSeq2SeqLMWithValueHead
 from trlax.errors import UnsupportedModelError
 from trlax.models.layers import clamp_float16_overflow
 from trlax.models.t5 import relative_position_buckets
@@ -305,6 +305,26 @@ def test_float16_keeps_wo_in_float32_and_clamps_overflow_as_transformers(kind: s
     atol = 0.01 * float(expected.logits.float().abs().max())
     assert max_diff(expected.logits.float(), out.logits, dec_mask) <= atol
     assert max_diff(full.logits, expected.logits.float(), dec_mask) > 10 * atol
+
+
+def _file_dtypes(folder: Path) -> dict[str, str]:
+    with safe_open(str(folder / "model.safetensors"), "np") as f:
+        return {key: str(f.get_tensor(key).dtype) for key in f.keys()}  # noqa: SIM118 - not a dict
+
+
+def test_float16_saves_write_wo_in_float32_as_transformers(tmp_path: Path) -> None:
+    """transformers saves a float16 T5's `wo` in float32 (as it holds it); trlax wrote it float16."""
+    folder = save_torch(torch_model(TINY_SEQ2SEQ["t5"]()), tmp_path / "f32")
+    transformers.AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=torch.float16).save_pretrained(tmp_path / "hf")
+    want = _file_dtypes(tmp_path / "hf")
+    assert {want[k] for k in want if ".wo." in k} == {"float32"} and want["shared.weight"] == "float16"
+    loaded = FlaxAutoModelForSeq2SeqLM.from_pretrained(tmp_path / "hf", dtype="auto", param_dtype="auto")
+    loaded.save_pretrained(tmp_path / "again")  # in the checkpoint's dtype, float16
+    FlaxAutoModelForSeq2SeqLM.from_pretrained(folder).save_pretrained(tmp_path / "cast", dtype="float16")
+    FlaxAutoModelForSeq2SeqLMWithValueHead.from_pretrained(folder).save_pretrained(tmp_path / "head", dtype="float16")
+    for name in ("again", "cast", "head"):
+        got = {k: v for k, v in _file_dtypes(tmp_path / name).items() if not k.startswith("v_head.")}
+        assert got == want, name
 
 
 def test_float16_overflow_clamp_is_transformers_formula() -> None:

@@ -552,8 +552,7 @@ class PreTrainedModelWrapper:
                 str(save_directory))
         lm = self.pretrained_model
         dtype = lm.save_dtype(params["pretrained_model"], dtype)
-        table = lm.key_table(params["pretrained_model"], path_prefix=("pretrained_model",))
-        tensors = checkpoint_tensors(params, table, dtype)
+        tensors = lm.tensors_to_save(params, dtype, path_prefix=("pretrained_model",))
         tensors.update(checkpoint_tensors(params, key_table(params["v_head"], prefix=V_HEAD_PREFIX,
                                                             path_prefix=("v_head",))))
         return write_checkpoint(save_directory, tensors, write_extra=lambda tmp: lm.write_config_files(tmp, dtype),

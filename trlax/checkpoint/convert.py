@@ -237,8 +237,7 @@ def to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, max_shard_size: int
     has_head = hasattr(model, "pretrained_model")
     lm = model.pretrained_model if has_head else model
     dtype = lm.save_dtype(lm.params)  # see load_orbax; config.json states it
-    tensors = checkpoint_tensors(model.params, lm.key_table(lm.params, path_prefix=("pretrained_model",) if has_head
-                                                            else ()), dtype)
+    tensors = lm.tensors_to_save(model.params, dtype, path_prefix=("pretrained_model",) if has_head else ())
     if has_head:  # TRL's value head stays float32
         tensors.update(checkpoint_tensors(model.params, key_table(model.params["v_head"], prefix="v_head.",
                                                                   path_prefix=("v_head",))))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -203,9 +204,11 @@ def global_replicas(tree: Any) -> Any:
     return jax.tree_util.tree_map(one, tree)
 
 
-def checkpoint_tensors(params: Mapping[str, Any], table: Mapping[str, TensorRule], dtype: Any = None) -> dict[str, Any]:
+def checkpoint_tensors(params: Mapping[str, Any], table: Mapping[str, TensorRule], dtype: Any = None,
+                       float32_keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """HF key -> tensor for every entry of `table` (a model's key table), in table order,
-    floats cast to `dtype` when given.
+    floats cast to `dtype` when given; with `dtype` float16, keys matching a `float32_keys`
+    regex are float32 (what a float16 transformers model holds and saves there).
 
     Arrays on this host's devices come back as numpy arrays in the HF layout (a stacked
     param fetched once for all its keys); arrays that span other hosts as `GatheredTensor`s
@@ -214,18 +217,21 @@ def checkpoint_tensors(params: Mapping[str, Any], table: Mapping[str, TensorRule
     plan = GatherPlan()
     tensors: dict[str, Any] = {}
     host: tuple[tuple[str, ...], np.ndarray] | None = None
+    wide = dtype is not None and np.dtype(dtype) == np.float16 and float32_keys
     for key, rule in table.items():
         leaf = get_path(params, rule.path)
+        key_dtype = np.float32 if wide and any(re.search(p, key) for p in float32_keys) else dtype
         if spans_other_hosts(leaf):
             if rule.index:
                 raise UnsupportedModelError(f"saving the stacked expert param {key!r} from a multi-host mesh is not "
                                             "supported yet; save it from one process (trlax convert) instead")
-            tensors[key] = plan.add(key, leaf, rule.transpose, dtype)
+            tensors[key] = plan.add(key, leaf, rule.transpose, key_dtype)
             continue
         if host is None or host[0] != rule.path:
             host = (rule.path, np.asarray(leaf))
         tensor = rule.to_hf(host[1])
-        tensors[key] = tensor.astype(dtype, copy=False) if dtype is not None and is_float(tensor.dtype) else tensor
+        tensors[key] = tensor.astype(key_dtype, copy=False) if key_dtype is not None and is_float(tensor.dtype) \
+            else tensor
     return tensors
 
 

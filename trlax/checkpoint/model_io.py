@@ -65,6 +65,13 @@ class CheckpointMixin:
             table[name] = TensorRule((*path_prefix, name), False, tuple(abstract[name].shape), abstract[name].dtype)
         return table
 
+    def tensors_to_save(self, params: dict[str, Any], dtype: Any, path_prefix: tuple[str, ...] = ()) -> dict[str, Any]:
+        """HF key -> tensor of the params at `path_prefix` in `params` (the whole tree: a wrapper's, or the LM's
+        with no prefix), as a save writes them: floats in `dtype` (`spec.float32_keys` float32 when it is
+        float16, as transformers saves a float16 T5's `wo`); see `trlax.checkpoint.gather.checkpoint_tensors`."""
+        table = self.key_table(get_path(params, path_prefix) if path_prefix else params, path_prefix=path_prefix)
+        return checkpoint_tensors(params, table, dtype, self.spec.float32_keys)
+
     def ignored_checkpoint_keys(self, value_head: bool = True) -> tuple[str, ...]:
         """Regexes of checkpoint keys a load skips knowingly: buffers, tied copies and (for a
         plain LM reading a TRL checkpoint, `value_head=True`) TRL's `v_head.*`."""
@@ -243,7 +250,7 @@ class CheckpointMixin:
         params = self.params if params is None else params
         self.check_params(params)
         dtype = self.save_dtype(params, dtype)
-        return write_checkpoint(save_directory, checkpoint_tensors(params, self.key_table(params), dtype),
+        return write_checkpoint(save_directory, self.tensors_to_save(params, dtype),
                                 write_extra=lambda tmp: self.write_config_files(tmp, dtype),
                                 max_shard_size=max_shard_size)
 

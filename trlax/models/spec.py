@@ -109,6 +109,8 @@ class ArchitectureSpec:
     keep_layout: tuple[str, ...] = ()  # regexes of HF keys stored as-is in a `kernel`
     stacked_weights: tuple[StackedWeight, ...] = ()  # MoE experts: one param, one HF tensor per expert
     ignored_keys: tuple[str, ...] = ()  # regexes of checkpoint keys transformers ignores too
+    # Regexes of HF keys a float16 model holds and saves in float32 (transformers' `_keep_in_fp32_modules`).
+    float32_keys: tuple[str, ...] = ()
     # HF keys that alias another tensor: key -> the key it copies (a checkpoint may store both, equal).
     tied_keys: Callable[[Any], dict[str, str]] = _no_defaults
     validate: Callable[[Any], None] = _no_check  # raises UnsupportedModelError on unsupported options

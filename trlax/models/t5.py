@@ -170,7 +170,8 @@ class T5LayerCrossAttention(HFModule):
 def output_projection(module: HFModule, std: float) -> Dense:
     """The feed-forward's `wo` [d_ff, d_model]. A float16 T5 keeps it in float32, as transformers does
     (`_keep_in_fp32_modules`): float16 params are float32 here, and a float16 input is cast up. The residual
-    it is added to is then float32 from the first feed-forward on, in PyTorch and here alike."""
+    it is added to is then float32 from the first feed-forward on, in PyTorch and here alike. A float16
+    save writes it float32 too (`SPEC.float32_keys`)."""
     def widened(dtype: Any) -> Any:
         return jnp.float32 if jnp.dtype(dtype) == jnp.float16 else dtype
 
@@ -336,6 +337,7 @@ SPEC = ArchitectureSpec(
     peft_targets=("q", "v"),
     # transformers ignores a stray cross-attention bias table in decoder block 0 too.
     ignored_keys=(r"^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$",),
+    float32_keys=(r"\.DenseReluDense\.wo\.weight$",),  # see output_projection
     tied_keys=_tied_keys, validate=_validate,
     max_positions=lambda c: None,  # relative positions: no fixed limit
     is_encoder_decoder=True,
