@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import jax
@@ -21,6 +22,7 @@ from trlax import (
     FlaxAutoModelForCausalLMWithValueHead,
     create_reference_model,
 )
+from trlax.checkpoint.convert import to_orbax
 from trlax.cli import main
 from trlax.cli.info import model_info
 
@@ -119,6 +121,47 @@ def test_adapter_folders(tmp_path: Path, capsys) -> None:
     assert info["adapter"]["base_model_name_or_path"] == str(tmp_path / "base")
     assert info["value_head"] == {"shape": [1, 32], "dtype": "float32"}
     assert info["parameters"] == 2 * sum(2 * 32 + out * 2 for out in (96, 128))  # 2 layers x (A [2, 32] + B [out, 2])
+
+
+def test_parameters_leave_out_buffers_and_tied_copies(tmp_path: Path) -> None:
+    """A file with GPT-2's attn.bias / attn.masked_bias buffers (the hub's openai-community/gpt2 has them), or
+    torch.save's state dict with the tied lm_head.weight: `parameters` counted them (38,946 and 33,984 where
+    the model has 30,752)."""
+    lm = transformers.GPT2LMHeadModel(gpt2())
+    state = {k.removeprefix("transformer."): v for k, v in lm.state_dict().items() if k != "lm_head.weight"}
+    for i in range(lm.config.n_layer):
+        state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
+        state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_torch(lm, tmp_path / "buffers", state_dict=state)
+    save_torch(lm, tmp_path / "tied", state_dict=lm.state_dict(), safe_serialization=False)
+    for name in ("buffers", "tied"):
+        assert model_info(str(tmp_path / name))["parameters"] == lm.num_parameters() == \
+            FlaxAutoModelForCausalLM.from_pretrained(tmp_path / name).num_params(), name
+
+
+def test_broken_adapter_and_orbax_folders_are_errors_and_trl_heads_are_found(tmp_path: Path, capsys) -> None:
+    """An adapter folder without weights was a valid 0-parameter adapter, a non-object adapter_config.json an
+    "unexpected AttributeError", an Orbax folder without params/ a 0-parameter model; TRL's LoRA policy save (its
+    value head in pytorch_model.bin) was said to have no value head."""
+    save_torch(transformers.AutoModelForCausalLM.from_config(gpt2()), tmp_path / "base")
+    policy = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "base", peft_config={"r": 2})
+    policy.save_pretrained(tmp_path / "trl")
+    safetensors_head = tmp_path / "trl" / "model.safetensors"
+    head = safetensors.numpy.load_file(safetensors_head)
+    torch.save({k: torch.from_numpy(v) for k, v in head.items()}, tmp_path / "trl" / "pytorch_model.bin")
+    safetensors_head.unlink()  # TRL writes the head to pytorch_model.bin
+    assert model_info(str(tmp_path / "trl"))["value_head"] == {"shape": [1, 32], "dtype": "float32"}
+    (tmp_path / "no_weights").mkdir()
+    (tmp_path / "no_weights" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    (tmp_path / "a_list").mkdir()
+    (tmp_path / "a_list" / "adapter_config.json").write_text("[1, 2]")
+    to_orbax(tmp_path / "base", tmp_path / "orbax", progress=False)
+    shutil.rmtree(tmp_path / "orbax" / "params")
+    for name, message in (("no_weights", "has adapter_config.json but no adapter weights"),
+                          ("a_list", "is not a PEFT adapter config (a JSON object): a list"),
+                          ("orbax", "has no params/ (an incomplete copy?)")):
+        code, _, err = _run(["info", str(tmp_path / name)], capsys)
+        assert code == 1 and message in err and err.startswith("trlax info: error: "), err
 
 
 def test_hub_id_reads_headers_without_downloading(tmp_path: Path, monkeypatch, capsys) -> None:

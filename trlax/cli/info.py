@@ -63,6 +63,9 @@ def _orbax_tensors(folder: Path) -> Tensors:
     """HF names, dtypes and (HF) shapes of the params of an Orbax model folder, from Orbax's metadata."""
     import orbax.checkpoint as ocp  # seconds to import: only for an Orbax folder
 
+    if not (folder / PARAMS_DIR).is_dir():
+        raise CheckpointError(f"the Orbax model folder {folder} has no {PARAMS_DIR}/ (an incomplete copy?); "
+                              "re-create it with `trlax convert`")
     try:
         metadata = ocp.StandardCheckpointer().metadata((folder / PARAMS_DIR).absolute())
     except Exception as e:  # noqa: BLE001 - Orbax raises bare exceptions for a damaged folder
@@ -206,6 +209,10 @@ def model_info(source: str, num_shared_layers: int | None = None, options: HubOp
     info: dict[str, Any] = {"source": source, "architecture": architecture(config),
                             "parameters": sum(d["params"] for d in by_dtype(lm_tensors).values()),
                             "by_dtype": by_dtype(tensors), "tensors": len(tensors)}
+    if info["architecture"]["trlax_support"] == "yes" and tensors:
+        # What the loaded model holds: no buffers (GPT-2's attn.bias), tied copies once.
+        lm = _lm_object(config)
+        info["parameters"] = lm.num_params(lm.abstract_params())
     if orbax:
         info["note"] = "an Orbax model folder (trlax convert); shapes as in HF checkpoints"
     elif not tensors:
@@ -229,18 +236,23 @@ def _adapter_folder_info(source: str, adapter_config: Path, options: HubOptions)
         raw = json.loads(Path(adapter_config).read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{adapter_config} is not valid JSON ({e})") from None
-    tensors: Tensors = {}
-    for name in ADAPTER_WEIGHTS_NAMES:
-        path = fetch_file(source, name, options)
-        if path is not None:
-            tensors = _header_table([Path(path)])
-            break
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{adapter_config} is not a PEFT adapter config (a JSON object): a "
+                              f"{type(raw).__name__}")
+    weights = next((path for name in ADAPTER_WEIGHTS_NAMES if (path := fetch_file(source, name, options))), None)
+    if weights is None:
+        raise CheckpointError(f"{source} has {ADAPTER_CONFIG_NAME} but no adapter weights "
+                              f"({' or '.join(ADAPTER_WEIGHTS_NAMES)}); the adapter cannot be loaded")
+    tensors = _header_table([Path(weights)])
     head: dict[str, Any] | None = None
-    path = fetch_file(source, "model.safetensors", options)
-    if path is not None:  # a saved adapter policy keeps TRL's value head beside the adapter
-        saved = _header_table([Path(path)])
+    # A saved adapter policy keeps TRL's value head beside the adapter: trlax in model.safetensors, TRL in
+    # pytorch_model.bin (read in that order, as from_pretrained reads them).
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        path = fetch_file(source, name, options)
+        saved = _header_table([Path(path)]) if path is not None else {}
         if V_HEAD_KEYS[0] in saved:
             head = {"shape": list(saved[V_HEAD_KEYS[0]][1]), "dtype": saved[V_HEAD_KEYS[0]][0]}
+            break
     return {"source": source, "architecture": None, "parameters": sum(d["params"] for d in by_dtype(tensors).values()),
             "by_dtype": by_dtype(tensors), "tensors": len(tensors), "value_head": head,
             "adapter": _adapter_info(raw, tensors)}
