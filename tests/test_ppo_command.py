@@ -57,6 +57,13 @@ def test_prompts_from_txt_jsonl_and_datasets(tmp_path):
         read_prompts(tmp_path / "bad.jsonl")
     with pytest.raises(TrlaxError, match="does not exist"):
         read_prompts(tmp_path / "missing.txt")
+    # .json was read as text: '[', ' {', '  "prompt": ...' became prompts
+    datasets.Dataset.from_dict({"prompt": ["c", "d"]}).to_json(str(tmp_path / "lines.json"))  # JSON lines
+    (tmp_path / "array.json").write_text('[\n {"prompt": "e"},\n {"prompt": "f"}\n]\n')
+    assert read_prompts(tmp_path / "lines.json") == ["c", "d"] and read_prompts(tmp_path / "array.json") == ["e", "f"]
+    (tmp_path / "bad.json").write_text('["just text"]')
+    with pytest.raises(TrlaxError, match=r"bad.json\[0\] has no string 'prompt' field"):
+        read_prompts(tmp_path / "bad.json")
 
 
 def test_prompt_batches_are_left_padded_and_a_function_of_seed_and_step():
@@ -208,16 +215,63 @@ def test_a_diverging_run_stops_at_that_step_and_writes_no_nan(tmp_path, capsys, 
     argv = ["ppo", "--output-dir", str(run), "--steps", "3", "--batch-size", "2", "--max-new-tokens", "4", "--quiet"]
     assert main(argv + flags) == 1
     err = capsys.readouterr().err
-    assert f"PPO step 1 diverged ({found}); lower the learning rate" in err
+    assert f"PPO step 1 diverged ({found}); start again with a lower learning rate" in err
     assert (run / "metrics.jsonl").read_text() == ""  # the diverged step is not logged
     assert not (run / "final").exists()
 
 
-def test_learning_rate_and_grad_norm_must_be_finite_and_positive(tmp_path, capsys):
-    for flag in ("--learning-rate", "--max-grad-norm"):
-        for value in ("nan", "inf", "0", "-1"):
+def test_hyper_parameters_that_cannot_train_are_refused_up_front(tmp_path, capsys):
+    """NaN, inf or out-of-range settings trained on nonsense or diverged with advice to lower the learning rate;
+    --seed -1 and --data 0 gave an 'unexpected' error at step 1 or were ignored."""
+    bad = {"--learning-rate": ("nan", "inf", "0", "-1"), "--max-grad-norm": ("nan", "0"),
+           "--gamma": ("nan", "1.5", "-0.1"), "--lam": ("nan", "2"), "--vf-coef": ("nan", "-1"),
+           "--init-kl-coef": ("nan", "-1", "inf"), "--cliprange": ("nan", "-0.5", "0"), "--cliprange-value": ("nan",)}
+    expected = {"--learning-rate": "--learning-rate must be a finite number > 0",
+                "--max-grad-norm": "--max-grad-norm must be a finite number > 0", "--gamma": "gamma must be in [0, 1]",
+                "--lam": "lam must be in [0, 1]", "--vf-coef": "vf_coef must be a finite number >= 0",
+                "--init-kl-coef": "init_kl_coef must be a finite number >= 0",
+                "--cliprange": "cliprange must be a finite number > 0",
+                "--cliprange-value": "cliprange_value must be a finite number > 0"}
+    for flag, values in bad.items():
+        for value in values:
             assert main(["ppo", "--output-dir", str(tmp_path / "run"), flag, value]) == 1
-            assert f"{flag} must be a finite number > 0" in capsys.readouterr().err
+            assert expected[flag] in capsys.readouterr().err, (flag, value)
+    one_token = ["--batch-size", "1", "--mini-batch-size", "1", "--max-new-tokens", "1"]
+    assert main(["ppo", "--output-dir", str(tmp_path / "run"), *one_token]) == 1
+    assert "one token has no variance" in capsys.readouterr().err
+    assert main(["ppo", "--output-dir", str(tmp_path / "run"), "--data", "0"]) == 1
+    assert "mesh axis sizes must be >= 1" in capsys.readouterr().err
+    for command in ("ppo", "demo"):
+        for seed in ("-1", str(2**64)):
+            with pytest.raises(SystemExit):
+                main([command, "--seed", seed])
+            assert "expected a seed in [0, 2**32)" in capsys.readouterr().err
+
+
+def test_reward_std_is_trls_unbiased_std():
+    """TRL logs torch's std (n - 1); trlax logged numpy's (n): 1.118 for scores 0..3 where TRL says 1.291."""
+    args = cli_args(steps=1, batch_size=4, mini_batch_size=2, max_new_tokens=4)
+    models, texts = build_models(args)
+    models.reward = lambda generated: np.array([0.0, 1.0, 2.0, 3.0], np.float32)
+    trainer = PPOTrainer(models, PromptSet.build(texts, models.codec, models.pad_id, 16), trainer_config(args))
+    assert trainer.step()["reward_std"] == pytest.approx(np.std([0.0, 1.0, 2.0, 3.0], ddof=1), rel=1e-6)
+
+
+def test_a_pad_id_outside_the_vocabulary_is_refused(tmp_path, capsys):
+    """A [PAD] added to the tokenizer without resizing the model: generate wrote the out-of-vocabulary pad after
+    each eos, the learn step's embedding lookup gave NaN, and the run stopped blaming the learning rate."""
+    lm = FlaxAutoModelForCausalLM.from_config(tiny_gpt2_config())
+    with pytest.raises(TrlaxError, match="pad_token_id holds token id 999, outside the vocabulary"):
+        lm.generate(np.array([[1, 2, 3]]), max_new_tokens=2, eos_token_id=1, pad_token_id=999)
+    folder = word_checkpoint(tmp_path / "policy")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_special_tokens({"pad_token": "[NEWPAD]"})
+    tokenizer.save_pretrained(folder)
+    (tmp_path / "p.txt").write_text("the cat\n")
+    assert main(["ppo", "--model", str(folder), "--reward-fn", "nowhere:f", "--prompts", str(tmp_path / "p.txt"),
+                 "--output-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert f"the tokenizer's pad id {len(tokenizer) - 1} is outside the policy's vocabulary" in err, err
 
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "away"]

@@ -564,6 +564,8 @@ def generate(
     pad = pad_token_id if pad_token_id is not None else _config_value(config, "pad_token_id")
     if pad is None:
         pad = eos_ids[0] if eos_ids else 0  # without an eos no row finishes, so pad is never emitted
+    if eos_ids:  # rows that finished emit pad, and it is fed back: an id of the vocabulary, as torch's embedding needs
+        check_token_range("pad_token_id", np.asarray(pad, np.int64).reshape(1, 1), model.vocab_size)
     top_p_on = _scalar(top_p) != 1.0
     penalty_on = _scalar(repetition_penalty) != 1.0
     settings = GenerationSettings(int(max_new_tokens), bool(do_sample), int(top_k) if do_sample else 0,

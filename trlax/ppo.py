@@ -28,6 +28,7 @@ Typical loop (see `make_rollout`, `make_ppo_update`):
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -64,8 +65,18 @@ class PPOConfig:
         if self.kl_penalty not in KL_PENALTIES:
             raise TrlaxError(f"kl_penalty must be one of {KL_PENALTIES}; got {self.kl_penalty!r}")
         for name in ("target", "horizon"):  # the adaptive KL controller divides by both
-            if not getattr(self, name) > 0:
+            if not 0 < getattr(self, name) < math.inf:
                 raise TrlaxError(f"{name} (the adaptive KL controller's) must be > 0; got {getattr(self, name)}")
+        # NaN, inf or a sign error would train on nonsense, or diverge with a misleading message.
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise TrlaxError(f"{name} must be in [0, 1]; got {getattr(self, name)}")
+        for name in ("vf_coef", "init_kl_coef"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise TrlaxError(f"{name} must be a finite number >= 0; got {getattr(self, name)}")
+        for name in ("cliprange", "cliprange_value", "ratio_threshold"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise TrlaxError(f"{name} must be a finite number > 0; got {getattr(self, name)}")
 
 
 # --- core.py --------------------------------------------------------------------------

@@ -45,9 +45,16 @@ class HFCodec:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
+def _prompt_field(record: Any, where: str) -> str:
+    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+        raise PromptError(f"{where} has no string 'prompt' field")
+    return record["prompt"]
+
+
 def read_prompts(source: str | Path) -> list[str]:
-    """Prompt texts from a .txt file (one per non-empty line), a .jsonl file ("prompt" field) or a
-    `datasets` folder saved with `save_to_disk` (a "prompt" column; needs `datasets`)."""
+    """Prompt texts from a .txt file (one per non-empty line), a .jsonl file or a .json file (JSON lines or
+    an array of objects; a "prompt" field each) or a `datasets` folder saved with `save_to_disk` (a "prompt"
+    column; needs `datasets`)."""
     path = Path(source)
     if path.is_dir():
         try:
@@ -62,7 +69,13 @@ def read_prompts(source: str | Path) -> list[str]:
         prompts = [str(p) for p in data["prompt"]]
     elif not path.is_file():
         raise PromptError(f"--prompts {path} does not exist: pass a .txt file, a .jsonl file or a datasets folder")
-    elif path.suffix == ".jsonl":
+    elif path.suffix == ".json" and path.read_text().lstrip().startswith("["):
+        try:
+            records = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise PromptError(f"{path} is not valid JSON ({e})") from None
+        prompts = [_prompt_field(record, f"{path}[{n}]") for n, record in enumerate(records)]
+    elif path.suffix in (".jsonl", ".json"):  # JSON lines (what datasets' to_json writes, as .json too)
         prompts = []
         for n, line in enumerate(path.read_text().splitlines(), start=1):
             if not line.strip():
@@ -71,9 +84,7 @@ def read_prompts(source: str | Path) -> list[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise PromptError(f"{path}:{n} is not valid JSON ({e})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise PromptError(f"{path}:{n} has no string 'prompt' field")
-            prompts.append(record["prompt"])
+            prompts.append(_prompt_field(record, f"{path}:{n}"))
     else:
         prompts = [line for line in path.read_text().splitlines() if line.strip()]
     if not prompts:

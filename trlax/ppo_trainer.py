@@ -69,6 +69,9 @@ class TrainerConfig:
             raise TrlaxError(f"--learning-rate must be a finite number > 0; got {self.learning_rate}")
         if self.max_grad_norm is not None and not 0 < self.max_grad_norm < math.inf:
             raise TrlaxError(f"--max-grad-norm must be a finite number > 0 (or unset); got {self.max_grad_norm}")
+        if self.batch_size * self.max_new_tokens < 2:
+            raise TrlaxError("--batch-size 1 with --max-new-tokens 1: advantages are whitened over the batch's reply "
+                             "tokens, and one token has no variance; raise either")
         if self.batch_size % self.mini_batch_size:
             raise TrlaxError(f"--batch-size {self.batch_size} must be a multiple of --mini-batch-size "
                              f"{self.mini_batch_size}")
@@ -155,7 +158,7 @@ class PPOTrainer:
         (trainable, opt_state), stats = jax.lax.scan(minibatch_update, (trainable, opt_state), order)
         mask = experience["mask"]
         metrics = {
-            "reward": scores.mean(), "reward_std": scores.std(),
+            "reward": scores.mean(), "reward_std": scores.std(ddof=1) if scores.shape[0] > 1 else jnp.zeros(()),
             "kl": (experience["kls"] * mask).sum(axis=1).mean(),
             "policy_loss": stats["loss/policy"].mean(), "value_loss": stats["loss/value"].mean(),
             "entropy": stats["policy/entropy"].mean(), "clipfrac": stats["policy/clipfrac"].mean(),
@@ -197,7 +200,7 @@ class PPOTrainer:
         """One PPO step (generate, score, rollout, updates, KL control); returns its float metrics.
 
         Raises DivergedError when the step's losses or updated params are NaN or inf; the trainer's
-        params are then unusable (continue from a saved state with other settings)."""
+        params are then unusable."""
         cfg, s = self.config, self.step_index
         rows = self.prompts.rows(cfg.seed, s, cfg.batch_size)
         prompt_ids, prompt_mask = self.prompts.ids[rows], self.prompts.mask[rows]
@@ -214,9 +217,9 @@ class PPOTrainer:
         if diverged or not bool(finite):
             found = diverged + ([] if bool(finite) else ["the updated params hold NaN or inf"])
             clip = "" if cfg.max_grad_norm is not None else " or clip gradients (max_grad_norm)"
-            raise DivergedError(f"PPO step {s + 1} diverged ({', '.join(found)}); lower the learning rate "
-                                f"({cfg.learning_rate}){clip}, and start again or resume from a state saved "
-                                "before this step")
+            raise DivergedError(f"PPO step {s + 1} diverged ({', '.join(found)}); start again with a lower "
+                                f"learning rate ({cfg.learning_rate}){clip} (a saved state resumes only with the "
+                                "settings it was trained with)")
         if cfg.ppo.adap_kl_ctrl:  # TRL's AdaptiveKLController.update(mean_kl, batch_size)
             self.kl_coef = adaptive_kl_coef(self.kl_coef, out["kl"], cfg.batch_size, cfg.ppo.target, cfg.ppo.horizon)
         self.step_index += 1

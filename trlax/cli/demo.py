@@ -268,6 +268,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_int(text: str) -> int:
+    """A random seed: an integer in [0, 2**32) (numpy's and jax's generators take it)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**32), got {value}")
+    return value
+
+
 def add_demo(subparsers: argparse._SubParsersAction) -> None:
     defaults = DemoConfig()
     parser = subparsers.add_parser(
@@ -287,7 +298,7 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
                         help=f"replies generated per PPO step, >= 4 (default {defaults.batch_size}); each step "
                              f"makes {defaults.ppo_epochs} passes over {defaults.num_minibatches} minibatches")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default 0)")
+    parser.add_argument("--seed", type=seed_int, default=defaults.seed, help="random seed (default 0)")
     parser.add_argument("--output-dir", metavar="DIR", default=None,
                         help="where metrics.json and ppo_demo.png go (default: a new folder "
                              "trlax-demo-YYYYMMDD-HHMMSS under the current directory)")

@@ -24,7 +24,7 @@ import numpy as np
 import transformers
 from tqdm.auto import tqdm
 
-from trlax.cli.demo import positive_int
+from trlax.cli.demo import positive_int, seed_int
 from trlax.cli.demo_task import CONSONANTS, START, decode_chars, encode_chars, tiny_gpt2_config
 from trlax.cli.preflight import check_batch_fits, check_output_dir
 from trlax.errors import TrlaxError
@@ -47,6 +47,7 @@ RUN_FLAGS = ("model", "reward_model", "reward_adapter", "reward_fn", "prompts", 
              "num_shared_layers", "lora_r")
 
 # Unset flags: TRL's classic PPOConfig with --model; the tiny default's tuned values without it.
+# TRL's PPOConfig defaults, but `steps` (TRL's is 20000: trlax runs a short job unless told).
 TRL_DEFAULTS: dict[str, Any] = {
     "steps": 100, "batch_size": 128, "mini_batch_size": 128, "ppo_epochs": 4, "learning_rate": 1.41e-5,
     "init_kl_coef": 0.2, "adaptive_kl": True, "target": 6.0, "cliprange": 0.2, "cliprange_value": 0.2,
@@ -112,7 +113,8 @@ def build_models(args: argparse.Namespace) -> tuple[Models, list[str]]:
     kinds = [k for k in ("reward_model", "reward_adapter", "reward_fn") if getattr(args, k) is not None]
     if len(kinds) > 1:
         raise RewardError(f"pass one reward source, not {', '.join('--' + k.replace('_', '-') for k in kinds)}")
-    mesh = make_mesh(args.data or 1, args.fsdp or -1, args.tp or 1) if (args.data or args.fsdp or args.tp) else None
+    sizes = {axis: getattr(args, axis) for axis in ("data", "fsdp", "tp") if getattr(args, axis) is not None}
+    mesh = make_mesh(**{"data": 1, "fsdp": -1, "tp": 1, **sizes}) if sizes else None
     peft_config = None if args.lora_r is None else {"r": args.lora_r, "lora_alpha": 2 * args.lora_r}
     if args.reward_adapter is not None and peft_config is None:
         raise RewardError("--reward-adapter scores on the policy's frozen base, so the policy must be LoRA "
@@ -140,6 +142,11 @@ def build_models(args: argparse.Namespace) -> tuple[Models, list[str]]:
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
         pad = tokenizer.pad_token_id
         pad_id = int(pad) if pad is not None else (eos_ids[0] if eos_ids else 0)
+        vocab = int(policy.config.get_text_config().vocab_size)
+        if not 0 <= pad_id < vocab:
+            raise TrlaxError(f"the tokenizer's pad id {pad_id} is outside the policy's vocabulary (size {vocab}): "
+                             "resize the model's embeddings for the added token, or set tokenizer.pad_token = "
+                             "tokenizer.eos_token")
         policy_name = f"{args.model} ({policy.config.model_type})"
     policy.params = committed(policy.params)
     if policy.is_peft_model and args.num_shared_layers is not None:
@@ -272,8 +279,8 @@ def add_ppo(subparsers: argparse._SubParsersAction) -> None:
                      "base (TRL's multi-adapter PPO; needs --lora-r)")
     src.add_argument("--reward-fn", metavar="MODULE:FUNCTION", help="a Python function "
                      "f(prompts=[str], completions=[str]) -> [float]")
-    src.add_argument("--prompts", metavar="PATH", help="a .txt file (one prompt per line), a .jsonl file with a "
-                     "'prompt' field, or a datasets folder (save_to_disk) with a 'prompt' column")
+    src.add_argument("--prompts", metavar="PATH", help="a .txt file (one prompt per line), a .jsonl or .json file "
+                     "with a 'prompt' field, or a datasets folder (save_to_disk) with a 'prompt' column")
     src.add_argument("--max-prompt-length", type=positive_int, default=MAX_PROMPT_TOKENS,
                      help=f"keep the last N tokens of each prompt (default {MAX_PROMPT_TOKENS})")
     hp = parser.add_argument_group("PPO hyper-parameters (TRL's names; unset: TRL's defaults with --model, "
@@ -284,7 +291,8 @@ def add_ppo(subparsers: argparse._SubParsersAction) -> None:
                        ("gamma", float), ("lam", float), ("max-grad-norm", float), ("max-new-tokens", positive_int),
                        ("temperature", float), ("top-k", int), ("top-p", float)):
         default = TRL_DEFAULTS[flag.replace("-", "_")]
-        hp.add_argument(f"--{flag}", type=kind, default=None, help=f"TRL default {default}")
+        hp.add_argument(f"--{flag}", type=kind, default=None, help=f"default {default} with --model (TRL's: 20000)"
+                        if flag == "steps" else f"TRL default {default}")
     hp.add_argument("--adaptive-kl", action=argparse.BooleanOptionalAction, default=None,
                     help="TRL's adaptive KL controller towards --target (default on with --model)")
     hp.add_argument("--target-kl", type=float, default=None, help=argparse.SUPPRESS)  # refused: see run_ppo_command
@@ -300,7 +308,7 @@ def add_ppo(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--save-every", type=positive_int, default=None,
                      help="write an Orbax training state to DIR/state every N steps (and at the end)")
     run.add_argument("--resume", action="store_true", help="continue from the latest state in --output-dir")
-    run.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    run.add_argument("--seed", type=seed_int, default=0, help="random seed (default 0)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_ppo_command)
 
