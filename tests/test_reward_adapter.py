@@ -203,6 +203,33 @@ def test_reward_adapter_misuse_is_refused(setup):
     plain = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(root / "base")
     with pytest.raises(ValueError, match="does not support reward modeling adapter"):
         plain.compute_reward_score(np.ones((1, 3), np.int32))
+    # The policy adapter's name: model.peft_config then listed the reward adapter's config as the policy's.
+    with pytest.raises(ValueError, match="reward_adapter_name 'default' is the policy adapter's name"):
+        FlaxAutoModelForCausalLMWithValueHead.from_pretrained(root / "base", peft_config=POLICY, reward_adapter=str(
+            root / "rm"), reward_adapter_name="default")
+
+
+def test_a_reward_adapter_crossing_to_or_from_torch_is_left_out_with_a_warning(setup, caplog):
+    """TRL model -> trlax and trlax -> TRL dropped the reward adapter without a word."""
+    trl_ppo = pytest.importorskip("trl.experimental.ppo")
+    root, model = setup
+    with caplog.at_level(logging.WARNING, logger="trlax"):
+        torch_model = model.to_torch()
+    assert "to_torch() leaves out the reward adapter 'reward_adapter'" in caplog.text
+    assert isinstance(torch_model, trl_ppo.AutoModelForCausalLMWithValueHead)
+    trl_model = trl_ppo.AutoModelForCausalLMWithValueHead.from_pretrained(
+        str(root / "base"), peft_config=peft.LoraConfig(r=4, target_modules=["c_attn"]),
+        reward_adapter=str(root / "rm"))
+    assert trl_model.supports_rm_adapter
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trlax"):
+        back = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(trl_model)
+    assert "the TRL model's reward adapter 'reward_adapter' is not carried over" in caplog.text
+    assert not back.supports_rm_adapter
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trlax"):
+        FlaxAutoModelForCausalLMWithValueHead.from_pretrained(trl_model, reward_adapter=str(root / "rm"))
+    assert "not carried over" not in caplog.text  # the call brings it
 
 
 def test_bin_adapters_and_other_base_names_load(setup, tmp_path, caplog):

@@ -362,6 +362,10 @@ class PreTrainedModelWrapper:
         trl_args, model_args = cls._split_kwargs(dict(kwargs))
         if reward_adapter is not None and not isinstance(reward_adapter, (str, os.PathLike)):
             raise TrlaxError(f"reward_adapter must be a local folder or a hub id; got {type(reward_adapter).__name__}")
+        if reward_adapter is not None and reward_adapter_name == POLICY_ADAPTER_NAME:
+            raise TrlaxError(f"reward_adapter_name {reward_adapter_name!r} is the policy adapter's name (in TRL, PEFT "
+                             "would load the reward adapter over the policy's); pick another, e.g. the default "
+                             f"{DEFAULT_REWARD_ADAPTER_NAME!r}")
         source = pretrained_model_name_or_path
         options = _hub_options(model_args)
         adapter: PolicyAdapter | None = None
@@ -375,6 +379,9 @@ class PreTrainedModelWrapper:
             v_head, base_name = parts.v_head, parts.name
             if parts.v_head_dropout is not None:  # the TRL model's dropout, unless the call names one
                 trl_args.setdefault("summary_dropout_prob", parts.v_head_dropout)
+            if parts.reward_adapter_name is not None and reward_adapter is None:
+                logger.warning("the TRL model's reward adapter %r is not carried over (only its policy is); pass "
+                               "reward_adapter=<the adapter's folder or hub id> to load it", parts.reward_adapter_name)
             if parts.adapter_state is not None:
                 adapter = _adapter_from_torch(parts, lm, is_trainable)
                 if peft_config is not None:
@@ -567,7 +574,8 @@ class PreTrainedModelWrapper:
                                                                dtype=dtype), repo_id, **hub_args)
 
     def to_torch(self, params: dict[str, Any] | None = None, dtype: Any = None) -> Any:
-        """TRL's PyTorch value-head model (`trl.experimental.ppo`) with these weights, in memory.
+        """TRL's PyTorch value-head model (`trl.experimental.ppo`) with these weights, in memory (a reward
+        adapter is left out, with a warning).
 
         The LM is the transformers model `pretrained_model.to_torch` gives (a LoRA policy's:
         a PEFT PeftModel holding the adapter); the value head is float32 as in TRL. Needs
@@ -581,6 +589,9 @@ class PreTrainedModelWrapper:
                           task_type="SEQ_2_SEQ_LM" if self.pretrained_model.is_encoder_decoder else "CAUSAL_LM")
             lm = peft_lm(lm, config, peft_state_dict(params[LORA_COLLECTION], self.pretrained_model.config.model_type))
         head = {k.removeprefix(V_HEAD_PREFIX): v for k, v in self.value_head_state(params).items()}
+        if self.reward_adapter is not None:
+            logger.warning("to_torch() leaves out the reward adapter %r (TRL loads one only from a folder or hub id: "
+                           "from_pretrained(..., reward_adapter=...))", self.reward_adapter.name)
         return trl_value_head_model(lm, head, self.pretrained_model.is_encoder_decoder, self.head_options())
 
     def generate(self, *args: Any, params: dict[str, Any] | None = None, **kwargs: Any) -> Any:

@@ -119,7 +119,8 @@ class TorchParts:
 
     config: the transformers config; lm_state: the LM's state dict (transformers keys,
     numpy); v_head: TRL's {"summary": {"kernel": [H, 1], "bias": [1]}} or None, and
-    v_head_dropout its dropout probability (0.0 for TRL's Identity; None without a head);
+    v_head_dropout its dropout probability (0.0 for TRL's Identity; None without a head), and
+    reward_adapter_name TRL's `rm_adapter_name` when the model has a reward adapter (not taken apart);
     adapter_config / adapter_state: the PEFT LoraConfig and PEFT-keyed adapter tensors
     (`base_model.model.<path>.lora_A.weight`), or None; adapter_trainable: not in
     PEFT's inference mode; name: the model's `name_or_path`.
@@ -134,6 +135,7 @@ class TorchParts:
     name: str | None
     generation_config: Any = None
     v_head_dropout: float | None = None
+    reward_adapter_name: str | None = None
 
 
 def checkpoint_state(model: Any, state: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -168,6 +170,7 @@ def torch_parts(obj: Any) -> TorchParts:
     """Take a transformers PreTrainedModel, a TRL value-head model, or a PEFT PeftModel (or TRL over PEFT) apart."""
     v_head = dropout = None
     lm = obj
+    reward_adapter = getattr(obj, "rm_adapter_name", None) if getattr(obj, "supports_rm_adapter", False) else None
     if hasattr(obj, "v_head") and hasattr(obj, "pretrained_model"):  # TRL's PreTrainedModelWrapper
         summary = obj.v_head.summary
         v_head = {"summary": {"kernel": tensor_to_numpy(summary.weight).T.astype(np.float32),
@@ -183,9 +186,9 @@ def torch_parts(obj: Any) -> TorchParts:
         base = lm.get_base_model()
         return TorchParts(base.config, _peft_base_state(lm), v_head, adapter_config, adapter_state,
                           not getattr(adapter_config, "inference_mode", False), base.config.name_or_path or None,
-                          getattr(base, "generation_config", None), dropout)
+                          getattr(base, "generation_config", None), dropout, reward_adapter)
     return TorchParts(lm.config, checkpoint_state(lm, lm.state_dict()), v_head, None, None, False,
-                      lm.config.name_or_path or None, getattr(lm, "generation_config", None), dropout)
+                      lm.config.name_or_path or None, getattr(lm, "generation_config", None), dropout, reward_adapter)
 
 
 def torch_lm(config: Any, state: dict[str, np.ndarray], encoder_decoder: bool, tied_keys: set[str],
