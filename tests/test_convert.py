@@ -155,6 +155,10 @@ def test_convert_refuses_what_it_would_ignore_or_clobber(tmp_path: Path, capsys)
     assert main(["convert", str(tmp_path / "orbax"), str(tmp_path / "orbax")]) == 1
     assert "is the Orbax folder SRC itself" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "orbax").iterdir()) == before
+    # Multi-host flags without --distributed converted on one process, as if they were not there.
+    assert main(["convert", str(src), str(tmp_path / "o2"), "--num-processes", "4", "--process-id", "3"]) == 1
+    assert "--num-processes, --process-id only apply with --distributed" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
 
 
 def test_python_dash_m_trlax(monkeypatch, capsys) -> None:

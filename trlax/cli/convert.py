@@ -52,6 +52,10 @@ FORMATS = {"hf": "HF", "orbax": "Orbax"}
 def distributed_mesh(args: argparse.Namespace) -> Mesh | None:
     """With --distributed: join the other processes (unless already joined) and mesh every device (FSDP)."""
     if not args.distributed:
+        given = [flag for flag, value in (("--coordinator", args.coordinator), ("--num-processes", args.num_processes),
+                                          ("--process-id", args.process_id)) if value is not None]
+        if given:
+            raise TrlaxError(f"{', '.join(given)} only apply with --distributed; add it (or drop them)")
         return None
     if not jax.distributed.is_initialized():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; GPUs/TPUs ignore it
