@@ -564,7 +564,9 @@ def generate(
     pad = pad_token_id if pad_token_id is not None else _config_value(config, "pad_token_id")
     if pad is None:
         pad = eos_ids[0] if eos_ids else 0  # without an eos no row finishes, so pad is never emitted
-    if eos_ids:  # rows that finished emit pad, and it is fed back: an id of the vocabulary, as torch's embedding needs
+    # A row that emitted an eos (one of the vocabulary: tiny configs often name one outside it) emits pad, which is
+    # fed back: an id of the vocabulary, as torch's embedding needs.
+    if any(0 <= e < model.vocab_size for e in eos_ids):
         check_token_range("pad_token_id", np.asarray(pad, np.int64).reshape(1, 1), model.vocab_size)
     top_p_on = _scalar(top_p) != 1.0
     penalty_on = _scalar(repetition_penalty) != 1.0

@@ -46,6 +46,12 @@ class DivergedError(TrlaxError):
     """A PPO step made the policy's params or its losses NaN or inf (training diverged)."""
 
 
+def check_seed(seed: int) -> None:
+    """TrlaxError unless `seed` is an int in [0, 2**32), which numpy's and jax's generators both take."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise TrlaxError(f"--seed must be an integer in [0, 2**32); got {seed!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainerConfig:
     """Run settings; the loss settings are TRL's `PPOConfig` (`trlax.ppo.PPOConfig`)."""
@@ -65,6 +71,7 @@ class TrainerConfig:
     ppo: PPOConfig = PPOConfig()
 
     def __post_init__(self) -> None:
+        check_seed(self.seed)
         if not 0 < self.learning_rate < math.inf:
             raise TrlaxError(f"--learning-rate must be a finite number > 0; got {self.learning_rate}")
         if self.max_grad_norm is not None and not 0 < self.max_grad_norm < math.inf:

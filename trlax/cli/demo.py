@@ -39,6 +39,7 @@ from trlax.cli.preflight import check_batch_fits, check_output_dir
 from trlax.errors import TrlaxError, UnsupportedModelError
 from trlax.models.auto import FlaxAutoModelForCausalLM
 from trlax.ppo import PPOConfig, make_ppo_update, make_rollout
+from trlax.ppo_trainer import check_seed
 from trlax.reference import count_layers, create_reference_model, parameter_names
 from trlax.sharding import committed
 from trlax.trainable import merge_trainable, split_trainable
@@ -268,17 +269,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-def seed_int(text: str) -> int:
-    """A random seed: an integer in [0, 2**32) (numpy's and jax's generators take it)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**32), got {value}")
-    return value
-
-
 def add_demo(subparsers: argparse._SubParsersAction) -> None:
     defaults = DemoConfig()
     parser = subparsers.add_parser(
@@ -298,7 +288,7 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
                         help=f"replies generated per PPO step, >= 4 (default {defaults.batch_size}); each step "
                              f"makes {defaults.ppo_epochs} passes over {defaults.num_minibatches} minibatches")
-    parser.add_argument("--seed", type=seed_int, default=defaults.seed, help="random seed (default 0)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default 0)")
     parser.add_argument("--output-dir", metavar="DIR", default=None,
                         help="where metrics.json and ppo_demo.png go (default: a new folder "
                              "trlax-demo-YYYYMMDD-HHMMSS under the current directory)")
@@ -315,6 +305,7 @@ def new_output_dir(base: Path) -> Path:
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
+    check_seed(args.seed)
     if args.batch_size < 4:
         raise TrlaxError(f"--batch-size must be at least 4 (PPO whitens advantages over each of the "
                          f"{DemoConfig.num_minibatches} minibatches); got {args.batch_size}")

@@ -24,7 +24,7 @@ import numpy as np
 import transformers
 from tqdm.auto import tqdm
 
-from trlax.cli.demo import positive_int, seed_int
+from trlax.cli.demo import positive_int
 from trlax.cli.demo_task import CONSONANTS, START, decode_chars, encode_chars, tiny_gpt2_config
 from trlax.cli.preflight import check_batch_fits, check_output_dir
 from trlax.errors import TrlaxError
@@ -308,7 +308,7 @@ def add_ppo(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--save-every", type=positive_int, default=None,
                      help="write an Orbax training state to DIR/state every N steps (and at the end)")
     run.add_argument("--resume", action="store_true", help="continue from the latest state in --output-dir")
-    run.add_argument("--seed", type=seed_int, default=0, help="random seed (default 0)")
+    run.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_ppo_command)
 

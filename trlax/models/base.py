@@ -42,14 +42,7 @@ from trlax.inputs import ParamsCheck, check_positions, check_token_range, token_
 from trlax.models.layers import LORA_COLLECTION
 from trlax.models.registry import get_spec, supported_model_types
 from trlax.models.spec import ArchitectureSpec, ParamRule
-from trlax.sharding import (
-    ShardingRules,
-    activation_sharding,
-    auto_mesh,
-    check_mesh,
-    make_placer,
-    resolve_rules,
-)
+from trlax.sharding import ShardingRules, activation_sharding, auto_mesh, check_mesh, make_placer, resolve_rules
 
 
 def load_config(folder: Path, source: str) -> transformers.PretrainedConfig:
