@@ -325,6 +325,8 @@ def test_float16_saves_write_wo_in_float32_as_transformers(tmp_path: Path) -> No
     for name in ("again", "cast", "head"):
         got = {k: v for k, v in _file_dtypes(tmp_path / name).items() if not k.startswith("v_head.")}
         assert got == want, name
+    state = FlaxAutoModelForSeq2SeqLM.from_pretrained(folder).state_dict(dtype="float16")
+    assert {k: str(v.dtype) for k, v in state.items()} == {k: v for k, v in want.items() if k in state}
 
 
 def test_float16_overflow_clamp_is_transformers_formula() -> None:

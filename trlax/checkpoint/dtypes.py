@@ -7,6 +7,7 @@ bf16 files saves bf16 files by default, while training runs on float32 master we
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
@@ -57,8 +58,20 @@ def params_float_dtype(leaves: Iterable[Any]) -> np.dtype | None:
     return sizes.most_common(1)[0][0] if sizes else None
 
 
-def cast_floats(state: Mapping[str, np.ndarray], dtype: Any) -> dict[str, np.ndarray]:
-    """Every floating tensor of `state` in `dtype` (others, e.g. int buffers, unchanged)."""
+def key_dtype(key: str, dtype: Any, float32_keys: tuple[str, ...] = ()) -> Any:
+    """The dtype a save writes HF tensor `key` in: `dtype`, but float32 for a key matching a `float32_keys`
+    regex when `dtype` is float16 (what a float16 transformers model holds there, e.g. T5's `wo`)."""
+    if dtype is not None and np.dtype(dtype) == np.float16 and any(re.search(p, key) for p in float32_keys):
+        return np.dtype(np.float32)
+    return dtype
+
+
+def cast_floats(state: Mapping[str, np.ndarray], dtype: Any,
+                float32_keys: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Every floating tensor of `state` in `dtype` (see `key_dtype`; others, e.g. int buffers, unchanged)."""
     dtype = np.dtype(jnp.dtype(dtype))
-    return {key: (np.asarray(a).astype(dtype) if is_float(a.dtype) and a.dtype != dtype else a)
-            for key, a in state.items()}
+    out = {}
+    for key, a in state.items():
+        want = key_dtype(key, dtype, float32_keys)
+        out[key] = np.asarray(a).astype(want) if is_float(a.dtype) and a.dtype != want else a
+    return out

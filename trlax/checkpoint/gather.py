@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from trlax.checkpoint.dtypes import is_float
+from trlax.checkpoint.dtypes import is_float, key_dtype
 from trlax.checkpoint.naming import TensorRule, get_path
 from trlax.checkpoint.writer import write_checkpoint_dir
 from trlax.errors import CheckpointError, MultiHostError, UnsupportedModelError
@@ -217,21 +216,19 @@ def checkpoint_tensors(params: Mapping[str, Any], table: Mapping[str, TensorRule
     plan = GatherPlan()
     tensors: dict[str, Any] = {}
     host: tuple[tuple[str, ...], np.ndarray] | None = None
-    wide = dtype is not None and np.dtype(dtype) == np.float16 and float32_keys
     for key, rule in table.items():
         leaf = get_path(params, rule.path)
-        key_dtype = np.float32 if wide and any(re.search(p, key) for p in float32_keys) else dtype
+        want = key_dtype(key, dtype, float32_keys)
         if spans_other_hosts(leaf):
             if rule.index:
                 raise UnsupportedModelError(f"saving the stacked expert param {key!r} from a multi-host mesh is not "
                                             "supported yet; save it from one process (trlax convert) instead")
-            tensors[key] = plan.add(key, leaf, rule.transpose, key_dtype)
+            tensors[key] = plan.add(key, leaf, rule.transpose, want)
             continue
         if host is None or host[0] != rule.path:
             host = (rule.path, np.asarray(leaf))
         tensor = rule.to_hf(host[1])
-        tensors[key] = tensor.astype(key_dtype, copy=False) if key_dtype is not None and is_float(tensor.dtype) \
-            else tensor
+        tensors[key] = tensor.astype(want, copy=False) if want is not None and is_float(tensor.dtype) else tensor
     return tensors
 
 
