@@ -220,9 +220,9 @@ class PPOTrainer:
             jnp.asarray(prompt_mask), jnp.asarray(scores, jnp.float32), jnp.float32(kl_coef),
             self.minibatch_order(s))
         out = {name: float(v) for name, v in jax.device_get(metrics).items()}
-        diverged = [f"{name} {value}" for name, value in out.items() if not math.isfinite(value)]
-        if diverged or not bool(finite):
-            found = diverged + ([] if bool(finite) else ["the updated params hold NaN or inf"])
+        found = [f"{name} {value}" for name, value in out.items() if not math.isfinite(value)]
+        found += [] if bool(finite) else ["the updated params hold NaN or inf"]
+        if found:
             clip = "" if cfg.max_grad_norm is not None else " or clip gradients (max_grad_norm)"
             raise DivergedError(f"PPO step {s + 1} diverged ({', '.join(found)}); start again with a lower "
                                 f"learning rate ({cfg.learning_rate}){clip} (a saved state resumes only with the "
