@@ -121,6 +121,8 @@ def test_adapter_folders(tmp_path: Path, capsys) -> None:
     assert info["adapter"]["base_model_name_or_path"] == str(tmp_path / "base")
     assert info["value_head"] == {"shape": [1, 32], "dtype": "float32"}
     assert info["parameters"] == 2 * sum(2 * 32 + out * 2 for out in (96, 128))  # 2 layers x (A [2, 32] + B [out, 2])
+    code, _, err = _run(["info", str(tmp_path / "policy"), "-n", "1"], capsys)  # -n was ignored
+    assert code == 1 and "is a PEFT adapter folder: --num-shared-layers applies to a full model" in err
 
 
 def test_parameters_leave_out_buffers_and_tied_copies(tmp_path: Path) -> None:

@@ -198,6 +198,9 @@ def model_info(source: str, num_shared_layers: int | None = None, options: HubOp
     source = str(source)
     adapter_config = fetch_file(source, ADAPTER_CONFIG_NAME, options) if _maybe_checkpoint(source) else None
     if adapter_config is not None:
+        if num_shared_layers is not None:  # an adapter's reference is its base with the adapter off
+            raise TrlaxError(f"{source} is a PEFT adapter folder: --num-shared-layers applies to a full model; run "
+                             "`trlax info` on its base model for the layers a reference would share")
         return _adapter_folder_info(source, adapter_config, options)
     orbax = is_orbax_model(source)
     if orbax:
