@@ -69,22 +69,24 @@ def read_prompts(source: str | Path) -> list[str]:
         prompts = [str(p) for p in data["prompt"]]
     elif not path.is_file():
         raise PromptError(f"--prompts {path} does not exist: pass a .txt file, a .jsonl file or a datasets folder")
-    elif path.suffix == ".json" and path.read_text().lstrip().startswith("["):
-        try:
-            records = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise PromptError(f"{path} is not valid JSON ({e})") from None
-        prompts = [_prompt_field(record, f"{path}[{n}]") for n, record in enumerate(records)]
-    elif path.suffix in (".jsonl", ".json"):  # JSON lines (what datasets' to_json writes, as .json too)
-        prompts = []
-        for n, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
+    elif path.suffix in (".jsonl", ".json"):
+        text = path.read_text()
+        if path.suffix == ".json" and text.lstrip().startswith("["):  # a JSON array
             try:
-                record = json.loads(line)
+                records = json.loads(text)
             except json.JSONDecodeError as e:
-                raise PromptError(f"{path}:{n} is not valid JSON ({e})") from None
-            prompts.append(_prompt_field(record, f"{path}:{n}"))
+                raise PromptError(f"{path} is not valid JSON ({e})") from None
+            prompts = [_prompt_field(record, f"{path}[{n}]") for n, record in enumerate(records)]
+        else:  # JSON lines (what datasets' to_json writes, as .json too)
+            prompts = []
+            for n, line in enumerate(text.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PromptError(f"{path}:{n} is not valid JSON ({e})") from None
+                prompts.append(_prompt_field(record, f"{path}:{n}"))
     else:
         prompts = [line for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
