@@ -30,7 +30,7 @@ from trlax.models.auto import FlaxAutoModelForCausalLM, FlaxAutoModelForSequence
 from trlax.ppo import PPOConfig
 from trlax.ppo_data import PromptSet, read_prompts
 from trlax.ppo_rewards import FunctionReward, Generated, ModelReward, RewardError, load_function
-from trlax.ppo_trainer import PPOTrainer, resume, train
+from trlax.ppo_trainer import PPOTrainer, reply_mask, resume, train
 
 ROOT = Path(__file__).resolve().parent.parent
 VOWEL_FN = "def vowels(prompts, completions):\n    return [sum(c in 'aeiou' for c in t) / 12 for t in completions]\n"
@@ -319,6 +319,22 @@ def test_reward_model_tokenizers_without_pad_and_peft_adapters_without_tokenizer
     base.save_pretrained(str(tmp_path / "adapter"))
     adapter_args = cli_args(model=policy, reward_model=tmp_path / "adapter", prompts=tmp_path / "prompts.txt")
     assert build_models(adapter_args)[0].reward.needs_text  # the base folder's tokenizer
+
+
+def test_replies_end_at_every_eos_of_the_generation_config(tmp_path, monkeypatch):
+    """A chat checkpoint's generation_config lists several eos ids (Llama 3: <|end_of_text|>, <|eot_id|>); TRL's
+    rollout (transformers' generate) stops at each, trlax ran replies on past all but the tokenizer's eos."""
+    (tmp_path / "eos_rewards.py").write_text(VOWEL_FN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    policy = word_checkpoint(tmp_path / "policy")
+    transformers.GenerationConfig(eos_token_id=[2, 5], pad_token_id=1).save_pretrained(policy)
+    models, _ = build_models(cli_args(model=policy, reward_fn="eos_rewards:vowels", prompts=tmp_path / "prompts.txt"))
+    assert models.eos_ids == (2, 5) and models.pad_id == 1
+    reply = np.array([[7, 5, 8, 9], [7, 2, 8, 9], [7, 8, 9, 10]])
+    np.testing.assert_array_equal(reply_mask(reply, models.eos_ids), [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    plain = word_checkpoint(tmp_path / "plain")  # no generation_config.json: the tokenizer's eos alone
+    plain_args = cli_args(model=plain, reward_fn="eos_rewards:vowels", prompts=tmp_path / "prompts.txt")
+    assert build_models(plain_args)[0].eos_ids == (2,)
 
 
 def test_flags_that_would_train_the_wrong_thing_are_refused(tmp_path, capsys):

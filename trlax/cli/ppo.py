@@ -138,8 +138,7 @@ def build_models(args: argparse.Namespace) -> tuple[Models, list[str]]:
         if tokenizer is None:
             raise TrlaxError(f"no tokenizer loads from {args.model}: `trlax ppo` needs the checkpoint's tokenizer")
         codec = HFCodec(tokenizer)
-        eos = policy.config.get_text_config().eos_token_id if tokenizer.eos_token_id is None else tokenizer.eos_token_id
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        eos_ids = reply_end_ids(tokenizer, policy)
         pad = tokenizer.pad_token_id
         pad_id = int(pad) if pad is not None else (eos_ids[0] if eos_ids else 0)
         vocab = int(policy.config.get_text_config().vocab_size)
@@ -168,6 +167,18 @@ def build_models(args: argparse.Namespace) -> tuple[Models, list[str]]:
     description = {"policy": f"{policy_name} with TRL's value head{lora}", "reference": ref,
                    "reward": reward.description}
     return Models(policy, reference, codec, pad_id, eos_ids, reward, description, tokenizer), texts
+
+
+def reply_end_ids(tokenizer: Any, policy: FlaxAutoModelForCausalLMWithValueHead) -> tuple[int, ...]:
+    """The ids that end a reply: the tokenizer's eos, then every eos of the checkpoint's generation_config (a list
+    for chat models, as Llama 3's end-of-turn token; transformers' generate in TRL's rollout stops at each); the
+    model config's eos when neither has one."""
+    def ids(value: Any) -> list[int]:
+        return [] if value is None else [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+    settings = policy.pretrained_model.generation_config
+    found = ids(tokenizer.eos_token_id) + ids(None if settings is None else settings.eos_token_id)
+    return tuple(dict.fromkeys(found or ids(policy.config.get_text_config().eos_token_id)))
 
 
 def reward_source(args: argparse.Namespace, policy: Any, mesh: Any) -> Any:
