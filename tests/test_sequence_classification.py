@@ -18,8 +18,14 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICA
 from tests.helpers import PADDINGS, batch, max_diff, save_torch, torch_random_init
 from tests.test_adapters import randomise_lora_b
 from tests.tiny_configs import TINY_CAUSAL
-from trlax import FlaxAutoModelForSequenceClassification, TrlaxError, UnsupportedModelError
-from trlax.errors import TrlaxTypeError
+from trlax import (
+    FlaxAutoModelForCausalLM,
+    FlaxAutoModelForCausalLMWithValueHead,
+    FlaxAutoModelForSequenceClassification,
+    TrlaxError,
+    UnsupportedModelError,
+)
+from trlax.errors import CheckpointError, TrlaxTypeError
 from trlax.models.sequence_classification import last_non_pad_index
 from trlax.peft.seq_cls import FlaxPeftModelForSequenceClassification
 from trlax.sharding import make_mesh
@@ -94,6 +100,34 @@ def test_save_loads_in_transformers(model_type, tmp_path):
         assert torch.equal(back_sd[key], value), key
     ids, mask = padded(pt.config, "right")
     assert max_diff(torch_forward(back, ids, mask).logits, model(ids, mask).logits) < ATOL
+
+
+@pytest.mark.parametrize("model_type", WITH_TORCH_CLASSIFIER)
+def test_to_torch_gives_transformers_classifier(model_type, tmp_path):
+    """to_torch() built the family's *ForCausalLM and failed on `score.weight` (every family)."""
+    pt = torch_classifier(model_type, tmp_path / "pt", num_labels=2)
+    back = FlaxAutoModelForSequenceClassification.from_pretrained(pt).to_torch()
+    assert type(back) is type(pt)
+    ref_sd, back_sd = pt.state_dict(), back.state_dict()
+    assert set(back_sd) == set(ref_sd)
+    for key, value in ref_sd.items():
+        assert torch.equal(back_sd[key], value), key
+
+
+def test_to_torch_without_a_transformers_classifier_says_so(tmp_path):
+    model = FlaxAutoModelForSequenceClassification.from_config(TINY_CAUSAL["cohere"]())
+    with pytest.raises(UnsupportedModelError, match="has no CohereForSequenceClassification, so to_torch"):
+        model.to_torch()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "bloom"])  # untied: lm_head missing; tied: score.weight unexpected
+def test_a_classifier_checkpoint_given_to_an_lm_loader_names_the_classifier_loader(model_type, tmp_path):
+    """The error said the config.json did not match the weights (it did): the checkpoint is a classifier's."""
+    torch_classifier(model_type, tmp_path / "pt", num_labels=1)
+    for loader in (FlaxAutoModelForCausalLM, FlaxAutoModelForCausalLMWithValueHead):
+        with pytest.raises(CheckpointError, match=r"is a sequence-classification checkpoint \(\w+ForSequenceClass"
+                                                  r"ification.*FlaxAutoModelForSequenceClassification"):
+            loader.from_pretrained(tmp_path / "pt")
 
 
 def test_all_pad_row_and_pad_id_inside_a_row_pool_as_transformers(tmp_path):
@@ -210,6 +244,11 @@ def test_peft_seq_cls_adapter_matches_peft_and_saves_back(model_type, tmp_path):
     ids, mask = padded(pt.config, "left")
     with torch.no_grad():
         ref = back(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
+    assert max_diff(ref, model(ids, mask).logits) < ATOL
+    in_torch = model.to_torch()  # PEFT's model over transformers' classifier: it returned a CausalLM (and failed)
+    assert isinstance(in_torch, peft.PeftModelForSequenceClassification)
+    with torch.no_grad():
+        ref = in_torch(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
     assert max_diff(ref, model(ids, mask).logits) < ATOL
 
 

@@ -36,7 +36,7 @@ from trlax.checkpoint.loading_args import auto_dtype, resolve_dtype
 from trlax.checkpoint.naming import TensorRule, flatten_paths, get_path, hf_tensors, key_table, set_path
 from trlax.checkpoint.push import push_to_hub
 from trlax.checkpoint.saving_args import check_saving_args
-from trlax.checkpoint.torch_models import StateDictReader, TorchParts, torch_lm, torch_parts
+from trlax.checkpoint.torch_models import StateDictReader, TorchParts, torch_model, torch_parts
 from trlax.errors import CheckpointError, UnsupportedModelError
 from trlax.generation_config import write_generation_config
 
@@ -93,6 +93,17 @@ class CheckpointMixin:
                     f"{source}: the config ties {key} to {copied}, but the checkpoint stores the two with different "
                     f"values; if {key} is meant to be its own tensor, set tie_word_embeddings=false in its "
                     "config.json (transformers unties the two for such a checkpoint)")
+
+    def check_checkpoint_class(self, source: str) -> None:
+        """CheckpointError naming the class that loads it when the config says the checkpoint is a sequence
+        classifier (`architectures`: `*ForSequenceClassification`, a `score` head and no LM head) and this
+        model generates (an LM, the LM of a value-head wrapper)."""
+        classifier = [name for name in self.config.architectures or () if name.endswith("ForSequenceClassification")]
+        if classifier and self.can_generate:
+            raise CheckpointError(
+                f"{source} is a sequence-classification checkpoint ({classifier[0]}: a `score` head, no LM head); "
+                "load it with FlaxAutoModelForSequenceClassification (a reward or value model), or use a "
+                "language-model checkpoint here")
 
     def optional_checkpoint_prefixes(self) -> tuple[str, ...]:
         """Key prefixes a checkpoint may lack (a head the model initialises itself); none by default."""
@@ -171,6 +182,7 @@ class CheckpointMixin:
         Keys transformers fills itself (`spec.key_defaults`: T5's tied-back `lm_head`, BART's
         zero `final_logits_bias`) may be absent; they are then filled the same way.
         """
+        self.check_checkpoint_class(source)
         self.check_tied_copies(reader, source)
         defaults = {k: src for k, src in self.spec.key_defaults(self.config).items() if k in table}
         kwargs = {} if place is None else {"place": place}
@@ -269,5 +281,4 @@ class CheckpointMixin:
         """
         dtype = self.save_dtype(params, dtype)
         tied = set(self.spec.tied_keys(self.config))
-        return torch_lm(self.config_to_save(dtype), self.state_dict(params, dtype), self.is_encoder_decoder, tied,
-                        self.generation_config)
+        return torch_model(self.config_to_save(dtype), self.state_dict(params, dtype), tied, self.generation_config)

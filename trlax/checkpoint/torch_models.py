@@ -16,13 +16,14 @@ import copy
 import importlib
 import warnings
 from dataclasses import dataclass
+from importlib.metadata import version
 from types import ModuleType
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
-from trlax.errors import TrlaxError
+from trlax.errors import TrlaxError, UnsupportedModelError
 
 PYTORCH_PACKAGES = ("transformers", "trl", "peft")
 TRL_PPO_MODULE = "trl.experimental.ppo"
@@ -191,18 +192,21 @@ def torch_parts(obj: Any) -> TorchParts:
                       lm.config.name_or_path or None, getattr(lm, "generation_config", None), dropout, reward_adapter)
 
 
-def torch_lm(config: Any, state: dict[str, np.ndarray], encoder_decoder: bool, tied_keys: set[str],
-             generation_config: Any = None) -> Any:
-    """A transformers (PyTorch) LM of `config` holding `state` (checkpoint keys; tied copies may be absent),
-    with `generation_config` (a transformers GenerationConfig) when given.
+def torch_model(config: Any, state: dict[str, np.ndarray], tied_keys: set[str], generation_config: Any = None) -> Any:
+    """The transformers (PyTorch) model `config.architectures[0]` names (an LM, a sequence classifier, ...)
+    holding `state` (checkpoint keys; tied copies may be absent), with `generation_config` (a transformers
+    GenerationConfig) when given.
 
     The state goes through transformers' own loading (`from_pretrained(None, state_dict=...)`), so the
     families whose weights transformers renames or fuses in memory (GPT-NeoX, the MoE families) load too.
     """
     require("torch", "to_torch()")
-    auto = require("transformers.models.auto.modeling_auto", "to_torch()")
-    mapping = auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING if encoder_decoder else auto.MODEL_FOR_CAUSAL_LM_MAPPING
-    model, info = mapping[type(config)].from_pretrained(
+    name = config.architectures[0]
+    model_class = getattr(require("transformers", "to_torch()"), name, None)
+    if model_class is None:
+        raise UnsupportedModelError(f"transformers {version('transformers')} has no {name}, so to_torch() cannot "
+                                    "build this model in PyTorch; save_pretrained writes its checkpoint")
+    model, info = model_class.from_pretrained(
         None, config=config, state_dict={k: numpy_to_tensor(v) for k, v in state.items()}, dtype="auto",
         output_loading_info=True)
     missing = set(info["missing_keys"]) - tied_keys

@@ -18,6 +18,7 @@ import numpy as np
 
 from trlax.checkpoint.hub import HubOptions
 from trlax.checkpoint.saving_args import check_saving_args
+from trlax.checkpoint.torch_models import peft_lm
 from trlax.checkpoint.writer import write_folder
 from trlax.errors import CheckpointError, TrlaxTypeError, UnsupportedModelError
 from trlax.models.sequence_classification import SCORE, FlaxModelForSequenceClassification
@@ -28,6 +29,7 @@ from trlax.peft.lora import (
     check_applied,
     lora_from_peft,
     lora_modules,
+    peft_state_dict,
     read_adapter,
     write_adapter_files,
 )
@@ -58,6 +60,25 @@ class FlaxPeftModelForSequenceClassification(FlaxModelForSequenceClassification)
         """The adapter applies to every call, `params=` given or not (they are the base's)."""
         return self.adapter
 
+    def saved_adapter_config(self) -> LoraConfig:
+        """The adapter's LoraConfig with `score` among `modules_to_save`, as PEFT's SEQ_CLS task saves it."""
+        return LoraConfig.from_peft({**self.adapter_config.to_peft_dict(),
+                                     "modules_to_save": sorted({*(self.adapter_config.modules_to_save or []), SCORE})})
+
+    def to_torch(self, params: dict[str, Any] | None = None, dtype: Any = None) -> Any:
+        """PEFT's PeftModelForSequenceClassification with these weights, in memory: transformers'
+        `*ForSequenceClassification` base (with this model's `score`) and the LoRA adapter, as
+        `peft.PeftModel.from_pretrained` builds it from the saved folder (needs torch and peft)."""
+        params = self.params if params is None else params
+        config = self.saved_adapter_config().to_peft_dict()
+        config.update(base_model_name_or_path=self.base_model_name_or_path, task_type="SEQ_CLS", inference_mode=True)
+        state = {**peft_state_dict(self.adapter, self.config.model_type), **self.score_state(params)}
+        return peft_lm(super().to_torch(params, dtype), config, state)
+
+    def score_state(self, params: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The `score` head under PEFT's adapter key: {"base_model.model.score.weight": [num_labels, H]}."""
+        return {f"{PEFT_PREFIX}{SCORE}.weight": np.ascontiguousarray(np.asarray(params[SCORE]["kernel"]).T)}
+
     def save_pretrained(self, save_directory: str | os.PathLike, params: dict[str, Any] | None = None,
                         max_shard_size: int | str | None = None, **transformers_args: Any) -> list[Path]:
         """PEFT's adapter folder (adapter_config.json, adapter_model.safetensors with the LoRA weights and
@@ -68,17 +89,14 @@ class FlaxPeftModelForSequenceClassification(FlaxModelForSequenceClassification)
         params = self.params if params is None else params
         keep = [re.compile(p) for p in self.spec.keep_layout]
         keeps_layout = any(k.match(f"{path}.weight") for path in lora_modules(self.adapter) for k in keep)
-        config = LoraConfig.from_peft({**self.adapter_config.to_peft_dict(),
-                                       "modules_to_save": sorted({*(self.adapter_config.modules_to_save or []),
-                                                                  SCORE})})
-        score = {f"{PEFT_PREFIX}{SCORE}.weight": np.ascontiguousarray(np.asarray(params[SCORE]["kernel"]).T)}
+        config = self.saved_adapter_config()
 
         if max_shard_size is not None:
             raise TrlaxTypeError("an adapter is saved in one file: save_pretrained takes no max_shard_size here")
         return write_folder(save_directory, lambda folder: write_adapter_files(
             folder, config, self.adapter, model_type=self.config.model_type, base_name=self.base_model_name_or_path,
             task_type="SEQ_CLS",
-            keeps_layout=keeps_layout, extra_tensors=score))
+            keeps_layout=keeps_layout, extra_tensors=self.score_state(params)))
 
 
 def load_seq_cls_adapter(source: str | os.PathLike, options: HubOptions | None = None, *,
