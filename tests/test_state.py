@@ -189,6 +189,7 @@ def test_restore_on_other_mesh_after_crash_mid_save(tmp_path: Path) -> None:
     assert report["c_attn_shard"] == [32, 48]
     assert report["mu_c_attn_spec"] == [None, "tp"]
     assert report["steps_after"] == [1, 2]  # saving again works: the crashed tmp folder was cleaned up
+    assert report["count_devices"] == report["rng_devices"] == 4  # replicated over the target's mesh
 
 
 def _worker_save8(root: Path) -> None:
@@ -225,8 +226,14 @@ def _worker_restore4(root: Path) -> None:
         k for k in expected.files if k in got and not np.array_equal(expected[k], got[k])]
     kernel = restored.params["pretrained_model"]["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"]
     mu = restored.opt_state[0].mu["pretrained_model"]["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"]
+    # A target of arrays on the mesh, no target_sharding: Adam's count (uncommitted on device 0 after init) came
+    # back committed to device 0, and the next update refused params spread over the mesh beside it.
+    again = restore_state(root / "ckpt", 1, target={"params": restored.params, "opt_state": OPT.init(restored.params)})
+    OPT.update(jax.tree_util.tree_map(jnp.ones_like, again.params), again.opt_state, again.params)
     save_state(root / "ckpt", 2, restored.params)
     print(json.dumps({
+        "count_devices": len(again.opt_state[0].count.sharding.device_set),
+        "rng_devices": len(again.rng.sharding.device_set),
         "steps_before": steps_before, "step": restored.step, "mismatched": mismatched,
         "n_devices": jax.device_count(), "c_attn_spec": list(kernel.sharding.spec),
         "c_attn_shard": list(kernel.addressable_shards[0].data.shape), "mu_c_attn_spec": list(mu.sharding.spec),

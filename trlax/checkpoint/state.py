@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh, Sharding, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from trlax.checkpoint.gather import global_replicas, on_writer_process
 from trlax.checkpoint.lock import WriterLock
@@ -237,7 +237,9 @@ class StateCheckpointer:
             `trlax.sharding`; `sharding_rules` / `model_type` pick them), one Sharding for
             every leaf, or a pytree of Shardings shaped like the state dict
             {"params": ..., "opt_state": ..., "rng": ..., "adapters": ...}. Default:
-            the target's shardings, else the first local device.
+            the target's shardings (a leaf off the target's mesh, like optax's uncommitted
+            step count, and items the target lacks: replicated over that mesh), else the
+            first local device.
         """
         step = self.saved_step(step)
         try:
@@ -306,8 +308,16 @@ class StateCheckpointer:
             return jax.tree_util.tree_map(lambda _: target_sharding, abstract)
         if target_sharding is not None:
             return target_sharding
-        default = SingleDeviceSharding(jax.local_devices()[0])
-        return jax.tree_util.tree_map(lambda leaf: leaf.sharding or default, abstract)
+        meshes = [leaf.sharding.mesh for leaf in jax.tree_util.tree_leaves(abstract)
+                  if isinstance(leaf.sharding, NamedSharding)]
+        if not meshes:
+            default = SingleDeviceSharding(jax.local_devices()[0])
+            return jax.tree_util.tree_map(lambda leaf: leaf.sharding or default, abstract)
+        # A target on a mesh: a leaf off it (Adam's step count, left uncommitted on device 0 by optax's init; an
+        # item the target lacks) comes back replicated over the mesh, where one jitted step can use it.
+        mesh_devices, replicated = set(meshes[0].devices.flat), NamedSharding(meshes[0], PartitionSpec())
+        return jax.tree_util.tree_map(lambda leaf: leaf.sharding if leaf.sharding is not None and set(
+            leaf.sharding.device_set) == mesh_devices else replicated, abstract)
 
 
 # One checkpointer per directory for the function API, so consecutive `save_state` calls
