@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ import transformers
 
 from tests.helpers import subprocess_env
 from trlax import FlaxAutoModelForCausalLM, FlaxAutoModelForCausalLMWithValueHead
-from trlax.checkpoint import StateCheckpointer, restore_state, save_state
+from trlax.checkpoint import StateCheckpointer, restore_state, save_state, wait_until_finished
 from trlax.errors import CheckpointError, TrlaxError, TrlaxTypeError
 from trlax.sharding import path_str
 
@@ -159,6 +160,24 @@ def test_state_errors(tmp_path: Path) -> None:
         restore_state(tmp_path / "run", target={"optimizer": {}})
     with pytest.raises(ValueError, match="max_to_keep must be >= 1"):
         StateCheckpointer(tmp_path / "x", max_to_keep=0)
+
+
+def test_a_damaged_step_is_a_checkpoint_error_that_says_how_to_go_back(tmp_path: Path) -> None:
+    """A committed step that lost its meta file: `extra()` (what `trlax ppo --resume` reads first) raised Orbax's
+    bare FileNotFoundError; removing the step's folder resumes from the step before, as the error now says."""
+    params = {"w": jnp.ones((2, 2))}
+    save_state(tmp_path / "run", 1, params, extra={"at": 1})
+    save_state(tmp_path / "run", 2, {"w": jnp.zeros((2, 2))}, extra={"at": 2})
+    wait_until_finished(tmp_path / "run")
+    (tmp_path / "run" / "2" / "meta" / "metadata").unlink()
+    reader = StateCheckpointer(tmp_path / "run", read_only=True)
+    hint = f"remove {tmp_path / 'run' / '2'} to resume from the step before it"
+    for read in (reader.extra, lambda: restore_state(tmp_path / "run")):
+        with pytest.raises(CheckpointError, match=f"step 2 in .* cannot be restored: .*FileNotFoundError.*{hint}"):
+            read()
+    shutil.rmtree(tmp_path / "run" / "2")
+    assert StateCheckpointer(tmp_path / "run", read_only=True).extra() == {"at": 1}
+    np.testing.assert_array_equal(restore_state(tmp_path / "run").params["w"], params["w"])
 
 
 # --- simulated devices: save on 8, crash mid-save, restore on 4 --------------------------------

@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -242,21 +243,16 @@ class StateCheckpointer:
             first local device.
         """
         step = self.saved_step(step)
-        try:
-            meta = self._meta(step)
+        meta = self._meta(step)
+
+        def read() -> dict[str, Any]:
             abstract = self._abstract_state(step, target or {})
             shardings = self._shardings(abstract, target_sharding, sharding_rules, model_type)
             abstract = jax.tree_util.tree_map(lambda leaf, sharding: jax.ShapeDtypeStruct(
                 leaf.shape, leaf.dtype, sharding=sharding), abstract, shardings)
-            state = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract)))["state"]
-        except TrlaxError:
-            raise
-        except Exception as e:  # noqa: BLE001 - Orbax / TensorStore raise bare errors for damaged files
-            reason = " ".join(str(e).split())[:400]
-            raise CheckpointError(f"step {step} in {self.directory} cannot be restored: its files are damaged or do "
-                                  f"not fit the target ({type(e).__name__}: {reason}); restore another step "
-                                  f"(saved: {self.all_steps()})") from None
+            return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+
+        state = self._read(step, read)["state"]
         rng = state.get("rng")
         if rng is not None and meta.get("rng_impl"):
             rng = jax.random.wrap_key_data(rng, impl=meta["rng_impl"])
@@ -279,7 +275,21 @@ class StateCheckpointer:
         return step
 
     def _meta(self, step: int) -> dict[str, Any]:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return self._read(step, lambda: self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore())))["meta"]
+
+    def _read(self, step: int, read: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """`read()` of a step, Orbax's and TensorStore's bare errors for damaged files turned into a CheckpointError."""
+        try:
+            return read()
+        except TrlaxError:
+            raise
+        except Exception as e:  # noqa: BLE001 - Orbax / TensorStore raise bare errors for damaged files
+            reason = " ".join(str(e).split())[:400]
+            raise CheckpointError(f"step {step} in {self.directory} cannot be restored: its files are damaged or do "
+                                  f"not fit the target ({type(e).__name__}: {reason}); restore another step "
+                                  f"(saved: {self.all_steps()}), or remove {self._step_dir(step)} to resume from "
+                                  "the step before it") from None
 
     def _abstract_state(self, step: int, target: dict[str, Any]) -> dict[str, Any]:
         """ShapeDtypeStructs of the saved state; `target`'s items replace the saved structure."""
