@@ -24,7 +24,7 @@ from trlax.checkpoint.reader import CheckpointReader
 from trlax.checkpoint.state import StateCheckpointer
 from trlax.cli import build_parser, main
 from trlax.cli.demo_task import tiny_gpt2_config
-from trlax.cli.ppo import EMBEDDED_REWARD_MODEL, build_models, trainer_config
+from trlax.cli.ppo import EMBEDDED_REWARD_MODEL, build_models, run_flags, trainer_config
 from trlax.errors import CheckpointError, TrlaxError
 from trlax.models.auto import FlaxAutoModelForCausalLM, FlaxAutoModelForSequenceClassification
 from trlax.ppo import PPOConfig
@@ -335,6 +335,21 @@ def test_replies_end_at_every_eos_of_the_generation_config(tmp_path, monkeypatch
     plain = word_checkpoint(tmp_path / "plain")  # no generation_config.json: the tokenizer's eos alone
     plain_args = cli_args(model=plain, reward_fn="eos_rewards:vowels", prompts=tmp_path / "prompts.txt")
     assert build_models(plain_args)[0].eos_ids == (2,)
+
+
+def test_a_run_built_in_python_resumes_under_the_command(tmp_path, capsys):
+    """Notebook 04 builds "the same run as trlax ppo" in Python; its state was refused by `trlax ppo --resume` with
+    the same flags ("max_prompt_length None -> 256"): the trainer had not recorded the run flags."""
+    flags = ["--batch-size", "2", "--mini-batch-size", "2", "--max-new-tokens", "4", "--save-every", "1",
+             "--output-dir", str(tmp_path / "run")]
+    args = build_parser().parse_args(["ppo", "--steps", "1", *flags])
+    models, texts = build_models(args)
+    prompts = PromptSet.build(texts, models.codec, models.pad_id, args.max_prompt_length)
+    train(PPOTrainer(models, prompts, trainer_config(args), run=run_flags(args)), tmp_path / "run")
+    capsys.readouterr()
+    assert main(["ppo", "--steps", "2", "--resume", *flags]) == 0, capsys.readouterr().err
+    assert "resumed from step 1" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").open()] == [2]
 
 
 def test_flags_that_would_train_the_wrong_thing_are_refused(tmp_path, capsys):

@@ -108,6 +108,12 @@ def trainer_config(args: argparse.Namespace) -> TrainerConfig:
                          save_every=args.save_every, ppo=ppo)
 
 
+def run_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags that define a run besides the hyper-parameters (`PPOTrainer`'s `run`): a state saved with them
+    resumes under `trlax ppo --resume` with the same flags, and is refused with others."""
+    return {name: getattr(args, name) for name in RUN_FLAGS}
+
+
 def build_models(args: argparse.Namespace) -> tuple[Models, list[str]]:
     """The policy (with value head), its reference, the tokenizer, the reward source and the prompt texts."""
     kinds = [k for k in ("reward_model", "reward_adapter", "reward_fn") if getattr(args, k) is not None]
@@ -229,8 +235,7 @@ def run_ppo_command(args: argparse.Namespace) -> int:
     # Every prompt has at least one token: a lower bound of the sequence length.
     check_batch_fits(models.policy.config, config.batch_size, 1 + config.max_new_tokens)
     prompts = PromptSet.build(texts, models.codec, models.pad_id, args.max_prompt_length)
-    run = {name: getattr(args, name) for name in RUN_FLAGS}
-    trainer = PPOTrainer(models, prompts, config, run=run)
+    trainer = PPOTrainer(models, prompts, config, run=run_flags(args))
     for role, text in models.description.items():
         print(f"{role + ':':10} {text}")
     ppo = config.ppo
