@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -184,6 +185,8 @@ def test_meshes_the_rules_cannot_use_are_errors(device_report: dict) -> None:
     assert "8 devices" in errors["model8"] and "{'dp': 2, 'mp': 4}" in errors["dp2_mp4"]
     assert errors["logical_typo"].startswith("TrlaxError: the sharding rules map logical axes to mesh axes "
                                              "['fsdpp'], which this mesh lacks"), errors["logical_typo"]
+    assert errors["unused_axis_warnings"] == ["mesh axes ['extra'] are not used by the sharding rules: params are "
+                                              "replicated over them"]
 
 
 # --- 8 simulated devices, in a subprocess -----------------------------------------------------
@@ -565,6 +568,16 @@ def _mesh_errors(folder: Path) -> dict[str, str]:
             report[name] = "accepted"
         except ValueError as e:
             report[name] = f"{type(e).__name__}: {e}"
+    # A mesh axis the rules leave unused: one warning per load (the loader's placer repeated it).
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("trlax").addHandler(handler)
+    try:
+        FlaxAutoModelForCausalLMWithValueHead.from_pretrained(folder, mesh=jax.make_mesh((4, 2), ("fsdp", "extra")))
+    finally:
+        logging.getLogger("trlax").removeHandler(handler)
+    report["unused_axis_warnings"] = [m for m in messages if "not used by the sharding rules" in m]
     return report
 
 

@@ -302,11 +302,11 @@ def make_placer(
 
     Each device receives a fresh copy of only its own slice (`make_array_from_callback`),
     so no device buffer aliases the checkpoint's memory map and the host never holds
-    more than the tensor being read plus the slices it is placing.
+    more than the tensor being read plus the slices it is placing. The mesh and rules are a model's
+    (`FlaxPreTrainedModel.placer`), which `use_mesh` checked (`check_mesh`).
     """
     mesh = auto_mesh(mesh)
     rules = resolve_rules(model_type, rules)
-    check_mesh(mesh, rules)
 
     def place(path: tuple[str, ...], array: np.ndarray) -> jax.Array:
         sharding = leaf_sharding("/".join(path), array.shape, mesh, rules)

@@ -31,7 +31,7 @@ from trlax.generation_config import read_generation_config, write_generation_con
 from trlax.models.auto import AutoModel, FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
 from trlax.models.base import load_config
 from trlax.models.spec import ParamRule
-from trlax.sharding import ShardingRules, auto_mesh, make_placer, resolve_rules, tree_shardings
+from trlax.sharding import ShardingRules, auto_mesh, tree_shardings
 from trlax.value_head import (
     FlaxAutoModelForCausalLMWithValueHead,
     FlaxAutoModelForSeq2SeqLMWithValueHead,
@@ -95,12 +95,9 @@ def to_orbax(
         raise CheckpointError(f"{src} has no TRL value head (v_head.summary.*); convert without value_head=True")
     keep_head = has_head if value_head is None else value_head
     lm_cls, wrapper_cls = _classes(config)
-    lm = lm_cls.model_class(config, param_dtype=param_dtype)
+    lm = lm_cls.model_class(config, param_dtype=param_dtype, mesh=mesh, sharding_rules=sharding_rules)
     total = _nbytes(lm.abstract_params())
-    if mesh is not None:
-        place = make_placer(mesh, resolve_rules(config.model_type, sharding_rules))
-    else:
-        place = lambda path, array: jax.device_put(array)  # noqa: E731
+    place = lm.placer() or (lambda path, array: jax.device_put(array))
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"reading {src}", disable=not progress) as bar:
 
         def tracked(path: tuple[str, ...], array: np.ndarray) -> jax.Array:
