@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import transformers
 
+import trlax
 from tests.tiny_configs import gpt2, llama
 from trlax import (
     FlaxAutoModelForCausalLM,
@@ -76,6 +77,8 @@ def test_out_of_vocabulary_ids_raise_in_every_forward(lm, wrapper, bad):
         lm.generate(ids, max_new_tokens=2)
     with pytest.raises(InputError, match=message):
         wrapper.generate(ids, max_new_tokens=2)
+    with pytest.raises(trlax.InputError, match=message):  # README's name for it (not exported before)
+        lm(ids)
 
 
 @pytest.mark.parametrize("mask", [np.array([[1, 1, 2, 1]] * 2), np.array([[0.5, 1.0, 1.0, 1.0]] * 2)])

@@ -1,7 +1,7 @@
 """trlax: TRL's value-head model wrappers, reference models and reward adapters in JAX/Flax."""
 
 from trlax import ppo
-from trlax.errors import CheckpointError, TrlaxError, UnsupportedModelError
+from trlax.errors import CheckpointError, InputError, TrlaxError, UnsupportedModelError
 from trlax.generation import GenerateOutput, GenerationSettings
 from trlax.models.auto import (
     FlaxAutoModelForCausalLM,
@@ -34,6 +34,7 @@ __all__ = [
     "FlaxAutoModelForSequenceClassification",
     "GenerateOutput",
     "GenerationSettings",
+    "InputError",
     "LAYER_PATTERNS",
     "LoraConfig",
     "PreTrainedModelWrapper",

@@ -14,6 +14,10 @@ class TrlaxTypeError(TrlaxError, TypeError):
     """An argument of the wrong kind (a type, or an option that does not apply): also a TypeError."""
 
 
+class InputError(TrlaxError):
+    """Model inputs of the wrong shape, dtype or range, or params that do not fit the model."""
+
+
 class CheckpointError(TrlaxError):
     """A checkpoint is missing, incomplete, corrupt, or does not fit the model."""
 

@@ -49,9 +49,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trlax.errors import TrlaxError
+from trlax.errors import InputError, TrlaxError
 from trlax.generation_config import id_list, penalty_context, process_logits
-from trlax.inputs import InputError, check_positions, check_token_range, mask_for, token_ids
+from trlax.inputs import check_positions, check_token_range, mask_for, token_ids
 from trlax.models.layers import LORA_COLLECTION
 from trlax.sharding import constrain_kv_cache, shard_batch
 

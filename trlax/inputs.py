@@ -30,14 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from trlax.errors import TrlaxError
+from trlax.errors import InputError
 
 # The label the language-modelling losses skip (transformers' and PyTorch's ignore_index).
 IGNORE_INDEX = -100
-
-
-class InputError(TrlaxError):
-    """Model inputs of the wrong shape, dtype or range, or params that do not fit the model."""
 
 
 def is_concrete(x: Any) -> bool:

@@ -31,9 +31,9 @@ from trlax.checkpoint.push import push_to_hub
 from trlax.checkpoint.reader import CheckpointReader
 from trlax.checkpoint.saving_args import check_saving_args
 from trlax.checkpoint.torch_models import TorchParts, is_torch_model, peft_lm, torch_parts, trl_value_head_model
-from trlax.errors import CheckpointError, TrlaxError, TrlaxTypeError, UnsupportedModelError
+from trlax.errors import CheckpointError, InputError, TrlaxError, TrlaxTypeError, UnsupportedModelError
 from trlax.generation_config import read_generation_config
-from trlax.inputs import InputError, ParamsCheck, mask_for, same_shape, token_ids
+from trlax.inputs import ParamsCheck, mask_for, same_shape, token_ids
 from trlax.models.auto import AutoModel, FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
 from trlax.models.base import FlaxPreTrainedModel, load_config
 from trlax.models.layers import LORA_COLLECTION, torch_linear_init

@@ -33,8 +33,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from trlax.errors import UnsupportedModelError
-from trlax.inputs import InputError
+from trlax.errors import InputError, UnsupportedModelError
 from trlax.models.attention import Array, attention_bias
 from trlax.models.cache import CacheGeometry, KVCache
 from trlax.models.encoder_decoder import EncoderDecoderLM, EncoderDecoderStack

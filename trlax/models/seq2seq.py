@@ -9,8 +9,9 @@ from typing import Any
 
 import jax
 
+from trlax.errors import InputError
 from trlax.generation import decoder_start_id, start_prepended
-from trlax.inputs import InputError, check_labels, check_positions, check_token_range, mask_for, same_shape, token_ids
+from trlax.inputs import check_labels, check_positions, check_token_range, mask_for, same_shape, token_ids
 from trlax.models.base import FlaxPreTrainedModel
 from trlax.models.loss import seq2seq_lm_loss, shift_tokens_right
 from trlax.models.outputs import Seq2SeqLMOutput

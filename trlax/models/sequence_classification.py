@@ -29,8 +29,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICA
 
 from trlax.checkpoint.loading import Placer
 from trlax.checkpoint.naming import set_path
-from trlax.errors import UnsupportedModelError
-from trlax.inputs import InputError, mask_for, same_shape, token_ids
+from trlax.errors import InputError, UnsupportedModelError
+from trlax.inputs import mask_for, same_shape, token_ids
 from trlax.models.base import FlaxPreTrainedModel
 from trlax.models.decoder import CausalLM
 from trlax.models.layers import HFModule, initializer_range
