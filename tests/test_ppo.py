@@ -295,6 +295,27 @@ def test_twenty_updates_lower_the_loss_and_fit_the_returns():
     assert not any(x.is_deleted() for x in ref_leaves)
 
 
+def test_a_minibatch_without_response_tokens_is_skipped_not_nan():
+    """Rows with an empty response mask are allowed (they get no score); a minibatch of only such rows made every
+    loss 0/0, and the update wrote NaN into the params without an error (TRL: NaN as well)."""
+    policy, ref = _policy_and_ref()
+    batch, scores = _causal_batch()
+    batch["response_mask"] = batch["response_mask"].at[3].set(0)
+    exp = ppo.make_rollout(policy, ref)(policy.params, ref.params, batch, scores, 0.2)
+    tx = optax.adam(1e-2)
+    trainable, frozen = split_trainable(policy.params, policy.trainable_mask)
+    before = jax.tree_util.tree_map(np.asarray, trainable)
+    trainable, _, stats = ppo.make_ppo_update(policy, tx)(trainable, frozen, tx.init(trainable),
+                                                          jax.tree_util.tree_map(lambda x: x[3:], exp))
+    assert float(stats["policy/skipped"]) == 1.0 and float(stats["loss/total"]) == 0.0
+    for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(trainable), strict=True):
+        np.testing.assert_array_equal(a, b)  # no gradient: Adam's first update is zero
+    rows = jax.tree_util.tree_map(lambda x: x[:3], exp)  # the other rows: as before, nothing skipped
+    assert float(ppo.ppo_loss(rows["old_logprobs"], rows["old_values"], jnp.zeros((3, 11, 2)), rows["old_values"],
+                              rows["old_logprobs"], rows["mask"], rows["advantages"], rows["returns"],
+                              ppo.PPOConfig())[2]["policy/skipped"]) == 0.0
+
+
 def test_seq2seq_rollout_and_update():
     policy, ref = _policy_and_ref(num_shared=0, seq2seq=True)  # shares the embeddings and the encoder
     config = policy.config

@@ -4,7 +4,8 @@ The formulas follow TRL's classic value-head `PPOTrainer` (TRL v0.11,
 `trl/trainer/ppo_trainer.py` and `trl/core.py`): per-token rewards = -kl_coef * KL with
 the score added at the last response token; GAE advantages with masked whitening;
 clipped policy and value losses; a batch whose mean ratio exceeds `ratio_threshold`
-contributes no gradient. All arrays are float32 and every reduction is mask-aware.
+contributes no gradient, and so does one without response tokens (NaN in TRL). All arrays
+are float32 and every reduction is mask-aware.
 
 Alignment (as TRL slices it): for ids [B, T], position t of the per-token arrays
 [B, T-1] is the prediction of token t+1: `logprobs[:, t] = log p(ids[t+1] | ids[:t+1])`,
@@ -81,16 +82,22 @@ class PPOConfig:
 
 # --- core.py --------------------------------------------------------------------------
 def masked_mean(values: Array, mask: Array, axis: int | None = None) -> Array:
-    """Mean of `values` where `mask` is 1 (over `axis`, or everything)."""
+    """Mean of `values` where `mask` is 1 (over `axis`, or everything); 0 where the mask is empty.
+
+    TRL divides by the mask's sum unguarded, so a (mini)batch without response tokens gives
+    NaN losses, NaN gradients and NaN params after the update; here it gives zero (and zero
+    gradients). Any non-empty mask gives TRL's value exactly.
+    """
     mask = mask.astype(jnp.float32)
-    return (values * mask).sum(axis=axis) / mask.sum(axis=axis)
+    total = mask.sum(axis=axis)
+    return (values * mask).sum(axis=axis) / jnp.where(total > 0, total, 1.0)
 
 
 def masked_var(values: Array, mask: Array, unbiased: bool = True) -> Array:
     """Variance of `values` where `mask` is 1; Bessel-corrected like TRL when `unbiased`.
 
     TRL raises on an all-zero mask; under jit that cannot be checked, so a mask sum of 0
-    gives NaN, and so does a mask sum of 1 when unbiased (0 * 1/0, as in TRL).
+    gives 0 (see `masked_mean`), and a mask sum of 1 NaN when unbiased (0 * 1/0, as in TRL).
     """
     mask = mask.astype(jnp.float32)
     mean = masked_mean(values, mask)
@@ -203,7 +210,8 @@ def ppo_loss(
 
     old_logprobs, values (old, masked), vpreds, logprobs, advantages, returns, mask:
     [B, T]; logits [B, T, V] (for the entropy statistic). A batch whose masked mean ratio
-    exceeds `config.ratio_threshold` gives zero losses (TRL skips it).
+    exceeds `config.ratio_threshold` gives zero losses (TRL skips it); so does a batch without
+    response tokens (an empty `mask`, where TRL's losses are NaN). Both count as skipped.
     """
     vpred_clipped = clip_by_value(vpreds, values - config.cliprange_value, values + config.cliprange_value)
     vf_losses1 = jnp.square(vpreds - returns)
@@ -218,7 +226,7 @@ def ppo_loss(
     pg_clipfrac = masked_mean((pg_losses2 > pg_losses).astype(jnp.float32), mask)
 
     avg_ratio = masked_mean(ratio, mask)
-    skipped = avg_ratio > config.ratio_threshold
+    skipped = (avg_ratio > config.ratio_threshold) | (mask.sum() == 0)
     pg_loss = jnp.where(skipped, 0.0, pg_loss)
     vf_loss = jnp.where(skipped, 0.0, vf_loss)
     loss = pg_loss + config.vf_coef * vf_loss
