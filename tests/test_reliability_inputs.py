@@ -24,6 +24,7 @@ from trlax import (
     FlaxAutoModelForCausalLM,
     FlaxAutoModelForCausalLMWithValueHead,
     FlaxAutoModelForSeq2SeqLM,
+    FlaxAutoModelForSeq2SeqLMWithValueHead,
     TrlaxError,
     create_reference_model,
 )
@@ -105,6 +106,35 @@ def test_empty_batches_and_sequences_raise(lm, wrapper, bart):
         for empty in (np.zeros((2, 0), np.int32), np.zeros((0, 4), np.int32)):
             with pytest.raises(InputError, match=re.escape(f"has shape {empty.shape}: it needs at least one row")):
                 call(empty)
+
+
+def test_the_pure_forwards_check_shapes_as_the_calls_do(lm, wrapper, bart):
+    """`apply` (what a jitted train step calls) broadcast [B, 1] labels and masks: a wrong loss (labels [3, 1] on T5
+    gave 32.6 where torch raises) or wrong logits, silently; a seq2seq wrapper's call with decoder ids of another
+    batch size gave a raw reshape TypeError. Shapes are static, so the checks hold under jit too."""
+    ids = jnp.asarray(IDS)
+    ones, narrow = jnp.ones_like(ids), jnp.ones((2, 1), jnp.int32)
+    seq2seq = FlaxAutoModelForSeq2SeqLMWithValueHead.from_pretrained(bart, summary_dropout_prob=0.0)
+    cases = {
+        "labels must have the shape of its ids \\(2, 4\\); got \\(2, 1\\)": [
+            lambda: lm.apply(lm.params, ids, ones, labels=narrow),
+            lambda: jax.jit(lambda p: wrapper.apply(p, ids, ones, labels=narrow))(wrapper.params),
+            lambda: bart.apply(bart.params, ids, ones, ids, labels=narrow),
+            lambda: seq2seq.apply(seq2seq.params, ids, ones, ids, ones, labels=narrow)],
+        "attention_mask must have the shape of its ids": [
+            lambda: lm.apply(lm.params, ids, narrow),
+            lambda: jax.jit(lambda p: bart.apply(p, ids, narrow, ids))(bart.params)],
+        "decoder_attention_mask must have the shape of its ids": [
+            lambda: seq2seq.apply(seq2seq.params, ids, ones, ids, narrow)],
+        "position_ids must have the shape of its ids": [lambda: lm.apply(lm.params, ids, ones, narrow)],
+        "decoder_input_ids has batch size 1 but input_ids has 2": [
+            lambda: seq2seq(ids, decoder_input_ids=ids[:1]),
+            lambda: bart.apply(bart.params, ids, ones, ids[:1])],
+    }
+    for message, calls in cases.items():
+        for call in calls:
+            with pytest.raises(InputError, match=message):
+                call()
 
 
 @pytest.mark.parametrize("dtype", ["int8", jnp.int32, np.dtype("bool"), "auto"])

@@ -140,11 +140,17 @@ def check_positions(name: str, length: int, position_ids: Any, mask: Any, limit:
                        lo=jnp.min(position_ids), hi=jnp.max(position_ids))
 
 
+def check_shape(name: str, value: Any, shape: tuple[int, ...]) -> None:
+    """InputError unless `value` (a mask, positions or labels; concrete or traced: shapes are static, so
+    this costs nothing under jit) has the shape of its ids; None passes."""
+    if value is not None and tuple(np.shape(value)) != tuple(shape):
+        raise InputError(f"{name} must have the shape of its ids {tuple(shape)}; got {tuple(np.shape(value))}")
+
+
 def same_shape(name: str, value: Any, shape: tuple[int, ...]) -> jax.Array:
     """A mask or position array with the shape of its ids, returned as int32."""
     value = jnp.asarray(value)
-    if value.shape != shape:
-        raise InputError(f"{name} must have the shape of its ids {shape}; got {value.shape}")
+    check_shape(name, value, shape)
     return value.astype(jnp.int32)
 
 

@@ -745,9 +745,7 @@ class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
         decoder_input_ids = self.pretrained_model.decoder_inputs(input_ids, decoder_input_ids, labels)
         mask = mask_for("attention_mask", attention_mask, input_ids)
         dmask = mask_for("decoder_attention_mask", decoder_attention_mask, decoder_input_ids)
-        if labels is not None:
-            labels = same_shape("labels", labels, decoder_input_ids.shape)
-        self.pretrained_model.check_inputs(input_ids, decoder_input_ids, labels, traced=check_inputs)
+        self.pretrained_model.check_inputs(input_ids, mask, decoder_input_ids, dmask, labels, traced=check_inputs)
         return self._forward(self.params if params is None else params, input_ids, mask, decoder_input_ids, dmask,
                              dropout_rng, train=train, labels=labels)
 

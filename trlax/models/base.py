@@ -38,7 +38,7 @@ from trlax.checkpoint.torch_models import is_torch_model
 from trlax.errors import CheckpointError, TrlaxError, TrlaxTypeError, UnsupportedModelError
 from trlax.generation import GenerateOutput, GenerationCache, generate
 from trlax.generation_config import inferred_attention_mask, read_generation_config, resolve_generation
-from trlax.inputs import ParamsCheck, check_positions, check_token_range, token_ids
+from trlax.inputs import ParamsCheck, check_positions, check_shape, check_token_range, token_ids
 from trlax.models.layers import LORA_COLLECTION
 from trlax.models.registry import get_spec, supported_model_types
 from trlax.models.spec import ArchitectureSpec, ParamRule
@@ -288,10 +288,13 @@ class FlaxPreTrainedModel(CheckpointMixin):
 
     def check_token_inputs(self, input_ids: Any, attention_mask: Any, position_ids: Any = None, *,
                            traced: bool = False) -> None:
-        """Token ids [B, T] in [0, vocab_size) and positions within a learned position table, else InputError.
+        """Token ids [B, T] in [0, vocab_size), a mask and positions of their shape, positions within a learned
+        position table, else InputError.
 
         Concrete values are checked here; traced ones only with `traced=True` (checkify, see `trlax.inputs`).
         """
+        check_shape("attention_mask", attention_mask, input_ids.shape)
+        check_shape("position_ids", position_ids, input_ids.shape)
         check_token_range("input_ids", input_ids, self.vocab_size, traced=traced)
         check_positions("input_ids", input_ids.shape[1], position_ids, attention_mask,
                         self.spec.position_limit(self.config), model=self.config.model_type.upper(), traced=traced)

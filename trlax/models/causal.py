@@ -6,7 +6,7 @@ from typing import Any
 
 import jax
 
-from trlax.inputs import check_labels, mask_for, same_shape, token_ids
+from trlax.inputs import check_labels, check_shape, mask_for, same_shape, token_ids
 from trlax.models.base import FlaxPreTrainedModel
 from trlax.models.loss import causal_lm_loss
 from trlax.models.outputs import CausalLMOutput
@@ -84,11 +84,12 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
 
     def check_inputs(self, input_ids: Any, attention_mask: Any, position_ids: Any = None, labels: Any = None, *,
                      traced: bool = False) -> None:
-        """Token ids in [0, vocab_size), positions within a learned position table and labels (if any) in
-        [0, vocab_size) or -100, else InputError.
+        """Token ids in [0, vocab_size), a mask, positions and labels (if any) of their shape, positions within
+        a learned position table and labels in [0, vocab_size) or -100, else InputError.
 
         Concrete values are checked here; traced ones only with `traced=True` (checkify).
         """
         if labels is not None:
+            check_shape("labels", labels, input_ids.shape)
             check_labels("labels", labels, self.vocab_size, traced=traced)
         self.check_token_inputs(input_ids, attention_mask, position_ids, traced=traced)

@@ -11,7 +11,7 @@ import jax
 
 from trlax.errors import InputError
 from trlax.generation import decoder_start_id, start_prepended
-from trlax.inputs import check_labels, check_positions, check_token_range, mask_for, same_shape, token_ids
+from trlax.inputs import check_labels, check_positions, check_shape, check_token_range, mask_for, token_ids
 from trlax.models.base import FlaxPreTrainedModel
 from trlax.models.loss import seq2seq_lm_loss, shift_tokens_right
 from trlax.models.outputs import Seq2SeqLMOutput
@@ -44,7 +44,8 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
         decoder cross-entropy [] float32 (labels aligned with decoder_input_ids, unshifted).
         Checks as `FlaxModelForCausalLM.apply` (`check_inputs`: see `trlax.inputs`).
         """
-        self.check_inputs(input_ids, decoder_input_ids, labels, traced=check_inputs)
+        self.check_inputs(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, labels,
+                          traced=check_inputs)
         if decoder_attention_mask is None:
             decoder_attention_mask = mask_for("decoder_attention_mask", None, decoder_input_ids)
         out = self.apply_module(params, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
@@ -101,14 +102,9 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
         input_ids = token_ids("input_ids", input_ids)
         labels = None if labels is None else token_ids("labels", labels)
         decoder_input_ids = self.decoder_inputs(input_ids, decoder_input_ids, labels)
-        if decoder_input_ids.shape[0] != input_ids.shape[0]:
-            raise InputError(f"decoder_input_ids has batch size {decoder_input_ids.shape[0]} but input_ids has "
-                             f"{input_ids.shape[0]}; they must match")
         mask = mask_for("attention_mask", attention_mask, input_ids)
         dmask = mask_for("decoder_attention_mask", decoder_attention_mask, decoder_input_ids)
-        if labels is not None:
-            labels = same_shape("labels", labels, decoder_input_ids.shape)
-        self.check_inputs(input_ids, decoder_input_ids, labels, traced=check_inputs)
+        self.check_inputs(input_ids, mask, decoder_input_ids, dmask, labels, traced=check_inputs)
         return self._forward(self.params if params is None else params, input_ids, mask, decoder_input_ids, dmask,
                              dropout_rng, train=train, output_hidden_states=output_hidden_states,
                              lora=self.lora if params is None else None, labels=labels)
@@ -124,10 +120,17 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
         start = decoder_start_id(self.config, decoder_start_token_id)
         return int(decoder_input_ids.shape[1]) + int(start_prepended(decoder_input_ids, start))
 
-    def check_inputs(self, input_ids: Any, decoder_input_ids: Any, labels: Any = None, *,
-                     traced: bool = False) -> None:
-        """Encoder and decoder ids in [0, vocab_size), each sequence within a learned position table, and
-        labels (if any) in [0, vocab_size) or -100."""
+    def check_inputs(self, input_ids: Any, attention_mask: Any, decoder_input_ids: Any, decoder_attention_mask: Any,
+                     labels: Any = None, *, traced: bool = False) -> None:
+        """Encoder and decoder ids of one batch size in [0, vocab_size), masks (None: all ones) and labels (if
+        any) of their ids' shapes, each sequence within a learned position table, and labels in
+        [0, vocab_size) or -100; else InputError."""
+        if decoder_input_ids.shape[0] != input_ids.shape[0]:
+            raise InputError(f"decoder_input_ids has batch size {decoder_input_ids.shape[0]} but input_ids has "
+                             f"{input_ids.shape[0]}; they must match")
+        check_shape("attention_mask", attention_mask, input_ids.shape)
+        check_shape("decoder_attention_mask", decoder_attention_mask, decoder_input_ids.shape)
+        check_shape("labels", labels, decoder_input_ids.shape)
         limit = self.spec.position_limit(self.config)
         for name, ids in (("input_ids", input_ids), ("decoder_input_ids", decoder_input_ids)):
             check_token_range(name, ids, self.vocab_size, traced=traced)
