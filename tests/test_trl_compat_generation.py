@@ -283,6 +283,26 @@ def test_seq2seq_max_length_counts_the_start_token_the_settings_name(seq2seq_pai
         assert out.shape == ref.shape == (ids.shape[0], 8)
 
 
+def test_seq2seq_start_token_falls_back_to_the_settings_bos(seq2seq_pairs, tmp_path):
+    """generation_config.json with bos but no decoder_start_token_id: transformers starts the decoder with that bos;
+    trlax took config.json's decoder_start_token_id, and every generated token differed."""
+    pt, _ = seq2seq_pairs["bart"]
+    folder = save_torch(pt, tmp_path / "bart")
+    bos = 4
+    assert pt.config.decoder_start_token_id != bos
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": bos, "eos_token_id": 2,
+                                                              "pad_token_id": 1}))
+    model = FlaxAutoModelForSeq2SeqLM.from_pretrained(folder)
+    ref_model = transformers.AutoModelForSeq2SeqLM.from_pretrained(folder).eval()
+    ids, mask = batch(VOCAB, "right", low=3)
+    out = np.asarray(model.generate(ids, mask, max_new_tokens=6).sequences)
+    with torch.no_grad():
+        ref = ref_model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=6,
+                                 do_sample=False, use_cache=False).numpy()
+    assert (out[:, 0] == bos).all()
+    np.testing.assert_array_equal(out, ref)
+
+
 def test_bart_decoder_prompt_may_fill_every_position(seq2seq_pairs):
     """A decoder prompt that starts with the start token gets none added: it may fill the position table."""
     pt, model = seq2seq_pairs["bart"]

@@ -192,6 +192,10 @@ def resolve_generation(
             "top_p, repetition_penalty, min_new_tokens), one sequence per prompt, without beams, constraints or "
             "score outputs. Unset these (from the generation_config, or pass e.g. num_beams=1)")
     out = {k: trlax_kwargs for k, trlax_kwargs in kwargs.items() if k in TRLAX_ARGS}
+    # transformers' decoder start: the settings' decoder_start_token_id, else their bos_token_id (a generation
+    # config without either: transformers raises, trlax's generate takes config.json's).
+    if "decoder_start_token_id" not in merged and "bos_token_id" in merged:
+        merged["decoder_start_token_id"] = merged["bos_token_id"]
     length = prompt_length(merged.get("decoder_start_token_id"))
     if "max_new_tokens" in merged:
         out["max_new_tokens"] = _as_int("max_new_tokens", merged["max_new_tokens"])
