@@ -17,7 +17,10 @@ from trlax import (
     FlaxAutoModelForCausalLMWithValueHead,
     FlaxAutoModelForSeq2SeqLM,
     FlaxAutoModelForSeq2SeqLMWithValueHead,
+    InputError,
+    TrlaxError,
     create_reference_model,
+    merge_trainable,
     ppo,
     split_trainable,
 )
@@ -314,6 +317,29 @@ def test_a_minibatch_without_response_tokens_is_skipped_not_nan():
     assert float(ppo.ppo_loss(rows["old_logprobs"], rows["old_values"], jnp.zeros((3, 11, 2)), rows["old_values"],
                               rows["old_logprobs"], rows["mask"], rows["advantages"], rows["returns"],
                               ppo.PPOConfig())[2]["policy/skipped"]) == 0.0
+
+
+def test_bad_rollout_and_update_inputs_are_named():
+    """A batch without response_mask gave a bare KeyError; scores [B, 1] (a 1-label reward model's logits) broadcast
+    into [B, B, T-1] advantages the update trained on; merge_trainable of mismatched halves and frozen=None gave raw
+    JAX pytree errors."""
+    policy, ref = _policy_and_ref()
+    batch, scores = _causal_batch()
+    rollout = ppo.make_rollout(policy, ref)
+    no_mask = {k: v for k, v in batch.items() if k != "response_mask"}
+    with pytest.raises(InputError, match="the rollout batch has no \\['response_mask'\\]"):
+        rollout(policy.params, ref.params, no_mask, scores, 0.2)
+    with pytest.raises(InputError, match="scores must be \\[B\\] = \\(4,\\), one per sequence; got \\(4, 1\\)"):
+        rollout(policy.params, ref.params, batch, scores[:, None], 0.2)
+    with pytest.raises(InputError, match="response_mask must have the shape of its ids \\(4, 12\\)"):
+        rollout(policy.params, ref.params, {**batch, "response_mask": batch["response_mask"][:, 1:]}, scores, 0.2)
+    trainable, frozen = split_trainable(policy.params, policy.trainable_mask)
+    with pytest.raises(TrlaxError, match="two halves of one split_trainable call"):
+        merge_trainable(trainable, {})
+    tx = optax.sgd(0.1)
+    exp = rollout(policy.params, ref.params, batch, scores, 0.2)
+    with pytest.raises(TrlaxError, match="`frozen` must be split_trainable"):
+        ppo.make_ppo_update(policy, tx)(trainable, None, tx.init(trainable), exp)
 
 
 def test_seq2seq_rollout_and_update():

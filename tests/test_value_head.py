@@ -19,7 +19,9 @@ from trlax import (
     CheckpointError,
     FlaxAutoModelForCausalLM,
     FlaxAutoModelForCausalLMWithValueHead,
+    PreTrainedModelWrapper,
 )
+from trlax.errors import TrlaxTypeError
 from trlax.value_head import value_head_hidden_size
 
 ATOL = 1e-4
@@ -173,6 +175,16 @@ def test_dropout_of_a_trl_model_carries_over_both_ways():
         assert (back.p if dropout else type(back).__name__) == (dropout or "Identity")
     assert AutoModelForCausalLMWithValueHead.from_pretrained(trl_model, summary_dropout_prob=0.2).v_head.dropout_prob \
         == 0.2  # the call's own value wins
+
+
+def test_the_base_class_points_to_its_subclasses(tmp_path):
+    """PreTrainedModelWrapper (exported, as TRL's) failed with "no attribute 'apply'" when built or loaded."""
+    lm = FlaxAutoModelForCausalLM.from_config(gpt2())
+    lm.save_pretrained(tmp_path)
+    for build in (lambda: PreTrainedModelWrapper(lm), lambda: PreTrainedModelWrapper.from_pretrained(tmp_path)):
+        with pytest.raises(TrlaxTypeError, match="base class of the value-head models .* use "
+                                                 "FlaxAutoModelForCausalLMWithValueHead"):
+            build()
 
 
 def test_params_pytree_and_pure_jitted_functional_form():

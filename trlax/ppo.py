@@ -35,9 +35,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from trlax.errors import TrlaxError
+from trlax.errors import InputError, TrlaxError
+from trlax.inputs import check_shape
 from trlax.trainable import merge_trainable, split_trainable
 from trlax.value_head import PreTrainedModelWrapper
 
@@ -280,10 +282,30 @@ def logprob_mask(response_mask: Array) -> Array:
     return response_mask[:, 1:].astype(jnp.float32)
 
 
+def check_rollout_inputs(model: PreTrainedModelWrapper, batch: dict[str, Array], scores: Array) -> None:
+    """InputError unless `batch` holds what `make_rollout` reads, with the ids' shape, and `scores` is [B].
+
+    A [B, 1] score (a 1-label reward model's logits) broadcast into [B, B, T-1] advantages without an error;
+    a missing key gave a bare KeyError inside the trace."""
+    seq2seq = model.pretrained_model.is_encoder_decoder
+    needed = ("input_ids", "attention_mask", *(("decoder_input_ids", "decoder_attention_mask") if seq2seq else ()),
+              "response_mask")
+    missing = [key for key in needed if key not in batch]
+    if missing:
+        raise InputError(f"the rollout batch has no {missing}: it needs {list(needed)} (response_mask [B, T]: 1 at "
+                         f"the reply's tokens{', over the decoder ids' if seq2seq else ''})")
+    scored = batch["decoder_input_ids" if seq2seq else "input_ids"]
+    check_shape("response_mask", batch["response_mask"], np.shape(scored))
+    if np.shape(scores) != np.shape(scored)[:1]:
+        raise InputError(f"scores must be [B] = {np.shape(scored)[:1]}, one per sequence; got {np.shape(scores)} "
+                         "(a 1-label reward model's logits [B, 1]: pass logits[:, 0])")
+
+
 def make_rollout(
     policy: PreTrainedModelWrapper, reference: PreTrainedModelWrapper, config: PPOConfig = PPOConfig()
 ) -> Callable[..., dict[str, Array]]:
-    """A jitted `rollout(policy_params, ref_params, batch, scores, kl_coef) -> experience`.
+    """`rollout(policy_params, ref_params, batch, scores, kl_coef) -> experience`, jit-compiled (its batch keys
+    and shapes checked first, `check_rollout_inputs`).
 
     The part of TRL's `step` before the PPO epochs: policy and reference forwards (no
     gradients), `compute_rewards`, `compute_advantages`. batch: the model inputs (see
@@ -310,7 +332,14 @@ def make_rollout(
                 "rewards": rewards, "non_score_rewards": non_score, "kls": kls, "advantages": advantages,
                 "returns": returns}
 
-    return jax.jit(rollout)
+    jitted = jax.jit(rollout)
+
+    def checked_rollout(policy_params: dict[str, Any], ref_params: dict[str, Any], batch: dict[str, Array],
+                        scores: Array, kl_coef: Array) -> dict[str, Array]:
+        check_rollout_inputs(policy, batch, scores)
+        return jitted(policy_params, ref_params, batch, scores, kl_coef)
+
+    return checked_rollout
 
 
 def make_ppo_update(
@@ -329,7 +358,7 @@ def make_ppo_update(
     reference model's arrays.
     """
     mask = model.trainable_mask if mask is None else mask
-    expected = jax.tree_util.tree_structure(split_trainable(model.params, mask)[0])
+    expected, expected_frozen = (jax.tree_util.tree_structure(half) for half in split_trainable(model.params, mask))
 
     def loss_fn(trainable: Any, frozen: Any, batch: dict[str, Array], rng: Array | None) -> tuple[Array, Any]:
         params = merge_trainable(trainable, frozen)
@@ -353,6 +382,9 @@ def make_ppo_update(
                 "`trainable` must be split_trainable(params, model.trainable_mask)[0]: the update donates it, and "
                 "donating leaves that are frozen (shared with a reference model) would delete the reference's "
                 "arrays. Split the params with trlax.split_trainable and pass the frozen half separately.")
+        if jax.tree_util.tree_structure(frozen) != expected_frozen:
+            raise TrlaxError("`frozen` must be split_trainable(params, model.trainable_mask)[1], the half the update "
+                             "does not train (a tree of the params' structure, None at the trainable leaves)")
         return jitted(trainable, frozen, opt_state, batch, rng)
 
     return step

@@ -41,6 +41,10 @@ def split_trainable(params: Any, mask: Any) -> tuple[Any, Any]:
 
 def merge_trainable(trainable: Any, frozen: Any) -> Any:
     """The inverse of `split_trainable`: one tree with every leaf from whichever half holds it."""
+    halves = [jax.tree_util.tree_structure(half, is_leaf=lambda x: x is None) for half in (trainable, frozen)]
+    if halves[0] != halves[1]:
+        raise TrlaxError("trainable and frozen must be the two halves of one split_trainable call: trees of the "
+                         "params' structure, each with None where the other holds the leaf; these differ")
 
     def pick(t: Any, f: Any) -> Any:
         if (t is None) == (f is None):

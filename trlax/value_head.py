@@ -187,6 +187,7 @@ class PreTrainedModelWrapper:
         reward_params: dict[str, Any] | None = None,
         base_model_name_or_path: str | None = None,
     ) -> None:
+        refuse_base_class(type(self))
         if pretrained_model.is_encoder_decoder != self.auto_class.model_class.is_encoder_decoder:
             raise TrlaxTypeError(f"{type(self).__name__} cannot wrap a {type(pretrained_model).__name__}")
         if (reward_adapter is None) != (reward_params is None):
@@ -359,6 +360,7 @@ class PreTrainedModelWrapper:
         hub id of a PEFT SEQ_CLS LoRA adapter with its `score` head) loads a reward adapter
         under `reward_adapter_name` for `compute_reward_score`; it needs a LoRA policy, as in TRL.
         """
+        refuse_base_class(cls)
         trl_args, model_args = cls._split_kwargs(dict(kwargs))
         if reward_adapter is not None and not isinstance(reward_adapter, (str, os.PathLike)):
             raise TrlaxError(f"reward_adapter must be a local folder or a hub id; got {type(reward_adapter).__name__}")
@@ -748,6 +750,13 @@ class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
         self.pretrained_model.check_inputs(input_ids, mask, decoder_input_ids, dmask, labels, traced=check_inputs)
         return self._forward(self.params if params is None else params, input_ids, mask, decoder_input_ids, dmask,
                              dropout_rng, train=train, labels=labels)
+
+
+def refuse_base_class(cls: type[PreTrainedModelWrapper]) -> None:
+    """The base class has no forward (TRL's cannot load weights either): build one of its subclasses."""
+    if cls is PreTrainedModelWrapper:
+        raise TrlaxTypeError("PreTrainedModelWrapper is the base class of the value-head models (as in TRL): use "
+                             "FlaxAutoModelForCausalLMWithValueHead or FlaxAutoModelForSeq2SeqLMWithValueHead")
 
 
 def refuse_past_key_values(return_past_key_values: bool) -> None:
