@@ -331,6 +331,8 @@ def test_bad_rollout_and_update_inputs_are_named():
         rollout(policy.params, ref.params, no_mask, scores, 0.2)
     with pytest.raises(InputError, match="scores must be \\[B\\] = \\(4,\\), one per sequence; got \\(4, 1\\)"):
         rollout(policy.params, ref.params, batch, scores[:, None], 0.2)
+    with pytest.raises(InputError, match="input_ids holds token id 101, outside the vocabulary"):  # NaN log-probs
+        rollout(policy.params, ref.params, {**batch, "input_ids": batch["input_ids"].at[0, 5].set(101)}, scores, 0.2)
     with pytest.raises(InputError, match="response_mask must have the shape of its ids \\(4, 12\\)"):
         rollout(policy.params, ref.params, {**batch, "response_mask": batch["response_mask"][:, 1:]}, scores, 0.2)
     trainable, frozen = split_trainable(policy.params, policy.trainable_mask)

@@ -283,7 +283,9 @@ def logprob_mask(response_mask: Array) -> Array:
 
 
 def check_rollout_inputs(model: PreTrainedModelWrapper, batch: dict[str, Array], scores: Array) -> None:
-    """InputError unless `batch` holds what `make_rollout` reads, with the ids' shape, and `scores` is [B].
+    """InputError unless `batch` holds what `make_rollout` reads, checked as the model's forward checks its
+    inputs (ids in the vocabulary when concrete: the jitted rollout would give NaN log-probs), with masks of the
+    ids' shape, and `scores` is [B].
 
     A [B, 1] score (a 1-label reward model's logits) broadcast into [B, B, T-1] advantages without an error;
     a missing key gave a bare KeyError inside the trace."""
@@ -294,6 +296,12 @@ def check_rollout_inputs(model: PreTrainedModelWrapper, batch: dict[str, Array],
     if missing:
         raise InputError(f"the rollout batch has no {missing}: it needs {list(needed)} (response_mask [B, T]: 1 at "
                          f"the reply's tokens{', over the decoder ids' if seq2seq else ''})")
+    lm = model.pretrained_model
+    if seq2seq:
+        lm.check_inputs(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"],
+                        batch["decoder_attention_mask"])
+    else:
+        lm.check_inputs(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
     scored = batch["decoder_input_ids" if seq2seq else "input_ids"]
     check_shape("response_mask", batch["response_mask"], np.shape(scored))
     if np.shape(scores) != np.shape(scored)[:1]:
