@@ -15,7 +15,7 @@ from benchmarks import hlo_report
 from tests.helpers import save_torch, torch_generation_init
 from tests.tiny_configs import TINY_CAUSAL, TINY_SEQ2SEQ
 from trlax import FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
-from trlax.generation import GenerateOutput, GenerationSettings, _top_p_keep, _top_p_mask, generate
+from trlax.generation import GenerateOutput, GenerationSettings, filtered_logits, generate
 
 NEW = 8  # new tokens per parity run
 LEFT_PADS = (0, 2, 5, 0, 8, 1)  # one row per prompt; 8 of 9 tokens padded in row 4
@@ -201,13 +201,32 @@ def test_top_k_top_p_filters_match_transformers_warpers(top_k, top_p):
     if top_k:
         scores = transformers.TopKLogitsWarper(top_k)(None, scores)
     ref = np.isfinite(transformers.TopPLogitsWarper(top_p)(None, scores).numpy())
-    if top_k:  # trlax filters the k sorted candidates, then scatters nothing: compare by index
-        values, indices = jax.lax.top_k(jnp.asarray(logits), top_k)
-        keep = np.zeros_like(ref)
-        np.put_along_axis(keep, np.asarray(indices), np.asarray(_top_p_keep(values, jnp.float32(top_p))), -1)
-    else:
-        keep = np.asarray(_top_p_mask(jnp.asarray(logits), jnp.float32(top_p)))
+    keep = np.isfinite(np.asarray(filtered_logits(jnp.asarray(logits), top_k, jnp.float32(top_p))))
     np.testing.assert_array_equal(keep, ref)
+
+
+@pytest.mark.parametrize("top_k", [1, 7])
+def test_top_k_keeps_the_ties_of_the_kth_logit_as_transformers(top_k):
+    """Logits rounded to integers tie at the k-th value: transformers keeps every tie (trlax drew from exactly k
+    candidates: a token tied with the most likely one was never sampled at top_k=1). Ties at a top-p cut go
+    together in trlax, where transformers' sort order splits them (see `_top_p_mask`): not compared here."""
+    logits = np.round(np.random.RandomState(0).randn(16, 101).astype(np.float32) * 3)
+    ref = np.isfinite(transformers.TopKLogitsWarper(top_k)(None, torch.tensor(logits)).numpy())
+    keep = np.isfinite(np.asarray(filtered_logits(jnp.asarray(logits), top_k, None)))
+    np.testing.assert_array_equal(keep, ref)
+    assert (ref.sum(-1) > top_k).any()  # rows with ties at their k-th value are among them
+
+
+def test_a_tiny_temperature_samples_the_argmax(pairs):
+    """temperature 1e-10 with top_p: XLA:CPU's fused softmax of the scaled logits (~1e10 apart) gave NaN, and the
+    top-p mask kept nothing (token 0) or everything; transformers samples the argmax."""
+    _, model = pairs("gpt2")
+    ids, mask = _prompts(model.config, False)
+    greedy = np.asarray(generate(model, ids, mask, max_new_tokens=3, eos_token_id=[]).sequences)
+    for top_p in (0.9, 1.0):
+        out = generate(model, ids, mask, max_new_tokens=3, eos_token_id=[], do_sample=True, temperature=1e-10,
+                       top_p=top_p, prng_key=jax.random.key(0))
+        np.testing.assert_array_equal(np.asarray(out.sequences), greedy)
 
 
 def test_second_call_does_not_recompile(pairs):
@@ -242,6 +261,15 @@ def test_second_call_does_not_recompile(pairs):
         ({"attention_mask": np.tril(np.ones((6, 9), np.int32))}, "needs left-padded prompts"),
         ({"rollout_dtype": jnp.int32}, "rollout_dtype must be a floating dtype"),
         ({"rollout_dtype": "fp8"}, "rollout_dtype must be a floating dtype"),
+        # Arrays were broadcast against the logits past the range checks ([0.0]: the ids in order, silently).
+        ({"do_sample": True, "prng_key": jax.random.key(0), "temperature": np.array([0.0])},
+         "temperature must be one number for every row"),
+        ({"do_sample": True, "prng_key": jax.random.key(0), "top_p": np.array([2.0])}, "top_p must be one number"),
+        ({"repetition_penalty": np.array([-2.0])}, "repetition_penalty must be one number"),
+        ({"do_sample": True, "prng_key": jax.random.key(0), "temperature": "hot"}, "temperature must be one number"),
+        ({"do_sample": True, "prng_key": 0}, "prng_key must be one jax.random key"),
+        ({"do_sample": True, "prng_key": jax.random.split(jax.random.key(0), 3)}, "prng_key must be one jax.random"),
+        ({"eos_token_id": [[13, 2]]}, "an int or a flat list of ints"),
     ],
 )
 def test_bad_input_raises_a_clear_error(pairs, kwargs, message):

@@ -140,17 +140,8 @@ class GenerationCache:
 
 # --- sampling -----------------------------------------------------------------------------
 
-
-def _top_p_keep(sorted_desc: Array, top_p: Array) -> Array:
-    """Which of the descending-sorted logits [B, K] survive transformers' TopPLogitsWarper.
-
-    transformers sorts ascending and removes tokens whose cumulative probability is
-    <= 1 - top_p, always keeping the most likely one (min_tokens_to_keep=1).
-    """
-    ascending = sorted_desc[:, ::-1]
-    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)  # [B, K]
-    remove = (cumulative <= 1.0 - top_p).at[:, -1].set(False)
-    return ~remove[:, ::-1]
+# The floor of max-shifted sampling logits: exp(-1e4) is 0 in float32 (its exp underflows below -104).
+SHIFTED_LOGIT_FLOOR = -1e4
 
 
 def _top_p_mask(logits: Array, top_p: Array) -> Array:
@@ -197,27 +188,34 @@ def _categorical(key: Array, logits: Array) -> Array:
     return _argmax(logits + jax.random.gumbel(key, logits.shape, logits.dtype))
 
 
+def filtered_logits(logits: Array, top_k: int, top_p: Array | None) -> Array:
+    """transformers' TopK then TopP warpers on logits [B, V] float32: the removed tokens set to -inf.
+
+    top_k (static, 0 = off) keeps every token at least as likely as the k-th, ties included (as
+    `TopKLogitsWarper`: it removes only what is below the k-th value); top_p (None = off) as
+    `TopPLogitsWarper` (see `_top_p_mask`). Nothing sorts the whole vocabulary.
+    """
+    if top_k:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]  # [B, 1]
+        logits = jnp.where(logits >= kth, logits, -jnp.inf)
+    if top_p is not None:
+        logits = jnp.where(_top_p_mask(logits, top_p), logits, -jnp.inf)
+    return logits
+
+
 def _next_token(logits: Array, key: Array | None, settings: GenerationSettings, knobs: _Knobs) -> Array:
     """The next token [B] int32 from last-position logits [B, V] float32.
 
     Greedy: argmax (first index on ties, like torch). Sampling applies transformers'
     warpers in its order (temperature, top-k, top-p), then draws from the categorical.
-    With top-k the draw is over the k sorted candidates (top-p then acts on those): the
-    same distribution as masking the rest to -inf, with O(k) random numbers. Nothing
-    sorts the whole vocabulary: without top-k the step stays O(V).
     """
     if not settings.do_sample:
         return _argmax(logits)
     logits = logits / knobs.temperature
-    if settings.top_k:
-        values, indices = jax.lax.top_k(logits, min(settings.top_k, logits.shape[-1]))  # [B, k] descending
-        if settings.use_top_p:
-            values = jnp.where(_top_p_keep(values, knobs.top_p), values, -jnp.inf)
-        choice = _categorical(key, values)  # [B]
-        return jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0]
-    if settings.use_top_p:
-        logits = jnp.where(_top_p_mask(logits, knobs.top_p), logits, -jnp.inf)
-    return _categorical(key, logits)
+    # Shifted to a row maximum of 0 and floored (float32's exp is 0 far above the floor; the warpers and the draw
+    # do not change under a shift): XLA:CPU's fused softmax gave NaN for rows ~1e10 apart (temperature ~1e-9).
+    logits = jnp.maximum(logits - jnp.max(logits, axis=-1, keepdims=True), SHIFTED_LOGIT_FLOOR)
+    return _categorical(key, filtered_logits(logits, settings.top_k, knobs.top_p if settings.use_top_p else None))
 
 
 # --- the decode loop, shared by both model kinds -------------------------------------------
@@ -437,13 +435,32 @@ def _check_prompt_mask(mask: Array) -> None:
         )
 
 
+def _check_number(name: str, value: Any) -> None:
+    """A setting applied to every row: a number, or a 0-d array (traced ones too); an array of another shape was
+    broadcast against the logits and skipped the range checks."""
+    if np.ndim(value) != 0 or not np.issubdtype(getattr(value, "dtype", np.asarray(value).dtype), np.number):
+        raise InputError(f"{name} must be one number for every row (a Python float or a 0-d array); got {value!r}")
+
+
+def _check_key(prng_key: Any) -> None:
+    """One jax.random key: a typed key of shape () or a raw uint32 [2] key."""
+    dtype = getattr(prng_key, "dtype", None)
+    typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+    if (np.shape(prng_key) != () if typed else (np.shape(prng_key) != (2,) or dtype != jnp.uint32)):
+        raise InputError(f"prng_key must be one jax.random key, e.g. jax.random.key(0) (one key for the whole batch: "
+                         f"generate splits it per step); got {getattr(prng_key, 'shape', prng_key)!r}")
+
+
 def _check_sampling(do_sample: bool, prng_key: Any, temperature: Any, top_k: Any, top_p: Any) -> None:
     if not isinstance(top_k, (int, np.integer)) or top_k < 0:
         raise InputError(f"top_k must be a Python int >= 0 (0 = off; it sets a static shape); got {top_k!r}")
+    _check_number("temperature", temperature)
+    _check_number("top_p", top_p)
     if not do_sample:
         return
     if prng_key is None:
         raise InputError("do_sample=True needs prng_key (a jax.random key), e.g. prng_key=jax.random.key(0)")
+    _check_key(prng_key)
     if (value := _scalar(temperature)) is not None and not value > 0:
         raise InputError(f"temperature must be > 0 when sampling (use do_sample=False for greedy); got {temperature}")
     if (value := _scalar(top_p)) is not None and not 0.0 <= value <= 1.0:
@@ -516,6 +533,7 @@ def generate(
     _check_sampling(do_sample, prng_key, temperature, top_k, top_p)
     if not isinstance(min_new_tokens, (int, np.integer)) or min_new_tokens < 0:
         raise InputError(f"min_new_tokens must be an int >= 0; got {min_new_tokens!r}")
+    _check_number("repetition_penalty", repetition_penalty)
     if (value := _scalar(repetition_penalty)) is not None and not value > 0:
         raise InputError(f"repetition_penalty must be > 0 (1.0 = off); got {repetition_penalty}")
     config = model.config

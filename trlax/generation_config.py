@@ -45,7 +45,7 @@ import numpy as np
 import transformers
 
 from trlax.checkpoint.hub import HubOptions, fetch_file
-from trlax.errors import TrlaxTypeError, UnsupportedModelError
+from trlax.errors import InputError, TrlaxTypeError, UnsupportedModelError
 
 logger = logging.getLogger("trlax")
 
@@ -225,10 +225,16 @@ def resolve_generation(
 
 
 def id_list(ids: int | Sequence[int] | None) -> list[int]:
-    """A token-id setting (an int, a list, or None) as a list of ints."""
+    """A token-id setting (an int, a list, or None) as a list of ints; InputError for anything else."""
     if ids is None:
         return []
-    return [int(ids)] if np.ndim(ids) == 0 else [int(i) for i in ids]
+    flat = np.asarray(ids)
+    if flat.size == 0 and flat.ndim == 1:
+        return []
+    if flat.ndim > 1 or not np.issubdtype(flat.dtype, np.integer):
+        raise InputError(f"token-id settings (eos_token_id, pad_token_id, ...) are an int or a flat list of ints; "
+                         f"got {ids!r}")
+    return [int(i) for i in flat.reshape(-1)]
 
 
 def inferred_attention_mask(input_ids: jax.Array, pad_token_id: int | None, eos_token_id: Any) -> jax.Array | None:
