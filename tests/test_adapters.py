@@ -156,6 +156,7 @@ def gpt2_folder(tmp_path_factory):
     # PEFT adapts GPT-2's tied head; trlax has no linear layer there (nor says PEFT ignores it).
     (["c_attn", "lm_head"], r"LoRA target 'lm_head' is no linear layer of this gpt2 model: its LM head is tied"),
     (["lm_head"], "LoRA target 'lm_head' is no linear layer"),
+    (r".*(c_attn|lm_head)", "LoRA target 'lm_head' is no linear layer"),  # a regex: the head was left out silently
 ])
 def test_target_modules_that_match_nothing_or_no_linear_layer_are_refused(gpt2_folder, targets, match):
     with pytest.raises(UnsupportedModelError, match=match):
@@ -236,27 +237,34 @@ def test_peft_adapters_load_and_save_with_the_same_logits(model_type, tmp_path):
     assert loaded < ATOL and written < ATOL
 
 
-def test_peft_adapter_on_an_untied_lm_head_loads(tmp_path):
-    """PEFT also saves an adapted lm_head's base weight (save_embedding_layers): an unchanged copy loads, a
+@pytest.mark.parametrize(("model_type", "target"), [("llama", "q_proj"), ("gptj", "q_proj"), ("phi", "dense")])
+def test_peft_adapter_on_an_untied_lm_head_loads(model_type, target, tmp_path):
+    """PEFT also saves an adapted lm_head's base weight (save_embedding_layers), and its bias where the head has
+    one (GPT-J, Phi: refused as "saved in full" before, from a folder and in memory): an unchanged copy loads, a
     changed one (a retrained head) is refused."""
     from safetensors.torch import load_file, save_file
 
-    _, lm = torch_base("llama", tmp_path / "base")  # untied head
-    pt = peft.get_peft_model(lm, peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    _, lm = torch_base(model_type, tmp_path / "base")  # untied head
+    pt = peft.get_peft_model(lm, peft.LoraConfig(r=4, target_modules=[target, "lm_head"]))
     randomise_lora_b(pt)
     pt.save_pretrained(str(tmp_path / "adapter"))
     weights = tmp_path / "adapter" / "adapter_model.safetensors"
-    assert "base_model.model.lm_head.base_layer.weight" in load_file(weights)
-    model = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "adapter")
+    saved = [k for k in load_file(weights) if ".base_layer." in k]
+    assert "base_model.model.lm_head.base_layer.weight" in saved
+    assert ("base_model.model.lm_head.base_layer.bias" in saved) == (model_type != "llama")
     ids, mask = batch(101, "left", low=2)
     with torch.no_grad():
         ref = pt.eval()(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
-    assert max_diff(ref, model(ids, mask)[0], mask) < ATOL
+    for source in (tmp_path / "adapter", pt):
+        model = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(source)
+        assert max_diff(ref, model(ids, mask)[0], mask) < ATOL
     tensors = load_file(weights)
-    tensors["base_model.model.lm_head.base_layer.weight"] += 0.5
-    save_file(tensors, weights)
-    with pytest.raises(CheckpointError, match="lm_head.base_layer.weight'.* differs from the base"):
-        FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "adapter")
+    for key in saved:
+        changed = dict(tensors)
+        changed[key] = changed[key] + 0.5
+        save_file(changed, weights)
+        with pytest.raises(CheckpointError, match=f"{re.escape(key.removeprefix('base_model.model.'))}'.* differs"):
+            FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "adapter")
 
 
 def test_gpt_neox_head_uses_pefts_name_lm_head(tmp_path):

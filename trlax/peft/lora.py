@@ -53,7 +53,7 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's order of preference
 PEFT_PREFIX = "base_model.model."
 SUPPORTED_PEFT_TYPES = ("LORA",)
-BASE_LAYER_SUFFIX = ".base_layer.weight"  # [out, in]: a PEFT-wrapped layer's own weight, saved in full
+BASE_LAYER = ".base_layer."  # a PEFT-wrapped layer's own params (weight [out, in], bias [out]), saved in full
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 
 # PEFT's name for the LM head, which it adapts even when the head is tied to the input embedding, and which
@@ -279,12 +279,13 @@ def resolve_targets(config: LoraConfig, base_params: Mapping[str, Any], model_ty
     saved = config.modules_to_save or []
     chosen = sorted(p for p in candidates if not _name_matches(config.exclude_modules, names.to_peft(p))
                     and not any(re.match(rf"(^|.*\.){m}($|\..*)", names.to_peft(p)) for m in saved))
-    if isinstance(targets, list) and HEAD_NAME in targets and not any(
-            _name_matches([HEAD_NAME], names.to_peft(p)) for p in linear):
+    names_head = HEAD_NAME in targets if isinstance(targets, list) else (
+        targets.lower() != ALL_LINEAR and re.fullmatch(targets, HEAD_NAME) is not None)  # a regex: PEFT's fullmatch
+    if names_head and not any(_name_matches([HEAD_NAME], names.to_peft(p)) for p in linear):
         raise UnsupportedModelError(
             f"LoRA target {HEAD_NAME!r} is no linear layer of this {model_type} model: its LM head is tied to the "
             "input embedding (or has another name), and trlax applies LoRA to linear layers only, where PEFT "
-            f"would adapt a tied head too; remove {HEAD_NAME!r} from target_modules (this model's linear layers: "
+            f"would adapt a tied head too; leave {HEAD_NAME!r} out of target_modules (this model's linear layers: "
             f"{known})")
     not_linear = [p for p in chosen if p not in linear]
     if not_linear:
@@ -464,11 +465,18 @@ def lora_from_peft(files: AdapterFiles, base_params: Mapping[str, Any], model_ty
     if strangers:
         raise CheckpointError(f"{fit}: it adapts {[names.to_peft(p) for p in strangers[:4]]}, which the base has no "
                               "linear layer for")
-    for key in [k for k in rest if k.endswith(BASE_LAYER_SUFFIX) and k.removesuffix(BASE_LAYER_SUFFIX) in found]:
-        # PEFT saves the base weight of an adapted lm_head / embedding too (save_embedding_layers): a copy
-        # of the base's layer is nothing to load; a changed one (a resized or retrained head) is refused.
-        kernel = np.asarray(get_path(base_params, (*key.removesuffix(BASE_LAYER_SUFFIX).split("."), "kernel")))
-        if not np.array_equal(np.asarray(rest[key], np.float32).T, kernel.astype(np.float32)):
+    for key in [k for k in rest if BASE_LAYER in k and k.split(BASE_LAYER)[0] in found]:
+        # PEFT saves the base weight (and bias: GPT-J's, Phi's head) of an adapted lm_head / embedding too
+        # (save_embedding_layers): a copy of the base's layer is nothing to load; a changed one (a resized or
+        # retrained head) is refused.
+        module, name = key.split(BASE_LAYER)
+        leaf = {"weight": "kernel", "bias": "bias"}.get(name)
+        try:
+            base = None if leaf is None else np.asarray(get_path(base_params, (*module.split("."), leaf)), np.float32)
+        except KeyError:
+            base = None
+        stored = np.asarray(rest[key], np.float32)
+        if base is None or not np.array_equal(stored.T if leaf == "kernel" else stored, base):
             raise CheckpointError(f"{fit}: it saves {key!r}, which differs from the base's layer (a resized or "
                                   "retrained layer); trlax loads LoRA adapters over an unchanged base")
         del rest[key]
