@@ -310,6 +310,24 @@ def test_targets_peft_turns_into_fused_expert_parameters_are_refused(model_type,
         FlaxAutoModelForCausalLMWithValueHead.from_pretrained(lm, peft_config=LoraConfig(r=2, target_modules=targets))
 
 
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_a_regex_target_on_a_moe_family_is_refused(model_type):
+    """PEFT (on transformers 5) rewrites a regex on a MoE model into the bare names it matches and adapts them in
+    every layer (layer 1's q_proj became every q_proj); trlax adapted layer 1's only, and an adapter it saved
+    lost keys in PEFT (logits off by 0.68)."""
+    regex = r"model\.layers\.1\.self_attn\.q_proj"
+    pt = peft.get_peft_model(transformers.AutoModelForCausalLM.from_config(TINY_CAUSAL[model_type]()),
+                             peft.LoraConfig(r=2, target_modules=regex))
+    assert pt.peft_config["default"].target_modules == {"q_proj"}  # PEFT's own reading of the regex
+    lm = FlaxAutoModelForCausalLM.from_config(TINY_CAUSAL[model_type]())
+    with pytest.raises(UnsupportedModelError, match="PEFT \\(with transformers 5\\) rewrites a regex"):
+        FlaxAutoModelForCausalLMWithValueHead.from_pretrained(lm, peft_config=LoraConfig(r=2, target_modules=regex))
+    llama = FlaxAutoModelForCausalLM.from_config(TINY_CAUSAL["llama"]())  # a dense family: the regex as PEFT reads it
+    policy = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(llama, peft_config=LoraConfig(
+        r=2, target_modules=regex))
+    assert list(lora_modules(policy.params["lora"])) == ["model.layers.1.self_attn.q_proj"]
+
+
 def test_peft_model_with_modules_to_save_in_memory_names_the_saved_module(tmp_path):
     _, lm = torch_base("llama", tmp_path / "base")
     pt = peft.get_peft_model(lm, peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))

@@ -297,6 +297,11 @@ def resolve_targets(config: LoraConfig, base_params: Mapping[str, Any], model_ty
             f"LoRA target_modules={targets!r} match no module of this {model_type} model; its linear layers are "
             f"named {known} (PEFT names, e.g. {sorted(map(names.to_peft, linear))[:1]})")
     fused = fused_targets(targets, model_type, modules)
+    if isinstance(targets, str) and targets.lower() != ALL_LINEAR and fused_targets(ALL_LINEAR, model_type, ()):
+        raise UnsupportedModelError(
+            f"LoRA target_modules={targets!r}: on a {model_type} model PEFT (with transformers 5) rewrites a regex "
+            "into the bare module names it matches and adapts those in every layer, which trlax does not copy; name "
+            f"the modules in a list instead (this model's linear layers: {[n for n in known if n not in fused]})")
     if fused:
         raise UnsupportedModelError(
             f"LoRA target_modules={targets!r} name {fused} of this {model_type} model, which PEFT (with transformers "
