@@ -63,6 +63,26 @@ def test_transformers_model_converts_in_memory_and_back(monkeypatch, model_type)
     assert max_diff(ref, again, mask) < ATOL
 
 
+def test_a_tied_gpt_neox_loaded_from_disk_converts_in_memory(tmp_path):
+    """transformers reverts only what its loading converted: a tied GPT-NeoX read from a folder (no `embed_out` in
+    the file) keeps its head as `lm_head` in state_dict(), which trlax refused as an unexpected tensor (its PEFT
+    and TRL wrappers too). Tied copies are dropped now, as save_pretrained drops them."""
+    import peft
+
+    config = TINY_CAUSAL["gpt_neox"]()
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    torch_random_init(transformers.AutoModelForCausalLM.from_config(config), std=0.1).save_pretrained(tmp_path)
+    pt = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert "lm_head.weight" in pt.state_dict() and "embed_out.weight" not in pt.state_dict()
+    ids, mask = batch(VOCAB, "right", low=2)
+    with torch.no_grad():
+        ref = pt(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
+    assert max_diff(ref, FlaxAutoModelForCausalLM.from_pretrained(pt)(ids, mask).logits, mask) < ATOL
+    lora = peft.get_peft_model(pt, peft.LoraConfig(r=2, target_modules=["query_key_value"]))
+    assert FlaxAutoModelForCausalLMWithValueHead.from_pretrained(lora).is_peft_model
+
+
 def test_to_torch_keeps_the_generation_config():
     pt = _causal()
     pt.generation_config = transformers.GenerationConfig(max_new_tokens=3, eos_token_id=1, pad_token_id=1)

@@ -147,7 +147,23 @@ def checkpoint_state(model: Any, state: dict[str, Any]) -> dict[str, np.ndarray]
     the same reversal (`revert_weight_conversion`, what `save_pretrained` calls).
     """
     loading = require("transformers.core_model_loading", "converting a transformers model")
-    return {key: tensor_to_numpy(value) for key, value in loading.revert_weight_conversion(model, state).items()}
+    reverted = loading.revert_weight_conversion(model, untied(state))
+    return {key: tensor_to_numpy(value) for key, value in reverted.items()}
+
+
+def untied(state: dict[str, Any]) -> dict[str, Any]:
+    """The state dict without its tied copies: a tensor listed under a second name (`lm_head.weight` of a tied
+    head) is dropped, as `save_pretrained` drops it. transformers renames some of them in memory and reverts
+    only what loading converted (a tied GPT-NeoX loaded from disk keeps `lm_head`, no `embed_out`)."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    kept = {}
+    for key, value in state.items():
+        identity = (value.data_ptr(), tuple(value.shape))
+        if value.numel() and identity in seen:
+            continue
+        seen.add(identity)
+        kept[key] = value
+    return kept
 
 
 def _peft_base_state(peft_model: Any) -> dict[str, np.ndarray]:
