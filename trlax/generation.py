@@ -438,7 +438,8 @@ def _check_prompt_mask(mask: Array) -> None:
 def _check_number(name: str, value: Any) -> None:
     """A setting applied to every row: a number, or a 0-d array (traced ones too); an array of another shape was
     broadcast against the logits and skipped the range checks."""
-    if np.ndim(value) != 0 or not np.issubdtype(getattr(value, "dtype", np.asarray(value).dtype), np.number):
+    dtype = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype  # a tracer has one
+    if np.ndim(value) != 0 or not np.issubdtype(dtype, np.number):
         raise InputError(f"{name} must be one number for every row (a Python float or a 0-d array); got {value!r}")
 
 

@@ -289,14 +289,14 @@ def check_rollout_inputs(model: PreTrainedModelWrapper, batch: dict[str, Array],
 
     A [B, 1] score (a 1-label reward model's logits) broadcast into [B, B, T-1] advantages without an error;
     a missing key gave a bare KeyError inside the trace."""
-    seq2seq = model.pretrained_model.is_encoder_decoder
+    lm = model.pretrained_model
+    seq2seq = lm.is_encoder_decoder
     needed = ("input_ids", "attention_mask", *(("decoder_input_ids", "decoder_attention_mask") if seq2seq else ()),
               "response_mask")
     missing = [key for key in needed if key not in batch]
     if missing:
         raise InputError(f"the rollout batch has no {missing}: it needs {list(needed)} (response_mask [B, T]: 1 at "
                          f"the reply's tokens{', over the decoder ids' if seq2seq else ''})")
-    lm = model.pretrained_model
     if seq2seq:
         lm.check_inputs(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"],
                         batch["decoder_attention_mask"])
