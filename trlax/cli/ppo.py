@@ -28,6 +28,7 @@ from trlax.cli.demo import positive_int
 from trlax.cli.demo_task import CONSONANTS, START, decode_chars, encode_chars, tiny_gpt2_config
 from trlax.cli.preflight import check_batch_fits, check_output_dir
 from trlax.errors import TrlaxError
+from trlax.generation_config import id_list
 from trlax.models.auto import FlaxAutoModelForCausalLM, FlaxAutoModelForSequenceClassification
 from trlax.models.sequence_classification import pad_token_id
 from trlax.ppo import PPOConfig
@@ -179,12 +180,9 @@ def reply_end_ids(tokenizer: Any, policy: FlaxAutoModelForCausalLMWithValueHead)
     """The ids that end a reply: the tokenizer's eos, then every eos of the checkpoint's generation_config (a list
     for chat models, as Llama 3's end-of-turn token; transformers' generate in TRL's rollout stops at each); the
     model config's eos when neither has one."""
-    def ids(value: Any) -> list[int]:
-        return [] if value is None else [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
-
     settings = policy.pretrained_model.generation_config
-    found = ids(tokenizer.eos_token_id) + ids(None if settings is None else settings.eos_token_id)
-    return tuple(dict.fromkeys(found or ids(policy.config.get_text_config().eos_token_id)))
+    found = id_list(tokenizer.eos_token_id) + id_list(None if settings is None else settings.eos_token_id)
+    return tuple(dict.fromkeys(found or id_list(policy.config.get_text_config().eos_token_id)))
 
 
 def reward_source(args: argparse.Namespace, policy: Any, mesh: Any) -> Any:
