@@ -14,6 +14,7 @@ import transformers
 from tests.helpers import batch, max_diff, torch_random_init
 from tests.tiny_configs import TINY_CAUSAL, TINY_SEQ2SEQ
 from trlax import (
+    CheckpointError,
     FlaxAutoModelForCausalLM,
     FlaxAutoModelForCausalLMWithValueHead,
     FlaxAutoModelForSeq2SeqLMWithValueHead,
@@ -24,7 +25,7 @@ from trlax import (
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    from trl.experimental.ppo import AutoModelForCausalLMWithValueHead
+    from trl.experimental.ppo import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead
 
 VOCAB = 101
 ATOL = 1e-5
@@ -126,6 +127,38 @@ def test_trl_value_head_model_converts_with_its_head():
     # A plain transformers model has no head: strict says so, as for a checkpoint without one.
     with pytest.raises(TrlaxError, match="no value head"):
         FlaxAutoModelForCausalLMWithValueHead.from_pretrained(pt, strict=True)
+
+
+def test_post_init_restores_the_head_from_a_trl_state_dict():
+    pt = _causal()
+    trl_model = AutoModelForCausalLMWithValueHead(pt, v_head_init_strategy="normal").eval()
+    trl_model.is_peft_model = False
+    model = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(pt, seed=3)  # a new head
+    ids, mask = batch(VOCAB, "right", low=2)
+    with torch.no_grad():
+        ref = trl_model(torch.tensor(ids), attention_mask=torch.tensor(mask))
+    assert max_diff(ref[2], model(ids, mask)[2], mask) > 1e-2
+    model.post_init({**trl_model.state_dict(), "v_head.flatten.unknown": torch.zeros(2)})  # torch tensors
+    assert max_diff(ref[2], model(ids, mask)[2], mask) < ATOL
+    # A missing entry keeps its value; numpy works too; a misfit shape raises and changes nothing.
+    kernel = np.asarray(model.params["v_head"]["summary"]["kernel"])
+    model.post_init({"v_head.summary.bias": np.zeros(1)})
+    np.testing.assert_array_equal(model.params["v_head"]["summary"]["kernel"], kernel)
+    assert float(model.params["v_head"]["summary"]["bias"][0]) == 0.0
+    with pytest.raises(CheckpointError, match=r"v_head.summary.weight has shape \(1, 3\).*takes \(1, 32\)"):
+        model.post_init({"v_head.summary.bias": np.ones(1), "v_head.summary.weight": torch.zeros(1, 3)})
+    assert float(model.params["v_head"]["summary"]["bias"][0]) == 0.0
+
+
+def test_trl_class_attributes():
+    for trlax_cls, trl_cls in ((FlaxAutoModelForCausalLMWithValueHead, AutoModelForCausalLMWithValueHead),
+                               (FlaxAutoModelForSeq2SeqLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead)):
+        assert trlax_cls.supported_modules == trl_cls.supported_modules
+        assert trlax_cls.supported_rm_modules == trl_cls.supported_rm_modules
+        assert trlax_cls.supported_args == tuple(trl_cls.supported_args)
+        assert trlax_cls.transformers_parent_class.__name__ == "Flax" + trl_cls.transformers_parent_class.__name__
+    trl_namings = AutoModelForSeq2SeqLMWithValueHead.lm_head_namings
+    assert FlaxAutoModelForSeq2SeqLMWithValueHead.lm_head_namings == tuple(trl_namings)
 
 
 def test_seq2seq_value_head_round_trip():

@@ -11,6 +11,7 @@ import copy
 import logging
 import numbers
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,7 +31,15 @@ from trlax.checkpoint.naming import get_path, key_table, set_path
 from trlax.checkpoint.push import push_to_hub
 from trlax.checkpoint.reader import CheckpointReader
 from trlax.checkpoint.saving_args import check_saving_args
-from trlax.checkpoint.torch_models import TorchParts, is_torch_model, peft_lm, torch_parts, trl_value_head_model
+from trlax.checkpoint.torch_models import (
+    TorchParts,
+    is_torch_model,
+    is_torch_tensor,
+    peft_lm,
+    tensor_to_numpy,
+    torch_parts,
+    trl_value_head_model,
+)
 from trlax.errors import CheckpointError, InputError, TrlaxError, TrlaxTypeError, UnsupportedModelError
 from trlax.generation_config import read_generation_config
 from trlax.inputs import ParamsCheck, mask_for, same_shape, token_ids
@@ -55,7 +64,7 @@ from trlax.peft.policy import (
     warn_dropout_not_applied,
     write_adapter_policy,
 )
-from trlax.peft.reward import load_reward_adapter, reward_scores
+from trlax.peft.reward import SCORE_MODULE, load_reward_adapter, reward_scores
 from trlax.sharding import shard_params
 
 logger = logging.getLogger("trlax")
@@ -139,6 +148,14 @@ class RewardAdapter:
     config: LoraConfig
 
 
+def placed_head(v_head_params: dict[str, Any], lm: FlaxPreTrainedModel) -> dict[str, Any]:
+    """A value head on the LM's devices: in its mesh layout (a no-op if it already has it), or device
+    arrays as the LM's are (a head converted from torch arrives as numpy)."""
+    if lm.mesh is not None:
+        return shard_params({"v_head": v_head_params}, lm.mesh, lm.sharding_rules)["v_head"]
+    return jax.tree_util.tree_map(jnp.asarray, v_head_params)
+
+
 def _hub_options(model_args: dict[str, Any]) -> HubOptions:
     return HubOptions(model_args.get("revision"), model_args.get("token"), model_args.get("cache_dir"),
                       bool(model_args.get("local_files_only", False)))
@@ -165,7 +182,15 @@ class PreTrainedModelWrapper:
       outside `params` (see `compute_reward_score`).
     """
 
-    auto_class: ClassVar[type[AutoModel]] = FlaxAutoModelForCausalLM
+    # TRL's name for the class that loads the LM (here trlax's Flax auto class).
+    transformers_parent_class: ClassVar[type[AutoModel]] = FlaxAutoModelForCausalLM
+    # TRL's names of the modules a wrapper adds (the value head) and of a reward adapter's head.
+    supported_modules: ClassVar[tuple[str, ...]] = ("v_head",)
+    supported_rm_modules: ClassVar[tuple[str, ...]] = (SCORE_MODULE,)
+    # TRL reads these from the torch model it wraps; trlax refuses quantised loading and never offloads the head.
+    is_loaded_in_8bit: ClassVar[bool] = False
+    is_loaded_in_4bit: ClassVar[bool] = False
+    is_sequential_parallel: ClassVar[bool] = False
     supported_args: ClassVar[tuple[str, ...]] = (
         "summary_dropout_prob", "v_head_initializer_range", "v_head_init_strategy")
     model_args: ClassVar[tuple[str, ...]] = (
@@ -188,7 +213,7 @@ class PreTrainedModelWrapper:
         base_model_name_or_path: str | None = None,
     ) -> None:
         refuse_base_class(type(self))
-        if pretrained_model.is_encoder_decoder != self.auto_class.model_class.is_encoder_decoder:
+        if pretrained_model.is_encoder_decoder != self.transformers_parent_class.model_class.is_encoder_decoder:
             raise TrlaxTypeError(f"{type(self).__name__} cannot wrap a {type(pretrained_model).__name__}")
         if (reward_adapter is None) != (reward_params is None):
             raise TrlaxError("pass reward_adapter and reward_params together")
@@ -199,15 +224,10 @@ class PreTrainedModelWrapper:
             v_head_params = self.init_v_head(jax.random.key(seed))
         else:
             self._check_v_head(v_head_params)
-        if pretrained_model.mesh is not None:  # the head joins the LM's layout (a no-op if it already has it)
-            v_head_params = shard_params({"v_head": v_head_params}, pretrained_model.mesh,
-                                         pretrained_model.sharding_rules)["v_head"]
-        else:  # device arrays, as the LM's are (a head converted from torch arrives as numpy)
-            v_head_params = jax.tree_util.tree_map(jnp.asarray, v_head_params)
         params: dict[str, Any] = {"pretrained_model": pretrained_model.params}
         if policy_adapter is not None:
             params[LORA_COLLECTION] = policy_adapter.lora
-        params["v_head"] = v_head_params
+        params["v_head"] = placed_head(v_head_params, pretrained_model)
         self.params: dict[str, Any] = params
         self.pretrained_model = pretrained_model.view_for(self)
         self._frozen = frozen
@@ -293,6 +313,27 @@ class PreTrainedModelWrapper:
             raise CheckpointError(f"value head kernel has shape {got}, but the model's hidden size needs {want} "
                                   f"(v_head.summary.weight [1, {want[0]}])")
 
+    def post_init(self, state_dict: Mapping[str, Any]) -> None:
+        """TRL's value-head restore from a state dict (numpy arrays or torch tensors).
+
+        Entries whose key contains `v_head.` (`v_head.summary.weight` [1, H], `v_head.summary.bias`
+        [1]) replace the head's params, as float32; other entries are ignored and a missing one keeps
+        its current value, as TRL's `load_state_dict(strict=False)` does. A shape that does not fit
+        the head raises CheckpointError (TRL: a size-mismatch error) and changes nothing.
+        """
+        head = {key.replace(V_HEAD_PREFIX, ""): value for key, value in state_dict.items() if V_HEAD_PREFIX in key}
+        summary = dict(self.params["v_head"]["summary"])
+        for key, leaf in (("summary.weight", "kernel"), ("summary.bias", "bias")):
+            if key not in head:
+                continue
+            stored = tensor_to_numpy(head[key]) if is_torch_tensor(head[key]) else np.asarray(head[key])
+            want = tuple(summary[leaf].shape[::-1] if leaf == "kernel" else summary[leaf].shape)  # torch layout
+            if stored.shape != want:
+                raise CheckpointError(f"v_head.{key} has shape {stored.shape}, but this model's value head takes "
+                                      f"{want}")
+            summary[leaf] = (stored.T if leaf == "kernel" else stored).astype(np.float32)
+        self.params = {**self.params, "v_head": placed_head({"summary": summary}, self.pretrained_model)}
+
     def check_params(self, params: dict[str, Any]) -> None:
         """InputError unless `params` has this wrapper's structure: {"pretrained_model": the LM's params,
         "v_head": the head's, and for a LoRA policy optionally "lora" (without it: the base alone)}, every
@@ -377,7 +418,7 @@ class PreTrainedModelWrapper:
                 raise TrlaxTypeError(f"model arguments {sorted(model_args)} only apply when loading from a path or "
                                      "hub id")
             parts = torch_parts(source)
-            lm = cls.auto_class.model_class.from_parts(parts, type(source).__name__, **model_args)
+            lm = cls.transformers_parent_class.model_class.from_parts(parts, type(source).__name__, **model_args)
             v_head, base_name = parts.v_head, parts.name
             if parts.v_head_dropout is not None:  # the TRL model's dropout, unless the call names one
                 trl_args.setdefault("summary_dropout_prob", parts.v_head_dropout)
@@ -394,7 +435,7 @@ class PreTrainedModelWrapper:
             if model_args:
                 raise TrlaxTypeError(f"model arguments {sorted(model_args)} only apply when loading from a path or "
                                      "hub id")
-            if source.is_encoder_decoder != cls.auto_class.model_class.is_encoder_decoder:
+            if source.is_encoder_decoder != cls.transformers_parent_class.model_class.is_encoder_decoder:
                 raise TrlaxTypeError(f"{cls.__name__} cannot wrap a {type(source).__name__}")
             lm, v_head = source, None
         elif not isinstance(source, (str, os.PathLike)):
@@ -403,7 +444,8 @@ class PreTrainedModelWrapper:
         elif is_adapter_folder(source, options):
             if peft_config is not None:
                 logger.warning("%s holds a PEFT adapter; the peft_config argument is ignored (as TRL does)", source)
-            saved = load_adapter_policy(cls.auto_class, source, options, model_args, is_trainable=is_trainable)
+            saved = load_adapter_policy(cls.transformers_parent_class, source, options, model_args,
+                                        is_trainable=is_trainable)
             lm, v_head, adapter, base_name = saved.base, saved.v_head, saved.adapter, saved.base_name
             if v_head is None:
                 _missing_head(f"{source} has no value head (v_head.summary.* in model.safetensors or "
@@ -448,7 +490,7 @@ class PreTrainedModelWrapper:
         with CheckpointReader(list(resolved.weight_files)) as reader:
             stored = stored_float_dtype(reader)
             auto = auto_dtype(config, stored)
-            model = cls.auto_class.model_class(config, dtype=resolve_dtype(dtype, auto),
+            model = cls.transformers_parent_class.model_class(config, dtype=resolve_dtype(dtype, auto),
                                                param_dtype=resolve_dtype(param_dtype, auto), mesh=mesh,
                                                sharding_rules=sharding_rules)
             head = make_value_head(config, **trl_args)
@@ -630,7 +672,7 @@ def _missing_head(what: str, strict: bool) -> None:
 class FlaxAutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
     """A causal LM with TRL's value head: `model(ids, mask, labels=None) -> (lm_logits, loss, values)`."""
 
-    auto_class = FlaxAutoModelForCausalLM
+    transformers_parent_class = FlaxAutoModelForCausalLM
 
     def apply(
         self,
@@ -693,9 +735,11 @@ class FlaxAutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
 class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
     """An encoder-decoder LM with TRL's value head over the decoder positions."""
 
-    auto_class = FlaxAutoModelForSeq2SeqLM
+    transformers_parent_class = FlaxAutoModelForSeq2SeqLM
     # TRL sets it on its seq2seq wrapper only (TRL's trainers test `hasattr(model, "is_encoder_decoder")`).
     is_encoder_decoder: ClassVar[bool] = True
+    # TRL's names of an LM head (its seq2seq wrapper checks the wrapped model for one).
+    lm_head_namings: ClassVar[tuple[str, ...]] = ("lm_head", "embed_out", "output_projection")
 
     def apply(
         self,

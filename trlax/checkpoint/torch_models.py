@@ -50,6 +50,11 @@ def is_torch_model(obj: Any) -> bool:
     return module in PYTORCH_PACKAGES and callable(getattr(obj, "state_dict", None))
 
 
+def is_torch_tensor(obj: Any) -> bool:
+    """Whether `obj` is a torch tensor (checked without importing torch)."""
+    return type(obj).__module__.split(".")[0] == "torch" and hasattr(obj, "detach")
+
+
 def tensor_to_numpy(tensor: Any) -> np.ndarray:
     """A CPU numpy view of a torch tensor (bfloat16 through ml_dtypes); no copy when already on CPU."""
     torch = require("torch", "converting a PyTorch model")
