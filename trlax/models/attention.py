@@ -136,8 +136,10 @@ def dot_product_attention(
     probs = jax.nn.softmax(scores, axis=-1)
     if dropout is not None and not deterministic:
         probs = dropout(probs, deterministic=False)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.astype(q.dtype).reshape(b, t, hq, v.shape[-1])
+    # [B, Hkv, G, T, Dv], then moved to [B, T, ...]: XLA:CPU runs no bf16 x bf16 -> f32 dot that writes
+    # "btkgd" directly when it is not fused into its neighbours (an eager call, or the product alone).
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return jnp.moveaxis(out.astype(q.dtype), 3, 1).reshape(b, t, hq, v.shape[-1])
 
 
 def attend(

@@ -131,6 +131,28 @@ def matmul(x: Array, kernel: Array) -> Array:
     return jnp.dot(x, kernel, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
+@jax.custom_vjp
+def take_rows(table: Array, ids: Array) -> Array:
+    """table[ids]: rows [..., H] of a 16-bit float table [V, H], gathered as their uint16 bits (XLA:CPU
+    gathers floats only in float32, and would convert the whole table to look up a few rows). The
+    gradient is the float gather's: a bitcast has none, so the backward pass is jnp.take's own."""
+    rows = jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), ids, axis=0)
+    return jax.lax.bitcast_convert_type(rows, table.dtype)
+
+
+def _take_rows_forward(table: Array, ids: Array) -> tuple[Array, tuple[Array, Array]]:
+    return take_rows(table, ids), (table, ids)
+
+
+def _take_rows_backward(residuals: tuple[Array, Array], rows_grad: Array) -> tuple[Array, None]:
+    table, ids = residuals  # the table only for its shape: the gather's transpose reads no values
+    _, pullback = jax.vjp(lambda t: jnp.take(t, ids, axis=0), table)
+    return pullback(rows_grad)[0], None
+
+
+take_rows.defvjp(_take_rows_forward, _take_rows_backward)
+
+
 class Embed(nn.Embed):
     """`nn.Embed` for XLA:CPU's sake, same params and results.
 
@@ -151,8 +173,7 @@ class Embed(nn.Embed):
                 and table.dtype.itemsize == 2):
             rows = super().__call__(inputs)
         else:
-            rows = jax.lax.bitcast_convert_type(
-                jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), inputs, axis=0), table.dtype)
+            rows = take_rows(table, inputs)
         if self.padding_idx is None:
             return rows
         pad = self.padding_idx + (self.num_embeddings if self.padding_idx < 0 else 0)  # as torch reads a negative one
