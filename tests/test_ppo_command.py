@@ -31,6 +31,7 @@ from trlax.ppo import PPOConfig
 from trlax.ppo_data import PromptSet, read_prompts
 from trlax.ppo_rewards import FunctionReward, Generated, ModelReward, RewardError, load_function
 from trlax.ppo_trainer import PPOTrainer, reply_mask, resume, train
+from trlax.value_head import FlaxAutoModelForCausalLMWithValueHead
 
 ROOT = Path(__file__).resolve().parent.parent
 VOWEL_FN = "def vowels(prompts, completions):\n    return [sum(c in 'aeiou' for c in t) / 12 for t in completions]\n"
@@ -335,6 +336,50 @@ def test_replies_end_at_every_eos_of_the_generation_config(tmp_path, monkeypatch
     plain = word_checkpoint(tmp_path / "plain")  # no generation_config.json: the tokenizer's eos alone
     plain_args = cli_args(model=plain, reward_fn="eos_rewards:vowels", prompts=tmp_path / "prompts.txt")
     assert build_models(plain_args)[0].eos_ids == (2,)
+
+
+def test_a_peft_adapter_policy_without_a_tokenizer_uses_its_bases(tmp_path, monkeypatch):
+    """A LoRA policy saved as an adapter folder (no tokenizer files) was refused: its base's tokenizer is the
+    one, as for a PEFT reward adapter."""
+    (tmp_path / "adapter_rewards.py").write_text(VOWEL_FN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = word_checkpoint(tmp_path / "policy")
+    FlaxAutoModelForCausalLMWithValueHead.from_pretrained(base, peft_config={"r": 2, "target_modules": ["c_attn"]}
+                                                          ).save_pretrained(tmp_path / "adapter")
+    args = cli_args(model=tmp_path / "adapter", reward_fn="adapter_rewards:vowels", prompts=tmp_path / "prompts.txt")
+    models, _ = build_models(args)
+    assert models.policy.is_peft_model
+    assert models.tokenizer.get_vocab() == word_tokenizer().get_vocab() and models.pad_id == 1
+
+
+def test_a_run_that_cannot_start_leaves_no_folder_and_loads_nothing(tmp_path, monkeypatch, capsys):
+    """Bad prompts, a missing reward or bad sampling settings were found after the policy had loaded (minutes for
+    a large checkpoint), and left an empty output folder (the sampling settings a metrics.jsonl too)."""
+    (tmp_path / "prompts.txt").write_text("a\nb\n")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(FlaxAutoModelForCausalLMWithValueHead, "from_pretrained", no_loading)
+    out = tmp_path / "run"
+    prompts = ["--prompts", str(tmp_path / "prompts.txt")]
+    for flags, message in (
+        (["--model", str(tmp_path), "--reward-fn", "m:f", "--prompts", str(tmp_path / "missing.txt")],
+         "missing.txt does not exist"),
+        (["--model", str(tmp_path), "--reward-fn", "m:f"], "--model needs --prompts"),
+        (["--model", str(tmp_path), *prompts], "--model needs a reward"),
+        (["--model", str(tmp_path), *prompts, "--reward-fn", "no_such_module_here:f"], "no_such_module_here"),
+        (["--top-p", "1.5"], "top_p must be in [0, 1]"),
+        (["--temperature", "0"], "temperature must be > 0"),
+    ):
+        assert main(["ppo", "--quiet", "--output-dir", str(out), *flags]) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not out.exists()
+    monkeypatch.undo()
+    assert main(["ppo", "--quiet", "--output-dir", str(out), "--model", str(tmp_path / "absent"), *prompts,
+                 "--reward-fn", "m:f"]) == 1
+    assert not out.exists()
 
 
 def test_a_run_built_in_python_resumes_under_the_command(tmp_path, capsys):

@@ -445,6 +445,8 @@ def _check_number(name: str, value: Any) -> None:
 
 def _check_key(prng_key: Any) -> None:
     """One jax.random key: a typed key of shape () or a raw uint32 [2] key."""
+    if prng_key is None:
+        raise InputError("do_sample=True needs prng_key (a jax.random key), e.g. prng_key=jax.random.key(0)")
     dtype = getattr(prng_key, "dtype", None)
     typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
     if (np.shape(prng_key) != () if typed else (np.shape(prng_key) != (2,) or dtype != jnp.uint32)):
@@ -452,16 +454,16 @@ def _check_key(prng_key: Any) -> None:
                          f"generate splits it per step); got {getattr(prng_key, 'shape', prng_key)!r}")
 
 
-def _check_sampling(do_sample: bool, prng_key: Any, temperature: Any, top_k: Any, top_p: Any) -> None:
+def check_sampling(temperature: Any, top_k: Any, top_p: Any, *, do_sample: bool = True) -> None:
+    """InputError unless the sampling settings are valid: top_k a Python int >= 0; temperature and top_p
+    one number each and, when sampling, temperature > 0 and top_p in [0, 1] (traced values: shape and dtype
+    only). `generate` runs it; a trainer can run it before it loads anything."""
     if not isinstance(top_k, (int, np.integer)) or top_k < 0:
         raise InputError(f"top_k must be a Python int >= 0 (0 = off; it sets a static shape); got {top_k!r}")
     _check_number("temperature", temperature)
     _check_number("top_p", top_p)
     if not do_sample:
         return
-    if prng_key is None:
-        raise InputError("do_sample=True needs prng_key (a jax.random key), e.g. prng_key=jax.random.key(0)")
-    _check_key(prng_key)
     if (value := _scalar(temperature)) is not None and not value > 0:
         raise InputError(f"temperature must be > 0 when sampling (use do_sample=False for greedy); got {temperature}")
     if (value := _scalar(top_p)) is not None and not 0.0 <= value <= 1.0:
@@ -531,7 +533,9 @@ def generate(
     """
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
         raise InputError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
-    _check_sampling(do_sample, prng_key, temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, do_sample=do_sample)
+    if do_sample:
+        _check_key(prng_key)
     if not isinstance(min_new_tokens, (int, np.integer)) or min_new_tokens < 0:
         raise InputError(f"min_new_tokens must be an int >= 0; got {min_new_tokens!r}")
     _check_number("repetition_penalty", repetition_penalty)

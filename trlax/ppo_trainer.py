@@ -31,6 +31,7 @@ import optax
 
 from trlax.checkpoint.state import StateCheckpointer
 from trlax.errors import TrlaxError
+from trlax.generation import check_sampling
 from trlax.ppo import PPOConfig, adaptive_kl_coef, make_ppo_update, make_rollout
 from trlax.ppo_data import PromptSet, TextCodec
 from trlax.ppo_rewards import Generated
@@ -72,6 +73,7 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         check_seed(self.seed)
+        check_sampling(self.temperature, self.top_k, self.top_p)  # before any model loads
         if not 0 < self.learning_rate < math.inf:
             raise TrlaxError(f"--learning-rate must be a finite number > 0; got {self.learning_rate}")
         if self.max_grad_norm is not None and not 0 < self.max_grad_norm < math.inf:

@@ -81,14 +81,18 @@ def embedded_prompts(n: int = 256) -> list[str]:
     return [START + "".join(rng.choice(list(CONSONANTS), 3)) for _ in range(n)]
 
 
-def load_tokenizer(source: str | Path, vocab_size: int) -> Any | None:
-    """A checkpoint's tokenizer if a usable one loads offline, else None. transformers may build an empty
-    tokenizer from a folder without tokenizer files, so it counts only if it covers half the vocabulary."""
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(source), local_files_only=Path(source).is_dir())
-    except (OSError, ValueError, KeyError):
-        return None
-    return tokenizer if len(tokenizer) * 2 >= vocab_size else None
+def load_tokenizer(source: str | Path, vocab_size: int, base: str | None = None) -> Any | None:
+    """A checkpoint's tokenizer if a usable one loads, else its `base`'s (the base model of a PEFT adapter
+    folder, which holds no tokenizer), else None. transformers may build an empty tokenizer from a folder
+    without tokenizer files, so one counts only if it covers half the vocabulary."""
+    for name in dict.fromkeys(str(s) for s in (source, base) if s):
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(name, local_files_only=Path(name).is_dir())
+        except (OSError, ValueError, KeyError):
+            continue
+        if len(tokenizer) * 2 >= vocab_size:
+            return tokenizer
+    return None
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -120,6 +124,18 @@ def build_models(args: argparse.Namespace) -> tuple[Models, list[str]]:
     kinds = [k for k in ("reward_model", "reward_adapter", "reward_fn") if getattr(args, k) is not None]
     if len(kinds) > 1:
         raise RewardError(f"pass one reward source, not {', '.join('--' + k.replace('_', '-') for k in kinds)}")
+    # What needs no model is read first: a bad flag fails before a large checkpoint loads.
+    if args.model is not None and not kinds:
+        raise RewardError("--model needs a reward: --reward-model PATH, --reward-adapter PATH (with --lora-r) or "
+                          "--reward-fn MODULE:FUNCTION")
+    if args.prompts is not None:
+        texts = read_prompts(args.prompts)
+    elif args.model is None:
+        texts = embedded_prompts()
+    else:
+        raise TrlaxError("--model needs --prompts (a .txt file, a .jsonl file with a 'prompt' field, or a datasets "
+                         "folder)")
+    function = None if args.reward_fn is None else FunctionReward(load_function(args.reward_fn), args.reward_fn)
     sizes = {axis: getattr(args, axis) for axis in ("data", "fsdp", "tp") if getattr(args, axis) is not None}
     mesh = make_mesh(**{"data": 1, "fsdp": -1, "tp": 1, **sizes}) if sizes else None
     peft_config = None if args.lora_r is None else {"r": args.lora_r, "lora_alpha": 2 * args.lora_r}
@@ -141,7 +157,8 @@ def build_models(args: argparse.Namespace) -> tuple[Models, list[str]]:
     else:
         policy = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(
             args.model, seed=args.seed, peft_config=peft_config, mesh=mesh, **head, **extra)
-        tokenizer = load_tokenizer(args.model, int(policy.config.get_text_config().vocab_size))
+        tokenizer = load_tokenizer(args.model, int(policy.config.get_text_config().vocab_size),
+                                   policy.base_model_name_or_path)
         if tokenizer is None:
             raise TrlaxError(f"no tokenizer loads from {args.model}: `trlax ppo` needs the checkpoint's tokenizer")
         codec = HFCodec(tokenizer)
@@ -160,14 +177,7 @@ def build_models(args: argparse.Namespace) -> tuple[Models, list[str]]:
                          "base with the adapter off, which shares everything")
     shared = None if policy.is_peft_model else args.num_shared_layers
     reference = create_reference_model(policy, num_shared_layers=shared)
-    reward = reward_source(args, policy, mesh)
-    if args.prompts is not None:
-        texts = read_prompts(args.prompts)
-    elif args.model is None:
-        texts = embedded_prompts()
-    else:
-        raise TrlaxError("--model needs --prompts (a .txt file, a .jsonl file with a 'prompt' field, or a datasets "
-                         "folder)")
+    reward = function or reward_source(args, policy, mesh)
     lora = "" if args.lora_r is None else f", LoRA r={args.lora_r} (frozen base)"
     ref = ("the base with the adapter off" if policy.is_peft_model else
            f"a frozen copy sharing {shared} layer(s)" if shared else "a frozen copy")
@@ -186,13 +196,9 @@ def reply_end_ids(tokenizer: Any, policy: FlaxAutoModelForCausalLMWithValueHead)
 
 
 def reward_source(args: argparse.Namespace, policy: Any, mesh: Any) -> Any:
-    if args.reward_fn is not None:
-        return FunctionReward(load_function(args.reward_fn), args.reward_fn)
+    """The reward model or adapter the flags name (the embedded reward model without --model)."""
     if args.reward_adapter is not None:
         return AdapterReward(policy, args.reward_adapter)
-    if args.reward_model is None and args.model is not None:
-        raise RewardError("--model needs a reward: --reward-model PATH, --reward-adapter PATH (with --lora-r) or "
-                          "--reward-fn MODULE:FUNCTION")
     source = args.reward_model or EMBEDDED_REWARD_MODEL
     name = args.reward_model or "embedded tiny GPT-2 classifier (vowel fraction)"
     model = FlaxAutoModelForSequenceClassification.from_pretrained(source, mesh=mesh)
@@ -202,11 +208,8 @@ def reward_source(args: argparse.Namespace, policy: Any, mesh: Any) -> Any:
                           "AutoModelForSequenceClassification (e.g. with TRL's RewardTrainer)")
     rm_vocab = int(model.config.get_text_config().vocab_size)
     tokenizer = None
-    if args.reward_model is not None:  # a PEFT adapter folder has no tokenizer: its base's is the one
-        tokenizer = load_tokenizer(source, rm_vocab)
-        base = getattr(model, "base_model_name_or_path", None)
-        if tokenizer is None and base:
-            tokenizer = load_tokenizer(base, rm_vocab)
+    if args.reward_model is not None:
+        tokenizer = load_tokenizer(source, rm_vocab, getattr(model, "base_model_name_or_path", None))
     if tokenizer is None:  # the policy's ids, as generated
         policy_vocab = int(policy.config.get_text_config().vocab_size)
         if rm_vocab < policy_vocab:
@@ -227,13 +230,13 @@ def run_ppo_command(args: argparse.Namespace) -> int:
                          "does not implement; the adaptive KL controller's target is --target (TRL's `target`)")
     if not args.resume:
         refuse_saved_state(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     config = trainer_config(args)
     models, texts = build_models(args)
     # Every prompt has at least one token: a lower bound of the sequence length.
     check_batch_fits(models.policy.config, config.batch_size, 1 + config.max_new_tokens)
     prompts = PromptSet.build(texts, models.codec, models.pad_id, args.max_prompt_length)
     trainer = PPOTrainer(models, prompts, config, run=run_flags(args))
+    output_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves no folder
     for role, text in models.description.items():
         print(f"{role + ':':10} {text}")
     ppo = config.ppo
