@@ -65,6 +65,11 @@ def test_prompts_from_txt_jsonl_and_datasets(tmp_path):
     (tmp_path / "bad.json").write_text('["just text"]')
     with pytest.raises(TrlaxError, match=r"bad.json\[0\] has no string 'prompt' field"):
         read_prompts(tmp_path / "bad.json")
+    # A Latin-1 file was an "unexpected UnicodeDecodeError ... please report it" naming no file.
+    for name, text in (("latin1.txt", "café\n"), ("latin1.jsonl", '{"prompt": "café"}\n')):
+        (tmp_path / name).write_bytes(text.encode("latin-1"))
+        with pytest.raises(TrlaxError, match=rf"{name} is not UTF-8 text .*save it as UTF-8"):
+            read_prompts(tmp_path / name)
 
 
 def test_prompt_batches_are_left_padded_and_a_function_of_seed_and_step():

@@ -187,6 +187,20 @@ def test_any_failure_is_one_line(error: Exception, message: str, monkeypatch, ca
         main(["info", "x"])
 
 
+def test_an_adapter_config_that_is_not_utf8_is_a_checkpoint_error(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """A stray Latin-1 byte in adapter_config.json was a raw UnicodeDecodeError (no TrlaxError; `trlax info`:
+    "unexpected ... please report it"), where config.json's already named the file."""
+    policy = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(checkpoint, peft_config={"r": 2})
+    policy.save_pretrained(tmp_path / "adapter")
+    config = tmp_path / "adapter" / "adapter_config.json"
+    config.write_bytes(config.read_bytes().replace(b'"r": 2', '"r": 2, "note": "café"'.encode("latin-1")))
+    with pytest.raises(CheckpointError, match=r"adapter_config.json is not valid JSON .*re-save"):
+        FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "adapter")
+    code, _, err = _run(["info", str(tmp_path / "adapter")], capsys)
+    assert code == 1
+    _one_line(err, "info", "adapter_config.json is not valid JSON")
+
+
 # --- Orbax ----------------------------------------------------------------------------------
 def test_info_reads_an_orbax_model_folder(orbax_folder: Path, checkpoint: Path, capsys) -> None:
     code, orbax_text, _ = _run(["info", str(orbax_folder), "--json"], capsys)

@@ -70,7 +70,7 @@ def read_prompts(source: str | Path) -> list[str]:
     elif not path.is_file():
         raise PromptError(f"--prompts {path} does not exist: pass a .txt file, a .jsonl file or a datasets folder")
     elif path.suffix in (".jsonl", ".json"):
-        text = path.read_text()
+        text = _read_text(path)
         if path.suffix == ".json" and text.lstrip().startswith("["):  # a JSON array
             try:
                 records = json.loads(text)
@@ -88,10 +88,17 @@ def read_prompts(source: str | Path) -> list[str]:
                     raise PromptError(f"{path}:{n} is not valid JSON ({e})") from None
                 prompts.append(_prompt_field(record, f"{path}:{n}"))
     else:
-        prompts = [line for line in path.read_text().splitlines() if line.strip()]
+        prompts = [line for line in _read_text(path).splitlines() if line.strip()]
     if not prompts:
         raise PromptError(f"{path} holds no prompts")
     return prompts
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptError(f"{path} is not UTF-8 text ({e}); save it as UTF-8") from None
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import logging
 import numbers
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -464,7 +464,7 @@ class PreTrainedModelWrapper:
             hidden = value_head_hidden_size(lm.config)
             reward_config, reward_params = load_reward_adapter(
                 lm, str(reward_adapter), hidden, base_name=base_name or lm.config.name_or_path or None,
-                options=options)
+                options=replace(options, revision=None))  # revision= is the policy's; TRL passes the token only
             reward = RewardAdapter(reward_adapter_name, reward_config)
         if lm.mesh is not None:  # adapters join the mesh layout of the base they adapt
             if adapter is not None:

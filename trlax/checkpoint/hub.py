@@ -14,6 +14,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
+    HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
@@ -74,8 +75,13 @@ def fetch_file(name_or_path: str | os.PathLike, filename: str, options: HubOptio
         raise CheckpointError(
             f"{name!r} is neither a local folder nor a valid hub repo id ('owner/name'); check the path"
         ) from None
-    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as e:
-        raise CheckpointError(f"cannot access hub repo {name!r}: {type(e).__name__}: {e}".split("\n")[0]) from None
+    except RevisionNotFoundError as e:
+        raise CheckpointError(f"hub repo {name!r} has no revision {options.revision!r} ({_hub_reason(e)}); "
+                              "check revision=") from None
+    except (RepositoryNotFoundError, GatedRepoError) as e:
+        raise CheckpointError(
+            f"cannot access hub repo {name!r}, and no local folder has that name ({_hub_reason(e)}); check the id "
+            "or the path, and for a private or gated repo pass token= (or log in with `hf auth login`)") from None
     except LocalEntryNotFoundError:
         # Offline (HF_HUB_OFFLINE or no network) and not in the cache. The file may also not
         # exist at all, which offline mode cannot tell apart: report both possibilities.
@@ -87,6 +93,14 @@ def fetch_file(name_or_path: str | os.PathLike, filename: str, options: HubOptio
         return None
     except EntryNotFoundError:  # after LocalEntryNotFoundError, its subclass
         return None
+    except HfHubHTTPError as e:  # after the not-found errors, its subclasses: a bad token, a server error
+        raise CheckpointError(f"cannot fetch {filename} from hub repo {name!r} ({_hub_reason(e)}); check token= "
+                              "and the connection, or pass a local folder") from None
+
+
+def _hub_reason(error: Exception) -> str:
+    """huggingface_hub's message on one line (it names the status, the URL and often the cause)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike, options: HubOptions | None = None,

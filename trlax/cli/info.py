@@ -24,7 +24,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from trlax.checkpoint.convert import PARAMS_DIR, is_orbax_model
 from trlax.checkpoint.hub import HubOptions, fetch_file, resolve_checkpoint
 from trlax.checkpoint.naming import hf_key
-from trlax.checkpoint.reader import SAFETENSORS_DTYPES, SafetensorsFile, TorchBinFile
+from trlax.checkpoint.reader import SAFETENSORS_DTYPES, SafetensorsFile, TorchBinFile, parse_json_object
 from trlax.errors import CheckpointError, TrlaxError, UnsupportedModelError
 from trlax.models.auto import FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
 from trlax.models.base import FlaxPreTrainedModel, load_config
@@ -235,13 +235,7 @@ def _maybe_checkpoint(source: str) -> bool:
 
 
 def _adapter_folder_info(source: str, adapter_config: Path, options: HubOptions) -> dict[str, Any]:
-    try:
-        raw = json.loads(Path(adapter_config).read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{adapter_config} is not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{adapter_config} is not a PEFT adapter config (a JSON object): a "
-                              f"{type(raw).__name__}")
+    raw = parse_json_object(Path(adapter_config).read_bytes(), str(adapter_config))
     weights = next((path for name in ADAPTER_WEIGHTS_NAMES if (path := fetch_file(source, name, options))), None)
     if weights is None:
         raise CheckpointError(f"{source} has {ADAPTER_CONFIG_NAME} but no adapter weights "

@@ -40,7 +40,7 @@ import numpy as np
 
 from trlax.checkpoint.hub import HubOptions, fetch_file
 from trlax.checkpoint.naming import flatten_paths, get_path, set_path
-from trlax.checkpoint.reader import CheckpointReader
+from trlax.checkpoint.reader import CheckpointReader, parse_json_object
 from trlax.checkpoint.writer import write_safetensors
 from trlax.errors import CheckpointError, TrlaxError, TrlaxTypeError, UnsupportedModelError
 from trlax.models.base import FlaxPreTrainedModel
@@ -400,6 +400,7 @@ class AdapterFiles:
     source: str
     config: LoraConfig
     tensors: dict[str, np.ndarray]
+    base_revision: str | None = None  # adapter_config.json's "revision": the base's, as PEFT loads it
 
 
 def is_adapter_folder(source: str | os.PathLike, options: HubOptions) -> bool:
@@ -422,17 +423,14 @@ def read_adapter(source: str | Path, options: HubOptions | None = None) -> Adapt
     if config_path is None:
         raise CheckpointError(f"no {ADAPTER_CONFIG_NAME} in {source!s}: a PEFT adapter folder holds "
                               f"{ADAPTER_CONFIG_NAME} and one of {list(ADAPTER_WEIGHTS_NAMES)}")
-    try:
-        raw = json.loads(Path(config_path).read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_path} is not valid JSON ({e})") from None
+    raw = parse_json_object(Path(config_path).read_bytes(), str(config_path))
     config = LoraConfig.from_peft(raw)
     for name in ADAPTER_WEIGHTS_NAMES:
         path = fetch_file(source, name, options)
         if path is not None:
             with CheckpointReader([Path(path)]) as reader:
                 tensors = {k: np.asarray(v) for k, v in reader.items()}
-            return AdapterFiles(str(source), config, tensors)
+            return AdapterFiles(str(source), config, tensors, raw.get("revision"))
     raise CheckpointError(f"adapter {source!s} has no weights: expected one of {list(ADAPTER_WEIGHTS_NAMES)}")
 
 

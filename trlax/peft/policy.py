@@ -109,8 +109,9 @@ def load_adapter_policy(auto_class: type[AutoModel], source: str | os.PathLike, 
                         model_args: dict[str, Any], *, is_trainable: bool) -> AdapterPolicy:
     """A saved adapter policy (PEFT adapter + TRL value head), as TRL loads one.
 
-    The base comes from the adapter's `base_model_name_or_path` (loaded with `model_args`);
-    the adapter is trainable only with `is_trainable=True` (TRL's and PEFT's default is
+    The base comes from the adapter's `base_model_name_or_path` (loaded with `model_args`, at the
+    revision adapter_config.json names, as PEFT loads it: the adapter's own revision is not the
+    base's); the adapter is trainable only with `is_trainable=True` (TRL's and PEFT's default is
     inference mode).
     """
     files = read_adapter(source, options)
@@ -118,7 +119,7 @@ def load_adapter_policy(auto_class: type[AutoModel], source: str | os.PathLike, 
     if not base_name:
         raise CheckpointError(f"adapter {source} has no base_model_name_or_path in {ADAPTER_CONFIG_NAME}; load the "
                               "base and pass the adapter as peft_config/reward_adapter instead")
-    base = auto_class.from_pretrained(base_name, **model_args)
+    base = auto_class.from_pretrained(base_name, **{**model_args, "revision": files.base_revision})
     lora, saved = lora_from_peft(files, base.params, base.config.model_type, base_name=base_name)
     if saved:
         raise UnsupportedModelError(f"adapter {source} saves {sorted(saved)[:4]} in full (modules_to_save); trlax "
