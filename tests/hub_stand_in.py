@@ -1,7 +1,8 @@
-"""A local stand-in for the Hugging Face hub's file endpoint, so the hub code path (huggingface_hub's
-`hf_hub_download`, online) runs in tests without a network.
+"""Local stand-ins for the Hugging Face hub, so the hub code path runs in tests without a network: a
+cache laid out as huggingface_hub lays it out (offline), and the hub's file endpoint (online:
+huggingface_hub's `hf_hub_download` against a local server).
 
-It serves `/<owner>/<name>/resolve/<revision>/<file>` from local folders, each repo at one commit (its
+The endpoint serves `/<owner>/<name>/resolve/<revision>/<file>` from local folders, each repo at one commit (its
 branch `main` and the commit hash resolve; any other revision is the hub's RevisionNotFound), answers an
 unknown repo with RepoNotFound and a token outside `tokens` (when set) with 401, as the hub does.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,8 +21,23 @@ from pathlib import Path
 
 import huggingface_hub.constants as hub_constants
 import pytest
+from huggingface_hub.file_download import repo_folder_name
 
 RESOLVE = re.compile(r"^/([^/]+/[^/]+)/resolve/([^/]+)/([^?]+)")
+
+
+def lay_out_hub_cache(cache: Path, repo_id: str, files: Path, commit: str = "a" * 40) -> None:
+    """A hub cache folder as huggingface_hub lays it out (blobs, snapshots, refs)."""
+    repo = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for i, path in enumerate(sorted(files.iterdir())):
+        blob = repo / "blobs" / f"{i:040x}"
+        shutil.copy(path, blob)
+        (snapshot / path.name).symlink_to(Path("..", "..", "blobs", blob.name))
 
 
 @dataclass

@@ -16,9 +16,9 @@ import safetensors.numpy
 import torch
 import transformers
 from huggingface_hub import scan_cache_dir
-from huggingface_hub.file_download import repo_folder_name
 
 from tests.helpers import batch, max_diff, save_torch, torch_random_init
+from tests.hub_stand_in import lay_out_hub_cache
 from tests.tiny_configs import gpt2
 from trlax import (
     CheckpointError,
@@ -150,23 +150,9 @@ def test_bf16_checkpoint_loads_into_float32_params(torch_model, tmp_path):
     np.testing.assert_array_equal(np.asarray(leaf), expected)
 
 
-def _lay_out_hub_cache(cache: Path, repo_id: str, files: Path, commit: str = "a" * 40) -> None:
-    """A hub cache folder as huggingface_hub lays it out (blobs, snapshots, refs)."""
-    repo = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (repo / "blobs").mkdir()
-    for i, path in enumerate(sorted(files.iterdir())):
-        blob = repo / "blobs" / f"{i:040x}"
-        shutil.copy(path, blob)
-        (snapshot / path.name).symlink_to(Path("..", "..", "blobs", blob.name))
-
-
 def test_hub_id_resolves_from_local_cache_offline(torch_model, saved, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    _lay_out_hub_cache(tmp_path / "cache", "tiny-org/tiny-gpt2", saved)
+    lay_out_hub_cache(tmp_path / "cache", "tiny-org/tiny-gpt2", saved)
     assert [r.repo_id for r in scan_cache_dir(tmp_path / "cache").repos] == ["tiny-org/tiny-gpt2"]
     model = FlaxAutoModelForCausalLM.from_pretrained("tiny-org/tiny-gpt2", cache_dir=tmp_path / "cache")
     ids, _ = batch(101, "none")

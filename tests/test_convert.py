@@ -102,6 +102,12 @@ def test_convert_errors(tmp_path: Path, capsys) -> None:
     assert "is not a trlax Orbax model folder" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="is not a trlax Orbax model folder"):
         load_orbax(src)
+    # An adapter folder was "no config.json in ... (save the model with save_pretrained)".
+    FlaxAutoModelForCausalLMWithValueHead.from_pretrained(src, peft_config={"r": 2}).save_pretrained(tmp_path / "ad")
+    assert main(["convert", str(tmp_path / "ad"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "is a PEFT adapter (it has adapter_config.json), not a full model: convert its base" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_damaged_orbax_marker_is_a_checkpoint_error(tmp_path: Path, capsys) -> None:

@@ -16,10 +16,12 @@ import torch
 import transformers
 
 from tests.helpers import save_torch, torch_random_init
+from tests.hub_stand_in import lay_out_hub_cache
 from tests.tiny_configs import gpt2, llama, t5
 from trlax import (
     FlaxAutoModelForCausalLM,
     FlaxAutoModelForCausalLMWithValueHead,
+    FlaxAutoModelForSequenceClassification,
     create_reference_model,
 )
 from trlax.checkpoint.convert import to_orbax
@@ -160,7 +162,7 @@ def test_broken_adapter_and_orbax_folders_are_errors_and_trl_heads_are_found(tmp
     to_orbax(tmp_path / "base", tmp_path / "orbax", progress=False)
     shutil.rmtree(tmp_path / "orbax" / "params")
     for name, message in (("no_weights", "has adapter_config.json but no adapter weights"),
-                          ("a_list", "is not a PEFT adapter config (a JSON object): a list"),
+                          ("a_list", "a_list/adapter_config.json must be a JSON object, not a list"),
                           ("orbax", "has no params/ (an incomplete copy?)")):
         code, _, err = _run(["info", str(tmp_path / name)], capsys)
         assert code == 1 and message in err and err.startswith("trlax info: error: "), err
@@ -216,13 +218,34 @@ def test_kind_is_the_checkpoint_head(tmp_path: Path, save, kind) -> None:
     assert model_info(str(tmp_path))["architecture"]["kind"].startswith(kind)
 
 
-def test_errors_are_one_line(tmp_path: Path, capsys) -> None:
+def test_a_classifier_counts_its_score_head(tmp_path: Path) -> None:
+    """`parameters` of a reward model counted the causal LM's (26,912 where the classifier holds 26,944)."""
+    config = gpt2()
+    config.num_labels = 1
+    transformers.GPT2ForSequenceClassification(config).save_pretrained(tmp_path)
+    pt = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert model_info(str(tmp_path))["parameters"] == pt.num_parameters() == \
+        FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path).num_params()
+
+
+def test_cache_dir_and_local_files_only_read_a_hub_cache(tmp_path: Path, capsys) -> None:
     save_torch(transformers.AutoModelForCausalLM.from_config(gpt2()), tmp_path / "ck")
+    lay_out_hub_cache(tmp_path / "cache", "org/tiny", tmp_path / "ck")
+    code, text, _ = _run(["info", "org/tiny", "--cache-dir", str(tmp_path / "cache"), "--local-files-only",
+                          "--json"], capsys)
+    assert code == 0 and json.loads(text)["parameters"] == model_info(str(tmp_path / "ck"))["parameters"]
+
+
+def test_errors_are_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    save_torch(transformers.AutoModelForCausalLM.from_config(gpt2()), tmp_path / "ck")
+    monkeypatch.chdir(tmp_path)
+    Path("afile").write_text("")
     weird = tmp_path / "weird"
     weird.mkdir()
     (weird / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
     cases = [
         (["info", str(tmp_path / "missing")], 1, "is not a folder"),
+        (["info", "afile"], 1, "afile is not a folder"),  # a relative file was asked of the hub
         (["info", "nobody/no-such-model"], 1, "is not in the hub cache"),  # tests run offline
         (["info", str(weird)], 1, "cannot read the config of"),
         (["info", str(tmp_path / "ck"), "-n", "2"], 1, "--num-shared-layers 2 is out of range: this model has 2"),

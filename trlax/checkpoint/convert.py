@@ -31,6 +31,7 @@ from trlax.generation_config import read_generation_config, write_generation_con
 from trlax.models.auto import AutoModel, FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
 from trlax.models.base import load_config
 from trlax.models.spec import ParamRule
+from trlax.peft.lora import ADAPTER_CONFIG_NAME, is_adapter_folder
 from trlax.sharding import ShardingRules, auto_mesh, tree_shardings
 from trlax.value_head import (
     FlaxAutoModelForCausalLMWithValueHead,
@@ -87,6 +88,10 @@ def to_orbax(
     if jax.process_count() > 1:  # every host has checked before any writes into dst
         multihost_utils.sync_global_devices("trlax.to_orbax: destination checked")
     options = hub_options or HubOptions()
+    if is_adapter_folder(src, options):
+        raise CheckpointError(f"{src} is a PEFT adapter (it has {ADAPTER_CONFIG_NAME}), not a full model: convert its "
+                              "base, or merge the adapter into the base in PEFT (merge_and_unload), save that and "
+                              "convert it")
     resolved = resolve_checkpoint(src, options)
     config = load_config(resolved.folder, resolved.source)
     with CheckpointReader(list(resolved.weight_files)) as reader:

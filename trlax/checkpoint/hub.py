@@ -55,6 +55,13 @@ class ResolvedCheckpoint:
         return self.folder / CONFIG_NAME
 
 
+def is_hub_id(name_or_path: str | os.PathLike) -> bool:
+    """Whether `name_or_path` can only mean a hub repo: no folder of that name, and no path (absolute,
+    starting with "." or "~", or an existing file)."""
+    local = Path(name_or_path)
+    return not (local.is_dir() or local.is_absolute() or str(name_or_path).startswith((".", "~")) or local.exists())
+
+
 def fetch_file(name_or_path: str | os.PathLike, filename: str, options: HubOptions) -> Path | None:
     """A file of a local folder or hub repo; None when the repo or folder lacks it.
 
@@ -107,8 +114,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, options: HubOptions | No
                        require_weights: bool = True) -> ResolvedCheckpoint:
     """Locate config.json and the weight files of a local folder or hub repo."""
     options = options or HubOptions()
-    local = Path(name_or_path)
-    if not local.is_dir() and (local.is_absolute() or str(name_or_path).startswith((".", "~")) or local.exists()):
+    if not Path(name_or_path).is_dir() and not is_hub_id(name_or_path):
         raise CheckpointError(f"{name_or_path} is not a folder; pass the folder holding config.json")
     config = fetch_file(name_or_path, CONFIG_NAME, options)
     if config is None:

@@ -22,11 +22,15 @@ import numpy as np
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL_LM_TYPES
 
 from trlax.checkpoint.convert import PARAMS_DIR, is_orbax_model
-from trlax.checkpoint.hub import HubOptions, fetch_file, resolve_checkpoint
+from trlax.checkpoint.hub import HubOptions, fetch_file, is_hub_id, resolve_checkpoint
 from trlax.checkpoint.naming import hf_key
 from trlax.checkpoint.reader import SAFETENSORS_DTYPES, SafetensorsFile, TorchBinFile, parse_json_object
 from trlax.errors import CheckpointError, TrlaxError, UnsupportedModelError
-from trlax.models.auto import FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
+from trlax.models.auto import (
+    FlaxAutoModelForCausalLM,
+    FlaxAutoModelForSeq2SeqLM,
+    FlaxAutoModelForSequenceClassification,
+)
 from trlax.models.base import FlaxPreTrainedModel, load_config
 from trlax.peft.lora import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAMES, PEFT_PREFIX
 from trlax.reference import count_layers, parameter_names, resolve_layer_pattern, shared_parameter_names
@@ -89,8 +93,8 @@ def _orbax_tensors(folder: Path) -> Tensors:
 
 def read_tensors(source: str, options: HubOptions) -> tuple[Path, Tensors]:
     """(config.json path, every stored tensor's dtype and shape) of a checkpoint folder or hub id."""
-    if not Path(source).is_dir():
-        config = fetch_file(source, "config.json", options) if not Path(source).is_absolute() else None
+    if is_hub_id(source):
+        config = fetch_file(source, "config.json", options)
         table = _hub_header_table(source, options) if config is not None else None
         if table is not None:
             return config, table
@@ -133,11 +137,16 @@ def architecture(config: Any) -> dict[str, Any]:
     return info
 
 
+def is_classifier(config: Any) -> bool:
+    """Whether config.json's class (`architectures`) is a sequence classifier (a reward model)."""
+    return (getattr(config, "architectures", None) or [""])[0].endswith("ForSequenceClassification")
+
+
 def model_kind(config: Any) -> str:
     """What the checkpoint's head is: from transformers' class in config.json's `architectures`, else (a
     config without one) causal for the model types transformers has a causal-LM class for."""
     head = (getattr(config, "architectures", None) or [""])[0]
-    if head.endswith("ForSequenceClassification"):
+    if is_classifier(config):
         labels = getattr(config, "num_labels", 1)
         return f"sequence classifier ({labels} label{'s' * (labels != 1)}: a reward model)"
     if getattr(config, "is_encoder_decoder", False):
@@ -196,7 +205,8 @@ def model_info(source: str, num_shared_layers: int | None = None, options: HubOp
     """Everything `trlax info` prints, as a JSON-ready dict."""
     options = options or HubOptions()
     source = str(source)
-    adapter_config = fetch_file(source, ADAPTER_CONFIG_NAME, options) if _maybe_checkpoint(source) else None
+    adapter_config = (fetch_file(source, ADAPTER_CONFIG_NAME, options)
+                      if Path(source).is_dir() or is_hub_id(source) else None)
     if adapter_config is not None:
         if num_shared_layers is not None:  # an adapter's reference is its base with the adapter off
             raise TrlaxError(f"{source} is a PEFT adapter folder: --num-shared-layers applies to a full model; run "
@@ -213,9 +223,10 @@ def model_info(source: str, num_shared_layers: int | None = None, options: HubOp
                             "parameters": sum(d["params"] for d in by_dtype(lm_tensors).values()),
                             "by_dtype": by_dtype(tensors), "tensors": len(tensors)}
     if info["architecture"]["trlax_support"] == "yes" and tensors:
-        # What the loaded model holds: no buffers (GPT-2's attn.bias), tied copies once.
-        lm = _lm_object(config)
-        info["parameters"] = lm.num_params(lm.abstract_params())
+        # What the loaded model holds: no buffers (GPT-2's attn.bias), tied copies once; a classifier its score.
+        model = (FlaxAutoModelForSequenceClassification.model_class(config) if is_classifier(config)
+                 else _lm_object(config))
+        info["parameters"] = model.num_params(model.abstract_params())
     if orbax:
         info["note"] = "an Orbax model folder (trlax convert); shapes as in HF checkpoints"
     elif not tensors:
@@ -227,11 +238,6 @@ def model_info(source: str, num_shared_layers: int | None = None, options: HubOp
     if info["architecture"]["trlax_support"] == "yes":
         info["reference"] = reference_sharing(config, num_shared_layers)
     return info
-
-
-def _maybe_checkpoint(source: str) -> bool:
-    path = Path(source)
-    return path.is_dir() or not (path.is_absolute() or path.exists() or source.startswith((".", "~")))
 
 
 def _adapter_folder_info(source: str, adapter_config: Path, options: HubOptions) -> dict[str, Any]:
@@ -323,11 +329,12 @@ def add_info(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     parser.add_argument("--local-files-only", action="store_true", help="never download; use the hub cache")
+    parser.add_argument("--cache-dir", default=None, help="huggingface_hub cache folder")
     parser.set_defaults(func=run_info)
 
 
 def run_info(args: argparse.Namespace) -> int:
-    options = HubOptions(revision=args.revision, local_files_only=args.local_files_only)
+    options = HubOptions(revision=args.revision, cache_dir=args.cache_dir, local_files_only=args.local_files_only)
     info = model_info(args.source, args.num_shared_layers, options)
     print(json.dumps(info, indent=1) if args.json else format_info(info))
     return 0

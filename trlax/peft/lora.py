@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trlax.checkpoint.hub import HubOptions, fetch_file
+from trlax.checkpoint.hub import HubOptions, fetch_file, is_hub_id
 from trlax.checkpoint.naming import flatten_paths, get_path, set_path
 from trlax.checkpoint.reader import CheckpointReader, parse_json_object
 from trlax.checkpoint.writer import write_safetensors
@@ -408,7 +408,7 @@ def is_adapter_folder(source: str | os.PathLike, options: HubOptions) -> bool:
     local = Path(source)
     if local.is_dir():
         return (local / ADAPTER_CONFIG_NAME).is_file()
-    if local.exists() or local.is_absolute():
+    if not is_hub_id(source):
         return False
     try:
         return fetch_file(source, ADAPTER_CONFIG_NAME, options) is not None
