@@ -262,7 +262,7 @@ def test_reward_std_is_trls_unbiased_std():
     assert trainer.step()["reward_std"] == pytest.approx(np.std([0.0, 1.0, 2.0, 3.0], ddof=1), rel=1e-6)
 
 
-def test_a_pad_id_outside_the_vocabulary_is_refused(tmp_path, capsys):
+def test_a_pad_id_outside_the_vocabulary_is_refused(tmp_path, monkeypatch, capsys):
     """A [PAD] added to the tokenizer without resizing the model: generate wrote the out-of-vocabulary pad after
     each eos, the learn step's embedding lookup gave NaN, and the run stopped blaming the learning rate."""
     lm = FlaxAutoModelForCausalLM.from_config(tiny_gpt2_config())
@@ -275,8 +275,10 @@ def test_a_pad_id_outside_the_vocabulary_is_refused(tmp_path, capsys):
     tokenizer.add_special_tokens({"pad_token": "[NEWPAD]"})
     tokenizer.save_pretrained(folder)
     (tmp_path / "p.txt").write_text("the cat\n")
-    assert main(["ppo", "--model", str(folder), "--reward-fn", "nowhere:f", "--prompts", str(tmp_path / "p.txt"),
-                 "--output-dir", str(tmp_path / "run")]) == 1
+    (tmp_path / "pad_rewards.py").write_text(VOWEL_FN)  # a reward function that loads (it is read first)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["ppo", "--model", str(folder), "--reward-fn", "pad_rewards:vowels", "--prompts",
+                 str(tmp_path / "p.txt"), "--output-dir", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err
     assert f"the tokenizer's pad id {len(tokenizer) - 1} is outside the policy's vocabulary" in err, err
 
