@@ -20,6 +20,7 @@ import torch
 import transformers
 
 from tests.helpers import subprocess_env
+from tests.test_adapters import randomise_lora_b
 from trlax.checkpoint.reader import CheckpointReader
 from trlax.checkpoint.state import StateCheckpointer
 from trlax.cli import build_parser, main
@@ -140,6 +141,12 @@ def test_reward_model_past_its_positions_or_non_finite_raises_instead_of_nan():
     ids = np.full((2, 40), 2)
     with pytest.raises(RewardError, match="has 32 positions.*40 of its tokens.*--max-prompt-length"):
         models.reward(Generated(ids, np.ones_like(ids)))
+    # Positions count real tokens: a batch padded wider than the table scores as its rows do alone (it was refused).
+    mask = np.zeros_like(ids)
+    mask[0, 10:30], mask[1, 30:] = 1, 1
+    np.testing.assert_allclose(models.reward(Generated(ids, mask)),
+                               [models.reward(Generated(ids[:1, 10:30], mask[:1, 10:30]))[0],
+                                models.reward(Generated(ids[1:, 30:], mask[1:, 30:]))[0]], atol=1e-6)
     reward = models.reward
     reward.model.params = jax.tree_util.tree_map(lambda x: x * np.nan, reward.model.params)
     with pytest.raises(RewardError, match="non-finite scores"):
@@ -323,10 +330,18 @@ def test_reward_model_tokenizers_without_pad_and_peft_adapters_without_tokenizer
         expected = [pt(torch.tensor([word_tokenizer()(p + c)["input_ids"]])).logits[0, 0].item()
                     for p, c in zip(generated.prompts, generated.completions, strict=True)]
     np.testing.assert_allclose(models.reward(generated), expected, atol=1e-5)
-    base = peft.get_peft_model(pt, peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["c_attn"]))
-    base.save_pretrained(str(tmp_path / "adapter"))
+    adapter = peft.get_peft_model(pt, peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["c_attn"]))
+    randomise_lora_b(adapter)  # PEFT starts lora_B at zero: an adapter that changes nothing proves nothing
+    adapter.save_pretrained(str(tmp_path / "adapter"))
     adapter_args = cli_args(model=policy, reward_model=tmp_path / "adapter", prompts=tmp_path / "prompts.txt")
-    assert build_models(adapter_args)[0].reward.needs_text  # the base folder's tokenizer
+    reward = build_models(adapter_args)[0].reward
+    assert reward.needs_text  # the base folder's tokenizer
+    # The scores PPO trains on are the adapted model's (they were the base's alone: the LoRA was left out).
+    with torch.no_grad():
+        adapted = [adapter.eval()(torch.tensor([word_tokenizer()(p + c)["input_ids"]])).logits[0, 0].item()
+                   for p, c in zip(generated.prompts, generated.completions, strict=True)]
+    assert max(abs(a - e) for a, e in zip(adapted, expected, strict=True)) > 1e-2
+    np.testing.assert_allclose(reward(generated), adapted, atol=1e-5)
 
 
 def test_replies_end_at_every_eos_of_the_generation_config(tmp_path, monkeypatch):

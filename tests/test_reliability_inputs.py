@@ -182,6 +182,16 @@ def test_sequences_past_a_learned_position_table_raise(lm, wrapper):
         jax.jit(lm.apply)(lm.params, jnp.asarray(ids), jnp.ones_like(ids))  # a shape: checked under jit too
 
 
+def test_a_batch_padded_wider_than_the_table_runs_when_its_positions_fit(lm):
+    """transformers takes explicit position_ids that fit the table whatever the padded width; trlax refused any
+    sequence longer than the table (a reward model scoring left-padded prompts + replies was refused)."""
+    ids = np.ones((1, 70), np.int32)
+    ids[0, 60:] = np.arange(2, 12)
+    mask = (np.arange(70) >= 60).astype(np.int32)[None]
+    out = np.asarray(lm(ids, mask, position_ids=np.maximum(np.cumsum(mask, axis=1) - 1, 0)).logits)
+    np.testing.assert_allclose(out[:, 60:], np.asarray(lm(ids[:, 60:]).logits), atol=1e-5)
+
+
 def test_explicit_positions_past_the_table_raise(lm):
     mask = np.ones_like(IDS)
     with pytest.raises(InputError, match="position_ids holds position 64"):

@@ -116,13 +116,14 @@ def check_positions(name: str, length: int, position_ids: Any, mask: Any, limit:
                     model: str = "the model", traced: bool = False) -> None:
     """Positions must fit a learned position table of `limit` rows (None: no table, nothing to check).
 
-    length: the sequence length T (default positions run 0..T-1); model: its name in messages. position_ids [B, T] or
-    None: every entry must be < limit, and the entries of real tokens (mask 1) >= 0
-    (a negative position at a padded slot reads a finite row and is masked out).
+    length: the sequence length T (default positions run 0..T-1, so T must be <= limit); model: its name in
+    messages. position_ids [B, T] or None: every entry must be < limit, and the entries of real tokens (mask 1)
+    >= 0 (a negative position at a padded slot reads a finite row and is masked out); T itself is then free
+    (a padded batch wider than the table, whose rows fit it).
     """
     if limit is None:
         return
-    if length > limit:
+    if position_ids is None and length > limit:
         raise InputError(f"{name}: {model} has {limit} positions; got a sequence of {length} tokens. Truncate it "
                          f"to at most {limit} tokens")
     if position_ids is None:

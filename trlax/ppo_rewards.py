@@ -89,11 +89,12 @@ class ModelReward:
         self.description = (f"reward model {source} ({model.config.model_type}, {model.num_params():,} params, "
                             f"label 0 of {model.config.num_labels}) at the last reply token")
 
-        def score(params: dict[str, Any], ids: Array, mask: Array, pad_id: int | None) -> Array:
-            out = model.apply(params, ids, mask, real_positions(mask))
+        def score(params: dict[str, Any], lora: dict[str, Any] | None, ids: Array, mask: Array,
+                  pad_id: int | None) -> Array:
+            out = model.apply(params, ids, mask, real_positions(mask), lora=lora)
             return at_last_token(out.token_logits, mask, ids, pad_id)
 
-        self._score = jax.jit(score, static_argnums=3)
+        self._score = jax.jit(score, static_argnums=4)
 
     def __call__(self, generated: Generated) -> np.ndarray:
         """Scores [B] float32; RewardError when prompts + replies [B, T] are longer than the model's position table."""
@@ -101,12 +102,15 @@ class ModelReward:
             ids, mask, pad = generated.sequences, generated.attention_mask, generated.pad_id
         else:
             (ids, mask), pad = self._encode(generated), self.pad_id
-        if self.positions is not None and ids.shape[1] > self.positions:
+        longest = int(np.asarray(mask).sum(axis=1).max())  # positions count real tokens, not the padded width
+        if self.positions is not None and longest > self.positions:
             raise RewardError(f"the reward model {self.source} has {self.positions} positions, but a prompt + reply "
-                              f"holds {ids.shape[1]} of its tokens; lower --max-prompt-length or --max-new-tokens, or "
+                              f"holds {longest} of its tokens; lower --max-prompt-length or --max-new-tokens, or "
                               "use a reward model with more positions")
         check_token_range("the reward model's input_ids", ids, self.model.vocab_size)
-        scores = np.asarray(self._score(self.model.params, jnp.asarray(ids), jnp.asarray(mask), pad))
+        # A PEFT SEQ_CLS adapter applies on its base's params, as at the model's own calls.
+        scores = np.asarray(self._score(self.model.params, self.model.adapter_for(None), jnp.asarray(ids),
+                                        jnp.asarray(mask), pad))
         if not np.all(np.isfinite(scores)):
             raise RewardError(f"the reward model {self.source} returned non-finite scores {scores.tolist()}; check "
                               "its weights")
