@@ -153,6 +153,17 @@ def test_non_float_model_dtypes_raise(dtype, tmp_path):
         FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path, dtype="int8")
 
 
+def test_ids_past_int32_and_ragged_rows_raise(lm):
+    """An id of 2**32 + 7 was cast to int32 before the range check and ran as token 7; ragged rows were numpy's
+    ValueError."""
+    ids = IDS.astype(np.int64)
+    ids[0, 1] = 2**32 + 7
+    with pytest.raises(InputError, match="input_ids holds token id 4294967303, which no vocabulary reaches"):
+        lm(ids)
+    with pytest.raises(InputError, match="its rows have different lengths: pad them"):
+        lm([[1, 2, 3], [4, 5]])
+
+
 def test_in_range_ids_still_run(lm, wrapper):
     ids = np.array([[0, VOCAB - 1]], np.int32)
     assert np.isfinite(np.asarray(lm(ids).logits)).all()

@@ -25,7 +25,7 @@ from trlax import (
     TrlaxError,
     UnsupportedModelError,
 )
-from trlax.errors import CheckpointError, TrlaxTypeError
+from trlax.errors import CheckpointError, InputError, TrlaxTypeError
 from trlax.models.sequence_classification import last_non_pad_index
 from trlax.peft.seq_cls import FlaxPeftModelForSequenceClassification
 from trlax.sharding import make_mesh
@@ -166,6 +166,22 @@ def test_loss_matches_transformers(num_labels, problem_type, labels, tmp_path):
     out = model(ids, mask, labels=labels)
     assert abs(float(ref.loss) - float(out.loss)) < ATOL
     assert model.config.problem_type == pt.config.problem_type  # inferred the same way, and kept
+
+
+def test_labels_that_do_not_fit_raise_as_in_transformers(tmp_path):
+    """transformers raises IndexError / ValueError; trlax gave a NaN loss for a class out of bounds and a raw
+    reshape TypeError for another batch size."""
+    torch_classifier("gpt2", tmp_path / "pt", num_labels=2)
+    model = FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path / "pt")
+    ids, mask = padded(model.config, "left")  # a batch of 3
+    for labels, match in ((np.array([0, 5, 1]), "labels holds class 5; classes are 0..1"),
+                          (np.array([0, -3, 1]), "labels holds class -3"),
+                          (np.array([0, 1]), r"labels has shape \(2,\); .* a batch of 3 takes \(3,\)"),
+                          (np.array([0.0, 1.0, 1.0]), r"\(3,\); a multi_label_classification .* takes \(3, 2\)")):
+        with pytest.raises(InputError, match=match):
+            model(ids, mask, labels=labels)
+    assert model.config.problem_type is None  # nothing inferred from labels that were refused
+    assert np.isfinite(float(model(ids, mask, labels=np.array([0, -100, 1])).loss))
 
 
 def test_causal_checkpoint_gets_a_new_score_head(tmp_path, caplog):

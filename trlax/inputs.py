@@ -44,6 +44,9 @@ def is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.Array) or x.is_fully_addressable
 
 
+INT32 = np.iinfo(np.int32)
+
+
 def _bounds(x: Any, where: Any = None) -> tuple[int, int] | None:
     """(min, max) of a concrete integer array over the entries where `where` is true; None if none.
 
@@ -63,13 +66,23 @@ def token_ids(name: str, ids: Any, vocab_size: int | None = None, *, traced: boo
     module docstring), else not at all.
     """
     if not isinstance(ids, (np.ndarray, jax.Array)):
-        ids = np.asarray(ids)
+        try:
+            ids = np.asarray(ids)
+        except ValueError:  # rows of different lengths
+            raise InputError(f"{name} must be a [batch, seq_len] array of token ids; its rows have different "
+                             "lengths: pad them to one length and mask the padding") from None
     if ids.ndim != 2:
         raise InputError(f"{name} must be a 2-D [batch, seq_len] array of token ids; got shape {ids.shape}")
     if 0 in ids.shape:
         raise InputError(f"{name} has shape {ids.shape}: it needs at least one row and one token per row")
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise InputError(f"{name} must hold integer token ids; got dtype {ids.dtype}")
+    if ids.dtype != np.int32 and is_concrete(ids):  # before the cast, which would wrap an id past int32
+        bounds = _bounds(ids)
+        if bounds is not None and not INT32.min <= bounds[0] <= bounds[1] <= INT32.max:
+            bad = bounds[0] if bounds[0] < INT32.min else bounds[1]
+            raise InputError(f"{name} holds token id {bad}, which no vocabulary reaches (trlax's ids are int32); "
+                             "ids must come from this model's tokenizer")
     if vocab_size is not None:
         check_token_range(name, ids, vocab_size, traced=traced)
     return jnp.asarray(ids).astype(jnp.int32)

@@ -30,7 +30,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICA
 from trlax.checkpoint.loading import Placer
 from trlax.checkpoint.naming import set_path
 from trlax.errors import InputError, UnsupportedModelError
-from trlax.inputs import mask_for, same_shape, token_ids
+from trlax.inputs import IGNORE_INDEX, is_concrete, mask_for, same_shape, token_ids
 from trlax.models.base import FlaxPreTrainedModel
 from trlax.models.decoder import CausalLM
 from trlax.models.layers import HFModule, initializer_range
@@ -112,6 +112,28 @@ def infer_problem_type(num_labels: int, labels: Array) -> str:
     if jnp.issubdtype(labels.dtype, jnp.integer):
         return "single_label_classification"
     return "multi_label_classification"
+
+
+def check_classification_labels(labels: Array, batch: int, num_labels: int, problem_type: str) -> None:
+    """InputError unless `labels` fit pooled logits [batch, num_labels] under `problem_type`, where transformers
+    raises too (a batch size that differs, a class out of bounds) and JAX would broadcast or give NaN: single
+    label: [batch] integer classes in [0, num_labels) or -100; regression: [batch] (one label) or [batch,
+    num_labels]; multi-label: [batch, num_labels]. Class values are checked when concrete."""
+    single = problem_type == "single_label_classification"
+    want = (batch,) if single or (problem_type == "regression" and num_labels == 1) else (batch, num_labels)
+    if labels.size != int(np.prod(want)):
+        raise InputError(f"labels has shape {labels.shape}; a {problem_type} model with {num_labels} label(s) and "
+                         f"a batch of {batch} takes {want}")
+    if not single:
+        return
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise InputError(f"labels must be integer classes for single_label_classification; got {labels.dtype}")
+    if is_concrete(labels):
+        values = np.asarray(labels)
+        bad = values[(values != IGNORE_INDEX) & ((values < 0) | (values >= num_labels))]
+        if bad.size:
+            raise InputError(f"labels holds class {int(bad[0])}; classes are 0..{num_labels - 1} (or "
+                             f"{IGNORE_INDEX} for a row the loss ignores)")
 
 
 def classification_loss(logits: Array, labels: Array, problem_type: str) -> Array:
@@ -215,9 +237,10 @@ class FlaxModelForSequenceClassification(FlaxPreTrainedModel):
         if labels is None:
             return out
         labels = jnp.asarray(labels)
-        if self.config.problem_type is None:
-            self.config.problem_type = infer_problem_type(self.config.num_labels, labels)
-        return out.replace(loss=classification_loss(out.logits, labels, self.config.problem_type))
+        problem_type = self.config.problem_type or infer_problem_type(self.config.num_labels, labels)
+        check_classification_labels(labels, input_ids.shape[0], self.config.num_labels, problem_type)
+        self.config.problem_type = problem_type
+        return out.replace(loss=classification_loss(out.logits, labels, problem_type))
 
     # --- checkpoints --------------------------------------------------------------------
     def ignored_checkpoint_keys(self, value_head: bool = True) -> tuple[str, ...]:
