@@ -17,10 +17,11 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICA
 
 from tests.helpers import PADDINGS, batch, max_diff, save_torch, torch_random_init
 from tests.test_adapters import randomise_lora_b
-from tests.tiny_configs import TINY_CAUSAL
+from tests.tiny_configs import TINY_CAUSAL, TINY_SEQ2SEQ
 from trlax import (
     FlaxAutoModelForCausalLM,
     FlaxAutoModelForCausalLMWithValueHead,
+    FlaxAutoModelForSeq2SeqLM,
     FlaxAutoModelForSequenceClassification,
     TrlaxError,
     UnsupportedModelError,
@@ -198,6 +199,17 @@ def test_causal_checkpoint_gets_a_new_score_head(tmp_path, caplog):
     with torch.no_grad():
         hidden = lm.model(torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state
     assert max_diff(hidden, model(ids, mask).last_hidden_state, mask) < ATOL
+
+
+def test_an_encoder_decoder_classifier_is_refused_by_both_loaders_without_sending_to_the_other(tmp_path):
+    """A BART classifier checkpoint: the classifier loader said "use FlaxAutoModelForSeq2SeqLM", which said "load
+    it with FlaxAutoModelForSequenceClassification"."""
+    config = TINY_SEQ2SEQ["bart"]()
+    transformers.AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="encoder-decoder classifier .* is not supported"):
+        FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="trlax has no encoder-decoder classifier: use a seq2seq LM checkpoint"):
+        FlaxAutoModelForSeq2SeqLM.from_pretrained(tmp_path)
 
 
 def test_bad_num_labels_is_refused(tmp_path):

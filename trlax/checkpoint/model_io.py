@@ -99,6 +99,9 @@ class CheckpointMixin:
         classifier (`architectures`: `*ForSequenceClassification`, a `score` head and no LM head) and this
         model generates (an LM, the LM of a value-head wrapper)."""
         classifier = [name for name in self.config.architectures or () if name.endswith("ForSequenceClassification")]
+        if classifier and self.can_generate and self.is_encoder_decoder:
+            raise CheckpointError(f"{source} is a sequence-classification checkpoint ({classifier[0]}), not a "
+                                  "seq2seq LM; trlax has no encoder-decoder classifier: use a seq2seq LM checkpoint")
         if classifier and self.can_generate:
             raise CheckpointError(
                 f"{source} is a sequence-classification checkpoint ({classifier[0]}: a `score` head, no LM head); "

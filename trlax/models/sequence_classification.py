@@ -182,6 +182,12 @@ class FlaxModelForSequenceClassification(FlaxPreTrainedModel):
             config = config.__class__.from_dict(config.to_dict())
             for name, value in updates.items():
                 setattr(config, name, value)
+        if getattr(config, "is_encoder_decoder", False):
+            raise UnsupportedModelError(
+                f"{config.model_type} is an encoder-decoder model: trlax's sequence classifiers are decoder-only "
+                "(transformers' *ForSequenceClassification with a `score` head on the last token); an "
+                "encoder-decoder classifier (BartForSequenceClassification, T5ForSequenceClassification) is not "
+                "supported")
         self.score_seed = seed
         self.new_score_head = False  # set by a load: whether `score` was initialised here (the checkpoint had none)
         if config.num_labels < 1:
