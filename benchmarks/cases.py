@@ -73,6 +73,11 @@ class Case:
     def higher_is_better(self) -> bool:
         return self.metric == "throughput"
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes per weight a decode step streams: 2 when it runs in bf16 (bf16 compute or rollout)."""
+        return 2 if "bfloat16" in (self.dtype, self.rollout_dtype) else 4
+
 
 CASES: tuple[Case, ...] = (
     Case("forward", "a", "forward", description="policy forward + value head, b x s tokens/s"),

@@ -219,7 +219,8 @@ def train(ctx: Context) -> Bench:
     ids, mask, response = (torch.as_tensor(raw[k], dtype=torch.long, device=_DEVICE)
                            for k in ("input_ids", "attention_mask", "response_mask"))
     exp = _experience(model, ids, mask, response, torch.as_tensor(raw["scores"], device=_DEVICE))
-    opt = torch.optim.AdamW(model.parameters(), **ADAMW)
+    # fused: transformers' default optimizer (adamw_torch_fused, torch >= 2.8); the per-tensor loop is ~4x slower.
+    opt = torch.optim.AdamW(model.parameters(), **ADAMW, fused=True)
     m = exp["mask"]
 
     def step() -> torch.Tensor:

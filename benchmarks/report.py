@@ -72,7 +72,7 @@ def build_rows(results: dict[str, dict[str, Any]], hardware: dict[str, Any], met
             row[f"{impl}_error"] = (res or {}).get("error", "not run" if res is None else None)
             throughput = stats["median"] if stats and case.metric == "throughput" else None
             row[f"{impl}_fraction"] = fraction_of_limit(case.kind, cfg, shapes, throughput, lim[case.dtype],
-                                                        lim["read_bytes_per_s"])
+                                                        lim["read_bytes_per_s"], case.weight_bytes)
             for key in ("first_call_s", "compile_s_first", "compiles_after_first", "peak_rss_mb",
                         "peak_rss_above_import_mb", "device_peak_mb", "noise", "import_s", "attempts"):
                 row[f"{impl}_{key}"] = (res or {}).get(key)
@@ -83,7 +83,7 @@ def build_rows(results: dict[str, dict[str, Any]], hardware: dict[str, Any], met
         row["ratio"] = row["trlax"]["median"] / row["torch"]["median"] if both else None
         if case.kind == "generate" and lim[case.dtype] and lim["read_bytes_per_s"]:
             row["decode_bounds"] = decode_bounds(cfg, shapes.batch, shapes.prompt, shapes.new_tokens,
-                                                 lim[case.dtype], lim["read_bytes_per_s"])
+                                                 lim[case.dtype], lim["read_bytes_per_s"], case.weight_bytes)
         rows.append(row)
     return rows
 

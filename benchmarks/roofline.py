@@ -47,12 +47,12 @@ def decode_bounds(cfg: Mapping[str, Any], batch: int, prompt: int, new_tokens: i
 
 
 def fraction_of_limit(kind: str, cfg: Mapping[str, Any], shapes: Any, throughput: float, peak_flops: float | None,
-                      read_bytes_per_s: float | None) -> float | None:
+                      read_bytes_per_s: float | None, param_bytes: int = 4) -> float | None:
     """The measured throughput as a fraction of its hardware limit (None where no limit applies).
 
     forward/reference: achieved FLOP/s / matmul peak; train: 3 x forward FLOPs per step;
-    generate: new tokens/s / decode roofline. `throughput` is in the case's own work
-    units per second (tokens, steps, new tokens).
+    generate: new tokens/s / decode roofline (weights of `param_bytes` each). `throughput` is in
+    the case's own work units per second (tokens, steps, new tokens).
     """
     if not peak_flops or throughput is None:
         return None
@@ -61,6 +61,7 @@ def fraction_of_limit(kind: str, cfg: Mapping[str, Any], shapes: Any, throughput
     if kind == "train":
         return throughput * 3 * forward_flops(cfg, shapes.batch, shapes.seq) / peak_flops
     if kind == "generate" and read_bytes_per_s:
-        bounds = decode_bounds(cfg, shapes.batch, shapes.prompt, shapes.new_tokens, peak_flops, read_bytes_per_s)
+        bounds = decode_bounds(cfg, shapes.batch, shapes.prompt, shapes.new_tokens, peak_flops, read_bytes_per_s,
+                               param_bytes)
         return throughput / bounds["roofline_tok_s"]
     return None

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import re
 import shutil
@@ -157,7 +158,7 @@ def run_case(args: argparse.Namespace, case: Case, impl: str, model_dir: str, lo
         noise=max((r["noise_first"] or 0.0) for r in timed), import_s=med("import_s"), peak_rss_mb=med("peak_rss_mb"),
         peak_rss_above_import_mb=med("peak_rss_above_import_mb"), rss_after_import_mb=med("rss_after_import_mb"),
         attempts=sum(r["attempts"] for r in runs), processes=len(runs),
-        compiles_after_first=0 if impl == "trlax" else None,
+        compiles_after_first=None,  # one call per process: nothing after the first to count
         extra={**timed[0]["extra"], "from_pretrained_s": [r["extra"].get("from_pretrained_s") for r in timed],
                "cold_process_first_call_s": cold["first_call_s"]})
     return pooled
@@ -262,6 +263,7 @@ def main() -> None:
         "repeats": args.repeats, "max_noise": args.max_noise, "f32_matmul": args.f32_matmul,
         "models": dict(QUICK_MODELS if args.quick else MODELS), "shapes": shapes,
         "checkpoint_bytes": {size: info["bytes"] for size, info in checkpoints.items()},
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),  # inherited by the trlax side only; "" = XLA's defaults
     }
     rows = build_rows(results, hardware, meta)
     targets = check_targets(rows, meta)
