@@ -21,7 +21,8 @@ from tests.helpers import PADDINGS, batch
 from tests.parity_checks import SEQ, VOCAB, check_cached_decoding, check_forward, check_save_roundtrip, make_pair
 from tests.tiny_configs import CAUSAL_VARIANTS, TINY_CAUSAL
 from trlax.checkpoint.naming import get_path
-from trlax.models.layers import HFModule
+from trlax.errors import TrlaxError
+from trlax.models.layers import HFModule, LayerNorm
 
 CASES = {**TINY_CAUSAL, **CAUSAL_VARIANTS}
 
@@ -122,6 +123,14 @@ def test_layer_norm_gradients_match_torch(features):
     for got, want in ((x_grad, tx.grad), (p_grad[name]["scale"], scale.grad), (p_grad[name]["bias"], bias.grad)):
         want = want.numpy()
         np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+def test_layer_norm_refuses_axes_it_does_not_normalise():
+    """trlax's LayerNorm normalises over the last axis; other reduction axes are an error, not a silent last-axis
+    norm."""
+    norm = LayerNorm(1e-5, reduction_axes=(-2, -1))
+    with pytest.raises(TrlaxError, match="normalises over the last axis"):
+        norm.init(jax.random.key(0), np.ones((2, 3, 4), np.float32))
 
 
 def test_state_dict_names_are_the_checkpoints(case):
