@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 import torch
-from common import Bench, CompileCounter, Context, peak_rss_mb, ppo_inputs, rss_mb, token_ids
+from common import Bench, CompileCounter, Context, peak_rss_mb, ppo_inputs, rss_mb, token_ids, tokens_digest
 from safetensors import safe_open
 from transformers import GPT2LMHeadModel
 
@@ -166,7 +166,7 @@ def generate(ctx: Context) -> Bench:
         new = out.shape[1] - s.prompt
         if new != s.new_tokens:
             raise RuntimeError(f"generate made {new} new tokens per row, expected {s.new_tokens}")
-        return {"new_tokens_per_row": int(new)}
+        return {"new_tokens_per_row": int(new), "new_tokens_digest": tokens_digest(out[:, s.prompt:].cpu().numpy())}
 
     return Bench(call=run, sync=_sync, work=s.batch * s.new_tokens, check=check,
                  extra={"call": f"lm.generate(ids, attention_mask, {kwargs}), eos disabled"

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from common import Bench, CompileCounter, Context, peak_rss_mb, ppo_inputs, rss_mb, token_ids
+from common import Bench, CompileCounter, Context, peak_rss_mb, ppo_inputs, rss_mb, token_ids, tokens_digest
 
 import trlax
 from trlax import ppo
@@ -121,7 +121,7 @@ def generate(ctx: Context) -> Bench:
         if new != s.new_tokens:
             raise RuntimeError(f"generate made {new} new tokens per row, expected {s.new_tokens}")
         # One compiled function per generation setting and shape: 1 here (reported, not asserted).
-        return {"new_tokens_per_row": int(new),
+        return {"new_tokens_per_row": int(new), "new_tokens_digest": tokens_digest(out[:, s.prompt:]),
                 "generate_fn_cache_entries": model.pretrained_model.generation_cache.compilations}
 
     return Bench(call=call, sync=jax.block_until_ready, work=s.batch * s.new_tokens, check=check,

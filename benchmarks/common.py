@@ -6,6 +6,7 @@ process pays only for the framework it benchmarks.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -193,6 +194,14 @@ def parse_result(stdout: str) -> dict[str, Any] | None:
 
 
 # --- inputs shared by both stacks ---------------------------------------------------------------
+
+
+def tokens_digest(new_tokens: Any) -> str:
+    """A fingerprint of generated tokens [B, N] (any int array): equal digests, equal tokens. The report
+    compares the two sides' greedy float32 generations with it, so a broken fast path cannot look fast."""
+    import numpy as np
+
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(new_tokens, np.int64)).tobytes()).hexdigest()[:16]
 
 
 def token_ids(vocab_size: int, batch: int, seq: int, seed: int = 0) -> Any:

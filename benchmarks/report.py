@@ -79,6 +79,9 @@ def build_rows(results: dict[str, dict[str, Any]], hardware: dict[str, Any], met
             row[f"{impl}_extra"] = (res or {}).get("extra", {})
             times = summarize((res or {}).get("times_s") or [])
             row[f"{impl}_call_s"] = times["median"] if times else None
+        if case.kind == "generate" and not case.sample and case.dtype == "float32" and not case.rollout_dtype:
+            digests = [row[f"{impl}_extra"].get("new_tokens_digest") for impl in ("trlax", "torch")]
+            row["same_tokens"] = digests[0] == digests[1] if all(digests) else None  # greedy float32: one answer
         both = row["trlax"] and row["torch"] and row["torch"]["median"]
         row["ratio"] = row["trlax"]["median"] / row["torch"]["median"] if both else None
         if case.kind == "generate" and lim[case.dtype] and lim["read_bytes_per_s"]:
@@ -236,6 +239,10 @@ def markdown(rows: list[dict], targets: list[dict], hardware: dict[str, Any], me
         met = "–" if t["ok"] is None else ("yes" if t["ok"] else "**no**")
         margin = "–" if t["margin"] is None else f"{t['margin']:+.0%}"
         lines.append(f"| {t['target']} | {t['measured'] or '–'} | {met} | {margin} | {t['bound']} |")
+    compared = [r for r in rows if r.get("same_tokens") is not None]
+    if compared:
+        lines += ["", "Greedy float32 generations, both sides' new tokens: " + ", ".join(
+            f"{r['case']} {'identical' if r['same_tokens'] else '**differ**'}" for r in compared) + "."]
     errors = [(r["case"], impl, r[f"{impl}_error"]) for r in rows for impl in ("trlax", "torch")
               if r[f"{impl}_error"] and r[f"{impl}_error"] != "not run"]
     if errors:
