@@ -77,14 +77,14 @@ def token_ids(name: str, ids: Any, vocab_size: int | None = None, *, traced: boo
         raise InputError(f"{name} has shape {ids.shape}: it needs at least one row and one token per row")
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise InputError(f"{name} must hold integer token ids; got dtype {ids.dtype}")
-    if ids.dtype != np.int32 and is_concrete(ids):  # before the cast, which would wrap an id past int32
+    if vocab_size is not None:
+        check_token_range(name, ids, vocab_size, traced=traced)
+    elif ids.dtype != np.int32 and is_concrete(ids):  # before the cast, which would wrap an id past int32
         bounds = _bounds(ids)
         if bounds is not None and not INT32.min <= bounds[0] <= bounds[1] <= INT32.max:
             bad = bounds[0] if bounds[0] < INT32.min else bounds[1]
             raise InputError(f"{name} holds token id {bad}, which no vocabulary reaches (trlax's ids are int32); "
                              "ids must come from this model's tokenizer")
-    if vocab_size is not None:
-        check_token_range(name, ids, vocab_size, traced=traced)
     return jnp.asarray(ids).astype(jnp.int32)
 
 
