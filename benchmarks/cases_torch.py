@@ -17,7 +17,17 @@ import time
 from typing import Any
 
 import torch
-from common import Bench, CompileCounter, Context, peak_rss_mb, ppo_inputs, rss_mb, token_ids, tokens_digest
+from common import (
+    Bench,
+    CompileCounter,
+    Context,
+    output_sample,
+    peak_rss_mb,
+    ppo_inputs,
+    rss_mb,
+    token_ids,
+    tokens_digest,
+)
 from safetensors import safe_open
 from transformers import GPT2LMHeadModel
 
@@ -106,7 +116,11 @@ def _forward_bench(ctx: Context, model: torch.nn.Module, call: str) -> Bench:
         with torch.no_grad(), _autocast(ctx):
             return model(ids, mask)
 
-    return Bench(call=run, sync=_sync, work=ids.numel(), extra={"call": call})
+    def check(out: Any) -> dict[str, Any]:
+        logits, _, values = out
+        return {"output_sample": output_sample(logits.float().cpu().numpy(), values.float().cpu().numpy())}
+
+    return Bench(call=run, sync=_sync, work=ids.numel(), check=check, extra={"call": call})
 
 
 def forward(ctx: Context) -> Bench:
@@ -244,7 +258,7 @@ def train(ctx: Context) -> Bench:
         opt.step()
         return torch.stack([loss.detach(), entropy, approxkl])
 
-    return Bench(call=step, sync=_sync, work=1.0,
+    return Bench(call=step, sync=_sync, work=1.0, check=lambda out: {"last_step_loss": float(out[0])},
                  extra={"call": "forward + TRL clipped losses + backward + torch.optim.AdamW(lr=1e-5, wd=1e-4)"})
 
 

@@ -15,7 +15,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from common import Bench, CompileCounter, Context, peak_rss_mb, ppo_inputs, rss_mb, token_ids, tokens_digest
+from common import (
+    Bench,
+    CompileCounter,
+    Context,
+    output_sample,
+    peak_rss_mb,
+    ppo_inputs,
+    rss_mb,
+    token_ids,
+    tokens_digest,
+)
 
 import trlax
 from trlax import ppo
@@ -84,7 +94,8 @@ def forward(ctx: Context) -> Bench:
     model = _load(ctx)
     ids, mask = _batch(ctx, ctx.shapes.seq)
     return Bench(call=lambda: model(ids, attention_mask=mask), sync=jax.block_until_ready,
-                 work=ids.size, extra={"call": "model(ids, attention_mask=mask) -> (logits, None, values)"})
+                 work=ids.size, check=lambda out: {"output_sample": output_sample(out[0], out[2])},
+                 extra={"call": "model(ids, attention_mask=mask) -> (logits, None, values)"})
 
 
 def reference(ctx: Context) -> Bench:
@@ -94,6 +105,7 @@ def reference(ctx: Context) -> Bench:
     ids, mask = _batch(ctx, ctx.shapes.seq)
     held = unique_buffer_bytes(policy.params, ref.params) / 2**20
     return Bench(call=lambda: ref(ids, attention_mask=mask), sync=jax.block_until_ready, work=ids.size,
+                 check=lambda out: {"output_sample": output_sample(out[0], out[2])},
                  extra={"call": "create_reference_model(policy)(ids, attention_mask=mask)",
                         "policy_plus_ref_param_mb": round(held, 1)})
 
@@ -159,6 +171,7 @@ def train(ctx: Context) -> Bench:
         return stats["loss/total"], state["trainable"]
 
     return Bench(call=call, sync=jax.block_until_ready, work=1.0,
+                 check=lambda out: {"last_step_loss": float(out[0])},
                  extra={"call": "ppo.make_ppo_update(policy, optax.adamw(1e-5, weight_decay=1e-4))",
                         "rollout_first_call_s": round(rollout_s, 3)})
 

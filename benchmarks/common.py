@@ -204,6 +204,16 @@ def tokens_digest(new_tokens: Any) -> str:
     return hashlib.sha256(np.ascontiguousarray(np.asarray(new_tokens, np.int64)).tobytes()).hexdigest()[:16]
 
 
+def output_sample(logits: Any, values: Any) -> list[float]:
+    """A few outputs of a forward pass to compare across stacks: the last position's first 8 logits of each
+    row, then each row's last value (logits [B, T, V], values [B, T], any float array -> 9 * B floats).
+    The report gives the largest difference between the two sides' samples of a float32 case."""
+    import numpy as np
+
+    logits, values = np.asarray(logits, np.float32), np.asarray(values, np.float32)
+    return np.concatenate([logits[:, -1, :8].ravel(), values[:, -1]]).tolist()
+
+
 def token_ids(vocab_size: int, batch: int, seq: int, seed: int = 0) -> Any:
     """Random token ids [batch, seq] int32 (numpy), the same in both stacks for the same seed.
 

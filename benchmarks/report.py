@@ -82,6 +82,8 @@ def build_rows(results: dict[str, dict[str, Any]], hardware: dict[str, Any], met
         if case.kind == "generate" and not case.sample and case.dtype == "float32" and not case.rollout_dtype:
             digests = [row[f"{impl}_extra"].get("new_tokens_digest") for impl in ("trlax", "torch")]
             row["same_tokens"] = digests[0] == digests[1] if all(digests) else None  # greedy float32: one answer
+        if case.dtype == "float32":
+            row["output_diff"] = _largest_difference(row["trlax_extra"], row["torch_extra"])
         both = row["trlax"] and row["torch"] and row["torch"]["median"]
         row["ratio"] = row["trlax"]["median"] / row["torch"]["median"] if both else None
         if case.kind == "generate" and lim[case.dtype] and lim["read_bytes_per_s"]:
@@ -89,6 +91,21 @@ def build_rows(results: dict[str, dict[str, Any]], hardware: dict[str, Any], met
                                                  lim[case.dtype], lim["read_bytes_per_s"], case.weight_bytes)
         rows.append(row)
     return rows
+
+
+# Forward logits/values and PPO losses of the two sides agree to the project's float32 parity tolerance.
+OUTPUT_TOLERANCE = 1e-4
+
+
+def _largest_difference(trlax_extra: dict[str, Any], torch_extra: dict[str, Any]) -> float | None:
+    """The largest absolute difference between the two sides' checked outputs (a forward's output sample or
+    the last PPO step's loss); None when a side did not report them."""
+    for key in ("output_sample", "last_step_loss"):
+        ours, theirs = trlax_extra.get(key), torch_extra.get(key)
+        if ours is not None and theirs is not None:
+            pairs = zip(ours, theirs, strict=True) if isinstance(ours, list) else [(ours, theirs)]
+            return max(abs(a - b) for a, b in pairs)
+    return None
 
 
 # --- targets (issue 9, point 3) -----------------------------------------------------------------
@@ -243,6 +260,13 @@ def markdown(rows: list[dict], targets: list[dict], hardware: dict[str, Any], me
     if compared:
         lines += ["", "Greedy float32 generations, both sides' new tokens: " + ", ".join(
             f"{r['case']} {'identical' if r['same_tokens'] else '**differ**'}" for r in compared) + "."]
+    diffs = [r for r in rows if r.get("output_diff") is not None]
+    if diffs:
+        lines += ["", f"Float32 outputs, largest difference between the sides (tolerance {OUTPUT_TOLERANCE:g}; "
+                  "forward: last position's first 8 logits and the value of each row; train_step: the last "
+                  "step's loss): " + ", ".join(
+                      f"{r['case']} {r['output_diff']:.1e}" + ("" if r["output_diff"] <= OUTPUT_TOLERANCE
+                                                             else " **over**") for r in diffs) + "."]
     errors = [(r["case"], impl, r[f"{impl}_error"]) for r in rows for impl in ("trlax", "torch")
               if r[f"{impl}_error"] and r[f"{impl}_error"] != "not run"]
     if errors:
