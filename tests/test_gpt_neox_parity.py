@@ -75,3 +75,15 @@ def test_unsupported_rope_type_is_refused():
                               "partial_rotary_factor": 0.25}
     with pytest.raises(UnsupportedModelError, match="rope_type 'dynamic'"):
         FlaxAutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("stray", [8, 32])
+def test_a_stray_head_dim_is_refused(stray):
+    """GPTNeoXConfig has no head_dim: transformers sizes the rotary frequencies from a stray one while its
+    attention uses hidden_size // heads (logits 1.2-1.6 off trlax's), so trlax refuses it; the true size loads."""
+    config = TINY_CAUSAL["gpt_neox"]()
+    config.head_dim = config.hidden_size // config.num_attention_heads
+    FlaxAutoModelForCausalLM.from_config(config)
+    config.head_dim = stray
+    with pytest.raises(UnsupportedModelError, match=f"head_dim={stray}.*remove head_dim"):
+        FlaxAutoModelForCausalLM.from_config(config)

@@ -58,6 +58,31 @@ def test_llama3_variant_exercises_all_three_bands():
     assert 1 / 8 < ratio[1] < 1.0  # interpolated
 
 
+def test_yarn_variant_exercises_all_three_bands():
+    config = llama_with_rope("yarn")
+    ratio = inv_frequencies(config, 8) / (1.0 / (100.0 ** (np.arange(0, 8, 2) / 8)))
+    assert np.isclose(ratio[0], 1.0) and np.isclose(ratio[-1], 1 / 4)  # kept, divided
+    assert 1 / 4 < ratio[1] < ratio[0] and 1 / 4 < ratio[2] < ratio[1]  # the ramp between
+
+
+@pytest.mark.parametrize("extra", [{}, {"attention_factor": 1.5}, {"mscale": 0.7, "mscale_all_dim": 1.3},
+                                   {"factor": None, "original_max_position_embeddings": 16}])
+def test_yarn_attention_scaling_equals_transformers(extra):
+    """YaRN multiplies cos and sin by an attention factor: the config's, else inferred from `factor` (or from
+    max_position_embeddings / original_max_position_embeddings without one), with DeepSeek's mscale ratio."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from trlax.models.rope import attention_scaling
+
+    config = llama_with_rope("yarn")
+    config.rope_parameters.update(extra)
+    expected = LlamaRotaryEmbedding(config)
+    assert attention_scaling(config) == pytest.approx(expected.attention_scaling, rel=1e-12)
+    assert attention_scaling(config) != 1.0
+    np.testing.assert_array_max_ulp(inv_frequencies(config, config.head_dim), expected.inv_freq.numpy(), maxulp=2)
+    assert attention_scaling(llama_with_rope("llama3")) == 1.0
+
+
 def test_legacy_rope_attributes_are_read():
     class Legacy:  # an old-style config object: rope_theta + rope_scaling, no rope_parameters
         rope_theta = 500.0

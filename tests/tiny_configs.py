@@ -184,18 +184,26 @@ def _llama_rope(**rope: object) -> transformers.PretrainedConfig:
     return config
 
 
+def _gemma3_rope(**per_type: dict) -> transformers.PretrainedConfig:
+    config = gemma3_text()
+    config.rope_parameters = {**config.rope_parameters, **per_type}
+    return config
+
+
 def _neox(**overrides: object) -> transformers.PretrainedConfig:
     kwargs = gpt_neox().to_dict()
     kwargs.pop("rope_parameters")  # rebuilt from rotary_pct / rotary_emb_base, as an old config.json has them
     return transformers.GPTNeoXConfig.from_dict({**kwargs, **overrides})
 
 
-# llama3's numbers put one frequency in each of its three bands (kept, interpolated, divided by
-# `factor`) for head_dim 8.
+# llama3's and yarn's numbers put one frequency in each of their three bands (kept, interpolated,
+# divided by `factor`) for head_dim 8; yarn's attention factor (0.1 * log(4) + 1) scales cos and sin.
 ROPE_VARIANTS = {
     "linear": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0},
     "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32, "rope_theta": 100.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 4.0,
+             "beta_slow": 1.0, "rope_theta": 100.0},
 }
 
 CAUSAL_VARIANTS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
@@ -221,6 +229,13 @@ CAUSAL_VARIANTS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
     # Linear RoPE scaling with half of each head rotated.
     "gpt_neox/linear_rope_rot50": lambda: _neox(rope_scaling={"type": "linear", "factor": 4.0}, rotary_pct=0.5,
                                                 rotary_emb_base=1000),
+    # YaRN on half of each head, with its own attention factor and untruncated correction dims (an old config.json).
+    "gpt_neox/yarn_rot50_untruncated": lambda: _neox(
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "truncate": False,
+                      "attention_factor": 1.5, "beta_fast": 8.0}, rotary_pct=0.5, rotary_emb_base=1000),
+    # Gemma 3 with YaRN on its global layer (a per-layer-type dict).
+    "gemma3_text/yarn_global": lambda: _gemma3_rope(full_attention={
+        "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16, "rope_theta": 1000.0}),
 }
 
 

@@ -25,7 +25,7 @@ from trlax.models.cache import CacheGeometry, KVCache
 from trlax.models.decoder import BackboneLayout, CausalLM, DecoderBackbone
 from trlax.models.layers import HFModule, activation
 from trlax.models.llama import LLAMA_SHARDING, ROTARY_BUFFERS, validate_rope
-from trlax.models.rope import apply_rotary, inv_frequencies, rotary_cos_sin
+from trlax.models.rope import apply_rotary, attention_scaling, inv_frequencies, rotary_cos_sin
 from trlax.models.self_attention import SelfAttention, head_dim_of
 from trlax.models.spec import ArchitectureSpec, tied_lm_head
 
@@ -87,7 +87,7 @@ class CohereModel(DecoderBackbone):
     def rotary(self, position_ids: Array) -> tuple[Array, Array]:
         """cos, sin [B, T, D] float32, each frequency twice."""
         return rotary_cos_sin(position_ids, inv_frequencies(self.config, head_dim_of(self.config)),
-                              interleaved=True)
+                              interleaved=True, scaling=attention_scaling(self.config))
 
 
 class CohereForCausalLM(CausalLM):

@@ -29,7 +29,7 @@ from trlax.models.cache import CacheGeometry, KVCache
 from trlax.models.decoder import BackboneLayout, CausalLM, DecoderBackbone
 from trlax.models.layers import FeedForward, HFModule, activation
 from trlax.models.llama import validate_rope
-from trlax.models.rope import inv_frequencies, rotary_cos_sin
+from trlax.models.rope import attention_scaling, inv_frequencies, rotary_cos_sin
 from trlax.models.self_attention import SelfAttention
 from trlax.models.spec import ArchitectureSpec, embedding_rules, feed_forward_rules, fused_attention_rules, tied_lm_head
 
@@ -120,7 +120,8 @@ class FalconModel(DecoderBackbone):
         c = self.config
         if not c.alibi:
             return {"bias": attention_bias(attention_mask, q_slots),  # [B, 1, T, S]
-                    "rotary": rotary_cos_sin(position_ids, inv_frequencies(c, head_dim(c)))}
+                    "rotary": rotary_cos_sin(position_ids, inv_frequencies(c, head_dim(c)),
+                                             scaling=attention_scaling(c))}
         # transformers: bfloat16 slopes times positions (a bfloat16 product), in the compute dtype, / sqrt(D).
         slopes = alibi_slopes(c.num_attention_heads).astype(jnp.bfloat16)
         return {"bias": alibi_attention_bias(attention_mask, q_slots, slopes, self.dtype, math.sqrt(head_dim(c))),

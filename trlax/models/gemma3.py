@@ -20,7 +20,7 @@ from trlax.models.cache import KVCache
 from trlax.models.gemma import SPEC as GEMMA_SPEC
 from trlax.models.gemma import Gemma2DecoderLayer, GemmaForCausalLM, GemmaModel, gemma_options
 from trlax.models.llama import sliding_layers
-from trlax.models.rope import inv_frequencies, rotary_cos_sin
+from trlax.models.rope import attention_scaling, inv_frequencies, rotary_cos_sin
 from trlax.models.self_attention import head_dim_of
 
 LAYER_TYPES = {False: "full_attention", True: "sliding_attention"}  # is the layer sliding? -> its type
@@ -45,7 +45,8 @@ class Gemma3TextModel(GemmaModel):
 
     def rotary(self, position_ids: Array) -> dict[str, tuple[Array, Array]]:
         """Layer type -> cos, sin [B, T, D] float32."""
-        return {t: rotary_cos_sin(position_ids, inv_freq) for t, inv_freq in self.inv_freq.items()}
+        return {t: rotary_cos_sin(position_ids, inv_freq, scaling=attention_scaling(self.config, t))
+                for t, inv_freq in self.inv_freq.items()}
 
 
 class Gemma3ForCausalLM(GemmaForCausalLM):

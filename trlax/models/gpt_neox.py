@@ -19,11 +19,12 @@ from typing import Any
 import flax.linen as nn
 import numpy as np
 
+from trlax.errors import UnsupportedModelError
 from trlax.models.attention import Array, split_heads_qkv
 from trlax.models.cache import CacheGeometry, KVCache
 from trlax.models.decoder import BackboneLayout, CausalLM, DecoderBackbone
 from trlax.models.layers import FeedForward, HFModule, activation
-from trlax.models.rope import partial_inv_frequencies, rotary_cos_sin
+from trlax.models.rope import attention_scaling, partial_inv_frequencies, rotary_cos_sin
 from trlax.models.self_attention import SelfAttention
 from trlax.models.spec import ArchitectureSpec, embedding_rules, feed_forward_rules, fused_attention_rules
 
@@ -84,7 +85,7 @@ class GPTNeoXModel(DecoderBackbone):
 
     def rotary(self, position_ids: Array) -> tuple[Array, Array]:
         """cos, sin [B, T, rot_dim] float32."""
-        return rotary_cos_sin(position_ids, rotary_inv_freq(self.config))
+        return rotary_cos_sin(position_ids, rotary_inv_freq(self.config), scaling=attention_scaling(self.config))
 
 
 class GPTNeoXForCausalLM(CausalLM):
@@ -94,6 +95,13 @@ class GPTNeoXForCausalLM(CausalLM):
 
 
 def _validate(config: Any) -> None:
+    stray = getattr(config, "head_dim", None)
+    if stray is not None and stray != head_dim(config):
+        # GPTNeoXConfig has no head_dim; transformers would size the rotary frequencies from a stray one while
+        # its attention uses hidden_size // num_attention_heads.
+        raise UnsupportedModelError(
+            f"gpt_neox config has head_dim={stray}, but GPT-NeoX heads are hidden_size // num_attention_heads = "
+            f"{head_dim(config)}; remove head_dim from config.json")
     rotary_inv_freq(config)  # raises UnsupportedModelError for a rope_type trlax lacks
     activation(config.hidden_act)  # raises for an activation trlax lacks
 

@@ -29,7 +29,7 @@ from trlax.models.attention import Array
 from trlax.models.cache import CacheGeometry, KVCache
 from trlax.models.decoder import BackboneLayout, CausalLM, DecoderBackbone
 from trlax.models.layers import HFModule, activation
-from trlax.models.rope import inv_frequencies, rope_parameters, rotary_cos_sin
+from trlax.models.rope import attention_scaling, inv_frequencies, rope_parameters, rotary_cos_sin
 from trlax.models.self_attention import SelfAttention, head_dim_of
 from trlax.models.spec import (
     ArchitectureSpec,
@@ -246,7 +246,7 @@ class LlamaModel(DecoderBackbone):
 
     def rotary(self, position_ids: Array) -> Any:
         """cos, sin [B, T, rot_dim] float32 for positions [B, T] (Gemma 3: a pair per layer type)."""
-        return rotary_cos_sin(position_ids, self.inv_freq)
+        return rotary_cos_sin(position_ids, self.inv_freq, scaling=attention_scaling(self.config))
 
     def embed(self, input_ids: Array, position_ids: Array, deterministic: bool) -> Array:
         x = self.embed_tokens(input_ids)  # [B, T, H] compute dtype

@@ -22,7 +22,7 @@ from trlax.models.cache import CacheGeometry, KVCache
 from trlax.models.decoder import BackboneLayout, CausalLM, DecoderBackbone
 from trlax.models.layers import FeedForward, HFModule, activation
 from trlax.models.llama import ROTARY_BUFFERS
-from trlax.models.rope import partial_inv_frequencies, rotary_cos_sin
+from trlax.models.rope import attention_scaling, partial_inv_frequencies, rotary_cos_sin
 from trlax.models.self_attention import SelfAttention, head_dim_of
 from trlax.models.spec import ArchitectureSpec, attention_rules, embedding_rules, feed_forward_rules
 
@@ -75,7 +75,8 @@ class PhiModel(DecoderBackbone):
 
     def rotary(self, position_ids: Array) -> tuple[Array, Array]:
         """cos, sin [B, T, rot_dim] float32."""
-        return rotary_cos_sin(position_ids, partial_inv_frequencies(self.config, head_dim_of(self.config)))
+        return rotary_cos_sin(position_ids, partial_inv_frequencies(self.config, head_dim_of(self.config)),
+                              scaling=attention_scaling(self.config))
 
 
 class PhiForCausalLM(CausalLM):

@@ -8,7 +8,8 @@ The inverse frequencies follow ``transformers/modeling_rope_utils.py`` (v5): the
 ``rope_parameters`` dict (``rope_type``, ``rope_theta``, ``factor``, ...), or the legacy
 ``rope_theta`` / ``rope_scaling`` attributes of an older config object. They are computed
 with the same float32 operations as PyTorch (the power rounded from float64), so they agree
-to the last bit.
+to within the last bit or two of torch's pow. YaRN also scales cos and sin by an attention
+factor (`attention_scaling`), which every family passes to `rotary_cos_sin`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from trlax.errors import UnsupportedModelError
 
 Array = jax.Array
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 _DEFAULT_THETA = 10_000.0
 
 
@@ -54,9 +55,13 @@ def rope_parameters(config: Any, layer_type: str | None = None) -> dict[str, Any
     params.setdefault("rope_type", params.get("type", "default"))
     if params.get("rope_theta") is None:
         params["rope_theta"] = getattr(config, "rope_theta", None) or _DEFAULT_THETA
-    if params["rope_type"] == "llama3" and "original_max_position_embeddings" not in params:
-        # transformers' standardize_rope_params falls back to max_position_embeddings.
-        params["original_max_position_embeddings"] = config.max_position_embeddings
+    if params["rope_type"] in ("llama3", "yarn"):
+        # transformers' standardize_rope_params: a flat dict takes the config's own attribute (Phi-3 keeps the
+        # pretraining length there), else keeps its value, else falls back to max_position_embeddings.
+        original = getattr(config, "original_max_position_embeddings", None) if not nested else None
+        if original is not None:
+            params["original_max_position_embeddings"] = original
+        params.setdefault("original_max_position_embeddings", config.max_position_embeddings)
     return params
 
 
@@ -64,8 +69,9 @@ def inv_frequencies(config: Any, head_dim: int, partial_rotary_factor: float = 1
                     layer_type: str | None = None) -> np.ndarray:
     """Inverse frequencies [rot_dim / 2] float32, rot_dim = int(head_dim * partial_rotary_factor).
 
-    Supports rope_type "default", "linear" and "llama3"; any other type raises
-    UnsupportedModelError. Matches transformers' ROPE_INIT_FUNCTIONS for those types.
+    Supports rope_type "default", "linear", "llama3" and "yarn" (whose cos/sin scale is
+    `attention_scaling`); any other type raises UnsupportedModelError. Matches transformers'
+    ROPE_INIT_FUNCTIONS for those types.
     `layer_type` picks the entry of per-layer-type parameters (see `rope_parameters`).
     """
     params = rope_parameters(config, layer_type)
@@ -75,7 +81,12 @@ def inv_frequencies(config: Any, head_dim: int, partial_rotary_factor: float = 1
             f"rope_type {rope_type!r} is not supported by trlax; supported rope types: "
             f"{list(SUPPORTED_ROPE_TYPES)}. Use a config with one of those in `rope_parameters`."
         )
-    inv_freq = base_inv_frequencies(params["rope_theta"], int(head_dim * partial_rotary_factor))
+    dim = int(head_dim * partial_rotary_factor)
+    if rope_type == "yarn":
+        # transformers reads `truncate` from the config's top-level dict, not a layer type's.
+        top_level = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        return _yarn_frequencies(params, dim, config.max_position_embeddings, top_level.get("truncate", True))
+    inv_freq = base_inv_frequencies(params["rope_theta"], dim)
     if rope_type == "linear":
         inv_freq = inv_freq / np.float32(params["factor"])
     elif rope_type == "llama3":
@@ -83,16 +94,35 @@ def inv_frequencies(config: Any, head_dim: int, partial_rotary_factor: float = 1
     return inv_freq.astype(np.float32)
 
 
-def base_inv_frequencies(theta: float, dim: int) -> np.ndarray:
-    """Unscaled inverse frequencies [dim / 2] float32: `1 / theta ** (arange(0, dim, 2) / dim)`.
+def attention_scaling(config: Any, layer_type: str | None = None) -> float:
+    """The factor transformers multiplies RoPE's cos and sin by: YaRN's attention factor (the config's
+    `attention_factor`, else `0.1 * log(factor) + 1` or DeepSeek's mscale ratio), 1.0 for other types."""
+    params = rope_parameters(config, layer_type)
+    if params["rope_type"] != "yarn":
+        return 1.0
+    if params.get("attention_factor") is not None:
+        return float(params["attention_factor"])
+    factor = _yarn_factor(params, config.max_position_embeddings)
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+    return _yarn_mscale(factor)
 
-    torch computes this in float32: the same float32 exponent and reciprocal here, and the power
-    rounded from float64, which is what torch's float32 pow returns to within its last bit (numpy's
-    float32 pow is 1-2 ulps off, and the error grows with the position in the rotation angle).
+
+def _rope_powers(theta: float, dim: int) -> np.ndarray:
+    """`theta ** (arange(0, dim, 2) / dim)` [dim / 2] float32, as torch computes it.
+
+    The same float32 exponent as torch, and the power rounded from float64, which is what torch's
+    float32 pow returns to within its last bit (numpy's float32 pow is 1-2 ulps off, and the error
+    grows with the position in the rotation angle).
     """
     exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    power = (np.float64(np.float32(theta)) ** exponent.astype(np.float64)).astype(np.float32)
-    return (np.float32(1.0) / power).astype(np.float32)
+    return (np.float64(np.float32(theta)) ** exponent.astype(np.float64)).astype(np.float32)
+
+
+def base_inv_frequencies(theta: float, dim: int) -> np.ndarray:
+    """Unscaled inverse frequencies [dim / 2] float32: `1 / theta ** (arange(0, dim, 2) / dim)`."""
+    return (np.float32(1.0) / _rope_powers(theta, dim)).astype(np.float32)
 
 
 def partial_inv_frequencies(config: Any, head_dim: int) -> np.ndarray:
@@ -122,12 +152,52 @@ def _llama3_scaling(inv_freq: np.ndarray, params: dict[str, Any]) -> np.ndarray:
     return np.where(is_medium, smoothed, scaled).astype(np.float32)
 
 
-def rotary_cos_sin(positions: Array, inv_freq: np.ndarray | Array, interleaved: bool = False) -> tuple[Array, Array]:
+def _yarn_factor(params: dict[str, Any], max_position_embeddings: int) -> float:
+    """YaRN's context extension factor; without one, DeepSeek-V3's max / original positions."""
+    if params.get("factor") is None:
+        return max_position_embeddings / params["original_max_position_embeddings"]
+    return params["factor"]
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's Eq. 21: `0.1 * mscale * log(factor) + 1` (1 without extension)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_frequencies(params: dict[str, Any], dim: int, max_position_embeddings: int, truncate: bool) -> np.ndarray:
+    """YaRN's inverse frequencies [dim / 2] float32 (transformers' `_compute_yarn_parameters`): high
+    frequencies kept, low ones divided by `factor`, a linear ramp between the correction dims."""
+    theta, factor = params["rope_theta"], _yarn_factor(params, max_position_embeddings)
+    original = params["original_max_position_embeddings"]
+    beta_fast, beta_slow = params.get("beta_fast") or 32, params.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:  # the dim that turns `rotations` times over `original`
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    powers = _rope_powers(theta, dim)
+    extrapolation = (np.float32(1.0) / powers).astype(np.float32)
+    interpolation = (np.float32(1.0) / (np.float32(factor) * powers)).astype(np.float32)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    keep = (np.float32(1) - ramp.astype(np.float32)).astype(np.float32)  # 1: extrapolate (unchanged frequency)
+    return (interpolation * (np.float32(1) - keep) + extrapolation * keep).astype(np.float32)
+
+
+def rotary_cos_sin(positions: Array, inv_freq: np.ndarray | Array, interleaved: bool = False,
+                   scaling: float = 1.0) -> tuple[Array, Array]:
     """cos, sin [B, T, rot_dim] float32 for integer positions [B, T]: HF's rotate-half `cat(freqs, freqs)`,
-    or with `interleaved` (GPT-J, Cohere) each frequency twice in a row (`repeat_interleave(freqs, 2)`)."""
+    or with `interleaved` (GPT-J, Cohere) each frequency twice in a row (`repeat_interleave(freqs, 2)`);
+    both multiplied by `scaling` (`attention_scaling`: YaRN's attention factor, else 1)."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B, T, D/2]
     emb = jnp.repeat(freqs, 2, axis=-1) if interleaved else jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, D]
-    return jnp.cos(emb), jnp.sin(emb)
+    if scaling == 1.0:
+        return jnp.cos(emb), jnp.sin(emb)
+    return jnp.cos(emb) * scaling, jnp.sin(emb) * scaling
 
 
 def rotate_half(x: Array) -> Array:
