@@ -560,3 +560,105 @@ def test_sigkill_and_resume_give_bit_identical_params(tmp_path):
         assert sorted(a.keys()) == sorted(b.keys())
         for key in sorted(a.keys()):
             np.testing.assert_array_equal(a.get(key), b.get(key), err_msg=key)
+
+
+def test_a_batch_of_one_is_refused_where_a_reply_can_end_at_once(tmp_path):
+    """With eos ids, a batch of one reply that is eos at its first token has one reply token, whose whitened
+    advantage is NaN: a run died tens of steps in with "diverged ... lower learning rate". Refused up front."""
+    policy = word_checkpoint(tmp_path / "policy")
+    (tmp_path / "one_rewards.py").write_text(VOWEL_FN)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        args = cli_args(model=policy, reward_fn="one_rewards:vowels", prompts=tmp_path / "prompts.txt",
+                        batch_size=1, mini_batch_size=1)
+        models, texts = build_models(args)
+    finally:
+        sys.path.remove(str(tmp_path))
+    prompts = PromptSet.build(texts, models.codec, models.pad_id, 16)
+    with pytest.raises(TrlaxError, match=r"--batch-size 1 with a policy whose replies end at eos \[2\].*size 2"):
+        PPOTrainer(models, prompts, trainer_config(args))
+    embedded = cli_args(steps=1, batch_size=1, mini_batch_size=1, max_new_tokens=2)  # no eos: every reply is 2 long
+    models, texts = build_models(embedded)
+    train(PPOTrainer(models, PromptSet.build(texts, models.codec, models.pad_id, 16), trainer_config(embedded)),
+          tmp_path / "run")
+
+
+def test_the_policy_holds_the_current_params_between_steps_and_after_an_interruption(tmp_path):
+    """Each step donates the trainable arrays: the policy held deleted ones from the first step until `train`
+    returned, so an on_step callback, the reward, or anything after an interrupted run failed with "Array has been
+    deleted", and a new trainer on the same models could not start."""
+    args = cli_args(steps=3, batch_size=2, mini_batch_size=2, max_new_tokens=4)
+    models, texts = build_models(args)
+    prompts = PromptSet.build(texts, models.codec, models.pad_id, 16)
+    scores = models.reward
+    calls = []
+
+    def reward(generated: Generated) -> np.ndarray:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return scores(generated)
+
+    models.reward = reward
+    trainer = PPOTrainer(models, prompts, trainer_config(args))
+    ids = np.array([[3, 4, 5]])
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        train(trainer, tmp_path, on_step=lambda _: seen.append(np.asarray(models.policy(ids)[0])))
+    assert len(seen) == 1 and np.isfinite(seen[0]).all()
+    assert not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(models.policy.params))
+    np.testing.assert_array_equal(models.policy(ids)[0], seen[0])  # the first step's params
+    models.policy.save_pretrained(tmp_path / "saved")
+    models.reward = scores
+    again = PPOTrainer(models, prompts, trainer_config(cli_args(steps=1, batch_size=2, mini_batch_size=2,
+                                                                max_new_tokens=4)))
+    assert len(train(again, tmp_path / "again")) == 1
+
+
+def test_a_non_finite_reward_adapter_score_is_a_reward_error(tmp_path):
+    """A reward adapter's inf score went into the step, which then 'diverged' blaming the learning rate; the reward
+    model and reward function sources already raised RewardError for theirs."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.test_reward_adapter import reward_adapter
+
+    base = word_checkpoint(tmp_path / "base")
+    reward_adapter(base, tmp_path / "rm", num_labels=1)
+    weights = tmp_path / "rm" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors[next(k for k in tensors if "score" in k)][0, 0] = float("inf")
+    save_file(tensors, str(weights))
+    args = cli_args(model=base, lora_r=2, reward_adapter=tmp_path / "rm", prompts=tmp_path / "prompts.txt")
+    models, _ = build_models(args)
+    ids = np.array([[3, 4, 5, 6]])
+    with pytest.raises(RewardError, match="reward adapter .* returned non-finite scores"):
+        models.reward(Generated(ids, np.ones_like(ids), pad_id=models.pad_id))
+
+
+def test_a_metrics_line_cut_short_by_a_crash_does_not_block_resume(tmp_path, caplog):
+    """A run killed while appending a metrics line left a partial JSON line, and every --resume then failed with
+    "unexpected JSONDecodeError"; the cut line is dropped (with a warning), the complete ones kept."""
+    from trlax.ppo_log import METRICS_FILE, MetricsLog
+
+    lines = [json.dumps({"step": 1, "reward": 0.5}), json.dumps({"step": 2, "reward": 0.6}), '{"step": 3, "rew']
+    (tmp_path / METRICS_FILE).write_text("\n".join(lines))
+    with caplog.at_level("WARNING", logger="trlax"):
+        log = MetricsLog(tmp_path, start_step=2)
+    log.close()
+    assert [m["step"] for m in log.history()] == [1, 2]
+    assert "dropped a metrics line" in caplog.text
+    assert not list(tmp_path.glob(".*"))  # the rewrite's temporary file is gone
+
+
+def test_resuming_a_state_past_the_steps_asked_for_is_refused(tmp_path):
+    """`--steps 1 --resume` over a state saved at step 2 reported "resumed from step 2", exited 0 and wrote step 2's
+    policy as the final one: a run asked for fewer steps than it holds is refused."""
+    args = cli_args(steps=2, batch_size=2, mini_batch_size=2, max_new_tokens=4, save_every=2)
+    models, texts = build_models(args)
+    prompts = PromptSet.build(texts, models.codec, models.pad_id, 16)
+    train(PPOTrainer(models, prompts, trainer_config(args)), tmp_path)
+    fewer = cli_args(steps=1, batch_size=2, mini_batch_size=2, max_new_tokens=4, save_every=2)
+    with pytest.raises(TrlaxError, match=r"at step 2, past --steps 1; resume with --steps 2 or more"):
+        resume(PPOTrainer(models, prompts, trainer_config(fewer)), tmp_path)
+    same = PPOTrainer(models, prompts, trainer_config(args))
+    assert resume(same, tmp_path) == 2 and train(same, tmp_path) == []

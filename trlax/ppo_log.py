@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,15 @@ def tensorboard_writer(folder: Path) -> Any | None:
 
 class MetricsLog:
     """Appends one JSON line per step to `<dir>/metrics.jsonl`; a resumed run first drops the lines of
-    steps after `start_step` (written after the state it resumes from), so the file has each step once."""
+    steps after `start_step` (written after the state it resumes from) and any line a crash cut short,
+    so the file has each step once. The file is rewritten as a whole (a new file renamed over it)."""
 
     def __init__(self, output_dir: Path, start_step: int = 0) -> None:
         self.path = output_dir / METRICS_FILE
-        kept = [line for line in self.read_lines() if json.loads(line)["step"] <= start_step] if start_step else []
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [line for line in self.read_lines() if _step_of(line, self.path) <= start_step] if start_step else []
+        partial = self.path.with_name(f".{METRICS_FILE}.new")
+        partial.write_text("".join(line + "\n" for line in kept))
+        partial.replace(self.path)
         self.writer = tensorboard_writer(output_dir / TENSORBOARD_DIR)
 
     def read_lines(self) -> list[str]:
@@ -54,6 +58,16 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _step_of(line: str, path: Path) -> float:
+    """The step a metrics line records; infinity (dropped on resume, with a warning) for a line that is not
+    a step's JSON object, as one a crash cut short while it was written."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        logger.warning("dropped a metrics line that is not a step's JSON record from %s: %.80s", path, line)
+        return math.inf
 
 
 def plot(history: list[dict[str, float]], path: Path) -> Path | None:

@@ -150,8 +150,12 @@ class AdapterReward:
 
     def __call__(self, generated: Generated) -> np.ndarray:
         base = self.policy.params["pretrained_model"]  # frozen in a LoRA policy: never trained
-        return np.asarray(self._score(base, self.policy.reward_params, jnp.asarray(generated.sequences),
-                                      jnp.asarray(generated.attention_mask), generated.pad_id))
+        scores = np.asarray(self._score(base, self.policy.reward_params, jnp.asarray(generated.sequences),
+                                        jnp.asarray(generated.attention_mask), generated.pad_id))
+        if not np.all(np.isfinite(scores)):
+            raise RewardError(f"the {self.description} returned non-finite scores {scores.tolist()}; check the "
+                              "adapter's weights")
+        return scores
 
 
 def load_function(spec: str) -> Callable[..., Sequence[float]]:

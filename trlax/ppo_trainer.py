@@ -122,6 +122,11 @@ class PPOTrainer:
         settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("steps", "save_every")}
         self.run_settings = json.loads(json.dumps({**settings, **(run or {})}))  # as a saved state holds them
         policy = models.policy
+        if config.batch_size == 1 and models.eos_ids:
+            raise TrlaxError(f"--batch-size 1 with a policy whose replies end at eos {list(models.eos_ids)}: a reply "
+                             "that is eos at its first token leaves one reply token in the batch, and advantages are "
+                             "whitened over the batch's reply tokens (one token has no variance); use --batch-size 2 "
+                             "or more")
         lm = policy.pretrained_model
         positions, length = lm.spec.position_limit(lm.config), prompts.ids.shape[1] + config.max_new_tokens
         if positions is not None and length > positions:  # the learn step reads every prompt + reply token
@@ -131,10 +136,9 @@ class PPOTrainer:
         adam = optax.adam(config.learning_rate)
         self.tx = adam if config.max_grad_norm is None else optax.chain(
             optax.clip_by_global_norm(config.max_grad_norm), adam)
-        self.trainable, self.frozen = split_trainable(policy.params, policy.trainable_mask)
+        trainable, self.frozen = split_trainable(policy.params, policy.trainable_mask)
         self.mesh = lm.mesh  # leaves off it (Adam's step count, a restored RNG key) are replicated over it
-        self.opt_state = committed(self.tx.init(self.trainable), self.mesh)
-        self.trainable = committed(self.trainable, self.mesh)
+        self.set_state(committed(trainable, self.mesh), committed(self.tx.init(trainable), self.mesh))
         self.rollout = make_rollout(policy, models.reference, config.ppo)
         self.update = make_ppo_update(policy, self.tx, config.ppo)
         self.learn = jax.jit(self._learn, donate_argnums=(0, 2))
@@ -145,6 +149,13 @@ class PPOTrainer:
     @property
     def params(self) -> dict[str, Any]:
         return merge_trainable(self.trainable, self.frozen)
+
+    def set_state(self, trainable: Any, opt_state: Any) -> None:
+        """Take these trainable params and optimizer state, and give the policy the params they make: each step
+        donates the previous trainable arrays, so the policy holds the current ones between steps (for a reward
+        function, an `on_step` callback, or after an interrupted `train`)."""
+        self.trainable, self.opt_state = trainable, opt_state
+        self.models.policy.params = self.params
 
     # --- one step -------------------------------------------------------------------------
     def _learn(self, trainable: Any, frozen: Any, opt_state: Any, ref_params: Any, sequences: Array,
@@ -208,8 +219,8 @@ class PPOTrainer:
     def step(self) -> dict[str, float]:
         """One PPO step (generate, score, rollout, updates, KL control); returns its float metrics.
 
-        Raises DivergedError when the step's losses or updated params are NaN or inf; the trainer's
-        params are then unusable."""
+        Raises DivergedError when the step's losses or updated params are NaN or inf; the trainer and
+        the policy then hold those diverged params."""
         cfg, s = self.config, self.step_index
         rows = self.prompts.rows(cfg.seed, s, cfg.batch_size)
         prompt_ids, prompt_mask = self.prompts.ids[rows], self.prompts.mask[rows]
@@ -217,10 +228,11 @@ class PPOTrainer:
         reward = self.models.reward
         scores = reward(self.generated(rows, sequences, getattr(reward, "needs_text", True)))
         kl_coef = self.kl_coef
-        self.trainable, self.opt_state, metrics, finite = self.learn(
+        trainable, opt_state, metrics, finite = self.learn(
             self.trainable, self.frozen, self.opt_state, self.models.reference.params, sequences,
             jnp.asarray(prompt_mask), jnp.asarray(scores, jnp.float32), jnp.float32(kl_coef),
             self.minibatch_order(s))
+        self.set_state(trainable, opt_state)
         out = {name: float(v) for name, v in jax.device_get(metrics).items()}
         found = [f"{name} {value}" for name, value in out.items() if not math.isfinite(value)]
         found += [] if bool(finite) else ["the updated params hold NaN or inf"]
@@ -246,9 +258,13 @@ class PPOTrainer:
         step = checkpointer.latest_step()
         if step is None:
             return None
+        if step > self.config.steps:
+            raise TrlaxError(f"the saved state in {checkpointer.directory} is at step {step}, past --steps "
+                             f"{self.config.steps}; resume with --steps {step} or more, or train into another "
+                             "--output-dir")
         self.check_settings(checkpointer.extra(step), step, checkpointer.directory)  # before the arrays
         state = checkpointer.restore(step, target={"params": self.trainable, "opt_state": self.opt_state})
-        self.trainable, self.opt_state = committed(state.params, self.mesh), committed(state.opt_state, self.mesh)
+        self.set_state(committed(state.params, self.mesh), committed(state.opt_state, self.mesh))
         self.key = committed(state.rng, self.mesh)
         self.step_index, self.kl_coef = state.step, float(state.extra["kl_coef"])
         return state.step
@@ -326,5 +342,4 @@ def train(trainer: PPOTrainer, output_dir: Path,
     finally:
         if checkpointer is not None:
             checkpointer.close()
-    trainer.models.policy.params = trainer.params
     return history
