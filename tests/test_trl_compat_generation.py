@@ -327,6 +327,9 @@ def test_decoder_prompt_ids_outside_the_vocabulary_are_refused(seq2seq_pairs, ba
 @pytest.mark.parametrize(("setting", "match"), [
     ({"temperature": np.float32(0.0)}, "temperature must be > 0"),
     ({"temperature": np.float32(-1.0)}, "temperature must be > 0"),
+    # > 0 as a Python float, 0 in the float32 division XLA runs (subnormals flushed): every token was the last id.
+    ({"temperature": 1e-40}, "at least 1.2e-38"),
+    ({"temperature": 1e-46}, "at least 1.2e-38"),
     ({"top_p": np.float64(1.5)}, "top_p must be in"),
     ({"repetition_penalty": np.float32(0.0)}, "repetition_penalty must be > 0"),
     ({"repetition_penalty": np.array(-2.0)}, "repetition_penalty must be > 0"),

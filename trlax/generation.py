@@ -464,8 +464,10 @@ def check_sampling(temperature: Any, top_k: Any, top_p: Any, *, do_sample: bool 
     _check_number("top_p", top_p)
     if not do_sample:
         return
-    if (value := _scalar(temperature)) is not None and not value > 0:
-        raise InputError(f"temperature must be > 0 when sampling (use do_sample=False for greedy); got {temperature}")
+    # The logits are divided by it in float32, where XLA flushes subnormals to 0: at least float32's smallest normal.
+    if (value := _scalar(temperature)) is not None and not np.float32(value) >= np.finfo(np.float32).tiny:
+        raise InputError(f"temperature must be > 0 (at least 1.2e-38, float32's smallest normal number) when "
+                         f"sampling (use do_sample=False for greedy); got {temperature}")
     if (value := _scalar(top_p)) is not None and not 0.0 <= value <= 1.0:
         raise InputError(f"top_p must be in [0, 1] (1.0 = off); got {top_p}")
 
