@@ -12,7 +12,8 @@ from trlax.errors import UnsupportedModelError
 from trlax.models.rope import partial_inv_frequencies
 from trlax.models.self_attention import head_dim_of
 
-VARIANTS = {"gqa_qk_layernorm": TINY_CAUSAL["phi"], "mha_linear_rope": CAUSAL_VARIANTS["phi/mha_linear_rope"]}
+VARIANTS = {"gqa_qk_layernorm": TINY_CAUSAL["phi"], "mha_linear_rope": CAUSAL_VARIANTS["phi/mha_linear_rope"],
+            "tied": CAUSAL_VARIANTS["phi/tied"]}
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -36,17 +37,13 @@ def test_inv_freq_equals_transformers_within_two_ulps(pair):
     np.testing.assert_array_max_ulp(inv_freq, pt.model.rotary_emb.inv_freq.numpy(), maxulp=2)
 
 
-def test_lm_head_has_its_bias(pair):
+def test_lm_head_has_its_bias_also_when_tied(pair):
+    """transformers ties only lm_head.weight: the bias stays its own tensor (trlax refused a tied Phi)."""
     pt, model = pair
+    tied = model.config.tie_word_embeddings
+    assert set(model.params["lm_head"]) == ({"bias"} if tied else {"kernel", "bias"})
+    assert "lm_head.bias" in model.state_dict() and ("lm_head.weight" in model.state_dict()) is not tied
     np.testing.assert_array_equal(np.asarray(model.params["lm_head"]["bias"]), pt.lm_head.bias.detach().numpy())
-    assert "lm_head.bias" in model.state_dict()
-
-
-def test_tied_embeddings_are_refused():
-    config = TINY_CAUSAL["phi"]()
-    config.tie_word_embeddings = True
-    with pytest.raises(UnsupportedModelError, match="phi with tie_word_embeddings=True"):
-        FlaxAutoModelForCausalLM.from_config(config)
 
 
 def test_unsupported_rope_type_is_refused():

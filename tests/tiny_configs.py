@@ -267,6 +267,12 @@ def cohere_with(**overrides: object) -> transformers.PretrainedConfig:
     return transformers.CohereConfig(**{**kwargs, **overrides})
 
 
+def _with(config: transformers.PretrainedConfig, **overrides: object) -> transformers.PretrainedConfig:
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    return config
+
+
 def _phi2_like() -> transformers.PretrainedConfig:
     # Phi-2's own switches: multi-head attention, no q/k LayerNorm; a quarter of each head rotated, linear scaling.
     config = phi()
@@ -296,6 +302,8 @@ FAMILY_VARIANTS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
     "cohere/tied_linear_rope": lambda: cohere_with(rope_parameters={"rope_type": "linear", "factor": 2.0,
                                                                 "rope_theta": 500.0}),
     "phi/mha_linear_rope": _phi2_like,
+    # A head tied to embed_tokens keeps its own bias (transformers runs it; Phi checkpoints are untied).
+    "phi/tied": lambda: _with(phi(), tie_word_embeddings=True),
 }
 CAUSAL_VARIANTS.update(FAMILY_VARIANTS)
 

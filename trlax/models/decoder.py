@@ -127,9 +127,22 @@ class DecoderBackbone(HFModule):
         return x, None if hidden is None else (*hidden, x), cache
 
 
+class HeadBias(nn.Module):
+    """The LM head's own bias [V] when its weight is tied to the input embedding (HF key `lm_head.bias`)."""
+
+    features: int
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, logits: Array) -> Array:
+        return logits + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(
+            logits.dtype)
+
+
 class CausalLM(HFModule):
     """A family's `*ForCausalLM`: its backbone under `backbone_name`, and an LM head that is the
-    tied input embedding or an own `head_name` Dense (with `head_bias`). Inputs and outputs:
+    tied input embedding or an own `head_name` Dense (with `head_bias`; a tied head keeps its bias as its
+    own `head_name/bias`, as GPT-J's and Phi's do). Inputs and outputs:
     `trlax.models.outputs.CausalLMOutput`; logits are float32 whatever the compute dtype."""
 
     backbone_cls: ClassVar[type[HFModule]]
@@ -142,6 +155,8 @@ class CausalLM(HFModule):
         setattr(self, self.backbone_name, self.backbone_cls(c, self.dtype, self.param_dtype))
         if not c.tie_word_embeddings:
             setattr(self, self.head_name, self.linear(c.vocab_size, use_bias=self.head_bias))
+        elif self.head_bias:
+            setattr(self, self.head_name, HeadBias(c.vocab_size, self.param_dtype))
 
     def default_positions(self, input_ids: Array, attention_mask: Array, cache_index: Array) -> Array:
         """transformers' default position_ids [B, T]: the query slots (arange from the cache index),
@@ -150,9 +165,10 @@ class CausalLM(HFModule):
 
     def logits(self, h: Array) -> Array:
         """LM-head logits [B, T, V] (compute dtype) of the final state h [B, T, H']."""
-        if self.config.tie_word_embeddings:
-            return getattr(self, self.backbone_name).tied_head(h)
-        return getattr(self, self.head_name)(h)
+        if not self.config.tie_word_embeddings:
+            return getattr(self, self.head_name)(h)
+        logits = getattr(self, self.backbone_name).tied_head(h)
+        return getattr(self, self.head_name)(logits) if self.head_bias else logits
 
     def __call__(
         self,

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax.numpy as jnp
 import numpy as np
 
 from trlax.errors import UnsupportedModelError
@@ -86,32 +85,10 @@ class GPTJModel(DecoderBackbone):
         return rotary_cos_sin(position_ids, rotary_inv_freq(self.config), interleaved=True)  # [B, T, rotary_dim]
 
 
-class HeadBias(nn.Module):
-    """The LM head's own bias [V] when its weight is tied to `wte` (HF key `lm_head.bias`)."""
-
-    features: int
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, logits: Array) -> Array:
-        return logits + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(
-            logits.dtype)
-
-
 class GPTJForCausalLM(CausalLM):
     backbone_cls = GPTJModel
     backbone_name = "transformer"
     head_bias = True
-
-    def setup(self) -> None:
-        super().setup()
-        if self.config.tie_word_embeddings:
-            self.lm_head = HeadBias(self.config.vocab_size, self.param_dtype)
-
-    def logits(self, h: Array) -> Array:
-        if self.config.tie_word_embeddings:
-            return self.lm_head(self.transformer.tied_head(h))
-        return self.lm_head(h)
 
 
 def _validate(config: Any) -> None:

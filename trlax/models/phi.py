@@ -16,7 +16,6 @@ from typing import Any
 
 import flax.linen as nn
 
-from trlax.errors import UnsupportedModelError
 from trlax.models.attention import Array
 from trlax.models.cache import CacheGeometry, KVCache
 from trlax.models.decoder import BackboneLayout, CausalLM, DecoderBackbone
@@ -24,7 +23,7 @@ from trlax.models.layers import FeedForward, HFModule, activation
 from trlax.models.llama import ROTARY_BUFFERS
 from trlax.models.rope import attention_scaling, partial_inv_frequencies, rotary_cos_sin
 from trlax.models.self_attention import SelfAttention, head_dim_of
-from trlax.models.spec import ArchitectureSpec, attention_rules, embedding_rules, feed_forward_rules
+from trlax.models.spec import ArchitectureSpec, attention_rules, embedding_rules, feed_forward_rules, tied_lm_head
 
 
 class PhiAttention(SelfAttention):
@@ -86,11 +85,6 @@ class PhiForCausalLM(CausalLM):
 
 
 def _validate(config: Any) -> None:
-    if config.tie_word_embeddings:
-        raise UnsupportedModelError(
-            "phi with tie_word_embeddings=True is not supported by trlax (transformers keeps an untied "
-            "lm_head.bias next to the tied weight); use tie_word_embeddings=False, as Phi checkpoints do"
-        )
     partial_inv_frequencies(config, head_dim_of(config))  # raises UnsupportedModelError for a rope_type trlax lacks
     activation(config.hidden_act)
 
@@ -104,5 +98,6 @@ SPEC = ArchitectureSpec(
                     *feed_forward_rules("fc1", "fc2")),
     peft_targets=("q_proj", "v_proj", "fc1", "fc2"),
     ignored_keys=ROTARY_BUFFERS,
+    tied_keys=tied_lm_head("model.embed_tokens.weight"),  # the head's bias stays its own tensor
     validate=_validate,
 )
