@@ -216,3 +216,15 @@ def test_demo_models_from_a_checkpoint(checkpoint: Path) -> None:
     assert len(samples) == 4
     for s in samples:
         assert s["prompt"] in openers and 0.0 <= s["reward"] <= 1.0
+
+
+def test_the_policy_holds_the_current_params_between_demo_steps():
+    """Each PPOLoop step donates the trainable arrays; the policy held deleted ones until `run` returned, so an
+    on_step callback or anything after an interrupted run failed with "Array has been deleted"."""
+    from trlax.cli.demo import build_default
+
+    models = build_default(seed=0)
+    loop = PPOLoop(models, DemoConfig(steps=2, batch_size=4))
+    loop.step()
+    ids = np.random.RandomState(0).randint(2, 20, (2, 6))
+    np.testing.assert_array_equal(models.policy(ids)[0], models.policy.apply(loop.params, ids, np.ones_like(ids))[0])

@@ -368,3 +368,35 @@ def test_seq2seq_rollout_and_update():
         trainable, opt_state, stats = update(trainable, frozen, opt_state, exp, jax.random.key(i))
         losses.append(float(stats["loss/total"]))
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+def test_an_lm_whose_arrays_a_donated_update_deleted_says_so():
+    """A value-head model built from an LM object shares its arrays; the documented donated update deleted them,
+    and the LM the user still held failed with XLA's bare "Buffer has been deleted or donated"."""
+    lm = FlaxAutoModelForCausalLM.model_class(_GPT2, params=jax.tree_util.tree_map(jnp.copy, _initial_params(False)))
+    policy = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(lm, summary_dropout_prob=0.0)
+    ref = create_reference_model(policy, num_shared_layers=1)
+    batch, scores = _causal_batch()
+    exp = ppo.make_rollout(policy, ref)(policy.params, ref.params, batch, scores, 0.2)
+    tx = optax.sgd(0.1)
+    trainable, frozen = split_trainable(policy.params, policy.trainable_mask)
+    trainable, _, _ = ppo.make_ppo_update(policy, tx)(trainable, frozen, tx.init(trainable), exp)
+    policy.params = merge_trainable(trainable, frozen)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with pytest.raises(InputError, match="hold deleted arrays: a jitted step donated them.*wrapper.pretrained_model"):
+        lm(ids, mask)
+    with pytest.raises(InputError, match="hold deleted arrays"):
+        lm.generate(ids, mask, max_new_tokens=2)
+    np.testing.assert_array_equal(policy.pretrained_model(ids, mask).logits, policy(ids, mask)[0])
+    np.testing.assert_array_equal(ref(ids, mask)[0], ref(ids, mask)[0])  # the reference's arrays live on
+
+
+def test_a_mask_that_trains_what_the_model_freezes_is_refused():
+    """The model's frozen leaves are shared with its reference; an update with a custom mask that trains them
+    donated them and deleted the reference's arrays (the docstring promised a refusal)."""
+    policy, ref = _policy_and_ref(num_shared=1)
+    everything = jax.tree_util.tree_map(lambda _: True, policy.params)
+    with pytest.raises(TrlaxError, match=r"mask trains \d+ param\(s\) that model.trainable_mask freezes"):
+        ppo.make_ppo_update(policy, optax.sgd(0.1), mask=everything)
+    fewer = jax.tree_util.tree_map(lambda allowed: False, policy.trainable_mask)  # freezing more is fine
+    ppo.make_ppo_update(policy, optax.sgd(0.1), mask=fewer)

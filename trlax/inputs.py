@@ -217,6 +217,26 @@ def _leaves(tree: Any) -> Iterable[tuple[str, Any]]:
         yield "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path), leaf
 
 
+def check_not_deleted(leaves: list[Any], what: str) -> None:
+    """InputError when a concrete array among `leaves` was deleted (donated to a jitted step); traced ones pass."""
+    if any(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_deleted() for x in leaves):
+        raise InputError(
+            f"{what} hold deleted arrays: a jitted step donated them (e.g. a PPO update). A model wrapped by a "
+            "value-head model shares its arrays with the wrapper: call `wrapper.pretrained_model`, which follows "
+            "the wrapper's params, or pass the params the step returned")
+
+
+def with_live_params(fn: Callable[..., Any], what: str) -> Callable[..., Any]:
+    """`fn(params, ...)` that first checks `params` for arrays a donating step deleted (an InputError naming
+    `what`, where the jitted call would fail with XLA's "Buffer has been deleted or donated")."""
+
+    def call(params: Any, *args: Any, **kwargs: Any) -> Any:
+        check_not_deleted(jax.tree_util.tree_leaves(params), f"the params of {what}")
+        return fn(params, *args, **kwargs)
+
+    return call
+
+
 class ParamsCheck:
     """Checks that params have a model's structure: same paths, shapes and dtype kinds.
 
@@ -234,6 +254,7 @@ class ParamsCheck:
 
     def __call__(self, params: Any, name: str = "params") -> None:
         leaves, treedef = jax.tree_util.tree_flatten(params)
+        check_not_deleted(leaves, f"{name} of {self.what}")
         key = (treedef, tuple((tuple(np.shape(x)), _kind(x.dtype)) for x in leaves))
         if key in self._passed:
             return

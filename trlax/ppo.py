@@ -367,6 +367,14 @@ def make_ppo_update(
     """
     mask = model.trainable_mask if mask is None else mask
     expected, expected_frozen = (jax.tree_util.tree_structure(half) for half in split_trainable(model.params, mask))
+    unfrozen = [jax.tree_util.keystr(path) for (path, trains), allowed in zip(
+        jax.tree_util.tree_flatten_with_path(mask)[0], jax.tree_util.tree_leaves(model.trainable_mask), strict=True)
+        if trains and not allowed]
+    if unfrozen:
+        raise TrlaxError(f"mask trains {len(unfrozen)} param(s) that model.trainable_mask freezes, e.g. "
+                         f"{unfrozen[0]}: frozen leaves are shared with a reference model (or are a LoRA policy's "
+                         "base, its reference), and the update donates what it trains, which would delete the "
+                         "reference's arrays; keep those leaves False in mask")
 
     def loss_fn(trainable: Any, frozen: Any, batch: dict[str, Array], rng: Array | None) -> tuple[Array, Any]:
         params = merge_trainable(trainable, frozen)

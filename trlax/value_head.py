@@ -42,7 +42,7 @@ from trlax.checkpoint.torch_models import (
 )
 from trlax.errors import CheckpointError, InputError, TrlaxError, TrlaxTypeError, UnsupportedModelError
 from trlax.generation_config import read_generation_config
-from trlax.inputs import ParamsCheck, mask_for, same_shape, token_ids
+from trlax.inputs import ParamsCheck, mask_for, same_shape, token_ids, with_live_params
 from trlax.models.auto import AutoModel, FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
 from trlax.models.base import FlaxPreTrainedModel, load_config
 from trlax.models.layers import LORA_COLLECTION, torch_linear_init
@@ -247,8 +247,9 @@ class PreTrainedModelWrapper:
         lora = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                       self.params.get(LORA_COLLECTION))
         self._check_lora_params = ParamsCheck(lambda: lora, "this policy's LoRA adapter")
-        self._forward = jax.jit(self.apply, static_argnames=("train", "output_hidden_states"))
-        self._reward_forward = jax.jit(self.apply_reward)
+        what = f"this {type(self).__name__}"
+        self._forward = with_live_params(jax.jit(self.apply, static_argnames=("train", "output_hidden_states")), what)
+        self._reward_forward = with_live_params(jax.jit(self.apply_reward), what)
 
     def _initial_trainable_mask(self) -> dict[str, Any]:
         """Everything (a full policy), nothing (a reference), or a LoRA policy's adapter and value head."""

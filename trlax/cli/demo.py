@@ -207,6 +207,7 @@ class PPOLoop:
         self.trainable, self.opt_state, metrics = self.learn(
             self.trainable, self.frozen, self.opt_state, self.models.reference.params, prompt_ids, prompt_mask,
             sequences, self.minibatch_order())
+        self.models.policy.params = self.params  # the step donated the arrays the policy held
         return {name: float(value) for name, value in jax.device_get(metrics).items()}
 
     def samples(self, n: int = 4) -> list[dict[str, Any]]:
@@ -253,7 +254,6 @@ def run(models: DemoModels, config: DemoConfig, progress: bool = True,
         bar.set_postfix(reward=f"{np.mean([m['reward'] for m in recent]):.3f}",
                         kl=f"{np.mean([m['kl'] for m in recent]):.2f}", refresh=False)
     bar.close()
-    models.policy.params = loop.params
     return {"history": history, "samples_before": before, "samples_after": loop.samples(),
             "train_seconds": time.perf_counter() - start}
 

@@ -38,7 +38,14 @@ from trlax.checkpoint.torch_models import is_torch_model
 from trlax.errors import CheckpointError, TrlaxError, TrlaxTypeError, UnsupportedModelError
 from trlax.generation import GenerateOutput, GenerationCache, generate
 from trlax.generation_config import inferred_attention_mask, read_generation_config, resolve_generation
-from trlax.inputs import ParamsCheck, check_positions, check_shape, check_token_range, token_ids
+from trlax.inputs import (
+    ParamsCheck,
+    check_positions,
+    check_shape,
+    check_token_range,
+    token_ids,
+    with_live_params,
+)
 from trlax.models.layers import LORA_COLLECTION
 from trlax.models.registry import get_spec, supported_model_types
 from trlax.models.spec import ArchitectureSpec, ParamRule
@@ -115,7 +122,8 @@ class FlaxPreTrainedModel(CheckpointMixin):
         self.storage_dtype: np.dtype | None = None
         self.generation_config: transformers.GenerationConfig | None = None
         self.check_params = ParamsCheck(self.abstract_params, f"this {config.model_type} model")
-        self._forward = jax.jit(self.apply, static_argnames=("train", "output_hidden_states"))
+        self._forward = with_live_params(jax.jit(self.apply, static_argnames=("train", "output_hidden_states")),
+                                         f"this {config.model_type} model")
 
     @classmethod
     def module_for(cls, spec: ArchitectureSpec) -> type[Any]:
