@@ -18,6 +18,10 @@ class InputError(TrlaxError):
     """Model inputs of the wrong shape, dtype or range, or params that do not fit the model."""
 
 
+class DeletedParamsError(InputError, RuntimeError):
+    """Params whose arrays a donating jitted step deleted: also the RuntimeError JAX raises for them."""
+
+
 class CheckpointError(TrlaxError):
     """A checkpoint is missing, incomplete, corrupt, or does not fit the model."""
 

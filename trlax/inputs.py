@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from trlax.errors import InputError
+from trlax.errors import DeletedParamsError, InputError
 
 # The label the language-modelling losses skip (transformers' and PyTorch's ignore_index).
 IGNORE_INDEX = -100
@@ -218,16 +218,17 @@ def _leaves(tree: Any) -> Iterable[tuple[str, Any]]:
 
 
 def check_not_deleted(leaves: list[Any], what: str) -> None:
-    """InputError when a concrete array among `leaves` was deleted (donated to a jitted step); traced ones pass."""
+    """DeletedParamsError (an InputError) when a concrete array among `leaves` was deleted (donated to a jitted
+    step); traced ones pass."""
     if any(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_deleted() for x in leaves):
-        raise InputError(
+        raise DeletedParamsError(
             f"{what} hold deleted arrays: a jitted step donated them (e.g. a PPO update). A model wrapped by a "
             "value-head model shares its arrays with the wrapper: call `wrapper.pretrained_model`, which follows "
             "the wrapper's params, or pass the params the step returned")
 
 
 def with_live_params(fn: Callable[..., Any], what: str) -> Callable[..., Any]:
-    """`fn(params, ...)` that first checks `params` for arrays a donating step deleted (an InputError naming
+    """`fn(params, ...)` that first checks `params` for arrays a donating step deleted (a DeletedParamsError naming
     `what`, where the jitted call would fail with XLA's "Buffer has been deleted or donated")."""
 
     def call(params: Any, *args: Any, **kwargs: Any) -> Any:
