@@ -252,6 +252,21 @@ def seq2seq_pairs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("model_type", ["t5", "bart"])
+def test_left_padded_decoder_positions_match_transformers(seq2seq_pairs, model_type):
+    """A left-pad decoder query sees no key: BART's SDPA outputs zeros there, T5's SDPA (handed its position bias
+    as a float mask) the values' average; trlax averaged for both (BART matched), then zeroed for both (T5 off by
+    up to 14 at pad positions). Every position matches now, real ones as before."""
+    pt, model = seq2seq_pairs[model_type]
+    ids, mask = np.array([[3, 4, 5, 6, 7]] * 2), np.array([[0, 0, 1, 1, 1], [1] * 5])
+    dec, dmask = np.array([[0, 0, 0, 5, 6], [0, 5, 6, 7, 8]]), np.array([[0, 0, 1, 1, 1], [1] * 5])
+    with torch.no_grad():
+        ref = pt(torch.tensor(ids), attention_mask=torch.tensor(mask), decoder_input_ids=torch.tensor(dec),
+                 decoder_attention_mask=torch.tensor(dmask)).logits.numpy()
+    out = model(ids, mask, decoder_input_ids=dec, decoder_attention_mask=dmask).logits
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["t5", "bart"])
 def test_seq2seq_without_a_mask_attends_to_every_encoder_token(seq2seq_pairs, model_type):
     """transformers 5 infers no attention mask for an encoder-decoder (trlax masked the pads)."""
     pt, model = seq2seq_pairs[model_type]

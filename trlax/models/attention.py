@@ -114,11 +114,16 @@ def dot_product_attention(
     dropout: nn.Dropout | None = None,
     deterministic: bool = True,
     softcap: float | None = None,
+    zero_unseen_queries: bool = True,
 ) -> Array:
     """Softmax attention with grouped KV heads; scores, softmax and sums in float32.
 
     q: [B, T, Hq, D]; k, v: [B, Hkv, S, D] (the cache's layout) with Hq a multiple of Hkv;
     bias: [B, 1 | Hq, T, S]. Returns [B, T, Hq, Dv] in q's dtype.
+
+    A query that sees no key (a left-pad position: every bias entry masked) outputs zeros, as
+    torch's SDPA, transformers' default attention, returns there; with `zero_unseen_queries=False`
+    the average of the values, as transformers' eager attention gives (Gemma 2, GPT-Neo, BLOOM).
 
     One path for every T (prompt pass, decode step, training): two products batched over
     (B, Hkv), which read k and v where they lie. Both products accumulate in float32.
@@ -132,8 +137,11 @@ def dot_product_attention(
         scores = jnp.tanh(scores / softcap) * softcap
     if bias is not None:  # [B, 1 | Hq, T, S] -> [B, 1 | Hkv, 1 | G, T, S]
         bias = bias.astype(jnp.float32)
-        scores = scores + (bias[:, :, None] if bias.shape[1] == 1 else bias.reshape(b, hkv, groups, *bias.shape[2:]))
+        bias = bias[:, :, None] if bias.shape[1] == 1 else bias.reshape(b, hkv, groups, *bias.shape[2:])
+        scores = scores + bias
     probs = jax.nn.softmax(scores, axis=-1)
+    if zero_unseen_queries and bias is not None:  # masked entries hold a dtype's lowest value (plus small biases)
+        probs = jnp.where(bias.max(axis=-1, keepdims=True) > jnp.finfo(jnp.float32).min / 2, probs, 0.0)
     if dropout is not None and not deterministic:
         probs = dropout(probs, deterministic=False)
     # [B, Hkv, G, T, Dv], then moved to [B, T, ...]: XLA:CPU runs no bf16 x bf16 -> f32 dot that writes
@@ -154,12 +162,13 @@ def attend(
     dropout: nn.Dropout | None = None,
     deterministic: bool = True,
     softcap: float | None = None,
+    zero_unseen_queries: bool = True,
 ) -> tuple[Array, KVCache | None]:
     """Write k, v [B, T, Hkv, D] into the cache (if any), then attend q [B, T, Hq, D] to every key.
 
     With a cache the keys are its S slots; without one, the T new keys. bias: [B, 1 | Hq, T, S]
     (masks and position biases, added to the scaled, soft-capped scores). Returns
-    (out [B, T, Hq, Dv], the updated cache or None).
+    (out [B, T, Hq, Dv], the updated cache or None). `zero_unseen_queries`: see `dot_product_attention`.
     """
     if cache is not None:
         cache = write_kv(cache, k, v, cache_index)
@@ -167,5 +176,5 @@ def attend(
     else:
         k, v = heads_first(k), heads_first(v)
     out = dot_product_attention(q, k, v, bias, scale=scale, dropout=dropout, deterministic=deterministic,
-                                softcap=softcap)
+                                softcap=softcap, zero_unseen_queries=zero_unseen_queries)
     return out, cache

@@ -56,6 +56,9 @@ class BloomAttention(SelfAttention):
     def project_qkv(self, x: Array) -> tuple[Array, Array, Array]:
         return split_heads_qkv(self.query_key_value(x), self.config.n_head)  # HF's per-head [q | k | v]
 
+    def zero_unseen_queries(self) -> bool:
+        return False  # transformers runs BLOOM in eager attention
+
     def project_out(self, out: Array, deterministic: bool) -> Array:
         return self.hidden_dropout(self.dense(out), deterministic=deterministic)
 

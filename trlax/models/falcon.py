@@ -59,6 +59,9 @@ class FalconAttention(SelfAttention):
         self.dense = self.linear(c.hidden_size, c.bias)
         self.attention_dropout = nn.Dropout(c.attention_dropout)
 
+    def zero_unseen_queries(self) -> bool:
+        return not self.config.alibi  # transformers hands SDPA an additive float mask with ALiBi: the eager result
+
     def head_counts(self) -> tuple[int, int, int]:
         return self.config.num_attention_heads, num_kv_heads(self.config), head_dim(self.config)
 

@@ -53,6 +53,7 @@ def gemma_options(config: Any) -> DecoderOptions:
             attn_softcap=config.attn_logit_softcapping if config.model_type == "gemma2" else None,
             final_softcap=config.final_logit_softcapping,
             qk_norm=config.model_type == "gemma3_text",
+            eager_attention=config.model_type == "gemma2",
             **common,
         )
     raise UnsupportedModelError(f"model_type {config.model_type!r} is not a Gemma model")

@@ -40,7 +40,7 @@ class GPTNeoAttention(HFModule):
         c = self.config
         self.attention = ProjectedAttention(c, self.dtype, self.param_dtype, width=c.hidden_size,
                                             num_heads=c.num_heads, qkv_bias=False, scale="none",
-                                            dropout_rate=float(c.attention_dropout))
+                                            dropout_rate=float(c.attention_dropout), zero_unseen_queries=False)
         self.resid_dropout = nn.Dropout(float(c.resid_dropout))
 
     def __call__(self, x: Array, bias: Array, deterministic: bool, cache: KVCache | None,

@@ -62,6 +62,7 @@ class DecoderOptions:
     partial_rotary_factor: float = 1.0  # Phi-3: RoPE on the first fraction of each head only
     embed_dropout: float = 0.0  # StarCoder2: dropout on the embeddings
     resid_dropout: float = 0.0  # Phi-3, StarCoder2: dropout on the attention and MLP outputs
+    eager_attention: bool = False  # Gemma 2: transformers runs eager attention (see `dot_product_attention`)
 
     def window(self, layer_idx: int) -> int | None:
         """The sliding window of a layer (None: full attention)."""
@@ -158,6 +159,9 @@ class LlamaAttention(SelfAttention, kw_only=True):
 
     def softcap(self) -> float | None:
         return self.options.attn_softcap
+
+    def zero_unseen_queries(self) -> bool:
+        return not self.options.eager_attention
 
 
 class LlamaMLP(HFModule, kw_only=True):

@@ -28,6 +28,7 @@ class ProjectedAttention(HFModule, kw_only=True):
     out_bias: bool = True
     scale: Literal["scores", "query", "none"] = "scores"
     dropout_rate: float = 0.0
+    zero_unseen_queries: bool = True  # False: GPT-Neo, which transformers runs in eager attention
 
     def setup(self) -> None:
         self.k_proj = self.linear(self.width, self.qkv_bias)
@@ -50,5 +51,6 @@ class ProjectedAttention(HFModule, kw_only=True):
         k = self.k_proj(kv).reshape(b, kv.shape[1], self.num_heads, head_dim)
         v = self.v_proj(kv).reshape(b, kv.shape[1], self.num_heads, head_dim)
         out, cache = attend(q, k, v, bias, cache, cache_index, scale=head_dim**-0.5 if self.scale == "scores" else 1.0,
-                            dropout=self.dropout, deterministic=deterministic)
+                            dropout=self.dropout, deterministic=deterministic,
+                            zero_unseen_queries=self.zero_unseen_queries)
         return self.out_proj(out.reshape(b, t, self.width)), cache

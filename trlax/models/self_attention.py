@@ -60,6 +60,11 @@ class SelfAttention(HFModule):
     def softcap(self) -> float | None:
         return None
 
+    def zero_unseen_queries(self) -> bool:
+        """Whether a query that sees no key outputs zeros (transformers' default SDPA attention), not the
+        values' average (its eager attention, which a few families run): see `dot_product_attention`."""
+        return True
+
     def project_out(self, out: Array, deterministic: bool) -> Array:
         """The heads [B, T, Hq * D] -> [B, T, H] through the output projection."""
         return getattr(self, self.out_proj_name)(out)
@@ -74,5 +79,6 @@ class SelfAttention(HFModule):
         if rotary is not None:
             q, k = self.rotate(q, *rotary), self.rotate(k, *rotary)
         out, cache = attend(q, k, v, bias, cache, cache_index, scale=self.scale(), dropout=self.attention_dropout,
-                            deterministic=deterministic, softcap=self.softcap())
+                            deterministic=deterministic, softcap=self.softcap(),
+                            zero_unseen_queries=self.zero_unseen_queries())
         return self.project_out(out.reshape(b, t, -1), deterministic), cache

@@ -128,8 +128,10 @@ class T5Attention(HFModule, kw_only=True):
         q = self.q(x).reshape(b, t, c.num_heads, c.d_kv)
         k = self.k(kv_states).reshape(b, kv_states.shape[1], c.num_heads, c.d_kv)
         v = self.v(kv_states).reshape(b, kv_states.shape[1], c.num_heads, c.d_kv)
+        # transformers hands SDPA T5's position bias as an additive float mask: a query that sees no key gets the
+        # values' average, the eager result.
         out, cache = attend(q, k, v, bias, cache, cache_index, scale=1.0, dropout=self.dropout,
-                            deterministic=deterministic)
+                            deterministic=deterministic, zero_unseen_queries=False)
         return self.o(out.reshape(b, t, c.num_heads * c.d_kv)), cache
 
 
