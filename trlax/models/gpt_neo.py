@@ -6,7 +6,10 @@ Param paths match transformers' GPTNeoForCausalLM state dict (`transformer.wte`,
   from `attention_types`); a local layer sees only keys fewer than `window_size` cache
   slots behind the query (transformers' `tril(ones) ^ tril(ones, -window_size)` buffer);
 - attention is NOT scaled by 1/sqrt(head_dim), and q/k/v are separate bias-free Linears
-  (`trlax.models.projected_attention`).
+  (`trlax.models.projected_attention`);
+- transformers' (eager) GPT-Neo masks twice, its causal/local buffer and then the additive
+  padding mask, so a key both hide is -inf and a left-pad query averages the values of the
+  pad slots it may see: the bias here is the same sum.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from trlax.errors import UnsupportedModelError
-from trlax.models.attention import Array
+from trlax.models.attention import Array, attention_bias
 from trlax.models.cache import CacheGeometry, KVCache
 from trlax.models.decoder import CausalLM
 from trlax.models.gpt2 import GPT2Model
@@ -75,6 +79,15 @@ class GPTNeoModel(GPT2Model):
 
     def layer_windows(self) -> list[int | None]:
         return [layer_window(self.config, i) for i in range(self.config.num_layers)]
+
+    def layer_inputs(self, attention_mask: Array, position_ids: Array, q_slots: Array) -> dict[str, Any]:
+        """Per window, the causal/local bias plus the full one (padding too) [B, 1, T, S]: -inf where both hide
+        a key, as transformers' GPT-Neo adds its padding mask to the buffer-masked scores."""
+        inputs = super().layer_inputs(attention_mask, position_ids, q_slots)
+        unpadded = jnp.ones_like(attention_mask)
+        inputs["masks"] = {window: bias + attention_bias(unpadded, q_slots, sliding_window=window)
+                           for window, bias in inputs["masks"].items()}
+        return inputs
 
 
 class GPTNeoForCausalLM(CausalLM):
