@@ -23,6 +23,7 @@ from trlax import (
     merge_trainable,
     split_trainable,
 )
+from trlax.errors import DeletedParamsError
 from trlax.reference import (
     LAYER_PATTERNS,
     count_layers,
@@ -302,6 +303,8 @@ def test_donating_the_whole_policy_deletes_the_references_shared_arrays():
     assert wte.is_deleted()
     with pytest.raises(RuntimeError, match="deleted"):
         ref(*batch(101, "none"))
+    with pytest.raises(DeletedParamsError, match="the params of the model to copy hold deleted arrays"):
+        create_reference_model(policy)  # was JAX's bare "Array has been deleted with shape=float32[96]"
 
 
 # --- split / merge / optimizer --------------------------------------------------------------

@@ -29,6 +29,7 @@ import jax
 
 from trlax.checkpoint.naming import TensorRule, flatten_paths
 from trlax.errors import TrlaxError, TrlaxTypeError
+from trlax.inputs import check_not_deleted
 from trlax.models.base import FlaxPreTrainedModel
 from trlax.value_head import PreTrainedModelWrapper
 
@@ -166,6 +167,7 @@ def create_reference_model(
     if not isinstance(model, PreTrainedModelWrapper):
         raise TrlaxTypeError(f"create_reference_model takes a trlax value-head model (PreTrainedModelWrapper); "
                         f"got {type(model).__name__}")
+    check_not_deleted(jax.tree_util.tree_leaves(model.params), "the params of the model to copy")
     if model.is_peft_model:  # a LoRA policy: its reference is the base with the adapter off, no copy
         if num_shared_layers is not None or pattern is not None:
             raise TrlaxError("num_shared_layers/pattern do not apply to a LoRA adapter policy: its reference "
