@@ -151,30 +151,19 @@ def dot_product_attention(
 
 
 def attend(
-    q: Array,
-    k: Array,
-    v: Array,
-    bias: Array | None,
-    cache: KVCache | None,
-    cache_index: Array | int,
-    *,
-    scale: float,
-    dropout: nn.Dropout | None = None,
-    deterministic: bool = True,
-    softcap: float | None = None,
-    zero_unseen_queries: bool = True,
+    q: Array, k: Array, v: Array, bias: Array | None, cache: KVCache | None, cache_index: Array | int,
+    **options: Any,
 ) -> tuple[Array, KVCache | None]:
     """Write k, v [B, T, Hkv, D] into the cache (if any), then attend q [B, T, Hq, D] to every key.
 
     With a cache the keys are its S slots; without one, the T new keys. bias: [B, 1 | Hq, T, S]
-    (masks and position biases, added to the scaled, soft-capped scores). Returns
-    (out [B, T, Hq, Dv], the updated cache or None). `zero_unseen_queries`: see `dot_product_attention`.
+    (masks and position biases, added to the scaled, soft-capped scores). options: the keywords of
+    `dot_product_attention` (scale, dropout, deterministic, softcap, zero_unseen_queries). Returns
+    (out [B, T, Hq, Dv], the updated cache or None).
     """
     if cache is not None:
         cache = write_kv(cache, k, v, cache_index)
         k, v = cache["k"], cache["v"]  # [B, Hkv, S, D]
     else:
         k, v = heads_first(k), heads_first(v)
-    out = dot_product_attention(q, k, v, bias, scale=scale, dropout=dropout, deterministic=deterministic,
-                                softcap=softcap, zero_unseen_queries=zero_unseen_queries)
-    return out, cache
+    return dot_product_attention(q, k, v, bias, **options), cache

@@ -95,15 +95,14 @@ class GPTNeoXForCausalLM(CausalLM):
 
 
 def _validate(config: Any) -> None:
-    stray = getattr(config, "head_dim", None)
-    if stray is not None and stray != head_dim(config):
-        # GPTNeoXConfig has no head_dim; transformers would size the rotary frequencies from a stray one while
-        # its attention uses hidden_size // num_attention_heads.
-        raise UnsupportedModelError(
-            f"gpt_neox config has head_dim={stray}, but GPT-NeoX heads are hidden_size // num_attention_heads = "
-            f"{head_dim(config)}; remove head_dim from config.json")
     rotary_inv_freq(config)  # raises UnsupportedModelError for a rope_type trlax lacks
     activation(config.hidden_act)  # raises for an activation trlax lacks
+    # GPTNeoXConfig has no head_dim; transformers would size the rotary frequencies from a stray one while its
+    # attention uses hidden_size // num_attention_heads.
+    if getattr(config, "head_dim", None) not in (None, head_dim(config)):
+        raise UnsupportedModelError(
+            f"gpt_neox config has head_dim={config.head_dim}, but GPT-NeoX heads are hidden_size // "
+            f"num_attention_heads = {head_dim(config)}; remove head_dim from config.json")
 
 
 SPEC = ArchitectureSpec(
