@@ -190,6 +190,64 @@ def test_adaptive_kl_coef_and_config():
         ppo.PPOConfig(kl_penalty="low_var_kl")
 
 
+def trl_running_moments():
+    """TRL's `RunningMoments` (TRL v0.11's `trl.core`, kept in `trl.experimental.bco` since) on one process."""
+    import warnings
+    from types import SimpleNamespace
+
+    with warnings.catch_warnings():  # "importing from trl.experimental": the class is the one TRL's PPO used
+        warnings.simplefilter("ignore")
+        from trl.experimental.bco.bco_trainer import RunningMoments
+    return RunningMoments(accelerator=SimpleNamespace(use_distributed=False))
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_score_scaling_matches_trls_running_moments_and_step(norm):
+    """TRL's `step` scales scores by the running std (after subtracting the running mean with `use_score_norm`),
+    then clips them; the moments merge each batch, whatever its size. float32 scores as TRL gets them; TRL keeps
+    the moments in float32 tensors, trlax in float64, so they agree to a few float32 ulps: of the largest score
+    seen for the mean (it cancels towards 0 here), relatively for the rest, and of the clip for the results."""
+    import torch
+
+    config = ppo.PPOConfig(use_score_scaling=True, use_score_norm=norm, score_clip=1.5)
+    theirs, ours = trl_running_moments(), ppo.ScoreMoments()
+    rng = np.random.default_rng(0)
+    largest = 0.0
+    for size, loc, scale in ((4, 2.0, 3.0), (3, -1.0, 0.5), (1, 10.0, 1.0), (6, 0.0, 4.0)):
+        scores = rng.normal(loc, scale, size).astype(np.float32)
+        largest = max(largest, float(np.abs(scores).max()))
+        trained, ours = ppo.normalize_scores(scores, ours, config)
+        tensor = torch.tensor(scores)
+        theirs.update(tensor)
+        factor = theirs.std + torch.finfo(tensor.dtype).eps
+        expected = ((tensor - theirs.mean) if norm else tensor) / factor
+        expected = torch.clip(expected.float(), -config.score_clip, config.score_clip).numpy()
+        assert trained.dtype == np.float32
+        np.testing.assert_allclose(trained, expected, rtol=0, atol=4 * np.spacing(np.float32(config.score_clip)))
+        assert ours.mean == pytest.approx(theirs.mean, rel=0, abs=4 * float(np.spacing(np.float32(largest))))
+        relative = 4 * float(np.finfo(np.float32).eps)
+        for name in ("var", "std", "count"):
+            assert getattr(ours, name) == pytest.approx(getattr(theirs, name), rel=relative), name
+    clipped = ppo.normalize_scores(np.array([-9.0, 0.25, 9.0]), ppo.ScoreMoments(), ppo.PPOConfig(score_clip=1.0))
+    np.testing.assert_array_equal(clipped[0], [-1.0, 0.25, 1.0])  # clipping alone keeps the moments unused
+    assert clipped[1] == ppo.ScoreMoments()
+
+
+def test_score_settings_that_cannot_work_are_refused():
+    """TRL ignores use_score_norm without use_score_scaling (the user asked for normalised scores); a first batch of
+    one score gives TRL an infinite std that zeroes every score; a NaN score would poison every later step."""
+    with pytest.raises(TrlaxError, match="use_score_norm applies only with use_score_scaling=True"):
+        ppo.PPOConfig(use_score_norm=True)
+    for clip in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(TrlaxError, match="score_clip must be a finite number > 0"):
+            ppo.PPOConfig(score_clip=clip)
+    with pytest.raises(InputError, match="the first batch needs at least 2 scores"):
+        ppo.ScoreMoments().update(np.array([1.0]))
+    assert ppo.ScoreMoments().update(np.array([1.0, 3.0])).update(np.array([5.0])).count == pytest.approx(3.0)
+    with pytest.raises(InputError, match="score scaling needs finite scores"):
+        ppo.ScoreMoments().update(np.array([1.0, np.nan]))
+
+
 # --- model glue and the update loop --------------------------------------------------------
 _GPT2 = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=101, n_positions=64, resid_pdrop=0.0,
                                 embd_pdrop=0.0, attn_pdrop=0.0)

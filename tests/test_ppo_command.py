@@ -662,3 +662,73 @@ def test_resuming_a_state_past_the_steps_asked_for_is_refused(tmp_path):
         resume(PPOTrainer(models, prompts, trainer_config(fewer)), tmp_path)
     same = PPOTrainer(models, prompts, trainer_config(args))
     assert resume(same, tmp_path) == 2 and train(same, tmp_path) == []
+
+
+def test_score_scaling_trains_on_scaled_scores_and_resumes_with_its_moments(tmp_path):
+    """TRL's use_score_scaling / use_score_norm / score_clip were not implemented. With scaling and norm, a reward
+    scaled and shifted gives the step the same scores and trains the same params; without, it does not. The
+    running moments are saved with the state and restored on resume."""
+    flags = {"steps": 1, "batch_size": 4, "mini_batch_size": 2, "max_new_tokens": 4, "save_every": 1}
+    scaled = cli_args(**flags, use_score_scaling=True, use_score_norm=True, score_clip=1.5)
+    config = trainer_config(scaled).ppo
+    assert (config.use_score_scaling, config.use_score_norm, config.score_clip) == (True, True, 1.5)
+
+    def first_step(args, affine):
+        models, texts = build_models(args)
+        base = models.reward
+        models.reward = lambda generated: base(generated) * affine[0] + affine[1]
+        trainer = PPOTrainer(models, PromptSet.build(texts, models.codec, models.pad_id, 16), trainer_config(args))
+        learn, trained = trainer.learn, []
+        trainer.learn = lambda *inputs: (trained.append(np.asarray(inputs[7])), learn(*inputs))[1]  # trained_scores
+        metrics = train(trainer, tmp_path / f"run{len(list(tmp_path.iterdir()))}")[0]
+        return trainer, metrics, trained[0]
+
+    plain, plain_metrics, plain_scores = first_step(scaled, (1.0, 0.0))
+    moved, _, moved_scores = first_step(scaled, (10.0, 3.0))
+    assert abs(plain_metrics["trained_reward"]) < 1e-6  # normalised by the first batch alone: mean 0
+    assert moved.score_moments.count == 4 and moved.score_moments.mean == pytest.approx(
+        plain.score_moments.mean * 10 + 3, rel=1e-6)
+    # 10 x + 3 rounds at float32's spacing of the moved scores, then divides by their std
+    rounding = 4 * np.spacing(np.float32(3 + 10 * np.abs(plain_scores).max())) / moved.score_moments.std
+    np.testing.assert_allclose(moved_scores, plain_scores, rtol=0, atol=rounding)
+    # Adam moves a param by about the learning rate per update whatever the gradient's size, so the
+    # scores' rounding shows in params with near-zero gradients, far below one update; other scores move them more.
+    step = trainer_config(scaled).learning_rate
+    assert largest_difference(plain.params, moved.params) < 0.1 * step
+    unscaled = cli_args(**flags)
+    first, first_metrics, _ = first_step(unscaled, (1.0, 0.0))
+    second, _, _ = first_step(unscaled, (10.0, 3.0))
+    assert "trained_reward" not in first_metrics and largest_difference(first.params, second.params) > step
+    models, texts = build_models(scaled)
+    again = PPOTrainer(models, PromptSet.build(texts, models.codec, models.pad_id, 16),
+                       trainer_config(cli_args(**{**flags, "steps": 2}, use_score_scaling=True, use_score_norm=True,
+                                               score_clip=1.5)))
+    assert resume(again, tmp_path / "run0") == 1 and again.score_moments == plain.score_moments
+
+
+def largest_difference(a, b) -> float:
+    return max(float(np.abs(x - y).max()) for x, y in zip(jax_leaves(a), jax_leaves(b), strict=True))
+
+
+def test_score_flags_that_cannot_work_are_refused_and_old_states_resume(tmp_path, capsys):
+    """--use-score-norm alone (TRL ignores it), a bad --score-clip and --use-score-scaling with --batch-size 1 are
+    refused up front. A state saved before trlax had these settings resumes: they were off there."""
+    out = ["--output-dir", str(tmp_path / "run")]
+    for flags, message in ((["--use-score-norm"], "use_score_norm applies only with use_score_scaling=True"),
+                           (["--score-clip", "0"], "score_clip must be a finite number > 0"),
+                           (["--use-score-scaling", "--batch-size", "1", "--mini-batch-size", "1"],
+                            "--batch-size 1 with --use-score-scaling")):
+        assert main(["ppo", *out, *flags]) == 1
+        assert message in capsys.readouterr().err, flags
+    assert trainer_config(cli_args(kl_penalty="abs", whiten_rewards=True)).ppo.kl_penalty == "abs"
+    args = cli_args(steps=1, batch_size=2, mini_batch_size=2, max_new_tokens=4)
+    models, texts = build_models(args)
+    trainer = PPOTrainer(models, PromptSet.build(texts, models.codec, models.pad_id, 16), trainer_config(args))
+    older = json.loads(json.dumps(trainer.run_settings))
+    for name in ("use_score_scaling", "use_score_norm", "score_clip"):
+        del older["ppo"][name]
+    extra = {"seed": 0, "data_position": 2, "run": older}
+    trainer.check_settings(extra, 1, tmp_path)
+    older["ppo"]["use_score_scaling"] = True
+    with pytest.raises(TrlaxError, match="other settings \\(ppo "):
+        trainer.check_settings(extra, 1, tmp_path)

@@ -19,7 +19,8 @@ Typical loop (see `make_rollout`, `make_ppo_update`):
     trainable, frozen = trlax.split_trainable(policy.params, policy.trainable_mask)
     rollout = make_rollout(policy, ref, config)
     update = make_ppo_update(policy, tx, config)
-    opt_state = tx.init(trainable)
+    opt_state, moments = tx.init(trainable), ScoreMoments()
+    scores, moments = normalize_scores(raw_scores, moments, config)  # TRL's score scaling and clipping, if set
     exp = rollout(merge_trainable(trainable, frozen), ref.params, batch, scores, kl_coef)
     for minibatch in ...:                      # slices of `exp` along the batch axis
         trainable, opt_state, stats = update(trainable, frozen, opt_state, minibatch)
@@ -63,6 +64,9 @@ class PPOConfig:
     adap_kl_ctrl: bool = True
     target: float = 6.0  # adaptive KL target
     horizon: float = 10000.0  # adaptive KL horizon
+    use_score_scaling: bool = False  # divide scores by their running std (`normalize_scores`)
+    use_score_norm: bool = False  # and subtract their running mean first (needs use_score_scaling)
+    score_clip: float | None = None  # then clip scores to [-score_clip, score_clip]
 
     def __post_init__(self) -> None:
         if self.kl_penalty not in KL_PENALTIES:
@@ -80,6 +84,11 @@ class PPOConfig:
         for name in ("cliprange", "cliprange_value", "ratio_threshold"):
             if not 0 < getattr(self, name) < math.inf:
                 raise TrlaxError(f"{name} must be a finite number > 0; got {getattr(self, name)}")
+        if self.score_clip is not None and not 0 < self.score_clip < math.inf:
+            raise TrlaxError(f"score_clip must be a finite number > 0 (or None); got {self.score_clip}")
+        if self.use_score_norm and not self.use_score_scaling:  # TRL ignores it then: the user expects it applied
+            raise TrlaxError("use_score_norm applies only with use_score_scaling=True (TRL ignores it without); "
+                             "set both to normalise scores by their running mean and std")
 
 
 # --- core.py --------------------------------------------------------------------------
@@ -173,6 +182,52 @@ def compute_rewards(
     at_last = jax.nn.one_hot(last, t, dtype=jnp.float32) * valid.any(axis=-1, keepdims=True)
     rewards = non_score + at_last * scores.astype(jnp.float32)[:, None]
     return rewards, non_score, kls
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreMoments:
+    """TRL's `RunningMoments` of every score seen so far, as Python floats (TRL starts at mean 0, var and std 1,
+    count 1e-24, so the first batch's own statistics replace the start)."""
+
+    mean: float = 0.0
+    var: float = 1.0  # biased (population) variance of the scores so far
+    std: float = 1.0  # unbiased std of the scores so far
+    count: float = 1e-24
+
+    def update(self, scores: np.ndarray) -> ScoreMoments:
+        """The moments after one more batch of scores [B] (any float dtype; merged in float64).
+
+        TRL's `RunningMoments.update`: Chan et al.'s merge of the batch's biased variance into the running one.
+        InputError for non-finite scores (they would poison every later step) and for a first batch of one score
+        (TRL's std is then sqrt(x / 0) = inf and every score of the step becomes 0)."""
+        scores = np.asarray(scores, np.float64).reshape(-1)
+        if scores.size == 0 or not np.isfinite(scores).all():
+            raise InputError(f"score scaling needs finite scores; got {scores.tolist()}")
+        n, batch_mean, batch_var = scores.size, float(scores.mean()), float(scores.var())
+        total = self.count + n
+        if total - 1 <= 0:
+            raise InputError("score scaling's running std divides by (scores seen - 1): the first batch needs at "
+                             "least 2 scores (TRL gives inf there and zeroes every score)")
+        delta = batch_mean - self.mean
+        var = (self.var * self.count + delta**2 * self.count * n / total + batch_var * n) / total
+        return ScoreMoments(mean=self.mean + delta * n / total, var=var, std=math.sqrt(var * total / (total - 1)),
+                            count=total)
+
+
+def normalize_scores(scores: np.ndarray, moments: ScoreMoments, config: PPOConfig) -> tuple[np.ndarray, ScoreMoments]:
+    """TRL's score scaling and clipping at the start of `step`: (the scores [B] float32 PPO trains on, the moments).
+
+    With `use_score_scaling`, the moments first take this batch (`ScoreMoments.update`), then scores are divided
+    by `std + eps` (float32's eps), after subtracting `mean` with `use_score_norm`; with `score_clip`, they are
+    clipped to [-score_clip, score_clip]. Neither set: the scores as float32, the moments unchanged."""
+    scores = np.asarray(scores, np.float64)
+    if config.use_score_scaling:
+        moments = moments.update(scores)
+        shift = moments.mean if config.use_score_norm else 0.0
+        scores = (scores - shift) / (moments.std + float(np.finfo(np.float32).eps))
+    if config.score_clip is not None:
+        scores = np.clip(scores, -config.score_clip, config.score_clip)
+    return scores.astype(np.float32), moments
 
 
 def compute_advantages(

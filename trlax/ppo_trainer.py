@@ -1,7 +1,8 @@
 """The PPO training loop behind `trlax ppo`: TRL's classic PPO (`trlax.ppo`) over prompts, with crash-safe state.
 
 One step, as TRL's classic `PPOTrainer.step`: take `batch_size` prompts (`trlax.ppo_data`),
-sample replies (jitted generation with a KV cache), score them (`trlax.ppo_rewards`), then
+sample replies (jitted generation with a KV cache), score them (`trlax.ppo_rewards`; scaled and
+clipped as TRL's `use_score_scaling` / `use_score_norm` / `score_clip` say), then
 one jitted `learn`: policy and reference forwards, per-token KL penalty with the score at the
 last reply token, GAE, and `ppo_epochs` passes over shuffled minibatches of
 `mini_batch_size` (clipped policy + value loss, Adam). The KL coefficient is fixed or TRL's
@@ -10,8 +11,8 @@ adaptive controller.
 Determinism and resuming: the prompts, the generation key and the minibatch order of step s
 are functions of (seed, s) alone, so the whole run is a function of the seed. `save_every`
 writes an Orbax state (`trlax.checkpoint.state`: the trainable params, the optimizer state,
-the base RNG key, the step, the KL coefficient and the data position) after every N steps;
-`resume` restores the latest and continues, ending with bit-identical params.
+the base RNG key, the step, the KL coefficient, the running score moments and the data position)
+after every N steps; `resume` restores the latest and continues, ending with bit-identical params.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import optax
 from trlax.checkpoint.state import StateCheckpointer
 from trlax.errors import TrlaxError
 from trlax.generation import check_sampling
-from trlax.ppo import PPOConfig, adaptive_kl_coef, make_ppo_update, make_rollout
+from trlax.ppo import PPOConfig, ScoreMoments, adaptive_kl_coef, make_ppo_update, make_rollout, normalize_scores
 from trlax.ppo_data import PromptSet, TextCodec
 from trlax.ppo_rewards import Generated
 from trlax.sharding import committed
@@ -81,6 +82,10 @@ class TrainerConfig:
         if self.batch_size * self.max_new_tokens < 2:
             raise TrlaxError("--batch-size 1 with --max-new-tokens 1: advantages are whitened over the batch's reply "
                              "tokens, and one token has no variance; raise either")
+        if self.batch_size == 1 and self.ppo.use_score_scaling:
+            raise TrlaxError("--batch-size 1 with --use-score-scaling: the running std of the scores divides by the "
+                             "number seen - 1, which the first batch of one makes 0 (TRL zeroes every score then); "
+                             "use --batch-size 2 or more")
         if self.batch_size % self.mini_batch_size:
             raise TrlaxError(f"--batch-size {self.batch_size} must be a multiple of --mini-batch-size "
                              f"{self.mini_batch_size}")
@@ -98,6 +103,18 @@ class Models:
     reward: Callable[[Generated], np.ndarray]  # a trlax.ppo_rewards source
     description: dict[str, str]
     tokenizer: Any = None  # a transformers tokenizer to save beside the final policy, if any
+
+
+def run_settings(config: TrainerConfig) -> dict[str, Any]:
+    """The settings of `config` a resumed run must keep (all but `steps` and `save_every`), as JSON values."""
+    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(config).items()
+                                  if k not in ("steps", "save_every")}))
+
+
+def with_defaults(saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """`saved` settings (nested dicts) with the keys only `defaults` has added at their default values."""
+    return {**defaults, **{k: with_defaults(v, defaults[k]) if isinstance(v, dict) and isinstance(defaults.get(k), dict)
+                           else v for k, v in saved.items()}}
 
 
 def reply_mask(reply: Array, eos_ids: tuple[int, ...]) -> Array:
@@ -119,8 +136,7 @@ class PPOTrainer:
     def __init__(self, models: Models, prompts: PromptSet, config: TrainerConfig,
                  run: dict[str, Any] | None = None) -> None:
         self.models, self.prompts, self.config = models, prompts, config
-        settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("steps", "save_every")}
-        self.run_settings = json.loads(json.dumps({**settings, **(run or {})}))  # as a saved state holds them
+        self.run_settings = {**run_settings(config), **json.loads(json.dumps(run or {}))}  # as a saved state holds them
         policy = models.policy
         if config.batch_size == 1 and models.eos_ids:
             raise TrlaxError(f"--batch-size 1 with a policy whose replies end at eos {list(models.eos_ids)}: a reply "
@@ -145,6 +161,7 @@ class PPOTrainer:
         self.key = jax.random.key(config.seed)  # the base key: step s uses fold_in(key, s)
         self.step_index = 0
         self.kl_coef = float(config.ppo.init_kl_coef)
+        self.score_moments = ScoreMoments()  # TRL's running score statistics (used with use_score_scaling)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -159,16 +176,18 @@ class PPOTrainer:
 
     # --- one step -------------------------------------------------------------------------
     def _learn(self, trainable: Any, frozen: Any, opt_state: Any, ref_params: Any, sequences: Array,
-               prompt_mask: Array, scores: Array, kl_coef: Array, order: Array,
+               prompt_mask: Array, scores: Array, trained_scores: Array, kl_coef: Array, order: Array,
                ) -> tuple[Any, Any, dict[str, Array], Array]:
-        """The step's updates: (trainable, opt_state, metrics, whether every updated trainable param is finite)."""
+        """The step's updates: (trainable, opt_state, metrics, whether every updated trainable param is finite).
+
+        scores [B]: the reward's (for the metrics); trained_scores [B]: after TRL's scaling and clipping."""
         p = prompt_mask.shape[1]
         reply = reply_mask(sequences[:, p:], self.models.eos_ids)
         attention = jnp.concatenate([prompt_mask, reply], axis=1)
         batch = {"input_ids": sequences, "attention_mask": attention,
                  "position_ids": jnp.maximum(jnp.cumsum(attention, axis=1) - 1, 0),
                  "response_mask": jnp.concatenate([jnp.zeros_like(prompt_mask), reply], axis=1)}
-        experience = self.rollout(merge_trainable(trainable, frozen), ref_params, batch, scores, kl_coef)
+        experience = self.rollout(merge_trainable(trainable, frozen), ref_params, batch, trained_scores, kl_coef)
 
         def minibatch_update(carry: tuple[Any, Any], rows: Array) -> tuple[tuple[Any, Any], dict[str, Array]]:
             minibatch = jax.tree_util.tree_map(lambda x: x[rows], experience)
@@ -227,13 +246,17 @@ class PPOTrainer:
         sequences = self.generate(prompt_ids, prompt_mask, jax.random.fold_in(self.key, s))
         reward = self.models.reward
         scores = reward(self.generated(rows, sequences, getattr(reward, "needs_text", True)))
+        trained_scores, moments = normalize_scores(scores, self.score_moments, cfg.ppo)
         kl_coef = self.kl_coef
         trainable, opt_state, metrics, finite = self.learn(
             self.trainable, self.frozen, self.opt_state, self.models.reference.params, sequences,
-            jnp.asarray(prompt_mask), jnp.asarray(scores, jnp.float32), jnp.float32(kl_coef),
-            self.minibatch_order(s))
+            jnp.asarray(prompt_mask), jnp.asarray(scores, jnp.float32), jnp.asarray(trained_scores),
+            jnp.float32(kl_coef), self.minibatch_order(s))
         self.set_state(trainable, opt_state)
+        self.score_moments = moments
         out = {name: float(v) for name, v in jax.device_get(metrics).items()}
+        if cfg.ppo.use_score_scaling or cfg.ppo.score_clip is not None:
+            out["trained_reward"] = float(trained_scores.mean())  # the mean score after scaling and clipping
         found = [f"{name} {value}" for name, value in out.items() if not math.isfinite(value)]
         found += [] if bool(finite) else ["the updated params hold NaN or inf"]
         if found:
@@ -248,10 +271,12 @@ class PPOTrainer:
 
     # --- crash-safe state -------------------------------------------------------------------
     def save_state(self, checkpointer: StateCheckpointer) -> None:
-        """Orbax state of the steps done so far: trainable params, optimizer state, RNG, KL coef, data position."""
+        """Orbax state of the steps done so far: trainable params, optimizer state, RNG, KL coef, data position,
+        running score moments."""
         checkpointer.save(self.step_index, self.trainable, self.opt_state, rng=self.key,
                           extra={"kl_coef": self.kl_coef, "data_position": self.step_index * self.config.batch_size,
-                                 "seed": self.config.seed, "run": self.run_settings})
+                                 "seed": self.config.seed, "run": self.run_settings,
+                                 "score_moments": dataclasses.asdict(self.score_moments)})
 
     def restore_state(self, checkpointer: StateCheckpointer) -> int | None:
         """Continue from the latest saved step (returns it), or None when nothing is saved."""
@@ -267,6 +292,8 @@ class PPOTrainer:
         self.set_state(committed(state.params, self.mesh), committed(state.opt_state, self.mesh))
         self.key = committed(state.rng, self.mesh)
         self.step_index, self.kl_coef = state.step, float(state.extra["kl_coef"])
+        # States saved before trlax had score scaling were trained without it: the start moments are right.
+        self.score_moments = ScoreMoments(**state.extra.get("score_moments", {}))
         return state.step
 
 
@@ -283,6 +310,8 @@ class PPOTrainer:
             raise TrlaxError(f"the saved state in {where} was trained with --batch-size "
                              f"{extra.get('data_position', 0) // step}, not {self.config.batch_size}; {again}")
         saved = extra.get("run")  # absent in states saved before trlax recorded the settings
+        if saved is not None:  # settings trlax added later are at their defaults there: they trained so
+            saved = with_defaults(saved, run_settings(TrainerConfig()))
         if saved is not None and saved != self.run_settings:
             changed = sorted(k for k in {*saved, *self.run_settings} if saved.get(k) != self.run_settings.get(k))
             shown = ", ".join(f"{k} {saved.get(k)!r} -> {self.run_settings.get(k)!r}" for k in changed)

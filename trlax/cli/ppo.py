@@ -31,7 +31,7 @@ from trlax.errors import TrlaxError
 from trlax.generation_config import id_list
 from trlax.models.auto import FlaxAutoModelForCausalLM, FlaxAutoModelForSequenceClassification
 from trlax.models.sequence_classification import pad_token_id
-from trlax.ppo import PPOConfig
+from trlax.ppo import KL_PENALTIES, PPOConfig
 from trlax.ppo_data import HFCodec, PromptSet, TextCodec, read_prompts
 from trlax.ppo_log import PLOT_FILE, MetricsLog, plot
 from trlax.ppo_rewards import AdapterReward, FunctionReward, ModelReward, RewardError, load_function
@@ -53,7 +53,8 @@ TRL_DEFAULTS: dict[str, Any] = {
     "steps": 100, "batch_size": 128, "mini_batch_size": 128, "ppo_epochs": 4, "learning_rate": 1.41e-5,
     "init_kl_coef": 0.2, "adaptive_kl": True, "target": 6.0, "cliprange": 0.2, "cliprange_value": 0.2,
     "vf_coef": 0.1, "gamma": 1.0, "lam": 0.95, "max_new_tokens": 32, "temperature": 1.0, "top_k": 0,
-    "top_p": 1.0, "max_grad_norm": None,
+    "top_p": 1.0, "max_grad_norm": None, "kl_penalty": "kl", "whiten_rewards": False, "use_score_scaling": False,
+    "use_score_norm": False, "score_clip": None,
 }
 EMBEDDED_DEFAULTS: dict[str, Any] = {
     **TRL_DEFAULTS, "steps": 60, "batch_size": 32, "mini_batch_size": 16, "learning_rate": 1e-2,
@@ -105,7 +106,9 @@ def trainer_config(args: argparse.Namespace) -> TrainerConfig:
     s = settings(args)
     ppo = PPOConfig(gamma=s["gamma"], lam=s["lam"], cliprange=s["cliprange"], cliprange_value=s["cliprange_value"],
                     vf_coef=s["vf_coef"], init_kl_coef=s["init_kl_coef"], adap_kl_ctrl=s["adaptive_kl"],
-                    target=s["target"])
+                    target=s["target"], kl_penalty=s["kl_penalty"], whiten_rewards=s["whiten_rewards"],
+                    use_score_scaling=s["use_score_scaling"], use_score_norm=s["use_score_norm"],
+                    score_clip=s["score_clip"])
     return TrainerConfig(steps=s["steps"], batch_size=s["batch_size"], mini_batch_size=s["mini_batch_size"],
                          ppo_epochs=s["ppo_epochs"], learning_rate=s["learning_rate"],
                          max_grad_norm=s["max_grad_norm"], max_new_tokens=s["max_new_tokens"],
@@ -306,12 +309,20 @@ def add_ppo(subparsers: argparse._SubParsersAction) -> None:
                        ("ppo-epochs", positive_int), ("learning-rate", float), ("init-kl-coef", float),
                        ("target", float), ("cliprange", float), ("cliprange-value", float), ("vf-coef", float),
                        ("gamma", float), ("lam", float), ("max-grad-norm", float), ("max-new-tokens", positive_int),
-                       ("temperature", float), ("top-k", int), ("top-p", float)):
+                       ("temperature", float), ("top-k", int), ("top-p", float), ("score-clip", float)):
         default = TRL_DEFAULTS[flag.replace("-", "_")]
         hp.add_argument(f"--{flag}", type=kind, default=None, help=f"default {default} with --model (TRL's: 20000)"
                         if flag == "steps" else f"TRL default {default}")
     hp.add_argument("--adaptive-kl", action=argparse.BooleanOptionalAction, default=None,
                     help="TRL's adaptive KL controller towards --target (default on with --model)")
+    hp.add_argument("--kl-penalty", choices=KL_PENALTIES, default=None,
+                    help="the per-token KL estimate: logp - ref, |logp - ref|, (logp - ref)^2 / 2, or the full KL "
+                         "(TRL default kl)")
+    for flag, what in (("whiten-rewards", "whiten the per-token rewards before GAE"),
+                       ("use-score-scaling", "divide scores by their running std"),
+                       ("use-score-norm", "also subtract their running mean (with --use-score-scaling)")):
+        hp.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"{what} (TRL default off)")
     hp.add_argument("--target-kl", type=float, default=None, help=argparse.SUPPRESS)  # refused: see run_ppo_command
     model = parser.add_argument_group("policy and mesh")
     model.add_argument("--num-shared-layers", type=int, default=None,
