@@ -139,6 +139,13 @@ def cohere() -> transformers.PretrainedConfig:
                                      max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=1)
 
 
+def granite(**overrides: object) -> transformers.PretrainedConfig:
+    # Granite 3.0 2B's multipliers (its attention_multiplier is 1/64, here 0.2 != head_dim ** -0.5), GQA, tied head.
+    kwargs = {**_LLAMA_COMMON, "num_key_value_heads": 2, "tie_word_embeddings": True, "embedding_multiplier": 12.0,
+              "residual_multiplier": 0.22, "attention_multiplier": 0.2, "logits_scaling": 8.0}
+    return transformers.GraniteConfig(**{**kwargs, **overrides})
+
+
 TINY_CAUSAL: dict[str, Callable[[], transformers.PretrainedConfig]] = {
     "gpt2": gpt2,
     "llama": llama,
@@ -158,6 +165,7 @@ TINY_CAUSAL: dict[str, Callable[[], transformers.PretrainedConfig]] = {
     "falcon": falcon,
     "gptj": gptj,
     "cohere": cohere,
+    "granite": granite,
 }
 
 
@@ -304,6 +312,11 @@ FAMILY_VARIANTS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
     "phi/mha_linear_rope": _phi2_like,
     # A head tied to embed_tokens keeps its own bias (transformers runs it; Phi checkpoints are untied).
     "phi/tied": lambda: _with(phi(), tie_word_embeddings=True),
+    # Biased attention and MLP, an untied head, logits scaled up (logits_scaling < 1), linear RoPE scaling.
+    "granite/biased_untied": lambda: granite(attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
+                                             logits_scaling=0.5, embedding_multiplier=2.0, residual_multiplier=1.5,
+                                             rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                              "rope_theta": 500.0}),
 }
 CAUSAL_VARIANTS.update(FAMILY_VARIANTS)
 

@@ -219,9 +219,12 @@ class LlamaDecoderLayer(HFModule, kw_only=True):
     def __call__(self, x: Array, *, masks: dict[Any, Array], rotary: tuple[Array, Array], deterministic: bool,
                  cache: KVCache | None, cache_index: Array) -> tuple[Array, KVCache | None]:
         attn_out, cache = self.attention(self.input_layernorm(x), masks, rotary, deterministic, cache, cache_index)
-        x = x + self.resid_dropout(attn_out, deterministic=deterministic)
-        mlp_out = self.mlp(self.post_attention_layernorm(x))
-        return x + self.resid_dropout(mlp_out, deterministic=deterministic), cache
+        x = x + self.residual_branch(attn_out, deterministic)
+        return x + self.residual_branch(self.mlp(self.post_attention_layernorm(x)), deterministic), cache
+
+    def residual_branch(self, out: Array, deterministic: bool) -> Array:
+        """A sublayer's output as the residual stream adds it (Granite scales it instead of the dropout)."""
+        return self.resid_dropout(out, deterministic=deterministic)
 
 
 class LlamaModel(DecoderBackbone):
