@@ -1,17 +1,16 @@
 """Phi-3 quirks (the shared parity tests run on it from tests/test_llama_parity.py): fused projections,
-partial rotary, and the RoPE scaling trlax refuses."""
+partial rotary, and LongRoPE (Phi-3-128k, Phi-3.5, Phi-4-mini) on both sides of its pretraining length."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import transformers
 
-from tests.helpers import save_torch
-from tests.parity_checks import check_forward, make_pair
-from tests.tiny_configs import TINY_CAUSAL
+from tests.parity_checks import SEQ, check_forward, check_greedy_generation, make_pair
+from tests.tiny_configs import TINY_CAUSAL, phi3_longrope
 from trlax import FlaxAutoModelForCausalLM
-from trlax.errors import UnsupportedModelError
+from trlax.errors import InputError, UnsupportedModelError
+from trlax.models.rope import attention_scaling
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +46,39 @@ def test_full_rotary_phi3_mini_shape_matches_pytorch(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["longrope", "su", "yarn"])
-def test_longrope_scaling_is_refused_naming_it(kind, tmp_path):
-    """Phi-3-128k / Phi-3.5 / Phi-4-mini configs: transformers maps 'su' and 'yarn' to 'longrope'."""
-    config = TINY_CAUSAL["phi3"]().to_dict()
-    config.pop("rope_parameters")
-    config["rope_scaling"] = {"type": kind, "short_factor": [1.0] * 3, "long_factor": [2.0] * 3,
-                              "partial_rotary_factor": 0.75}
-    config["original_max_position_embeddings"] = 32
-    config = transformers.Phi3Config.from_dict(config)
+def test_longrope_frequencies_and_attention_factor_are_transformers(kind):
+    """Phi-3-128k / Phi-3.5 / Phi-4-mini configs (transformers maps 'su' and 'yarn' to 'longrope') were refused."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = phi3_longrope(kind)
     assert config.rope_parameters["rope_type"] == "longrope"
-    save_torch(transformers.AutoModelForCausalLM.from_config(config), tmp_path)  # transformers runs it
-    with pytest.raises(UnsupportedModelError, match="phi3 with RoPE scaling rope_type='longrope'"):
-        FlaxAutoModelForCausalLM.from_pretrained(tmp_path)
+    model = FlaxAutoModelForCausalLM.from_config(config)
+    table = model.module.bind({"params": model.params}).model.inv_freq
+    short, scaling = ROPE_INIT_FUNCTIONS["longrope"](config, None)
+    long, _ = ROPE_INIT_FUNCTIONS["longrope"](config, None, seq_len=33)
+    np.testing.assert_array_max_ulp(table.short, short.numpy(), maxulp=2)
+    np.testing.assert_array_max_ulp(table.long, long.numpy(), maxulp=2)
+    assert table.original_max_position_embeddings == 32
+    assert attention_scaling(config) == pytest.approx(scaling, rel=1e-12) and scaling > 1.0
+
+
+def test_longrope_on_both_sides_of_the_pretraining_length_matches_transformers(tmp_path):
+    """A forward pass whose last position passes the pretraining length rotates every position with the long
+    factors, one within it with the short ones, as transformers does; greedy generation within it matches token for
+    token. Generation past it is refused: transformers' Phi-3 recomputes its KV cache there, trlax does not."""
+    past = phi3_longrope(original=8)  # the 11-token test sequences pass it
+    pt, model = make_pair(past, tmp_path / "past")
+    for padding in ("none", "left", "right"):
+        check_forward(pt, model, padding, explicit_positions=False)
+    check_greedy_generation(phi3_longrope(original=SEQ + 7), tmp_path / "within", new_tokens=8)
+    ids = np.ones((1, SEQ), np.int32)
+    with pytest.raises(InputError, match=r"prompt length 11 \+ max_new_tokens - 1 = 18 passes this LongRoPE model's "
+                                         r"pretraining length \(8\)"):
+        model.generate(ids, max_new_tokens=8)
+
+
+def test_longrope_factors_of_the_wrong_length_are_refused():
+    config = phi3_longrope()
+    config.rope_parameters["long_factor"] = [2.0, 4.4]
+    with pytest.raises(UnsupportedModelError, match="needs `long_factor` with 3 numbers"):
+        FlaxAutoModelForCausalLM.from_config(config)

@@ -289,6 +289,18 @@ def _phi2_like() -> transformers.PretrainedConfig:
     return config
 
 
+def phi3_longrope(kind: str = "longrope", original: int = 32) -> transformers.PretrainedConfig:
+    """Phi-4-mini's kind of RoPE on the tiny Phi-3 (an old config.json's `rope_scaling` of type `kind`: "su" and
+    "yarn" are Phi-3's names for it): partial rotary (3 frequencies), distinct short and long factors, a
+    pretraining length `original` below max_position_embeddings (64), so the attention factor is > 1."""
+    config = phi3().to_dict()
+    config.pop("rope_parameters")
+    config["rope_scaling"] = {"type": kind, "short_factor": [1.6, 1.3, 1.05], "long_factor": [2.0, 4.4, 4.7],
+                              "partial_rotary_factor": 0.75}
+    config["original_max_position_embeddings"] = original
+    return transformers.Phi3Config.from_dict(config)
+
+
 FAMILY_VARIANTS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
     "bloom/post_ln_8heads_untied": bloom_post_ln_untied,
     # The new architecture with one shared norm (num_ln_in_parallel_attn=1) and a single KV group, tied head.
@@ -310,6 +322,8 @@ FAMILY_VARIANTS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
     "cohere/tied_linear_rope": lambda: cohere_with(rope_parameters={"rope_type": "linear", "factor": 2.0,
                                                                 "rope_theta": 500.0}),
     "phi/mha_linear_rope": _phi2_like,
+    # LongRoPE within its pretraining length (32): the short factors and the attention factor sqrt(1.2).
+    "phi3/longrope": phi3_longrope,
     # A head tied to embed_tokens keeps its own bias (transformers runs it; Phi checkpoints are untied).
     "phi/tied": lambda: _with(phi(), tie_word_embeddings=True),
     # Biased attention and MLP, an untied head, logits scaled up (logits_scaling < 1), linear RoPE scaling.

@@ -53,6 +53,7 @@ from trlax.errors import InputError, TrlaxError
 from trlax.generation_config import id_list, penalty_context, process_logits
 from trlax.inputs import check_positions, check_token_range, mask_for, token_ids
 from trlax.models.layers import LORA_COLLECTION
+from trlax.models.rope import longrope_length
 from trlax.sharding import constrain_kv_cache, shard_batch
 
 if TYPE_CHECKING:
@@ -580,6 +581,12 @@ def generate(
                 "max_new_tokens - 1") if seq2seq else f"prompt length {prompt.shape[1]} + max_new_tokens - 1"
         raise InputError(f"{what} = {length} exceeds the model's {limit} positions (the last new token is never "
                          "fed back); shorten the prompt or lower max_new_tokens")
+    longrope = longrope_length(config)
+    if longrope is not None and length > longrope:
+        raise InputError(f"prompt length {prompt.shape[1]} + max_new_tokens - 1 = {length} passes this LongRoPE "
+                         f"model's pretraining length ({longrope}), where transformers switches to the long RoPE "
+                         "factors and (Phi-3) recomputes its KV cache; trlax generates within it only (a forward "
+                         "pass of any length is supported): shorten the prompt or lower max_new_tokens")
     if not seq2seq:
         _check_prompt_mask(mask)
 

@@ -6,13 +6,11 @@ What differs from Llama, all as transformers' Phi3ForCausalLM computes it:
 - one fused `gate_up_proj` whose output is [gate | up]: down(up * act(gate));
 - RoPE on the first `partial_rotary_factor` of each head (Phi-4-mini: 0.75);
 - dropout on the attention and MLP outputs (`resid_pdrop`), a sliding window on every
-  layer when `sliding_window` is set (Mistral's rule).
+  layer when `sliding_window` is set (Mistral's rule);
+- RoPE "default" or "longrope" (also spelled "su" or "yarn" in Phi-3 configs, which
+  transformers maps to "longrope": Phi-3-*-128k, Phi-3.5, Phi-4-mini; see `trlax.models.rope`).
 Param paths are transformers': `model.layers.{i}.self_attn.{qkv_proj,o_proj}`,
 `model.layers.{i}.mlp.{gate_up_proj,down_proj}`, the RMSNorms as Llama's.
-
-Not implemented: RoPE scaling "longrope" (also spelled "su" or "yarn" in Phi-3 configs,
-which transformers maps to "longrope": Phi-3-*-128k, Phi-3.5, Phi-4-mini); such configs
-are refused when the model is built.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from trlax.errors import UnsupportedModelError
 from trlax.models.attention import Array
 from trlax.models.layers import HFModule, activation
 from trlax.models.llama import SPEC as LLAMA_SPEC
@@ -100,13 +97,6 @@ class Phi3ForCausalLM(LlamaForCausalLM):
 
 
 def _validate(config: Any) -> None:
-    rope_type = rope_parameters(config)["rope_type"]
-    if rope_type != "default":
-        raise UnsupportedModelError(
-            f"phi3 with RoPE scaling rope_type={rope_type!r} (Phi-3 128k / Phi-3.5 / Phi-4-mini's 'longrope', "
-            "'su' or 'yarn') is not supported by trlax; use a phi3 config without `rope_scaling` "
-            "(e.g. Phi-3-mini-4k)"
-        )
     partial_inv_frequencies(config, head_dim_of(config))
     activation(config.hidden_act)
     phi3_options(config)

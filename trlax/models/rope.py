@@ -8,14 +8,16 @@ The inverse frequencies follow ``transformers/modeling_rope_utils.py`` (v5): the
 ``rope_parameters`` dict (``rope_type``, ``rope_theta``, ``factor``, ...), or the legacy
 ``rope_theta`` / ``rope_scaling`` attributes of an older config object. They are computed
 with the same float32 operations as PyTorch (the power rounded from float64), so they agree
-to within the last bit or two of torch's pow. YaRN also scales cos and sin by an attention
-factor (`attention_scaling`), which every family passes to `rotary_cos_sin`.
+to within the last bit or two of torch's pow. YaRN and LongRoPE also scale cos and sin by an
+attention factor (`attention_scaling`), which every family passes to `rotary_cos_sin`. LongRoPE
+(Phi-3-128k, Phi-3.5, Phi-4-mini) has two sets of frequencies (`LongRopeFrequencies`); each call
+picks one from its own positions, as transformers does.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +27,7 @@ from trlax.errors import UnsupportedModelError
 
 Array = jax.Array
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 _DEFAULT_THETA = 10_000.0
 
 
@@ -55,7 +57,7 @@ def rope_parameters(config: Any, layer_type: str | None = None) -> dict[str, Any
     params.setdefault("rope_type", params.get("type", "default"))
     if params.get("rope_theta") is None:
         params["rope_theta"] = getattr(config, "rope_theta", None) or _DEFAULT_THETA
-    if params["rope_type"] in ("llama3", "yarn"):
+    if params["rope_type"] in ("llama3", "yarn", "longrope"):
         # transformers' standardize_rope_params: a flat dict takes the config's own attribute (Phi-3 keeps the
         # pretraining length there), else keeps its value, else falls back to max_position_embeddings.
         original = getattr(config, "original_max_position_embeddings", None) if not nested else None
@@ -65,13 +67,31 @@ def rope_parameters(config: Any, layer_type: str | None = None) -> dict[str, Any
     return params
 
 
+class LongRopeFrequencies(NamedTuple):
+    """LongRoPE's two sets of inverse frequencies [rot_dim / 2] float32: a call whose largest position id + 1
+    exceeds `original_max_position_embeddings` uses `long` for every position, any other call `short`
+    (transformers' `longrope_frequency_update`; cached keys keep the set they were rotated with)."""
+
+    short: np.ndarray
+    long: np.ndarray
+    original_max_position_embeddings: int
+
+
+def longrope_length(config: Any) -> int | None:
+    """A LongRoPE config's pretraining length (`original_max_position_embeddings`); None for any other config."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if params.get("rope_type", params.get("type")) != "longrope":
+        return None
+    return int(rope_parameters(config)["original_max_position_embeddings"])
+
+
 def inv_frequencies(config: Any, head_dim: int, partial_rotary_factor: float = 1.0,
-                    layer_type: str | None = None) -> np.ndarray:
+                    layer_type: str | None = None) -> np.ndarray | LongRopeFrequencies:
     """Inverse frequencies [rot_dim / 2] float32, rot_dim = int(head_dim * partial_rotary_factor).
 
-    Supports rope_type "default", "linear", "llama3" and "yarn" (whose cos/sin scale is
-    `attention_scaling`); any other type raises UnsupportedModelError. Matches transformers'
-    ROPE_INIT_FUNCTIONS for those types.
+    Supports rope_type "default", "linear", "llama3", "yarn" and "longrope" (the last two with
+    a cos/sin scale, `attention_scaling`; longrope as a `LongRopeFrequencies` pair); any other
+    type raises UnsupportedModelError. Matches transformers' ROPE_INIT_FUNCTIONS for those types.
     `layer_type` picks the entry of per-layer-type parameters (see `rope_parameters`).
     """
     params = rope_parameters(config, layer_type)
@@ -86,6 +106,8 @@ def inv_frequencies(config: Any, head_dim: int, partial_rotary_factor: float = 1
         # transformers reads `truncate` from the config's top-level dict, not a layer type's.
         top_level = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
         return _yarn_frequencies(params, dim, config.max_position_embeddings, top_level.get("truncate", True))
+    if rope_type == "longrope":
+        return _longrope_frequencies(params, dim)
     inv_freq = base_inv_frequencies(params["rope_theta"], dim)
     if rope_type == "linear":
         inv_freq = inv_freq / np.float32(params["factor"])
@@ -95,14 +117,18 @@ def inv_frequencies(config: Any, head_dim: int, partial_rotary_factor: float = 1
 
 
 def attention_scaling(config: Any, layer_type: str | None = None) -> float:
-    """The factor transformers multiplies RoPE's cos and sin by: YaRN's attention factor (the config's
-    `attention_factor`, else `0.1 * log(factor) + 1` or DeepSeek's mscale ratio), 1.0 for other types."""
+    """The factor transformers multiplies RoPE's cos and sin by: the config's `attention_factor`, else YaRN's
+    `0.1 * log(factor) + 1` (or DeepSeek's mscale ratio) or LongRoPE's `sqrt(1 + log(factor) / log(original))`;
+    1.0 for other types."""
     params = rope_parameters(config, layer_type)
-    if params["rope_type"] != "yarn":
+    if params["rope_type"] not in ("yarn", "longrope"):
         return 1.0
     if params.get("attention_factor") is not None:
         return float(params["attention_factor"])
-    factor = _yarn_factor(params, config.max_position_embeddings)
+    factor = _yarn_factor(params, config.max_position_embeddings)  # LongRoPE's too: max / original positions
+    if params["rope_type"] == "longrope":
+        original = params["original_max_position_embeddings"]
+        return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
     mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
     if mscale and mscale_all_dim:
         return _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
@@ -188,11 +214,30 @@ def _yarn_frequencies(params: dict[str, Any], dim: int, max_position_embeddings:
     return (interpolation * (np.float32(1) - keep) + extrapolation * keep).astype(np.float32)
 
 
-def rotary_cos_sin(positions: Array, inv_freq: np.ndarray | Array, interleaved: bool = False,
+def _longrope_frequencies(params: dict[str, Any], dim: int) -> LongRopeFrequencies:
+    """LongRoPE's short and long inverse frequencies (transformers' `_compute_longrope_parameters`):
+    `1 / (factors * theta ** (arange(0, dim, 2) / dim))` with the config's `short_factor` / `long_factor`."""
+    powers = _rope_powers(params["rope_theta"], dim)
+    sets = {}
+    for name in ("short_factor", "long_factor"):
+        factors = np.asarray(params.get(name) or [], np.float32)
+        if factors.shape != powers.shape:
+            raise UnsupportedModelError(f"rope_type 'longrope' needs `{name}` with {dim // 2} numbers (rotary dims / "
+                                        f"2) in `rope_parameters`; got {params.get(name)!r}")
+        sets[name] = (np.float32(1.0) / (factors * powers)).astype(np.float32)
+    return LongRopeFrequencies(sets["short_factor"], sets["long_factor"],
+                               int(params["original_max_position_embeddings"]))
+
+
+def rotary_cos_sin(positions: Array, inv_freq: np.ndarray | Array | LongRopeFrequencies, interleaved: bool = False,
                    scaling: float = 1.0) -> tuple[Array, Array]:
     """cos, sin [B, T, rot_dim] float32 for integer positions [B, T]: HF's rotate-half `cat(freqs, freqs)`,
     or with `interleaved` (GPT-J, Cohere) each frequency twice in a row (`repeat_interleave(freqs, 2)`);
-    both multiplied by `scaling` (`attention_scaling`: YaRN's attention factor, else 1)."""
+    both multiplied by `scaling` (`attention_scaling`: YaRN's or LongRoPE's attention factor, else 1).
+    LongRoPE's pair: the long set when the largest position + 1 exceeds the pretraining length."""
+    if isinstance(inv_freq, LongRopeFrequencies):
+        long = jnp.max(positions) + 1 > inv_freq.original_max_position_embeddings
+        inv_freq = jnp.where(long, jnp.asarray(inv_freq.long), jnp.asarray(inv_freq.short))
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B, T, D/2]
     emb = jnp.repeat(freqs, 2, axis=-1) if interleaved else jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, D]
     if scaling == 1.0:
