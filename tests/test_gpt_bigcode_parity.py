@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
 import torch
 import transformers
+from jax.sharding import AbstractMesh, PartitionSpec
 
 from tests.helpers import batch, max_diff, save_torch, torch_random_init
 from tests.parity_checks import ATOL, SEQ, VOCAB, check_greedy_generation, make_pair
 from tests.tiny_configs import CAUSAL_VARIANTS, gpt_bigcode
 from trlax import FlaxAutoModelForCausalLM, FlaxAutoModelForCausalLMWithValueHead
 from trlax.errors import TrlaxError, UnsupportedModelError
+from trlax.sharding import KV_CACHE_AXES, logical_axes, resolve_rules, spec_for
 
 LAYOUTS = {"multi_query": gpt_bigcode, "multi_head": CAUSAL_VARIANTS["gpt_bigcode/multi_head"]}
 
@@ -101,3 +104,17 @@ def test_softmax_precision_switches_change_nothing_in_transformers_either(tmp_pa
 def test_unsupported_options_are_refused(overrides, error, match):
     with pytest.raises(error, match=match):
         FlaxAutoModelForCausalLM.from_config(gpt_bigcode(**overrides))
+
+
+def test_multi_query_c_attn_and_cache_under_tensor_parallelism():
+    """On data=4 x tp=2, c_attn's H + 2 D = 48 columns split 24 / 24 (q heads 0-2 | q head 3, k, v: the one K/V
+    head whole on the second shard) and the one-head KV cache is split over the batch only."""
+    lm = FlaxAutoModelForCausalLM.model_class(gpt_bigcode())
+    rules = resolve_rules("gpt_bigcode")
+    mesh = AbstractMesh((4, 1, 2), ("data", "fsdp", "tp"))
+    kernel = lm.abstract_params()["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"]
+    axes = logical_axes("transformer/h/0/attn/c_attn/kernel", 2, rules)
+    assert kernel.shape == (32, 48) and spec_for(axes, kernel.shape, mesh, rules) == PartitionSpec(None, "tp")
+    cache = lm.spec.init_cache(lm.config, 8, 16, jnp.float32)[0]["k"]  # [B, 1, S, D]
+    assert cache.shape == (8, 1, 16, 8)
+    assert spec_for(KV_CACHE_AXES, cache.shape, mesh, rules) == PartitionSpec("data")

@@ -109,11 +109,11 @@ SPEC = ArchitectureSpec(
     base_model_prefix="transformer", layer_pattern="transformer.h.{layer}",
     cache_geometry=lambda c: CacheGeometry(c.n_layer, num_kv_heads(c), head_dim(c)),
     # c_attn's columns split evenly over tp. Without multi_query the per-head [q | k | v] layout makes each
-    # shard whole heads (when tp divides n_head). With it, the columns are (n_head + 2) blocks of D: no
+    # shard whole heads (when tp divides n_head). With it, the columns are n_head + 2 blocks of D: no
     # PartitionSpec can split the q blocks and keep the one K/V head whole on every device, so they split
-    # evenly (k and v lie whole on the last shard when tp <= (n_head + 2) / 2 and tp divides n_head + 2)
-    # and GSPMD moves k and v to every query head's device; the KV cache's single head is never split
-    # over tp (1 head: the axis does not divide it and is dropped).
+    # evenly (k and v lie whole on the last shard while tp <= (n_head + 2) / 2; a query head is cut unless
+    # tp divides n_head + 2) and GSPMD moves k and v to every query head's device. The KV cache's single
+    # head is never split over tp (the axis does not divide 1 and is dropped).
     sharding_rules=(*embedding_rules("wte"), (r"(^|/)wpe/embedding$", (None, "embed")),
                     *fused_attention_rules("attn", "c_attn", "c_proj"), *feed_forward_rules("c_fc", "c_proj")),
     peft_targets=("c_attn",),
