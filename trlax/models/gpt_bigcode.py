@@ -9,9 +9,9 @@ transformers' GPTBigCodeForCausalLM computes it:
   [all q heads | k | v] (H + 2 D columns) and the KV cache holds that one head; without it,
   `c_attn` is laid out per head as [q | k | v] (3 H columns, GPT-NeoX's layout, not GPT-2's);
 - scores scaled by 1/sqrt(D) unless `scale_attn_weights` is False.
-`attention_softmax_in_fp32` and `scale_attention_softmax_in_fp32` are read by no code path of
-transformers 5 (its attention functions take the softmax in float32 whatever they say), and
-trlax's softmax is always float32: both are accepted and change nothing, as there.
+`attention_softmax_in_fp32` and `scale_attention_softmax_in_fp32` are stored on transformers 5's
+attention module and never read (its SDPA and eager paths ignore them; eager takes the softmax in
+float32), and trlax's softmax is always float32: both are accepted and change nothing, as there.
 Param paths are transformers': `transformer.h.{i}.attn.c_attn`, `...attn.c_proj`, `...mlp.c_fc`.
 """
 
