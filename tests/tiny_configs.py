@@ -146,6 +146,13 @@ def granite(**overrides: object) -> transformers.PretrainedConfig:
     return transformers.GraniteConfig(**{**kwargs, **overrides})
 
 
+def gpt_bigcode(**overrides: object) -> transformers.PretrainedConfig:
+    # StarCoder 1's shape: multi-query attention (one K/V head for the 4 query heads), tied head, tanh GELU.
+    kwargs = {"vocab_size": 101, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64, "bos_token_id": 0,
+              "eos_token_id": 1, "pad_token_id": 1}
+    return transformers.GPTBigCodeConfig(**{**kwargs, **overrides})
+
+
 TINY_CAUSAL: dict[str, Callable[[], transformers.PretrainedConfig]] = {
     "gpt2": gpt2,
     "llama": llama,
@@ -166,6 +173,7 @@ TINY_CAUSAL: dict[str, Callable[[], transformers.PretrainedConfig]] = {
     "gptj": gptj,
     "cohere": cohere,
     "granite": granite,
+    "gpt_bigcode": gpt_bigcode,
 }
 
 
@@ -331,6 +339,11 @@ FAMILY_VARIANTS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
                                              logits_scaling=0.5, embedding_multiplier=2.0, residual_multiplier=1.5,
                                              rope_parameters={"rope_type": "linear", "factor": 2.0,
                                                               "rope_theta": 500.0}),
+    # Multi-head attention: c_attn laid out per head as [q | k | v], a KV cache of n_head heads.
+    "gpt_bigcode/multi_head": lambda: gpt_bigcode(multi_query=False),
+    # Every other switch: untied head, unscaled scores, exact GELU, an MLP width that is not 4 H.
+    "gpt_bigcode/untied_unscaled_gelu": lambda: gpt_bigcode(tie_word_embeddings=False, scale_attn_weights=False,
+                                                            activation_function="gelu", n_inner=48),
 }
 CAUSAL_VARIANTS.update(FAMILY_VARIANTS)
 

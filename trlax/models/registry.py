@@ -29,6 +29,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "trlax.models.gptj",
     "trlax.models.cohere",
     "trlax.models.granite",
+    "trlax.models.gpt_bigcode",
 )
 
 
