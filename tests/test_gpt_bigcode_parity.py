@@ -14,7 +14,7 @@ from tests.helpers import batch, max_diff, save_torch, torch_random_init
 from tests.parity_checks import ATOL, SEQ, VOCAB, check_greedy_generation, make_pair
 from tests.tiny_configs import CAUSAL_VARIANTS, gpt_bigcode
 from trlax import FlaxAutoModelForCausalLM, FlaxAutoModelForCausalLMWithValueHead
-from trlax.errors import TrlaxError, UnsupportedModelError
+from trlax.errors import UnsupportedModelError
 from trlax.sharding import KV_CACHE_AXES, logical_axes, resolve_rules, spec_for
 
 LAYOUTS = {"multi_query": gpt_bigcode, "multi_head": CAUSAL_VARIANTS["gpt_bigcode/multi_head"]}
@@ -99,7 +99,7 @@ def test_softmax_precision_switches_change_nothing_in_transformers_either(tmp_pa
     ({"add_cross_attention": True, "multi_query": False}, UnsupportedModelError,
      "add_cross_attention=True is not supported"),
     ({"n_embd": 30}, UnsupportedModelError, "n_embd=30 is not a multiple of n_head=4"),
-    ({"activation_function": "gelu_10"}, TrlaxError, "activation 'gelu_10' is not supported"),
+    ({"activation_function": "gelu_10"}, UnsupportedModelError, "activation 'gelu_10' is not supported"),
 ])
 def test_unsupported_options_are_refused(overrides, error, match):
     with pytest.raises(error, match=match):

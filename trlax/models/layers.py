@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from trlax.errors import TrlaxError
+from trlax.errors import TrlaxError, UnsupportedModelError
 
 Array = jax.Array
 
@@ -53,7 +53,7 @@ def activation(name: str) -> Callable[[Array], Array]:
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        raise TrlaxError(
+        raise UnsupportedModelError(
             f"activation {name!r} is not supported by trlax; supported: {sorted(ACTIVATIONS)}"
         ) from None
 
