@@ -153,6 +153,13 @@ def gpt_bigcode(**overrides: object) -> transformers.PretrainedConfig:
     return transformers.GPTBigCodeConfig(**{**kwargs, **overrides})
 
 
+def smollm3(**overrides: object) -> transformers.PretrainedConfig:
+    # NoPE on layer 1 (no_rope_layer_interval 2), which is also the sliding layer (window 4), GQA, tied head.
+    kwargs = {**_LLAMA_COMMON, "num_key_value_heads": 2, "no_rope_layer_interval": 2, "use_sliding_window": True,
+              "sliding_window": 4}
+    return transformers.SmolLM3Config(**{**kwargs, **overrides})
+
+
 TINY_CAUSAL: dict[str, Callable[[], transformers.PretrainedConfig]] = {
     "gpt2": gpt2,
     "llama": llama,
@@ -174,6 +181,7 @@ TINY_CAUSAL: dict[str, Callable[[], transformers.PretrainedConfig]] = {
     "cohere": cohere,
     "granite": granite,
     "gpt_bigcode": gpt_bigcode,
+    "smollm3": smollm3,
 }
 
 
@@ -341,6 +349,9 @@ FAMILY_VARIANTS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
                                                               "rope_theta": 500.0}),
     # Multi-head attention: c_attn laid out per head as [q | k | v], a KV cache of n_head heads.
     "gpt_bigcode/multi_head": lambda: gpt_bigcode(multi_query=False),
+    # NoPE on layer 0 only, full attention everywhere, biased projections and MLP, an untied head.
+    "smollm3/nope_first_biased_untied": lambda: smollm3(no_rope_layers=[0, 1], use_sliding_window=False,
+                                                        attention_bias=True, mlp_bias=True, tie_word_embeddings=False),
     # Every other switch: untied head, unscaled scores, exact GELU, an MLP width that is not 4 H.
     "gpt_bigcode/untied_unscaled_gelu": lambda: gpt_bigcode(tie_word_embeddings=False, scale_attn_weights=False,
                                                             activation_function="gelu", n_inner=48),

@@ -30,6 +30,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "trlax.models.cohere",
     "trlax.models.granite",
     "trlax.models.gpt_bigcode",
+    "trlax.models.smollm3",
 )
 
 
