@@ -28,6 +28,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "trlax.models.falcon",
     "trlax.models.gptj",
     "trlax.models.cohere",
+    "trlax.models.olmo2",
 )
 
 
