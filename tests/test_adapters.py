@@ -34,7 +34,7 @@ from trlax.peft.reward import load_reward_adapter
 ATOL = 1e-4
 # Causal families whose every projection is LoRA-aware (layers.Dense) and checked against PEFT here.
 LORA_FAMILIES = ("gpt2", "opt", "gpt_neo", "gpt_neox", "llama", "gemma", "gemma3_text", "phi3", "phi",
-                 "starcoder2", "bloom", "falcon", "gptj", "cohere")
+                 "starcoder2", "bloom", "falcon", "gptj", "cohere", "olmo2", "olmo3")
 PARITY_FAMILIES = LORA_FAMILIES
 
 
