@@ -73,7 +73,7 @@ def test_save_pretrained_loads_in_transformers(case, tmp_path):
     check_save_roundtrip(pt, model, tmp_path / "saved")
 
 
-@pytest.mark.parametrize("case", ["gpt2", "llama", "gemma", "opt", "phi", "cohere", "qwen3_moe", "bloom"],
+@pytest.mark.parametrize("case", ["gpt2", "llama", "gemma", "opt", "phi", "cohere", "qwen3_moe", "bloom", "olmo2"],
                          indirect=True)
 def test_embedding_gradient_matches_pytorch_with_the_pad_id_as_a_real_token(case):
     """The families whose transformers embedding has padding_idx=pad_token_id pass no gradient to the pad row, even

@@ -134,7 +134,7 @@ def check_window_matters(pt: Any) -> None:
         assert max_diff(pt(ids).logits, unwindowed(ids).logits) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["mistral", "qwen2", "phi3", "starcoder2"])
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "phi3", "starcoder2", "olmo3"])
 def test_sliding_window_is_exercised(name):
     torch.manual_seed(0)
     check_window_matters(torch_random_init(transformers.AutoModelForCausalLM.from_config(TINY_CAUSAL[name]())))

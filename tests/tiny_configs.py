@@ -160,6 +160,22 @@ def smollm3(**overrides: object) -> transformers.PretrainedConfig:
     return transformers.SmolLM3Config(**{**kwargs, **overrides})
 
 
+def olmo2() -> transformers.PretrainedConfig:
+    # OLMo 2's shape: post-sublayer RMSNorms, q/k norms over all heads (GQA: k_norm spans 2 heads), no biases,
+    # untied head.
+    return transformers.Olmo2Config(**_LLAMA_COMMON, num_key_value_heads=2, tie_word_embeddings=False)
+
+
+def olmo3() -> transformers.PretrainedConfig:
+    # Layer 0 sliding (window 4, RoPE base 50), layer 1 full (base 1000 with YaRN, as OLMo 3's long-context
+    # checkpoints scale their full layers).
+    return transformers.Olmo3Config(
+        **_LLAMA_COMMON, num_key_value_heads=2, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 50.0},
+                         "full_attention": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                                            "rope_theta": 1000.0}})
+
+
 TINY_CAUSAL: dict[str, Callable[[], transformers.PretrainedConfig]] = {
     "gpt2": gpt2,
     "llama": llama,
@@ -182,6 +198,8 @@ TINY_CAUSAL: dict[str, Callable[[], transformers.PretrainedConfig]] = {
     "granite": granite,
     "gpt_bigcode": gpt_bigcode,
     "smollm3": smollm3,
+    "olmo2": olmo2,
+    "olmo3": olmo3,
 }
 
 
@@ -355,6 +373,16 @@ FAMILY_VARIANTS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
     # Every other switch: untied head, unscaled scores, exact GELU, an MLP width that is not 4 H.
     "gpt_bigcode/untied_unscaled_gelu": lambda: gpt_bigcode(tie_word_embeddings=False, scale_attn_weights=False,
                                                             activation_function="gelu", n_inner=48),
+    # Biases on all four projections, MHA, head_dim 16 != hidden / heads (q_norm spans 64), tied head, linear RoPE.
+    "olmo2/bias_mha_head_dim16_tied": lambda: transformers.Olmo2Config(
+        **_LLAMA_COMMON, num_key_value_heads=4, head_dim=16, attention_bias=True, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}),
+    # An OLMo 3 config.json's own form: flat rope_theta / rope_scaling (YaRN with its attention_factor), which
+    # transformers puts on the full layers; 4 layers of the default layer_types (three sliding, then one full).
+    "olmo3/default_layer_types_flat_rope": lambda: transformers.Olmo3Config(
+        **{**_LLAMA_COMMON, "num_hidden_layers": 4}, num_key_value_heads=2, sliding_window=4, rope_theta=500.0,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                      "attention_factor": 1.2, "beta_fast": 32, "beta_slow": 1}),
 }
 CAUSAL_VARIANTS.update(FAMILY_VARIANTS)
 

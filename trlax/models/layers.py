@@ -79,6 +79,7 @@ class RMSNorm(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     add_unit_offset: bool = False  # Gemma stores (scale - 1)
+    float32_weight: bool = False  # OLMo 2: the weight multiply in float32 too, then the cast
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -88,6 +89,8 @@ class RMSNorm(nn.Module):
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         if self.add_unit_offset:
             return (x32 * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
+        if self.float32_weight:
+            return (scale.astype(jnp.float32) * x32).astype(self.dtype)
         # Llama casts back to the input dtype before the weight multiply.
         return scale.astype(self.dtype) * x32.astype(self.dtype)
 
@@ -301,8 +304,9 @@ class HFModule(nn.Module):
         """torch's LayerNorm (two-pass variance; see `LayerNorm`)."""
         return LayerNorm(eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kwargs)
 
-    def rms_norm(self, eps: float, add_unit_offset: bool = False) -> RMSNorm:
-        return RMSNorm(eps=eps, dtype=self.dtype, param_dtype=self.param_dtype, add_unit_offset=add_unit_offset)
+    def rms_norm(self, eps: float, add_unit_offset: bool = False, float32_weight: bool = False) -> RMSNorm:
+        return RMSNorm(eps=eps, dtype=self.dtype, param_dtype=self.param_dtype, add_unit_offset=add_unit_offset,
+                       float32_weight=float32_weight)
 
 
 class FeedForward(HFModule, kw_only=True):

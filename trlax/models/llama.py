@@ -277,16 +277,17 @@ class LlamaForCausalLM(CausalLM):
         return logits if cap is None else jnp.tanh(logits / cap) * cap  # in the compute dtype, as transformers
 
 
-def validate_rope(config: Any) -> None:
-    """Fail at construction, not at the first forward, on RoPE settings trlax does not implement."""
-    params = rope_parameters(config)
+def validate_rope(config: Any, layer_type: str | None = None) -> None:
+    """Fail at construction, not at the first forward, on RoPE settings trlax does not implement
+    (`layer_type`: those of one layer type, where `rope_parameters` holds one dict per type)."""
+    params = rope_parameters(config, layer_type)
     if params["rope_type"] != "default" and params.get("partial_rotary_factor", 1.0) != 1.0:
         # transformers would rotate only part of each head and then fail on the shape mismatch.
         raise UnsupportedModelError(
             f"{config.model_type}: partial_rotary_factor={params['partial_rotary_factor']} with rope_type "
             f"{params['rope_type']!r} is not supported by trlax (transformers cannot run it either)"
         )
-    inv_frequencies(config, head_dim_of(config))
+    inv_frequencies(config, head_dim_of(config), layer_type=layer_type)
 
 
 def _validate(config: Any) -> None:

@@ -31,6 +31,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "trlax.models.granite",
     "trlax.models.gpt_bigcode",
     "trlax.models.smollm3",
+    "trlax.models.olmo2",
 )
 
 
