@@ -19,11 +19,9 @@ from trlax.models.attention import Array
 from trlax.models.cache import KVCache
 from trlax.models.gemma import SPEC as GEMMA_SPEC
 from trlax.models.gemma import Gemma2DecoderLayer, GemmaForCausalLM, GemmaModel, gemma_options
-from trlax.models.llama import sliding_layers
-from trlax.models.rope import attention_scaling, inv_frequencies, rotary_cos_sin
+from trlax.models.llama import LAYER_TYPES, PerLayerTypeRope, layer_type_of, sliding_layers
+from trlax.models.rope import inv_frequencies
 from trlax.models.self_attention import head_dim_of
-
-LAYER_TYPES = {False: "full_attention", True: "sliding_attention"}  # is the layer sliding? -> its type
 
 
 class Gemma3DecoderLayer(Gemma2DecoderLayer):
@@ -31,22 +29,12 @@ class Gemma3DecoderLayer(Gemma2DecoderLayer):
 
     def attention(self, x: Array, masks: dict[Any, Array], rotary: dict[str, tuple[Array, Array]],
                   deterministic: bool, cache: KVCache | None, cache_index: Array) -> tuple[Array, KVCache | None]:
-        layer_type = LAYER_TYPES[self.options.sliding[self.layer_idx]]
-        return super().attention(x, masks, rotary[layer_type], deterministic, cache, cache_index)
+        layer_rotary = rotary[layer_type_of(self.options, self.layer_idx)]
+        return super().attention(x, masks, layer_rotary, deterministic, cache, cache_index)
 
 
-class Gemma3TextModel(GemmaModel):
+class Gemma3TextModel(PerLayerTypeRope, GemmaModel):
     layer_cls_for = staticmethod(lambda config: Gemma3DecoderLayer)
-
-    def inverse_frequencies(self) -> dict[str, Any]:
-        """Layer type -> its inverse frequencies [D / 2] float32."""
-        return {t: inv_frequencies(self.config, self.options.head_dim, layer_type=t)
-                for t in sorted({LAYER_TYPES[s] for s in self.options.sliding})}
-
-    def rotary(self, position_ids: Array) -> dict[str, tuple[Array, Array]]:
-        """Layer type -> cos, sin [B, T, D] float32."""
-        return {t: rotary_cos_sin(position_ids, inv_freq, scaling=attention_scaling(self.config, t))
-                for t, inv_freq in self.inv_freq.items()}
 
 
 class Gemma3ForCausalLM(GemmaForCausalLM):

@@ -8,7 +8,7 @@ head is tied to `wte` unless `tie_word_embeddings` is False (then `lm_head.weigh
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -48,12 +48,15 @@ class GPT2Attention(HFModule):
 
 
 class GPT2Block(HFModule):
+    """ln_1 -> attn -> residual, ln_2 -> mlp -> residual (GPT-BigCode swaps `attention_cls`)."""
+
     layer_idx: int = 0
+    attention_cls: ClassVar[type[nn.Module]] = GPT2Attention
 
     def setup(self) -> None:
         c = self.config
         self.ln_1 = self.layer_norm(c.layer_norm_epsilon)
-        self.attn = GPT2Attention(c, self.dtype, self.param_dtype, self.layer_idx)
+        self.attn = self.attention_cls(c, self.dtype, self.param_dtype, self.layer_idx)
         self.ln_2 = self.layer_norm(c.layer_norm_epsilon)
         self.mlp = FeedForward(c, self.dtype, self.param_dtype, names=("c_fc", "c_proj"),
                                features=c.n_inner if c.n_inner is not None else 4 * c.n_embd,

@@ -26,7 +26,7 @@ from trlax.models.attention import Array, attend, split_heads_qkv
 from trlax.models.cache import CacheGeometry, KVCache
 from trlax.models.decoder import CausalLM
 from trlax.models.gpt2 import GPT2Block, GPT2Model
-from trlax.models.layers import FeedForward, HFModule, activation
+from trlax.models.layers import HFModule, activation
 from trlax.models.spec import ArchitectureSpec, embedding_rules, feed_forward_rules, fused_attention_rules, tied_lm_head
 
 
@@ -73,16 +73,9 @@ class GPTBigCodeAttention(HFModule):
 
 
 class GPTBigCodeBlock(GPT2Block):
-    """GPT-2's block (its `__call__`) around GPT-BigCode's attention and an nn.Linear MLP."""
+    """GPT-2's block around GPT-BigCode's attention (its MLP's nn.Linear weights load by the default rule)."""
 
-    def setup(self) -> None:
-        c = self.config
-        self.ln_1 = self.layer_norm(c.layer_norm_epsilon)
-        self.attn = GPTBigCodeAttention(c, self.dtype, self.param_dtype, self.layer_idx)
-        self.ln_2 = self.layer_norm(c.layer_norm_epsilon)
-        self.mlp = FeedForward(c, self.dtype, self.param_dtype, names=("c_fc", "c_proj"),
-                               features=c.n_inner if c.n_inner is not None else 4 * c.n_embd,
-                               hidden_act=c.activation_function, dropout_rate=c.resid_pdrop)
+    attention_cls = GPTBigCodeAttention
 
 
 class GPTBigCodeModel(GPT2Model):

@@ -13,34 +13,21 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from trlax.models import llama
 from trlax.models.attention import Array
-from trlax.models.layers import activation
-from trlax.models.llama import SPEC as LLAMA_SPEC
-from trlax.models.llama import (
-    DecoderOptions,
-    LlamaDecoderLayer,
-    LlamaForCausalLM,
-    LlamaModel,
-    check_causal,
-    decoder_options,
-    validate_rope,
-)
 
 
-def granite_options(config: Any) -> DecoderOptions:
+def granite_options(config: Any) -> llama.DecoderOptions:
     """DecoderOptions of a granite config: Llama's biases, the attention multiplier as the score scale."""
-    check_causal(config)
-    bias = bool(config.attention_bias)
-    return decoder_options(config, qkv_bias=bias, o_bias=bias, mlp_bias=bool(config.mlp_bias),
-                           attn_scale=float(config.attention_multiplier))
+    return llama.configured_options(config, attn_scale=float(config.attention_multiplier))
 
 
-class GraniteDecoderLayer(LlamaDecoderLayer):
+class GraniteDecoderLayer(llama.LlamaDecoderLayer):
     def residual_branch(self, out: Array, deterministic: bool) -> Array:
         return out * self.config.residual_multiplier  # in the compute dtype, as transformers
 
 
-class GraniteModel(LlamaModel):
+class GraniteModel(llama.LlamaModel):
     make_options = staticmethod(granite_options)
     layer_cls_for = staticmethod(lambda config: GraniteDecoderLayer)
 
@@ -48,21 +35,15 @@ class GraniteModel(LlamaModel):
         return super().embed(input_ids, position_ids, deterministic) * self.config.embedding_multiplier
 
 
-class GraniteForCausalLM(LlamaForCausalLM):
+class GraniteForCausalLM(llama.LlamaForCausalLM):
     backbone_cls = GraniteModel
 
     def logits(self, h: Array) -> Array:
         return super().logits(h) / self.config.logits_scaling  # [B, T, V] in the compute dtype, as transformers
 
 
-def _validate(config: Any) -> None:
-    validate_rope(config)
-    activation(config.hidden_act)
-    granite_options(config)
-
-
 SPEC = dataclasses.replace(
-    LLAMA_SPEC, model_types=("granite",), module=GraniteForCausalLM, hf_architecture="GraniteForCausalLM",
+    llama.SPEC, model_types=("granite",), module=GraniteForCausalLM, hf_architecture="GraniteForCausalLM",
     peft_targets=(),  # PEFT has no default target_modules for granite
-    validate=_validate,
+    validate=llama.checked_by_options(granite_options),
 )

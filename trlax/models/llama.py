@@ -94,6 +94,9 @@ def sliding_layers(config: Any) -> tuple[bool, ...]:
     return sliding
 
 
+LAYER_TYPES = {False: "full_attention", True: "sliding_attention"}  # is the layer sliding? -> its type
+
+
 def check_causal(config: Any) -> None:
     """Refuse configs that turn transformers' masks bidirectional (embedding-model variants)."""
     if getattr(config, "use_bidirectional_attention", False) or not getattr(config, "is_causal", True):
@@ -110,6 +113,15 @@ def decoder_options(config: Any, **switches: Any) -> DecoderOptions:
     read = {"head_dim": head_dim_of(config), "hidden_act": getattr(config, "hidden_act", None), "sliding": sliding,
             "sliding_window": config.sliding_window if any(sliding) else None}
     return DecoderOptions(**{**read, **switches})
+
+
+def configured_options(config: Any, **switches: Any) -> DecoderOptions:
+    """DecoderOptions of a Llama-like family that reads its biases as Llama does: causal configs only,
+    q/k/v/o biased per `attention_bias`, the MLP per `mlp_bias`; the family's `switches` on top."""
+    check_causal(config)
+    bias = bool(getattr(config, "attention_bias", False))
+    read = {"qkv_bias": bias, "o_bias": bias, "mlp_bias": bool(getattr(config, "mlp_bias", False))}
+    return decoder_options(config, **{**read, **switches})
 
 
 def llama_options(config: Any) -> DecoderOptions:
@@ -265,6 +277,30 @@ class LlamaModel(DecoderBackbone):
         return [self.options.window(i) for i in range(self.config.num_hidden_layers)]
 
 
+class PerLayerTypeRope:
+    """A LlamaModel mixin for configs whose `rope_parameters` hold one dict per layer type (Gemma 3, OLMo 3):
+    one RoPE table per layer type present; a layer reads `rotary[layer_type_of(options, layer_idx)]`."""
+
+    config: Any
+    options: DecoderOptions
+    inv_freq: Any
+
+    def inverse_frequencies(self) -> dict[str, Any]:
+        """Layer type -> its inverse frequencies [D / 2] float32."""
+        return {t: inv_frequencies(self.config, self.options.head_dim, layer_type=t)
+                for t in sorted({LAYER_TYPES[s] for s in self.options.sliding})}
+
+    def rotary(self, position_ids: Array) -> dict[str, tuple[Array, Array]]:
+        """Layer type -> cos, sin [B, T, D] float32."""
+        return {t: rotary_cos_sin(position_ids, inv_freq, scaling=attention_scaling(self.config, t))
+                for t, inv_freq in self.inv_freq.items()}
+
+
+def layer_type_of(options: DecoderOptions, layer_idx: int) -> str:
+    """The `layer_types` entry of a layer: "sliding_attention" or "full_attention"."""
+    return LAYER_TYPES[options.sliding[layer_idx]]
+
+
 class LlamaForCausalLM(CausalLM):
     """A Llama-family LM with its head (Gemma 2 soft-caps its logits)."""
 
@@ -275,6 +311,18 @@ class LlamaForCausalLM(CausalLM):
         logits = super().logits(h)
         cap = self.model.options.final_softcap
         return logits if cap is None else jnp.tanh(logits / cap) * cap  # in the compute dtype, as transformers
+
+
+def checked_by_options(make_options: Callable[[Any], DecoderOptions]) -> Callable[[Any], None]:
+    """A Llama-like family's `validate`: its RoPE settings, activation and options, checked when the model is
+    built (UnsupportedModelError) rather than at the first forward."""
+
+    def validate(config: Any) -> None:
+        validate_rope(config)
+        activation(config.hidden_act)
+        make_options(config)
+
+    return validate
 
 
 def validate_rope(config: Any, layer_type: str | None = None) -> None:
@@ -288,11 +336,6 @@ def validate_rope(config: Any, layer_type: str | None = None) -> None:
             f"{params['rope_type']!r} is not supported by trlax (transformers cannot run it either)"
         )
     inv_frequencies(config, head_dim_of(config), layer_type=layer_type)
-
-
-def _validate(config: Any) -> None:
-    validate_rope(config)
-    llama_options(config)
 
 
 LLAMA_SHARDING: tuple[ParamRule, ...] = (
@@ -313,5 +356,6 @@ SPEC = ArchitectureSpec(
     model_types=("llama", "mistral", "qwen2", "qwen3"), module=LlamaForCausalLM, hf_architecture="LlamaForCausalLM",
     base_model_prefix="model", layer_pattern="model.layers.{layer}",
     cache_geometry=cache_geometry, sharding_rules=LLAMA_SHARDING, peft_targets=("q_proj", "v_proj"),
-    ignored_keys=ROTARY_BUFFERS, tied_keys=tied_lm_head("model.embed_tokens.weight"), validate=_validate,
+    ignored_keys=ROTARY_BUFFERS, tied_keys=tied_lm_head("model.embed_tokens.weight"),
+    validate=checked_by_options(llama_options),
 )

@@ -27,33 +27,29 @@ from trlax.errors import UnsupportedModelError
 from trlax.models.attention import Array
 from trlax.models.cache import KVCache
 from trlax.models.layers import HFModule, activation
-from trlax.models.llama import SPEC as LLAMA_SPEC
 from trlax.models.llama import (
+    LAYER_TYPES,
     DecoderOptions,
     LlamaAttention,
     LlamaDecoderLayer,
     LlamaForCausalLM,
     LlamaModel,
-    check_causal,
-    decoder_options,
+    PerLayerTypeRope,
+    configured_options,
+    layer_type_of,
     validate_rope,
 )
-from trlax.models.rope import apply_rotary, attention_scaling, inv_frequencies, rotary_cos_sin
-from trlax.models.self_attention import head_dim_of
-
-LAYER_TYPES = {False: "full_attention", True: "sliding_attention"}  # is the layer sliding? -> its type
+from trlax.models.llama import SPEC as LLAMA_SPEC
+from trlax.models.rope import apply_rotary
 
 
 def olmo2_options(config: Any) -> DecoderOptions:
     """DecoderOptions of an olmo2 or olmo3 config (as their HF modules build them)."""
-    check_causal(config)
-    bias = bool(config.attention_bias)
-    switches = {"qkv_bias": bias, "o_bias": bias, "mlp_bias": False}
     if config.model_type == "olmo3":
-        return decoder_options(config, **switches)
+        return configured_options(config, mlp_bias=False)
     if config.model_type == "olmo2":  # full attention everywhere: Olmo2Model builds no sliding mask
-        return DecoderOptions(head_dim=head_dim_of(config), hidden_act=config.hidden_act,
-                              sliding=(False,) * config.num_hidden_layers, sliding_window=None, **switches)
+        return configured_options(config, mlp_bias=False, sliding=(False,) * config.num_hidden_layers,
+                                  sliding_window=None)
     raise UnsupportedModelError(f"model_type {config.model_type!r} is not an OLMo 2 / OLMo 3 model")
 
 
@@ -98,28 +94,18 @@ class Olmo2DecoderLayer(LlamaDecoderLayer):
 
     def __call__(self, x: Array, *, masks: dict[Any, Array], rotary: dict[str, tuple[Array, Array]],
                  deterministic: bool, cache: KVCache | None, cache_index: Array) -> tuple[Array, KVCache | None]:
-        layer_rotary = rotary[LAYER_TYPES[self.options.sliding[self.layer_idx]]]  # this layer type's table
+        layer_rotary = rotary[layer_type_of(self.options, self.layer_idx)]  # this layer type's table
         attn_out, cache = self.attention(x, masks, layer_rotary, deterministic, cache, cache_index)
         x = x + self.post_attention_layernorm(attn_out)
         return x + self.post_feedforward_layernorm(self.mlp(x)), cache
 
 
-class Olmo2Model(LlamaModel):
+class Olmo2Model(PerLayerTypeRope, LlamaModel):
     """One RoPE table per layer type present (OLMo 2: "full_attention" only, from its flat `rope_parameters`)."""
 
     make_options = staticmethod(olmo2_options)
     layer_cls_for = staticmethod(lambda config: Olmo2DecoderLayer)
     make_norm = staticmethod(olmo_norm)
-
-    def inverse_frequencies(self) -> dict[str, Any]:
-        """Layer type -> its inverse frequencies [D / 2] float32."""
-        return {t: inv_frequencies(self.config, self.options.head_dim, layer_type=t)
-                for t in sorted({LAYER_TYPES[s] for s in self.options.sliding})}
-
-    def rotary(self, position_ids: Array) -> dict[str, tuple[Array, Array]]:
-        """Layer type -> cos, sin [B, T, D] float32."""
-        return {t: rotary_cos_sin(position_ids, inv_freq, scaling=attention_scaling(self.config, t))
-                for t, inv_freq in self.inv_freq.items()}
 
 
 class Olmo2ForCausalLM(LlamaForCausalLM):

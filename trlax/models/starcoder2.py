@@ -17,15 +17,15 @@ from typing import Any
 
 import flax.linen as nn
 
-from trlax.models.layers import FeedForward, HFModule, activation
+from trlax.models.layers import FeedForward, HFModule
 from trlax.models.llama import (
     LLAMA_SHARDING,
     DecoderOptions,
     LlamaDecoderLayer,
     LlamaForCausalLM,
     LlamaModel,
+    checked_by_options,
     decoder_options,
-    validate_rope,
 )
 from trlax.models.llama import SPEC as LLAMA_SPEC
 from trlax.models.spec import ParamRule, feed_forward_rules
@@ -62,12 +62,6 @@ class Starcoder2ForCausalLM(LlamaForCausalLM):
     backbone_cls = Starcoder2Model
 
 
-def _validate(config: Any) -> None:
-    validate_rope(config)
-    activation(config.hidden_act)
-    starcoder2_options(config)
-
-
 STARCODER2_SHARDING: tuple[ParamRule, ...] = (
     *(rule for rule in LLAMA_SHARDING if "mlp/" not in rule[0]),  # embeddings and attention as Llama's
     *feed_forward_rules("c_fc", "c_proj"),
@@ -76,5 +70,5 @@ STARCODER2_SHARDING: tuple[ParamRule, ...] = (
 SPEC = dataclasses.replace(
     LLAMA_SPEC, model_types=("starcoder2",), module=Starcoder2ForCausalLM, hf_architecture="Starcoder2ForCausalLM",
     sharding_rules=STARCODER2_SHARDING, peft_targets=(),  # PEFT has no default target_modules for starcoder2
-    validate=_validate,
+    validate=checked_by_options(starcoder2_options),
 )
