@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from tests.helpers import batch, max_diff, save_torch, torch_random_init
-from tests.parity_checks import SEQ, VOCAB, make_pair
+from tests.parity_checks import SEQ, VOCAB, check_forward, make_pair
 from tests.tiny_configs import CAUSAL_VARIANTS, ROPE_VARIANTS, TINY_CAUSAL
 from trlax import FlaxAutoModelForCausalLM
 from trlax.errors import UnsupportedModelError
@@ -112,6 +112,15 @@ def test_unknown_layer_type_is_refused():
     config.layer_types = ["full_attention", "chunked_attention"]
     with pytest.raises(UnsupportedModelError, match="chunked_attention"):
         FlaxAutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("name", ["llama", "granite"])
+def test_a_stray_sliding_window_is_ignored_where_transformers_ignores_it(name, tmp_path):
+    """transformers' Llama and Granite read no `sliding_window` (OLMo 2: tests/test_olmo2_parity.py); trlax applied
+    Mistral's rule to a config that held one (a stray config.json key): logits 4.8 off for Llama, 0.05 for Granite."""
+    config = TINY_CAUSAL[name]()
+    config.sliding_window = 4
+    check_forward(*make_pair(config, tmp_path), "left", explicit_positions=False)
 
 
 def test_sliding_layer_without_window_is_refused():

@@ -96,6 +96,18 @@ def test_olmo2_ignores_a_sliding_window_as_transformers_does(tmp_path):
     check_forward(pt, model, "left", explicit_positions=False)
 
 
+def test_generation_across_a_layer_types_longrope_length_is_refused():
+    """LongRoPE on OLMo 3's full layers only (`rope_parameters` per layer type): the refusal of a generation that
+    crosses the pretraining length read only a flat rope_type, and the tokens then differed from transformers'."""
+    config = TINY_CAUSAL["olmo3"]()
+    config.rope_parameters["full_attention"] = {
+        "rope_type": "longrope", "rope_theta": 1000.0, "short_factor": [1.0, 1.2, 1.5, 2.0],
+        "long_factor": [2.0, 3.0, 4.0, 5.0], "original_max_position_embeddings": 10}
+    model = FlaxAutoModelForCausalLM.from_config(config)
+    with pytest.raises(TrlaxError, match=r"crosses this LongRoPE model's pretraining length \(10\)"):
+        model.generate(np.ones((1, 5), np.int32), max_new_tokens=8)
+
+
 def _olmo(model_type: str, **overrides: object):
     config = TINY_CAUSAL[model_type]()
     for name, value in overrides.items():

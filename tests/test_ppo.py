@@ -246,6 +246,22 @@ def test_score_settings_that_cannot_work_are_refused():
     assert ppo.ScoreMoments().update(np.array([1.0, 3.0])).update(np.array([5.0])).count == pytest.approx(3.0)
     with pytest.raises(InputError, match="score scaling needs finite scores"):
         ppo.ScoreMoments().update(np.array([1.0, np.nan]))
+    with pytest.raises(InputError, match="empty batch of scores"):
+        ppo.ScoreMoments().update(np.array([]))
+
+
+def test_scores_without_spread_are_refused_where_scaling_would_blow_them_up():
+    """Every score so far equal and non-zero: the running std is ~1e-12, and scaling (without norm) divides by
+    it + eps, multiplying the scores by ~8e6 (a run 'succeeded' with value losses of 3e13). With norm they become
+    0, as do all-zero scores (a sparse reward's first batch); once the scores spread, scaling proceeds."""
+    scaling, norm = ppo.PPOConfig(use_score_scaling=True), ppo.PPOConfig(use_score_scaling=True, use_score_norm=True)
+    with pytest.raises(InputError, match=r"every score so far is 1 \(running std .*use_score_norm"):
+        ppo.normalize_scores(np.ones(4), ppo.ScoreMoments(), scaling)
+    np.testing.assert_array_equal(ppo.normalize_scores(np.ones(4), ppo.ScoreMoments(), norm)[0], np.zeros(4))
+    trained, moments = ppo.normalize_scores(np.zeros(4), ppo.ScoreMoments(), scaling)
+    np.testing.assert_array_equal(trained, np.zeros(4))
+    trained, _ = ppo.normalize_scores(np.array([0.0, 1.0, 0.0, 1.0]), moments, scaling)
+    assert 0 < trained.max() < 3
 
 
 # --- model glue and the update loop --------------------------------------------------------

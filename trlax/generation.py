@@ -330,8 +330,11 @@ def _causal_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Call
         if t > 1:
             # Prefill all but the last prompt token. Its logits are unused, so XLA drops the
             # LM head (the costliest matmul of a long prompt); the last prompt token is the
-            # loop's first fed token, whose logits give the first new token.
-            cache = module.apply(variables, input_ids[:, :-1], kv_mask, positions[:, :-1], cache=cache,
+            # loop's first fed token, whose logits give the first new token. LongRoPE picks its
+            # factors from a call's largest position, so there the prefill takes the whole prompt,
+            # as transformers' does (step 0 writes the last token's slot again, with equal values).
+            prefill = t if longrope_length(config) is not None else t - 1
+            cache = module.apply(variables, input_ids[:, :prefill], kv_mask, positions[:, :prefill], cache=cache,
                                  cache_index=0).cache
 
         def step(token: Array, i: Array, cache: Any) -> tuple[Array, Any]:
@@ -425,6 +428,20 @@ def _scalar(x: Any) -> float | None:
     if _is_concrete(x) and np.ndim(x) == 0 and np.issubdtype(np.asarray(x).dtype, np.number):
         return float(x)
     return None
+
+
+def check_longrope_generation(config: Any, prompt_length: int, max_new_tokens: int) -> None:
+    """InputError when a LongRoPE model's generation would cross its pretraining length: a prompt within it
+    whose replies run past it. There transformers' Phi-3 drops its KV cache and recomputes every position with
+    the long factors, which trlax's loop does not. Generation wholly within it or from a prompt already past it
+    is supported (each call picks its factors from its own positions, as transformers does)."""
+    length = longrope_length(config)
+    if length is not None and prompt_length <= length < prompt_length + max_new_tokens - 1:
+        raise InputError(
+            f"prompt length {prompt_length} + max_new_tokens - 1 = {prompt_length + max_new_tokens - 1} crosses "
+            f"this LongRoPE model's pretraining length ({length}): transformers' Phi-3 recomputes its KV cache with "
+            "the long RoPE factors there, which trlax does not; keep prompt + new tokens within it (lower "
+            "max_new_tokens) or generate from prompts longer than it")
 
 
 def _check_prompt_mask(mask: Array) -> None:
@@ -581,12 +598,7 @@ def generate(
                 "max_new_tokens - 1") if seq2seq else f"prompt length {prompt.shape[1]} + max_new_tokens - 1"
         raise InputError(f"{what} = {length} exceeds the model's {limit} positions (the last new token is never "
                          "fed back); shorten the prompt or lower max_new_tokens")
-    longrope = longrope_length(config)
-    if longrope is not None and length > longrope:
-        raise InputError(f"prompt length {prompt.shape[1]} + max_new_tokens - 1 = {length} passes this LongRoPE "
-                         f"model's pretraining length ({longrope}), where transformers switches to the long RoPE "
-                         "factors and (Phi-3) recomputes its KV cache; trlax generates within it only (a forward "
-                         "pass of any length is supported): shorten the prompt or lower max_new_tokens")
+    check_longrope_generation(config, prompt.shape[1], max_new_tokens)
     if not seq2seq:
         _check_prompt_mask(mask)
 

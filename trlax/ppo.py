@@ -201,7 +201,9 @@ class ScoreMoments:
         InputError for non-finite scores (they would poison every later step) and for a first batch of one score
         (TRL's std is then sqrt(x / 0) = inf and every score of the step becomes 0)."""
         scores = np.asarray(scores, np.float64).reshape(-1)
-        if scores.size == 0 or not np.isfinite(scores).all():
+        if scores.size == 0:
+            raise InputError("score scaling got an empty batch of scores; pass one score per sequence")
+        if not np.isfinite(scores).all():
             raise InputError(f"score scaling needs finite scores; got {scores.tolist()}")
         n, batch_mean, batch_var = scores.size, float(scores.mean()), float(scores.var())
         total = self.count + n
@@ -219,10 +221,17 @@ def normalize_scores(scores: np.ndarray, moments: ScoreMoments, config: PPOConfi
 
     With `use_score_scaling`, the moments first take this batch (`ScoreMoments.update`), then scores are divided
     by `std + eps` (float32's eps), after subtracting `mean` with `use_score_norm`; with `score_clip`, they are
-    clipped to [-score_clip, score_clip]. Neither set: the scores as float32, the moments unchanged."""
+    clipped to [-score_clip, score_clip]. Neither set: the scores as float32, the moments unchanged.
+    A host function (NumPy, float64). InputError where every score so far is the same non-zero value and
+    `use_score_norm` is off: the running std is then ~0 and TRL multiplies the scores by ~1 / eps (8e6)."""
     scores = np.asarray(scores, np.float64)
     if config.use_score_scaling:
         moments = moments.update(scores)
+        no_spread = moments.std <= np.finfo(np.float32).eps * max(1.0, abs(moments.mean))
+        if no_spread and not config.use_score_norm and np.any(scores != 0):
+            raise InputError(f"score scaling: every score so far is {moments.mean:.6g} (running std "
+                             f"{moments.std:.3g}), so dividing by the std would multiply them by ~1 / eps; use "
+                             "use_score_norm (they become 0), a reward with spread, or no score scaling")
         shift = moments.mean if config.use_score_norm else 0.0
         scores = (scores - shift) / (moments.std + float(np.finfo(np.float32).eps))
     if config.score_clip is not None:

@@ -32,7 +32,7 @@ import optax
 
 from trlax.checkpoint.state import StateCheckpointer
 from trlax.errors import TrlaxError
-from trlax.generation import check_sampling
+from trlax.generation import check_longrope_generation, check_sampling
 from trlax.ppo import PPOConfig, ScoreMoments, adaptive_kl_coef, make_ppo_update, make_rollout, normalize_scores
 from trlax.ppo_data import PromptSet, TextCodec
 from trlax.ppo_rewards import Generated
@@ -117,6 +117,14 @@ def with_defaults(saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str, 
                            else v for k, v in saved.items()}}
 
 
+def dotted(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings flattened to dotted names ({"ppo": {"gamma": 1.0}} -> {"ppo.gamma": 1.0})."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        out.update(dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
 def reply_mask(reply: Array, eos_ids: tuple[int, ...]) -> Array:
     """[B, N] int32: 1 for reply tokens up to and including the first eos (all ones without eos ids)."""
     is_eos = jnp.zeros(reply.shape, bool)
@@ -149,6 +157,7 @@ class PPOTrainer:
             raise TrlaxError(f"the policy has {positions} positions, but a prompt of {prompts.ids.shape[1]} tokens "
                              f"+ {config.max_new_tokens} new ones is {length}; lower --max-prompt-length or "
                              "--max-new-tokens")
+        check_longrope_generation(lm.config, prompts.ids.shape[1], config.max_new_tokens)  # before any step
         adam = optax.adam(config.learning_rate)
         self.tx = adam if config.max_grad_norm is None else optax.chain(
             optax.clip_by_global_norm(config.max_grad_norm), adam)
@@ -313,8 +322,9 @@ class PPOTrainer:
         if saved is not None:  # settings trlax added later are at their defaults there: they trained so
             saved = with_defaults(saved, run_settings(TrainerConfig()))
         if saved is not None and saved != self.run_settings:
-            changed = sorted(k for k in {*saved, *self.run_settings} if saved.get(k) != self.run_settings.get(k))
-            shown = ", ".join(f"{k} {saved.get(k)!r} -> {self.run_settings.get(k)!r}" for k in changed)
+            before, after = dotted(saved), dotted(self.run_settings)
+            changed = sorted(k for k in {*before, *after} if before.get(k) != after.get(k))
+            shown = ", ".join(f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in changed)
             raise TrlaxError(f"the saved state in {where} was trained with other settings ({shown}); {again}")
 
 

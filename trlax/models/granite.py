@@ -19,7 +19,8 @@ from trlax.models.attention import Array
 
 def granite_options(config: Any) -> llama.DecoderOptions:
     """DecoderOptions of a granite config: Llama's biases, the attention multiplier as the score scale."""
-    return llama.configured_options(config, attn_scale=float(config.attention_multiplier))
+    return llama.configured_options(config, attn_scale=float(config.attention_multiplier),
+                                    **llama.without_sliding(config))
 
 
 class GraniteDecoderLayer(llama.LlamaDecoderLayer):

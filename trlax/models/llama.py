@@ -115,6 +115,12 @@ def decoder_options(config: Any, **switches: Any) -> DecoderOptions:
     return DecoderOptions(**{**read, **switches})
 
 
+def without_sliding(config: Any) -> dict[str, Any]:
+    """DecoderOptions switches of a model type transformers gives no sliding window (Llama, Granite, OLMo 2),
+    whatever stray `sliding_window` its config.json holds (transformers ignores it there)."""
+    return {"sliding": (False,) * config.num_hidden_layers, "sliding_window": None}
+
+
 def configured_options(config: Any, **switches: Any) -> DecoderOptions:
     """DecoderOptions of a Llama-like family that reads its biases as Llama does: causal configs only,
     q/k/v/o biased per `attention_bias`, the MLP per `mlp_bias`; the family's `switches` on top."""
@@ -140,7 +146,8 @@ def llama_options(config: Any) -> DecoderOptions:
     else:
         raise UnsupportedModelError(f"model_type {mt!r} is not a Llama-family model")
     mlp_bias = bool(getattr(config, "mlp_bias", False)) if mt == "llama" else False
-    return decoder_options(config, qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias, qk_norm=mt == "qwen3")
+    return decoder_options(config, qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias, qk_norm=mt == "qwen3",
+                           **(without_sliding(config) if mt == "llama" else {}))
 
 
 class LlamaAttention(SelfAttention, kw_only=True):

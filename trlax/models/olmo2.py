@@ -38,6 +38,7 @@ from trlax.models.llama import (
     configured_options,
     layer_type_of,
     validate_rope,
+    without_sliding,
 )
 from trlax.models.llama import SPEC as LLAMA_SPEC
 from trlax.models.rope import apply_rotary
@@ -48,8 +49,7 @@ def olmo2_options(config: Any) -> DecoderOptions:
     if config.model_type == "olmo3":
         return configured_options(config, mlp_bias=False)
     if config.model_type == "olmo2":  # full attention everywhere: Olmo2Model builds no sliding mask
-        return configured_options(config, mlp_bias=False, sliding=(False,) * config.num_hidden_layers,
-                                  sliding_window=None)
+        return configured_options(config, mlp_bias=False, **without_sliding(config))
     raise UnsupportedModelError(f"model_type {config.model_type!r} is not an OLMo 2 / OLMo 3 model")
 
 

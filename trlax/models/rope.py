@@ -78,11 +78,13 @@ class LongRopeFrequencies(NamedTuple):
 
 
 def longrope_length(config: Any) -> int | None:
-    """A LongRoPE config's pretraining length (`original_max_position_embeddings`); None for any other config."""
+    """The pretraining length (`original_max_position_embeddings`) of a config with LongRoPE, flat or for any
+    layer type (the shortest); None without LongRoPE."""
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if params.get("rope_type", params.get("type")) != "longrope":
-        return None
-    return int(rope_parameters(config)["original_max_position_embeddings"])
+    nested = [t for t, v in params.items() if isinstance(v, dict)]
+    lengths = [int(rope_parameters(config, t)["original_max_position_embeddings"]) for t in nested or [None]
+               if rope_parameters(config, t)["rope_type"] == "longrope"]
+    return min(lengths, default=None)
 
 
 def inv_frequencies(config: Any, head_dim: int, partial_rotary_factor: float = 1.0,
