@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from tests.helpers import batch, max_diff, save_torch, torch_random_init
-from tests.parity_checks import SEQ, VOCAB, check_forward, make_pair
+from tests.parity_checks import SEQ, VOCAB, check_forward, check_greedy_generation, make_pair
 from tests.tiny_configs import CAUSAL_VARIANTS, ROPE_VARIANTS, TINY_CAUSAL
 from trlax import FlaxAutoModelForCausalLM
 from trlax.errors import UnsupportedModelError
@@ -121,6 +121,16 @@ def test_a_stray_sliding_window_is_ignored_where_transformers_ignores_it(name, t
     config = TINY_CAUSAL[name]()
     config.sliding_window = 4
     check_forward(*make_pair(config, tmp_path), "left", explicit_positions=False)
+
+
+@pytest.mark.parametrize("original", [8, SEQ - 1, SEQ + 2])
+def test_longrope_generation_on_both_sides_of_the_pretraining_length_matches_transformers(original, tmp_path):
+    """LongRoPE on Llama: each call picks the short or long factors from its largest position; transformers' Llama
+    keeps its KV cache when a generation crosses the pretraining length (Phi-3 rebuilds it: test_phi3_parity)."""
+    config = TINY_CAUSAL["llama"]()
+    config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.3, 1.6, 2.0],
+                              "long_factor": [2.0, 3.0, 5.0, 8.0], "original_max_position_embeddings": original}
+    check_greedy_generation(config, tmp_path, new_tokens=8)
 
 
 def test_sliding_layer_without_window_is_refused():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm, apply_rotary_pos_emb
 
-from tests.parity_checks import check_forward, check_greedy_generation, make_pair
+from tests.parity_checks import SEQ, check_forward, check_greedy_generation, make_pair
 from tests.tiny_configs import CAUSAL_VARIANTS, TINY_CAUSAL
 from trlax import FlaxAutoModelForCausalLM
 from trlax.errors import TrlaxError, UnsupportedModelError
@@ -96,16 +96,16 @@ def test_olmo2_ignores_a_sliding_window_as_transformers_does(tmp_path):
     check_forward(pt, model, "left", explicit_positions=False)
 
 
-def test_generation_across_a_layer_types_longrope_length_is_refused():
-    """LongRoPE on OLMo 3's full layers only (`rope_parameters` per layer type): the refusal of a generation that
-    crosses the pretraining length read only a flat rope_type, and the tokens then differed from transformers'."""
+@pytest.mark.parametrize("original", [SEQ - 1, SEQ + 2])
+def test_generation_with_longrope_on_one_layer_type_matches_transformers(original, tmp_path):
+    """LongRoPE on OLMo 3's full layers only (`rope_parameters` per layer type): the longest prompt ending one past
+    the pretraining length took the short factors in trlax's prompt pass (which read only a flat rope_type); a
+    generation across it matches too (OLMo 3's transformers keeps its cache there, unlike Phi-3's)."""
     config = TINY_CAUSAL["olmo3"]()
     config.rope_parameters["full_attention"] = {
         "rope_type": "longrope", "rope_theta": 1000.0, "short_factor": [1.0, 1.2, 1.5, 2.0],
-        "long_factor": [2.0, 3.0, 4.0, 5.0], "original_max_position_embeddings": 10}
-    model = FlaxAutoModelForCausalLM.from_config(config)
-    with pytest.raises(TrlaxError, match=r"crosses this LongRoPE model's pretraining length \(10\)"):
-        model.generate(np.ones((1, 5), np.int32), max_new_tokens=8)
+        "long_factor": [2.0, 3.0, 4.0, 5.0], "original_max_position_embeddings": original}
+    check_greedy_generation(config, tmp_path, new_tokens=8)
 
 
 def _olmo(model_type: str, **overrides: object):

@@ -733,17 +733,3 @@ def test_score_flags_that_cannot_work_are_refused_and_old_states_resume(tmp_path
     with pytest.raises(TrlaxError, match="other settings \\(ppo.use_score_scaling True -> False\\); resume"):
         trainer.check_settings(extra, 1, tmp_path)
 
-
-def test_a_longrope_policy_whose_replies_would_cross_its_pretraining_length_is_refused_up_front():
-    """The refusal came from the first rollout's generate, after every model had loaded."""
-    from tests.tiny_configs import phi3_longrope
-    from trlax import create_reference_model
-
-    args = cli_args(steps=1, batch_size=2, mini_batch_size=2, max_new_tokens=12)
-    models, texts = build_models(args)
-    prompts = PromptSet.build(texts, models.codec, models.pad_id, 16)  # 4-token prompts
-    lm = FlaxAutoModelForCausalLM.from_config(phi3_longrope(original=8))
-    models.policy = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(lm)
-    models.reference = create_reference_model(models.policy)
-    with pytest.raises(TrlaxError, match=r"prompt length 4 \+ max_new_tokens - 1 = 15 crosses this LongRoPE"):
-        PPOTrainer(models, prompts, trainer_config(args))

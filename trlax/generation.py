@@ -21,6 +21,11 @@ Padding, cache slots and positions (causal):
     real token sits at position 0 whatever its padding, and the token in slot T - 1 + i of
     a row with n real prompt tokens sits at position n - 1 + i.
 
+LongRoPE picks its frequencies from a call's largest position, so its prompt pass takes the whole
+prompt (slots 0..T-1; step 0 writes slot T-1 again with equal values), as transformers' does; a
+family whose transformers drops its cache at the pretraining length + 1 tokens (Phi-3:
+`spec.rebuilds_longrope_cache`) recomputes every slot at that loop step, as there.
+
 Encoder-decoder: the encoder runs once; the decoder starts from decoder_start_token_id in
 slot 0 and loop step i feeds its token into slot i (S = max_new_tokens slots).
 
@@ -236,12 +241,15 @@ def _decode_loop(
     settings: GenerationSettings,
     knobs: _Knobs,
     context: Array,
+    rebuild: tuple[int, Callable[[Array, Any], tuple[Array, Any]]] | None = None,
 ) -> Array:
     """The new tokens [B, max_new_tokens] int32, one per `step` call.
 
     step(token [B], i, cache) -> (logits [B, V], cache) feeds the token of loop index i
     (`first_fed` at i = 0, then the token chosen at i - 1) and returns the next logits.
     context: the prompt ids [B, T] the repetition penalty counts (`penalty_context`).
+    rebuild: (i, fn): at loop index i, fn(new tokens so far [B, max_new_tokens], cache) -> (logits, cache)
+    runs instead of `step` (Phi-3's LongRoPE cache rebuild, see `_causal_fn`).
     """
     n = settings.max_new_tokens
     b = first_fed.shape[0]
@@ -254,7 +262,11 @@ def _decode_loop(
 
     def body(state: tuple[Any, ...]) -> tuple[Any, ...]:
         i, token, done, tokens, cache, key = state
-        logits, cache = step(token, i, cache)
+        if rebuild is None:
+            logits, cache = step(token, i, cache)
+        else:
+            logits, cache = jax.lax.cond(i == rebuild[0], lambda c: rebuild[1](tokens, c),
+                                         lambda c: step(token, i, c), cache)
         penalty = knobs.repetition_penalty if settings.use_repetition_penalty else None
         logits = process_logits(logits, i, context, tokens, knobs.eos_ids, min_new_tokens=settings.min_new_tokens,
                                 repetition_penalty=penalty,
@@ -319,6 +331,7 @@ def _causal_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Call
     module, spec, config = _rollout_module(model, settings), model.spec, model.config
     dtype = _rollout_dtype(model, settings)
     n = settings.max_new_tokens
+    longrope = longrope_length(config)
 
     def run(params: Any, lora: Any, input_ids: Array, mask: Array, knobs: _Knobs, key: Array | None) -> Array:
         b, t = input_ids.shape
@@ -333,7 +346,7 @@ def _causal_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Call
             # loop's first fed token, whose logits give the first new token. LongRoPE picks its
             # factors from a call's largest position, so there the prefill takes the whole prompt,
             # as transformers' does (step 0 writes the last token's slot again, with equal values).
-            prefill = t if longrope_length(config) is not None else t - 1
+            prefill = t if longrope is not None else t - 1
             cache = module.apply(variables, input_ids[:, :prefill], kv_mask, positions[:, :prefill], cache=cache,
                                  cache_index=0).cache
 
@@ -343,7 +356,19 @@ def _causal_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Call
             out = module.apply(variables, token[:, None], kv_mask, pos, cache=cache, cache_index=t - 1 + i)
             return out.logits[:, -1], constrain_kv_cache(out.cache, model.mesh, model.sharding_rules)
 
-        new = _decode_loop(step, input_ids[:, -1], cache, key, settings, knobs, penalty_context(input_ids, mask))
+        def rebuild(tokens: Array, cache: Any) -> tuple[Array, Any]:
+            # Every position again, the prompt and the `at` new tokens: a call past the pretraining length,
+            # so LongRoPE's factors are picked anew for the whole sequence, as transformers' Phi-3 does.
+            ids = jnp.concatenate([input_ids, tokens[:, :at]], axis=1)  # [B, T + at]
+            pos = jnp.concatenate([positions, positions[:, -1:] + jnp.arange(1, at + 1)], axis=1)
+            out = module.apply(variables, ids, kv_mask, pos, cache=cache, cache_index=0)
+            return out.logits[:, -1], constrain_kv_cache(out.cache, model.mesh, model.sharding_rules)
+
+        # transformers' Phi-3 rebuilds its cache at the step whose input first holds the pretraining length + 1
+        # tokens, if the prompt was within it: loop index `at`.
+        at = longrope + 1 - t if spec.rebuilds_longrope_cache and longrope is not None else 0
+        new = _decode_loop(step, input_ids[:, -1], cache, key, settings, knobs, penalty_context(input_ids, mask),
+                           rebuild=(at, rebuild) if 1 <= at < n else None)
         return jnp.concatenate([input_ids, new], axis=1)
 
     return _traced_under_mesh(model, run)
@@ -428,20 +453,6 @@ def _scalar(x: Any) -> float | None:
     if _is_concrete(x) and np.ndim(x) == 0 and np.issubdtype(np.asarray(x).dtype, np.number):
         return float(x)
     return None
-
-
-def check_longrope_generation(config: Any, prompt_length: int, max_new_tokens: int) -> None:
-    """InputError when a LongRoPE model's generation would cross its pretraining length: a prompt within it
-    whose replies run past it. There transformers' Phi-3 drops its KV cache and recomputes every position with
-    the long factors, which trlax's loop does not. Generation wholly within it or from a prompt already past it
-    is supported (each call picks its factors from its own positions, as transformers does)."""
-    length = longrope_length(config)
-    if length is not None and prompt_length <= length < prompt_length + max_new_tokens - 1:
-        raise InputError(
-            f"prompt length {prompt_length} + max_new_tokens - 1 = {prompt_length + max_new_tokens - 1} crosses "
-            f"this LongRoPE model's pretraining length ({length}): transformers' Phi-3 recomputes its KV cache with "
-            "the long RoPE factors there, which trlax does not; keep prompt + new tokens within it (lower "
-            "max_new_tokens) or generate from prompts longer than it")
 
 
 def _check_prompt_mask(mask: Array) -> None:
@@ -598,7 +609,6 @@ def generate(
                 "max_new_tokens - 1") if seq2seq else f"prompt length {prompt.shape[1]} + max_new_tokens - 1"
         raise InputError(f"{what} = {length} exceeds the model's {limit} positions (the last new token is never "
                          "fed back); shorten the prompt or lower max_new_tokens")
-    check_longrope_generation(config, prompt.shape[1], max_new_tokens)
     if not seq2seq:
         _check_prompt_mask(mask)
 

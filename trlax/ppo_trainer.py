@@ -32,7 +32,7 @@ import optax
 
 from trlax.checkpoint.state import StateCheckpointer
 from trlax.errors import TrlaxError
-from trlax.generation import check_longrope_generation, check_sampling
+from trlax.generation import check_sampling
 from trlax.ppo import PPOConfig, ScoreMoments, adaptive_kl_coef, make_ppo_update, make_rollout, normalize_scores
 from trlax.ppo_data import PromptSet, TextCodec
 from trlax.ppo_rewards import Generated
@@ -157,7 +157,6 @@ class PPOTrainer:
             raise TrlaxError(f"the policy has {positions} positions, but a prompt of {prompts.ids.shape[1]} tokens "
                              f"+ {config.max_new_tokens} new ones is {length}; lower --max-prompt-length or "
                              "--max-new-tokens")
-        check_longrope_generation(lm.config, prompts.ids.shape[1], config.max_new_tokens)  # before any step
         adam = optax.adam(config.learning_rate)
         self.tx = adam if config.max_grad_norm is None else optax.chain(
             optax.clip_by_global_norm(config.max_grad_norm), adam)

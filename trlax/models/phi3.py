@@ -111,5 +111,5 @@ PHI3_SHARDING: tuple[ParamRule, ...] = (
 SPEC = dataclasses.replace(
     LLAMA_SPEC, model_types=("phi3",), module=Phi3ForCausalLM, hf_architecture="Phi3ForCausalLM",
     sharding_rules=PHI3_SHARDING, peft_targets=(),  # PEFT has no default target_modules for phi3
-    validate=_validate,
+    validate=_validate, rebuilds_longrope_cache=True,
 )

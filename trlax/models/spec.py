@@ -118,6 +118,9 @@ class ArchitectureSpec:
     # Positions index a learned table of max_positions(config) rows (GPT-2, OPT, BART): a position past it is
     # an input error. False for rotary / relative positions, which have no hard limit.
     learned_positions: bool = False
+    # transformers' Phi-3 drops its KV cache and recomputes every position when a LongRoPE generation first
+    # reaches the pretraining length + 1 tokens (its `prepare_inputs_for_generation`); `generate` does the same.
+    rebuilds_longrope_cache: bool = False
     # Encoder-decoder families only:
     is_encoder_decoder: bool = False
     raw_keys: tuple[str, ...] = ()  # top-level params stored under their own name (BART's final_logits_bias)
