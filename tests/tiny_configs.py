@@ -176,6 +176,19 @@ def olmo3() -> transformers.PretrainedConfig:
                                             "rope_theta": 1000.0}})
 
 
+def glm4(**overrides: object) -> transformers.PretrainedConfig:
+    # GLM-4-0414's shape: biased q/k/v (no o_proj bias), a fused gate_up_proj, half of each 8-dim head rotated in
+    # interleaved pairs, four norms per block, GQA, untied head.
+    kwargs = {**_LLAMA_COMMON, "num_key_value_heads": 2, "head_dim": 8, "tie_word_embeddings": False}
+    return transformers.Glm4Config(**{**kwargs, **overrides})
+
+
+def glm(**overrides: object) -> transformers.PretrainedConfig:
+    # GLM-4-9B-chat's shape: GLM-4's block with two norms (pre-norm, as Llama's).
+    kwargs = {**_LLAMA_COMMON, "num_key_value_heads": 2, "head_dim": 8, "tie_word_embeddings": False}
+    return transformers.GlmConfig(**{**kwargs, **overrides})
+
+
 TINY_CAUSAL: dict[str, Callable[[], transformers.PretrainedConfig]] = {
     "gpt2": gpt2,
     "llama": llama,
@@ -200,6 +213,8 @@ TINY_CAUSAL: dict[str, Callable[[], transformers.PretrainedConfig]] = {
     "smollm3": smollm3,
     "olmo2": olmo2,
     "olmo3": olmo3,
+    "glm4": glm4,
+    "glm": glm,
 }
 
 
@@ -383,6 +398,17 @@ FAMILY_VARIANTS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
         **{**_LLAMA_COMMON, "num_hidden_layers": 4}, num_key_value_heads=2, sliding_window=4, rope_theta=500.0,
         rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
                       "attention_factor": 1.2, "beta_fast": 32, "beta_slow": 1}),
+    # No biases, every dim of each head rotated (still in interleaved pairs), a tied head, linear RoPE scaling.
+    "glm4/unbiased_tied_full_rotary_linear_rope": lambda: glm4(
+        attention_bias=False, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0, "partial_rotary_factor": 1.0}),
+    # MHA, head_dim 16 != hidden / heads, YaRN on half of each head (its three bands over the 4 frequencies).
+    "glm/mha_head_dim16_yarn": lambda: glm(
+        num_key_value_heads=4, head_dim=16, rope_parameters={**ROPE_VARIANTS["yarn"], "partial_rotary_factor": 0.5}),
+    # LongRoPE within its pretraining length (32) on half of each head: the short factors and its attention factor.
+    "glm4/longrope": lambda: glm4(rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "short_factor": [1.6, 1.3],
+        "long_factor": [2.0, 4.4], "original_max_position_embeddings": 32}),
 }
 CAUSAL_VARIANTS.update(FAMILY_VARIANTS)
 

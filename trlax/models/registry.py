@@ -32,6 +32,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "trlax.models.gpt_bigcode",
     "trlax.models.smollm3",
     "trlax.models.olmo2",
+    "trlax.models.glm4",
 )
 
 
