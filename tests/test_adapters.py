@@ -35,7 +35,7 @@ ATOL = 1e-4
 # Causal families whose every projection is LoRA-aware (layers.Dense) and checked against PEFT here.
 LORA_FAMILIES = ("gpt2", "opt", "gpt_neo", "gpt_neox", "llama", "gemma", "gemma3_text", "phi3", "phi",
                  "starcoder2", "bloom", "falcon", "gptj", "cohere", "granite", "gpt_bigcode", "smollm3",
-                 "olmo2", "olmo3")
+                 "olmo2", "olmo3", "glm4", "glm")
 PARITY_FAMILIES = LORA_FAMILIES
 
 
