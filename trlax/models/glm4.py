@@ -64,11 +64,13 @@ class Glm4DecoderLayer(GlmDecoderLayer):
         self.post_self_attn_layernorm = self.make_norm(self, self.options)
         self.post_mlp_layernorm = self.make_norm(self, self.options)
 
-    def __call__(self, x: Array, *, masks: dict[Any, Array], rotary: tuple[Array, Array], deterministic: bool,
-                 cache: KVCache | None, cache_index: Array) -> tuple[Array, KVCache | None]:
-        attn_out, cache = self.attention(self.input_layernorm(x), masks, rotary, deterministic, cache, cache_index)
-        x = x + self.post_self_attn_layernorm(attn_out)
-        return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x))), cache
+    def attention(self, x: Array, masks: dict[Any, Array], rotary: tuple[Array, Array], deterministic: bool,
+                  cache: KVCache | None, cache_index: Array) -> tuple[Array, KVCache | None]:
+        out, cache = super().attention(x, masks, rotary, deterministic, cache, cache_index)
+        return self.post_self_attn_layernorm(out), cache
+
+    def feed_forward(self, x: Array) -> Array:
+        return self.post_mlp_layernorm(super().feed_forward(x))
 
 
 class GlmModel(llama.LlamaModel):

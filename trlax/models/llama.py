@@ -208,7 +208,8 @@ class LlamaDecoderLayer(HFModule, kw_only=True):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
 
     Subclasses swap the attention / MLP classes (Phi-3's fused projections, StarCoder2's
-    GELU MLP) and `make_norm` (StarCoder2's LayerNorm).
+    GELU MLP) and `make_norm` (StarCoder2's LayerNorm), or wrap the sublayers through the
+    `attention` and `feed_forward` hooks (SmolLM3's NoPE layers, GLM-4's output norms).
     """
 
     options: DecoderOptions
@@ -239,7 +240,11 @@ class LlamaDecoderLayer(HFModule, kw_only=True):
                  cache: KVCache | None, cache_index: Array) -> tuple[Array, KVCache | None]:
         attn_out, cache = self.attention(self.input_layernorm(x), masks, rotary, deterministic, cache, cache_index)
         x = x + self.residual_branch(attn_out, deterministic)
-        return x + self.residual_branch(self.mlp(self.post_attention_layernorm(x)), deterministic), cache
+        return x + self.residual_branch(self.feed_forward(x), deterministic), cache
+
+    def feed_forward(self, x: Array) -> Array:
+        """The MLP sublayer on the residual stream x [B, T, H]: mlp(norm(x)) (GLM-4 normalises its output too)."""
+        return self.mlp(self.post_attention_layernorm(x))
 
     def residual_branch(self, out: Array, deterministic: bool) -> Array:
         """A sublayer's output as the residual stream adds it (Granite scales it instead of the dropout)."""
