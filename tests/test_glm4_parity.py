@@ -10,7 +10,7 @@ import torch
 from transformers.models.glm4.modeling_glm4 import Glm4RotaryEmbedding, apply_rotary_pos_emb
 
 from tests.parity_checks import check_greedy_generation
-from tests.tiny_configs import CAUSAL_VARIANTS, TINY_CAUSAL, glm4
+from tests.tiny_configs import CAUSAL_VARIANTS, TINY_CAUSAL, glm, glm4
 from trlax import FlaxAutoModelForCausalLM
 from trlax.errors import UnsupportedModelError
 from trlax.models.glm4 import GlmAttention, GlmModel, glm_options
@@ -75,3 +75,10 @@ def test_unsupported_rope_is_refused_at_load(rope, message):
     config = glm4(rope_parameters={"rope_theta": 10000.0, **rope})
     with pytest.raises(UnsupportedModelError, match=message):
         FlaxAutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("name", ["head_dim", "num_key_value_heads"])
+def test_unset_head_dim_or_kv_heads_is_refused_at_load(name):
+    """GlmConfig accepts None for both; transformers' GlmAttention then fails at the first forward."""
+    with pytest.raises(UnsupportedModelError, match=f"glm: {name}=None is not supported"):
+        FlaxAutoModelForCausalLM.from_config(glm(**{name: None}))

@@ -88,6 +88,10 @@ class GlmForCausalLM(llama.LlamaForCausalLM):
 
 
 def _validate(config: Any) -> None:
+    for name in ("head_dim", "num_key_value_heads"):  # GlmConfig allows None for both
+        if getattr(config, name, 0) is None:
+            raise UnsupportedModelError(f"{config.model_type}: {name}=None is not supported (transformers' GLM "
+                                        f"attention fails on it too); set {name} in the config")
     partial_inv_frequencies(config, head_dim_of(config))  # refuses a rope_type trlax lacks
     activation(config.hidden_act)  # raises for an activation trlax lacks
     glm_options(config)  # refuses bidirectional configs
