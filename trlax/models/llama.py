@@ -59,7 +59,7 @@ class DecoderOptions:
     final_softcap: float | None = None  # Gemma 2: tanh soft-capping of the logits
     norm_unit_offset: bool = False  # Gemma: RMSNorm weight is stored as (scale - 1)
     embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size)
-    partial_rotary_factor: float = 1.0  # Phi-3: RoPE on the first fraction of each head only
+    partial_rotary_factor: float = 1.0  # Phi-3, GLM: RoPE on the first fraction of each head only
     embed_dropout: float = 0.0  # StarCoder2: dropout on the embeddings
     resid_dropout: float = 0.0  # Phi-3, StarCoder2: dropout on the attention and MLP outputs
     eager_attention: bool = False  # Gemma 2: transformers runs eager attention (see `dot_product_attention`)
@@ -116,7 +116,7 @@ def decoder_options(config: Any, **switches: Any) -> DecoderOptions:
 
 
 def without_sliding(config: Any) -> dict[str, Any]:
-    """DecoderOptions switches of a model type transformers gives no sliding window (Llama, Granite, OLMo 2),
+    """DecoderOptions switches of a model type transformers gives no sliding window (Llama, Granite, OLMo 2, GLM),
     whatever stray `sliding_window` its config.json holds (transformers ignores it there)."""
     return {"sliding": (False,) * config.num_hidden_layers, "sliding_window": None}
 
