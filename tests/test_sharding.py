@@ -367,7 +367,7 @@ def test_lora_adapter_is_sharded_like_its_kernel(device_report: dict, mesh: str)
 
 
 # Families checked for forward and generation only (their tiny_configs entry).
-FORWARD_FAMILIES = ("bloom", "falcon", "gptj", "cohere", "granite", "gpt_bigcode", "olmo2")
+FORWARD_FAMILIES = ("bloom", "falcon", "gptj", "cohere", "granite", "gpt_bigcode", "olmo2", "glm4")
 
 
 def _forward_report(root: Path) -> dict[str, Any]:
