@@ -83,3 +83,13 @@ def test_longrope_factors_of_the_wrong_length_are_refused():
     config.rope_parameters["long_factor"] = [2.0, 4.4]
     with pytest.raises(UnsupportedModelError, match="needs `long_factor` with 3 numbers"):
         FlaxAutoModelForCausalLM.from_config(config)
+
+
+def test_the_longrope_cache_rebuild_computes_the_last_positions_logits_only():
+    """The rebuild step ran the LM head over every position ([B, T + at, V] float32: ~26 GB for Phi-4-mini at batch
+    8 and 4097 tokens) to read the last row; the prompt pass already avoided that."""
+    model = FlaxAutoModelForCausalLM.from_config(phi3_longrope(original=SEQ + 2))  # rebuild at new token 3: 14 slots
+    model.generate(np.full((3, SEQ), 5, np.int32), max_new_tokens=8)
+    text = model.generation_cache.compiled_text()
+    assert "conditional" in text  # the rebuild branch is in the program
+    assert "f32[42,101]" not in text and "f32[3,14,101]" not in text

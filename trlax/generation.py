@@ -284,6 +284,15 @@ def _decode_loop(
     return jax.lax.while_loop(cond, body, state)[3]
 
 
+def _last_logits(lm: Any, input_ids: Array, mask: Array, positions: Array, cache: Any) -> tuple[Array, Any]:
+    """A causal LM's forward over input_ids [B, L] from cache slot 0: (float32 logits [B, V] of the last position
+    only, the cache). The LM head of the other L - 1 positions ([B, L, V]: GBs for a long prompt) is never
+    computed. Used with `module.apply(..., method=_last_logits)`."""
+    h, _, cache = getattr(lm, lm.backbone_name)(input_ids, mask, positions, deterministic=True,
+                                                 output_hidden_states=False, cache=cache, cache_index=jnp.int32(0))
+    return lm.logits(h[:, -1:])[:, -1].astype(jnp.float32), cache
+
+
 def _variables(params: Any, lora: Any) -> dict[str, Any]:
     """The module's variables: the base params, plus a LoRA adapter when one is active."""
     return {"params": params} if lora is None else {"params": params, LORA_COLLECTION: lora}
@@ -361,8 +370,8 @@ def _causal_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Call
             # so LongRoPE's factors are picked anew for the whole sequence, as transformers' Phi-3 does.
             ids = jnp.concatenate([input_ids, tokens[:, :at]], axis=1)  # [B, T + at]
             pos = jnp.concatenate([positions, positions[:, -1:] + jnp.arange(1, at + 1)], axis=1)
-            out = module.apply(variables, ids, kv_mask, pos, cache=cache, cache_index=0)
-            return out.logits[:, -1], constrain_kv_cache(out.cache, model.mesh, model.sharding_rules)
+            logits, cache = module.apply(variables, ids, kv_mask, pos, cache, method=_last_logits)
+            return logits, constrain_kv_cache(cache, model.mesh, model.sharding_rules)
 
         # transformers' Phi-3 rebuilds its cache at the step whose input first holds the pretraining length + 1
         # tokens, if the prompt was within it: loop index `at`.
