@@ -45,9 +45,17 @@ def test_q_and_k_norms_span_all_heads(case, tmp_path):
     assert np.abs(per_head.reshape(2, 5, -1) - ref_q).max() > 0.1
 
 
+def assert_rounds_as(out: np.ndarray, ref: np.ndarray) -> None:
+    """bfloat16 results (as float32) of the same rounding order: equal but where a float32 ulp between XLA's and
+    torch's kernels (rsqrt, a fused multiply-add on AVX-512) crosses a bfloat16 rounding boundary, and there one
+    bfloat16 ulp (2^-7 relative at most) apart. A different order differs in a quarter of the entries."""
+    assert (out == ref).mean() >= 0.99
+    np.testing.assert_array_less(np.abs(out - ref), np.abs(ref) * 2.0**-7 + 1e-30)
+
+
 def test_rms_norm_rounds_as_olmo_in_bfloat16():
-    """Olmo2RMSNorm multiplies its weight in float32 and casts after; trlax's `float32_weight` norm equals it bit for
-    bit in bfloat16 (Llama's order, cast then multiply, differs in a quarter of the entries)."""
+    """Olmo2RMSNorm multiplies its weight in float32 and casts after; trlax's `float32_weight` norm rounds as it does
+    in bfloat16 (Llama's order, cast then multiply, differs in a quarter of the entries)."""
     rng = np.random.default_rng(0)
     x = (3 * rng.standard_normal((4, 9, 64))).astype(np.float32)
     w = (1 + 0.5 * rng.standard_normal(64)).astype(np.float32)
@@ -61,13 +69,13 @@ def test_rms_norm_rounds_as_olmo_in_bfloat16():
         norm = RMSNorm(1e-5, jnp.bfloat16, jnp.bfloat16, float32_weight=float32_weight)
         return np.asarray(norm.apply(params, jnp.asarray(x, jnp.bfloat16)), np.float32)
 
-    np.testing.assert_array_equal(run(True), ref)
+    assert_rounds_as(run(True), ref)
     assert (run(False) != ref).mean() > 0.1
 
 
 def test_rotary_runs_in_float32_in_bfloat16():
-    """OLMo's cos/sin stay float32, so bfloat16 q/k rotate in float32 and are cast back: trlax equals transformers'
-    apply_rotary_pos_emb bit for bit (rotating in bfloat16, as Llama does, differs in a quarter of the entries)."""
+    """OLMo's cos/sin stay float32, so bfloat16 q/k rotate in float32 and are cast back: trlax rounds as transformers'
+    apply_rotary_pos_emb does (rotating in bfloat16, as Llama does, differs in a quarter of the entries)."""
     rng = np.random.default_rng(0)
     q = jnp.asarray(3 * rng.standard_normal((4, 9, 4, 16)), jnp.bfloat16)  # [B, T, H, D]
     cos, sin = rotary_cos_sin(jnp.asarray(np.tile(np.arange(9) * 7, (4, 1))), base_inv_frequencies(1e4, 16))
@@ -78,7 +86,7 @@ def test_rotary_runs_in_float32_in_bfloat16():
     attn = Olmo2Attention(config=config, options=olmo2_options(config), dtype=jnp.bfloat16)
     out = attn.apply({}, q, cos, sin, method="rotate")
     assert out.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(out, np.float32), ref)
+    assert_rounds_as(np.asarray(out, np.float32), ref)
     assert (np.asarray(apply_rotary(q, cos, sin), np.float32) != ref).mean() > 0.1
 
 
