@@ -146,11 +146,14 @@ def granite(**overrides: object) -> transformers.PretrainedConfig:
     return transformers.GraniteConfig(**{**kwargs, **overrides})
 
 
+# GPT-2-style config names (n_embd, n_layer, ...): GPT-J and GPT-BigCode.
+_GPT2_STYLE = {"vocab_size": 101, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64, "bos_token_id": 0,
+               "eos_token_id": 1, "pad_token_id": 1}
+
+
 def gpt_bigcode(**overrides: object) -> transformers.PretrainedConfig:
     # StarCoder 1's shape: multi-query attention (one K/V head for the 4 query heads), tied head, tanh GELU.
-    kwargs = {"vocab_size": 101, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64, "bos_token_id": 0,
-              "eos_token_id": 1, "pad_token_id": 1}
-    return transformers.GPTBigCodeConfig(**{**kwargs, **overrides})
+    return transformers.GPTBigCodeConfig(**{**_GPT2_STYLE, **overrides})
 
 
 def smollm3(**overrides: object) -> transformers.PretrainedConfig:
@@ -312,9 +315,7 @@ def falcon_with(**overrides: object) -> transformers.PretrainedConfig:
 
 
 def gptj_with(**overrides: object) -> transformers.PretrainedConfig:
-    kwargs = {"vocab_size": 101, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64, "bos_token_id": 0,
-              "eos_token_id": 1, "pad_token_id": 1}
-    return transformers.GPTJConfig(**{**kwargs, **overrides})
+    return transformers.GPTJConfig(**{**_GPT2_STYLE, **overrides})
 
 
 def cohere_with(**overrides: object) -> transformers.PretrainedConfig:

@@ -28,7 +28,7 @@ from trlax.models.layers import activation
 from trlax.models.phi3 import Phi3MLP
 from trlax.models.rope import apply_rotary, attention_scaling, partial_inv_frequencies, rope_parameters, rotary_cos_sin
 from trlax.models.self_attention import head_dim_of
-from trlax.models.spec import ParamRule, attention_rules, embedding_rules, feed_forward_rules
+from trlax.models.spec import ParamRule, feed_forward_rules
 
 
 def glm_options(config: Any) -> llama.DecoderOptions:
@@ -98,8 +98,7 @@ def _validate(config: Any) -> None:
 
 
 GLM_SHARDING: tuple[ParamRule, ...] = (
-    *embedding_rules("embed_tokens"),
-    *attention_rules("self_attn", "q_proj", "[kv]_proj", "o_proj", kv_axis="kv_heads"),
+    *(rule for rule in llama.LLAMA_SHARDING if "mlp/" not in rule[0]),  # embeddings and attention as Llama's
     *feed_forward_rules("gate_up_proj", "down_proj", biases=False),  # fused [gate | up]
 )
 
