@@ -133,6 +133,20 @@ def test_longrope_generation_on_both_sides_of_the_pretraining_length_matches_tra
     check_greedy_generation(config, tmp_path, new_tokens=8)
 
 
+@pytest.mark.parametrize("name", ["granite", "smollm3"])
+@pytest.mark.parametrize(("overrides", "match"), [
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, "rope_type 'dynamic'"),
+    ({"hidden_act": "swish_x"}, "activation 'swish_x' is not supported"),
+    ({"use_bidirectional_attention": True}, "bidirectional attention"),
+])
+def test_what_granite_and_smollm3_cannot_run_is_refused_at_load(name, overrides, match):
+    config = TINY_CAUSAL[name]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    with pytest.raises(UnsupportedModelError, match=match):
+        FlaxAutoModelForCausalLM.from_config(config)
+
+
 def test_sliding_layer_without_window_is_refused():
     config = TINY_CAUSAL["qwen3"]()
     config.layer_types = ["full_attention", "sliding_attention"]
