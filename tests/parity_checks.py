@@ -97,6 +97,23 @@ def check_cached_decoding(model: Any, padding: str, explicit_positions: bool) ->
     return diff
 
 
+def check_past_key_values(pt: Any, model: Any, padding: str, past: int = 7) -> float:
+    """A forward over the first `past` tokens with use_cache=True, then one over the rest with its cache
+    (attention_mask covering both): logits as transformers' two calls, and the cache holds every token."""
+    ids, mask = batch(VOCAB, padding, seq_len=SEQ)
+    with torch.no_grad():
+        first = pt(torch.tensor(ids[:, :past]), attention_mask=torch.tensor(mask[:, :past]), use_cache=True)
+        ref = pt(torch.tensor(ids[:, past:]), attention_mask=torch.tensor(mask), cache=first.cache, use_cache=True)
+    cache = model(ids[:, :past], mask[:, :past], use_cache=True).cache
+    out = model(ids[:, past:], mask, cache=cache)
+    geometry = model.spec.cache_geometry(model.config)
+    assert len(out.cache) == geometry.num_layers
+    assert out.cache[0]["k"].shape == (ids.shape[0], geometry.num_kv_heads, SEQ, geometry.head_dim)
+    diff = max_diff(ref.logits, out.logits, mask[:, past:])
+    assert diff < ATOL
+    return diff
+
+
 def check_save_roundtrip(pt: Any, model: Any, folder: Path) -> float:
     """trlax save_pretrained -> transformers from_pretrained: the same tensors and logits."""
     model.save_pretrained(folder)

@@ -18,7 +18,16 @@ import torch
 from safetensors import safe_open
 
 from tests.helpers import PADDINGS, batch, max_diff
-from tests.parity_checks import ATOL, SEQ, VOCAB, check_cached_decoding, check_forward, check_save_roundtrip, make_pair
+from tests.parity_checks import (
+    ATOL,
+    SEQ,
+    VOCAB,
+    check_cached_decoding,
+    check_forward,
+    check_past_key_values,
+    check_save_roundtrip,
+    make_pair,
+)
 from tests.tiny_configs import CAUSAL_VARIANTS, TINY_CAUSAL
 from trlax.checkpoint.naming import get_path
 from trlax.errors import TrlaxError
@@ -48,6 +57,12 @@ def test_cached_decoding_matches_full_forward(case, padding):
 
 def test_cached_decoding_with_explicit_positions(case):
     check_cached_decoding(case[1], "left", explicit_positions=True)
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_a_forward_continues_its_kv_cache_as_transformers_does(case, padding):
+    pt, model, _ = case
+    check_past_key_values(pt, model, padding)
 
 
 def test_left_pad_positions_and_the_lm_loss_match_transformers_default_attention(case):

@@ -175,5 +175,6 @@ def test_transformers_saving_and_forward_keywords(bf16_folder, tmp_path):
         assert not (tmp_path / "refused").exists()
     ids, mask = batch(101, "none")
     np.testing.assert_array_equal(model(ids, mask, use_cache=False)[0], model(ids, mask)[0])
-    with pytest.raises(TrlaxTypeError, match="return_past_key_values=True is not supported"):
-        model(ids, mask, return_past_key_values=True)
+    logits, _, values, cache = model(ids, mask, return_past_key_values=True)  # TRL's 4-tuple
+    np.testing.assert_array_equal(logits, model(ids, mask)[0])
+    assert len(cache) == model.config.num_hidden_layers and cache[0]["k"].shape[2] == ids.shape[1]

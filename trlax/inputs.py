@@ -168,15 +168,20 @@ def same_shape(name: str, value: Any, shape: tuple[int, ...]) -> jax.Array:
     return value.astype(jnp.int32)
 
 
-def mask_for(name: str, mask: Any, ids: jax.Array) -> jax.Array:
-    """The attention mask [B, T] int32 of `ids`: the given one (checked: its shape, and when concrete that it
-    holds only 0 and 1, in any dtype) or all ones."""
+def mask_for(name: str, mask: Any, ids: jax.Array, past_length: int = 0) -> jax.Array:
+    """The attention mask [B, P + T] int32 of `ids` [B, T] after P cached tokens (`past_length`): the given one
+    (checked: its shape, and when concrete that it holds only 0 and 1, in any dtype) or all ones."""
+    shape = (ids.shape[0], past_length + ids.shape[1])
     if mask is None:
-        return jnp.ones_like(ids)
+        return jnp.ones(shape, jnp.int32)
     if is_concrete(mask) and not np.isin(np.asarray(mask), (0, 1)).all():
         values = np.unique(np.asarray(mask))
         raise InputError(f"{name} must hold only 1 (a token) and 0 (padding); got the values {values[:8].tolist()}")
-    return same_shape(name, mask, ids.shape)
+    value = jnp.asarray(mask)
+    if past_length and tuple(value.shape) != shape:
+        raise InputError(f"{name} must cover the {past_length} cached tokens and the {ids.shape[1]} new ones, "
+                         f"{shape}; got {tuple(value.shape)}")
+    return same_shape(name, value, shape)
 
 
 def checked(fn: Callable[..., Any], **jit_kwargs: Any) -> Callable[..., Any]:

@@ -191,6 +191,8 @@ class PreTrainedModelWrapper:
     is_loaded_in_8bit: ClassVar[bool] = False
     is_loaded_in_4bit: ClassVar[bool] = False
     is_sequential_parallel: ClassVar[bool] = False
+    # `apply` arguments the jitted forward compiles a program per value of.
+    static_forward_arguments: ClassVar[tuple[str, ...]] = ("train", "output_hidden_states")
     supported_args: ClassVar[tuple[str, ...]] = (
         "summary_dropout_prob", "v_head_initializer_range", "v_head_init_strategy")
     model_args: ClassVar[tuple[str, ...]] = (
@@ -248,7 +250,7 @@ class PreTrainedModelWrapper:
                                       self.params.get(LORA_COLLECTION))
         self._check_lora_params = ParamsCheck(lambda: lora, "this policy's LoRA adapter")
         what = f"this {type(self).__name__}"
-        self._forward = with_live_params(jax.jit(self.apply, static_argnames=("train", "output_hidden_states")), what)
+        self._forward = with_live_params(jax.jit(self.apply, static_argnames=self.static_forward_arguments), what)
         self._reward_forward = with_live_params(jax.jit(self.apply_reward), what)
 
     def _initial_trainable_mask(self) -> dict[str, Any]:
@@ -674,6 +676,7 @@ class FlaxAutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
     """A causal LM with TRL's value head: `model(ids, mask, labels=None) -> (lm_logits, loss, values)`."""
 
     transformers_parent_class = FlaxAutoModelForCausalLM
+    static_forward_arguments = (*PreTrainedModelWrapper.static_forward_arguments, "return_past_key_values")
 
     def apply(
         self,
@@ -686,17 +689,23 @@ class FlaxAutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         output_hidden_states: bool = False,
         labels: jax.Array | None = None,
         check_inputs: bool = False,
-    ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
-        """Pure forward: (lm_logits [B, T, V] f32, loss [] f32 with labels [B, T] else None, values [B, T] f32).
-        Checks params and inputs as the LM's `apply` (`check_inputs`: traced ones too, see `trlax.inputs`)."""
+        past_key_values: Any = None,
+        return_past_key_values: bool = False,
+    ) -> tuple[jax.Array, ...]:
+        """Pure forward: (lm_logits [B, T, V] f32, loss [] f32 with labels [B, T] else None, values [B, T] f32),
+        and the LM's KV cache after them with `return_past_key_values` (past_key_values: the LM's, see
+        `__call__`). Checks params and inputs as the LM's `apply` (`check_inputs`: traced ones too, see
+        `trlax.inputs`)."""
         self.check_params(params)
         params = self._params_for_forward(params)
         base_rng, head_rng = self._split_rng(dropout_rng, train)
         out = self.pretrained_model.apply(params["pretrained_model"], input_ids, attention_mask, position_ids,
                                           dropout_rng=base_rng, train=train, lora=params.get(LORA_COLLECTION),
-                                          labels=labels, check_inputs=check_inputs)
+                                          labels=labels, check_inputs=check_inputs, past_key_values=past_key_values,
+                                          use_cache=return_past_key_values)
         values = self._values(params, out.last_hidden_state, head_rng, train)
-        return out.logits.astype(jnp.float32), out.loss, values
+        outputs = (out.logits.astype(jnp.float32), out.loss, values)
+        return (*outputs, out.cache) if return_past_key_values else outputs
 
     def __call__(
         self,
@@ -710,27 +719,33 @@ class FlaxAutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         check_inputs: bool = False,
         return_past_key_values: bool = False,
         use_cache: bool | None = None,
-    ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+        past_key_values: Any = None,
+    ) -> tuple[jax.Array, ...]:
         """TRL's 3-tuple (lm_logits [B, T, V] float32, loss, values [B, T] float32), jitted.
 
         input_ids [B, T] int; attention_mask [B, T] (default all ones); position_ids as
         the LM's forward; `train=True` with `dropout_rng` enables dropout. labels [B, T]
         int (-100 = ignored): loss is the wrapped LM's loss as TRL returns it
         (transformers' shifted cross-entropy, [] float32); None without labels. Bad ids,
-        positions or params raise InputError as in the LM's forward. TRL's `use_cache` changes
-        nothing (the forward builds no cache; `generate` keeps its own); `return_past_key_values=True`
-        is refused.
+        positions or params raise InputError as in the LM's forward.
+
+        KV cache, as TRL's: `return_past_key_values=True` appends the LM's cache after these tokens
+        (one {"k", "v"} [B, Hkv, P + T, D] per layer) as a 4th output; `past_key_values` (a cache
+        returned so) continues after its P tokens, attention_mask then [B, P + T]: see the LM's
+        `__call__`. TRL's `use_cache` changes nothing (the cache is returned when asked for).
         """
-        refuse_past_key_values(return_past_key_values)
         input_ids = token_ids("input_ids", input_ids)
-        mask = mask_for("attention_mask", attention_mask, input_ids)
+        past_length = self.pretrained_model.past_length(past_key_values, input_ids.shape[0])
+        mask = mask_for("attention_mask", attention_mask, input_ids, past_length)
         if position_ids is not None:
             position_ids = same_shape("position_ids", position_ids, input_ids.shape)
         if labels is not None:
             labels = same_shape("labels", token_ids("labels", labels), input_ids.shape)
-        self.pretrained_model.check_inputs(input_ids, mask, position_ids, labels, traced=check_inputs)
+        self.pretrained_model.check_inputs(input_ids, mask, position_ids, labels, past_length=past_length,
+                                           traced=check_inputs)
         return self._forward(self.params if params is None else params, input_ids, mask, position_ids,
-                             dropout_rng, train=train, labels=labels)
+                             dropout_rng, train=train, labels=labels, past_key_values=past_key_values,
+                             return_past_key_values=return_past_key_values)
 
 
 class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
@@ -780,13 +795,18 @@ class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
         check_inputs: bool = False,
         return_past_key_values: bool = False,
         use_cache: bool | None = None,
+        past_key_values: Any = None,
     ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
         """TRL's 3-tuple over decoder positions. decoder_input_ids [B, Td], or labels [B, Td]
         (-100 = ignored) from which they are derived as transformers does (shifted right behind
         the decoder start token; BART without either: input_ids shifted so); with labels, loss is
         the decoder LM loss [] float32.
-        use_cache / return_past_key_values: as the causal wrapper's."""
-        refuse_past_key_values(return_past_key_values)
+        TRL's `use_cache` changes nothing; `past_key_values` / `return_past_key_values=True` are refused
+        (the causal wrapper takes and returns a KV cache; an encoder-decoder's would hold the encoder's too)."""
+        if return_past_key_values or past_key_values is not None:
+            raise TrlaxTypeError("past_key_values / return_past_key_values=True are not supported by the "
+                                 "encoder-decoder wrapper: its forward returns TRL's 3-tuple without a KV cache "
+                                 "(generate keeps its own cache inside its jitted loop)")
         input_ids = token_ids("input_ids", input_ids)
         labels = None if labels is None else token_ids("labels", labels)
         decoder_input_ids = self.pretrained_model.decoder_inputs(input_ids, decoder_input_ids, labels)
@@ -802,13 +822,6 @@ def refuse_base_class(cls: type[PreTrainedModelWrapper]) -> None:
     if cls is PreTrainedModelWrapper:
         raise TrlaxTypeError("PreTrainedModelWrapper is the base class of the value-head models (as in TRL): use "
                              "FlaxAutoModelForCausalLMWithValueHead or FlaxAutoModelForSeq2SeqLMWithValueHead")
-
-
-def refuse_past_key_values(return_past_key_values: bool) -> None:
-    """TRL's forward can return the LM's past_key_values as a 4th output; trlax's cannot."""
-    if return_past_key_values:
-        raise TrlaxTypeError("return_past_key_values=True is not supported: trlax's forward returns TRL's 3-tuple "
-                             "without a KV cache (generate keeps its own cache inside its jitted loop)")
 
 
 # TRL's names.

@@ -83,6 +83,8 @@ class FlaxPreTrainedModel(CheckpointMixin):
     can_generate: ClassVar[bool] = True  # an LM head: `generate`, and a generation_config read at load
     # `from_pretrained` keywords that go on to the constructor (a subclass's own arguments).
     constructor_arguments: ClassVar[tuple[str, ...]] = ()
+    # `apply` arguments the jitted forward compiles a program per value of.
+    static_forward_arguments: ClassVar[tuple[str, ...]] = ("train", "output_hidden_states")
 
     def __init__(
         self,
@@ -122,7 +124,7 @@ class FlaxPreTrainedModel(CheckpointMixin):
         self.storage_dtype: np.dtype | None = None
         self.generation_config: transformers.GenerationConfig | None = None
         self.check_params = ParamsCheck(self.abstract_params, f"this {config.model_type} model")
-        self._forward = with_live_params(jax.jit(self.apply, static_argnames=("train", "output_hidden_states")),
+        self._forward = with_live_params(jax.jit(self.apply, static_argnames=self.static_forward_arguments),
                                          f"this {config.model_type} model")
 
     @classmethod
@@ -295,16 +297,18 @@ class FlaxPreTrainedModel(CheckpointMixin):
         raise NotImplementedError
 
     def check_token_inputs(self, input_ids: Any, attention_mask: Any, position_ids: Any = None, *,
-                           traced: bool = False) -> None:
-        """Token ids [B, T] in [0, vocab_size), a mask and positions of their shape, positions within a learned
-        position table, else InputError.
+                           past_length: int = 0, traced: bool = False) -> None:
+        """Token ids [B, T] in [0, vocab_size), a mask [B, P + T] (P = `past_length`, the cached tokens), positions
+        [B, T], positions within a learned position table, else InputError.
 
         Concrete values are checked here; traced ones only with `traced=True` (checkify, see `trlax.inputs`).
         """
-        check_shape("attention_mask", attention_mask, input_ids.shape)
+        batch, length = input_ids.shape
+        check_shape("attention_mask", attention_mask, (batch, past_length + length))
         check_shape("position_ids", position_ids, input_ids.shape)
         check_token_range("input_ids", input_ids, self.vocab_size, traced=traced)
-        check_positions("input_ids", input_ids.shape[1], position_ids, attention_mask,
+        new_tokens_mask = attention_mask[:, past_length:] if past_length else attention_mask
+        check_positions("input_ids", past_length + length, position_ids, new_tokens_mask,
                         self.spec.position_limit(self.config), model=self.config.model_type.upper(), traced=traced)
 
     # --- generation ---------------------------------------------------------------------

@@ -17,11 +17,15 @@ decode step. Inside a jitted `lax.while_loop` the cache is part of the loop carr
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from trlax.errors import InputError
 
 Array = jax.Array
 KVCache = dict[str, Array]  # {"k": [B, Hkv, S, D], "v": [B, Hkv, S, D]}
@@ -64,3 +68,36 @@ def write_kv(cache: KVCache, k: Array, v: Array, cache_index: Array | int) -> KV
         "k": jax.lax.dynamic_update_slice(cache["k"], heads_first(k).astype(cache["k"].dtype), start),
         "v": jax.lax.dynamic_update_slice(cache["v"], heads_first(v).astype(cache["v"].dtype), start),
     }
+
+
+def past_kv_cache(past_key_values: Any, geometry: CacheGeometry, batch: int) -> list[KVCache]:
+    """A forward's `past_key_values` as the cache it continues, checked against the model.
+
+    Accepted: what a forward with `use_cache=True` returns (one {"k", "v"} [B, Hkv, P, D] per
+    layer) or transformers' legacy layout of the same arrays (one (k, v) pair per layer); P, the
+    tokens seen so far, is the same in every layer. Anything else raises InputError.
+    """
+    try:
+        layers = [(layer["k"], layer["v"]) if isinstance(layer, Mapping) else tuple(layer)
+                  for layer in past_key_values]
+    except (TypeError, KeyError):
+        layers = None
+    if layers is None or any(len(layer) != 2 for layer in layers):
+        raise InputError("past_key_values must be the cache a forward with use_cache=True returned: one "
+                         '{"k", "v"} (or (k, v)) per layer')
+    if len(layers) != geometry.num_layers:
+        raise InputError(f"past_key_values holds {len(layers)} layers; this model has {geometry.num_layers}")
+    past = np.shape(layers[0][0])[2] if np.ndim(layers[0][0]) == 4 else 0
+    expected = (batch, geometry.num_kv_heads, past, geometry.head_dim)
+    for i, pair in enumerate(layers):
+        for name, array in zip("kv", pair, strict=True):
+            if tuple(np.shape(array)) != expected:
+                raise InputError(f"past_key_values layer {i} {name} has the shape {tuple(np.shape(array))}; this "
+                                 f"model and batch need [B, num_kv_heads, past tokens, head_dim] = {expected}")
+    return [{"k": jnp.asarray(k), "v": jnp.asarray(v)} for k, v in layers]
+
+
+def extended_cache(cache: list[KVCache], new_slots: int) -> list[KVCache]:
+    """The cache with `new_slots` zeroed slots appended to each layer's [B, Hkv, P, D] arrays (to P + new_slots)."""
+    pad = ((0, 0), (0, 0), (0, new_slots), (0, 0))
+    return [{name: jnp.pad(array, pad) for name, array in layer.items()} for layer in cache]

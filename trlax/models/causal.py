@@ -6,14 +6,18 @@ from typing import Any
 
 import jax
 
+from trlax.errors import TrlaxTypeError
 from trlax.inputs import check_labels, check_shape, mask_for, same_shape, token_ids
 from trlax.models.base import FlaxPreTrainedModel
+from trlax.models.cache import KVCache, extended_cache, past_kv_cache
 from trlax.models.loss import causal_lm_loss
 from trlax.models.outputs import CausalLMOutput
 
 
 class FlaxModelForCausalLM(FlaxPreTrainedModel):
     """A decoder-only LM (GPT-2, Llama, ...). Build it with `FlaxAutoModelForCausalLM`."""
+
+    static_forward_arguments = (*FlaxPreTrainedModel.static_forward_arguments, "use_cache")
 
     def apply(
         self,
@@ -27,19 +31,43 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
         lora: dict[str, Any] | None = None,
         labels: jax.Array | None = None,
         check_inputs: bool = False,
+        past_key_values: Any = None,
+        use_cache: bool = False,
     ) -> CausalLMOutput:
         """The pure forward (no jit): what a jitted train step calls.
 
         lora: a LoRA adapter tree (`trlax.peft`) applied on top of `params`, or None
         for the base model alone. labels: [B, T] int (-100 = ignored), or None; with them
-        `loss` is transformers' shifted cross-entropy [] float32. Checks (see `trlax.inputs`):
-        the params' structure (at trace time under jit), token ids and positions when they
-        are concrete, and, with `check_inputs=True` inside `trlax.inputs.checked`, traced ones too.
+        `loss` is transformers' shifted cross-entropy [] float32. past_key_values: the cache of
+        P earlier tokens (see `__call__`), attention_mask then [B, P + T]; with it or with
+        `use_cache=True` the output's `past_key_values` holds the P + T tokens. Checks (see
+        `trlax.inputs`): the params' structure (at trace time under jit), token ids and positions
+        when they are concrete, and, with `check_inputs=True` inside `trlax.inputs.checked`, traced ones too.
         """
-        self.check_inputs(input_ids, attention_mask, position_ids, labels, traced=check_inputs)
+        cache, past_length = self.forward_cache(past_key_values, input_ids, use_cache)
+        self.check_inputs(input_ids, attention_mask, position_ids, labels, past_length=past_length,
+                          traced=check_inputs)
         out = self.apply_module(params, input_ids, attention_mask, position_ids, lora=lora, train=train,
-                                dropout_rng=dropout_rng, output_hidden_states=output_hidden_states)
+                                dropout_rng=dropout_rng, output_hidden_states=output_hidden_states, cache=cache,
+                                cache_index=past_length)
         return out if labels is None else out.replace(loss=causal_lm_loss(out.logits, labels))
+
+    def forward_cache(self, past_key_values: Any, input_ids: jax.Array,
+                      use_cache: bool) -> tuple[list[KVCache] | None, int]:
+        """(the cache a forward over input_ids [B, T] writes, P: the tokens it holds already): the checked
+        past_key_values with T slots appended, a new T-slot cache (compute dtype) with `use_cache`, else (None, 0)."""
+        batch, length = input_ids.shape
+        if past_key_values is None:
+            cache = self.spec.init_cache(self.config, batch, length, self.dtype) if use_cache else None
+            return cache, 0
+        past = past_kv_cache(past_key_values, self.spec.cache_geometry(self.config), batch)
+        return extended_cache(past, length), past[0]["k"].shape[2]
+
+    def past_length(self, past_key_values: Any, batch: int) -> int:
+        """P, the tokens a forward's `past_key_values` holds (checked against the model and batch); None: 0."""
+        if past_key_values is None:
+            return 0
+        return past_kv_cache(past_key_values, self.spec.cache_geometry(self.config), batch)[0]["k"].shape[2]
 
     def __call__(
         self,
@@ -52,6 +80,9 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
         dropout_rng: jax.Array | None = None,
         labels: Any = None,
         check_inputs: bool = False,
+        past_key_values: Any = None,
+        use_cache: bool | None = None,
+        cache: Any = None,
     ) -> CausalLMOutput:
         """Forward pass, jit-compiled once per shape.
 
@@ -65,17 +96,30 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
         ids outside [0, vocab_size) and positions past a learned position table (GPT-2, OPT, GPT-Neo) raise InputError
         (under jit only with `check_inputs=True`, see `trlax.inputs`); so do params of
         another model.
+
+        KV cache, as transformers': `use_cache=True` returns the keys and values of the T tokens as
+        `out.cache` (also `out.past_key_values`; one {"k", "v"} [B, Hkv, T, D] per layer, compute dtype);
+        passing them back as `cache` (transformers 5.25's name) or `past_key_values` (TRL's and older
+        transformers') with the next tokens [B, T'] continues after them (attention_mask then [B, T + T'],
+        default all ones; positions by default T, T + 1, ..., OPT's from the mask) and returns the cache of
+        all T + T' tokens. transformers' legacy ((k, v), ...) of the same arrays is accepted too. Every new
+        cache length compiles a new program: decode with `generate`.
         """
+        if cache is not None and past_key_values is not None:
+            raise TrlaxTypeError("pass the KV cache once: cache= (transformers' name) or past_key_values= (TRL's)")
+        past_key_values = cache if past_key_values is None else past_key_values
         input_ids = token_ids("input_ids", input_ids)
-        mask = mask_for("attention_mask", attention_mask, input_ids)
+        past_length = self.past_length(past_key_values, input_ids.shape[0])
+        mask = mask_for("attention_mask", attention_mask, input_ids, past_length)
         if position_ids is not None:
             position_ids = same_shape("position_ids", position_ids, input_ids.shape)
         if labels is not None:
             labels = same_shape("labels", token_ids("labels", labels), input_ids.shape)
-        self.check_inputs(input_ids, mask, position_ids, labels, traced=check_inputs)
+        self.check_inputs(input_ids, mask, position_ids, labels, past_length=past_length, traced=check_inputs)
         return self._forward(self.params if params is None else params, input_ids, mask, position_ids,
                              dropout_rng, train=train, output_hidden_states=output_hidden_states,
-                             lora=self.lora if params is None else None, labels=labels)
+                             lora=self.lora if params is None else None, labels=labels,
+                             past_key_values=past_key_values, use_cache=bool(use_cache))
 
     def generation_prompt_length(self, input_ids: jax.Array, decoder_input_ids: Any = None,
                                  decoder_start_token_id: int | None = None) -> int:
@@ -83,13 +127,14 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
         return int(input_ids.shape[1])
 
     def check_inputs(self, input_ids: Any, attention_mask: Any, position_ids: Any = None, labels: Any = None, *,
-                     traced: bool = False) -> None:
-        """Token ids in [0, vocab_size), a mask, positions and labels (if any) of their shape, positions within
-        a learned position table and labels in [0, vocab_size) or -100, else InputError.
+                     past_length: int = 0, traced: bool = False) -> None:
+        """Token ids in [0, vocab_size), a mask (covering `past_length` cached tokens too), positions and labels
+        (if any) of their shape, positions within a learned position table and labels in [0, vocab_size) or
+        -100, else InputError.
 
         Concrete values are checked here; traced ones only with `traced=True` (checkify).
         """
         if labels is not None:
             check_shape("labels", labels, input_ids.shape)
             check_labels("labels", labels, self.vocab_size, traced=traced)
-        self.check_token_inputs(input_ids, attention_mask, position_ids, traced=traced)
+        self.check_token_inputs(input_ids, attention_mask, position_ids, past_length=past_length, traced=traced)

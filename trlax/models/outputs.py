@@ -17,7 +17,8 @@ class CausalLMOutput:
         norm, and OPT's project_out), i.e. what TRL's value head reads.
     hidden_states: None, or n_layers + 1 arrays [B, T, H] as transformers returns them
         (embeddings, each layer's output, the last one replaced by the normed state).
-    cache: None, or the updated KV cache (one {"k", "v"} dict per layer).
+    cache: None, or the updated KV cache (one {"k", "v"} dict per layer); `past_key_values`
+        is its transformers name.
     loss: None, or with `labels` transformers' shifted LM loss [] float32 (`trlax.models.loss`).
     """
 
@@ -26,6 +27,11 @@ class CausalLMOutput:
     hidden_states: tuple[jax.Array, ...] | None = None
     cache: Any = None
     loss: jax.Array | None = None
+
+    @property
+    def past_key_values(self) -> Any:
+        """The KV cache under transformers' name: one {"k", "v"} [B, Hkv, S, D] per layer, or None."""
+        return self.cache
 
 
 @flax.struct.dataclass
