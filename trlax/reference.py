@@ -160,7 +160,8 @@ def create_reference_model(
     The reference is a new wrapper of the same class, built explicitly: its own copy of
     the config, the policy's value-head options, `frozen=True` (its forward applies
     `jax.lax.stop_gradient` to its params) and an all-False `trainable_mask`; it shares
-    nothing mutable with the policy, only the shared arrays (and no adapters). Raises
+    nothing mutable with the policy, only the shared arrays (and no adapters), nor the
+    policy's gradient-checkpointing setting (a frozen forward has no backward pass). Raises
     ValueError when a custom pattern matches nothing, or N is negative or not smaller
     than the layer count.
     """

@@ -44,7 +44,7 @@ from trlax.errors import CheckpointError, InputError, TrlaxError, TrlaxTypeError
 from trlax.generation_config import read_generation_config
 from trlax.inputs import ParamsCheck, mask_for, same_shape, token_ids, with_live_params
 from trlax.models.auto import AutoModel, FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
-from trlax.models.base import FlaxPreTrainedModel, load_config
+from trlax.models.base import FlaxPreTrainedModel, jit_forward, load_config, refuse_train_mode
 from trlax.models.layers import LORA_COLLECTION, torch_linear_init
 from trlax.peft.lora import (
     AdapterFiles,
@@ -250,7 +250,8 @@ class PreTrainedModelWrapper:
                                       self.params.get(LORA_COLLECTION))
         self._check_lora_params = ParamsCheck(lambda: lora, "this policy's LoRA adapter")
         what = f"this {type(self).__name__}"
-        self._forward = with_live_params(jax.jit(self.apply, static_argnames=self.static_forward_arguments), what)
+        self._forward = jit_forward(self.apply, self.static_forward_arguments, lambda: self.is_gradient_checkpointing,
+                                    what)
         self._reward_forward = with_live_params(jax.jit(self.apply_reward), what)
 
     def _initial_trainable_mask(self) -> dict[str, Any]:
@@ -303,6 +304,32 @@ class PreTrainedModelWrapper:
         """The value-head keyword arguments this wrapper was built with (for building its likes)."""
         return {"summary_dropout_prob": self.v_head.dropout_prob, "v_head_init_strategy": self.v_head.init_strategy,
                 "v_head_initializer_range": self.v_head.initializer_range}
+
+    # --- transformers' training switches, as TRL copies them from the wrapped model ---------
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether the LM's blocks are rematerialised in the backward pass (see `gradient_checkpointing_enable`)."""
+        return self.pretrained_model.is_gradient_checkpointing
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """The LM's `gradient_checkpointing_enable` (kwargs accepted and ignored): `apply`, so a train step's
+        gradient, and the jitted forward rematerialise each block of the LM in the backward pass."""
+        self.pretrained_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        """The LM's `gradient_checkpointing_disable`: blocks keep their activations (the default)."""
+        self.pretrained_model.gradient_checkpointing_disable()
+
+    def eval(self) -> PreTrainedModelWrapper:
+        """transformers' `eval()`: returns this wrapper unchanged (calls run without dropout unless
+        `train=True, dropout_rng=key` is passed)."""
+        return self
+
+    def train(self, mode: bool = True) -> PreTrainedModelWrapper:
+        """transformers' `train()`: `train(False)` is `eval()`; `train(True)` raises TrlaxTypeError (dropout is
+        chosen per call: `train=True, dropout_rng=key`)."""
+        refuse_train_mode(mode)
+        return self.eval()
 
     # --- value head ---------------------------------------------------------------------
     def init_v_head(self, rng: jax.Array) -> dict[str, Any]:

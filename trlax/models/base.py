@@ -5,7 +5,10 @@ transformers checkpoint I/O itself (key tables, state dicts, saving, PyTorch bot
 is `trlax.checkpoint.model_io.CheckpointMixin`, which this class inherits.
 
 Like transformers' old Flax API, every call takes `params=` (default: `self.params`) and
-is jit-compiled once per input shape; the module itself is pure.
+is jit-compiled once per input shape; the module itself is pure. transformers'
+`gradient_checkpointing_enable()` / `eval()` / `train()` exist for ported code: the first
+rematerialises each block in the backward pass, `eval()` changes nothing (dropout is the
+per-call `train=True, dropout_rng=key`).
 
 Params have one home. A standalone model holds its own; the LM inside a value-head
 wrapper (`wrapper.pretrained_model`) is a view that reads and writes
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -49,6 +52,7 @@ from trlax.inputs import (
 from trlax.models.layers import LORA_COLLECTION
 from trlax.models.registry import get_spec, supported_model_types
 from trlax.models.spec import ArchitectureSpec, ParamRule
+from trlax.models.stack import remat_blocks
 from trlax.sharding import ShardingRules, activation_sharding, auto_mesh, check_mesh, make_placer, resolve_rules
 
 
@@ -70,6 +74,31 @@ def load_config(folder: Path, source: str) -> transformers.PretrainedConfig:
 # `FlaxPreTrainedModel.abstract_params`. A few dozen architectures at most stay in a process.
 ABSTRACT_PARAMS: dict[tuple[Any, ...], dict[str, Any]] = {}
 ABSTRACT_PARAMS_KEPT = 32
+
+
+def jit_forward(apply: Callable[..., Any], static_argnames: tuple[str, ...], checkpointing: Callable[[], bool],
+                what: str) -> Callable[..., Any]:
+    """`apply(params, ...)` jitted (`static_argnames` static) behind `with_live_params`.
+
+    `checkpointing()` (the caller's gradient-checkpointing setting, which `apply` reads at trace
+    time) is read at every call and passed as a static argument, so a program traced under one
+    setting is never reused under the other.
+    """
+    def keyed(params: dict[str, Any], *args: Any, gradient_checkpointing: bool, **kwargs: Any) -> Any:
+        return apply(params, *args, **kwargs)  # gradient_checkpointing only keys jit's cache
+
+    jitted = jax.jit(keyed, static_argnames=(*static_argnames, "gradient_checkpointing"))
+    return with_live_params(
+        lambda params, *args, **kwargs: jitted(params, *args, gradient_checkpointing=checkpointing(), **kwargs), what)
+
+
+def refuse_train_mode(mode: bool) -> None:
+    """transformers' `train(True)` has no trlax counterpart: modules hold no mode, dropout is per call."""
+    if mode:
+        raise TrlaxTypeError("trlax models have no train mode: dropout is chosen per call, with "
+                             "model(..., train=True, dropout_rng=key) or apply(params, ..., train=True, "
+                             "dropout_rng=key) in a train step; calls without it run in eval mode, so eval() and "
+                             "train(False) change nothing")
 
 
 class FlaxPreTrainedModel(CheckpointMixin):
@@ -124,8 +153,9 @@ class FlaxPreTrainedModel(CheckpointMixin):
         self.storage_dtype: np.dtype | None = None
         self.generation_config: transformers.GenerationConfig | None = None
         self.check_params = ParamsCheck(self.abstract_params, f"this {config.model_type} model")
-        self._forward = with_live_params(jax.jit(self.apply, static_argnames=self.static_forward_arguments),
-                                         f"this {config.model_type} model")
+        self._gradient_checkpointing = False
+        self._forward = jit_forward(self.apply, self.static_forward_arguments, lambda: self.is_gradient_checkpointing,
+                                    f"this {config.model_type} model")
 
     @classmethod
     def module_for(cls, spec: ArchitectureSpec) -> type[Any]:
@@ -156,8 +186,44 @@ class FlaxPreTrainedModel(CheckpointMixin):
         view.storage_dtype, view.generation_config = self.storage_dtype, self.generation_config
         view.module = self.module
         view.check_params = self.check_params  # same structure: share what it learned
+        view._gradient_checkpointing = self._gradient_checkpointing
         view._owner = owner
         return view
+
+    # --- transformers' training switches -------------------------------------------------
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether forwards rematerialise each transformer block in the backward pass."""
+        return self._gradient_checkpointing
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """transformers' switch: from now on `apply` (and so a train step's `jax.grad` of it) and the jitted
+        forward recompute each block's activations in the backward pass (`nn.remat`) instead of storing them.
+
+        Outputs and gradients are unchanged; memory falls, compute rises by about one forward.
+        `gradient_checkpointing_kwargs` (e.g. transformers' `{"use_reentrant": False}`) is accepted and
+        ignored: JAX's remat has no reentrant variant. A train step already jitted keeps the program it
+        was traced with: enable before tracing it.
+        """
+        if gradient_checkpointing_kwargs is not None and not isinstance(gradient_checkpointing_kwargs, dict):
+            raise TrlaxTypeError("gradient_checkpointing_kwargs must be a dict (e.g. {'use_reentrant': False}, "
+                                 f"accepted and ignored) or None; got {type(gradient_checkpointing_kwargs).__name__}")
+        self._gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        """transformers' switch back: blocks keep their activations for the backward pass (the default)."""
+        self._gradient_checkpointing = False
+
+    def eval(self) -> FlaxPreTrainedModel:
+        """transformers' `eval()`: returns this model unchanged (trlax calls run without dropout unless
+        `train=True, dropout_rng=key` is passed)."""
+        return self
+
+    def train(self, mode: bool = True) -> FlaxPreTrainedModel:
+        """transformers' `train()`: `train(False)` is `eval()`; `train(True)` raises TrlaxTypeError, as dropout
+        is chosen per call (`train=True, dropout_rng=key`)."""
+        refuse_train_mode(mode)
+        return self.eval()
 
     # --- construction -------------------------------------------------------------------
     def dummy_inputs(self) -> tuple[Any, ...]:
@@ -284,12 +350,13 @@ class FlaxPreTrainedModel(CheckpointMixin):
     # --- forward ------------------------------------------------------------------------
     def apply_module(self, params: dict[str, Any], *inputs: Any, lora: dict[str, Any] | None, train: bool,
                      dropout_rng: jax.Array | None, **kwargs: Any) -> Any:
-        """`module.apply` with the params (plus a LoRA adapter tree), dropout only when training, on the mesh."""
+        """`module.apply` with the params (plus a LoRA adapter tree), dropout only when training, on the mesh,
+        blocks rematerialised when gradient checkpointing is enabled."""
         if train and dropout_rng is None:
             raise TrlaxError("train=True needs dropout_rng (a jax.random key) for dropout")
         self.check_params(params)
         variables = {"params": params} if lora is None else {"params": params, LORA_COLLECTION: lora}
-        with self.sharding_context():
+        with self.sharding_context(), remat_blocks(self.is_gradient_checkpointing):
             return self.module.apply(variables, *inputs, deterministic=not train,
                                      rngs={"dropout": dropout_rng} if train else None, **kwargs)
 
