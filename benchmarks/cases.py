@@ -67,6 +67,7 @@ class Case:
     per_process: bool = False
     shared_layers: str | None = None  # memory cases: "none" (full copy), "half", or "lora"
     rollout_dtype: str | None = None  # generate: trlax float32 model + generate(rollout_dtype=...); torch: .to(dtype)
+    gradient_checkpointing: bool = False  # train: gradient_checkpointing_enable() on both sides
     description: str = ""
 
     @property
@@ -86,6 +87,8 @@ CASES: tuple[Case, ...] = (
     Case("generate_sample", "c", "generate", sample=True, unit="new tok/s",
          description="generate sampling (temperature 1, top_k 0, top_p 0.9)"),
     Case("train_step", "d", "train", unit="steps/s", description="one PPO update (policy + value loss, AdamW)"),
+    Case("train_step_remat", "d", "train", unit="steps/s", gradient_checkpointing=True,
+         description="(d) with gradient_checkpointing_enable() on both sides (blocks recomputed in the backward)"),
     Case("load", "e", "load", metric="seconds", unit="s", per_process=True,
          description="from_pretrained of the value-head checkpoint (safetensors), one per process"),
     Case("tiny_forward", "f", "forward", model="tiny", description="tiny model forward: per-call overhead"),

@@ -229,6 +229,8 @@ def _experience(model: ValueHeadModel, ids: torch.Tensor, mask: torch.Tensor, re
 def train(ctx: Context) -> Bench:
     """One PPO minibatch step: forward with grad, clipped policy + value losses, entropy stat, backward, AdamW."""
     model = _load_model(ctx.model_dir).train()
+    if ctx.case.gradient_checkpointing:
+        model.pretrained_model.gradient_checkpointing_enable()  # TRL's wrapper forwards it to the LM
     raw = ppo_inputs(ctx.cfg["vocab_size"], ctx.shapes.batch, ctx.shapes.seq)
     ids, mask, response = (torch.as_tensor(raw[k], dtype=torch.long, device=_DEVICE)
                            for k in ("input_ids", "attention_mask", "response_mask"))

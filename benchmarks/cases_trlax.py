@@ -153,6 +153,8 @@ def train(ctx: Context) -> Bench:
     reference, so no second copy is held); only the update is timed.
     """
     policy = _load(ctx)
+    if ctx.case.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
     raw = ppo_inputs(ctx.cfg["vocab_size"], ctx.shapes.batch, ctx.shapes.seq)
     batch = {k: jnp.asarray(raw[k]) for k in ("input_ids", "attention_mask", "response_mask")}
     config = ppo.PPOConfig()
