@@ -10,6 +10,7 @@ import os
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -114,14 +115,40 @@ def test_a_cache_that_does_not_fit_is_refused_naming_the_fix():
         model(rest, cache=cache, past_key_values=cache)
     # GPT-2's learned position table (64 rows) counts the cached tokens.
     long_cache = model(np.zeros((3, 60), np.int64), use_cache=True).cache
-    with pytest.raises(InputError, match="has 64 positions; got a sequence of 65 tokens"):
+    with pytest.raises(InputError, match=r"has 64 positions; got a sequence of 65 tokens \(60 cached \+ 5 new\)"):
         model(rest, past_key_values=long_cache)
+    with pytest.raises(InputError, match="must hold 4-D keys and values"):
+        model(rest, past_key_values=[{"k": layer["k"][0], "v": layer["v"][0]} for layer in cache])
+
+
+def test_a_cache_is_held_in_the_compute_dtype_whatever_dtype_comes_in():
+    model = FlaxAutoModelForCausalLM.from_config(TINY_CAUSAL["llama"]())
+    ids, mask = batch(VOCAB, "left", seq_len=11)
+    cache = model(ids[:, :PAST], mask[:, :PAST], use_cache=True).cache
+    assert cache[0]["k"].dtype == jnp.float32
+    low = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), cache)
+    out = model(ids[:, PAST:], mask, cache=low)
+    assert {layer["k"].dtype for layer in out.cache} == {jnp.dtype(jnp.float32)}
+    np.testing.assert_array_equal(out.cache[0]["k"][:, :, :PAST], low[0]["k"].astype(jnp.float32))
+    half = FlaxAutoModelForCausalLM.from_config(TINY_CAUSAL["llama"](), dtype=jnp.bfloat16)
+    assert half(ids[:, PAST:], mask, cache=cache).cache[0]["k"].dtype == jnp.bfloat16
+
+
+def test_the_value_head_model_takes_transformers_cache_keyword_too():
+    lm = FlaxAutoModelForCausalLM.from_config(TINY_CAUSAL["gpt2"]())
+    model = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(lm)
+    ids, mask = batch(VOCAB, "none", seq_len=11)
+    *_, cache = model(ids[:, :PAST], mask[:, :PAST], return_past_key_values=True)
+    by_name = model(ids[:, PAST:], mask, cache=cache)
+    np.testing.assert_array_equal(by_name[2], model(ids[:, PAST:], mask, past_key_values=cache)[2])
+    with pytest.raises(TrlaxTypeError, match="pass the KV cache once"):
+        model(ids[:, PAST:], mask, cache=cache, past_key_values=cache)
 
 
 def test_the_seq2seq_value_head_model_refuses_a_cache():
     model = FlaxAutoModelForSeq2SeqLMWithValueHead.from_pretrained(
         FlaxAutoModelForSeq2SeqLM.from_config(TINY_SEQ2SEQ["t5"]()))
     ids, mask = batch(VOCAB, "none")
-    for kwargs in ({"return_past_key_values": True}, {"past_key_values": []}):
+    for kwargs in ({"return_past_key_values": True}, {"past_key_values": []}, {"cache": []}):
         with pytest.raises(TrlaxTypeError, match="not supported by the encoder-decoder wrapper"):
             model(ids, mask, decoder_input_ids=ids, **kwargs)

@@ -126,19 +126,20 @@ def check_labels(name: str, labels: Any, vocab_size: int, *, traced: bool = Fals
 
 
 def check_positions(name: str, length: int, position_ids: Any, mask: Any, limit: int | None, *,
-                    model: str = "the model", traced: bool = False) -> None:
+                    model: str = "the model", past_length: int = 0, traced: bool = False) -> None:
     """Positions must fit a learned position table of `limit` rows (None: no table, nothing to check).
 
-    length: the sequence length T (default positions run 0..T-1, so T must be <= limit); model: its name in
-    messages. position_ids [B, T] or None: every entry must be < limit, and the entries of real tokens (mask 1)
-    >= 0 (a negative position at a padded slot reads a finite row and is masked out); T itself is then free
-    (a padded batch wider than the table, whose rows fit it).
+    length: the sequence length T (default positions run 0..T-1, so T must be <= limit), `past_length` cached
+    tokens included; model: its name in messages. position_ids [B, T] or None: every entry must be < limit, and
+    the entries of real tokens (mask 1) >= 0 (a negative position at a padded slot reads a finite row and is
+    masked out); T itself is then free (a padded batch wider than the table, whose rows fit it).
     """
     if limit is None:
         return
     if position_ids is None and length > limit:
-        raise InputError(f"{name}: {model} has {limit} positions; got a sequence of {length} tokens. Truncate it "
-                         f"to at most {limit} tokens")
+        counted = f" ({past_length} cached + {length - past_length} new)" if past_length else ""
+        raise InputError(f"{name}: {model} has {limit} positions; got a sequence of {length} tokens{counted}. "
+                         f"Truncate it to at most {limit} tokens")
     if position_ids is None:
         return
     fix = f"positions must lie in [0, {limit}) (the model's learned position table)"

@@ -45,6 +45,7 @@ from trlax.generation_config import read_generation_config
 from trlax.inputs import ParamsCheck, mask_for, same_shape, token_ids, with_live_params
 from trlax.models.auto import AutoModel, FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
 from trlax.models.base import FlaxPreTrainedModel, jit_forward, load_config, refuse_train_mode
+from trlax.models.causal import kv_cache_argument
 from trlax.models.layers import LORA_COLLECTION, torch_linear_init
 from trlax.peft.lora import (
     AdapterFiles,
@@ -747,6 +748,7 @@ class FlaxAutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         return_past_key_values: bool = False,
         use_cache: bool | None = None,
         past_key_values: Any = None,
+        cache: Any = None,
     ) -> tuple[jax.Array, ...]:
         """TRL's 3-tuple (lm_logits [B, T, V] float32, loss, values [B, T] float32), jitted.
 
@@ -758,9 +760,11 @@ class FlaxAutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
 
         KV cache, as TRL's: `return_past_key_values=True` appends the LM's cache after these tokens
         (one {"k", "v"} [B, Hkv, P + T, D] per layer) as a 4th output; `past_key_values` (a cache
-        returned so) continues after its P tokens, attention_mask then [B, P + T]: see the LM's
-        `__call__`. TRL's `use_cache` changes nothing (the cache is returned when asked for).
+        returned so; or `cache=`, transformers 5.25's name, which TRL passes on) continues after its P
+        tokens, attention_mask then [B, P + T]: see the LM's `__call__`. TRL's `use_cache` changes
+        nothing (the cache is returned when asked for).
         """
+        past_key_values = kv_cache_argument(cache, past_key_values)
         input_ids = token_ids("input_ids", input_ids)
         past_length = self.pretrained_model.past_length(past_key_values, input_ids.shape[0])
         mask = mask_for("attention_mask", attention_mask, input_ids, past_length)
@@ -823,15 +827,16 @@ class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
         return_past_key_values: bool = False,
         use_cache: bool | None = None,
         past_key_values: Any = None,
+        cache: Any = None,
     ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
         """TRL's 3-tuple over decoder positions. decoder_input_ids [B, Td], or labels [B, Td]
         (-100 = ignored) from which they are derived as transformers does (shifted right behind
         the decoder start token; BART without either: input_ids shifted so); with labels, loss is
         the decoder LM loss [] float32.
-        TRL's `use_cache` changes nothing; `past_key_values` / `return_past_key_values=True` are refused
+        TRL's `use_cache` changes nothing; `past_key_values` / `cache` / `return_past_key_values=True` are refused
         (the causal wrapper takes and returns a KV cache; an encoder-decoder's would hold the encoder's too)."""
-        if return_past_key_values or past_key_values is not None:
-            raise TrlaxTypeError("past_key_values / return_past_key_values=True are not supported by the "
+        if return_past_key_values or past_key_values is not None or cache is not None:
+            raise TrlaxTypeError("past_key_values / cache / return_past_key_values=True are not supported by the "
                                  "encoder-decoder wrapper: its forward returns TRL's 3-tuple without a KV cache "
                                  "(generate keeps its own cache inside its jitted loop)")
         input_ids = token_ids("input_ids", input_ids)

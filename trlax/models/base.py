@@ -376,7 +376,8 @@ class FlaxPreTrainedModel(CheckpointMixin):
         check_token_range("input_ids", input_ids, self.vocab_size, traced=traced)
         new_tokens_mask = attention_mask[:, past_length:] if past_length else attention_mask
         check_positions("input_ids", past_length + length, position_ids, new_tokens_mask,
-                        self.spec.position_limit(self.config), model=self.config.model_type.upper(), traced=traced)
+                        self.spec.position_limit(self.config), model=self.config.model_type.upper(),
+                        past_length=past_length, traced=traced)
 
     # --- generation ---------------------------------------------------------------------
     def generation_prompt_length(self, input_ids: jax.Array, decoder_input_ids: Any = None,

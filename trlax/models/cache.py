@@ -75,7 +75,8 @@ def past_kv_cache(past_key_values: Any, geometry: CacheGeometry, batch: int) -> 
 
     Accepted: what a forward with `use_cache=True` returns (one {"k", "v"} [B, Hkv, P, D] per
     layer) or transformers' legacy layout of the same arrays (one (k, v) pair per layer); P, the
-    tokens seen so far, is the same in every layer. Anything else raises InputError.
+    tokens seen so far, is the same in every layer. Anything else raises InputError. (transformers'
+    own caches of sliding-window layers keep only the window's last tokens: not such a cache.)
     """
     try:
         layers = [(layer["k"], layer["v"]) if isinstance(layer, Mapping) else tuple(layer)
@@ -87,7 +88,10 @@ def past_kv_cache(past_key_values: Any, geometry: CacheGeometry, batch: int) -> 
                          '{"k", "v"} (or (k, v)) per layer')
     if len(layers) != geometry.num_layers:
         raise InputError(f"past_key_values holds {len(layers)} layers; this model has {geometry.num_layers}")
-    past = np.shape(layers[0][0])[2] if np.ndim(layers[0][0]) == 4 else 0
+    if any(np.ndim(array) != 4 for pair in layers for array in pair):
+        raise InputError("past_key_values must hold 4-D keys and values [B, num_kv_heads, past tokens, head_dim] "
+                         "in every layer, as a forward with use_cache=True returns them")
+    past = np.shape(layers[0][0])[2]
     expected = (batch, geometry.num_kv_heads, past, geometry.head_dim)
     for i, pair in enumerate(layers):
         for name, array in zip("kv", pair, strict=True):
@@ -97,7 +101,7 @@ def past_kv_cache(past_key_values: Any, geometry: CacheGeometry, batch: int) -> 
     return [{"k": jnp.asarray(k), "v": jnp.asarray(v)} for k, v in layers]
 
 
-def extended_cache(cache: list[KVCache], new_slots: int) -> list[KVCache]:
-    """The cache with `new_slots` zeroed slots appended to each layer's [B, Hkv, P, D] arrays (to P + new_slots)."""
+def extended_cache(cache: list[KVCache], new_slots: int, dtype: Any) -> list[KVCache]:
+    """The cache in `dtype` with `new_slots` zeroed slots appended to each layer's [B, Hkv, P, D] arrays."""
     pad = ((0, 0), (0, 0), (0, new_slots), (0, 0))
-    return [{name: jnp.pad(array, pad) for name, array in layer.items()} for layer in cache]
+    return [{name: jnp.pad(array.astype(dtype), pad) for name, array in layer.items()} for layer in cache]

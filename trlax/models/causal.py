@@ -14,6 +14,14 @@ from trlax.models.loss import causal_lm_loss
 from trlax.models.outputs import CausalLMOutput
 
 
+def kv_cache_argument(cache: Any, past_key_values: Any) -> Any:
+    """The KV cache a forward continues: `cache` (transformers 5.25's keyword) or `past_key_values` (TRL's and
+    earlier transformers'); None without either; TrlaxTypeError with both."""
+    if cache is not None and past_key_values is not None:
+        raise TrlaxTypeError("pass the KV cache once: cache= (transformers' name) or past_key_values= (TRL's)")
+    return cache if past_key_values is None else past_key_values
+
+
 class FlaxModelForCausalLM(FlaxPreTrainedModel):
     """A decoder-only LM (GPT-2, Llama, ...). Build it with `FlaxAutoModelForCausalLM`."""
 
@@ -55,13 +63,14 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
     def forward_cache(self, past_key_values: Any, input_ids: jax.Array,
                       use_cache: bool) -> tuple[list[KVCache] | None, int]:
         """(the cache a forward over input_ids [B, T] writes, P: the tokens it holds already): the checked
-        past_key_values with T slots appended, a new T-slot cache (compute dtype) with `use_cache`, else (None, 0)."""
+        past_key_values with T slots appended, or a new T-slot cache with `use_cache`, both in the compute dtype;
+        else (None, 0)."""
         batch, length = input_ids.shape
         if past_key_values is None:
             cache = self.spec.init_cache(self.config, batch, length, self.dtype) if use_cache else None
             return cache, 0
         past = past_kv_cache(past_key_values, self.spec.cache_geometry(self.config), batch)
-        return extended_cache(past, length), past[0]["k"].shape[2]
+        return extended_cache(past, length, self.dtype), past[0]["k"].shape[2]
 
     def past_length(self, past_key_values: Any, batch: int) -> int:
         """P, the tokens a forward's `past_key_values` holds (checked against the model and batch); None: 0."""
@@ -102,12 +111,11 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
         passing them back as `cache` (transformers 5.25's name) or `past_key_values` (TRL's and older
         transformers') with the next tokens [B, T'] continues after them (attention_mask then [B, T + T'],
         default all ones; positions by default T, T + 1, ..., OPT's from the mask) and returns the cache of
-        all T + T' tokens. transformers' legacy ((k, v), ...) of the same arrays is accepted too. Every new
-        cache length compiles a new program: decode with `generate`.
+        all T + T' tokens, in the compute dtype whatever the dtype passed in. transformers' legacy ((k, v), ...)
+        of the same arrays is accepted too (not transformers' own caches of sliding-window layers, which keep
+        only the window). Every new cache length compiles a new program: decode with `generate`.
         """
-        if cache is not None and past_key_values is not None:
-            raise TrlaxTypeError("pass the KV cache once: cache= (transformers' name) or past_key_values= (TRL's)")
-        past_key_values = cache if past_key_values is None else past_key_values
+        past_key_values = kv_cache_argument(cache, past_key_values)
         input_ids = token_ids("input_ids", input_ids)
         past_length = self.past_length(past_key_values, input_ids.shape[0])
         mask = mask_for("attention_mask", attention_mask, input_ids, past_length)
