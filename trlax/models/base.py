@@ -200,7 +200,9 @@ class FlaxPreTrainedModel(CheckpointMixin):
         """transformers' switch: from now on `apply` (and so a train step's `jax.grad` of it) and the jitted
         forward recompute each block's activations in the backward pass (`nn.remat`) instead of storing them.
 
-        Outputs and gradients are unchanged; memory falls, compute rises by about one forward.
+        Outputs and gradients are unchanged; the residuals JAX saves for the backward pass shrink to each
+        block's input, and the backward recomputes each block's forward. XLA:CPU's compiled program holds
+        as much memory either way (`benchmarks/remat_memory.py`), so on CPU this only costs time.
         `gradient_checkpointing_kwargs` (e.g. transformers' `{"use_reentrant": False}`) is accepted and
         ignored: JAX's remat has no reentrant variant. A train step already jitted keeps the program it
         was traced with: enable before tracing it.
