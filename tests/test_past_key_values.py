@@ -1,7 +1,8 @@
 """A forward that continues a KV cache: the LM's `cache` / `past_key_values` and TRL's `return_past_key_values`.
 
-Every causal family's LM against transformers is in test_causal_parity.py; here the value-head wrapper
-against TRL's, a LoRA policy and its reference, the pure `apply` under jit, and the refusals.
+Every causal family's LM against transformers is in test_causal_parity.py; here the value-head wrappers
+against TRL's, the seq2seq LMs' decoder cache against transformers, a LoRA policy and its reference, the
+pure `apply` under jit, dtypes and the refusals.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 import torch
 import transformers
 
-from tests.helpers import batch, max_diff, torch_random_init
+from tests.helpers import batch, max_diff, save_torch, torch_random_init
 from tests.tiny_configs import TINY_CAUSAL, TINY_SEQ2SEQ
 from trlax import (
     FlaxAutoModelForCausalLM,
@@ -30,7 +31,7 @@ from trlax.errors import InputError, TrlaxTypeError
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    from trl.experimental.ppo import AutoModelForCausalLMWithValueHead
+    from trl.experimental.ppo import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead
 
 VOCAB = 101
 ATOL = 1e-4  # float32 on both sides; the differences seen are ~1e-6
@@ -145,10 +146,46 @@ def test_the_value_head_model_takes_transformers_cache_keyword_too():
         model(ids[:, PAST:], mask, cache=cache, past_key_values=cache)
 
 
-def test_the_seq2seq_value_head_model_refuses_a_cache():
-    model = FlaxAutoModelForSeq2SeqLMWithValueHead.from_pretrained(
-        FlaxAutoModelForSeq2SeqLM.from_config(TINY_SEQ2SEQ["t5"]()))
-    ids, mask = batch(VOCAB, "none")
-    for kwargs in ({"return_past_key_values": True}, {"past_key_values": []}, {"cache": []}):
-        with pytest.raises(TrlaxTypeError, match="not supported by the encoder-decoder wrapper"):
-            model(ids, mask, decoder_input_ids=ids, **kwargs)
+@pytest.mark.parametrize("model_type", list(TINY_SEQ2SEQ))
+def test_a_seq2seq_forward_continues_its_decoder_cache_as_transformers_does(model_type, tmp_path):
+    torch.manual_seed(0)
+    pt = torch_random_init(transformers.AutoModelForSeq2SeqLM.from_config(TINY_SEQ2SEQ[model_type]()), std=0.2)
+    model = FlaxAutoModelForSeq2SeqLM.from_pretrained(save_torch(pt.eval(), tmp_path))
+    ids, mask = batch(VOCAB, "left", seq_len=9, low=2)
+    dec, dmask = batch(VOCAB, "right", seq_len=8, seed=1, low=2)
+    t = torch.tensor
+    with torch.no_grad():
+        first = pt(input_ids=t(ids), attention_mask=t(mask), decoder_input_ids=t(dec[:, :5]),
+                   decoder_attention_mask=t(dmask[:, :5]), use_cache=True)
+        ref = pt(input_ids=t(ids), attention_mask=t(mask), decoder_input_ids=t(dec[:, 5:]),
+                 decoder_attention_mask=t(dmask), cache=first.cache, use_cache=True)
+    cache = model(ids, mask, decoder_input_ids=dec[:, :5], decoder_attention_mask=dmask[:, :5], use_cache=True).cache
+    out = model(ids, mask, decoder_input_ids=dec[:, 5:], decoder_attention_mask=dmask, cache=cache)
+    assert max_diff(ref.logits, out.logits, dmask[:, 5:]) < ATOL
+    geometry = model.spec.cache_geometry(model.config)
+    assert [layer["k"].shape for layer in out.cache] == [(3, geometry.num_kv_heads, 8, geometry.head_dim)] * len(cache)
+
+
+def test_the_seq2seq_value_head_model_continues_its_cache_as_trl_does():
+    torch.manual_seed(0)
+    pt = torch_random_init(transformers.AutoModelForSeq2SeqLM.from_config(TINY_SEQ2SEQ["t5"]()), std=0.2)
+    trl_model = AutoModelForSeq2SeqLMWithValueHead(pt, v_head_init_strategy="normal").eval()
+    trl_model.is_peft_model = False
+    model = FlaxAutoModelForSeq2SeqLMWithValueHead.from_pretrained(trl_model, strict=True)
+    ids, mask = batch(VOCAB, "none", seq_len=9, low=2)
+    dec, dmask = batch(VOCAB, "right", seq_len=8, seed=1, low=2)
+    t = torch.tensor
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers 5.25 renames past_key_values to cache
+        *_, past = trl_model(t(ids), attention_mask=t(mask), decoder_input_ids=t(dec[:, :5]),
+                             decoder_attention_mask=t(dmask[:, :5]), return_past_key_values=True)
+        ref = trl_model(t(ids), past_key_values=past, attention_mask=t(mask), decoder_input_ids=t(dec[:, 5:]),
+                        decoder_attention_mask=t(dmask))
+    *_, cache = model(ids, mask, decoder_input_ids=dec[:, :5], decoder_attention_mask=dmask[:, :5],
+                      return_past_key_values=True)
+    logits, _, values = model(ids, mask, decoder_input_ids=dec[:, 5:], decoder_attention_mask=dmask,
+                              past_key_values=cache)
+    assert max_diff(ref[0], logits, dmask[:, 5:]) < ATOL
+    assert max_diff(ref[2], values, dmask[:, 5:]) < ATOL
+    with pytest.raises(InputError, match=r"decoder_attention_mask must cover the 5 cached tokens"):
+        model(ids, mask, decoder_input_ids=dec[:, 5:], decoder_attention_mask=dmask[:, 5:], past_key_values=cache)

@@ -44,8 +44,7 @@ from trlax.errors import CheckpointError, InputError, TrlaxError, TrlaxTypeError
 from trlax.generation_config import read_generation_config
 from trlax.inputs import ParamsCheck, mask_for, same_shape, token_ids, with_live_params
 from trlax.models.auto import AutoModel, FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
-from trlax.models.base import FlaxPreTrainedModel, jit_forward, load_config, refuse_train_mode
-from trlax.models.causal import kv_cache_argument
+from trlax.models.base import FlaxPreTrainedModel, jit_forward, kv_cache_argument, load_config, refuse_train_mode
 from trlax.models.layers import LORA_COLLECTION, torch_linear_init
 from trlax.peft.lora import (
     AdapterFiles,
@@ -787,6 +786,7 @@ class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
     is_encoder_decoder: ClassVar[bool] = True
     # TRL's names of an LM head (its seq2seq wrapper checks the wrapped model for one).
     lm_head_namings: ClassVar[tuple[str, ...]] = ("lm_head", "embed_out", "output_projection")
+    static_forward_arguments = (*PreTrainedModelWrapper.static_forward_arguments, "return_past_key_values")
 
     def apply(
         self,
@@ -800,18 +800,22 @@ class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
         output_hidden_states: bool = False,
         labels: jax.Array | None = None,
         check_inputs: bool = False,
-    ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
-        """Pure forward: (lm_logits [B, Td, V] f32, loss [] f32 with labels [B, Td] else None, values [B, Td] f32);
-        checks as the causal one."""
+        past_key_values: Any = None,
+        return_past_key_values: bool = False,
+    ) -> tuple[jax.Array, ...]:
+        """Pure forward: (lm_logits [B, Td, V] f32, loss [] f32 with labels [B, Td] else None, values [B, Td] f32),
+        and the decoder's KV cache with `return_past_key_values`; checks and cache as the causal one's."""
         self.check_params(params)
         params = self._params_for_forward(params)
         base_rng, head_rng = self._split_rng(dropout_rng, train)
         out = self.pretrained_model.apply(params["pretrained_model"], input_ids, attention_mask, decoder_input_ids,
                                           decoder_attention_mask, dropout_rng=base_rng, train=train,
                                           lora=params.get(LORA_COLLECTION), labels=labels,
-                                          check_inputs=check_inputs)
+                                          check_inputs=check_inputs, past_key_values=past_key_values,
+                                          use_cache=return_past_key_values)
         values = self._values(params, out.last_hidden_state, head_rng, train)
-        return out.logits.astype(jnp.float32), out.loss, values
+        outputs = (out.logits.astype(jnp.float32), out.loss, values)
+        return (*outputs, out.cache) if return_past_key_values else outputs
 
     def __call__(
         self,
@@ -828,25 +832,26 @@ class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
         use_cache: bool | None = None,
         past_key_values: Any = None,
         cache: Any = None,
-    ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+    ) -> tuple[jax.Array, ...]:
         """TRL's 3-tuple over decoder positions. decoder_input_ids [B, Td], or labels [B, Td]
         (-100 = ignored) from which they are derived as transformers does (shifted right behind
         the decoder start token; BART without either: input_ids shifted so); with labels, loss is
-        the decoder LM loss [] float32.
-        TRL's `use_cache` changes nothing; `past_key_values` / `cache` / `return_past_key_values=True` are refused
-        (the causal wrapper takes and returns a KV cache; an encoder-decoder's would hold the encoder's too)."""
-        if return_past_key_values or past_key_values is not None or cache is not None:
-            raise TrlaxTypeError("past_key_values / cache / return_past_key_values=True are not supported by the "
-                                 "encoder-decoder wrapper: its forward returns TRL's 3-tuple without a KV cache "
-                                 "(generate keeps its own cache inside its jitted loop)")
+        the decoder LM loss [] float32. KV cache as TRL's: `return_past_key_values=True` appends the
+        decoder's cache as a 4th output, `past_key_values` (or `cache=`) continues it with the same
+        encoder inputs (decoder_attention_mask then [B, P + Td]): see the seq2seq LM's `__call__`.
+        TRL's `use_cache` changes nothing."""
+        past_key_values = kv_cache_argument(cache, past_key_values)
         input_ids = token_ids("input_ids", input_ids)
         labels = None if labels is None else token_ids("labels", labels)
         decoder_input_ids = self.pretrained_model.decoder_inputs(input_ids, decoder_input_ids, labels)
+        past_length = self.pretrained_model.past_length(past_key_values, decoder_input_ids.shape[0])
         mask = mask_for("attention_mask", attention_mask, input_ids)
-        dmask = mask_for("decoder_attention_mask", decoder_attention_mask, decoder_input_ids)
-        self.pretrained_model.check_inputs(input_ids, mask, decoder_input_ids, dmask, labels, traced=check_inputs)
+        dmask = mask_for("decoder_attention_mask", decoder_attention_mask, decoder_input_ids, past_length)
+        self.pretrained_model.check_inputs(input_ids, mask, decoder_input_ids, dmask, labels, past_length=past_length,
+                                           traced=check_inputs)
         return self._forward(self.params if params is None else params, input_ids, mask, decoder_input_ids, dmask,
-                             dropout_rng, train=train, labels=labels)
+                             dropout_rng, train=train, labels=labels, past_key_values=past_key_values,
+                             return_past_key_values=return_past_key_values)
 
 
 def refuse_base_class(cls: type[PreTrainedModelWrapper]) -> None:

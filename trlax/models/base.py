@@ -49,6 +49,7 @@ from trlax.inputs import (
     token_ids,
     with_live_params,
 )
+from trlax.models.cache import KVCache, extended_cache, past_kv_cache
 from trlax.models.layers import LORA_COLLECTION
 from trlax.models.registry import get_spec, supported_model_types
 from trlax.models.spec import ArchitectureSpec, ParamRule
@@ -99,6 +100,14 @@ def refuse_train_mode(mode: bool) -> None:
                              "model(..., train=True, dropout_rng=key) or apply(params, ..., train=True, "
                              "dropout_rng=key) in a train step; calls without it run in eval mode, so eval() and "
                              "train(False) change nothing")
+
+
+def kv_cache_argument(cache: Any, past_key_values: Any) -> Any:
+    """The KV cache a forward continues: `cache` (transformers 5.25's keyword) or `past_key_values` (TRL's and
+    earlier transformers'); None without either; TrlaxTypeError with both."""
+    if cache is not None and past_key_values is not None:
+        raise TrlaxTypeError("pass the KV cache once: cache= (transformers' name) or past_key_values= (TRL's)")
+    return cache if past_key_values is None else past_key_values
 
 
 class FlaxPreTrainedModel(CheckpointMixin):
@@ -380,6 +389,25 @@ class FlaxPreTrainedModel(CheckpointMixin):
         check_positions("input_ids", past_length + length, position_ids, new_tokens_mask,
                         self.spec.position_limit(self.config), model=self.config.model_type.upper(),
                         past_length=past_length, traced=traced)
+
+    # --- KV cache of a forward (transformers' `cache` / `past_key_values`) -----------------
+    def forward_cache(self, past_key_values: Any, input_ids: jax.Array,
+                      use_cache: bool) -> tuple[list[KVCache] | None, int]:
+        """(the cache a forward over (decoder) input_ids [B, T] writes, P: the tokens it holds already): the checked
+        past_key_values with T slots appended, or a new T-slot cache with `use_cache`, both in the compute dtype;
+        else (None, 0)."""
+        batch, length = input_ids.shape
+        if past_key_values is None:
+            cache = self.spec.init_cache(self.config, batch, length, self.dtype) if use_cache else None
+            return cache, 0
+        past = past_kv_cache(past_key_values, self.spec.cache_geometry(self.config), batch)
+        return extended_cache(past, length, self.dtype), past[0]["k"].shape[2]
+
+    def past_length(self, past_key_values: Any, batch: int) -> int:
+        """P, the tokens a forward's `past_key_values` holds (checked against the model and batch); None: 0."""
+        if past_key_values is None:
+            return 0
+        return past_kv_cache(past_key_values, self.spec.cache_geometry(self.config), batch)[0]["k"].shape[2]
 
     # --- generation ---------------------------------------------------------------------
     def generation_prompt_length(self, input_ids: jax.Array, decoder_input_ids: Any = None,

@@ -6,20 +6,10 @@ from typing import Any
 
 import jax
 
-from trlax.errors import TrlaxTypeError
 from trlax.inputs import check_labels, check_shape, mask_for, same_shape, token_ids
-from trlax.models.base import FlaxPreTrainedModel
-from trlax.models.cache import KVCache, extended_cache, past_kv_cache
+from trlax.models.base import FlaxPreTrainedModel, kv_cache_argument
 from trlax.models.loss import causal_lm_loss
 from trlax.models.outputs import CausalLMOutput
-
-
-def kv_cache_argument(cache: Any, past_key_values: Any) -> Any:
-    """The KV cache a forward continues: `cache` (transformers 5.25's keyword) or `past_key_values` (TRL's and
-    earlier transformers'); None without either; TrlaxTypeError with both."""
-    if cache is not None and past_key_values is not None:
-        raise TrlaxTypeError("pass the KV cache once: cache= (transformers' name) or past_key_values= (TRL's)")
-    return cache if past_key_values is None else past_key_values
 
 
 class FlaxModelForCausalLM(FlaxPreTrainedModel):
@@ -59,24 +49,6 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
                                 dropout_rng=dropout_rng, output_hidden_states=output_hidden_states, cache=cache,
                                 cache_index=past_length)
         return out if labels is None else out.replace(loss=causal_lm_loss(out.logits, labels))
-
-    def forward_cache(self, past_key_values: Any, input_ids: jax.Array,
-                      use_cache: bool) -> tuple[list[KVCache] | None, int]:
-        """(the cache a forward over input_ids [B, T] writes, P: the tokens it holds already): the checked
-        past_key_values with T slots appended, or a new T-slot cache with `use_cache`, both in the compute dtype;
-        else (None, 0)."""
-        batch, length = input_ids.shape
-        if past_key_values is None:
-            cache = self.spec.init_cache(self.config, batch, length, self.dtype) if use_cache else None
-            return cache, 0
-        past = past_kv_cache(past_key_values, self.spec.cache_geometry(self.config), batch)
-        return extended_cache(past, length, self.dtype), past[0]["k"].shape[2]
-
-    def past_length(self, past_key_values: Any, batch: int) -> int:
-        """P, the tokens a forward's `past_key_values` holds (checked against the model and batch); None: 0."""
-        if past_key_values is None:
-            return 0
-        return past_kv_cache(past_key_values, self.spec.cache_geometry(self.config), batch)[0]["k"].shape[2]
 
     def __call__(
         self,

@@ -4,7 +4,8 @@ A seq2seq family module has three methods (`trlax.generation` and the value-head
 code against them):
 
 - `__call__(input_ids [B, Te], attention_mask [B, Te], decoder_input_ids [B, Td],
-  decoder_attention_mask [B, Td], *, deterministic, output_hidden_states) -> Seq2SeqLMOutput`
+  decoder_attention_mask [B, S], *, deterministic, output_hidden_states, cache, cache_index)
+  -> Seq2SeqLMOutput`: `encode`, then `decode`
 - `encode(input_ids, attention_mask, *, deterministic, output_hidden_states)
   -> (encoder_last_hidden_state [B, Te, H], encoder_hidden_states | None)`
 - `decode(decoder_input_ids [B, T], decoder_attention_mask [B, S], encoder_last_hidden_state,
@@ -129,9 +130,12 @@ class EncoderDecoderLM(HFModule):
         *,
         deterministic: bool = True,
         output_hidden_states: bool = False,
+        cache: list[KVCache] | None = None,
+        cache_index: Array | int = 0,
     ) -> Seq2SeqLMOutput:
         enc, enc_hidden = self.encode(input_ids, attention_mask, deterministic=deterministic,
                                       output_hidden_states=output_hidden_states)
         out = self.decode(decoder_input_ids, decoder_attention_mask, enc, attention_mask,
-                          deterministic=deterministic, output_hidden_states=output_hidden_states)
+                          deterministic=deterministic, output_hidden_states=output_hidden_states, cache=cache,
+                          cache_index=cache_index)
         return out.replace(encoder_hidden_states=enc_hidden)
