@@ -27,7 +27,9 @@ from trlax.cli import build_parser, main
 from trlax.cli.demo_task import tiny_gpt2_config
 from trlax.cli.ppo import EMBEDDED_REWARD_MODEL, build_models, run_flags, trainer_config
 from trlax.errors import CheckpointError, TrlaxError
+from trlax.models import stack
 from trlax.models.auto import FlaxAutoModelForCausalLM, FlaxAutoModelForSequenceClassification
+from trlax.models.stack import rematerialised as remat_block
 from trlax.ppo import PPOConfig
 from trlax.ppo_data import PromptSet, read_prompts
 from trlax.ppo_rewards import FunctionReward, Generated, ModelReward, RewardError, load_function
@@ -473,6 +475,34 @@ def test_resumed_trainer_matches_an_uninterrupted_one(tmp_path):
     train(resumed, tmp_path / "b")
     for x, y in zip(jax_leaves(straight.params), jax_leaves(resumed.params), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_gradient_checkpointing_trains_the_same_and_may_change_on_resume(tmp_path, capsys, monkeypatch):
+    """`--gradient-checkpointing` recomputes the policy's blocks in the learn step: the same params within float32
+    rounding, and, as it changes memory and not results, a run saved without it resumes with it."""
+    rematerialised = []  # blocks traced under nn.remat
+    monkeypatch.setattr(stack, "rematerialised", lambda *a, **k: rematerialised.append(1) or remat_block(*a, **k))
+    histories = []
+    for flag in (False, True):
+        args = cli_args(steps=3, batch_size=4, mini_batch_size=2, max_new_tokens=4, seed=3,
+                        **({"gradient_checkpointing": True} if flag else {}))
+        models, texts = build_models(args)
+        trainer = PPOTrainer(models, PromptSet.build(texts, models.codec, models.pad_id, 16), trainer_config(args))
+        assert models.policy.is_gradient_checkpointing is flag
+        histories.append(train(trainer, tmp_path / str(flag)))
+        assert bool(rematerialised) is flag
+    # Metrics, not params: Adam turns the rounding noise of gradients that are 0 in exact arithmetic (the
+    # attention key bias's) into updates of ~lr / 10 either way, which change no output. rtol 1e-5 (~80 float32
+    # ulps): the recomputing program rounds differently, and later steps start from those updates.
+    for plain, recomputed in zip(*histories, strict=True):
+        for name in ("policy_loss", "value_loss", "kl", "entropy", "reward", "approxkl"):
+            np.testing.assert_allclose(recomputed[name], plain[name], rtol=1e-5, atol=1e-6,
+                                       err_msg=f"step {plain['step']} {name}")
+    flags = ["--batch-size", "2", "--mini-batch-size", "2", "--max-new-tokens", "4", "--save-every", "1",
+             "--output-dir", str(tmp_path / "run")]
+    assert main(["ppo", "--steps", "1", "--quiet", *flags]) == 0, capsys.readouterr().err
+    assert main(["ppo", "--steps", "2", "--quiet", "--resume", "--gradient-checkpointing", *flags]) == 0, \
+        capsys.readouterr().err
 
 
 def jax_leaves(tree):

@@ -70,6 +70,7 @@ class TrainerConfig:
     top_p: float = 1.0
     seed: int = 0
     save_every: int | None = None
+    gradient_checkpointing: bool = False  # the policy's `gradient_checkpointing_enable()`: memory, not results
     ppo: PPOConfig = PPOConfig()
 
     def __post_init__(self) -> None:
@@ -105,10 +106,13 @@ class Models:
     tokenizer: Any = None  # a transformers tokenizer to save beside the final policy, if any
 
 
+# TrainerConfig fields a resumed run may change: how long, how often it saves, how it spends memory.
+FREE_ON_RESUME = ("steps", "save_every", "gradient_checkpointing")
+
+
 def run_settings(config: TrainerConfig) -> dict[str, Any]:
-    """The settings of `config` a resumed run must keep (all but `steps` and `save_every`), as JSON values."""
-    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(config).items()
-                                  if k not in ("steps", "save_every")}))
+    """The settings of `config` a resumed run must keep (all but `FREE_ON_RESUME`), as JSON values."""
+    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(config).items() if k not in FREE_ON_RESUME}))
 
 
 def with_defaults(saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -137,8 +141,9 @@ class PPOTrainer:
     """`trainer.step()` runs one PPO step and returns its metrics; `trainer.params` is the policy's pytree.
 
     run: what else defines the run besides `config` (the CLI's model, reward and prompt flags), JSON values;
-    saved with every state, and a resume with other settings (`config` but `steps` and `save_every`, or `run`)
-    is refused.
+    saved with every state, and a resume with other settings (`config` but `FREE_ON_RESUME`, or `run`) is
+    refused. With `config.gradient_checkpointing` the policy's blocks are recomputed in the learn step's
+    backward pass (`gradient_checkpointing_enable()`).
     """
 
     def __init__(self, models: Models, prompts: PromptSet, config: TrainerConfig,
@@ -163,6 +168,8 @@ class PPOTrainer:
         trainable, self.frozen = split_trainable(policy.params, policy.trainable_mask)
         self.mesh = lm.mesh  # leaves off it (Adam's step count, a restored RNG key) are replicated over it
         self.set_state(committed(trainable, self.mesh), committed(self.tx.init(trainable), self.mesh))
+        if config.gradient_checkpointing:
+            policy.gradient_checkpointing_enable()
         self.rollout = make_rollout(policy, models.reference, config.ppo)
         self.update = make_ppo_update(policy, self.tx, config.ppo)
         self.learn = jax.jit(self._learn, donate_argnums=(0, 2))

@@ -113,7 +113,7 @@ def trainer_config(args: argparse.Namespace) -> TrainerConfig:
                          ppo_epochs=s["ppo_epochs"], learning_rate=s["learning_rate"],
                          max_grad_norm=s["max_grad_norm"], max_new_tokens=s["max_new_tokens"],
                          temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"], seed=args.seed,
-                         save_every=args.save_every, ppo=ppo)
+                         save_every=args.save_every, gradient_checkpointing=args.gradient_checkpointing, ppo=ppo)
 
 
 def run_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -329,6 +329,10 @@ def add_ppo(subparsers: argparse._SubParsersAction) -> None:
                        help="layers the reference shares with the policy (frozen in both); default none")
     model.add_argument("--lora-r", type=positive_int, default=None,
                        help="train a LoRA adapter of this rank (alpha 2r) on a frozen base instead of every weight")
+    model.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute each transformer block in the backward pass instead of storing its "
+                            "activations (TrainingArguments' gradient_checkpointing): same results; meant for GPU/TPU "
+                            "memory (XLA:CPU keeps as much either way)")
     for axis in ("data", "fsdp", "tp"):
         model.add_argument(f"--{axis}", type=int, default=None, help=f"mesh size of the '{axis}' axis")
     run = parser.add_argument_group("run")
