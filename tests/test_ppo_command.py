@@ -455,6 +455,51 @@ def test_mesh_flags_train_and_resume(tmp_path):
     assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+# Three trainer steps on 4 simulated devices (data 2 x fsdp 2): which trainable params and Adam moments end up
+# placed otherwise than the sharding rules placed them, and how many programs steps 2 and 3 compiled.
+PLACEMENT_SCRIPT = """
+import json, sys
+from pathlib import Path
+import jax
+from tests.test_ppo_command import cli_args
+from trlax.cli.ppo import build_models, trainer_config
+from trlax.ppo_data import PromptSet
+from trlax.ppo_trainer import PPOTrainer
+folder = Path(sys.argv[1])
+args = cli_args(model=folder / "policy", reward_fn="rewards:words", prompts=folder / "prompts.txt", steps=3,
+                batch_size=4, mini_batch_size=2, max_new_tokens=4, fsdp=2, data=2)
+models, texts = build_models(args)
+trainer = PPOTrainer(models, PromptSet.build(texts, models.codec, models.pad_id, 16), trainer_config(args))
+def specs():
+    leaves = jax.tree_util.tree_flatten_with_path((trainer.trainable, trainer.opt_state))[0]
+    return {jax.tree_util.keystr(path): str(leaf.sharding.spec) for path, leaf in leaves}
+placed, compiles = specs(), []
+trainer.step()
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, _, **kw: compiles.append(event) if "backend_compile" in event else None)
+trainer.step()
+trainer.step()
+print(json.dumps({"leaves": len(placed), "moved": [p for p, s in specs().items() if s != placed[p]],
+                  "later_compiles": len(compiles)}))
+"""
+
+
+@pytest.mark.slow
+def test_a_mesh_run_keeps_params_and_moments_where_the_rules_placed_them(tmp_path):
+    """XLA's propagation left the learn step's updated biases and norm scales (and their Adam moments)
+    fsdp-sharded where the rules replicate them (14 of 30 trainable leaves), and step 2 compiled again."""
+    word_checkpoint(tmp_path / "policy")
+    (tmp_path / "rewards.py").write_text("def words(prompts, completions):\n"
+                                         "    return [len(c.split()) / 4 for c in completions]\n")
+    done = subprocess.run([sys.executable, "-c", PLACEMENT_SCRIPT, str(tmp_path)], cwd=ROOT,
+                          env=subprocess_env(4, tmp_path), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["leaves"] > 20
+    assert report["moved"] == []
+    assert report["later_compiles"] == 0
+
+
 @pytest.mark.slow
 def test_resumed_trainer_matches_an_uninterrupted_one(tmp_path):
     """In process: save after step 2, a fresh trainer resumes and ends with the same bits as one that did not stop."""

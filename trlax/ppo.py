@@ -41,7 +41,7 @@ import optax
 
 from trlax.errors import InputError, TrlaxError
 from trlax.inputs import check_shape
-from trlax.trainable import merge_trainable, split_trainable
+from trlax.trainable import jit_keeping_placement, merge_trainable, split_trainable
 from trlax.value_head import PreTrainedModelWrapper
 
 Array = jax.Array
@@ -421,7 +421,8 @@ def make_ppo_update(
     """`update(trainable, frozen, opt_state, batch, rng=None) -> (trainable, opt_state, stats)`.
 
     One optimizer step on TRL's loss (pg_loss + vf_coef * vf_loss) for a (mini)batch of
-    `make_rollout`'s experience, jit-compiled with `trainable` and `opt_state` donated.
+    `make_rollout`'s experience, jit-compiled with `trainable` and `opt_state` donated; on a mesh the new
+    `trainable` and `opt_state` keep the placement of the ones passed in (`trlax.trainable.jit_keeping_placement`).
     `trainable, frozen = split_trainable(model.params, mask)` (mask default
     `model.trainable_mask`); `opt_state = tx.init(trainable)`, so frozen leaves (shared
     with a reference model) are neither donated nor given optimizer state. `rng`: a
@@ -453,7 +454,7 @@ def make_ppo_update(
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, stats
 
-    jitted = jax.jit(update, donate_argnums=(0, 2))
+    jitted = jit_keeping_placement(update, kept=(0, 2), outputs=3, donate_argnums=(0, 2))
 
     def step(trainable: Any, frozen: Any, opt_state: Any, batch: dict[str, Array],
              rng: Array | None = None) -> tuple[Any, Any, dict[str, Array]]:

@@ -37,7 +37,7 @@ from trlax.ppo import PPOConfig, ScoreMoments, adaptive_kl_coef, make_ppo_update
 from trlax.ppo_data import PromptSet, TextCodec
 from trlax.ppo_rewards import Generated
 from trlax.sharding import committed
-from trlax.trainable import merge_trainable, split_trainable
+from trlax.trainable import jit_keeping_placement, merge_trainable, split_trainable
 from trlax.value_head import PreTrainedModelWrapper
 
 Array = jax.Array
@@ -172,7 +172,7 @@ class PPOTrainer:
             policy.gradient_checkpointing_enable()
         self.rollout = make_rollout(policy, models.reference, config.ppo)
         self.update = make_ppo_update(policy, self.tx, config.ppo)
-        self.learn = jax.jit(self._learn, donate_argnums=(0, 2))
+        self.learn = jit_keeping_placement(self._learn, kept=(0, 2), outputs=4, donate_argnums=(0, 2))
         self.key = jax.random.key(config.seed)  # the base key: step s uses fold_in(key, s)
         self.step_index = 0
         self.kl_coef = float(config.ppo.init_kl_coef)

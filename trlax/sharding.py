@@ -418,3 +418,4 @@ def committed(tree: Any, mesh: Mesh | None = None) -> Any:
         return jax.device_put(x, x.sharding)
 
     return jax.tree_util.tree_map(commit, tree)
+

@@ -17,10 +17,12 @@ leaves; `None` is an empty pytree node, so jit, grad and optax skip it for free.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import optax
+from jax.sharding import NamedSharding
 
 from trlax.errors import TrlaxError
 
@@ -81,3 +83,36 @@ def unique_buffer_bytes(*trees: Any) -> int:
                 key = (shard.device, shard.data.unsafe_buffer_pointer())
                 seen[key] = shard.data.nbytes
     return sum(seen.values())
+
+
+def placement_of(tree: Any) -> Any:
+    """Each leaf's mesh placement (its NamedSharding), None for a leaf on no mesh: as `jax.jit` out_shardings,
+    "keep the mesh leaves where they are, let XLA place the rest"."""
+    def placement(x: Any) -> NamedSharding | None:
+        sharding = getattr(x, "sharding", None)
+        return sharding if isinstance(sharding, NamedSharding) else None
+
+    return jax.tree_util.tree_map(placement, tree)
+
+
+def jit_keeping_placement(fn: Callable[..., tuple[Any, ...]], kept: tuple[int, ...], outputs: int,
+                          **jit_kwargs: Any) -> Callable[..., tuple[Any, ...]]:
+    """`jax.jit(fn, **jit_kwargs)` (fn returning a tuple of `outputs` values) whose output i comes out placed as
+    argument `kept[i]` is (`placement_of`); the other outputs where XLA's propagation puts them.
+
+    A train step's new params and optimizer state otherwise come out where propagation puts them, which differs
+    from the sharding rules they were placed by (a 2 x 2 fsdp/data mesh left GPT-2's biases and norm scales
+    fsdp-sharded where the rules replicate them), and the next step then compiles again for that placement.
+    One compiled function per placement of the kept arguments.
+    """
+    compiled: dict[Any, Callable[..., tuple[Any, ...]]] = {}
+
+    def call(*args: Any) -> tuple[Any, ...]:
+        placements = tuple(placement_of(args[i]) for i in kept)
+        leaves, treedef = jax.tree_util.tree_flatten(placements, is_leaf=lambda x: x is None)
+        key = (tuple(leaves), treedef)
+        if key not in compiled:
+            compiled[key] = jax.jit(fn, out_shardings=(*placements, *[None] * (outputs - len(kept))), **jit_kwargs)
+        return compiled[key](*args)
+
+    return call
