@@ -418,4 +418,3 @@ def committed(tree: Any, mesh: Mesh | None = None) -> Any:
         return jax.device_put(x, x.sharding)
 
     return jax.tree_util.tree_map(commit, tree)
-

@@ -13,6 +13,12 @@ train step takes two halves:
 
 Each half keeps the full tree structure with `None` where the other half has its
 leaves; `None` is an empty pytree node, so jit, grad and optax skip it for free.
+
+On a mesh, `jit_keeping_placement(update, kept=(0, 2), outputs=..., donate_argnums=(0, 2))`
+in place of `jax.jit` keeps the new trainable params and optimizer state where the sharding
+rules put the old ones; commit the optimizer state to the mesh first
+(`trlax.sharding.committed(tx.init(trainable), mesh)`: `tx.init`'s step count lies on one
+device, comes out of the first step replicated, and the second step then compiles again).
 """
 
 from __future__ import annotations
@@ -103,7 +109,8 @@ def jit_keeping_placement(fn: Callable[..., tuple[Any, ...]], kept: tuple[int, .
     A train step's new params and optimizer state otherwise come out where propagation puts them, which differs
     from the sharding rules they were placed by (a 2 x 2 fsdp/data mesh left GPT-2's biases and norm scales
     fsdp-sharded where the rules replicate them), and the next step then compiles again for that placement.
-    One compiled function per placement of the kept arguments.
+    One compiled function per placement of the kept arguments; leaves on no mesh are left to XLA (commit them
+    with `trlax.sharding.committed` for one placement from the first call on).
     """
     compiled: dict[Any, Callable[..., tuple[Any, ...]]] = {}
 

@@ -331,7 +331,8 @@ def add_ppo(subparsers: argparse._SubParsersAction) -> None:
                        help="train a LoRA adapter of this rank (alpha 2r) on a frozen base instead of every weight")
     model.add_argument("--gradient-checkpointing", action="store_true",
                        help="recompute each transformer block in the backward pass instead of storing its "
-                            "activations (TrainingArguments' gradient_checkpointing): same results; meant for GPU/TPU "
+                            "activations (TrainingArguments' gradient_checkpointing): the same results within float32 "
+                            "rounding; meant for GPU/TPU "
                             "memory (XLA:CPU keeps as much either way)")
     for axis in ("data", "fsdp", "tp"):
         model.add_argument(f"--{axis}", type=int, default=None, help=f"mesh size of the '{axis}' axis")
