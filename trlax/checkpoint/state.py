@@ -26,6 +26,7 @@ place every leaf, optimizer moments included (their paths end like the params').
 from __future__ import annotations
 
 import atexit
+import collections
 import json
 import logging
 import os
@@ -57,20 +58,32 @@ STEP_COMMITTED, ITEM_COMMITTED = "_CHECKPOINT_METADATA", "commit_success.txt"
 def non_finite_leaves(tree: Any) -> list[str]:
     """Paths of the float leaves of `tree` holding NaN or inf in the part this process holds.
 
-    Each local shard is reduced on its own device, so no collective runs (processes of a multi-host
-    job never wait on one another here) and one bool per shard comes to the host.
+    Each local shard is reduced on its own device, every device's shards in one compiled call, so no
+    collective runs (processes of a multi-host job never wait on one another here), one program is compiled
+    per device and tree, and one bool per shard comes to the host.
     """
-    found = []
+    paths, on_device, on_host = [], collections.defaultdict(list), []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if not jnp.issubdtype(getattr(leaf, "dtype", np.int32), jnp.inexact):
             continue
+        paths.append(jax.tree_util.keystr(path))
         if isinstance(leaf, jax.Array):  # one copy of each local shard
-            parts = list({str(shard.index): shard.data for shard in leaf.addressable_shards}.values())
+            for shard in {str(shard.index): shard for shard in leaf.addressable_shards}.values():
+                on_device[shard.device].append((len(paths) - 1, shard.data))
         else:
-            parts = [leaf]
-        if not all(bool(jnp.isfinite(part).all()) for part in parts):
-            found.append(jax.tree_util.keystr(path))
-    return found
+            on_host.append((len(paths) - 1, bool(np.isfinite(leaf).all())))
+    verdicts = list(on_host)
+    for parts in on_device.values():
+        finite = np.asarray(shards_finite([data for _, data in parts]))
+        verdicts += [(index, bool(ok)) for (index, _), ok in zip(parts, finite, strict=True)]
+    bad = {index for index, ok in verdicts if not ok}
+    return [path for index, path in enumerate(paths) if index in bad]
+
+
+@jax.jit
+def shards_finite(parts: list[jax.Array]) -> jax.Array:
+    """[len(parts)] bool: whether each array (all on one device) holds only finite values."""
+    return jnp.stack([jnp.isfinite(part).all() for part in parts])
 
 
 def step_is_complete(step_dir: Path) -> bool:
