@@ -23,7 +23,7 @@ from trlax import (
     merge_trainable,
     split_trainable,
 )
-from trlax.errors import DeletedParamsError
+from trlax.errors import DeletedParamsError, TrlaxTypeError
 from trlax.reference import (
     LAYER_PATTERNS,
     count_layers,
@@ -31,7 +31,7 @@ from trlax.reference import (
     resolve_layer_pattern,
     shared_parameter_names,
 )
-from trlax.trainable import tree_bytes, unique_buffer_bytes
+from trlax.trainable import jit_keeping_placement, tree_bytes, unique_buffer_bytes
 
 # Families whose Flax setup() does not yet define submodules in PyTorch's __init__ order
 # (within a layer only, so TRL's sharing rule is unaffected: see test_shared_split_follows_trl_rule).
@@ -321,6 +321,22 @@ def test_split_merge_round_trip_and_errors():
         split_trainable(policy.params, {"pretrained_model": True, "v_head": True})
     with pytest.raises(ValueError, match="in both halves"):
         merge_trainable(policy.params, frozen)
+
+
+def test_a_step_keeping_its_placement_runs_as_jit_and_refuses_wrong_positions():
+    def step(params, grads):
+        return jax.tree_util.tree_map(lambda p, g: p - g, params, grads), jnp.float32(1)
+
+    params = {"w": jnp.ones((3,)), "b": jnp.zeros(())}
+    kept = jit_keeping_placement(step, kept=(0,), outputs=2, donate_argnums=(0,))
+    new, loss = kept(params, {"w": jnp.ones((3,)), "b": jnp.ones(())})
+    np.testing.assert_array_equal(new["w"], np.zeros(3))
+    assert float(loss) == 1 and params["w"].is_deleted()  # donated, as with jax.jit
+    with pytest.raises(TrlaxTypeError, match=r"got 1 positional argument\(s\); .* arguments \(0, 1\)"):
+        jit_keeping_placement(step, kept=(0, 1), outputs=2)(new)
+    for bad in ({"kept": (), "outputs": 1}, {"kept": (-1,), "outputs": 1}, {"kept": (0, 1), "outputs": 1}):
+        with pytest.raises(TrlaxTypeError, match="needs kept: argument positions"):
+            jit_keeping_placement(step, **bad)
 
 
 def test_optimizer_state_only_for_trainable_leaves():

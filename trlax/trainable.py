@@ -30,7 +30,7 @@ import jax
 import optax
 from jax.sharding import NamedSharding
 
-from trlax.errors import TrlaxError
+from trlax.errors import TrlaxError, TrlaxTypeError
 
 
 def _check_mask(params: Any, mask: Any) -> None:
@@ -112,9 +112,16 @@ def jit_keeping_placement(fn: Callable[..., tuple[Any, ...]], kept: tuple[int, .
     One compiled function per placement of the kept arguments; leaves on no mesh are left to XLA (commit them
     with `trlax.sharding.committed` for one placement from the first call on).
     """
+    if not kept or any(not isinstance(i, int) or i < 0 for i in kept) or outputs < len(kept):
+        raise TrlaxTypeError(f"jit_keeping_placement needs kept: argument positions (ints >= 0), one per leading "
+                             f"output, and outputs >= len(kept); got kept={kept!r}, outputs={outputs!r}")
     compiled: dict[Any, Callable[..., tuple[Any, ...]]] = {}
 
     def call(*args: Any) -> tuple[Any, ...]:
+        if max(kept) >= len(args):
+            raise TrlaxTypeError(f"{getattr(fn, '__name__', 'the step')} got {len(args)} positional argument(s); "
+                                 f"jit_keeping_placement keeps the placement of arguments {kept}: pass them "
+                                 "positionally")
         placements = tuple(placement_of(args[i]) for i in kept)
         leaves, treedef = jax.tree_util.tree_flatten(placements, is_leaf=lambda x: x is None)
         key = (tuple(leaves), treedef)
