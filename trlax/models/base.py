@@ -49,7 +49,7 @@ from trlax.inputs import (
     token_ids,
     with_live_params,
 )
-from trlax.models.cache import KVCache, extended_cache, past_kv_cache
+from trlax.models.cache import KVCache, extended_cache, past_kv_cache, past_kv_length
 from trlax.models.layers import LORA_COLLECTION
 from trlax.models.registry import get_spec, supported_model_types
 from trlax.models.spec import ArchitectureSpec, ParamRule
@@ -407,7 +407,7 @@ class FlaxPreTrainedModel(CheckpointMixin):
         """P, the tokens a forward's `past_key_values` holds (checked against the model and batch); None: 0."""
         if past_key_values is None:
             return 0
-        return past_kv_cache(past_key_values, self.spec.cache_geometry(self.config), batch)[0]["k"].shape[2]
+        return past_kv_length(past_key_values, self.spec.cache_geometry(self.config), batch)
 
     # --- generation ---------------------------------------------------------------------
     def generation_prompt_length(self, input_ids: jax.Array, decoder_input_ids: Any = None,

@@ -71,18 +71,30 @@ def write_kv(cache: KVCache, k: Array, v: Array, cache_index: Array | int) -> KV
 
 
 def past_kv_cache(past_key_values: Any, geometry: CacheGeometry, batch: int) -> list[KVCache]:
-    """A forward's `past_key_values` as the cache it continues, checked against the model.
+    """A forward's `past_key_values` as the cache it continues (one {"k", "v"} [B, Hkv, P, D] per layer),
+    checked by `past_kv_length`."""
+    past_kv_length(past_key_values, geometry, batch)
+    return [{"k": jnp.asarray(k), "v": jnp.asarray(v)} for k, v in kv_pairs(past_key_values)]
+
+
+def kv_pairs(past_key_values: Any) -> list[tuple[Any, ...]] | None:
+    """The (k, v) of each layer of a `past_key_values` ({"k", "v"} dicts or pairs), as given; None if it holds
+    neither."""
+    try:
+        return [(layer["k"], layer["v"]) if isinstance(layer, Mapping) else tuple(layer) for layer in past_key_values]
+    except (TypeError, KeyError):
+        return None
+
+
+def past_kv_length(past_key_values: Any, geometry: CacheGeometry, batch: int) -> int:
+    """P, the tokens a forward's `past_key_values` holds, from its shapes alone (nothing is copied).
 
     Accepted: what a forward with `use_cache=True` returns (one {"k", "v"} [B, Hkv, P, D] per
     layer) or transformers' legacy layout of the same arrays (one (k, v) pair per layer); P, the
     tokens seen so far, is the same in every layer. Anything else raises InputError. (transformers'
     own caches of sliding-window layers keep only the window's last tokens: not such a cache.)
     """
-    try:
-        layers = [(layer["k"], layer["v"]) if isinstance(layer, Mapping) else tuple(layer)
-                  for layer in past_key_values]
-    except (TypeError, KeyError):
-        layers = None
+    layers = kv_pairs(past_key_values)
     if layers is None or any(len(layer) != 2 for layer in layers):
         raise InputError("past_key_values must be the cache a forward with use_cache=True returned: one "
                          '{"k", "v"} (or (k, v)) per layer')
@@ -98,7 +110,7 @@ def past_kv_cache(past_key_values: Any, geometry: CacheGeometry, batch: int) -> 
             if tuple(np.shape(array)) != expected:
                 raise InputError(f"past_key_values layer {i} {name} has the shape {tuple(np.shape(array))}; this "
                                  f"model and batch need [B, num_kv_heads, past tokens, head_dim] = {expected}")
-    return [{"k": jnp.asarray(k), "v": jnp.asarray(v)} for k, v in layers]
+    return past
 
 
 def extended_cache(cache: list[KVCache], new_slots: int, dtype: Any) -> list[KVCache]:
