@@ -114,6 +114,9 @@ def test_a_cache_that_does_not_fit_is_refused_naming_the_fix():
         model(rest, mask[:, PAST:], past_key_values=cache)
     with pytest.raises(TrlaxTypeError, match="pass the KV cache once"):
         model(rest, cache=cache, past_key_values=cache)
+    as_torch = tuple((torch.tensor(np.asarray(layer["k"])), torch.tensor(np.asarray(layer["v"]))) for layer in cache)
+    with pytest.raises(InputError, match=r"JAX or numpy arrays .* convert torch tensors with \.numpy\(\)"):
+        model(rest, past_key_values=as_torch)
     # GPT-2's learned position table (64 rows) counts the cached tokens.
     long_cache = model(np.zeros((3, 60), np.int64), use_cache=True).cache
     with pytest.raises(InputError, match=r"has 64 positions; got a sequence of 65 tokens \(60 cached \+ 5 new\)"):
@@ -162,6 +165,7 @@ def test_a_seq2seq_forward_continues_its_decoder_cache_as_transformers_does(mode
     cache = model(ids, mask, decoder_input_ids=dec[:, :5], decoder_attention_mask=dmask[:, :5], use_cache=True).cache
     out = model(ids, mask, decoder_input_ids=dec[:, 5:], decoder_attention_mask=dmask, cache=cache)
     assert max_diff(ref.logits, out.logits, dmask[:, 5:]) < ATOL
+    assert out.past_key_values is out.cache  # transformers' name
     geometry = model.spec.cache_geometry(model.config)
     assert [layer["k"].shape for layer in out.cache] == [(3, geometry.num_kv_heads, 8, geometry.head_dim)] * len(cache)
 

@@ -334,6 +334,8 @@ def test_a_step_keeping_its_placement_runs_as_jit_and_refuses_wrong_positions():
     assert float(loss) == 1 and params["w"].is_deleted()  # donated, as with jax.jit
     with pytest.raises(TrlaxTypeError, match=r"got 1 positional argument\(s\); .* arguments \(0, 1\)"):
         jit_keeping_placement(step, kept=(0, 1), outputs=2)(new)
+    with pytest.raises(TrlaxTypeError, match=r"positional arguments only; got \['grads'\] as keywords"):
+        jit_keeping_placement(step, kept=(0,), outputs=2)(new, grads=new)
     for bad in ({"kept": (), "outputs": 1}, {"kept": (-1,), "outputs": 1}, {"kept": (0, 1), "outputs": 1}):
         with pytest.raises(TrlaxTypeError, match="needs kept: argument positions"):
             jit_keeping_placement(step, **bad)

@@ -110,14 +110,18 @@ def jit_keeping_placement(fn: Callable[..., tuple[Any, ...]], kept: tuple[int, .
     from the sharding rules they were placed by (a 2 x 2 fsdp/data mesh left GPT-2's biases and norm scales
     fsdp-sharded where the rules replicate them), and the next step then compiles again for that placement.
     One compiled function per placement of the kept arguments; leaves on no mesh are left to XLA (commit them
-    with `trlax.sharding.committed` for one placement from the first call on).
+    with `trlax.sharding.committed` for one placement from the first call on). The returned function takes
+    positional arguments only.
     """
     if not kept or any(not isinstance(i, int) or i < 0 for i in kept) or outputs < len(kept):
         raise TrlaxTypeError(f"jit_keeping_placement needs kept: argument positions (ints >= 0), one per leading "
                              f"output, and outputs >= len(kept); got kept={kept!r}, outputs={outputs!r}")
     compiled: dict[Any, Callable[..., tuple[Any, ...]]] = {}
 
-    def call(*args: Any) -> tuple[Any, ...]:
+    def call(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        if kwargs:
+            raise TrlaxTypeError(f"a step jitted with jit_keeping_placement takes positional arguments only; got "
+                                 f"{sorted(kwargs)} as keywords")
         if max(kept) >= len(args):
             raise TrlaxTypeError(f"{getattr(fn, '__name__', 'the step')} got {len(args)} positional argument(s); "
                                  f"jit_keeping_placement keeps the placement of arguments {kept}: pass them "

@@ -211,7 +211,8 @@ class FlaxPreTrainedModel(CheckpointMixin):
 
         Outputs and gradients are unchanged; the residuals JAX saves for the backward pass shrink to each
         block's input, and the backward recomputes each block's forward. XLA:CPU's compiled program holds
-        as much memory either way (`benchmarks/remat_memory.py`), so on CPU this only costs time.
+        as much memory either way (`benchmarks/remat_memory.py`), so on CPU this costs time (and a little
+        memory).
         `gradient_checkpointing_kwargs` (e.g. transformers' `{"use_reentrant": False}`) is accepted and
         ignored: JAX's remat has no reentrant variant. A train step already jitted keeps the program it
         was traced with: enable before tracing it.

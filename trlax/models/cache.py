@@ -90,9 +90,10 @@ def past_kv_length(past_key_values: Any, geometry: CacheGeometry, batch: int) ->
     """P, the tokens a forward's `past_key_values` holds, from its shapes alone (nothing is copied).
 
     Accepted: what a forward with `use_cache=True` returns (one {"k", "v"} [B, Hkv, P, D] per
-    layer) or transformers' legacy layout of the same arrays (one (k, v) pair per layer); P, the
-    tokens seen so far, is the same in every layer. Anything else raises InputError. (transformers'
-    own caches of sliding-window layers keep only the window's last tokens: not such a cache.)
+    layer) or transformers' legacy layout of such JAX or numpy arrays (one (k, v) pair per layer); P,
+    the tokens seen so far, is the same in every layer. Anything else raises InputError: transformers'
+    Cache objects, torch tensors (convert with `.numpy()`; transformers' caches of sliding-window layers
+    keep only the window's last tokens, which is not such a cache).
     """
     layers = kv_pairs(past_key_values)
     if layers is None or any(len(layer) != 2 for layer in layers):
@@ -100,6 +101,10 @@ def past_kv_length(past_key_values: Any, geometry: CacheGeometry, batch: int) ->
                          '{"k", "v"} (or (k, v)) per layer')
     if len(layers) != geometry.num_layers:
         raise InputError(f"past_key_values holds {len(layers)} layers; this model has {geometry.num_layers}")
+    if not all(isinstance(array, jax.Array | np.ndarray) for pair in layers for array in pair):
+        raise InputError("past_key_values must hold JAX or numpy arrays (a forward's cache, or transformers' legacy "
+                         "layout of them); convert torch tensors with .numpy(), transformers' Cache objects are "
+                         "not read")
     if any(np.ndim(array) != 4 for pair in layers for array in pair):
         raise InputError("past_key_values must hold 4-D keys and values [B, num_kv_heads, past tokens, head_dim] "
                          "in every layer, as a forward with use_cache=True returns them")

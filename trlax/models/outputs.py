@@ -52,6 +52,11 @@ class Seq2SeqLMOutput:
     cache: Any = None
     loss: jax.Array | None = None
 
+    @property
+    def past_key_values(self) -> Any:
+        """The decoder's KV cache under transformers' name: one {"k", "v"} [B, H, S, D] per layer, or None."""
+        return self.cache
+
 
 @flax.struct.dataclass
 class SequenceClassifierOutput:
