@@ -84,8 +84,9 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
         transformers') with the next tokens [B, T'] continues after them (attention_mask then [B, T + T'],
         default all ones; positions by default T, T + 1, ..., OPT's from the mask) and returns the cache of
         all T + T' tokens, in the compute dtype whatever the dtype passed in. transformers' legacy ((k, v), ...)
-        of the same arrays is accepted too (not transformers' own caches of sliding-window layers, which keep
-        only the window). Every new cache length compiles a new program: decode with `generate`.
+        of such JAX or numpy arrays is accepted too (not torch tensors or transformers' Cache objects: see
+        `trlax.models.cache.past_kv_length`). Every new cache length compiles a new program: decode with
+        `generate`.
         """
         past_key_values = kv_cache_argument(cache, past_key_values)
         input_ids = token_ids("input_ids", input_ids)
