@@ -176,5 +176,6 @@ def test_transformers_saving_and_forward_keywords(bf16_folder, tmp_path):
     ids, mask = batch(101, "none")
     np.testing.assert_array_equal(model(ids, mask, use_cache=False)[0], model(ids, mask)[0])
     logits, _, values, cache = model(ids, mask, return_past_key_values=True)  # TRL's 4-tuple
-    np.testing.assert_array_equal(logits, model(ids, mask)[0])
+    # Two compiled programs (one also writes a cache): equal up to XLA's fusion choices, a few float32 ulps.
+    np.testing.assert_allclose(logits, model(ids, mask)[0], rtol=0, atol=1e-6)
     assert len(cache) == model.config.num_hidden_layers and cache[0]["k"].shape[2] == ids.shape[1]
