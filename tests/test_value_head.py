@@ -13,12 +13,14 @@ import torch
 import transformers
 
 from tests.helpers import batch, max_diff, save_torch, torch_random_init
-from tests.tiny_configs import TINY_CAUSAL, gpt2
+from tests.tiny_configs import TINY_CAUSAL, gpt2, t5
 from trlax import (
     AutoModelForCausalLMWithValueHead,
     CheckpointError,
     FlaxAutoModelForCausalLM,
     FlaxAutoModelForCausalLMWithValueHead,
+    FlaxAutoModelForSeq2SeqLM,
+    FlaxAutoModelForSeq2SeqLMWithValueHead,
     PreTrainedModelWrapper,
 )
 from trlax.errors import TrlaxTypeError
@@ -235,6 +237,23 @@ def test_bad_arguments_are_refused(tmp_path):
         model(np.zeros((1, 5), np.float32))
     with pytest.raises(ValueError, match="attention_mask must have the shape"):
         model(np.zeros((1, 5), np.int32), attention_mask=np.ones((1, 4), np.int32))
+
+
+def test_return_dict_is_accepted_as_trl_passes_it_on_and_false_is_refused_by_name():
+    """TRL's forward hands `return_dict` to the LM and reads `.hidden_states` of what comes back: True works,
+    False fails there (AttributeError on a tuple); trlax returns the same tuple and names the False case."""
+    ids, mask = batch(101, "left")
+    causal = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(FlaxAutoModelForCausalLM.from_config(gpt2()))
+    seq2seq = FlaxAutoModelForSeq2SeqLMWithValueHead.from_pretrained(FlaxAutoModelForSeq2SeqLM.from_config(t5()))
+    for model, extra in ((causal, {}), (seq2seq, {"decoder_input_ids": ids[:, :3]})):
+        plain = model(ids, mask, **extra)
+        for return_dict in (True, None):
+            out = model(ids, mask, return_dict=return_dict, **extra)
+            assert len(out) == 3 and all(max_diff(a, b) == 0.0 for a, b in zip(out[::2], plain[::2], strict=True))
+        with pytest.raises(TrlaxTypeError, match=r"return_dict=False.*leave return_dict out"):
+            model(ids, mask, return_dict=False, **extra)
+        with pytest.raises(TrlaxTypeError, match="return_dict must be a bool or None, got str"):
+            model(ids, mask, return_dict="yes", **extra)
 
 
 def test_push_to_hub_uploads_what_save_pretrained_writes(tmp_path, monkeypatch):

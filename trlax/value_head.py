@@ -548,21 +548,28 @@ class PreTrainedModelWrapper:
         return model, params["v_head"]
 
     # --- forward ------------------------------------------------------------------------
-    def _params_for_forward(self, params: dict[str, Any]) -> dict[str, Any]:
-        return jax.lax.stop_gradient(params) if self.frozen else params
-
-    @staticmethod
-    def _split_rng(dropout_rng: jax.Array | None, train: bool) -> tuple[jax.Array | None, jax.Array | None]:
-        if not train:
-            return None, None
-        if dropout_rng is None:
-            raise TrlaxError("train=True needs dropout_rng (a jax.random key) for dropout")
-        base, head = jax.random.split(dropout_rng)
-        return base, head
-
-    def _values(self, params: dict[str, Any], hidden: jax.Array, rng: jax.Array | None, train: bool) -> jax.Array:
-        rngs = {"dropout": rng} if train else None
-        return self.v_head.apply({"params": params["v_head"]}, hidden, deterministic=not train, rngs=rngs)
+    def lm_and_values(self, params: dict[str, Any], lm_inputs: tuple[Any, ...], *, dropout_rng: jax.Array | None,
+                      train: bool, labels: jax.Array | None, check_inputs: bool, past_key_values: Any,
+                      return_past_key_values: bool) -> tuple[jax.Array, ...]:
+        """TRL's forward, pure: the LM's `apply` on `lm_inputs` (its positional inputs after params), then the
+        value head on its last hidden state [B, T, H]. Returns (lm_logits [B, T, V] float32, loss [] float32 or
+        None, values [B, T] float32), plus the LM's cache with `return_past_key_values`. A frozen wrapper (a
+        reference) stops gradients through its params; `train=True` splits `dropout_rng` between LM and head."""
+        self.check_params(params)
+        if self.frozen:
+            params = jax.lax.stop_gradient(params)
+        lm_rng = head_rng = None
+        if train:
+            if dropout_rng is None:
+                raise TrlaxError("train=True needs dropout_rng (a jax.random key) for dropout")
+            lm_rng, head_rng = jax.random.split(dropout_rng)
+        out = self.pretrained_model.apply(params["pretrained_model"], *lm_inputs, dropout_rng=lm_rng, train=train,
+                                          lora=params.get(LORA_COLLECTION), labels=labels, check_inputs=check_inputs,
+                                          past_key_values=past_key_values, use_cache=return_past_key_values)
+        values = self.v_head.apply({"params": params["v_head"]}, out.last_hidden_state, deterministic=not train,
+                                   rngs={"dropout": head_rng} if train else None)
+        outputs = (out.logits.astype(jnp.float32), out.loss, values)
+        return (*outputs, out.cache) if return_past_key_values else outputs
 
     # --- reward adapter -----------------------------------------------------------------
     def apply_reward(self, params: dict[str, Any], reward_params: dict[str, Any], input_ids: jax.Array,
@@ -692,6 +699,17 @@ def _adapter_from_torch(parts: TorchParts, lm: FlaxPreTrainedModel, is_trainable
     return PolicyAdapter(files.config, lora, parts.adapter_trainable or is_trainable)
 
 
+def refuse_tuple_lm_output(return_dict: bool | None) -> None:
+    """TRL's forward passes `return_dict` to the LM and then reads `.hidden_states` of its output, so False
+    fails there (AttributeError on a tuple); here it is refused by name. None and True change nothing."""
+    if return_dict is not None and not isinstance(return_dict, bool):
+        raise TrlaxTypeError(f"return_dict must be a bool or None, got {type(return_dict).__name__}")
+    if return_dict is False:
+        raise TrlaxTypeError("return_dict=False: the value-head forward returns TRL's tuple (lm_logits, loss, values) "
+                             "whatever return_dict is, and TRL's own forward fails with it (it reads the LM output's "
+                             ".hidden_states); leave return_dict out")
+
+
 def _missing_head(what: str, strict: bool) -> None:
     message = f"{what}; initialised a new one. This is expected unless you are resuming PPO training."
     if strict:
@@ -723,16 +741,9 @@ class FlaxAutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         and the LM's KV cache after them with `return_past_key_values` (past_key_values: the LM's, see
         `__call__`). Checks params and inputs as the LM's `apply` (`check_inputs`: traced ones too, see
         `trlax.inputs`)."""
-        self.check_params(params)
-        params = self._params_for_forward(params)
-        base_rng, head_rng = self._split_rng(dropout_rng, train)
-        out = self.pretrained_model.apply(params["pretrained_model"], input_ids, attention_mask, position_ids,
-                                          dropout_rng=base_rng, train=train, lora=params.get(LORA_COLLECTION),
-                                          labels=labels, check_inputs=check_inputs, past_key_values=past_key_values,
-                                          use_cache=return_past_key_values)
-        values = self._values(params, out.last_hidden_state, head_rng, train)
-        outputs = (out.logits.astype(jnp.float32), out.loss, values)
-        return (*outputs, out.cache) if return_past_key_values else outputs
+        return self.lm_and_values(params, (input_ids, attention_mask, position_ids), dropout_rng=dropout_rng,
+                                  train=train, labels=labels, check_inputs=check_inputs,
+                                  past_key_values=past_key_values, return_past_key_values=return_past_key_values)
 
     def __call__(
         self,
@@ -748,6 +759,7 @@ class FlaxAutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         use_cache: bool | None = None,
         past_key_values: Any = None,
         cache: Any = None,
+        return_dict: bool | None = None,
     ) -> tuple[jax.Array, ...]:
         """TRL's 3-tuple (lm_logits [B, T, V] float32, loss, values [B, T] float32), jitted.
 
@@ -761,8 +773,10 @@ class FlaxAutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         (one {"k", "v"} [B, Hkv, P + T, D] per layer) as a 4th output; `past_key_values` (a cache
         returned so; or `cache=`, transformers 5.25's name, which TRL passes on) continues after its P
         tokens, attention_mask then [B, P + T]: see the LM's `__call__`. TRL's `use_cache` changes
-        nothing (the cache is returned when asked for).
+        nothing (the cache is returned when asked for). `return_dict` None or True changes nothing either;
+        False raises TrlaxTypeError, as TRL's forward fails on the LM's tuple output.
         """
+        refuse_tuple_lm_output(return_dict)
         past_key_values = kv_cache_argument(cache, past_key_values)
         input_ids = token_ids("input_ids", input_ids)
         past_length = self.pretrained_model.past_length(past_key_values, input_ids.shape[0])
@@ -805,17 +819,9 @@ class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
     ) -> tuple[jax.Array, ...]:
         """Pure forward: (lm_logits [B, Td, V] f32, loss [] f32 with labels [B, Td] else None, values [B, Td] f32),
         and the decoder's KV cache with `return_past_key_values`; checks and cache as the causal one's."""
-        self.check_params(params)
-        params = self._params_for_forward(params)
-        base_rng, head_rng = self._split_rng(dropout_rng, train)
-        out = self.pretrained_model.apply(params["pretrained_model"], input_ids, attention_mask, decoder_input_ids,
-                                          decoder_attention_mask, dropout_rng=base_rng, train=train,
-                                          lora=params.get(LORA_COLLECTION), labels=labels,
-                                          check_inputs=check_inputs, past_key_values=past_key_values,
-                                          use_cache=return_past_key_values)
-        values = self._values(params, out.last_hidden_state, head_rng, train)
-        outputs = (out.logits.astype(jnp.float32), out.loss, values)
-        return (*outputs, out.cache) if return_past_key_values else outputs
+        return self.lm_and_values(params, (input_ids, attention_mask, decoder_input_ids, decoder_attention_mask),
+                                  dropout_rng=dropout_rng, train=train, labels=labels, check_inputs=check_inputs,
+                                  past_key_values=past_key_values, return_past_key_values=return_past_key_values)
 
     def __call__(
         self,
@@ -832,6 +838,7 @@ class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
         use_cache: bool | None = None,
         past_key_values: Any = None,
         cache: Any = None,
+        return_dict: bool | None = None,
     ) -> tuple[jax.Array, ...]:
         """TRL's 3-tuple over decoder positions. decoder_input_ids [B, Td], or labels [B, Td]
         (-100 = ignored) from which they are derived as transformers does (shifted right behind
@@ -839,7 +846,8 @@ class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
         the decoder LM loss [] float32. KV cache as TRL's: `return_past_key_values=True` appends the
         decoder's cache as a 4th output, `past_key_values` (or `cache=`) continues it with the same
         encoder inputs (decoder_attention_mask then [B, P + Td]): see the seq2seq LM's `__call__`.
-        TRL's `use_cache` changes nothing."""
+        TRL's `use_cache` changes nothing; `return_dict` as the causal wrapper's."""
+        refuse_tuple_lm_output(return_dict)
         past_key_values = kv_cache_argument(cache, past_key_values)
         input_ids = token_ids("input_ids", input_ids)
         labels = None if labels is None else token_ids("labels", labels)
