@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformers
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULT_TARGETS
+from safetensors.numpy import save_file
 
 from tests.helpers import batch, max_diff, save_torch, torch_random_init
 from tests.tiny_configs import TINY_CAUSAL, TINY_SEQ2SEQ
@@ -386,6 +387,27 @@ def test_adapter_policy_round_trips_with_its_value_head(gpt2_policy, tmp_path):
     assert jax.tree_util.tree_structure(back.trainable_mask) == jax.tree_util.tree_structure(model.trainable_mask)
     frozen = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path)  # TRL/PEFT default: inference mode
     assert not any(jax.tree_util.tree_leaves(frozen.trainable_mask["lora"]))
+
+
+def test_part_of_a_value_head_beside_an_adapter_is_kept_as_trl_does(gpt2_policy, tmp_path, caplog):
+    """An adapter policy folder whose head file holds v_head.summary.weight alone: TRL keeps that weight
+    (`load_state_dict(strict=False)`) as for a full checkpoint; trlax dropped it and said there was no head."""
+    from trl.experimental.ppo import AutoModelForCausalLMWithValueHead
+
+    gpt2_policy.save_pretrained(tmp_path)
+    weight = np.arange(32, dtype=np.float32)[None] / 100
+    save_file({"v_head.summary.weight": weight}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with caplog.at_level(logging.WARNING, logger="trlax"):
+        model = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path, seed=4)
+    assert "only part of a value head (no v_head.summary.bias); initialised the missing part" in caplog.text
+    np.testing.assert_array_equal(np.asarray(model.params["v_head"]["summary"]["kernel"]), weight.T)
+    fresh = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(FlaxAutoModelForCausalLM.from_config(
+        gpt2_policy.config), seed=4)
+    np.testing.assert_array_equal(model.params["v_head"]["summary"]["bias"], fresh.params["v_head"]["summary"]["bias"])
+    torch_model = AutoModelForCausalLMWithValueHead.from_pretrained(str(tmp_path))
+    np.testing.assert_array_equal(torch_model.v_head.summary.weight.detach().numpy(), weight)
+    with pytest.raises(CheckpointError, match="only part of a value head.*strict=True"):
+        FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path, strict=True)
 
 
 def test_reference_of_an_adapter_policy_is_the_base_with_no_copy(gpt2_policy):

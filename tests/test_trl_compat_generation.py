@@ -108,7 +108,8 @@ def test_trl_ppo_generation_kwargs_are_accepted(gpt2_pair):
 
 
 @pytest.mark.parametrize("field", [{"num_beams": 4}, {"no_repeat_ngram_size": 2}, {"output_scores": True},
-                                   {"num_return_sequences": 2, "do_sample": True}, {"typical_p": 0.5}])
+                                   {"num_return_sequences": 2, "do_sample": True}, {"typical_p": 0.5},
+                                   {"bad_words_ids": []}, {"sequence_bias": {}}])  # transformers refuses these two
 def test_unsupported_fields_raise_naming_them(gpt2_pair, field):
     _, model = gpt2_pair
     ids, mask = batch(VOCAB, "left", low=2)
@@ -117,6 +118,40 @@ def test_unsupported_fields_raise_naming_them(gpt2_pair, field):
         model.generate(ids, mask, generation_config=transformers.GenerationConfig(**field))
     with pytest.raises(UnsupportedModelError, match=name):
         model.generate(ids, mask, **field)
+
+
+def test_custom_entries_of_a_generation_config_are_ignored_as_transformers_does(tmp_path):
+    """transformers keeps a GenerationConfig's custom entries (a checkpoint's `user_token_id`, ...) and never
+    reads them; trlax refused them as unimplemented settings, so such a checkpoint could not generate."""
+    config = TINY_CAUSAL["gpt2"]()
+    torch.manual_seed(0)
+    pt = torch_random_init(transformers.AutoModelForCausalLM.from_config(config), std=0.1)
+    pt.generation_config = transformers.GenerationConfig(eos_token_id=13, pad_token_id=1, max_new_tokens=5)
+    pt.generation_config.user_token_id = 7
+    save_torch(pt, tmp_path)
+    assert json.loads((tmp_path / "generation_config.json").read_text())["user_token_id"] == 7
+    model = FlaxAutoModelForCausalLM.from_pretrained(tmp_path)
+    ids, mask = batch(VOCAB, "left", low=2)
+    out = np.asarray(model.generate(ids, mask).sequences)
+    np.testing.assert_array_equal(out, _torch_generate(pt, ids, mask, out.shape[1]))
+    passed = transformers.GenerationConfig(max_new_tokens=4, eos_token_id=[], assistant_token_id=3)
+    out = np.asarray(model.generate(ids, mask, generation_config=passed).sequences)
+    np.testing.assert_array_equal(out, _torch_generate(pt, ids, mask, generation_config=passed))
+    with pytest.raises(TrlaxTypeError, match="unknown keyword argument"):  # a keyword is no config entry
+        model.generate(ids, mask, user_token_id=7)
+
+
+def test_the_prompt_may_be_passed_as_transformers_inputs(gpt2_pair):
+    _, model = gpt2_pair
+    ids, mask = batch(VOCAB, "left", low=2)
+    want = np.asarray(model.generate(ids, mask).sequences)
+    np.testing.assert_array_equal(np.asarray(model.generate(inputs=ids, attention_mask=mask).sequences), want)
+    np.testing.assert_array_equal(np.asarray(model.pretrained_model.generate(inputs=ids, attention_mask=mask)
+                                             .sequences), want)
+    with pytest.raises(TrlaxTypeError, match="prompt twice"):
+        model.generate(ids, mask, inputs=ids)
+    with pytest.raises(TrlaxTypeError, match="needs the prompt"):
+        model.generate(attention_mask=mask)
 
 
 def test_no_generation_config_keeps_trlax_defaults(tmp_path):

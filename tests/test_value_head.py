@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from trlax import (
     FlaxAutoModelForSeq2SeqLM,
     FlaxAutoModelForSeq2SeqLMWithValueHead,
     PreTrainedModelWrapper,
+    ValueHead,
 )
 from trlax.errors import TrlaxTypeError
 from trlax.value_head import value_head_hidden_size
@@ -163,6 +165,16 @@ def test_trl_defaults_dropout_precedence_and_init_strategies():
     config.summary_dropout_prob = 2.0
     with pytest.raises(ValueError, match="the config's summary_dropout_prob must be a probability"):
         AutoModelForCausalLMWithValueHead.from_pretrained(FlaxAutoModelForCausalLM.from_config(config))
+    # the normal init's std: TRL's torch normal_ refuses these (trlax built a NaN or garbage head); TRL reads it
+    # only with v_head_init_strategy="normal", so the default strategy ignores it there as here
+    for bad in (-1.0, float("nan"), "0.2", None, True):
+        with pytest.raises(ValueError, match=f"v_head_initializer_range .* >= 0 .*got {re.escape(repr(bad))}"):
+            AutoModelForCausalLMWithValueHead.from_pretrained(plain, v_head_init_strategy="normal",
+                                                              v_head_initializer_range=bad)
+        AutoModelForCausalLMWithValueHead.from_pretrained(plain, v_head_initializer_range=bad)
+    zero = AutoModelForCausalLMWithValueHead.from_pretrained(plain, v_head_init_strategy="normal",
+                                                             v_head_initializer_range=0)
+    assert not np.any(np.asarray(zero.params["v_head"]["summary"]["kernel"]))
 
 
 def test_dropout_of_a_trl_model_carries_over_both_ways():
@@ -237,6 +249,14 @@ def test_bad_arguments_are_refused(tmp_path):
         model(np.zeros((1, 5), np.float32))
     with pytest.raises(ValueError, match="attention_mask must have the shape"):
         model(np.zeros((1, 5), np.int32), attention_mask=np.ones((1, 4), np.int32))
+    # TRL's constructor wraps a transformers model; trlax's wraps a trlax LM (raw AttributeErrors before)
+    for other in (transformers.AutoModelForCausalLM.from_config(gpt2()), str(tmp_path)):
+        with pytest.raises(TrlaxTypeError, match=r"wraps a trlax LM; got .*use FlaxAutoModelForCausalLMWithValueHead"
+                                                 r"\.from_pretrained"):
+            FlaxAutoModelForCausalLMWithValueHead(other)
+    # trlax's ValueHead is a Flax module over the hidden size; TRL's ValueHead(config) is make_value_head(config)
+    with pytest.raises(TrlaxTypeError, match="ValueHead takes the hidden size H.*got GPT2Config.*make_value_head"):
+        ValueHead(gpt2())
 
 
 def test_return_dict_is_accepted_as_trl_passes_it_on_and_false_is_refused_by_name():

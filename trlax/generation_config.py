@@ -11,7 +11,8 @@ which ignores config.json's pad when generation_config.json has none); `min_new_
 set, takes precedence over `min_length`. For fields nobody set, trlax keeps its
 defaults where they differ from transformers': `top_k` 0 (transformers: 50), so sampling
 draws from the model's full distribution, which PPO's log-probs assume, and
-`max_new_tokens` 32 (transformers: `max_length` 20, prompt included).
+`max_new_tokens` 32 (transformers: 20 new tokens, fewer where prompt + 20 passes the model's
+`max_position_embeddings`).
 
 Fields trlax implements: max_new_tokens, max_length, min_new_tokens, min_length,
 do_sample, temperature, top_k, top_p, repetition_penalty, eos/pad/decoder start ids,
@@ -20,7 +21,10 @@ bos_token_id, beam-only options while num_beams is 1, ...) are accepted and have
 effect. Any other field set to something other than its neutral value (num_beams > 1,
 constraints, no_repeat_ngram_size, output_scores, ...) is an UnsupportedModelError naming
 it, never silently ignored; so is a model input other than the ids and mask (token_type_ids,
-...). A keyword that is neither a setting nor a generate argument (a typo) is a TrlaxTypeError.
+...). A keyword that is neither a setting nor a generate argument (a typo) is a TrlaxTypeError. A
+generation config's custom entries (names that are not GenerationConfig fields, which transformers keeps
+and never reads) are ignored; empty `bad_words_ids` / `sequence_bias`, which transformers refuses, are
+refused too.
 
 The processors (`process_logits`) run inside the jitted decode loop on each step's
 float32 logits [B, V], before the sampling warpers, as transformers orders them:
@@ -71,16 +75,19 @@ NO_EFFECT_FIELDS = frozenset({
 # Arguments of trlax's generate that are not GenerationConfig fields.
 TRLAX_ARGS = frozenset({"prng_key", "params", "lora", "decoder_input_ids", "rollout_dtype"})
 # transformers 5's `generate` arguments besides the settings (written out: GenerationMixin needs torch), and
-# the model inputs it passes on: refused unless neutral, like any setting trlax lacks.
+# the model inputs it passes on: refused unless neutral, like any setting trlax lacks. (Its `inputs`, the
+# prompt, is `FlaxPreTrainedModel.generate`'s input_ids.)
 TRANSFORMERS_ARGS = frozenset({
-    "inputs", "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
+    "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
     "assistant_model", "streamer", "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate",
     "use_model_defaults", "tokenizer", "token_type_ids", "position_ids", "inputs_embeds", "decoder_attention_mask",
     "encoder_outputs", "past_key_values", "cache_position",
 })
+# GenerationConfig's own fields. A config's other entries (custom ones, e.g. a checkpoint's `user_token_id`,
+# which transformers keeps and never reads) are ignored as transformers ignores them.
+CONFIG_FIELDS = frozenset({*transformers.GenerationConfig().to_dict(), *SUPPORTED_FIELDS, *NO_EFFECT_FIELDS})
 # Every name a generate call may pass; others are typos.
-KNOWN_NAMES = frozenset({*transformers.GenerationConfig().to_dict(), *SUPPORTED_FIELDS, *NO_EFFECT_FIELDS,
-                         *TRANSFORMERS_ARGS, *TRLAX_ARGS})
+KNOWN_NAMES = frozenset({*CONFIG_FIELDS, *TRANSFORMERS_ARGS, *TRLAX_ARGS})
 
 
 def read_generation_config(source: str | os.PathLike, options: HubOptions) -> transformers.GenerationConfig | None:
@@ -105,15 +112,18 @@ def write_generation_config(config: transformers.GenerationConfig, folder: Path)
 
 
 def _set_fields(config: transformers.GenerationConfig | Mapping[str, Any] | None) -> dict[str, Any]:
+    """The GenerationConfig fields a config sets (not None); its custom entries left out."""
     if config is None:
         return {}
     if isinstance(config, transformers.GenerationConfig):
         config = config.to_dict()
-    return {k: v for k, v in config.items() if v is not None}
+    return {k: v for k, v in config.items() if v is not None and k in CONFIG_FIELDS}
 
 
 # Values transformers treats as "off" although they are not the field's default (None).
 NO_OP_VALUES = {"min_p": 0.0, "guidance_scale": 1.0}
+# Fields whose empty value transformers refuses (its logits processor raises) instead of taking it as off.
+EMPTY_REFUSED = frozenset({"bad_words_ids", "sequence_bias"})
 
 
 def _is_array(value: Any) -> bool:
@@ -126,8 +136,8 @@ def _is_neutral(name: str, value: Any, defaults: Mapping[str, Any]) -> bool:
     something (e.g. token_type_ids)."""
     if _is_array(value):
         return False
-    return (value is None or value is False or value == {} or value == [] or value == defaults.get(name)
-            or (name in NO_OP_VALUES and value == NO_OP_VALUES[name]))
+    return (value is None or value is False or ((value == {} or value == []) and name not in EMPTY_REFUSED)
+            or value == defaults.get(name) or (name in NO_OP_VALUES and value == NO_OP_VALUES[name]))
 
 
 def _shown(value: Any) -> str:

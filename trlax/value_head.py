@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import numbers
 import os
 from collections.abc import Mapping
@@ -58,6 +59,7 @@ from trlax.peft.lora import (
 from trlax.peft.policy import (
     DEFAULT_REWARD_ADAPTER_NAME,
     POLICY_ADAPTER_NAME,
+    VALUE_HEAD_KEYS,
     PolicyAdapter,
     load_adapter_policy,
     new_policy_adapter,
@@ -103,6 +105,14 @@ class ValueHead(nn.Module):
     init_strategy: str | None = None
     initializer_range: float = 0.2
 
+    def __post_init__(self) -> None:
+        if isinstance(self.hidden_size, bool) or not isinstance(self.hidden_size, numbers.Integral):
+            raise TrlaxTypeError(
+                f"ValueHead takes the hidden size H (an int), got {type(self.hidden_size).__name__}: trlax's is a "
+                "Flax module, ValueHead(H, dropout_prob, init_strategy, initializer_range); TRL's ValueHead(config, "
+                "**kwargs) is trlax.value_head.make_value_head(config, summary_dropout_prob=..., ...)")
+        super().__post_init__()
+
     def setup(self) -> None:
         if self.init_strategy == "normal":
             kernel_init, bias_init = nn.initializers.normal(self.initializer_range), nn.initializers.zeros
@@ -127,6 +137,11 @@ def make_value_head(
     """The ValueHead TRL builds for this config (a `summary_dropout_prob` on the config wins)."""
     if v_head_init_strategy not in V_HEAD_INIT_STRATEGIES:
         raise TrlaxError(f"v_head_init_strategy must be one of {V_HEAD_INIT_STRATEGIES}; got {v_head_init_strategy!r}")
+    if v_head_init_strategy == "normal" and not (  # the std of the kernel's normal init; TRL reads it only then
+            isinstance(v_head_initializer_range, numbers.Real) and not isinstance(v_head_initializer_range, bool)
+            and math.isfinite(v_head_initializer_range) and v_head_initializer_range >= 0):
+        raise TrlaxError("v_head_initializer_range is the standard deviation of the normal init: a finite number "
+                         f">= 0 (TRL's default 0.2); got {v_head_initializer_range!r}")
     dropout = getattr(config, "summary_dropout_prob", summary_dropout_prob)
     if dropout is not None and not (isinstance(dropout, numbers.Real) and 0 <= dropout <= 1):
         where = "the config's summary_dropout_prob" if hasattr(config, "summary_dropout_prob") else \
@@ -215,6 +230,10 @@ class PreTrainedModelWrapper:
         base_model_name_or_path: str | None = None,
     ) -> None:
         refuse_base_class(type(self))
+        if not isinstance(pretrained_model, FlaxPreTrainedModel):
+            raise TrlaxTypeError(f"{type(self).__name__}(...) wraps a trlax LM; got {type(pretrained_model).__name__}. "
+                                 f"For a transformers or TRL model, a folder or a hub id use "
+                                 f"{type(self).__name__}.from_pretrained(...), which converts or loads it")
         if pretrained_model.is_encoder_decoder != self.transformers_parent_class.model_class.is_encoder_decoder:
             raise TrlaxTypeError(f"{type(self).__name__} cannot wrap a {type(pretrained_model).__name__}")
         if (reward_adapter is None) != (reward_params is None):
@@ -443,6 +462,7 @@ class PreTrainedModelWrapper:
         options = _hub_options(model_args)
         adapter: PolicyAdapter | None = None
         base_name: str | None = None
+        part_of_head: dict[str, Any] = {}  # a saved head's tensors when only some are stored (TRL's layout)
         if is_torch_model(source):
             if set(model_args) - {"dtype", "param_dtype", "mesh", "sharding_rules"}:
                 raise TrlaxTypeError(f"model arguments {sorted(model_args)} only apply when loading from a path or "
@@ -476,10 +496,17 @@ class PreTrainedModelWrapper:
                 logger.warning("%s holds a PEFT adapter; the peft_config argument is ignored (as TRL does)", source)
             saved = load_adapter_policy(cls.transformers_parent_class, source, options, model_args,
                                         is_trainable=is_trainable)
-            lm, v_head, adapter, base_name = saved.base, saved.v_head, saved.adapter, saved.base_name
-            if v_head is None:
+            lm, adapter, base_name = saved.base, saved.adapter, saved.base_name
+            missing = [key for key in VALUE_HEAD_KEYS if key not in saved.v_head_state]
+            v_head = None if missing else {"summary": {
+                "kernel": jnp.asarray(saved.v_head_state["v_head.summary.weight"].T, jnp.float32),
+                "bias": jnp.asarray(saved.v_head_state["v_head.summary.bias"], jnp.float32)}}
+            if not saved.v_head_state:
                 _missing_head(f"{source} has no value head (v_head.summary.* in model.safetensors or "
                               "pytorch_model.bin)", strict)
+            elif missing:
+                _part_of_head_missing(f"{source} has only part of a value head (no {', '.join(missing)})", strict)
+                part_of_head = saved.v_head_state
         else:
             lm, v_head = cls._load(source, strict=strict, seed=seed, trl_args=trl_args, **model_args)
             base_name = str(source)
@@ -502,8 +529,11 @@ class PreTrainedModelWrapper:
                                         adapter.trainable)
             if reward_params is not None:
                 reward_params = shard_params(reward_params, lm.mesh, lm.sharding_rules)
-        return cls(lm, v_head_params=v_head, seed=seed, policy_adapter=adapter, reward_adapter=reward,
-                   reward_params=reward_params, base_model_name_or_path=base_name, **trl_args)
+        model = cls(lm, v_head_params=v_head, seed=seed, policy_adapter=adapter, reward_adapter=reward,
+                    reward_params=reward_params, base_model_name_or_path=base_name, **trl_args)
+        if part_of_head:
+            model.post_init(part_of_head)  # over the head initialised from `seed`
+        return model
 
     @classmethod
     def _load(cls, source: str | os.PathLike, *, strict: bool, seed: int, trl_args: dict[str, Any],
@@ -538,13 +568,11 @@ class PreTrainedModelWrapper:
             _missing_head(f"{resolved.source} has no value head ({', '.join(missing)})", strict)
             return model, None
         if missing:  # part of a head: TRL keeps the stored part and initialises the rest
-            what = f"{resolved.source} has only part of a value head (no {', '.join(missing)})"
-            if strict:
-                raise CheckpointError(f"{what} (strict=True)")
+            _part_of_head_missing(f"{resolved.source} has only part of a value head (no {', '.join(missing)})",
+                                  strict)
             fresh = {"v_head": init_value_head(head, jax.random.key(seed))}
             for key in missing:
                 set_path(params, table[key].path, get_path(fresh, table[key].path))
-            logger.warning("%s; initialised the missing part and kept the stored one, as TRL does", what)
         return model, params["v_head"]
 
     # --- forward ------------------------------------------------------------------------
@@ -708,6 +736,13 @@ def refuse_tuple_lm_output(return_dict: bool | None) -> None:
         raise TrlaxTypeError("return_dict=False: the value-head forward returns TRL's tuple (lm_logits, loss, values) "
                              "whatever return_dict is, and TRL's own forward fails with it (it reads the LM output's "
                              ".hidden_states); leave return_dict out")
+
+
+def _part_of_head_missing(what: str, strict: bool) -> None:
+    """TRL's head loads with `load_state_dict(strict=False)`: the stored part is kept and the rest initialised."""
+    if strict:
+        raise CheckpointError(f"{what} (strict=True)")
+    logger.warning("%s; initialised the missing part and kept the stored one, as TRL does", what)
 
 
 def _missing_head(what: str, strict: bool) -> None:

@@ -416,7 +416,7 @@ class FlaxPreTrainedModel(CheckpointMixin):
         raise NotImplementedError
 
     def generate(
-        self, input_ids: Any, attention_mask: Any = None, *, params: dict[str, Any] | None = None,
+        self, input_ids: Any = None, attention_mask: Any = None, *, params: dict[str, Any] | None = None,
         lora: dict[str, Any] | None = None, generation_config: transformers.GenerationConfig | None = None,
         **kwargs: Any,
     ) -> GenerateOutput | jax.Array:
@@ -432,10 +432,18 @@ class FlaxPreTrainedModel(CheckpointMixin):
         token (transformers 5 infers no mask there). Returns a GenerateOutput,
         or the bare sequences with return_dict_in_generate=False. lora: an adapter tree to
         generate with; without params and lora, the owning LoRA policy's adapter (if any).
+        `inputs=` (transformers' name for the prompt) is taken for input_ids [B, T].
         """
         if not self.can_generate:
             raise TrlaxTypeError(f"{type(self).__name__} has no language-model head, so it cannot generate; load the "
                                  "checkpoint with FlaxAutoModelForCausalLM (or ...WithValueHead) to generate")
+        if "inputs" in kwargs:
+            if input_ids is not None:
+                raise TrlaxTypeError("generate got the prompt twice: pass input_ids or inputs (transformers' name "
+                                     "for it), not both")
+            input_ids = kwargs.pop("inputs")
+        if input_ids is None:
+            raise TrlaxTypeError("generate needs the prompt: input_ids [B, T] int (or inputs=, transformers' name)")
         if params is None and lora is None:
             lora = self.lora
         input_ids = token_ids("input_ids", input_ids)

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from trlax.checkpoint.hub import HubOptions, fetch_file
@@ -52,6 +51,7 @@ POLICY_ADAPTER_NAME = "default"
 DEFAULT_REWARD_ADAPTER_NAME = "reward_adapter"  # TRL's from_pretrained default
 # Where a saved adapter policy keeps its value head (TRL reads either, model.safetensors first).
 VALUE_HEAD_FILES = ("model.safetensors", "pytorch_model.bin")
+VALUE_HEAD_KEYS = ("v_head.summary.weight", "v_head.summary.bias")  # TRL's head: Linear(H, 1)
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,8 @@ class AdapterPolicy:
     base: FlaxPreTrainedModel
     base_name: str
     adapter: PolicyAdapter
-    v_head: dict[str, Any] | None  # {"summary": {"kernel": [H, 1], "bias": [1]}}, or None if not saved
+    # The value-head tensors saved beside it, in TRL's layout (VALUE_HEAD_KEYS: all, some, or {} for none).
+    v_head_state: dict[str, np.ndarray]
 
 
 def new_policy_adapter(peft_config: Any, base: FlaxPreTrainedModel, seed: int) -> PolicyAdapter:
@@ -92,17 +93,18 @@ def new_policy_adapter(peft_config: Any, base: FlaxPreTrainedModel, seed: int) -
     return PolicyAdapter(config, lora, trainable=True)
 
 
-def read_value_head(source: str | os.PathLike, options: HubOptions) -> dict[str, Any] | None:
-    """The value head saved beside an adapter ({"summary": {"kernel": [H, 1], "bias": [1]}}), or None."""
+def read_value_head(source: str | os.PathLike, options: HubOptions) -> dict[str, np.ndarray]:
+    """The value-head tensors saved beside an adapter, as stored (`v_head.summary.weight` [1, H], `.bias` [1]):
+    those of the first of VALUE_HEAD_FILES holding any; {} if none does."""
     for name in VALUE_HEAD_FILES:
         path = fetch_file(source, name, options)
         if path is None:
             continue
         with CheckpointReader([Path(path)]) as reader:
-            if "v_head.summary.weight" in reader and "v_head.summary.bias" in reader:
-                return {"summary": {"kernel": jnp.asarray(reader.get("v_head.summary.weight").T, jnp.float32),
-                                    "bias": jnp.asarray(reader.get("v_head.summary.bias"), jnp.float32)}}
-    return None
+            found = {key: np.asarray(reader.get(key)) for key in VALUE_HEAD_KEYS if key in reader}
+        if found:
+            return found
+    return {}
 
 
 def load_adapter_policy(auto_class: type[AutoModel], source: str | os.PathLike, options: HubOptions,
