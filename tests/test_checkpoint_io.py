@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import logging
 import shutil
@@ -31,6 +32,7 @@ from trlax import (
 from trlax.checkpoint.naming import flatten_paths
 from trlax.checkpoint.reader import SafetensorsFile
 from trlax.checkpoint.writer import parse_size
+from trlax.errors import CheckpointWriteError
 
 ATOL = 1e-4
 
@@ -249,6 +251,20 @@ def test_failed_save_leaves_no_loadable_checkpoint(saved, tmp_path, monkeypatch)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path / "out")
     assert [p.name for p in (tmp_path / "out").iterdir()] == []
+
+
+def test_a_write_error_names_the_folder(saved, tmp_path, monkeypatch):
+    """safetensors' write error names no file: `trlax convert` said only "error: File too large"."""
+    model = FlaxAutoModelForCausalLM.from_pretrained(saved)
+    import trlax.checkpoint.writer as writer
+
+    def too_large(path, tensors, metadata):
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(writer, "write_safetensors", too_large)
+    with pytest.raises(CheckpointWriteError, match=r"cannot write .*out: File too large; it is left as it was") as e:
+        model.save_pretrained(tmp_path / "out")
+    assert isinstance(e.value, OSError) and isinstance(e.value.__cause__, OSError)
 
 
 def test_a_stored_tied_copy_that_differs_is_refused(torch_model, tmp_path):

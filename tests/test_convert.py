@@ -21,6 +21,7 @@ from trlax import (
 from trlax.checkpoint.convert import is_orbax_model, load_orbax, to_hf, to_orbax
 from trlax.checkpoint.reader import CheckpointReader
 from trlax.cli import main
+from trlax.errors import CheckpointWriteError
 from trlax.value_head import value_head_hidden_size
 
 
@@ -165,6 +166,44 @@ def test_convert_refuses_what_it_would_ignore_or_clobber(tmp_path: Path, capsys)
     assert main(["convert", str(src), str(tmp_path / "o2"), "--num-processes", "4", "--process-id", "3"]) == 1
     assert "--num-processes, --process-id only apply with --distributed" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+
+
+def test_convert_refuses_a_dst_inside_or_around_its_src(tmp_path: Path, capsys) -> None:
+    """`trlax convert ORBAX ORBAX/params` wrote HF files among Orbax's own (rc 0), and DST = SRC's parent was
+    accepted too."""
+    src = _torch_checkpoint(gpt2(), tmp_path / "src", value_head=False)
+    assert main(["convert", str(src), str(tmp_path / "orbax")]) == 0
+    orbax = tmp_path / "orbax"
+    for source, target, match in ((src, src / "orbax", "lies inside SRC"),
+                                  (orbax, orbax / "params", "lies inside the Orbax folder SRC"),
+                                  (orbax, tmp_path, "holds the Orbax folder SRC")):
+        before = sorted(p.name for p in source.iterdir())
+        assert main(["convert", str(source), str(target)]) == 1
+        assert f"{match} {source}; convert into a folder outside it" in capsys.readouterr().err
+        assert sorted(p.name for p in source.iterdir()) == before
+
+
+def test_a_failed_orbax_write_keeps_nothing_and_names_the_folder(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A full disk: ~300 lines of Orbax's thread logs and tracebacks, then "unexpected ValueError", and a
+    half-written folder left that refused the retry ("exists and is not empty")."""
+    import orbax.checkpoint as ocp
+
+    src = _torch_checkpoint(gpt2(), tmp_path / "src", value_head=False)
+    real_save = ocp.StandardCheckpointer.save
+
+    def disk_full(self, directory, *args, **kwargs):
+        (Path(directory).parent / "params.orbax-checkpoint-tmp" / "ocdbt.process_0").mkdir(parents=True)
+        raise ValueError("OUT_OF_RANGE: Error writing in OCDBT database: File too large")
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", disk_full)
+    assert main(["convert", str(src), str(tmp_path / "out"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write the Orbax model folder" in err and "File too large" in err, err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(CheckpointWriteError):  # an OSError too, as the write's own error was
+        to_orbax(src, tmp_path / "out", progress=False)
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", real_save)
+    assert main(["convert", str(src), str(tmp_path / "out"), "--no-progress"]) == 0
 
 
 def test_python_dash_m_trlax(monkeypatch, capsys) -> None:

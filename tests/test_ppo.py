@@ -24,6 +24,8 @@ from trlax import (
     ppo,
     split_trainable,
 )
+from trlax.errors import TrlaxTypeError
+from trlax.ppo_trainer import TrainerConfig
 
 RTOL, ATOL = 1e-5, 1e-5
 
@@ -181,6 +183,34 @@ def test_ppo_loss(skip):
     if not skip:
         assert 0.0 < float(stats["policy/clipfrac"]) < 1.0  # the clip is really exercised
         _close(stats["loss/total"], want_pg + want_vf, atol=1e-5)
+
+
+@pytest.mark.parametrize(("fields", "error", "match"), [
+    ({"mini_batch_size": 0}, TrlaxError, "--mini-batch-size must be >= 1; got 0"),  # was a ZeroDivisionError
+    ({"batch_size": -4}, TrlaxError, "--batch-size must be >= 1; got -4"),
+    ({"max_new_tokens": 0}, TrlaxError, "--max-new-tokens must be >= 1; got 0"),
+    ({"ppo_epochs": 0}, TrlaxError, "--ppo-epochs must be >= 1; got 0"),  # failed in the first step
+    ({"steps": -1}, TrlaxError, "--steps must be >= 1; got -1"),  # ran 0 steps
+    ({"save_every": 0}, TrlaxError, r"--save-every must be >= 1 \(or unset"),  # never saved
+    ({"steps": "2"}, TrlaxTypeError, r"TrainerConfig.steps must be int; got '2' \(str\)"),
+    ({"batch_size": 4.0}, TrlaxTypeError, "TrainerConfig.batch_size must be int; got 4.0"),
+    ({"learning_rate": "1e-3"}, TrlaxTypeError, "TrainerConfig.learning_rate must be float"),
+    ({"ppo": {}}, TrlaxTypeError, r"TrainerConfig.ppo must be PPOConfig; got \{\} \(dict\)"),
+])
+def test_trainer_config_refuses_bad_fields_by_name(fields, error, match):
+    with pytest.raises(error, match=match):
+        TrainerConfig(**fields)
+
+
+def test_ppo_config_refuses_values_of_another_type():
+    """A string "no" for a bool turned whitening on; a string or None for a number failed deep in a step."""
+    for fields, match in (({"whiten_rewards": "no"}, "PPOConfig.whiten_rewards must be bool; got 'no'"),
+                          ({"gamma": "1"}, "PPOConfig.gamma must be float"),
+                          ({"cliprange": None}, "PPOConfig.cliprange must be float; got None")):
+        with pytest.raises(TrlaxTypeError, match=match):
+            ppo.PPOConfig(**fields)
+    assert ppo.PPOConfig(gamma=1, score_clip=None).gamma == 1  # an int is a float setting; None where allowed
+    assert TrainerConfig(learning_rate=1, save_every=None, batch_size=8, mini_batch_size=4).learning_rate == 1
 
 
 def test_adaptive_kl_coef_and_config():

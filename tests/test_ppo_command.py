@@ -104,6 +104,10 @@ def test_reward_function_is_called_with_texts_and_checked(tmp_path, monkeypatch)
         FunctionReward(load_function("my_rewards:broken"), "b")(generated)
     with pytest.raises(RewardError, match="reward function r\\(prompts, completions\\) raised ZeroDivisionError"):
         FunctionReward(load_function("my_rewards:raises"), "r")(generated)  # reported as a trlax bug before
+    (tmp_path / "strings.py").write_text("def high(prompts, completions):\n    return ['high'] * len(completions)\n")
+    with pytest.raises(RewardError, match=r"reward function s\(prompts, completions\) returned list values that are "
+                                          r"not numbers .*one finite number per completion \(2\)"):
+        FunctionReward(load_function("strings:high"), "s")(generated)  # said the function raised ValueError
     with pytest.raises(RewardError, match="MODULE:FUNCTION"):
         load_function("my_rewards")
     with pytest.raises(RewardError, match="no function"):
@@ -269,6 +273,43 @@ def test_reward_std_is_trls_unbiased_std():
     models.reward = lambda generated: np.array([0.0, 1.0, 2.0, 3.0], np.float32)
     trainer = PPOTrainer(models, PromptSet.build(texts, models.codec, models.pad_id, 16), trainer_config(args))
     assert trainer.step()["reward_std"] == pytest.approx(np.std([0.0, 1.0, 2.0, 3.0], ddof=1), rel=1e-6)
+
+
+def test_an_embedded_lora_run_saves_the_base_its_adapter_names(tmp_path):
+    """`--lora-r` without `--model`: final/ named no base (base_model_name_or_path None), so neither trlax nor TRL
+    could load it; the embedded base is now saved in base/ and named there."""
+    from trl.experimental.ppo import AutoModelForCausalLMWithValueHead
+
+    out = tmp_path / "run"
+    assert main(["ppo", "--output-dir", str(out), "--lora-r", "2", "--steps", "2", "--batch-size", "4",
+                 "--mini-batch-size", "2", "--max-new-tokens", "4", "--quiet"]) == 0
+    config = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((out / "base").resolve())
+    policy = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(out / "final", strict=True)
+    trl = AutoModelForCausalLMWithValueHead.from_pretrained(str(out / "final")).eval()
+    ids = np.array([[5, 6, 7, 8], [9, 10, 11, 12]], np.int32)
+    logits, _, values = policy(ids)
+    with torch.no_grad():
+        trl_logits, _, trl_values = trl(torch.tensor(ids, dtype=torch.long))
+    np.testing.assert_allclose(np.asarray(logits), trl_logits.numpy(), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(values), trl_values.numpy(), atol=1e-4)
+
+
+def test_scores_of_any_reward_callable_are_checked_before_the_step():
+    """A plain `Models.reward` callable returning NaN surfaced as "PPO step 1 diverged ... lower learning rate"."""
+    args = cli_args(steps=1, batch_size=4, mini_batch_size=2, max_new_tokens=4)
+    models, texts = build_models(args)
+    prompts = PromptSet.build(texts, models.codec, models.pad_id, 16)
+
+    def nan_scores(generated):
+        return np.full(4, np.nan, np.float32)
+
+    for reward, match in ((nan_scores, r"the reward .*nan_scores returned \(4,\) values \(finite: False\)"),
+                          (lambda generated: np.ones((4, 1)), r"returned \(4, 1\) values .*one finite number per "
+                                                              r"completion \(4\)")):
+        models.reward = reward
+        with pytest.raises(RewardError, match=match):
+            PPOTrainer(models, prompts, trainer_config(args)).step()
 
 
 def test_a_pad_id_outside_the_vocabulary_is_refused(tmp_path, monkeypatch, capsys):

@@ -134,8 +134,12 @@ def test_batch_fit_check_against_the_memory_limit(monkeypatch) -> None:
     assert need == 8 * 16 * (3 * 101 + 2 * (8 * 32 + 4 * 16)) * 4
     monkeypatch.setattr(trlax.cli.preflight, "memory_limit", lambda: (need, "a test budget"))
     check_batch_fits(config, 8, 16)  # exactly at the limit: allowed
-    with pytest.raises(TrlaxError, match="--batch-size 9 cannot fit.*a test budget"):
+    with pytest.raises(TrlaxError, match="--batch-size 9 cannot fit.*a test budget.*; use a smaller --batch-size"):
         check_batch_fits(config, 9, 16)
+    # where one sequence alone is too long, a smaller batch cannot help (the message said it would)
+    with pytest.raises(TrlaxError, match="--batch-size 1 cannot fit.*even one sequence that long does not fit: use "
+                                         "a smaller --max-new-tokens"):
+        check_batch_fits(config, 1, 16 * 9)
 
 
 class _FakeLoop:

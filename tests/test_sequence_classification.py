@@ -178,10 +178,21 @@ def test_labels_that_do_not_fit_raise_as_in_transformers(tmp_path):
     for labels, match in ((np.array([0, 5, 1]), "labels holds class 5; classes are 0..1"),
                           (np.array([0, -3, 1]), "labels holds class -3"),
                           (np.array([0, 1]), r"labels has shape \(2,\); .* a batch of 3 takes \(3,\)"),
-                          (np.array([0.0, 1.0, 1.0]), r"\(3,\); a multi_label_classification .* takes \(3, 2\)")):
+                          (np.array([0.0, 1.0, 1.0]), r"\(3,\); a multi_label_classification .* takes \(3, 2\)"),
+                          # as many values as [3, 2] but another shape: a raw JAX broadcasting error before, and
+                          # the problem type inferred from them stayed stored
+                          (np.zeros((2, 3), np.float32), r"\(2, 3\); a multi_label_classification .* \(3, 2\)"),
+                          (np.zeros(6, np.float32), r"\(6,\); a multi_label_classification .* \(3, 2\)")):
         with pytest.raises(InputError, match=match):
             model(ids, mask, labels=labels)
     assert model.config.problem_type is None  # nothing inferred from labels that were refused
+    model.config.problem_type = "regression"
+    with pytest.raises(InputError, match=r"labels has shape \(6,\); a regression model with 2 label"):
+        model(ids, mask, labels=np.zeros(6, np.float32))
+    model.config.problem_type = "bogus"  # set after loading: named, rather than the labels blamed
+    with pytest.raises(InputError, match="config.problem_type 'bogus' is not one of"):
+        model(ids, mask, labels=np.array([0, 1, 1]))
+    model.config.problem_type = None
     assert np.isfinite(float(model(ids, mask, labels=np.array([0, -100, 1])).loss))
 
 
@@ -214,6 +225,9 @@ def test_an_encoder_decoder_classifier_is_refused_by_both_loaders_without_sendin
 
 def test_bad_num_labels_is_refused(tmp_path):
     config = TINY_CAUSAL["gpt2"]()
+    torch_classifier("gpt2", tmp_path)
+    with pytest.raises(TrlaxTypeError, match=r"num_labels must be an int >= 1; got '3' \(str\)"):  # a raw TypeError
+        FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels="3")
     config.num_labels = 0
     with pytest.raises(UnsupportedModelError, match="num_labels"):
         FlaxAutoModelForSequenceClassification.from_config(config)

@@ -11,8 +11,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -25,6 +27,7 @@ import transformers
 from tests.helpers import subprocess_env
 from trlax import FlaxAutoModelForCausalLM, FlaxAutoModelForCausalLMWithValueHead
 from trlax.checkpoint import StateCheckpointer, restore_state, save_state, wait_until_finished
+from trlax.checkpoint.state import interrupts_held
 from trlax.errors import CheckpointError, TrlaxError, TrlaxTypeError
 from trlax.sharding import path_str
 
@@ -112,6 +115,42 @@ def test_async_save_then_restore(tmp_path: Path) -> None:
     latest = restore_state(tmp_path)
     assert latest.step == 1 and latest.opt_state is None and latest.rng is None
     _assert_same(latest.params, jax.tree_util.tree_map(lambda p: p + 1, params))
+
+
+def test_a_crashed_saves_temporary_folder_is_removed_when_a_writer_opens(tmp_path: Path) -> None:
+    """Removed before the writer returns, not by Orbax's background clean-up, whose thread a quick exit (a run
+    refused at once) left running into interpreter shutdown: 50 lines of tracebacks after the one-line error."""
+    params, _ = _small_state()
+    save_state(tmp_path, 1, params).close()
+    crashed = tmp_path / "2.orbax-checkpoint-tmp-1700000000000"
+    (crashed / "state").mkdir(parents=True)
+    checkpointer = StateCheckpointer(tmp_path)
+    try:
+        assert not crashed.exists() and checkpointer.all_steps() == [1]
+    finally:
+        checkpointer.close()
+
+
+def test_ctrl_c_during_a_save_lets_the_save_finish_then_interrupts() -> None:
+    """An interrupted Orbax save left its writer threads running into interpreter shutdown (hundreds of lines of
+    tracebacks after "interrupted"); the save now finishes first, and a second Ctrl-C stops at once."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a plain `python` process
+    try:
+        finished = False
+        with pytest.raises(KeyboardInterrupt), interrupts_held("a test save"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the signal arrives while the block runs
+            finished = True
+        assert finished and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with pytest.raises(KeyboardInterrupt), interrupts_held("a test save"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            finished = False  # not reached: the second Ctrl-C raised
+        assert finished
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_non_finite_arrays_are_saved_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -26,6 +26,10 @@ class CheckpointError(TrlaxError):
     """A checkpoint is missing, incomplete, corrupt, or does not fit the model."""
 
 
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (a full disk, a file size limit): also the OSError the write raised."""
+
+
 class UnsupportedModelError(TrlaxError):
     """A config asks for an architecture or option trlax does not implement."""
 

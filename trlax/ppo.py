@@ -39,13 +39,37 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from trlax.errors import InputError, TrlaxError
+from trlax.errors import InputError, TrlaxError, TrlaxTypeError
 from trlax.inputs import check_shape
 from trlax.trainable import jit_keeping_placement, merge_trainable, split_trainable
 from trlax.value_head import PreTrainedModelWrapper
 
 Array = jax.Array
 KL_PENALTIES = ("kl", "abs", "mse", "full")
+
+
+# What a settings field's annotation admits: `int` an int (not a bool), `float` any int or float (not a bool).
+FIELD_KINDS: dict[str, Callable[[Any], bool]] = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+}
+
+
+def check_field_types(settings: Any) -> None:
+    """TrlaxTypeError naming the first field of a settings dataclass whose value its annotation does not admit
+    (`FIELD_KINDS`, `X | None`, or a class by name): a string "0.2" or "no" would otherwise fail deep in a run,
+    or, for a bool, count as True."""
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        kinds = [kind.strip() for kind in str(field.type).split("|")]
+        if value is None and "None" in kinds:
+            continue
+        names = {cls.__name__ for cls in type(value).__mro__}
+        if not any(FIELD_KINDS[kind](value) if kind in FIELD_KINDS else kind in names for kind in kinds):
+            raise TrlaxTypeError(f"{type(settings).__name__}.{field.name} must be {' or '.join(kinds)}; got "
+                                 f"{value!r} ({type(value).__name__})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +93,7 @@ class PPOConfig:
     score_clip: float | None = None  # then clip scores to [-score_clip, score_clip]
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.kl_penalty not in KL_PENALTIES:
             raise TrlaxError(f"kl_penalty must be one of {KL_PENALTIES}; got {self.kl_penalty!r}")
         for name in ("target", "horizon"):  # the adaptive KL controller divides by both

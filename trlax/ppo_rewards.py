@@ -191,11 +191,21 @@ class FunctionReward:
 
     def __call__(self, generated: Generated) -> np.ndarray:
         try:
-            scores = np.asarray(self.fn(prompts=generated.prompts, completions=generated.completions), np.float32)
+            scores = self.fn(prompts=generated.prompts, completions=generated.completions)
         except Exception as e:  # the user's code: say so, rather than let it pass for a trlax bug
             raise RewardError(f"the {self.description} raised {type(e).__name__}: {e}") from e
-        if scores.shape != (len(generated.completions),) or not np.all(np.isfinite(scores)):
-            raise RewardError(f"the reward function returned {scores.shape} values (finite: "
-                              f"{bool(np.all(np.isfinite(scores)))}); it must return one finite number per "
-                              f"completion ({len(generated.completions)})")
-        return scores
+        return checked_scores(scores, len(generated.completions), self.description)
+
+
+def checked_scores(scores: Any, batch: int, source: str) -> np.ndarray:
+    """A reward source's scores as [batch] float32; RewardError naming `source` unless they are one finite
+    number per completion (a NaN would otherwise surface as a diverged step, blamed on the learning rate)."""
+    try:
+        values = np.asarray(scores, np.float32)
+    except (TypeError, ValueError) as e:
+        raise RewardError(f"the {source} returned {type(scores).__name__} values that are not numbers ({e}); it "
+                          f"must return one finite number per completion ({batch})") from None
+    if values.shape != (batch,) or not np.all(np.isfinite(values)):
+        raise RewardError(f"the {source} returned {values.shape} values (finite: {bool(np.all(np.isfinite(values)))}); "
+                          f"it must return one finite number per completion ({batch})")
+    return values

@@ -33,9 +33,17 @@ import optax
 from trlax.checkpoint.state import StateCheckpointer
 from trlax.errors import TrlaxError
 from trlax.generation import check_sampling
-from trlax.ppo import PPOConfig, ScoreMoments, adaptive_kl_coef, make_ppo_update, make_rollout, normalize_scores
+from trlax.ppo import (
+    PPOConfig,
+    ScoreMoments,
+    adaptive_kl_coef,
+    check_field_types,
+    make_ppo_update,
+    make_rollout,
+    normalize_scores,
+)
 from trlax.ppo_data import PromptSet, TextCodec
-from trlax.ppo_rewards import Generated
+from trlax.ppo_rewards import Generated, checked_scores
 from trlax.sharding import committed
 from trlax.trainable import jit_keeping_placement, merge_trainable, split_trainable
 from trlax.value_head import PreTrainedModelWrapper
@@ -74,7 +82,12 @@ class TrainerConfig:
     ppo: PPOConfig = PPOConfig()
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check_seed(self.seed)
+        for name in ("steps", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "save_every"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                unset = " (or unset: no state saved)" if name == "save_every" else ""
+                raise TrlaxError(f"--{name.replace('_', '-')} must be >= 1{unset}; got {getattr(self, name)}")
         check_sampling(self.temperature, self.top_k, self.top_p)  # before any model loads
         if not 0 < self.learning_rate < math.inf:
             raise TrlaxError(f"--learning-rate must be a finite number > 0; got {self.learning_rate}")
@@ -260,7 +273,9 @@ class PPOTrainer:
         prompt_ids, prompt_mask = self.prompts.ids[rows], self.prompts.mask[rows]
         sequences = self.generate(prompt_ids, prompt_mask, jax.random.fold_in(self.key, s))
         reward = self.models.reward
-        scores = reward(self.generated(rows, sequences, getattr(reward, "needs_text", True)))
+        source = getattr(reward, "description", f"reward {getattr(reward, '__qualname__', type(reward).__name__)}")
+        scores = checked_scores(reward(self.generated(rows, sequences, getattr(reward, "needs_text", True))),
+                                cfg.batch_size, source)
         trained_scores, moments = normalize_scores(scores, self.score_moments, cfg.ppo)
         kl_coef = self.kl_coef
         trainable, opt_state, metrics, finite = self.learn(

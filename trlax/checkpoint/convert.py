@@ -11,7 +11,9 @@ written last, so an interrupted conversion leaves no folder that loads.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from trlax.checkpoint.gather import WRITER_PROCESS, checkpoint_tensors, write_ch
 from trlax.checkpoint.hub import HubOptions, resolve_checkpoint
 from trlax.checkpoint.naming import flatten_paths, key_table
 from trlax.checkpoint.reader import CheckpointReader
-from trlax.errors import CheckpointError, TrlaxError
+from trlax.errors import CheckpointError, CheckpointWriteError, TrlaxError
 from trlax.generation_config import read_generation_config, write_generation_config
 from trlax.models.auto import AutoModel, FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
 from trlax.models.base import load_config
@@ -85,6 +87,7 @@ def to_orbax(
         raise CheckpointError(f"{dst} exists and is not a folder; convert into a new folder")
     if dst.exists() and any(dst.iterdir()):
         raise CheckpointError(f"{dst} exists and is not empty; convert into a new folder")
+    refuse_nested(src, dst, "SRC")
     if jax.process_count() > 1:  # every host has checked before any writes into dst
         multihost_utils.sync_global_devices("trlax.to_orbax: destination checked")
     options = hub_options or HubOptions()
@@ -122,16 +125,48 @@ def to_orbax(
     return dst
 
 
+def refuse_nested(src: str | os.PathLike, dst: str | os.PathLike, what: str) -> None:
+    """CheckpointError when DST is a local SRC, lies inside it, or holds it: the output would be written among
+    the source's files (or over them)."""
+    if not Path(src).exists():  # a hub id
+        return
+    source, target = Path(src).resolve(), Path(dst).resolve()
+    if target == source:
+        raise CheckpointError(f"DST {dst} is {what} itself; convert into another folder")
+    if source in target.parents:
+        raise CheckpointError(f"DST {dst} lies inside {what} {src}; convert into a folder outside it")
+    if target in source.parents:
+        raise CheckpointError(f"DST {dst} holds {what} {src}; convert into a folder outside it")
+
+
 def _save_orbax(dst: Path, params: Any, config: Any, value_head: bool, param_dtype: Any, progress: bool,
                 generation_config: Any, storage_dtype: Any) -> None:
     import orbax.checkpoint as ocp  # seconds to import: only when an Orbax folder is read or written
 
+    created = not dst.exists()
     dst.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=_nbytes(params), unit="B", unit_scale=True, desc=f"writing {dst}", disable=not progress) as bar:
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(dst.absolute() / PARAMS_DIR, params)
-        checkpointer.wait_until_finished()
-        bar.update(bar.total)
+    checkpointer = ocp.StandardCheckpointer()
+    absl = logging.getLogger("absl")  # Orbax's worker threads log each failure they hand on: 200 lines for one
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)  # full disk, which reaches the caller here as one error (the rest chained)
+    try:
+        with tqdm(total=_nbytes(params), unit="B", unit_scale=True, desc=f"writing {dst}",
+                  disable=not progress) as bar:
+            checkpointer.save(dst.absolute() / PARAMS_DIR, params)
+            checkpointer.wait_until_finished()
+            bar.update(bar.total)
+    except Exception as e:  # noqa: BLE001 - Orbax / TensorStore raise bare errors (a full disk: ValueError)
+        if jax.process_count() == 1:  # dst was new or empty (checked): leave it so, and a retry can write there
+            for path in [dst] if created else list(dst.iterdir()):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+        raise CheckpointWriteError(f"cannot write the Orbax model folder {dst}: {str(e).splitlines()[0]}; nothing "
+                                   "was kept there (free space, or pass a folder on another disk)") from e
+    finally:
+        checkpointer.close()
+        absl.setLevel(level)
     if jax.process_index() == WRITER_PROCESS:  # Orbax wrote every host's shards; one host writes the rest
         config = config.__class__.from_dict(config.to_dict())
         config.dtype = jnp.dtype(param_dtype).name  # what the params are stored as
@@ -231,8 +266,7 @@ def to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, max_shard_size: int
     then call it on every process; process 0 writes while the tensors are gathered one at
     a time, see `trlax.checkpoint.gather`, and the others return []).
     """
-    if Path(dst).resolve() == Path(src).resolve():
-        raise CheckpointError(f"DST {dst} is the Orbax folder SRC itself; convert into another folder")
+    refuse_nested(src, dst, "the Orbax folder SRC")
     if is_orbax_model(dst):
         raise CheckpointError(f"DST {dst} is an Orbax model folder; convert into a new or HF folder")
     model = load_orbax(src, mesh=mesh)

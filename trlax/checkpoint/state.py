@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -93,11 +95,19 @@ def step_is_complete(step_dir: Path) -> bool:
 
 
 def remove_crashed_steps(directory: Path) -> list[Path]:
-    """For the writer (holding the folder's lock): delete the step folders a crashed save left incomplete, which
-    Orbax would count as the latest step and toward `max_to_keep` (deleting complete steps instead); raise
-    CheckpointError for a folder named like a step that holds no Orbax step at all. Returns the removed folders."""
+    """For the writer (holding the folder's lock): delete what crashed saves left: Orbax's temporary folders
+    (`<step>.orbax-checkpoint-tmp-<time>`; done here, before any save, rather than in Orbax's background
+    clean-up, whose thread a quick exit leaves running into interpreter shutdown) and step folders left
+    incomplete, which Orbax would count as the latest step and toward `max_to_keep` (deleting complete steps
+    instead); raise CheckpointError for a folder named like a step that holds no Orbax step at all. Returns
+    the removed folders."""
     removed = []
     for entry in sorted(directory.iterdir()):
+        if entry.is_dir() and ocp.utils.is_tmp_checkpoint(entry):
+            logger.info("%s: removed %s, the temporary folder of a save that did not finish", directory, entry.name)
+            shutil.rmtree(entry)
+            removed.append(entry)
+            continue
         if not (entry.is_dir() and entry.name.isdigit()) or step_is_complete(entry):
             continue
         if not any((entry / name).exists() for name in (STEP_COMMITTED, *SAVED_ITEMS)):
@@ -107,6 +117,33 @@ def remove_crashed_steps(directory: Path) -> list[Path]:
         shutil.rmtree(entry)
         removed.append(entry)
     return removed
+
+
+@contextlib.contextmanager
+def interrupts_held(what: str) -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block has finished, then raise KeyboardInterrupt; a second Ctrl-C raises at
+    once. An Orbax save interrupted midway leaves its worker threads writing into interpreter shutdown (hundreds
+    of lines of tracebacks after "interrupted"). Only where SIGINT has Python's default handler, in the main
+    thread; elsewhere the block runs as it is."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    received: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        logger.warning("interrupted: finishing %s first (press Ctrl-C again to stop at once)", what)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 class RestoredState(NamedTuple):
@@ -150,9 +187,9 @@ class StateCheckpointer:
                 return []
 
             on_writer_process(take_lock, f"{self.directory} (taking its writer lock)")  # every process raises
-            # Holding the lock, every temporary folder here is from a save that crashed: remove them.
+            # Holding the lock, every temporary folder here is from a save that crashed: `remove_crashed_steps`.
             options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                                                   create=True, cleanup_tmp_directories=True)
+                                                   create=True)
         try:
             if not read_only:
                 on_writer_process(lambda: remove_crashed_steps(self.directory), f"{self.directory} (its step folders)")
@@ -194,8 +231,9 @@ class StateCheckpointer:
             logger.warning("step %d: %d saved array(s) hold NaN or inf values, e.g. %s; saved as they are", step,
                            len(non_finite), non_finite[:3])
         meta = {"step": step, "items": sorted(state), "rng_impl": rng_impl, "extra": extra or {}}
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)))
+        with interrupts_held(f"saving step {step} in {self.directory}"):
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            meta=ocp.args.JsonSave(meta)))
 
     def wait_until_finished(self) -> None:
         """Block until an asynchronous save has been written and committed."""
@@ -204,8 +242,9 @@ class StateCheckpointer:
     def close(self) -> None:
         """Finish pending saves and release the folder's writer lock."""
         try:
-            self.manager.wait_until_finished()
-            self.manager.close()
+            with interrupts_held(f"the pending saves in {self.directory}"):
+                self.manager.wait_until_finished()
+                self.manager.close()
         finally:
             self._release_lock()
 

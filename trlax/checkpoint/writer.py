@@ -23,7 +23,7 @@ import numpy as np
 from trlax.checkpoint.atomic import replacing_folder
 from trlax.checkpoint.dtypes import is_float
 from trlax.checkpoint.reader import SAFETENSORS_DTYPES
-from trlax.errors import TrlaxError
+from trlax.errors import CheckpointWriteError, TrlaxError
 
 logger = logging.getLogger("trlax")
 
@@ -127,7 +127,11 @@ def write_folder(save_directory: str | os.PathLike, write: Callable[[Path], None
     weight files and generation settings are dropped and its other files kept (see the module docstring).
     Returns the written paths."""
     with replacing_folder(save_directory, carry_over=lambda name: not _STALE_ENTRIES.match(name)) as tmp:
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError as e:  # a full disk, a file size limit: safetensors' error names no file
+            raise CheckpointWriteError(f"cannot write {save_directory}: {e.strerror or e}; it is left as it was "
+                                       "(free space, or save to another disk)") from e
         written = sorted(p.name for p in tmp.iterdir())
     target = Path(os.path.realpath(save_directory))
     return [target / name for name in written]

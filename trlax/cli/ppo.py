@@ -9,7 +9,8 @@ classic `PPOConfig` defaults with `--model`, and values tuned for the tiny defau
 Outputs in --output-dir: metrics.jsonl (one line per step), tensorboard/ (when tensorboardX
 or tensorboard is installed), ppo.png (matplotlib), state/ (Orbax training states with
 --save-every), and final/: the policy in HF/TRL layout (config.json + model.safetensors with
-TRL's v_head, or a PEFT adapter folder for a LoRA policy) plus its tokenizer.
+TRL's v_head, or a PEFT adapter folder for a LoRA policy) plus its tokenizer; with --lora-r on the
+embedded policy, base/ holds that policy's base (it exists nowhere else), which the adapter names.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from trlax.value_head import FlaxAutoModelForCausalLMWithValueHead
 
 EMBEDDED_REWARD_MODEL = Path(__file__).resolve().parent / "data" / "tiny_reward_model"
 FINAL_DIR = "final"
+BASE_DIR = "base"  # a LoRA policy's embedded base, which its final/ adapter names
 MAX_PROMPT_TOKENS = 256
 # Flags that define a run besides the hyper-parameters: a resume with others is refused (mesh flags may change).
 RUN_FLAGS = ("model", "reward_model", "reward_adapter", "reward_fn", "prompts", "max_prompt_length",
@@ -266,8 +268,13 @@ def run_ppo_command(args: argparse.Namespace) -> int:
         bar.close()
         log.close()
     history = log.history()
-    final = output_dir / FINAL_DIR
-    models.policy.save_pretrained(final)
+    final, policy = output_dir / FINAL_DIR, models.policy
+    if policy.is_peft_model and policy.base_model_name_or_path is None:
+        # The embedded base exists only in memory: save it beside the adapter, which names it (as PEFT does).
+        base = (output_dir / BASE_DIR).resolve()
+        policy.pretrained_model.save_pretrained(base, params=policy.params["pretrained_model"])
+        policy.base_model_name_or_path = str(base)
+    policy.save_pretrained(final)
     if models.tokenizer is not None:
         models.tokenizer.save_pretrained(str(final))
     picture = plot(history, output_dir / PLOT_FILE) if history else None

@@ -101,6 +101,7 @@ def check_batch_fits(config: Any, batch_size: int, seq_len: int, flag: str = "--
     need = step_bytes_lower_bound(config, batch_size, seq_len)
     limit, what = memory_limit()
     if need > limit:
+        fix = (f"use a smaller {flag}" if step_bytes_lower_bound(config, 1, seq_len) <= limit else
+               "even one sequence that long does not fit: use a smaller --max-new-tokens (or shorter prompts)")
         raise TrlaxError(f"{flag} {batch_size} cannot fit: one PPO step over {batch_size} sequences of {seq_len} "
-                         f"tokens needs more than {need / 1e9:,.1f} GB, and {what} is {limit / 1e9:,.1f} GB; "
-                         f"use a smaller {flag}")
+                         f"tokens needs more than {need / 1e9:,.1f} GB, and {what} is {limit / 1e9:,.1f} GB; {fix}")

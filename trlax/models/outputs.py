@@ -8,8 +8,19 @@ import flax.struct
 import jax
 
 
+class CacheUnderTransformersName:
+    """`past_key_values`: an LM output's `cache` (one {"k", "v"} [B, Hkv, S, D] per layer, or None) under
+    transformers' name."""
+
+    cache: Any
+
+    @property
+    def past_key_values(self) -> Any:
+        return self.cache
+
+
 @flax.struct.dataclass
-class CausalLMOutput:
+class CausalLMOutput(CacheUnderTransformersName):
     """Output of a causal LM module.
 
     logits: [B, T, V] float32 (whatever the compute dtype).
@@ -28,14 +39,9 @@ class CausalLMOutput:
     cache: Any = None
     loss: jax.Array | None = None
 
-    @property
-    def past_key_values(self) -> Any:
-        """The KV cache under transformers' name: one {"k", "v"} [B, Hkv, S, D] per layer, or None."""
-        return self.cache
-
 
 @flax.struct.dataclass
-class Seq2SeqLMOutput:
+class Seq2SeqLMOutput(CacheUnderTransformersName):
     """Output of an encoder-decoder LM module.
 
     logits: [B, Td, V] float32; last_hidden_state: the decoder's final state [B, Td, H]
@@ -51,11 +57,6 @@ class Seq2SeqLMOutput:
     encoder_hidden_states: tuple[jax.Array, ...] | None = None
     cache: Any = None
     loss: jax.Array | None = None
-
-    @property
-    def past_key_values(self) -> Any:
-        """The decoder's KV cache under transformers' name: one {"k", "v"} [B, H, S, D] per layer, or None."""
-        return self.cache
 
 
 @flax.struct.dataclass

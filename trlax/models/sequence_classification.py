@@ -29,7 +29,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICA
 
 from trlax.checkpoint.loading import Placer
 from trlax.checkpoint.naming import set_path
-from trlax.errors import InputError, UnsupportedModelError
+from trlax.errors import InputError, TrlaxTypeError, UnsupportedModelError
 from trlax.inputs import IGNORE_INDEX, is_concrete, mask_for, same_shape, token_ids
 from trlax.models.base import FlaxPreTrainedModel
 from trlax.models.decoder import CausalLM
@@ -119,9 +119,13 @@ def check_classification_labels(labels: Array, batch: int, num_labels: int, prob
     raises too (a batch size that differs, a class out of bounds) and JAX would broadcast or give NaN: single
     label: [batch] integer classes in [0, num_labels) or -100; regression: [batch] (one label) or [batch,
     num_labels]; multi-label: [batch, num_labels]. Class values are checked when concrete."""
+    if problem_type not in PROBLEM_TYPES:
+        raise InputError(f"config.problem_type {problem_type!r} is not one of {PROBLEM_TYPES}")
     single = problem_type == "single_label_classification"
-    want = (batch,) if single or (problem_type == "regression" and num_labels == 1) else (batch, num_labels)
-    if labels.size != int(np.prod(want)):
+    # transformers flattens single-label labels and squeezes a single regression label; the others must match.
+    flattened = single or (problem_type == "regression" and num_labels == 1)
+    want = (batch,) if flattened else (batch, num_labels)
+    if (labels.size != batch) if flattened else (labels.shape != want):
         raise InputError(f"labels has shape {labels.shape}; a {problem_type} model with {num_labels} label(s) and "
                          f"a batch of {batch} takes {want}")
     if not single:
@@ -176,6 +180,8 @@ class FlaxModelForSequenceClassification(FlaxPreTrainedModel):
         """num_labels / problem_type: override the config's (on a copy; `from_pretrained` passes them
         here, so a checkpoint whose score head has another num_labels fails with a CheckpointError).
         seed: the init of a `score` head the checkpoint lacks (see `complete_params`)."""
+        if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int)):
+            raise TrlaxTypeError(f"num_labels must be an int >= 1; got {num_labels!r} ({type(num_labels).__name__})")
         updates = {name: value for name, value in (("num_labels", num_labels), ("problem_type", problem_type))
                    if value is not None}
         if updates:
