@@ -180,13 +180,13 @@ def test_meshes_the_rules_cannot_use_are_errors(device_report: dict) -> None:
     """A mesh with none of the axes the rules map to (or rules naming a missing axis) replicated every param
     on every device, silently."""
     errors = device_report["mesh_errors"]
-    for name in ("model8", "dp2_mp4", "shard_model_x8"):
+    for name in ("model8", "dp2_mp4", "shard_model_x8", "restore_state_model8"):
         assert errors[name].startswith("TrlaxError: no axis of this mesh"), errors[name]
     assert "8 devices" in errors["model8"] and "{'dp': 2, 'mp': 4}" in errors["dp2_mp4"]
     assert errors["logical_typo"].startswith("TrlaxError: the sharding rules map logical axes to mesh axes "
                                              "['fsdpp'], which this mesh lacks"), errors["logical_typo"]
-    assert errors["unused_axis_warnings"] == ["mesh axes ['extra'] are not used by the sharding rules: params are "
-                                              "replicated over them"]
+    assert errors["unused_axis_warnings"] == [f"mesh axes ['{axis}'] are not used by the sharding rules: params are "
+                                              "replicated over them" for axis in ("extra", "expert")]
 
 
 # --- 8 simulated devices, in a subprocess -----------------------------------------------------
@@ -549,8 +549,11 @@ def _worker_devices(root: Path, *families: str) -> None:
 def _mesh_errors(folder: Path) -> dict[str, str]:
     """What loading or sharding on meshes the rules cannot use says (each replicated every param silently)."""
     from trlax import FlaxAutoModelForCausalLMWithValueHead
+    from trlax.checkpoint import restore_state, save_state
     from trlax.sharding import shard_model
 
+    state = folder.parent / "gpt2_state"
+    save_state(state, 1, FlaxAutoModelForCausalLMWithValueHead.from_pretrained(folder).params).close()
     attempts = {
         "model8": lambda: FlaxAutoModelForCausalLMWithValueHead.from_pretrained(
             folder, mesh=jax.make_mesh((8,), ("model",))),
@@ -560,6 +563,9 @@ def _mesh_errors(folder: Path) -> dict[str, str]:
             folder, mesh=make_mesh(fsdp=8), sharding_rules=ShardingRules(logical={"embed": ("fsdpp",)})),
         "shard_model_x8": lambda: shard_model(FlaxAutoModelForCausalLMWithValueHead.from_pretrained(folder),
                                               jax.make_mesh((8,), ("x",))),
+        # restore_state replicated every leaf onto such a mesh without a word
+        "restore_state_model8": lambda: restore_state(state, target_sharding=jax.make_mesh((8,), ("model",)),
+                                                      model_type="gpt2"),
     }
     report = {}
     for name, attempt in attempts.items():
@@ -575,6 +581,8 @@ def _mesh_errors(folder: Path) -> dict[str, str]:
     logging.getLogger("trlax").addHandler(handler)
     try:
         FlaxAutoModelForCausalLMWithValueHead.from_pretrained(folder, mesh=jax.make_mesh((4, 2), ("fsdp", "extra")))
+        # a dense family's rules name no expert axis: it went unwarned, unlike any other unused axis
+        FlaxAutoModelForCausalLMWithValueHead.from_pretrained(folder, mesh=make_mesh(fsdp=4, expert=2))
     finally:
         logging.getLogger("trlax").removeHandler(handler)
     report["unused_axis_warnings"] = [m for m in messages if "not used by the sharding rules" in m]

@@ -135,11 +135,15 @@ def check_mesh(mesh: Mesh, rules: ShardingRules) -> None:
     """TrlaxError when the rules would leave the mesh unused: they name mesh axes it lacks (other than
     trlax's own), or none of its axes with more than one device (every param and batch replicated on all of
     them). An unused axis beside used ones gets a warning (params are replicated over it)."""
-    mapped = {axis for axes in rules.logical.values() for axis in axes}
-    unknown = sorted(mapped - set(mesh.axis_names) - {*MESH_AXES, "expert"})
+    unknown = sorted({axis for axes in rules.logical.values() for axis in axes} - set(mesh.axis_names)
+                     - {*MESH_AXES, "expert"})
     if unknown:
         raise TrlaxError(f"the sharding rules map logical axes to mesh axes {unknown}, which this mesh lacks (its "
                          f"axes: {list(mesh.axis_names)}); fix ShardingRules.logical")
+    # Mesh axes in use: those of the logical axes some param rule names, and the batch's (a dense family's
+    # rules name no `expert`, so an expert axis splits nothing there).
+    named = {axis for _, axes in rules.params for axis in axes if axis is not None} | {"batch"}
+    mapped = {axis for logical, axes in rules.logical.items() if logical in named for axis in axes}
     split = [axis for axis in mesh.axis_names if mesh.shape[axis] > 1]
     if split and not set(split) & mapped:
         raise TrlaxError(f"no axis of this mesh {dict(mesh.shape)} is one the sharding rules use ({sorted(mapped)}): "

@@ -47,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDev
 from trlax.checkpoint.gather import global_replicas, on_writer_process
 from trlax.checkpoint.lock import WriterLock
 from trlax.errors import CheckpointError, TrlaxError, TrlaxTypeError
-from trlax.sharding import ParamRule, ShardingRules, tree_shardings
+from trlax.sharding import ParamRule, ShardingRules, auto_mesh, check_mesh, resolve_rules, tree_shardings
 
 STATE_ITEMS = ("params", "opt_state", "rng", "adapters")
 logger = logging.getLogger("trlax")
@@ -364,8 +364,10 @@ class StateCheckpointer:
 
     @staticmethod
     def _shardings(abstract: dict[str, Any], target_sharding: Any, rules: Any, model_type: str | None) -> Any:
-        if isinstance(target_sharding, Mesh):
-            return tree_shardings(abstract, target_sharding, rules, model_type)
+        if isinstance(target_sharding, Mesh):  # a mesh the rules leave unused is refused, as by shard_model
+            rules = resolve_rules(model_type, rules)
+            check_mesh(auto_mesh(target_sharding), rules)
+            return tree_shardings(abstract, target_sharding, rules)
         if isinstance(target_sharding, Sharding):
             return jax.tree_util.tree_map(lambda _: target_sharding, abstract)
         if target_sharding is not None:
