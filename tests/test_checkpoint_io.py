@@ -253,6 +253,29 @@ def test_failed_save_leaves_no_loadable_checkpoint(saved, tmp_path, monkeypatch)
     assert [p.name for p in (tmp_path / "out").iterdir()] == []
 
 
+def test_state_dict_takes_the_dtypes_save_pretrained_takes(saved):
+    """state_dict(dtype=) cast with numpy directly: int8 gave all-zero weights and bool all-True ones without a
+    word, while "auto" and torch dtypes (which save_pretrained takes) raised numpy's TypeError."""
+    model = FlaxAutoModelForCausalLM.from_pretrained(saved)
+    for dtype, want in (("auto", np.float32), (torch.bfloat16, "bfloat16"), ("float16", np.float16)):
+        assert {np.dtype(a.dtype) for a in model.state_dict(dtype=dtype).values()} == {np.dtype(want)}, dtype
+    for dtype in (np.int8, "bool", torch.int32):
+        with pytest.raises(UnsupportedModelError, match="cannot save the weights as .*: pass a float dtype"):
+            model.state_dict(dtype=dtype)
+
+
+def test_auto_dtype_refuses_a_config_that_declares_a_non_float_dtype(saved, tmp_path):
+    """config.json `"dtype": "int8"`: transformers refuses dtype="auto" ("not a floating-point dtype"); trlax
+    quietly loaded the file's float dtype. An explicit dtype does not read the config's, in either library."""
+    folder = tmp_path / "int8"
+    shutil.copytree(saved, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "dtype": "int8"}))
+    with pytest.raises(UnsupportedModelError, match=r'dtype="auto" .* config.json declares int8, not a float dtype'):
+        FlaxAutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+    assert FlaxAutoModelForCausalLM.from_pretrained(folder, dtype=np.float32).dtype == np.float32
+
+
 def test_a_write_error_names_the_folder(saved, tmp_path, monkeypatch):
     """safetensors' write error names no file: `trlax convert` said only "error: File too large"."""
     model = FlaxAutoModelForCausalLM.from_pretrained(saved)

@@ -193,6 +193,28 @@ def test_model_with_tied_router_rows_matches_pytorch(tmp_path):
     assert max_diff(ref, model(ids, mask).logits, mask) < ATOL
 
 
+def test_an_unrouted_expert_that_overflows_float16_adds_nothing(tmp_path):
+    """Experts are computed densely: an expert no token is routed to overflowed float16 to inf, and inf * 0 made
+    every logit NaN, where transformers (which never runs it) is finite."""
+    config = TINY_CAUSAL["mixtral"]()
+    torch.manual_seed(0)
+    pt = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        pt.model.embed_tokens.weight[:, 0] = 10.0  # a dimension every token carries
+        pt.model.layers[0].mlp.gate.weight[0, 0] = -10.0  # expert 0: router logit ~ -56, never in the top 2
+        pt.model.layers[0].mlp.experts.gate_up_proj[0, :, 0] = 100.0  # its silu(g) * u ~ 3e5 > 65504
+    save_torch(pt.to(torch.float16), tmp_path)
+    model = FlaxAutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto", param_dtype="auto")
+    assert model.dtype == jnp.float16
+    ids, mask = batch(101, "left", seq_len=9)
+    with torch.no_grad():
+        ref = pt(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.float()
+    logits = np.asarray(model(ids, mask).logits)
+    assert np.isfinite(logits).all() and torch.isfinite(ref).all()
+    # both compute in float16: 3 float16 epsilons (2**-11) of the largest logit, as the other half-precision tests
+    assert max_diff(ref, logits, mask) < 3 * 2**-11 * float(ref.abs().max())
+
+
 # --- refused options -----------------------------------------------------------------------------
 
 

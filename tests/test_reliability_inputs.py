@@ -153,6 +153,15 @@ def test_non_float_model_dtypes_raise(dtype, tmp_path):
         FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path, dtype="int8")
 
 
+def test_float_dtypes_models_cannot_hold_are_refused():
+    """float8 compute was accepted (transformers refuses it), float64 quietly held float32 (JAX without x64)."""
+    for dtype in (jnp.float8_e4m3fn, "float8_e5m2", jnp.float64):
+        for name in ("dtype", "param_dtype"):
+            with pytest.raises(UnsupportedModelError, match=f"{name}=float.*: trlax models compute and hold params in "
+                                                            "float32, bfloat16 or float16"):
+                FlaxAutoModelForCausalLM.from_config(gpt2(), **{name: dtype})
+
+
 def test_ids_past_int32_and_ragged_rows_raise(lm):
     """An id of 2**32 + 7 was cast to int32 before the range check and ran as token 7; ragged rows were numpy's
     ValueError."""

@@ -78,20 +78,27 @@ def as_dtype(value: Any) -> Any:
 
 
 def auto_dtype(config: Any, stored: np.dtype | None) -> np.dtype | None:
-    """What "auto" loads as, in transformers' order: config.json's `dtype` when it names a float dtype,
-    else `stored` (the float dtype holding most of the checkpoint's bytes; transformers takes the first
-    float tensor's, the same for any checkpoint stored in one dtype)."""
+    """What "auto" loads as, in transformers' order: config.json's `dtype` when it names one (a non-float one
+    is returned too, for `resolve_dtype` to refuse, as transformers refuses it), else `stored` (the float dtype
+    holding most of the checkpoint's bytes; transformers takes the first float tensor's, the same for any
+    checkpoint stored in one dtype)."""
     declared = getattr(config, "dtype", None)
     if declared is not None and not (isinstance(declared, str) and declared == AUTO):
-        declared = as_dtype(declared)
-        if jnp.issubdtype(declared, jnp.floating):
-            return np.dtype(declared)
+        return np.dtype(as_dtype(declared))
     return stored
 
 
 def resolve_dtype(value: Any, checkpoint_dtype: np.dtype | None) -> Any:
-    """`value` as a jnp dtype, with "auto" meaning `checkpoint_dtype` (float32 when None)."""
+    """`value` as a jnp dtype, with "auto" meaning `checkpoint_dtype` (float32 when None); UnsupportedModelError
+    when "auto" meets a checkpoint that declares a non-float dtype."""
     value = as_dtype(value)
-    if isinstance(value, str):  # "auto"
-        return jnp.dtype(checkpoint_dtype) if checkpoint_dtype is not None else jnp.dtype(jnp.float32)
-    return value
+    if not isinstance(value, str):
+        return value
+    if checkpoint_dtype is None:
+        return jnp.dtype(jnp.float32)
+    if not jnp.issubdtype(checkpoint_dtype, jnp.floating):
+        raise UnsupportedModelError(f'dtype="auto" reads the checkpoint\'s dtype, and its config.json declares '
+                                    f"{np.dtype(checkpoint_dtype).name}, not a float dtype; pass dtype=jnp.float32 (or "
+                                    "bfloat16), or fix config.json's dtype")
+    return jnp.dtype(checkpoint_dtype)
+

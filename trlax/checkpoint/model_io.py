@@ -205,7 +205,8 @@ class CheckpointMixin:
 
     def state_dict(self, params: dict[str, Any] | None = None, dtype: Any = None) -> dict[str, np.ndarray]:
         """The params as a transformers (PyTorch) state dict of numpy arrays (tied copies left out),
-        floats cast to `dtype` when given (`spec.float32_keys` float32 when it is float16, as transformers).
+        floats cast to `dtype` when given (`spec.float32_keys` float32 when it is float16, as transformers;
+        any dtype `save_pretrained` takes: "auto" is the checkpoint's, a torch dtype, not an integer one).
 
         Host-only: params sharded over several processes raise MultiHostError (save them
         with `save_pretrained`, called on every process)."""
@@ -213,7 +214,7 @@ class CheckpointMixin:
         self.check_params(params)
         instead = "model.save_pretrained(folder), called on every process, which gathers one tensor at a time"
         state = dict(hf_tensors(self.key_table(params), params, fetch=lambda leaf: host_array(leaf, instead=instead)))
-        return state if dtype is None else cast_floats(state, dtype, self.spec.float32_keys)
+        return state if dtype is None else cast_floats(state, self.save_dtype(params, dtype), self.spec.float32_keys)
 
     def save_dtype(self, params: dict[str, Any] | None = None, dtype: Any = None) -> np.dtype:
         """The float dtype a save writes: `dtype`, else the checkpoint's (`storage_dtype`), else the params'."""

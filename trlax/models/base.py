@@ -56,6 +56,9 @@ from trlax.models.spec import ArchitectureSpec, ParamRule
 from trlax.models.stack import remat_blocks
 from trlax.sharding import ShardingRules, activation_sharding, auto_mesh, check_mesh, make_placer, resolve_rules
 
+# The float dtypes a model computes in and holds its params in (float64 too under jax_enable_x64).
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
 
 def load_config(folder: Path, source: str) -> transformers.PretrainedConfig:
     """Read config.json with transformers' AutoConfig; unknown model types and unreadable files fail clearly."""
@@ -138,10 +141,14 @@ class FlaxPreTrainedModel(CheckpointMixin):
         spec = spec or get_spec(config.model_type, encoder_decoder=self.is_encoder_decoder)
         spec.validate(config)
         for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
+            shown = getattr(value, "__name__", str(value))  # a scalar type's name, a dtype's or a string
             if not is_float(value):
-                shown = getattr(value, "__name__", str(value))  # a scalar type's name, a dtype's or a string
                 raise UnsupportedModelError(f"{name}={shown} is not a floating-point dtype; trlax models compute "
                                             "and hold params in one: use float32, bfloat16 or float16")
+            wide = np.dtype(value) == np.float64 and jax.config.jax_enable_x64  # float64 is float32 without x64
+            if np.dtype(value).name not in MODEL_DTYPES and not wide:
+                raise UnsupportedModelError(f"{name}={shown}: trlax models compute and hold params in float32, "
+                                            "bfloat16 or float16 (float64 with jax_enable_x64)")
         self.config = config
         self.spec = spec
         self.dtype = dtype

@@ -153,7 +153,10 @@ class MoeExperts(nn.Module):
         down = self.param("down_proj", normal_init(self.std), (e, i, h), self.param_dtype)
         gate_up = jnp.einsum("...h,ehf->...ef", x.astype(self.dtype), gate_up.astype(self.dtype))
         act = activation(self.hidden_act)(gate_up[..., :i]) * gate_up[..., i:]  # [..., E, I]
-        act = act * combine.astype(self.dtype)[..., None]
+        weight = combine.astype(self.dtype)[..., None]
+        # Experts a token is not routed to are computed too (densely) but must add nothing: in float16 one can
+        # overflow to inf, and inf * 0 would be a NaN spread to every token (transformers never runs them).
+        act = jnp.where(weight > 0, act * weight, 0)
         return jnp.einsum("...ei,eih->...h", act, down.astype(self.dtype))
 
 
