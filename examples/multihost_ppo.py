@@ -53,7 +53,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data", type=int, default=1, help="data-parallel mesh size")
     parser.add_argument("--fsdp", type=int, default=-1, help="FSDP mesh size (-1: the remaining devices)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel mesh size")
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4, help="steps to run (after a resume: this many more)")
     parser.add_argument("--batch-size", type=int, default=8, help="global batch (a multiple of data x fsdp)")
     parser.add_argument("--prompt-len", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=8)
@@ -66,7 +66,8 @@ def parse_args() -> argparse.Namespace:
 
 def tiny_gpt2(folder: str) -> str:
     """A small random GPT-2 saved as a transformers checkpoint, so loading goes the usual way."""
-    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64,
+                                     bos_token_id=None, eos_token_id=None)  # GPT-2's 50256 is past 128 tokens
     FlaxAutoModelForCausalLM.from_config(config, seed=0).save_pretrained(folder)
     return folder
 

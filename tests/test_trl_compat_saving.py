@@ -168,6 +168,7 @@ def test_transformers_saving_and_forward_keywords(bf16_folder, tmp_path):
         model.save_pretrained(tmp_path / "main", is_main_process=True)
     for kwargs, error, match in [({"safe_serialization": False}, UnsupportedModelError, "writes model.safetensors"),
                                  ({"state_dict": {"a": 1}}, UnsupportedModelError, "pass params="),
+                                 ({"state_dict": {}}, UnsupportedModelError, "pass params="),  # saved the params
                                  ({"push_to_hub": True}, UnsupportedModelError, "call push_to_hub"),
                                  ({"shard_size": 1}, TrlaxTypeError, "unexpected keyword argument 'shard_size'")]:
         with pytest.raises(error, match=match):

@@ -746,10 +746,10 @@ def _part_of_head_missing(what: str, strict: bool) -> None:
 
 
 def _missing_head(what: str, strict: bool) -> None:
-    message = f"{what}; initialised a new one. This is expected unless you are resuming PPO training."
     if strict:
-        raise CheckpointError(message + " (strict=True)")
-    logger.warning(message)
+        raise CheckpointError(f"{what}, and strict=True refuses to initialise one (pass strict=False to start a new "
+                              "value head, as TRL does)")
+    logger.warning("%s; initialised a new one. This is expected unless you are resuming PPO training.", what)
 
 
 class FlaxAutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):

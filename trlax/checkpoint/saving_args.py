@@ -43,7 +43,7 @@ def check_saving_args(kwargs: dict[str, Any], where: str) -> None:
         elif name in IGNORED_ARGS:
             warnings.warn(f"{where}: {name}={value!r} is ignored: {IGNORED_ARGS[name]}", UserWarning, stacklevel=3)
         elif name in REFUSED_ARGS:
-            if value:
+            if value is not None and value is not False:  # an empty state_dict asks for something too
                 raise UnsupportedModelError(f"{where}: {name} is not supported: {REFUSED_ARGS[name]}")
         else:
             raise TrlaxTypeError(f"{where} got an unexpected keyword argument {name!r}")

@@ -9,8 +9,9 @@ classic `PPOConfig` defaults with `--model`, and values tuned for the tiny defau
 Outputs in --output-dir: metrics.jsonl (one line per step), tensorboard/ (when tensorboardX
 or tensorboard is installed), ppo.png (matplotlib), state/ (Orbax training states with
 --save-every), and final/: the policy in HF/TRL layout (config.json + model.safetensors with
-TRL's v_head, or a PEFT adapter folder for a LoRA policy) plus its tokenizer; with --lora-r on the
-embedded policy, base/ holds that policy's base (it exists nowhere else), which the adapter names.
+TRL's v_head, or a PEFT adapter folder for a LoRA policy) plus its tokenizer if it has one; with
+--lora-r on the embedded policy, base/ holds that policy's base (it exists nowhere else), which the
+adapter names.
 """
 
 from __future__ import annotations
