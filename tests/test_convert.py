@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import runpy
 import sys
 from pathlib import Path
@@ -169,18 +170,19 @@ def test_convert_refuses_what_it_would_ignore_or_clobber(tmp_path: Path, capsys)
 
 
 def test_convert_refuses_a_dst_inside_or_around_its_src(tmp_path: Path, capsys) -> None:
-    """`trlax convert ORBAX ORBAX/params` wrote HF files among Orbax's own (rc 0), and DST = SRC's parent was
-    accepted too."""
+    """`trlax convert ORBAX ORBAX/params` wrote HF files among Orbax's own (rc 0). A DST holding SRC is fine:
+    the save keeps the Orbax folder among its entries."""
     src = _torch_checkpoint(gpt2(), tmp_path / "src", value_head=False)
     assert main(["convert", str(src), str(tmp_path / "orbax")]) == 0
     orbax = tmp_path / "orbax"
     for source, target, match in ((src, src / "orbax", "lies inside SRC"),
-                                  (orbax, orbax / "params", "lies inside the Orbax folder SRC"),
-                                  (orbax, tmp_path, "holds the Orbax folder SRC")):
+                                  (orbax, orbax / "params", "lies inside the Orbax folder SRC")):
         before = sorted(p.name for p in source.iterdir())
         assert main(["convert", str(source), str(target)]) == 1
         assert f"{match} {source}; convert into a folder outside it" in capsys.readouterr().err
         assert sorted(p.name for p in source.iterdir()) == before
+    assert main(["convert", str(orbax), str(tmp_path)]) == 0
+    assert is_orbax_model(orbax) and (tmp_path / "model.safetensors").is_file()
 
 
 def test_a_failed_orbax_write_keeps_nothing_and_names_the_folder(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -202,8 +204,16 @@ def test_a_failed_orbax_write_keeps_nothing_and_names_the_folder(tmp_path: Path,
     assert not (tmp_path / "out").exists()
     with pytest.raises(CheckpointWriteError):  # an OSError too, as the write's own error was
         to_orbax(src, tmp_path / "out", progress=False)
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", lambda *a, **k: (_ for _ in ()).throw(TimeoutError()))
+    with pytest.raises(CheckpointWriteError, match=r"\(TimeoutError\); nothing was kept"):  # an empty message
+        to_orbax(src, tmp_path / "out", progress=False)
     monkeypatch.setattr(ocp.StandardCheckpointer, "save", real_save)
     assert main(["convert", str(src), str(tmp_path / "out"), "--no-progress"]) == 0
+    # A folder whose marker says float64 params (written before trlax refused float64 models) loads as JAX holds
+    # it without x64: float32.
+    marker = json.loads((tmp_path / "out" / "trlax_orbax.json").read_text())
+    (tmp_path / "out" / "trlax_orbax.json").write_text(json.dumps({**marker, "param_dtype": "float64"}))
+    assert load_orbax(tmp_path / "out").param_dtype == np.float32
 
 
 def test_python_dash_m_trlax(monkeypatch, capsys) -> None:

@@ -3,7 +3,9 @@ jitted update loop that learns on a fixed batch."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -211,6 +213,22 @@ def test_ppo_config_refuses_values_of_another_type():
             ppo.PPOConfig(**fields)
     assert ppo.PPOConfig(gamma=1, score_clip=None).gamma == 1  # an int is a float setting; None where allowed
     assert TrainerConfig(learning_rate=1, save_every=None, batch_size=8, mini_batch_size=4).learning_rate == 1
+    # NumPy and JAX scalars (a sweep over np.arange) are their Python values, so the settings stay JSON values
+    swept = TrainerConfig(batch_size=np.int64(8), mini_batch_size=4, learning_rate=jnp.float32(1e-3),
+                          ppo=ppo.PPOConfig(cliprange=np.float32(0.25), whiten_rewards=np.bool_(True)))
+    assert type(swept.batch_size) is int and type(swept.learning_rate) is float
+    assert swept.ppo.cliprange == 0.25 and swept.ppo.whiten_rewards is True
+    with pytest.raises(TrlaxTypeError, match="TrainerConfig.batch_size must be int; got 4.0"):
+        TrainerConfig(batch_size=np.float32(4.0))
+
+    @dataclasses.dataclass(frozen=True)
+    class Extended(ppo.PPOConfig):  # a user's subclass: its own annotations, checked where they are types
+        extra: float = 1.0
+        tags: typing.Optional[list] = None  # noqa: UP045 - the typing form a user may write
+
+    assert Extended(tags=["a"]).tags == ["a"]
+    with pytest.raises(TrlaxTypeError, match="Extended.extra must be float"):
+        Extended(extra="1")
 
 
 def test_adaptive_kl_coef_and_config():

@@ -32,7 +32,7 @@ from trlax.models.auto import FlaxAutoModelForCausalLM, FlaxAutoModelForSequence
 from trlax.models.stack import rematerialised as remat_block
 from trlax.ppo import PPOConfig
 from trlax.ppo_data import PromptSet, read_prompts
-from trlax.ppo_rewards import FunctionReward, Generated, ModelReward, RewardError, load_function
+from trlax.ppo_rewards import FunctionReward, Generated, ModelReward, RewardError, checked_scores, load_function
 from trlax.ppo_trainer import PPOTrainer, reply_mask, resume, train
 from trlax.value_head import FlaxAutoModelForCausalLMWithValueHead
 
@@ -108,6 +108,8 @@ def test_reward_function_is_called_with_texts_and_checked(tmp_path, monkeypatch)
     with pytest.raises(RewardError, match=r"reward function s\(prompts, completions\) returned list values that are "
                                           r"not numbers .*one finite number per completion \(2\)"):
         FunctionReward(load_function("strings:high"), "s")(generated)  # said the function raised ValueError
+    with pytest.raises(RewardError, match="returned list values that are not numbers"):
+        checked_scores(["0.5", "1e3"], 2, "reward function n")  # numpy would parse these strings
     with pytest.raises(RewardError, match="MODULE:FUNCTION"):
         load_function("my_rewards")
     with pytest.raises(RewardError, match="no function"):

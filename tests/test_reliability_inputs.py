@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 import transformers
 
 import trlax
@@ -153,13 +154,18 @@ def test_non_float_model_dtypes_raise(dtype, tmp_path):
         FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path, dtype="int8")
 
 
-def test_float_dtypes_models_cannot_hold_are_refused():
+def test_float_dtypes_models_cannot_hold_are_refused(tmp_path):
     """float8 compute was accepted (transformers refuses it), float64 quietly held float32 (JAX without x64)."""
     for dtype in (jnp.float8_e4m3fn, "float8_e5m2", jnp.float64):
         for name in ("dtype", "param_dtype"):
             with pytest.raises(UnsupportedModelError, match=f"{name}=float.*: trlax models compute and hold params in "
                                                             "float32, bfloat16 or float16"):
                 FlaxAutoModelForCausalLM.from_config(gpt2(), **{name: dtype})
+    # "auto" on a float64 checkpoint means what JAX holds of it, float32, as it loaded before
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(gpt2()).to(torch.float64).save_pretrained(tmp_path)
+    model = FlaxAutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto", param_dtype="auto")
+    assert model.dtype == jnp.float32 and model.param_dtype == jnp.float32
 
 
 def test_ids_past_int32_and_ragged_rows_raise(lm):

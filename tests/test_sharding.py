@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import jax
@@ -28,6 +29,7 @@ from trlax.models.registry import all_specs
 from trlax.sharding import (
     GENERIC_RULES,
     ShardingRules,
+    check_mesh,
     logical_axes,
     make_mesh,
     path_str,
@@ -173,6 +175,22 @@ def test_mesh_argument_errors(tmp_path: Path) -> None:
                                 (ShardingRules(logical={"embed": 3}), TypeError, "mesh axis names .* got 3")):
         with pytest.raises(error, match=match):  # raw re.error / unpacking errors before
             FlaxAutoModelForCausalLM.from_pretrained(folder, mesh=make_mesh(), sharding_rules=rules)
+
+
+def test_mesh_axes_count_as_used_when_a_param_rule_or_the_kv_cache_names_them(caplog) -> None:
+    """An expert axis counted as used on a dense family (no warning, half the devices idle); and only param
+    rules counted, so a mesh over the KV cache's `length` axis was refused. (check_mesh reads axis names and
+    sizes only: stand-ins for 8-device meshes.)"""
+    def mesh(**sizes: int) -> SimpleNamespace:
+        return SimpleNamespace(axis_names=tuple(sizes), shape=sizes, size=int(np.prod(list(sizes.values()))))
+
+    check_mesh(mesh(seq=8), resolve_rules("llama", ShardingRules(logical={"length": ("seq",)})))
+    with caplog.at_level(logging.WARNING, logger="trlax"):
+        check_mesh(mesh(fsdp=4, expert=2), resolve_rules("llama"))
+        assert "mesh axes ['expert'] are not used by the sharding rules" in caplog.text
+        caplog.clear()
+        check_mesh(mesh(fsdp=4, expert=2), resolve_rules("mixtral"))  # its expert weights use it
+        assert "not used" not in caplog.text
 
 
 @pytest.mark.slow

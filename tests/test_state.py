@@ -153,6 +153,26 @@ def test_ctrl_c_during_a_save_lets_the_save_finish_then_interrupts() -> None:
         signal.signal(signal.SIGINT, previous)
 
 
+def test_ctrl_c_inside_a_state_save_is_held_until_the_step_is_saved(tmp_path: Path) -> None:
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        checkpointer = StateCheckpointer(tmp_path)
+        orbax_save = checkpointer.manager.save
+
+        def interrupted_save(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the Ctrl-C arrives while Orbax writes
+            return orbax_save(*args, **kwargs)
+
+        checkpointer.manager.save = interrupted_save
+        with pytest.raises(KeyboardInterrupt):
+            checkpointer.save(1, _small_state()[0])
+        checkpointer.close()
+        assert restore_state(tmp_path).step == 1
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_non_finite_arrays_are_saved_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     params, opt_state = _small_state()
     with caplog.at_level(logging.WARNING, logger="trlax"):

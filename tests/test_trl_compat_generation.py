@@ -139,6 +139,8 @@ def test_custom_entries_of_a_generation_config_are_ignored_as_transformers_does(
     np.testing.assert_array_equal(out, _torch_generate(pt, ids, mask, generation_config=passed))
     with pytest.raises(TrlaxTypeError, match="unknown keyword argument"):  # a keyword is no config entry
         model.generate(ids, mask, user_token_id=7)
+    with pytest.raises(UnsupportedModelError, match="max_new_token=5"):  # a typo in a dict stays an error
+        model.generate(ids, mask, generation_config={"max_new_token": 5})
 
 
 def test_the_prompt_may_be_passed_as_transformers_inputs(gpt2_pair):

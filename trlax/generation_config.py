@@ -21,10 +21,10 @@ bos_token_id, beam-only options while num_beams is 1, ...) are accepted and have
 effect. Any other field set to something other than its neutral value (num_beams > 1,
 constraints, no_repeat_ngram_size, output_scores, ...) is an UnsupportedModelError naming
 it, never silently ignored; so is a model input other than the ids and mask (token_type_ids,
-...). A keyword that is neither a setting nor a generate argument (a typo) is a TrlaxTypeError. A
-generation config's custom entries (names that are not GenerationConfig fields, which transformers keeps
-and never reads) are ignored; empty `bad_words_ids` / `sequence_bias`, which transformers refuses, are
-refused too.
+...). A keyword that is neither a setting nor a generate argument (a typo) is a TrlaxTypeError.
+A GenerationConfig's custom entries (names that are not its fields, which transformers keeps and
+never reads) are ignored (in a dict passed as `generation_config`, an unknown name is refused as a
+typo); empty `bad_words_ids` / `sequence_bias`, which transformers refuses, are refused too.
 
 The processors (`process_logits`) run inside the jitted decode loop on each step's
 float32 logits [B, V], before the sampling warpers, as transformers orders them:
@@ -112,12 +112,13 @@ def write_generation_config(config: transformers.GenerationConfig, folder: Path)
 
 
 def _set_fields(config: transformers.GenerationConfig | Mapping[str, Any] | None) -> dict[str, Any]:
-    """The GenerationConfig fields a config sets (not None); its custom entries left out."""
+    """The fields a config sets (not None): a GenerationConfig's own, without its custom entries; a dict's all
+    (an unknown name there is a typo, refused with the unimplemented settings)."""
     if config is None:
         return {}
     if isinstance(config, transformers.GenerationConfig):
-        config = config.to_dict()
-    return {k: v for k, v in config.items() if v is not None and k in CONFIG_FIELDS}
+        return {k: v for k, v in config.to_dict().items() if v is not None and k in CONFIG_FIELDS}
+    return {k: v for k, v in config.items() if v is not None}
 
 
 # Values transformers treats as "off" although they are not the field's default (None).

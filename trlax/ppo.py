@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -49,27 +51,45 @@ KL_PENALTIES = ("kl", "abs", "mse", "full")
 
 
 # What a settings field's annotation admits: `int` an int (not a bool), `float` any int or float (not a bool).
-FIELD_KINDS: dict[str, Callable[[Any], bool]] = {
-    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "bool": lambda v: isinstance(v, bool),
-    "str": lambda v: isinstance(v, str),
+FIELD_KINDS: dict[type, Callable[[Any], bool]] = {
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    bool: lambda v: isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
 }
 
 
 def check_field_types(settings: Any) -> None:
     """TrlaxTypeError naming the first field of a settings dataclass whose value its annotation does not admit
-    (`FIELD_KINDS`, `X | None`, or a class by name): a string "0.2" or "no" would otherwise fail deep in a run,
-    or, for a bool, count as True."""
+    (`FIELD_KINDS`, a class, `X | None`; other annotations are not checked): a string "0.2" or "no" would
+    otherwise fail deep in a run, or, for a bool, count as True. NumPy and JAX scalars become Python numbers
+    first (the settings are saved as JSON with a training state)."""
+    try:
+        hints = typing.get_type_hints(type(settings))
+    except Exception:  # noqa: BLE001 - a subclass's annotation that does not resolve: nothing to check it by
+        hints = {}
     for field in dataclasses.fields(settings):
         value = getattr(settings, field.name)
-        kinds = [kind.strip() for kind in str(field.type).split("|")]
-        if value is None and "None" in kinds:
+        if isinstance(value, (np.generic, jax.Array)) and np.ndim(value) == 0:
+            value = value.item()
+            object.__setattr__(settings, field.name, value)  # frozen dataclasses too
+        hint = hints.get(field.name)
+        kinds = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        if value is None and type(None) in kinds:
             continue
-        names = {cls.__name__ for cls in type(value).__mro__}
-        if not any(FIELD_KINDS[kind](value) if kind in FIELD_KINDS else kind in names for kind in kinds):
-            raise TrlaxTypeError(f"{type(settings).__name__}.{field.name} must be {' or '.join(kinds)}; got "
-                                 f"{value!r} ({type(value).__name__})")
+        if not any(_admits(kind, value) for kind in kinds):
+            names = " or ".join("None" if kind is type(None) else getattr(kind, "__name__", str(kind))
+                                for kind in kinds)
+            raise TrlaxTypeError(f"{type(settings).__name__}.{field.name} must be {names}; got {value!r} "
+                                 f"({type(value).__name__})")
+
+
+def _admits(kind: Any, value: Any) -> bool:
+    if kind in FIELD_KINDS:
+        return FIELD_KINDS[kind](value)
+    if isinstance(kind, type) and typing.get_origin(kind) is None:
+        return isinstance(value, kind)
+    return True  # a generic or unresolved annotation: not checked
 
 
 @dataclasses.dataclass(frozen=True)

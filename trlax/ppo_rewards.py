@@ -201,8 +201,11 @@ def checked_scores(scores: Any, batch: int, source: str) -> np.ndarray:
     """A reward source's scores as [batch] float32; RewardError naming `source` unless they are one finite
     number per completion (a NaN would otherwise surface as a diverged step, blamed on the learning rate)."""
     try:
-        values = np.asarray(scores, np.float32)
-    except (TypeError, ValueError) as e:
+        raw = np.asarray(scores)
+        if raw.dtype.kind in "USVc":  # strings numpy would parse, bytes, records, complex numbers
+            raise TypeError(f"{raw.dtype} values")
+        values = raw.astype(np.float32)
+    except Exception as e:  # noqa: BLE001 - the user's object: a torch tensor needing grad raises RuntimeError
         raise RewardError(f"the {source} returned {type(scores).__name__} values that are not numbers ({e}); it "
                           f"must return one finite number per completion ({batch})") from None
     if values.shape != (batch,) or not np.all(np.isfinite(values)):

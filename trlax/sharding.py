@@ -140,9 +140,10 @@ def check_mesh(mesh: Mesh, rules: ShardingRules) -> None:
     if unknown:
         raise TrlaxError(f"the sharding rules map logical axes to mesh axes {unknown}, which this mesh lacks (its "
                          f"axes: {list(mesh.axis_names)}); fix ShardingRules.logical")
-    # Mesh axes in use: those of the logical axes some param rule names, and the batch's (a dense family's
-    # rules name no `expert`, so an expert axis splits nothing there).
+    # Mesh axes in use: those of the logical axes some param rule or the KV cache names, and the batch's (a
+    # dense family's rules name no `expert`, so an expert axis splits nothing there).
     named = {axis for _, axes in rules.params for axis in axes if axis is not None} | {"batch"}
+    named |= {axis for axis in KV_CACHE_AXES if axis is not None}
     mapped = {axis for logical, axes in rules.logical.items() if logical in named for axis in axes}
     split = [axis for axis in mesh.axis_names if mesh.shape[axis] > 1]
     if split and not set(split) & mapped:

@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from trlax.checkpoint.dtypes import held_dtype
 from trlax.checkpoint.gather import WRITER_PROCESS, checkpoint_tensors, write_checkpoint
 from trlax.checkpoint.hub import HubOptions, resolve_checkpoint
 from trlax.checkpoint.naming import flatten_paths, key_table
@@ -126,8 +127,8 @@ def to_orbax(
 
 
 def refuse_nested(src: str | os.PathLike, dst: str | os.PathLike, what: str) -> None:
-    """CheckpointError when DST is a local SRC, lies inside it, or holds it: the output would be written among
-    the source's files (or over them)."""
+    """CheckpointError when DST is a local SRC or lies inside it: the output would be written among the
+    source's files. (A DST holding SRC is fine: a save keeps the other entries of its folder.)"""
     if not Path(src).exists():  # a hub id
         return
     source, target = Path(src).resolve(), Path(dst).resolve()
@@ -135,8 +136,6 @@ def refuse_nested(src: str | os.PathLike, dst: str | os.PathLike, what: str) -> 
         raise CheckpointError(f"DST {dst} is {what} itself; convert into another folder")
     if source in target.parents:
         raise CheckpointError(f"DST {dst} lies inside {what} {src}; convert into a folder outside it")
-    if target in source.parents:
-        raise CheckpointError(f"DST {dst} holds {what} {src}; convert into a folder outside it")
 
 
 def _save_orbax(dst: Path, params: Any, config: Any, value_head: bool, param_dtype: Any, progress: bool,
@@ -162,8 +161,9 @@ def _save_orbax(dst: Path, params: Any, config: Any, value_head: bool, param_dty
                     shutil.rmtree(path)
                 else:
                     path.unlink()
-        raise CheckpointWriteError(f"cannot write the Orbax model folder {dst}: {str(e).splitlines()[0]}; nothing "
-                                   "was kept there (free space, or pass a folder on another disk)") from e
+        reason = (str(e).splitlines() or [""])[0] or type(e).__name__
+        raise CheckpointWriteError(f"cannot write the Orbax model folder {dst} ({reason}); nothing was kept "
+                                   "there") from e
     finally:
         checkpointer.close()
         absl.setLevel(level)
@@ -223,7 +223,7 @@ def load_orbax(
     marker = _read_marker(path)
     config = load_config(path, str(path))
     lm_cls, wrapper_cls = _classes(config)
-    lm = lm_cls.model_class(config, dtype=dtype, param_dtype=jnp.dtype(marker["param_dtype"]))
+    lm = lm_cls.model_class(config, dtype=dtype, param_dtype=held_dtype(marker["param_dtype"]))
     abstract = lm.abstract_params()
     if marker["value_head"]:
         head = make_value_head(config)

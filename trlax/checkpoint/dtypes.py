@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -34,6 +35,12 @@ def is_float(dtype: Any) -> bool:
         return jnp.issubdtype(np.dtype(dtype), jnp.floating)
     except TypeError:
         return False
+
+
+def held_dtype(dtype: Any) -> np.dtype:
+    """The dtype JAX holds arrays of `dtype` in: float64 is float32 unless `jax_enable_x64` is on."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype == np.float64 and not jax.config.jax_enable_x64 else dtype
 
 
 def stored_float_dtype(source: TensorSource, keys: Iterable[str] | None = None) -> np.dtype | None:

@@ -15,6 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from trlax.checkpoint.dtypes import held_dtype
 from trlax.errors import UnsupportedModelError
 
 AUTO = "auto"
@@ -89,8 +90,9 @@ def auto_dtype(config: Any, stored: np.dtype | None) -> np.dtype | None:
 
 
 def resolve_dtype(value: Any, checkpoint_dtype: np.dtype | None) -> Any:
-    """`value` as a jnp dtype, with "auto" meaning `checkpoint_dtype` (float32 when None); UnsupportedModelError
-    when "auto" meets a checkpoint that declares a non-float dtype."""
+    """`value` as a jnp dtype, with "auto" meaning `checkpoint_dtype` (float32 when None; a float64 checkpoint:
+    float32 unless `jax_enable_x64`, as JAX holds it); UnsupportedModelError when "auto" meets a checkpoint that
+    declares a non-float dtype."""
     value = as_dtype(value)
     if not isinstance(value, str):
         return value
@@ -100,5 +102,4 @@ def resolve_dtype(value: Any, checkpoint_dtype: np.dtype | None) -> Any:
         raise UnsupportedModelError(f'dtype="auto" reads the checkpoint\'s dtype, and its config.json declares '
                                     f"{np.dtype(checkpoint_dtype).name}, not a float dtype; pass dtype=jnp.float32 (or "
                                     "bfloat16), or fix config.json's dtype")
-    return jnp.dtype(checkpoint_dtype)
-
+    return jnp.dtype(held_dtype(checkpoint_dtype))

@@ -141,8 +141,9 @@ def interrupts_held(what: str) -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if received:
+        if signal.getsignal(signal.SIGINT) is hold:  # not if the block installed a handler of its own
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:  # (an error from the block wins: it propagates instead)
         raise KeyboardInterrupt
 
 

@@ -156,7 +156,8 @@ class MoeExperts(nn.Module):
         weight = combine.astype(self.dtype)[..., None]
         # Experts a token is not routed to are computed too (densely) but must add nothing: in float16 one can
         # overflow to inf, and inf * 0 would be a NaN spread to every token (transformers never runs them).
-        act = jnp.where(weight > 0, act * weight, 0)
+        # (masked before the product: its gradient would be 0 * inf there otherwise, NaN for the router)
+        act = jnp.where(weight > 0, act, 0) * weight
         return jnp.einsum("...ei,eih->...h", act, down.astype(self.dtype))
 
 

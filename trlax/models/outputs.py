@@ -16,6 +16,7 @@ class CacheUnderTransformersName:
 
     @property
     def past_key_values(self) -> Any:
+        """The KV cache under transformers' name: one {"k", "v"} [B, Hkv, S, D] per layer, or None."""
         return self.cache
 
 

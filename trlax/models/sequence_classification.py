@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import numbers
 from typing import Any
 
 import flax.linen as nn
@@ -180,8 +181,9 @@ class FlaxModelForSequenceClassification(FlaxPreTrainedModel):
         """num_labels / problem_type: override the config's (on a copy; `from_pretrained` passes them
         here, so a checkpoint whose score head has another num_labels fails with a CheckpointError).
         seed: the init of a `score` head the checkpoint lacks (see `complete_params`)."""
-        if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int)):
+        if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, numbers.Integral)):
             raise TrlaxTypeError(f"num_labels must be an int >= 1; got {num_labels!r} ({type(num_labels).__name__})")
+        num_labels = None if num_labels is None else int(num_labels)  # numpy's too, as transformers takes it
         updates = {name: value for name, value in (("num_labels", num_labels), ("problem_type", problem_type))
                    if value is not None}
         if updates:
