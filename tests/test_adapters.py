@@ -27,7 +27,7 @@ from trlax import (
     LoraConfig,
     create_reference_model,
 )
-from trlax.errors import UnsupportedModelError
+from trlax.errors import TrlaxError, UnsupportedModelError
 from trlax.models.registry import spec_for_type, supported_model_types
 from trlax.peft.lora import check_applied, init_lora, lora_modules, resolve_targets
 from trlax.peft.reward import load_reward_adapter
@@ -348,6 +348,39 @@ def test_loading_a_trainable_adapter_with_dropout_warns(gpt2_folder, tmp_path, c
     with caplog.at_level(logging.WARNING, logger="trlax"):
         FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "adapter", is_trainable=True)
     assert "lora_dropout=0.1 is not applied by trlax" in caplog.text
+
+
+def test_peft_edge_cases_load_as_peft_applies_them_or_are_refused(tmp_path):
+    """From a review against PEFT 0.21: full embedding / head copies saved with save_embedding_layers=True were
+    refused as modules_to_save; an excluded lm_head of a tied model was refused as a tied-head target; the base's
+    revision was dropped on save; several active adapters, or disabled adapter layers, were applied silently."""
+    _, lm = torch_base("llama", tmp_path / "llama")
+    pt = peft.get_peft_model(lm, peft.LoraConfig(r=2, target_modules=["q_proj"], revision="v1.0"))
+    randomise_lora_b(pt)
+    pt.save_pretrained(str(tmp_path / "embeddings"), save_embedding_layers=True)
+    model = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "embeddings")
+    ids, mask = batch(101, "left", low=2)
+    with torch.no_grad():
+        ref = pt.eval()(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
+    assert max_diff(ref, model(ids, mask)[0], mask) < ATOL
+    model.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "adapter_config.json").read_text())["revision"] == "v1.0"
+
+    pt.add_adapter("other", peft.LoraConfig(r=2, target_modules=["v_proj"]))
+    pt.base_model.set_adapter(["default", "other"])
+    with pytest.raises(TrlaxError, match=r"2 active adapters \['default', 'other'\].*set_adapter"):
+        FlaxAutoModelForCausalLMWithValueHead.from_pretrained(pt)
+    pt.base_model.set_adapter("default")
+    pt.base_model.disable_adapter_layers()
+    with pytest.raises(TrlaxError, match=r"adapter layers are disabled \(disable_adapter_layers\(\)\)"):
+        FlaxAutoModelForCausalLMWithValueHead.from_pretrained(pt)
+
+    _, tied = torch_base("gpt2", tmp_path / "gpt2")
+    excluded = {"target_modules": ["c_attn", "lm_head"], "exclude_modules": ["lm_head"]}
+    peft_tied = peft.get_peft_model(tied, peft.LoraConfig(r=2, **excluded))
+    policy = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "gpt2", peft_config=excluded)
+    assert sorted(policy.params["lora"]["transformer"]["h"]) == ["0", "1"]
+    assert sum("lora_A" in name for name, _ in peft_tied.named_parameters()) == 2  # PEFT: c_attn of both layers
 
 
 @pytest.fixture(scope="module")

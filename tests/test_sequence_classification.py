@@ -294,6 +294,15 @@ def test_peft_seq_cls_adapter_matches_peft_and_saves_back(model_type, tmp_path):
     assert max_diff(ref, model(ids, mask).logits) < ATOL
 
 
+def test_an_in_memory_peft_classifier_is_pointed_to_its_folder(tmp_path):
+    """It was sent to the value-head wrapper, which cannot load a classifier either."""
+    pt = torch_classifier("gpt2", tmp_path / "pt", num_labels=2)
+    pm = peft.get_peft_model(pt, peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["c_attn"]))
+    with pytest.raises(UnsupportedModelError, match="sequence-classification adapter, which trlax loads from its "
+                                                    "folder: save_pretrained"):
+        FlaxAutoModelForSequenceClassification.from_pretrained(pm)
+
+
 def test_a_failed_adapter_save_keeps_the_saved_adapter(tmp_path, monkeypatch):
     """The SEQ_CLS adapter was written in place: a save failing part-way left a truncated adapter."""
     pt = torch_classifier("gpt2", tmp_path / "base", num_labels=2)

@@ -154,9 +154,14 @@ class CheckpointMixin:
         """
         parts = torch_parts(torch_model)
         if parts.adapter_state is not None:
-            raise UnsupportedModelError(
-                f"{type(torch_model).__name__} holds a PEFT adapter: load it with the value-head wrapper "
-                "(which keeps it as a LoRA policy), or call merge_and_unload() first")
+            what = type(torch_model).__name__
+            task = getattr(parts.adapter_config, "task_type", None)
+            if getattr(task, "value", task) == "SEQ_CLS":  # PEFT's TaskType enum, or its string
+                raise UnsupportedModelError(f"{what} holds a PEFT sequence-classification adapter, which trlax loads "
+                                            "from its folder: save_pretrained(folder), then FlaxAutoModelFor"
+                                            "SequenceClassification.from_pretrained(folder); or merge_and_unload()")
+            raise UnsupportedModelError(f"{what} holds a PEFT adapter: load it with the value-head wrapper "
+                                        "(which keeps it as a LoRA policy), or call merge_and_unload() first")
         return cls.from_parts(parts, type(torch_model).__name__, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
                               sharding_rules=sharding_rules, **model_args)
 

@@ -180,6 +180,10 @@ def _peft_base_state(peft_model: Any) -> dict[str, np.ndarray]:
         raise TrlaxError("this PEFT model's LoRA adapter is merged into its base weights (merge_adapter()), so "
                          "its base cannot be read apart from the adapter; call unmerge_adapter() first, or "
                          "merge_and_unload() to convert the merged model as a plain transformers model")
+    if any(getattr(layer, "disable_adapters", False) for layer in peft_model.modules() if hasattr(layer, "lora_A")):
+        raise TrlaxError("this PEFT model's adapter layers are disabled (disable_adapter_layers()), so it computes "
+                         "as its base alone, while trlax would apply the adapter; call enable_adapter_layers() "
+                         "first, or convert peft_model.get_base_model() to leave the adapter out")
     base = peft_model.get_base_model()
     # The adapter's own tensors (LoRA weights, a modules_to_save copy) are left out; a module saved in full
     # keeps the base's weights as `original_module`.
@@ -201,7 +205,11 @@ def torch_parts(obj: Any) -> TorchParts:
         lm = obj.pretrained_model
     if type(lm).__module__.split(".")[0] == "peft":
         peft = require("peft", "converting a PEFT model")
-        name = lm.active_adapter if isinstance(lm.active_adapter, str) else lm.active_adapter[0]
+        active = list(getattr(lm, "active_adapters", None) or [lm.active_adapter])
+        if len(active) > 1:
+            raise TrlaxError(f"this PEFT model has {len(active)} active adapters {active}; a trlax policy applies "
+                             "one: pick it with set_adapter(name), or combine them first (add_weighted_adapter)")
+        name = active[0]
         adapter_config = lm.peft_config[name]
         adapter_state = {k: tensor_to_numpy(v) for k, v in
                          peft.get_peft_model_state_dict(lm, adapter_name=name).items()}

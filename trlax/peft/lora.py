@@ -68,7 +68,7 @@ _NEW_INITS = (True, False, "gaussian")
 
 # PEFT LoraConfig fields that are bookkeeping or only shape a fresh init: accepted as they are.
 _BOOKKEEPING_FIELDS = frozenset({
-    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path",
     "inference_mode", "megatron_config", "megatron_core", "runtime_config", "loftq_config", "eva_config",
     "corda_config", "lora_ga_config", "layers_pattern", "qalora_group_size", "ensure_weight_tying",
 })
@@ -107,6 +107,7 @@ class LoraConfig:
     bias: str = "none"
     task_type: str | None = None
     base_model_name_or_path: str | None = None
+    revision: str | None = None  # the base's revision, which PEFT loads the base at (not the adapter's own)
 
     def __post_init__(self) -> None:
         for name, r in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
@@ -164,8 +165,7 @@ class LoraConfig:
         """The adapter_config.json PEFT writes for this config (fields PEFT reads back)."""
         out = dataclasses.asdict(self)
         out.update(peft_type="LORA", inference_mode=True, layers_to_transform=None, layers_pattern=None,
-                   use_dora=False, lora_bias=False, layer_replication=None, target_parameters=None,
-                   revision=None)
+                   use_dora=False, lora_bias=False, layer_replication=None, target_parameters=None)
         return out
 
     def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
@@ -281,6 +281,7 @@ def resolve_targets(config: LoraConfig, base_params: Mapping[str, Any], model_ty
                     and not any(re.match(rf"(^|.*\.){m}($|\..*)", names.to_peft(p)) for m in saved))
     names_head = HEAD_NAME in targets if isinstance(targets, list) else (
         targets.lower() != ALL_LINEAR and re.fullmatch(targets, HEAD_NAME) is not None)  # a regex: PEFT's fullmatch
+    names_head = names_head and not _name_matches(config.exclude_modules, HEAD_NAME) and HEAD_NAME not in saved
     if names_head and not any(_name_matches([HEAD_NAME], names.to_peft(p)) for p in linear):
         raise UnsupportedModelError(
             f"LoRA target {HEAD_NAME!r} is no linear layer of this {model_type} model: its LM head is tied to the "
@@ -309,7 +310,8 @@ def resolve_targets(config: LoraConfig, base_params: Mapping[str, Any], model_ty
             f"adapt those: drop {fused} (this model's other linear layers: "
             f"{[n for n in known if n not in fused]})")
     if isinstance(targets, list):
-        unused = [n for n in targets if not any(_name_matches([n], names.to_peft(p)) for p in chosen)]
+        # (a name matching only excluded modules is used: PEFT says nothing of it either)
+        unused = [n for n in targets if not any(_name_matches([n], names.to_peft(p)) for p in candidates)]
         if unused:
             logger.warning("LoRA target_modules %s match no linear layer of this %s model (ignored, as PEFT does)",
                            unused, model_type)
@@ -400,7 +402,6 @@ class AdapterFiles:
     source: str
     config: LoraConfig
     tensors: dict[str, np.ndarray]
-    base_revision: str | None = None  # adapter_config.json's "revision": the base's, as PEFT loads it
 
 
 def is_adapter_folder(source: str | os.PathLike, options: HubOptions) -> bool:
@@ -430,7 +431,7 @@ def read_adapter(source: str | Path, options: HubOptions | None = None) -> Adapt
         if path is not None:
             with CheckpointReader([Path(path)]) as reader:
                 tensors = {k: np.asarray(v) for k, v in reader.items()}
-            return AdapterFiles(str(source), config, tensors, raw.get("revision"))
+            return AdapterFiles(str(source), config, tensors)
     raise CheckpointError(f"adapter {source!s} has no weights: expected one of {list(ADAPTER_WEIGHTS_NAMES)}")
 
 
@@ -483,6 +484,18 @@ def lora_from_peft(files: AdapterFiles, base_params: Mapping[str, Any], model_ty
             raise CheckpointError(f"{fit}: it saves {key!r}, which differs from the base's layer (a resized or "
                                   "retrained layer); trlax loads LoRA adapters over an unchanged base")
         del rest[key]
+    if not config.modules_to_save:
+        # save_embedding_layers=True: PEFT saves the input embedding and LM head in full even when it adapts
+        # neither; a copy of the base's layer is nothing to load (a changed one stays, and is refused).
+        for key in [k for k in rest if BASE_LAYER not in k and k.endswith(".weight")]:
+            for leaf, layout in (("embedding", np.asarray), ("kernel", np.transpose)):
+                try:
+                    base = np.asarray(get_path(base_params, (*key.removesuffix(".weight").split("."), leaf)))
+                except KeyError:
+                    continue
+                if np.array_equal(layout(np.asarray(rest[key], np.float32)), base.astype(np.float32)):
+                    del rest[key]
+                break
     try:
         targets = resolve_targets(config, base_params, model_type)
     except UnsupportedModelError as e:

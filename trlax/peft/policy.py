@@ -121,7 +121,7 @@ def load_adapter_policy(auto_class: type[AutoModel], source: str | os.PathLike, 
     if not base_name:
         raise CheckpointError(f"adapter {source} has no base_model_name_or_path in {ADAPTER_CONFIG_NAME}; load the "
                               "base and pass the adapter as peft_config/reward_adapter instead")
-    base = auto_class.from_pretrained(base_name, **{**model_args, "revision": files.base_revision})
+    base = auto_class.from_pretrained(base_name, **{**model_args, "revision": files.config.revision})
     lora, saved = lora_from_peft(files, base.params, base.config.model_type, base_name=base_name)
     if saved:
         raise UnsupportedModelError(f"adapter {source} saves {sorted(saved)[:4]} in full (modules_to_save); trlax "

@@ -103,7 +103,8 @@ def load_seq_cls_adapter(source: str | os.PathLike, options: HubOptions | None =
                          base_model: str | os.PathLike | None = None,
                          **model_args: Any) -> FlaxPeftModelForSequenceClassification:
     """A PEFT SEQ_CLS adapter folder (or hub id) on its base: `base_model`, else the adapter's
-    `base_model_name_or_path`, loaded as a sequence-classification model with `model_args`."""
+    `base_model_name_or_path` at the adapter's `revision`, loaded as a sequence-classification model with
+    `model_args`."""
     files = read_adapter(str(source), options)
     base_name = str(base_model) if base_model is not None else files.config.base_model_name_or_path
     if not base_name:
@@ -117,6 +118,8 @@ def load_seq_cls_adapter(source: str | os.PathLike, options: HubOptions | None =
     if num_labels is not None and num_labels != weight.shape[0]:
         raise CheckpointError(f"adapter {source} has a {SCORE} head of {weight.shape[0]} labels, not num_labels="
                               f"{num_labels}; load it without num_labels")
+    if base_model is None:  # the base at the revision adapter_config.json names, as PEFT loads it (the policy too)
+        model_args = {**model_args, "revision": files.config.revision}
     base = FlaxModelForSequenceClassification.from_pretrained(base_name, num_labels=int(weight.shape[0]), **model_args)
     lora, saved = lora_from_peft(files, base.params, base.config.model_type, base_name=base_name)
     others = sorted(set(saved) - {f"{SCORE}.weight"})
