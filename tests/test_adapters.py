@@ -375,6 +375,17 @@ def test_peft_edge_cases_load_as_peft_applies_them_or_are_refused(tmp_path):
     with pytest.raises(TrlaxError, match=r"adapter layers are disabled \(disable_adapter_layers\(\)\)"):
         FlaxAutoModelForCausalLMWithValueHead.from_pretrained(pt)
 
+    for model_type in ("gpt2", "gptj"):  # a tied head (PEFT saves it as a copy of wte), a head with a bias
+        _, base = torch_base(model_type, tmp_path / f"{model_type}_base")
+        other = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["c_attn" if model_type == "gpt2"
+                                                                               else "q_proj"]))
+        randomise_lora_b(other)
+        other.save_pretrained(str(tmp_path / model_type), save_embedding_layers=True)
+        loaded = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / model_type)
+        with torch.no_grad():
+            ref = other.eval()(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
+        assert max_diff(ref, loaded(ids, mask)[0], mask) < ATOL, model_type
+
     _, tied = torch_base("gpt2", tmp_path / "gpt2")
     excluded = {"target_modules": ["c_attn", "lm_head"], "exclude_modules": ["lm_head"]}
     peft_tied = peft.get_peft_model(tied, peft.LoraConfig(r=2, **excluded))

@@ -230,6 +230,17 @@ def test_ppo_config_refuses_values_of_another_type():
     with pytest.raises(TrlaxTypeError, match="Extended.extra must be float"):
         Extended(extra="1")
 
+    class Local:  # a class get_type_hints cannot resolve from the module: the annotations are read as text
+        pass
+
+    @dataclasses.dataclass(frozen=True)
+    class WithLocal(ppo.PPOConfig):
+        helper: Local | None = None
+
+    assert WithLocal(helper=Local()).helper is not None
+    with pytest.raises(TrlaxTypeError, match="WithLocal.whiten_rewards must be bool; got 'no'"):
+        WithLocal(whiten_rewards="no")  # every check was off once one annotation did not resolve
+
 
 def test_adaptive_kl_coef_and_config():
     assert ppo.adaptive_kl_coef(0.2, 12.0, 256, 6.0, 10000.0) == pytest.approx(0.2 * (1 + 0.2 * 256 / 10000))

@@ -9,6 +9,7 @@ keeps its standard base (ValueError, TypeError).
 from __future__ import annotations
 
 import ast
+import json
 import re
 from pathlib import Path
 
@@ -166,6 +167,9 @@ def test_float_dtypes_models_cannot_hold_are_refused(tmp_path):
     transformers.AutoModelForCausalLM.from_config(gpt2()).to(torch.float64).save_pretrained(tmp_path)
     model = FlaxAutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto", param_dtype="auto")
     assert model.dtype == jnp.float32 and model.param_dtype == jnp.float32
+    # saving "auto" still writes the checkpoint's own dtype, as the default save does
+    model.save_pretrained(tmp_path / "back", dtype="auto")
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["dtype"] == "float64"
 
 
 def test_ids_past_int32_and_ragged_rows_raise(lm):

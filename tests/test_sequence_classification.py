@@ -4,6 +4,7 @@ losses, PEFT SEQ_CLS adapters and sharded loading."""
 from __future__ import annotations
 
 import copy
+import json
 import logging
 
 import jax
@@ -292,6 +293,19 @@ def test_peft_seq_cls_adapter_matches_peft_and_saves_back(model_type, tmp_path):
     with torch.no_grad():
         ref = in_torch(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
     assert max_diff(ref, model(ids, mask).logits) < ATOL
+
+
+def test_a_classifier_adapters_base_revision_is_kept_unless_another_base_is_given(tmp_path):
+    """adapter_config.json's `revision` (the base's) was dropped on save; with `base_model=` another base, the
+    adapter's revision must not be saved as that base's."""
+    pt = torch_classifier("gpt2", tmp_path / "pt", num_labels=2)
+    pt.name_or_path = str(tmp_path / "pt")
+    peft.get_peft_model(pt, peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["c_attn"], revision="v1.0")
+                        ).save_pretrained(str(tmp_path / "adapter"))
+    for extra, want in (({}, "v1.0"), ({"base_model": str(tmp_path / "pt")}, None)):
+        FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path / "adapter", **extra).save_pretrained(
+            tmp_path / "saved")
+        assert json.loads((tmp_path / "saved" / "adapter_config.json").read_text())["revision"] == want, extra
 
 
 def test_an_in_memory_peft_classifier_is_pointed_to_its_folder(tmp_path):

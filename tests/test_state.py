@@ -149,6 +149,13 @@ def test_ctrl_c_during_a_save_lets_the_save_finish_then_interrupts() -> None:
             time.sleep(0.05)
             finished = False  # not reached: the second Ctrl-C raised
         assert finished
+
+        def own(signum, frame):
+            pass
+
+        with interrupts_held("a test save"):  # a handler the block installs is the block's to keep
+            signal.signal(signal.SIGINT, own)
+        assert signal.getsignal(signal.SIGINT) is own
     finally:
         signal.signal(signal.SIGINT, previous)
 

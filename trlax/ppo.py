@@ -57,6 +57,7 @@ FIELD_KINDS: dict[type, Callable[[Any], bool]] = {
     bool: lambda v: isinstance(v, bool),
     str: lambda v: isinstance(v, str),
 }
+_NAMED_KINDS: dict[str, Any] = {**{kind.__name__: kind for kind in FIELD_KINDS}, "None": type(None)}
 
 
 def check_field_types(settings: Any) -> None:
@@ -65,16 +66,19 @@ def check_field_types(settings: Any) -> None:
     otherwise fail deep in a run, or, for a bool, count as True. NumPy and JAX scalars become Python numbers
     first (the settings are saved as JSON with a training state)."""
     try:
-        hints = typing.get_type_hints(type(settings))
-    except Exception:  # noqa: BLE001 - a subclass's annotation that does not resolve: nothing to check it by
-        hints = {}
+        hints: dict[str, Any] | None = typing.get_type_hints(type(settings))
+    except Exception:  # noqa: BLE001 - a subclass's annotation that does not resolve: read the text instead
+        hints = None
     for field in dataclasses.fields(settings):
         value = getattr(settings, field.name)
         if isinstance(value, (np.generic, jax.Array)) and np.ndim(value) == 0:
             value = value.item()
             object.__setattr__(settings, field.name, value)  # frozen dataclasses too
-        hint = hints.get(field.name)
-        kinds = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        if hints is None:  # the annotation as written: "float | None", "PPOConfig"
+            kinds = tuple(_NAMED_KINDS.get(kind.strip(), kind.strip()) for kind in str(field.type).split("|"))
+        else:
+            hint = hints.get(field.name)
+            kinds = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
         if value is None and type(None) in kinds:
             continue
         if not any(_admits(kind, value) for kind in kinds):
@@ -87,9 +91,11 @@ def check_field_types(settings: Any) -> None:
 def _admits(kind: Any, value: Any) -> bool:
     if kind in FIELD_KINDS:
         return FIELD_KINDS[kind](value)
+    if isinstance(kind, str):  # a class named in an annotation that did not resolve
+        return "[" in kind or kind in {cls.__name__ for cls in type(value).__mro__}
     if isinstance(kind, type) and typing.get_origin(kind) is None:
         return isinstance(value, kind)
-    return True  # a generic or unresolved annotation: not checked
+    return True  # a generic annotation: not checked
 
 
 @dataclasses.dataclass(frozen=True)

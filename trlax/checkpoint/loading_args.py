@@ -79,20 +79,19 @@ def as_dtype(value: Any) -> Any:
 
 
 def auto_dtype(config: Any, stored: np.dtype | None) -> np.dtype | None:
-    """What "auto" loads as, in transformers' order: config.json's `dtype` when it names one (a non-float one
-    is returned too, for `resolve_dtype` to refuse, as transformers refuses it), else `stored` (the float dtype
-    holding most of the checkpoint's bytes; transformers takes the first float tensor's, the same for any
-    checkpoint stored in one dtype)."""
+    """What "auto" loads a model as, in transformers' order: config.json's `dtype` when it names one (a non-float
+    one is returned too, for `resolve_dtype` to refuse, as transformers refuses it), else `stored` (the float
+    dtype holding most of the checkpoint's bytes; transformers takes the first float tensor's, the same for any
+    checkpoint stored in one dtype); float64 as JAX holds it (`held_dtype`: float32 without x64)."""
     declared = getattr(config, "dtype", None)
     if declared is not None and not (isinstance(declared, str) and declared == AUTO):
-        return np.dtype(as_dtype(declared))
-    return stored
+        return held_dtype(as_dtype(declared))
+    return None if stored is None else held_dtype(stored)
 
 
 def resolve_dtype(value: Any, checkpoint_dtype: np.dtype | None) -> Any:
-    """`value` as a jnp dtype, with "auto" meaning `checkpoint_dtype` (float32 when None; a float64 checkpoint:
-    float32 unless `jax_enable_x64`, as JAX holds it); UnsupportedModelError when "auto" meets a checkpoint that
-    declares a non-float dtype."""
+    """`value` as a jnp dtype, with "auto" meaning `checkpoint_dtype` (float32 when None); UnsupportedModelError
+    when "auto" meets a checkpoint that declares a non-float dtype."""
     value = as_dtype(value)
     if not isinstance(value, str):
         return value
@@ -102,4 +101,4 @@ def resolve_dtype(value: Any, checkpoint_dtype: np.dtype | None) -> Any:
         raise UnsupportedModelError(f'dtype="auto" reads the checkpoint\'s dtype, and its config.json declares '
                                     f"{np.dtype(checkpoint_dtype).name}, not a float dtype; pass dtype=jnp.float32 (or "
                                     "bfloat16), or fix config.json's dtype")
-    return jnp.dtype(held_dtype(checkpoint_dtype))
+    return jnp.dtype(checkpoint_dtype)

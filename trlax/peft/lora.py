@@ -435,6 +435,23 @@ def read_adapter(source: str | Path, options: HubOptions | None = None) -> Adapt
     raise CheckpointError(f"adapter {source!s} has no weights: expected one of {list(ADAPTER_WEIGHTS_NAMES)}")
 
 
+def _copies_base_layer(stored: np.ndarray, module: str, name: str, base_params: Mapping[str, Any]) -> bool:
+    """Whether a full tensor (torch layout) equals the base's `module` weight or bias, compared in the base's
+    dtype; a tied LM head (no `module` in the base) equals the input embedding it is tied to."""
+    leaves = {"weight": (("embedding", False), ("kernel", True)), "bias": (("bias", False),)}.get(name, ())
+    bases = []
+    for leaf, transposed in leaves:
+        try:
+            base = np.asarray(get_path(base_params, (*module.split("."), leaf)))
+        except KeyError:
+            continue
+        bases.append(base.T if transposed else base)
+    if not bases and name == "weight":  # a tied head: the embedding tables are its candidates
+        bases = [np.asarray(leaf) for path, leaf in flatten_paths(base_params) if path[-1] == "embedding"]
+    return any(base.shape == stored.shape and np.array_equal(np.asarray(stored).astype(base.dtype), base)
+               for base in bases)
+
+
 def lora_from_peft(files: AdapterFiles, base_params: Mapping[str, Any], model_type: str, *,
                    base_name: str | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(adapter tree, the other tensors keyed by module path + leaf, e.g. "score.weight").
@@ -484,18 +501,13 @@ def lora_from_peft(files: AdapterFiles, base_params: Mapping[str, Any], model_ty
             raise CheckpointError(f"{fit}: it saves {key!r}, which differs from the base's layer (a resized or "
                                   "retrained layer); trlax loads LoRA adapters over an unchanged base")
         del rest[key]
-    if not config.modules_to_save:
-        # save_embedding_layers=True: PEFT saves the input embedding and LM head in full even when it adapts
-        # neither; a copy of the base's layer is nothing to load (a changed one stays, and is refused).
-        for key in [k for k in rest if BASE_LAYER not in k and k.endswith(".weight")]:
-            for leaf, layout in (("embedding", np.asarray), ("kernel", np.transpose)):
-                try:
-                    base = np.asarray(get_path(base_params, (*key.removesuffix(".weight").split("."), leaf)))
-                except KeyError:
-                    continue
-                if np.array_equal(layout(np.asarray(rest[key], np.float32)), base.astype(np.float32)):
-                    del rest[key]
-                break
+    for key in [k for k in rest if BASE_LAYER not in k]:
+        # save_embedding_layers=True: PEFT saves the input embedding and LM head (and its bias) in full even when
+        # it adapts neither; a copy of the base's layer is nothing to load (a changed one stays, and is refused).
+        module, name = key.rsplit(".", 1)
+        if not _name_matches(config.modules_to_save, module) and _copies_base_layer(rest[key], module, name,
+                                                                                     base_params):
+            del rest[key]
     try:
         targets = resolve_targets(config, base_params, model_type)
     except UnsupportedModelError as e:

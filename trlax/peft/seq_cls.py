@@ -8,6 +8,7 @@ at every call (never merged); `save_pretrained` writes PEFT's layout back.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -120,6 +121,8 @@ def load_seq_cls_adapter(source: str | os.PathLike, options: HubOptions | None =
                               f"{num_labels}; load it without num_labels")
     if base_model is None:  # the base at the revision adapter_config.json names, as PEFT loads it (the policy too)
         model_args = {**model_args, "revision": files.config.revision}
+    else:  # another base: the adapter's revision is not its revision, and is not saved with it
+        files = dataclasses.replace(files, config=dataclasses.replace(files.config, revision=None))
     base = FlaxModelForSequenceClassification.from_pretrained(base_name, num_labels=int(weight.shape[0]), **model_args)
     lora, saved = lora_from_peft(files, base.params, base.config.model_type, base_name=base_name)
     others = sorted(set(saved) - {f"{SCORE}.weight"})
