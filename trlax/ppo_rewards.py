@@ -200,14 +200,17 @@ class FunctionReward:
 def checked_scores(scores: Any, batch: int, source: str) -> np.ndarray:
     """A reward source's scores as [batch] float32; RewardError naming `source` unless they are one finite
     number per completion (a NaN would otherwise surface as a diverged step, blamed on the learning rate)."""
+    values = None
     try:
         raw = np.asarray(scores)
-        if raw.dtype.kind in "USVc":  # strings numpy would parse, bytes, records, complex numbers
-            raise TypeError(f"{raw.dtype} values")
-        values = raw.astype(np.float32)
+        reason = f"{raw.dtype} values"
+        if raw.dtype.kind not in "USVc":  # not strings numpy would parse, bytes, records, complex numbers
+            values = raw.astype(np.float32)
     except Exception as e:  # noqa: BLE001 - the user's object: a torch tensor needing grad raises RuntimeError
-        raise RewardError(f"the {source} returned {type(scores).__name__} values that are not numbers ({e}); it "
-                          f"must return one finite number per completion ({batch})") from None
+        reason = str(e)
+    if values is None:
+        raise RewardError(f"the {source} returned {type(scores).__name__} values that are not numbers ({reason}); "
+                          f"it must return one finite number per completion ({batch})")
     if values.shape != (batch,) or not np.all(np.isfinite(values)):
         raise RewardError(f"the {source} returned {values.shape} values (finite: {bool(np.all(np.isfinite(values)))}); "
                           f"it must return one finite number per completion ({batch})")
