@@ -27,7 +27,7 @@ from trlax import (
     LoraConfig,
     create_reference_model,
 )
-from trlax.errors import TrlaxError, UnsupportedModelError
+from trlax.errors import TrlaxError, TrlaxTypeError, UnsupportedModelError
 from trlax.models.registry import spec_for_type, supported_model_types
 from trlax.peft.lora import check_applied, init_lora, lora_modules, resolve_targets
 from trlax.peft.reward import load_reward_adapter
@@ -131,6 +131,10 @@ def test_config_parsing_accepts_peft_dicts_and_objects_and_round_trips():
     ({"layers_to_transform": 0}, UnsupportedModelError, "layers_to_transform=0"),  # layer 0 only, not unset
     ({"init_lora_weights": "pissa"}, UnsupportedModelError, "init_lora_weights='pissa' is not supported"),
     ({"lora_dropout": 1.0}, ValueError, "lora_dropout must be in"),
+    ({"lora_dropout": "0.1"}, ValueError, "lora_dropout must be in"),  # was a raw ValueError from float()
+    ({"lora_alpha": float("nan")}, ValueError, "lora_alpha must be a finite number"),  # was a NaN forward
+    ({"lora_alpha": "16"}, ValueError, "lora_alpha must be a finite number"),  # was a TypeError at the forward
+    ({"alpha_pattern": {"c_fc": None}}, ValueError, r"alpha_pattern\['c_fc'\] must be a finite number"),
     ({"layers_pattern": "layers"}, UnsupportedModelError, "layers_pattern needs layers_to_transform"),  # PEFT too
 ])
 def test_bad_configs_are_refused(config, error, match):
@@ -205,6 +209,15 @@ def test_trainable_mask_covers_only_the_adapter_and_the_value_head(gpt2_folder):
                                                                    "['v_head']['summary']['kernel']"])
     assert jax.tree_util.tree_structure(model.trainable_mask) == jax.tree_util.tree_structure(model.params)
     assert model.is_peft_model and model.peft_config["default"].target_modules == ["c_attn"]
+
+
+def test_an_adapter_policy_save_refuses_the_full_model_options(gpt2_policy, tmp_path):
+    """dtype= and max_shard_size= (even dtype="int8") were ignored without a word: PEFT's layout is one adapter
+    file, the adapter as it is held. Nothing is written."""
+    for options in ({"dtype": "bfloat16"}, {"dtype": "int8"}, {"max_shard_size": "1KB"}):
+        with pytest.raises(TrlaxTypeError, match=f"takes no {next(iter(options))} here"):
+            gpt2_policy.save_pretrained(tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("model_type", PARITY_FAMILIES)

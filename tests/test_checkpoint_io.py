@@ -75,6 +75,25 @@ def test_trlax_save_loads_in_transformers_with_identical_logits(torch_model, sav
     _assert_same_params(FlaxAutoModelForCausalLM.from_pretrained(tmp_path / "out").params, model.params)
 
 
+def test_weights_without_config_json_load_with_config_given(saved, tmp_path):
+    """transformers loads a folder of weights only when config= is given; trlax demanded config.json anyway."""
+    shutil.copy(saved / "model.safetensors", tmp_path / "model.safetensors")
+    config = transformers.AutoConfig.from_pretrained(saved)
+    want = FlaxAutoModelForCausalLM.from_pretrained(saved).params
+    _assert_same_params(FlaxAutoModelForCausalLM.from_pretrained(tmp_path, config=config).params, want)
+    wrapper = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path, config=config)
+    _assert_same_params(wrapper.params["pretrained_model"], want)
+    with pytest.raises(CheckpointError, match="no config.json in .*or pass config="):
+        FlaxAutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_transformers_subfolder_is_refused_with_what_to_do(saved):
+    """subfolder= was refused as an unknown keyword, which read like a typo."""
+    for cls in (FlaxAutoModelForCausalLM, FlaxAutoModelForCausalLMWithValueHead):
+        with pytest.raises(UnsupportedModelError, match="subfolder='policy' is not supported: .*snapshot_download"):
+            cls.from_pretrained(saved, subfolder="policy")
+
+
 def test_a_load_reads_each_tensor_once(saved, monkeypatch):
     """The storage dtype was found by reading every tensor (`get`), a whole extra pass over the checkpoint; on a
     multi-host mesh each host then read 1.5x the file instead of its half."""
@@ -259,7 +278,7 @@ def test_state_dict_takes_the_dtypes_save_pretrained_takes(saved):
     model = FlaxAutoModelForCausalLM.from_pretrained(saved)
     for dtype, want in (("auto", np.float32), (torch.bfloat16, "bfloat16"), ("float16", np.float16)):
         assert {np.dtype(a.dtype) for a in model.state_dict(dtype=dtype).values()} == {np.dtype(want)}, dtype
-    for dtype in (np.int8, "bool", torch.int32):
+    for dtype in (np.int8, "bool", torch.int32, "float8_e4m3fn", torch.float8_e5m2):  # float8: transformers fails
         with pytest.raises(UnsupportedModelError, match="cannot save the weights as .*: pass a float dtype"):
             model.state_dict(dtype=dtype)
 

@@ -7,6 +7,7 @@ import runpy
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -238,3 +239,18 @@ def test_a_bf16_checkpoint_comes_back_bf16_through_float32_orbax_params(tmp_path
     assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").dtype == torch.bfloat16
     sizes = {name: (tmp_path / name / "model.safetensors").stat().st_size for name in ("bf16", "hf")}
     assert sizes["hf"] == sizes["bf16"]
+
+
+def test_a_save_into_an_orbax_model_folder_replaces_its_orbax_params(tmp_path: Path) -> None:
+    """save_pretrained into a folder `to_orbax` wrote kept its marker and params/: load_orbax and `trlax convert`
+    then read the old Orbax params beside the new config.json (the exported logits were the old model's)."""
+    src = _torch_checkpoint(gpt2(), tmp_path / "src", value_head=False)
+    folder = to_orbax(src, tmp_path / "model", progress=False)
+    model = FlaxAutoModelForCausalLM.from_pretrained(src)
+    model.params = jax.tree_util.tree_map(lambda leaf: leaf * 0.5, model.params)  # a fine-tuned model
+    model.save_pretrained(folder)
+    assert not is_orbax_model(folder) and not (folder / "params").exists()
+    ids, mask = batch(model.vocab_size, "left")
+    again = FlaxAutoModelForCausalLM.from_pretrained(folder)
+    np.testing.assert_array_equal(np.asarray(again(ids, attention_mask=mask).logits),
+                                  np.asarray(model(ids, attention_mask=mask).logits))

@@ -15,6 +15,7 @@ from benchmarks import hlo_report
 from tests.helpers import save_torch, torch_generation_init
 from tests.tiny_configs import TINY_CAUSAL, TINY_SEQ2SEQ
 from trlax import FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
+from trlax.errors import InputError, TrlaxTypeError
 from trlax.generation import GenerateOutput, GenerationSettings, filtered_logits, generate
 
 NEW = 8  # new tokens per parity run
@@ -270,6 +271,8 @@ def test_second_call_does_not_recompile(pairs):
         ({"do_sample": True, "prng_key": 0}, "prng_key must be one jax.random key"),
         ({"do_sample": True, "prng_key": jax.random.split(jax.random.key(0), 3)}, "prng_key must be one jax.random"),
         ({"eos_token_id": [[13, 2]]}, "an int or a flat list of ints"),
+        ({"max_new_tokens": True}, "max_new_tokens must be a positive int"),  # generated one token
+        ({"do_sample": "no"}, "do_sample must be True or False"),  # sampled
     ],
 )
 def test_bad_input_raises_a_clear_error(pairs, kwargs, message):
@@ -278,6 +281,17 @@ def test_bad_input_raises_a_clear_error(pairs, kwargs, message):
     args = {"input_ids": ids, "attention_mask": mask, **kwargs}
     with pytest.raises(ValueError, match=message):
         generate(model, args.pop("input_ids"), args.pop("attention_mask"), **args)
+
+
+def test_generate_settings_of_the_wrong_type_or_sign_are_refused(pairs):
+    """min_new_tokens=-1 was read as 0 (transformers raises); max_new_tokens="3" raised UnsupportedModelError
+    ("not implemented") for a value of the wrong type."""
+    _, model = pairs("gpt2")
+    ids, mask = _prompts(model.config, False)
+    with pytest.raises(InputError, match="min_new_tokens must be an int >= 0; got -1"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, min_new_tokens=-1)
+    with pytest.raises(TrlaxTypeError, match="max_new_tokens must be an integer; got '3'"):
+        model.generate(ids, attention_mask=mask, max_new_tokens="3")
 
 
 # --- the compiled decode loop --------------------------------------------------------------

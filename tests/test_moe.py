@@ -384,3 +384,28 @@ def test_peft_all_linear_on_experts_is_refused_clearly(tmp_path):
     pt.save_pretrained(str(tmp_path / "adapter"))
     with pytest.raises(UnsupportedModelError, match="target_parameters"):
         FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "adapter")
+
+
+def test_a_loss_with_the_router_aux_loss_on_is_refused_not_silently_different(pair):
+    """output_router_logits=True: transformers' loss adds router_aux_loss_coef * the load-balancing loss; trlax
+    returned the LM loss alone (4.61 against 5.62) without a word."""
+    _, model = pair
+    ids, mask = batch(model.vocab_size, "left", seq_len=5)
+    model.config.output_router_logits = True
+    try:
+        with pytest.raises(UnsupportedModelError, match="output_router_logits=True: transformers adds the router"):
+            model(ids, mask, labels=ids)
+        assert model(ids, mask).logits.shape[:2] == ids.shape  # logits do not need it
+    finally:
+        model.config.output_router_logits = False
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "phi3", "starcoder2"])
+def test_a_window_slides_every_layer_whatever_layer_types_say(model_type, tmp_path):
+    """transformers' Mixtral, Phi-3 and StarCoder2 slide every layer when sliding_window is set and ignore a
+    config's layer_types; trlax slid only the layers marked sliding (logits 3.7 to 4.7 off)."""
+    config = TINY_CAUSAL[model_type]()
+    config.sliding_window = 3
+    config.layer_types = ["full_attention", "sliding_attention"] + ["full_attention"] * (config.num_hidden_layers - 2)
+    pt, model = make_pair(config, tmp_path)
+    check_forward(pt, model, "left", explicit_positions=False)

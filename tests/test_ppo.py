@@ -477,6 +477,67 @@ def test_bad_rollout_and_update_inputs_are_named():
         ppo.make_ppo_update(policy, tx)(trainable, None, tx.init(trainable), exp)
 
 
+def test_rollout_inputs_that_would_make_nan_params_are_named():
+    """A NaN/inf score or kl_coef, or a batch with one response token (TRL: "The sum of the mask is one"), gave NaN
+    advantages, then NaN params after the update, without an error; a response token on padding was used."""
+    policy, ref = _policy_and_ref()
+    batch, scores = _causal_batch()
+    rollout = ppo.make_rollout(policy, ref)
+    for bad_scores, kl_coef in ((np.array([np.nan, 0, 0, 0]), 0.2), (np.array([np.inf, 0, 0, 0]), 0.2),
+                                (scores, float("nan"))):
+        with pytest.raises(InputError, match="must be finite numbers"):
+            rollout(policy.params, ref.params, batch, bad_scores, kl_coef)
+    one = np.zeros_like(batch["response_mask"]).copy()
+    one[0, -1] = 1
+    with pytest.raises(InputError, match=r"has 1 response token\(s\) after the first position: whitening"):
+        rollout(policy.params, ref.params, {**batch, "response_mask": jnp.asarray(one)}, scores, 0.2)
+    on_pad = np.asarray(batch["response_mask"]).copy()
+    on_pad[1, 0] = 1  # row 1's first token is left padding
+    with pytest.raises(InputError, match="never on padding"):
+        rollout(policy.params, ref.params, {**batch, "response_mask": jnp.asarray(on_pad)}, scores, 0.2)
+    with pytest.raises(TrlaxTypeError, match="the reference must be a value-head model"):
+        ppo.make_rollout(policy, ref.pretrained_model)
+    with pytest.raises(TrlaxTypeError, match="config must be a trlax.ppo.PPOConfig"):
+        ppo.make_rollout(policy, ref, config={"gamma": 1.0})
+    assert np.isfinite(rollout(policy.params, ref.params, batch, list(scores), 0.2)["advantages"]).all()  # a list
+
+
+def test_an_update_minibatch_is_checked_like_the_rollout_batch():
+    """Advantages [1, T-1] broadcast over a batch of 4 (a wrong loss, no error), ids past the vocabulary gave NaN
+    params, a missing key a bare KeyError inside the trace."""
+    policy, ref = _policy_and_ref()
+    batch, scores = _causal_batch()
+    exp = ppo.make_rollout(policy, ref)(policy.params, ref.params, batch, scores, 0.2)
+    tx = optax.sgd(0.1)
+    step = ppo.make_ppo_update(policy, tx)
+    trainable, frozen = split_trainable(policy.params, policy.trainable_mask)
+    with pytest.raises(InputError, match=r"minibatch\['advantages'\] must be \[B, T-1\] = \(4, 11\)"):
+        step(trainable, frozen, tx.init(trainable), {**exp, "advantages": exp["advantages"][:1]})
+    with pytest.raises(InputError, match="input_ids holds token id 150"):
+        step(trainable, frozen, tx.init(trainable), {**exp, "input_ids": exp["input_ids"].at[0, 3].set(150)})
+    with pytest.raises(InputError, match=r"has no \['returns'\]"):
+        step(trainable, frozen, tx.init(trainable), {k: v for k, v in exp.items() if k != "returns"})
+
+
+def test_the_public_ppo_functions_refuse_shapes_and_labels_they_would_misread():
+    """logprobs_from_logits wrapped label -1 to the last id and gave NaN for -100 or V (TRL's gather raises);
+    compute_rewards broadcast [B, 1] scores into [B, B, T] rewards; adaptive_kl_coef kept a NaN KL."""
+    logits = jnp.zeros((2, 3, 7))
+    for label in (-1, -100, 7):
+        with pytest.raises(InputError, match=rf"labels holds token id {label}, outside the vocabulary \[0, 7\)"):
+            ppo.logprobs_from_logits(logits, jnp.full((2, 3), label))
+    with pytest.raises(InputError, match="labels must be integer token ids"):
+        ppo.logprobs_from_logits(logits, jnp.full((2, 3), 2.7))
+    logp, mask = jnp.zeros((2, 5)), jnp.ones((2, 5))
+    with pytest.raises(InputError, match=r"scores must be \[B\] = \(2,\)"):
+        ppo.compute_rewards(jnp.ones((2, 1)), logp, logp, mask, 0.1)
+    with pytest.raises(InputError, match=r"logprobs must be \[B, T, V\] log-distributions for kl_penalty='full'"):
+        ppo.compute_rewards(jnp.ones(2), logp, logp, mask, 0.1, "full")
+    for kl, target in ((float("nan"), 6.0), (1.0, 0.0)):
+        with pytest.raises(InputError, match="adaptive_kl_coef needs"):
+            ppo.adaptive_kl_coef(0.2, kl, 8, target, 1000.0)
+
+
 def test_seq2seq_rollout_and_update():
     policy, ref = _policy_and_ref(num_shared=0, seq2seq=True)  # shares the embeddings and the encoder
     config = policy.config

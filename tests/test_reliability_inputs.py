@@ -248,6 +248,27 @@ def test_generate_checks_prompt_plus_new_tokens_against_the_positions(lm):
     assert lm.generate(prompt, max_new_tokens=5, eos_token_id=[]).sequences.shape == (1, 65)
 
 
+@pytest.mark.parametrize("sampling", [{}, {"do_sample": True, "prng_key": jax.random.key(0)}])
+def test_generate_refuses_to_choose_tokens_from_nan_logits(lm, bart, sampling):
+    """Non-finite params (a diverged update) gave NaN logits, from which argmax and the draw picked the last id."""
+    def poisoned(params: dict) -> dict:
+        return jax.tree_util.tree_map_with_path(lambda path, leaf: jnp.full_like(leaf, jnp.nan) if "ln_f" in
+                                                jax.tree_util.keystr(path) or "layernorm_embedding" in
+                                                jax.tree_util.keystr(path) else leaf, params)
+
+    for model in (lm, bart):
+        with pytest.raises(InputError, match="logits hold NaN or inf"):
+            model.generate(IDS, params=poisoned(model.params), max_new_tokens=3, **sampling)
+        assert model.generate(IDS, max_new_tokens=3, **sampling).sequences.shape[0] == 2  # finite params run
+
+
+def test_a_start_token_per_row_is_refused_by_name(bart):
+    """transformers takes one decoder start id per row; trlax raised a raw TypeError from int([...])."""
+    for start in ([2, 2], np.array([2, 2])):
+        with pytest.raises(UnsupportedModelError, match="decoder_start_token_id must be one token id"):
+            bart.generate(IDS, max_new_tokens=2, decoder_start_token_id=start)
+
+
 def test_seq2seq_learned_positions_bound_encoder_and_decoder(bart):
     with pytest.raises(InputError, match="input_ids: BART has 16 positions; got a sequence of 20 tokens"):
         bart(np.ones((1, 20), np.int32), decoder_input_ids=np.array([[2]]))

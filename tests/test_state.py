@@ -28,7 +28,7 @@ from tests.helpers import subprocess_env
 from trlax import FlaxAutoModelForCausalLM, FlaxAutoModelForCausalLMWithValueHead
 from trlax.checkpoint import StateCheckpointer, restore_state, save_state, wait_until_finished
 from trlax.checkpoint.state import interrupts_held
-from trlax.errors import CheckpointError, TrlaxError, TrlaxTypeError
+from trlax.errors import CheckpointError, InputError, TrlaxError, TrlaxTypeError
 from trlax.sharding import path_str
 
 OPT = optax.adam(1e-2)
@@ -226,6 +226,46 @@ def test_state_errors(tmp_path: Path) -> None:
         restore_state(tmp_path / "run", target={"optimizer": {}})
     with pytest.raises(ValueError, match="max_to_keep must be >= 1"):
         StateCheckpointer(tmp_path / "x", max_to_keep=0)
+
+
+def test_states_that_cannot_be_restored_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """extra=[1, 2] saved a step that raised a raw TypeError on every restore; params without arrays saved an empty
+    step that pushed a real one out of max_to_keep; a string leaf left a temporary folder behind a raw Orbax error;
+    {"a.b": x, "a": {"b": y}} restored both as y; donated arrays and rng=0 raised raw errors."""
+    params = {"w": jnp.arange(4.0)}
+    save_state(tmp_path / "run", 1, params, max_to_keep=2)
+    deleted = {"w": jnp.ones(3)}
+    jax.jit(lambda p: jax.tree_util.tree_map(lambda x: x + 1, p), donate_argnums=0)(deleted)
+    for kwargs, error, match in (
+            ({"params": params, "extra": [1, 2]}, TrlaxTypeError, "extra must be a dict"),
+            ({"params": {"w": None}}, TrlaxError, "params hold no arrays"),
+            ({"params": {}}, TrlaxError, "params hold no arrays"),
+            ({"params": {"w": "text"}}, TrlaxTypeError, "params.w is a str: a training state holds numeric"),
+            ({"params": {"a.b": jnp.ones(2), "a": {"b": jnp.zeros(2)}}}, TrlaxError, "both named params.a.b"),
+            ({"params": deleted}, InputError, "deleted arrays"),
+            ({"params": params, "rng": 0}, TrlaxTypeError, "rng must be a jax.random key")):
+        with pytest.raises(error, match=match):
+            save_state(tmp_path / "run", 2, max_to_keep=2, **kwargs)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == ["1"]
+    np.testing.assert_array_equal(restore_state(tmp_path / "run").params["w"], np.arange(4.0))
+
+
+def test_a_target_that_does_not_fit_is_named_and_not_blamed_on_the_files(tmp_path: Path) -> None:
+    """A wrong target was reported as damaged files, with advice to delete the (good) step; an int target
+    silently truncated the float params."""
+    save_state(tmp_path / "run", 1, {"w": jnp.arange(4.0)})
+    for target, match in (({"params": {"w": jnp.zeros(4, jnp.int32)}}, r"only in the target: \[\(\(4,\), 'int"),
+                          ({"params": {"w": jnp.zeros(5)}}, "does not fit step 1"),
+                          ({"params": {"w": jnp.zeros(4), "b": jnp.zeros(1)}}, "2 leaves against the step's 1")):
+        with pytest.raises(CheckpointError, match=match) as raised:
+            restore_state(tmp_path / "run", target=target)
+        assert "remove" not in str(raised.value)
+    with pytest.raises(TrlaxTypeError, match="target must be a dict"):
+        restore_state(tmp_path / "run", target=[{"w": jnp.zeros(4)}])
+    with pytest.raises(TrlaxTypeError, match="target_sharding must be a Mesh, a Sharding"):
+        restore_state(tmp_path / "run", target_sharding="cpu")
+    restored = restore_state(tmp_path / "run", target={"params": {"w": jnp.zeros(4, jnp.bfloat16)}})  # a cast
+    assert restored.params["w"].dtype == jnp.bfloat16
 
 
 def test_a_damaged_step_is_a_checkpoint_error_that_says_how_to_go_back(tmp_path: Path) -> None:

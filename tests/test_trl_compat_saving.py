@@ -180,3 +180,20 @@ def test_transformers_saving_and_forward_keywords(bf16_folder, tmp_path):
     # Two compiled programs (one also writes a cache): equal up to XLA's fusion choices, a few float32 ulps.
     np.testing.assert_allclose(logits, model(ids, mask)[0], rtol=0, atol=1e-6)
     assert len(cache) == model.config.num_hidden_layers and cache[0]["k"].shape[2] == ids.shape[1]
+
+
+def test_a_sharded_value_head_save_warns_that_trl_cannot_read_it(bf16_folder, tmp_path, caplog):
+    """TRL 1.12 fails on any local sharded value-head folder (its own saves too): it asks the hub for the shard
+    files. The save says so; if TRL learns to read them, this test fails and the warning goes."""
+    from trl.experimental.ppo import AutoModelForCausalLMWithValueHead
+
+    model = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(bf16_folder)
+    with caplog.at_level("WARNING", logger="trlax"):
+        model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert "TRL 1.12's from_pretrained cannot" in caplog.text
+    with pytest.raises(Exception, match="Repo id must|HFValidationError|repo_id"):  # noqa: PT011 - TRL's own error
+        AutoModelForCausalLMWithValueHead.from_pretrained(str(tmp_path / "sharded"))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trlax"):
+        model.save_pretrained(tmp_path / "single")
+    assert "TRL" not in caplog.text

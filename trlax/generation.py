@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trlax.errors import InputError, TrlaxError
+from trlax.errors import InputError, TrlaxError, TrlaxTypeError, UnsupportedModelError
 from trlax.generation_config import id_list, penalty_context, process_logits
 from trlax.inputs import check_positions, check_token_range, mask_for, token_ids
 from trlax.models.layers import LORA_COLLECTION
@@ -103,6 +103,11 @@ class _Knobs:
     forced_eos_ids: Array  # [num_forced_eos] int32
 
 
+# A compiled generate function: (params, lora, ids, mask, knobs, key[, decoder prompt]) -> (sequences, whether every
+# logit a token was chosen from was finite).
+GenerateFn = Callable[..., tuple[Array, Array]]
+
+
 class GenerationCache:
     """A model's compiled generate functions, one per GenerationSettings, and how often they compiled.
 
@@ -111,16 +116,16 @@ class GenerationCache:
     """
 
     def __init__(self) -> None:
-        self._fns: dict[GenerationSettings, Callable[..., Array]] = {}
+        self._fns: dict[GenerationSettings, GenerateFn] = {}
         self._traced_with: dict[GenerationSettings, tuple[Any, ...]] = {}
         self.compilations = 0
 
-    def get(self, settings: GenerationSettings, build: Callable[[], Callable[..., Array]]) -> Callable[..., Array]:
+    def get(self, settings: GenerationSettings, build: Callable[[], GenerateFn]) -> GenerateFn:
         """The jitted function for `settings`, built (not yet compiled) on first use."""
         if settings not in self._fns:
             run = build()
 
-            def counted(*args: Any) -> Array:
+            def counted(*args: Any) -> tuple[Array, Array]:
                 # Runs only while jax traces, i.e. once per compilation.
                 self.compilations += 1
                 self._traced_with[settings] = jax.tree_util.tree_map(
@@ -242,8 +247,9 @@ def _decode_loop(
     knobs: _Knobs,
     context: Array,
     rebuild: tuple[int, Callable[[Array, Any], tuple[Array, Any]]] | None = None,
-) -> Array:
-    """The new tokens [B, max_new_tokens] int32, one per `step` call.
+) -> tuple[Array, Array]:
+    """(the new tokens [B, max_new_tokens] int32, one per `step` call; whether every logit a token was chosen from
+    was finite: a bool scalar).
 
     step(token [B], i, cache) -> (logits [B, V], cache) feeds the token of loop index i
     (`first_fed` at i = 0, then the token chosen at i - 1) and returns the next logits.
@@ -255,18 +261,19 @@ def _decode_loop(
     b = first_fed.shape[0]
 
     def cond(state: tuple[Any, ...]) -> Array:
-        i, _, done, _, _, _ = state
+        i, _, done, _, _, _, _ = state
         if not settings.num_eos:
             return i < n
         return (i < n) & ~jnp.all(done)
 
     def body(state: tuple[Any, ...]) -> tuple[Any, ...]:
-        i, token, done, tokens, cache, key = state
+        i, token, done, tokens, cache, key, finite = state
         if rebuild is None:
             logits, cache = step(token, i, cache)
         else:
             logits, cache = jax.lax.cond(i == rebuild[0], lambda c: rebuild[1](tokens, c),
                                          lambda c: step(token, i, c), cache)
+        finite &= jnp.all(done[:, None] | jnp.isfinite(logits))  # rows still generating
         penalty = knobs.repetition_penalty if settings.use_repetition_penalty else None
         logits = process_logits(logits, i, context, tokens, knobs.eos_ids, min_new_tokens=settings.min_new_tokens,
                                 repetition_penalty=penalty,
@@ -277,11 +284,12 @@ def _decode_loop(
             key, step_key = jax.random.split(key)
         token, done = _finish(_next_token(logits, step_key, settings, knobs), done, knobs)
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (jnp.int32(0), i))
-        return i + 1, token, done, tokens, cache, key
+        return i + 1, token, done, tokens, cache, key, finite
 
     tokens = jnp.full((b, n), knobs.pad_id, jnp.int32)
-    state = (jnp.int32(0), first_fed, jnp.zeros((b,), bool), tokens, cache, key)
-    return jax.lax.while_loop(cond, body, state)[3]
+    state = (jnp.int32(0), first_fed, jnp.zeros((b,), bool), tokens, cache, key, jnp.bool_(True))
+    _, _, _, tokens, _, _, finite = jax.lax.while_loop(cond, body, state)
+    return tokens, finite
 
 
 def _last_logits(lm: Any, input_ids: Array, mask: Array, positions: Array, cache: Any) -> tuple[Array, Any]:
@@ -336,13 +344,14 @@ def cast_weights(params: Any, dtype: Any) -> Any:
     return jax.lax.optimization_barrier(cast)
 
 
-def _causal_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Callable[..., Array]:
+def _causal_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> GenerateFn:
     module, spec, config = _rollout_module(model, settings), model.spec, model.config
     dtype = _rollout_dtype(model, settings)
     n = settings.max_new_tokens
     longrope = longrope_length(config)
 
-    def run(params: Any, lora: Any, input_ids: Array, mask: Array, knobs: _Knobs, key: Array | None) -> Array:
+    def run(params: Any, lora: Any, input_ids: Array, mask: Array, knobs: _Knobs,
+            key: Array | None) -> tuple[Array, Array]:
         b, t = input_ids.shape
         variables = _variables(cast_weights(params, dtype), lora)
         cache = constrain_kv_cache(spec.init_cache(config, b, t + n, _cache_dtype(dtype)), model.mesh,
@@ -376,20 +385,20 @@ def _causal_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Call
         # transformers' Phi-3 rebuilds its cache at the step whose input first holds the pretraining length + 1
         # tokens, if the prompt was within it: loop index `at`.
         at = longrope + 1 - t if spec.rebuilds_longrope_cache and longrope is not None else 0
-        new = _decode_loop(step, input_ids[:, -1], cache, key, settings, knobs, penalty_context(input_ids, mask),
-                           rebuild=(at, rebuild) if 1 <= at < n else None)
-        return jnp.concatenate([input_ids, new], axis=1)
+        new, finite = _decode_loop(step, input_ids[:, -1], cache, key, settings, knobs,
+                                   penalty_context(input_ids, mask), rebuild=(at, rebuild) if 1 <= at < n else None)
+        return jnp.concatenate([input_ids, new], axis=1), finite
 
     return _traced_under_mesh(model, run)
 
 
-def _seq2seq_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Callable[..., Array]:
+def _seq2seq_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> GenerateFn:
     module, spec, config = _rollout_module(model, settings), model.spec, model.config
     dtype = _rollout_dtype(model, settings)
     n = settings.max_new_tokens
 
     def run(params: Any, lora: Any, input_ids: Array, mask: Array, knobs: _Knobs, key: Array | None,
-            decoder_prompt: Array) -> Array:
+            decoder_prompt: Array) -> tuple[Array, Array]:
         b, td = decoder_prompt.shape
         variables = _variables(cast_weights(params, dtype), lora)
         encoded, _ = module.apply(variables, input_ids, mask, method="encode")  # [B, Te, H]
@@ -410,17 +419,17 @@ def _seq2seq_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Cal
                                cache_index=td - 1 + i, method="decode")
             return out.logits[:, -1], constrain_kv_cache(out.cache, model.mesh, model.sharding_rules)
 
-        new = _decode_loop(step, decoder_prompt[:, -1], cache, key, settings, knobs, decoder_prompt)
-        return jnp.concatenate([decoder_prompt, new], axis=1)
+        new, finite = _decode_loop(step, decoder_prompt[:, -1], cache, key, settings, knobs, decoder_prompt)
+        return jnp.concatenate([decoder_prompt, new], axis=1), finite
 
     return _traced_under_mesh(model, run)
 
 
-def _traced_under_mesh(model: FlaxPreTrainedModel, run: Callable[..., Array]) -> Callable[..., Array]:
+def _traced_under_mesh(model: FlaxPreTrainedModel, run: GenerateFn) -> GenerateFn:
     """`run`, traced inside the model's sharding context: on a mesh, layer outputs stay
     batch-sharded and the KV cache keeps its layout (batch, kv heads); else unchanged."""
 
-    def traced(*args: Any) -> Array:
+    def traced(*args: Any) -> tuple[Array, Array]:
         with model.sharding_context():
             return run(*args)
 
@@ -447,7 +456,12 @@ def decoder_start_id(config: Any, given: int | None = None) -> int | None:
     start = given
     for name in ("decoder_start_token_id", "bos_token_id"):
         start = _config_value(config, name) if start is None else start
-    return None if start is None else int(start)
+    if start is None:
+        return None
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) and np.ndim(start) != 0:
+        raise UnsupportedModelError(f"decoder_start_token_id must be one token id; got {start!r} (transformers' "
+                                    "one start token per row is not supported: generate each start separately)")
+    return int(start)
 
 
 def start_prepended(decoder_prompt: Array, start: int | None) -> bool:
@@ -571,8 +585,10 @@ def generate(
     step, from float32 master params); None = the model's `dtype`. Weight matrices are
     cast to it once per call (see the module docstring); logits stay float32.
     """
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
         raise InputError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
+    if not isinstance(do_sample, (bool, np.bool_)):  # "no" would sample
+        raise TrlaxTypeError(f"do_sample must be True or False; got {do_sample!r}")
     check_sampling(temperature, top_k, top_p, do_sample=do_sample)
     if do_sample:
         _check_key(prng_key)
@@ -645,6 +661,10 @@ def generate(
     if model.mesh is not None:  # the batch is split like the layer outputs and the KV cache
         input_ids, mask = shard_batch((input_ids, mask), model.mesh, model.sharding_rules)
     extra = (decoder_prompt,) if seq2seq else ()
-    sequences = run(model.params if params is None else params, lora, input_ids, mask, knobs,
-                              prng_key if do_sample else None, *extra)
+    sequences, finite = run(model.params if params is None else params, lora, input_ids, mask, knobs,
+                            prng_key if do_sample else None, *extra)
+    if not finite:  # argmax and the draw would pick the last id of a NaN row without a word
+        raise InputError("generate: the model's logits hold NaN or inf, so no token can be chosen; the params hold "
+                         "non-finite values (a diverged update?) or the compute dtype overflows (try float32 or "
+                         "bfloat16)")
     return GenerateOutput(sequences=sequences)

@@ -149,9 +149,10 @@ def _shown(value: Any) -> str:
 
 
 def _as_int(name: str, value: Any) -> int:
-    if isinstance(value, (int, np.integer)) or (isinstance(value, float) and value.is_integer()):
+    if not isinstance(value, bool) and (isinstance(value, (int, np.integer)) or (
+            isinstance(value, float) and value.is_integer())):
         return int(value)
-    raise UnsupportedModelError(f"generate: {name} must be an integer; got {value!r}")
+    raise TrlaxTypeError(f"generate: {name} must be an integer; got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -218,8 +219,8 @@ def resolve_generation(
         out["max_new_tokens"] = new
     else:
         out["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
-    if "min_new_tokens" in merged:  # transformers: it takes precedence over min_length
-        out["min_new_tokens"] = max(_as_int("min_new_tokens", merged["min_new_tokens"]), 0)
+    if "min_new_tokens" in merged:  # transformers: it takes precedence over min_length (and must be >= 0)
+        out["min_new_tokens"] = _as_int("min_new_tokens", merged["min_new_tokens"])
     else:
         out["min_new_tokens"] = max(_as_int("min_length", merged.get("min_length", 0)) - length, 0)
     out["top_k"] = _as_int("top_k", merged.get("top_k", 0))

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from trlax.errors import DeletedParamsError, InputError
+from trlax.errors import DeletedParamsError, InputError, TrlaxTypeError
 
 # The label the language-modelling losses skip (transformers' and PyTorch's ignore_index).
 IGNORE_INDEX = -100
@@ -155,6 +155,26 @@ def check_positions(name: str, length: int, position_ids: Any, mask: Any, limit:
                        lo=jnp.min(position_ids), hi=jnp.max(position_ids))
 
 
+# transformers' forward arguments no trlax forward takes, with what to do instead.
+UNSUPPORTED_FORWARD_ARGUMENTS = {
+    "inputs_embeds": "pass input_ids",
+    "decoder_inputs_embeds": "pass decoder_input_ids",
+    "encoder_outputs": "pass input_ids and attention_mask: the encoder runs inside the forward",
+    "output_attentions": "attention weights are not returned",
+    "head_mask": "heads cannot be masked",
+    "token_type_ids": "no supported family uses them",
+}
+
+
+def refuse_unsupported_arguments(arguments: dict[str, Any], where: str) -> None:
+    """TrlaxTypeError naming keyword arguments a forward does not take (a transformers-only one with its
+    alternative), where Python would raise a bare TypeError."""
+    if arguments:
+        named = [f"{name} ({UNSUPPORTED_FORWARD_ARGUMENTS[name]})" if name in UNSUPPORTED_FORWARD_ARGUMENTS
+                 else name for name in sorted(arguments)]
+        raise TrlaxTypeError(f"{where} takes no {', '.join(named)}")
+
+
 def check_shape(name: str, value: Any, shape: tuple[int, ...]) -> None:
     """InputError unless `value` (a mask, positions or labels; concrete or traced: shapes are static, so
     this costs nothing under jit) has the shape of its ids; None passes."""
@@ -208,7 +228,7 @@ def checked(fn: Callable[..., Any], **jit_kwargs: Any) -> Callable[..., Any]:
 # --- params -------------------------------------------------------------------------------
 
 
-def _kind(dtype: Any) -> str:
+def dtype_kind(dtype: Any) -> str:
     """What a param's dtype may vary in: any float for a float param (param_dtype), any int for an int."""
     dtype = jnp.dtype(dtype)
     for kind in (jnp.floating, jnp.integer, jnp.bool_):
@@ -262,12 +282,12 @@ class ParamsCheck:
     def __call__(self, params: Any, name: str = "params") -> None:
         leaves, treedef = jax.tree_util.tree_flatten(params)
         check_not_deleted(leaves, f"{name} of {self.what}")
-        key = (treedef, tuple((tuple(np.shape(x)), _kind(x.dtype)) for x in leaves))
+        key = (treedef, tuple((tuple(np.shape(x)), dtype_kind(x.dtype)) for x in leaves))
         if key in self._passed:
             return
         if self._want is None:
-            self._want = {path: (tuple(x.shape), _kind(x.dtype)) for path, x in _leaves(self._expected())}
-        got = {path: (tuple(np.shape(x)), _kind(x.dtype)) for path, x in _leaves(params)}
+            self._want = {path: (tuple(x.shape), dtype_kind(x.dtype)) for path, x in _leaves(self._expected())}
+        got = {path: (tuple(np.shape(x)), dtype_kind(x.dtype)) for path, x in _leaves(params)}
         problems = []
         for path, (shape, kind) in self._want.items():
             if path not in got:

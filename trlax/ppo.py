@@ -42,7 +42,7 @@ import numpy as np
 import optax
 
 from trlax.errors import InputError, TrlaxError, TrlaxTypeError
-from trlax.inputs import check_shape
+from trlax.inputs import check_shape, check_token_range, is_concrete
 from trlax.trainable import jit_keeping_placement, merge_trainable, split_trainable
 from trlax.value_head import PreTrainedModelWrapper
 
@@ -182,10 +182,17 @@ def clip_by_value(x: Array, low: Array, high: Array) -> Array:
 
 
 def logprobs_from_logits(logits: Array, labels: Array | None, gather: bool = True) -> Array:
-    """log_softmax(logits [B, T, V]) in float32, gathered at labels [B, T] -> [B, T] (or [B, T, V])."""
+    """log_softmax(logits [B, T, V]) in float32, gathered at labels [B, T] int -> [B, T] (or [B, T, V]).
+
+    Labels must be ids of the vocabulary (InputError otherwise, checked when they are concrete): a gather
+    wraps -1 to the last id and gives NaN past the end, where TRL's `torch.gather` raises."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     if not gather:
         return logp
+    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+        raise InputError(f"labels must be integer token ids; got dtype {jnp.result_type(labels)}")
+    check_shape("labels", labels, np.shape(logits)[:-1])
+    check_token_range("labels", labels, np.shape(logits)[-1])
     return jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
@@ -216,6 +223,13 @@ def kl_penalty(logprob: Array, ref_logprob: Array, kind: str = "kl") -> Array:
     raise TrlaxError(f"kl_penalty must be one of {KL_PENALTIES}; got {kind!r}")
 
 
+def check_scores_shape(scores: Any, batch: int) -> None:
+    """InputError unless `scores` is [batch], one per sequence (a [B, 1] score broadcasts into [B, B, T])."""
+    if np.shape(scores) != (batch,):
+        raise InputError(f"scores must be [B] = ({batch},), one per sequence; got {np.shape(scores)} (a 1-label "
+                         "reward model's logits [B, 1]: pass logits[:, 0])")
+
+
 def compute_rewards(
     scores: Array, logprobs: Array, ref_logprobs: Array, mask: Array, kl_coef: float | Array, kind: str = "kl"
 ) -> tuple[Array, Array, Array]:
@@ -223,8 +237,17 @@ def compute_rewards(
 
     non_score_rewards = -kl_coef * kl_penalty(...); rewards adds scores [B] at each
     row's last position where mask [B, T] is 1 (rows with an empty mask get no score;
-    TRL raises there). logprobs/ref_logprobs: [B, T], or [B, T, V] for kind="full".
+    TRL raises there). logprobs/ref_logprobs: [B, T], or [B, T, V] for kind="full". Other shapes raise
+    InputError (a [B, 1] score broadcast into [B, B, T] rewards).
     """
+    if np.ndim(mask) != 2:
+        raise InputError(f"mask must be [B, T] (1 at the response's log-prob positions); got {np.shape(mask)}")
+    check_scores_shape(scores, np.shape(mask)[0])
+    want = (*np.shape(mask), *(np.shape(logprobs)[-1:] if kind == "full" else ()))  # "full": [B, T, V]
+    for name, value in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs)):
+        if np.shape(value) != want or len(want) != 2 + (kind == "full"):
+            raise InputError(f"{name} must be {'[B, T, V] log-distributions' if kind == 'full' else '[B, T]'} "
+                             f"for kl_penalty={kind!r} with a [B, T] = {np.shape(mask)} mask; got {np.shape(value)}")
     kls = kl_penalty(logprobs, ref_logprobs, kind)  # [B, T]
     non_score = -kl_coef * kls
     valid = mask > 0
@@ -364,7 +387,14 @@ def ppo_loss(
 
 
 def adaptive_kl_coef(kl_coef: float, current_kl: float, n_steps: int, target: float, horizon: float) -> float:
-    """TRL's AdaptiveKLController update: scale by 1 + clip(kl / target - 1, +-0.2) * n_steps / horizon."""
+    """TRL's AdaptiveKLController update: scale by 1 + clip(kl / target - 1, +-0.2) * n_steps / horizon.
+
+    InputError for a non-finite KL (the coefficient would stay NaN for the rest of the run) and for a target or
+    horizon that is not > 0."""
+    if not math.isfinite(current_kl):
+        raise InputError(f"adaptive_kl_coef needs the step's finite KL; got {current_kl}")
+    if not (target > 0 and horizon > 0):
+        raise InputError(f"adaptive_kl_coef needs target > 0 and horizon > 0; got target={target}, horizon={horizon}")
     error = min(max(current_kl / target - 1.0, -0.2), 0.2)
     return kl_coef * (1.0 + error * n_steps / horizon)
 
@@ -397,31 +427,70 @@ def logprob_mask(response_mask: Array) -> Array:
     return response_mask[:, 1:].astype(jnp.float32)
 
 
-def check_rollout_inputs(model: PreTrainedModelWrapper, batch: dict[str, Array], scores: Array) -> None:
-    """InputError unless `batch` holds what `make_rollout` reads, checked as the model's forward checks its
-    inputs (ids in the vocabulary when concrete: the jitted rollout would give NaN log-probs), with masks of the
-    ids' shape, and `scores` is [B].
-
-    A [B, 1] score (a 1-label reward model's logits) broadcast into [B, B, T-1] advantages without an error;
-    a missing key gave a bare KeyError inside the trace."""
+def check_model_batch(model: PreTrainedModelWrapper, batch: dict[str, Array], needed: tuple[str, ...],
+                      what: str, hint: str = "") -> Array:
+    """InputError unless `batch` holds the model inputs `forward` reads plus `needed`, the ids checked as the
+    model's forward checks them (in the vocabulary when concrete: the jitted step would give NaN log-probs) with
+    masks of their shape. Returns the ids log-probs are scored on ([B, T]: the decoder's for seq2seq)."""
+    if not isinstance(batch, dict):
+        raise TrlaxTypeError(f"the {what} must be a dict of arrays; got {type(batch).__name__}")
     lm = model.pretrained_model
     seq2seq = lm.is_encoder_decoder
     needed = ("input_ids", "attention_mask", *(("decoder_input_ids", "decoder_attention_mask") if seq2seq else ()),
-              "response_mask")
+              *needed)
     missing = [key for key in needed if key not in batch]
     if missing:
-        raise InputError(f"the rollout batch has no {missing}: it needs {list(needed)} (response_mask [B, T]: 1 at "
-                         f"the reply's tokens{', over the decoder ids' if seq2seq else ''})")
+        raise InputError(f"the {what} has no {missing}: it needs {list(needed)}{hint}")
     if seq2seq:
         lm.check_inputs(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"],
                         batch["decoder_attention_mask"])
     else:
         lm.check_inputs(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
-    scored = batch["decoder_input_ids" if seq2seq else "input_ids"]
-    check_shape("response_mask", batch["response_mask"], np.shape(scored))
-    if np.shape(scores) != np.shape(scored)[:1]:
-        raise InputError(f"scores must be [B] = {np.shape(scored)[:1]}, one per sequence; got {np.shape(scores)} "
-                         "(a 1-label reward model's logits [B, 1]: pass logits[:, 0])")
+    return batch["decoder_input_ids" if seq2seq else "input_ids"]
+
+
+def check_rollout_inputs(model: PreTrainedModelWrapper, batch: dict[str, Array], scores: Array,
+                         kl_coef: Any = 0.0) -> None:
+    """InputError unless `batch` holds what `make_rollout` reads (`check_model_batch`, and a 0/1 response_mask
+    [B, T] on real tokens), `scores` is [B] and, where concrete, scores and `kl_coef` are finite numbers and the
+    batch holds at least 2 response tokens after the first position, which whitening the advantages needs (TRL
+    raises "The sum of the mask is one"). Each of these gave NaN advantages, then NaN params after the update.
+
+    A [B, 1] score (a 1-label reward model's logits) broadcast into [B, B, T-1] advantages without an error;
+    a missing key gave a bare KeyError inside the trace."""
+    scored = check_model_batch(model, batch, ("response_mask",), "rollout batch", " (response_mask [B, T]: 1 at "
+                               "the reply's tokens, over the decoder ids for an encoder-decoder)")
+    response = batch["response_mask"]
+    check_shape("response_mask", response, np.shape(scored))
+    check_scores_shape(scores, np.shape(scored)[0])
+    for name, value in (("scores", scores), ("kl_coef", kl_coef)):
+        if is_concrete(value):
+            values = np.asarray(value)
+            if values.dtype.kind not in "biuf" or not np.isfinite(values).all():
+                raise InputError(f"{name} must be finite numbers; got {values.tolist()} (a NaN or inf makes every "
+                                 "advantage NaN, and the update NaN params)")
+    if is_concrete(response):
+        response = np.asarray(response)
+        attention = np.asarray(batch["decoder_attention_mask" if model.pretrained_model.is_encoder_decoder
+                                     else "attention_mask"])
+        if not np.isin(response, (0, 1)).all() or (response > attention).any():
+            raise InputError("response_mask must hold 1 at the reply's tokens and 0 elsewhere (never on padding)")
+        if response[:, 1:].sum() < 2:
+            raise InputError(f"the rollout batch has {int(response[:, 1:].sum())} response token(s) after the first "
+                             "position: whitening the advantages needs at least 2 (TRL raises 'The sum of the mask "
+                             "is one'); score longer replies or more of them")
+
+
+def check_ppo_models(policy: Any, reference: Any, config: Any) -> None:
+    """TrlaxTypeError unless policy and reference (None: none) are value-head wrappers and config a PPOConfig."""
+    for name, model in (("policy", policy), ("reference", reference)):
+        if model is not None and not isinstance(model, PreTrainedModelWrapper):
+            raise TrlaxTypeError(f"the {name} must be a value-head model (FlaxAutoModelForCausalLMWithValueHead or "
+                                 f"...Seq2SeqLMWithValueHead; a reference: create_reference_model(policy)); got "
+                                 f"{type(model).__name__}")
+    if not isinstance(config, PPOConfig):
+        raise TrlaxTypeError(f"config must be a trlax.ppo.PPOConfig (PPOConfig(**settings)); got "
+                             f"{type(config).__name__}")
 
 
 def make_rollout(
@@ -455,14 +524,32 @@ def make_rollout(
                 "rewards": rewards, "non_score_rewards": non_score, "kls": kls, "advantages": advantages,
                 "returns": returns}
 
+    check_ppo_models(policy, reference, config)
     jitted = jax.jit(rollout)
 
     def checked_rollout(policy_params: dict[str, Any], ref_params: dict[str, Any], batch: dict[str, Array],
                         scores: Array, kl_coef: Array) -> dict[str, Array]:
-        check_rollout_inputs(policy, batch, scores)
-        return jitted(policy_params, ref_params, batch, scores, kl_coef)
+        check_rollout_inputs(policy, batch, scores, kl_coef)
+        return jitted(policy_params, ref_params, batch, jnp.asarray(scores), kl_coef)
 
     return checked_rollout
+
+
+# What `make_ppo_update`'s step reads from `make_rollout`'s experience besides the model inputs: [B, T-1] each.
+EXPERIENCE_KEYS = ("mask", "old_logprobs", "old_values", "advantages", "returns")
+
+
+def check_experience(model: PreTrainedModelWrapper, batch: dict[str, Array]) -> None:
+    """InputError unless a (mini)batch holds the model inputs and `EXPERIENCE_KEYS` [B, T-1] of `make_rollout`'s
+    experience: a [1, T-1] advantages row broadcast over the batch without an error, ids past the vocabulary
+    gave NaN params, a missing key a bare KeyError inside the trace."""
+    scored = check_model_batch(model, batch, EXPERIENCE_KEYS, "minibatch", " (rows of make_rollout's experience)")
+    batch_size, length = np.shape(scored)
+    for key in EXPERIENCE_KEYS:
+        if np.shape(batch[key]) != (batch_size, length - 1):
+            raise InputError(f"minibatch[{key!r}] must be [B, T-1] = {(batch_size, length - 1)} for ids of shape "
+                             f"{(batch_size, length)}; got {np.shape(batch[key])} (take the same rows of every "
+                             "entry of make_rollout's experience)")
 
 
 def make_ppo_update(
@@ -481,6 +568,7 @@ def make_ppo_update(
     is refused with a ValueError, since donating shared leaves would delete the
     reference model's arrays.
     """
+    check_ppo_models(model, None, config)
     mask = model.trainable_mask if mask is None else mask
     expected, expected_frozen = (jax.tree_util.tree_structure(half) for half in split_trainable(model.params, mask))
     unfrozen = [jax.tree_util.keystr(path) for (path, trains), allowed in zip(
@@ -517,6 +605,7 @@ def make_ppo_update(
         if jax.tree_util.tree_structure(frozen) != expected_frozen:
             raise TrlaxError("`frozen` must be split_trainable(params, model.trainable_mask)[1], the half the update "
                              "does not train (a tree of the params' structure, None at the trainable leaves)")
+        check_experience(model, batch)
         return jitted(trainable, frozen, opt_state, batch, rng)
 
     return step

@@ -41,9 +41,10 @@ from trlax.checkpoint.torch_models import (
     torch_parts,
     trl_value_head_model,
 )
+from trlax.checkpoint.writer import SAFE_WEIGHTS_INDEX_NAME
 from trlax.errors import CheckpointError, InputError, TrlaxError, TrlaxTypeError, UnsupportedModelError
 from trlax.generation_config import read_generation_config
-from trlax.inputs import ParamsCheck, mask_for, same_shape, token_ids, with_live_params
+from trlax.inputs import ParamsCheck, mask_for, refuse_unsupported_arguments, same_shape, token_ids, with_live_params
 from trlax.models.auto import AutoModel, FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
 from trlax.models.base import FlaxPreTrainedModel, jit_forward, kv_cache_argument, load_config, refuse_train_mode
 from trlax.models.layers import LORA_COLLECTION, torch_linear_init
@@ -545,7 +546,7 @@ class PreTrainedModelWrapper:
         """(the LM, the value head or None) from a TRL or transformers checkpoint, read in one pass."""
         dtype = jnp.float32 if dtype is None else dtype
         options = HubOptions(revision, token, cache_dir, local_files_only)
-        resolved = resolve_checkpoint(source, options)
+        resolved = resolve_checkpoint(source, options, require_config=config is None)
         config = config or load_config(resolved.folder, resolved.source)
         with CheckpointReader(list(resolved.weight_files)) as reader:
             stored = stored_float_dtype(reader)
@@ -653,13 +654,18 @@ class PreTrainedModelWrapper:
         float32, as TRL saves it. Params sharded over several processes: call it on every
         process (process 0 writes, tensors gathered one at a time, see
         `trlax.checkpoint.gather`). An adapter policy writes PEFT's adapter files plus its
-        value head instead (see `trlax.peft.policy.write_adapter_policy`). transformers' saving
+        value head instead (see `trlax.peft.policy.write_adapter_policy`; no `max_shard_size` or
+        `dtype` there: TrlaxTypeError). transformers' saving
         keywords: `trlax.checkpoint.saving_args` (safe_serialization=True is accepted).
         """
         check_saving_args(transformers_args, f"{type(self).__name__}.save_pretrained")
         params = self.params if params is None else params
         self.check_params(params)
         if self.is_peft_model:
+            for name, value in (("max_shard_size", max_shard_size), ("dtype", dtype)):
+                if value is not None:  # PEFT's layout: one adapter file, the adapter as it is held
+                    raise TrlaxTypeError(f"an adapter policy saves PEFT's one adapter file (the adapter in the dtype "
+                                         f"it is held in) and TRL's value head: save_pretrained takes no {name} here")
             # The adapter and the head are small: gathered whole (on every process) if sharded.
             small = host_tree({"lora": params[LORA_COLLECTION], "v_head": params["v_head"]})
             return on_writer_process(
@@ -671,8 +677,13 @@ class PreTrainedModelWrapper:
         tensors = lm.tensors_to_save(params, dtype, path_prefix=("pretrained_model",))
         tensors.update(checkpoint_tensors(params, key_table(params["v_head"], prefix=V_HEAD_PREFIX,
                                                             path_prefix=("v_head",))))
-        return write_checkpoint(save_directory, tensors, write_extra=lambda tmp: lm.write_config_files(tmp, dtype),
-                                max_shard_size=max_shard_size)
+        written = write_checkpoint(save_directory, tensors, write_extra=lambda tmp: lm.write_config_files(tmp, dtype),
+                                   max_shard_size=max_shard_size)
+        if any(path.name == SAFE_WEIGHTS_INDEX_NAME for path in written):
+            logger.warning("%s is sharded: transformers and trlax load it, but TRL 1.12's from_pretrained cannot (it "
+                           "asks the hub for a local folder's shards: HFValidationError); save without "
+                           "max_shard_size for TRL", save_directory)
+        return written
 
     def push_to_hub(self, repo_id: str, *, params: dict[str, Any] | None = None,
                     max_shard_size: int | str | None = None, dtype: Any = None, **hub_args: Any) -> Any:
@@ -795,6 +806,8 @@ class FlaxAutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         past_key_values: Any = None,
         cache: Any = None,
         return_dict: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **unsupported: Any,
     ) -> tuple[jax.Array, ...]:
         """TRL's 3-tuple (lm_logits [B, T, V] float32, loss, values [B, T] float32), jitted.
 
@@ -809,9 +822,12 @@ class FlaxAutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         returned so; or `cache=`, transformers 5.25's name, which TRL passes on) continues after its P
         tokens, attention_mask then [B, P + T]: see the LM's `__call__`. TRL's `use_cache` changes
         nothing (the cache is returned when asked for). `return_dict` None or True changes nothing either;
-        False raises TrlaxTypeError, as TRL's forward fails on the LM's tuple output.
+        False raises TrlaxTypeError, as TRL's forward fails on the LM's tuple output. `output_hidden_states`
+        changes nothing (TRL's forward sets it itself and returns no hidden states). Other transformers
+        arguments raise TrlaxTypeError.
         """
         refuse_tuple_lm_output(return_dict)
+        refuse_unsupported_arguments(unsupported, f"{type(self).__name__}.__call__")
         past_key_values = kv_cache_argument(cache, past_key_values)
         input_ids = token_ids("input_ids", input_ids)
         past_length = self.pretrained_model.past_length(past_key_values, input_ids.shape[0])
@@ -874,6 +890,8 @@ class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
         past_key_values: Any = None,
         cache: Any = None,
         return_dict: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **unsupported: Any,
     ) -> tuple[jax.Array, ...]:
         """TRL's 3-tuple over decoder positions. decoder_input_ids [B, Td], or labels [B, Td]
         (-100 = ignored) from which they are derived as transformers does (shifted right behind
@@ -881,8 +899,10 @@ class FlaxAutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
         the decoder LM loss [] float32. KV cache as TRL's: `return_past_key_values=True` appends the
         decoder's cache as a 4th output, `past_key_values` (or `cache=`) continues it with the same
         encoder inputs (decoder_attention_mask then [B, P + Td]): see the seq2seq LM's `__call__`.
-        TRL's `use_cache` changes nothing; `return_dict` as the causal wrapper's."""
+        TRL's `use_cache` changes nothing; `return_dict`, `output_hidden_states` and other arguments as the
+        causal wrapper's."""
         refuse_tuple_lm_output(return_dict)
+        refuse_unsupported_arguments(unsupported, f"{type(self).__name__}.__call__")
         past_key_values = kv_cache_argument(cache, past_key_values)
         input_ids = token_ids("input_ids", input_ids)
         labels = None if labels is None else token_ids("labels", labels)

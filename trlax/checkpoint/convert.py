@@ -29,6 +29,7 @@ from trlax.checkpoint.gather import WRITER_PROCESS, checkpoint_tensors, write_ch
 from trlax.checkpoint.hub import HubOptions, resolve_checkpoint
 from trlax.checkpoint.naming import flatten_paths, key_table
 from trlax.checkpoint.reader import CheckpointReader
+from trlax.checkpoint.writer import ORBAX_MODEL_MARKER, ORBAX_PARAMS_DIR
 from trlax.errors import CheckpointError, CheckpointWriteError, TrlaxError
 from trlax.generation_config import read_generation_config, write_generation_config
 from trlax.models.auto import AutoModel, FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
@@ -44,14 +45,12 @@ from trlax.value_head import (
     make_value_head,
 )
 
-MARKER = "trlax_orbax.json"
 FORMAT = "trlax-orbax-model"
-PARAMS_DIR = "params"
 
 
 def is_orbax_model(path: str | os.PathLike) -> bool:
     """Whether `path` is a folder written by `to_orbax`."""
-    return (Path(path) / MARKER).is_file()
+    return (Path(path) / ORBAX_MODEL_MARKER).is_file()
 
 
 def _classes(config: Any) -> tuple[type[AutoModel], type[PreTrainedModelWrapper]]:
@@ -151,7 +150,7 @@ def _save_orbax(dst: Path, params: Any, config: Any, value_head: bool, param_dty
     try:
         with tqdm(total=_nbytes(params), unit="B", unit_scale=True, desc=f"writing {dst}",
                   disable=not progress) as bar:
-            checkpointer.save(dst.absolute() / PARAMS_DIR, params)
+            checkpointer.save(dst.absolute() / ORBAX_PARAMS_DIR, params)
             checkpointer.wait_until_finished()
             bar.update(bar.total)
     except Exception as e:  # noqa: BLE001 - Orbax / TensorStore raise bare errors (a full disk: ValueError)
@@ -177,30 +176,30 @@ def _save_orbax(dst: Path, params: Any, config: Any, value_head: bool, param_dty
         marker = {"format": FORMAT, "version": 1, "value_head": value_head, "model_type": config.model_type,
                   "param_dtype": jnp.dtype(param_dtype).name,
                   "storage_dtype": None if storage_dtype is None else np.dtype(storage_dtype).name}
-        (dst / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        (dst / ORBAX_MODEL_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     if jax.process_count() > 1:  # no host returns (and, say, reads the folder) before the marker exists
         multihost_utils.sync_global_devices("trlax.to_orbax: marker written")
 
 
 def _read_marker(path: Path) -> dict[str, Any]:
     if not is_orbax_model(path):
-        raise CheckpointError(f"{path} is not a trlax Orbax model folder (no {MARKER}); "
+        raise CheckpointError(f"{path} is not a trlax Orbax model folder (no {ORBAX_MODEL_MARKER}); "
                               "create one with `trlax convert SRC DST` or trlax.convert.to_orbax")
     again = "re-create the folder with `trlax convert` from the HF checkpoint it was made from"
     try:
-        marker = json.loads((path / MARKER).read_text())
+        marker = json.loads((path / ORBAX_MODEL_MARKER).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path / MARKER} cannot be read ({e}); {again}") from e
+        raise CheckpointError(f"{path / ORBAX_MODEL_MARKER} cannot be read ({e}); {again}") from e
     if not isinstance(marker, dict) or marker.get("format") != FORMAT:
-        raise CheckpointError(f"{path / MARKER} is not a {FORMAT} marker: {marker}")
+        raise CheckpointError(f"{path / ORBAX_MODEL_MARKER} is not a {FORMAT} marker: {marker}")
     name = marker.get("param_dtype")
     try:
         valid = isinstance(name, str) and jnp.issubdtype(jnp.dtype(name), jnp.floating)
     except TypeError:  # not a dtype name
         valid = False
     if not valid or not isinstance(marker.get("value_head"), bool):
-        raise CheckpointError(f"{path / MARKER} lacks a valid param_dtype (a float dtype name) or value_head (true or "
-                              f"false): {marker}; {again}")
+        raise CheckpointError(f"{path / ORBAX_MODEL_MARKER} lacks a valid param_dtype (a float dtype name) or "
+                              f"value_head (true or false): {marker}; {again}")
     return marker
 
 
@@ -238,7 +237,7 @@ def load_orbax(
     target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     abstract, shardings)
     try:
-        params = ocp.StandardCheckpointer().restore(path.absolute() / PARAMS_DIR, target)
+        params = ocp.StandardCheckpointer().restore(path.absolute() / ORBAX_PARAMS_DIR, target)
     except Exception as e:  # noqa: BLE001 - Orbax / TensorStore raise bare errors for damaged files
         reason = " ".join(str(e).split())[:400]
         raise CheckpointError(f"the params of the Orbax model folder {path} cannot be restored: its files are "

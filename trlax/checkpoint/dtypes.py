@@ -16,6 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The float dtypes a save writes: those transformers loads (float64: a float64 checkpoint saved "auto").
+SAVE_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
 
 class TensorSource(Protocol):
     """What `stored_float_dtype` reads: a CheckpointReader or an in-memory state dict reader."""

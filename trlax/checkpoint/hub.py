@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+import huggingface_hub
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -111,21 +112,22 @@ def _hub_reason(error: Exception) -> str:
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike, options: HubOptions | None = None,
-                       require_weights: bool = True) -> ResolvedCheckpoint:
-    """Locate config.json and the weight files of a local folder or hub repo."""
+                       require_weights: bool = True, require_config: bool = True) -> ResolvedCheckpoint:
+    """Locate config.json and the weight files of a local folder or hub repo. Without `require_config` (the
+    caller has a config) a source without config.json is read too, as transformers reads it given `config=`."""
     options = options or HubOptions()
     if not Path(name_or_path).is_dir() and not is_hub_id(name_or_path):
         raise CheckpointError(f"{name_or_path} is not a folder; pass the folder holding config.json")
     config = fetch_file(name_or_path, CONFIG_NAME, options)
-    if config is None:
+    if config is None and require_config:
         raise CheckpointError(
             f"no {CONFIG_NAME} in {name_or_path!s}: trlax needs the transformers config next to the weights "
-            "(save the model with save_pretrained)"
+            "(save the model with save_pretrained, or pass config=)"
         )
     for single, index in WEIGHT_FORMATS:
         path = fetch_file(name_or_path, single, options)
         if path is not None:
-            return ResolvedCheckpoint(str(name_or_path), config.parent, (path,))
+            return ResolvedCheckpoint(str(name_or_path), (config or path).parent, (path,))
         index_path = fetch_file(name_or_path, index, options)
         if index_path is not None:
             shards = sorted(set(_weight_map(index_path).values()))
@@ -133,14 +135,23 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, options: HubOptions | No
             for shard in shards:
                 shard_path = fetch_file(name_or_path, shard, options)
                 if shard_path is None:
-                    raise CheckpointError(
-                        f"{index_path.name} of {name_or_path!s} lists shard {shard}, which is missing")
+                    raise CheckpointError(f"{index_path.name} of {name_or_path!s} lists shard {shard}, which is "
+                                          f"missing{_offline_hint(name_or_path, options)}")
                 files.append(shard_path)
-            return ResolvedCheckpoint(str(name_or_path), config.parent, tuple(files))
-    if require_weights:
+            return ResolvedCheckpoint(str(name_or_path), (config or index_path).parent, tuple(files))
+    if require_weights or config is None:
         names = ", ".join(name for pair in WEIGHT_FORMATS for name in pair)
-        raise CheckpointError(f"no weights in {name_or_path!s}: expected one of {names}")
+        raise CheckpointError(f"no weights in {name_or_path!s}: expected one of {names}"
+                              f"{_offline_hint(name_or_path, options)}")
     return ResolvedCheckpoint(str(name_or_path), config.parent, ())
+
+
+def _offline_hint(name_or_path: str | os.PathLike, options: HubOptions) -> str:
+    """For a hub repo read offline: a file the hub cache lacks is reported missing, present in the repo or not."""
+    if Path(name_or_path).is_dir() or not (options.local_files_only or huggingface_hub.constants.HF_HUB_OFFLINE):
+        return ""
+    return (" from the hub cache (offline or local_files_only=True: the repo may have it; download the repo once "
+            "online)")
 
 
 def _weight_map(index_path: Path) -> dict[str, str]:

@@ -34,6 +34,8 @@ REFUSED_ARGS = {
     "load_in_4bit": "trlax has no 4-bit (bitsandbytes) loading; use param_dtype=jnp.bfloat16",
     "trust_remote_code": "trlax runs only its own model implementations, never a checkpoint's code; "
                          "use a model_type trlax supports",
+    "subfolder": "trlax reads a checkpoint from the top of a folder or repo; download the repo "
+                 "(huggingface_hub.snapshot_download) and pass its subfolder's local path",
 }
 
 
@@ -42,8 +44,8 @@ def translate_loading_args(kwargs: dict[str, Any], where: str) -> dict[str, Any]
 
     torch_dtype -> dtype (FutureWarning); device_map / attn_implementation /
     low_cpu_mem_usage dropped with a UserWarning; quantization_config, load_in_8bit=True,
-    load_in_4bit=True, trust_remote_code=True raise UnsupportedModelError (their falsy
-    values are dropped quietly). `where` names the caller in messages.
+    load_in_4bit=True, trust_remote_code=True, subfolder="..." raise UnsupportedModelError (their
+    falsy values are dropped quietly). `where` names the caller in messages.
     """
     kwargs = dict(kwargs)
     if "torch_dtype" in kwargs:

@@ -29,7 +29,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
 )
 
-from trlax.checkpoint.dtypes import TensorSource, cast_floats, params_float_dtype, stored_float_dtype
+from trlax.checkpoint.dtypes import SAVE_DTYPES, TensorSource, cast_floats, params_float_dtype, stored_float_dtype
 from trlax.checkpoint.gather import checkpoint_tensors, host_array, write_checkpoint
 from trlax.checkpoint.loading import LoadReport, Placer, load_params
 from trlax.checkpoint.loading_args import auto_dtype, resolve_dtype
@@ -225,9 +225,9 @@ class CheckpointMixin:
         """The float dtype a save writes: `dtype`, else the checkpoint's (`storage_dtype`), else the params'."""
         if dtype is not None:
             resolved = np.dtype(resolve_dtype(dtype, self.storage_dtype))
-            if not jnp.issubdtype(resolved, jnp.floating):  # checked before anything is written
+            if resolved.name not in SAVE_DTYPES:  # checked before anything is written
                 raise UnsupportedModelError(f"cannot save the weights as {resolved.name}: pass a float dtype "
-                                            "(float32, bfloat16, float16)")
+                                            "transformers loads (float32, bfloat16, float16)")
             return resolved
         if self.storage_dtype is not None:
             return np.dtype(self.storage_dtype)

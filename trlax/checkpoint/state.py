@@ -47,6 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDev
 from trlax.checkpoint.gather import global_replicas, on_writer_process
 from trlax.checkpoint.lock import WriterLock
 from trlax.errors import CheckpointError, TrlaxError, TrlaxTypeError
+from trlax.inputs import check_not_deleted, dtype_kind
 from trlax.sharding import ParamRule, ShardingRules, auto_mesh, check_mesh, resolve_rules, tree_shardings
 
 STATE_ITEMS = ("params", "opt_state", "rng", "adapters")
@@ -86,6 +87,34 @@ def non_finite_leaves(tree: Any) -> list[str]:
 def shards_finite(parts: list[jax.Array]) -> jax.Array:
     """[len(parts)] bool: whether each array (all on one device) holds only finite values."""
     return jnp.stack([jnp.isfinite(part).all() for part in parts])
+
+
+def leaf_name(path: tuple[Any, ...]) -> str:
+    """A leaf's name in Orbax's files: its keys joined by dots (`opt_state.0.mu.w`)."""
+    return ".".join(str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key)))) for key in path)
+
+
+def check_savable(state: dict[str, Any]) -> None:
+    """Refuse, before anything is written, what Orbax would save into a step that cannot be restored or would
+    fail midway: params without arrays (the empty step still counts toward `max_to_keep`, deleting a real one),
+    leaves that are not numeric arrays or numbers (a string: a raw Orbax error and a temporary folder left
+    behind), arrays a donating step deleted, and two leaves with one name in Orbax's files (`{"a.b": x,
+    "a": {"b": y}}` restored both as y)."""
+    if not jax.tree_util.tree_leaves(state.get("params")):
+        raise TrlaxError("params hold no arrays: there is nothing to save (an empty step would still count toward "
+                         "max_to_keep and delete a saved one); pass the model's params")
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    for path, leaf in leaves:
+        dtype = getattr(leaf, "dtype", None) if not isinstance(leaf, (bool, int, float)) else np.dtype(type(leaf))
+        if dtype is None or not (jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)):
+            raise TrlaxTypeError(f"{leaf_name(path)} is a {type(leaf).__name__}"
+                                 f"{f' of {dtype}' if dtype is not None else ''}: a training state holds numeric "
+                                 "arrays and numbers only (put other values in extra=)")
+    check_not_deleted([leaf for _, leaf in leaves], "the state to save")
+    names = collections.Counter(leaf_name(path) for path, _ in leaves)
+    if clashes := sorted(name for name, count in names.items() if count > 1):
+        raise TrlaxError(f"two leaves of the state are both named {clashes[0]} in Orbax's files (keys are joined "
+                         "by dots): rename a key that holds a dot")
 
 
 def step_is_complete(step_dir: Path) -> bool:
@@ -211,6 +240,10 @@ class StateCheckpointer:
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise TrlaxError(f"step must be an int >= 0; got {step!r}")
+        if extra is not None and not isinstance(extra, dict):  # restoring reads it as a dict
+            raise TrlaxTypeError(f"extra must be a dict of JSON values (or None); got {type(extra).__name__}")
+        if rng is not None and not isinstance(rng, (jax.Array, np.ndarray)):
+            raise TrlaxTypeError(f"rng must be a jax.random key (jax.random.key(seed)); got {type(rng).__name__}")
         try:  # before anything is written: Orbax would fail only after saving the arrays
             json.dumps(extra or {}, allow_nan=True)
         except (TypeError, ValueError) as e:
@@ -227,6 +260,7 @@ class StateCheckpointer:
             rng_impl = str(jax.random.key_impl(rng))
             rng = jax.random.key_data(rng)
         items = {"params": params, "opt_state": opt_state, "rng": rng, "adapters": adapters}
+        check_savable({k: v for k, v in items.items() if v is not None})
         state = global_replicas({k: v for k, v in items.items() if v is not None})  # multi-host: rng too
         if non_finite := non_finite_leaves(state):
             logger.warning("step %d: %d saved array(s) hold NaN or inf values, e.g. %s; saved as they are", step,
@@ -295,6 +329,13 @@ class StateCheckpointer:
             step count, and items the target lacks: replicated over that mesh), else the
             first local device.
         """
+        if target is not None and not isinstance(target, dict):
+            raise TrlaxTypeError(f"target must be a dict of items {list(STATE_ITEMS)} (e.g. {{'params': params}}); "
+                                 f"got {type(target).__name__}")
+        if not (target_sharding is None or isinstance(target_sharding, (Mesh, Sharding)) or all(
+                isinstance(leaf, Sharding) for leaf in jax.tree_util.tree_leaves(target_sharding))):
+            raise TrlaxTypeError("target_sharding must be a Mesh, a Sharding, or a pytree of Shardings shaped like "
+                                 f"the state; got {type(target_sharding).__name__}")
         step = self.saved_step(step)
         meta = self._meta(step)
 
@@ -355,6 +396,15 @@ class StateCheckpointer:
         if missing:
             raise CheckpointError(f"step {step} in {self.directory} has no {sorted(missing)}; "
                                   f"it holds {sorted(saved)}")
+        for name in target:  # leaves in any order (optax's NamedTuples flatten in field order, the files by name)
+            held, given = (sorted((tuple(leaf.shape), dtype_kind(leaf.dtype)) for leaf in
+                                  jax.tree_util.tree_leaves(tree)) for tree in (saved[name], target[name]))
+            if held != given:
+                only_target, only_saved = sorted(set(given) - set(held))[:2], sorted(set(held) - set(given))[:2]
+                raise CheckpointError(
+                    f"target[{name!r}] does not fit step {step} in {self.directory}: {len(given)} leaves against the "
+                    f"step's {len(held)}, (shape, dtype kind) only in the target: {only_target}, only in the step: "
+                    f"{only_saved}; pass a target built as the state was (the same model and optimizer), or none")
 
         def spec(leaf: Any) -> jax.ShapeDtypeStruct:
             return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None)

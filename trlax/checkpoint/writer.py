@@ -37,6 +37,10 @@ _STALE_ENTRIES = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|model\.safe
                             r"pytorch_model(-\d{5}-of-\d{5})?\.bin|pytorch_model\.bin\.index\.json|"
                             r"adapter_model\.(safetensors|bin)|adapter_config\.json|generation_config\.json|"
                             r"\.trlax-save-.*)$")
+# An Orbax model folder's own entries (`trlax.checkpoint.convert`): a save into such a folder drops them too, or
+# `load_orbax` and `trlax convert` would go on reading the old Orbax params beside the new config.json.
+ORBAX_MODEL_MARKER = "trlax_orbax.json"
+ORBAX_PARAMS_DIR = "params"
 
 
 def parse_size(size: int | str) -> int:
@@ -124,9 +128,16 @@ def write_checkpoint_dir(
 
 def write_folder(save_directory: str | os.PathLike, write: Callable[[Path], None]) -> list[Path]:
     """`write(tmp_dir)`'s files as the folder `save_directory`, replacing it atomically; the old folder's
-    weight files and generation settings are dropped and its other files kept (see the module docstring).
+    weight files (an Orbax model folder's too) and generation settings are dropped and its other files kept (see
+    the module docstring).
     Returns the written paths."""
-    with replacing_folder(save_directory, carry_over=lambda name: not _STALE_ENTRIES.match(name)) as tmp:
+    orbax_entries = (ORBAX_MODEL_MARKER, ORBAX_PARAMS_DIR) if (Path(save_directory) / ORBAX_MODEL_MARKER).is_file() \
+        else ()
+
+    def carried_over(name: str) -> bool:
+        return not (_STALE_ENTRIES.match(name) or name in orbax_entries)
+
+    with replacing_folder(save_directory, carry_over=carried_over) as tmp:
         try:
             write(tmp)
         except OSError as e:  # a full disk, a file size limit: safetensors' error names no file

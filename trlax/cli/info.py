@@ -21,10 +21,11 @@ import jax
 import numpy as np
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL_LM_TYPES
 
-from trlax.checkpoint.convert import PARAMS_DIR, is_orbax_model
+from trlax.checkpoint.convert import is_orbax_model
 from trlax.checkpoint.hub import HubOptions, fetch_file, is_hub_id, resolve_checkpoint
 from trlax.checkpoint.naming import hf_key
 from trlax.checkpoint.reader import SAFETENSORS_DTYPES, SafetensorsFile, TorchBinFile, parse_json_object
+from trlax.checkpoint.writer import ORBAX_PARAMS_DIR
 from trlax.errors import CheckpointError, TrlaxError, UnsupportedModelError
 from trlax.models.auto import (
     FlaxAutoModelForCausalLM,
@@ -67,11 +68,11 @@ def _orbax_tensors(folder: Path) -> Tensors:
     """HF names, dtypes and (HF) shapes of the params of an Orbax model folder, from Orbax's metadata."""
     import orbax.checkpoint as ocp  # seconds to import: only for an Orbax folder
 
-    if not (folder / PARAMS_DIR).is_dir():
-        raise CheckpointError(f"the Orbax model folder {folder} has no {PARAMS_DIR}/ (an incomplete copy?); "
+    if not (folder / ORBAX_PARAMS_DIR).is_dir():
+        raise CheckpointError(f"the Orbax model folder {folder} has no {ORBAX_PARAMS_DIR}/ (an incomplete copy?); "
                               "re-create it with `trlax convert`")
     try:
-        metadata = ocp.StandardCheckpointer().metadata((folder / PARAMS_DIR).absolute())
+        metadata = ocp.StandardCheckpointer().metadata((folder / ORBAX_PARAMS_DIR).absolute())
     except Exception as e:  # noqa: BLE001 - Orbax raises bare exceptions for a damaged folder
         reason = " ".join(str(e).split())[:300]
         raise CheckpointError(f"cannot read the params metadata of the Orbax model folder {folder} ({reason}); "

@@ -86,12 +86,23 @@ def alibi_bias(key_mask: Array, slopes: Array | np.ndarray) -> Array:
     Each key's position is the number of real tokens before it in its row,
     ``(cumsum(mask) - 1) * mask``, so left padding shifts nothing; the bias is
     slope_h * position (queries do not enter: softmax is invariant to a per-row shift).
-    The product is computed in slopes' dtype (Falcon rounds it to bfloat16).
+    The product is computed in slopes' dtype (Falcon rounds it to bfloat16), as PyTorch does: the positions
+    and the product rounded to it. A 16-bit product is formed in float32 and rounded with `reduce_precision`,
+    which XLA keeps: a bfloat16 multiply under jit stays float32 (XLA's excess precision), 1e-2 off for
+    slopes that are not powers of two.
     """
     mask = key_mask.astype(jnp.int32)
-    positions = (jnp.cumsum(mask, axis=-1) - 1) * mask  # [B, S]
-    slopes = jnp.asarray(slopes)
-    return slopes[None, :, None, None] * positions[:, None, None, :].astype(slopes.dtype)
+    positions = ((jnp.cumsum(mask, axis=-1) - 1) * mask)[:, None, None, :]  # [B, 1, 1, S]
+    slopes = jnp.asarray(slopes)[None, :, None, None]  # [1, H, 1, 1]
+    if jnp.finfo(slopes.dtype).bits >= 32:
+        return slopes * positions.astype(slopes.dtype)
+    info = jnp.finfo(slopes.dtype)
+
+    def rounded(x: Array) -> Array:
+        return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+    product = rounded(slopes.astype(jnp.float32) * rounded(positions.astype(jnp.float32)))
+    return product.astype(slopes.dtype)
 
 
 def alibi_attention_bias(key_mask: Array, q_slots: Array, slopes: np.ndarray, dtype: Any,

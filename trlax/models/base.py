@@ -338,7 +338,7 @@ class FlaxPreTrainedModel(CheckpointMixin):
             return cls.from_torch(pretrained_model_name_or_path, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
                                   sharding_rules=sharding_rules, **model_args)
         options = HubOptions(revision, token, cache_dir, local_files_only)
-        resolved = resolve_checkpoint(pretrained_model_name_or_path, options)
+        resolved = resolve_checkpoint(pretrained_model_name_or_path, options, require_config=config is None)
         config = config or load_config(resolved.folder, resolved.source)
         with CheckpointReader(list(resolved.weight_files)) as reader:
             model = cls.load_from(reader, resolved.source, config, dtype=dtype, param_dtype=param_dtype, mesh=mesh,

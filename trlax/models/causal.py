@@ -6,7 +6,15 @@ from typing import Any
 
 import jax
 
-from trlax.inputs import check_labels, check_shape, mask_for, same_shape, token_ids
+from trlax.errors import UnsupportedModelError
+from trlax.inputs import (
+    check_labels,
+    check_shape,
+    mask_for,
+    refuse_unsupported_arguments,
+    same_shape,
+    token_ids,
+)
 from trlax.models.base import FlaxPreTrainedModel, kv_cache_argument
 from trlax.models.loss import causal_lm_loss
 from trlax.models.outputs import CausalLMOutput
@@ -42,6 +50,11 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
         `trlax.inputs`): the params' structure (at trace time under jit), token ids and positions
         when they are concrete, and, with `check_inputs=True` inside `trlax.inputs.checked`, traced ones too.
         """
+        if labels is not None and getattr(self.config, "output_router_logits", False):
+            raise UnsupportedModelError(  # transformers' loss adds router_aux_loss_coef * its load-balancing loss
+                f"{self.config.model_type} with output_router_logits=True: transformers adds the router's "
+                "load-balancing loss to the LM loss, which trlax does not compute; set "
+                "model.config.output_router_logits = False for the LM loss alone (logits are unaffected)")
         cache, past_length = self.forward_cache(past_key_values, input_ids, use_cache)
         self.check_inputs(input_ids, attention_mask, position_ids, labels, past_length=past_length,
                           traced=check_inputs)
@@ -64,6 +77,7 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
         past_key_values: Any = None,
         use_cache: bool | None = None,
         cache: Any = None,
+        **unsupported: Any,
     ) -> CausalLMOutput:
         """Forward pass, jit-compiled once per shape.
 
@@ -88,6 +102,7 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
         `trlax.models.cache.past_kv_length`). Every new cache length compiles a new program: decode with
         `generate`.
         """
+        refuse_unsupported_arguments(unsupported, f"{type(self).__name__}.__call__")
         past_key_values = kv_cache_argument(cache, past_key_values)
         input_ids = token_ids("input_ids", input_ids)
         past_length = self.past_length(past_key_values, input_ids.shape[0])

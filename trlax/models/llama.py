@@ -109,9 +109,10 @@ def check_causal(config: Any) -> None:
 def decoder_options(config: Any, **switches: Any) -> DecoderOptions:
     """DecoderOptions with the head dim, activation (`hidden_act`) and sliding layers read from the config
     as transformers reads them, and the family's other `switches`."""
-    sliding = sliding_layers(config)
-    read = {"head_dim": head_dim_of(config), "hidden_act": getattr(config, "hidden_act", None), "sliding": sliding,
-            "sliding_window": config.sliding_window if any(sliding) else None}
+    read = {"head_dim": head_dim_of(config), "hidden_act": getattr(config, "hidden_act", None)}
+    if "sliding" not in switches:  # else the family's own rule (`without_sliding`, `sliding_everywhere`)
+        sliding = sliding_layers(config)
+        read.update(sliding=sliding, sliding_window=config.sliding_window if any(sliding) else None)
     return DecoderOptions(**{**read, **switches})
 
 
@@ -119,6 +120,14 @@ def without_sliding(config: Any) -> dict[str, Any]:
     """DecoderOptions switches of a model type transformers gives no sliding window (Llama, Granite, OLMo 2, GLM),
     whatever stray `sliding_window` its config.json holds (transformers ignores it there)."""
     return {"sliding": (False,) * config.num_hidden_layers, "sliding_window": None}
+
+
+def sliding_everywhere(config: Any) -> dict[str, Any]:
+    """DecoderOptions switches of a model type whose transformers attention slides every layer when
+    `sliding_window` is set (Mistral, Mixtral, Qwen3-MoE, Phi-3, StarCoder2), whatever `layer_types` its
+    config.json holds (transformers ignores them there)."""
+    window = getattr(config, "sliding_window", None)
+    return {"sliding": (window is not None,) * config.num_hidden_layers, "sliding_window": window}
 
 
 def configured_options(config: Any, **switches: Any) -> DecoderOptions:
@@ -147,7 +156,7 @@ def llama_options(config: Any) -> DecoderOptions:
         raise UnsupportedModelError(f"model_type {mt!r} is not a Llama-family model")
     mlp_bias = bool(getattr(config, "mlp_bias", False)) if mt == "llama" else False
     return decoder_options(config, qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias, qk_norm=mt == "qwen3",
-                           **(without_sliding(config) if mt == "llama" else {}))
+                           **({"llama": without_sliding(config), "mistral": sliding_everywhere(config)}.get(mt, {})))
 
 
 class LlamaAttention(SelfAttention, kw_only=True):

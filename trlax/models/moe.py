@@ -56,6 +56,7 @@ from trlax.models.llama import (
     cache_geometry,
     check_causal,
     decoder_options,
+    sliding_everywhere,
     validate_rope,
 )
 from trlax.models.spec import ArchitectureSpec, ParamRule, tied_lm_head
@@ -93,8 +94,8 @@ def moe_decoder_options(config: Any) -> DecoderOptions:
     check_causal(config)
     qwen = config.model_type == "qwen3_moe"
     bias = bool(getattr(config, "attention_bias", False)) if qwen else False  # Mixtral hard-codes no bias
-    # One window for every layer, when set (neither type has layer_types).
-    return decoder_options(config, qkv_bias=bias, o_bias=bias, mlp_bias=False, qk_norm=qwen)
+    return decoder_options(config, qkv_bias=bias, o_bias=bias, mlp_bias=False, qk_norm=qwen,
+                           **sliding_everywhere(config))
 
 
 def route(router_logits: Array, top_k: int, normalise: bool) -> tuple[Array, Array]:
@@ -220,7 +221,8 @@ class MoeModel(LlamaModel):
 
 
 class MoeForCausalLM(LlamaForCausalLM):
-    """MixtralForCausalLM / Qwen3MoeForCausalLM (no router aux loss: trlax computes no LM loss)."""
+    """MixtralForCausalLM / Qwen3MoeForCausalLM (its LM loss without the router aux loss: `output_router_logits`
+    with labels is refused)."""
 
     backbone_cls = MoeModel
 

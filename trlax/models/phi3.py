@@ -31,6 +31,7 @@ from trlax.models.llama import (
     LlamaForCausalLM,
     LlamaModel,
     decoder_options,
+    sliding_everywhere,
 )
 from trlax.models.rope import partial_inv_frequencies, rope_parameters
 from trlax.models.self_attention import head_dim_of
@@ -40,7 +41,8 @@ from trlax.models.spec import ParamRule, embedding_rules, feed_forward_rules, fu
 def phi3_options(config: Any) -> DecoderOptions:
     """DecoderOptions of a phi3 config (no biases, partial rotary, residual dropout)."""
     return decoder_options(config, qkv_bias=False, o_bias=False, mlp_bias=False, resid_dropout=config.resid_pdrop,
-                           partial_rotary_factor=rope_parameters(config).get("partial_rotary_factor", 1.0))
+                           partial_rotary_factor=rope_parameters(config).get("partial_rotary_factor", 1.0),
+                           **sliding_everywhere(config))
 
 
 class Phi3Attention(LlamaAttention):

@@ -11,7 +11,15 @@ import jax
 
 from trlax.errors import InputError
 from trlax.generation import decoder_start_id, start_prepended
-from trlax.inputs import check_labels, check_positions, check_shape, check_token_range, mask_for, token_ids
+from trlax.inputs import (
+    check_labels,
+    check_positions,
+    check_shape,
+    check_token_range,
+    mask_for,
+    refuse_unsupported_arguments,
+    token_ids,
+)
 from trlax.models.base import FlaxPreTrainedModel, kv_cache_argument
 from trlax.models.loss import seq2seq_lm_loss, shift_tokens_right
 from trlax.models.outputs import Seq2SeqLMOutput
@@ -94,6 +102,7 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
         past_key_values: Any = None,
         use_cache: bool | None = None,
         cache: Any = None,
+        **unsupported: Any,
     ) -> Seq2SeqLMOutput:
         """Forward pass, jit-compiled once per shape.
 
@@ -116,6 +125,7 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
         transformers does when it is given no `encoder_outputs`; so the cache holds no cross-attention
         entries, and transformers' 4-array legacy layers are not read.
         """
+        refuse_unsupported_arguments(unsupported, f"{type(self).__name__}.__call__")
         past_key_values = kv_cache_argument(cache, past_key_values)
         input_ids = token_ids("input_ids", input_ids)
         labels = None if labels is None else token_ids("labels", labels)

@@ -31,7 +31,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICA
 from trlax.checkpoint.loading import Placer
 from trlax.checkpoint.naming import set_path
 from trlax.errors import InputError, TrlaxTypeError, UnsupportedModelError
-from trlax.inputs import IGNORE_INDEX, is_concrete, mask_for, same_shape, token_ids
+from trlax.inputs import IGNORE_INDEX, is_concrete, mask_for, refuse_unsupported_arguments, same_shape, token_ids
 from trlax.models.base import FlaxPreTrainedModel
 from trlax.models.decoder import CausalLM
 from trlax.models.layers import HFModule, initializer_range
@@ -226,7 +226,8 @@ class FlaxModelForSequenceClassification(FlaxPreTrainedModel):
 
     def __call__(self, input_ids: Any, attention_mask: Any = None, position_ids: Any = None,
                  params: dict[str, Any] | None = None, labels: Any = None, output_hidden_states: bool = False,
-                 train: bool = False, dropout_rng: Array | None = None) -> SequenceClassifierOutput:
+                 train: bool = False, dropout_rng: Array | None = None,
+                 **unsupported: Any) -> SequenceClassifierOutput:
         """Forward pass, jit-compiled once per shape.
 
         input_ids [B, T] int; attention_mask [B, T] (default all ones); position_ids [B, T]
@@ -236,6 +237,7 @@ class FlaxModelForSequenceClassification(FlaxPreTrainedModel):
         as transformers computes it for `config.problem_type` (inferred and stored in the
         config when None, as transformers does).
         """
+        refuse_unsupported_arguments(unsupported, f"{type(self).__name__}.__call__")
         input_ids = token_ids("input_ids", input_ids)
         mask = mask_for("attention_mask", attention_mask, input_ids)
         if position_ids is not None:

@@ -26,6 +26,7 @@ from trlax.models.llama import (
     LlamaModel,
     checked_by_options,
     decoder_options,
+    sliding_everywhere,
 )
 from trlax.models.llama import SPEC as LLAMA_SPEC
 from trlax.models.spec import ParamRule, feed_forward_rules
@@ -35,7 +36,7 @@ def starcoder2_options(config: Any) -> DecoderOptions:
     """DecoderOptions of a starcoder2 config."""
     bias = config.use_bias
     return decoder_options(config, qkv_bias=bias, o_bias=bias, mlp_bias=bias, embed_dropout=config.embedding_dropout,
-                           resid_dropout=config.residual_dropout)
+                           resid_dropout=config.residual_dropout, **sliding_everywhere(config))
 
 
 def layer_norm(module: HFModule, options: DecoderOptions) -> nn.Module:

@@ -27,6 +27,7 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -113,7 +114,12 @@ class LoraConfig:
         for name, r in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
             if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
                 raise TrlaxError(f"LoRA {name} must be a positive integer; got {r!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
+        for name, alpha in [("lora_alpha", self.lora_alpha),
+                            *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]:
+            if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+                raise TrlaxError(f"LoRA {name} must be a finite number (scaling = lora_alpha / r); got {alpha!r}")
+        dropout = self.lora_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
             raise TrlaxError(f"lora_dropout must be in [0, 1); got {self.lora_dropout!r}")
         if self.bias != "none":
             raise UnsupportedModelError(f"LoRA bias={self.bias!r} (trainable base biases) is not supported by trlax; "
