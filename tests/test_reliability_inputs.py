@@ -262,6 +262,19 @@ def test_generate_refuses_to_choose_tokens_from_nan_logits(lm, bart, sampling):
         assert model.generate(IDS, max_new_tokens=3, **sampling).sequences.shape[0] == 2  # finite params run
 
 
+def test_transformers_forward_arguments_trlax_lacks_are_named(lm, wrapper, bart):
+    """encoder_outputs=, output_attentions=, a typo: Python's bare "unexpected keyword argument" TypeError. TRL's
+    causal forward takes output_hidden_states (it sets it itself): the wrapper raised on it."""
+    logits, _, values = wrapper(IDS, output_hidden_states=True)
+    assert values.shape == IDS.shape
+    for model, name, hint in ((lm, "output_attentions", "attention weights are not returned"),
+                              (wrapper, "encoder_outputs", "the encoder runs inside the forward"),
+                              (bart, "encoder_outputs", "the encoder runs inside the forward"),
+                              (lm, "atention_mask", "")):
+        with pytest.raises(TrlaxTypeError, match=f"__call__ takes no {name}.*{hint}"):
+            model(IDS, **{name: True})
+
+
 def test_a_start_token_per_row_is_refused_by_name(bart):
     """transformers takes one decoder start id per row; trlax raised a raw TypeError from int([...])."""
     for start in ([2, 2], np.array([2, 2])):
