@@ -141,3 +141,13 @@ def test_gemma3_with_unsupported_rope_is_refused():
     config.rope_parameters["full_attention"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
     with pytest.raises(UnsupportedModelError, match="rope_type 'dynamic'"):
         FlaxAutoModelForCausalLM.from_config(config)
+
+
+def test_gemma3_with_a_partial_rotary_factor_transformers_cannot_run_is_refused():
+    """A linear full-attention RoPE with partial_rotary_factor: transformers' forward fails on the shapes; trlax ran
+    it (Llama-like families refuse it)."""
+    config = TINY_CAUSAL["gemma3_text"]()
+    config.rope_parameters["full_attention"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0,
+                                                "partial_rotary_factor": 0.5}
+    with pytest.raises(UnsupportedModelError, match="partial_rotary_factor=0.5 with rope_type 'linear'"):
+        FlaxAutoModelForCausalLM.from_config(config)

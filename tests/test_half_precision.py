@@ -13,6 +13,7 @@ from tests.helpers import batch
 from tests.tiny_configs import TINY_CAUSAL, TINY_SEQ2SEQ
 from trlax import FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
 from trlax.checkpoint.naming import flatten_paths
+from trlax.generation import cast_weights
 from trlax.models.layers import Embed
 
 VOCAB = 101
@@ -93,3 +94,16 @@ def test_bf16_pure_forward_runs_outside_jit(name):
     # times over: the eager ops round every intermediate, the jitted program keeps fused ones in float32).
     assert np.abs(eager - reference).max() < 2**-5 * scale
     assert np.abs(jitted - reference).max() < 2**-5 * scale
+
+
+def test_float16_generation_keeps_t5s_wo_in_float32_as_its_forward_does():
+    """generate cast every weight matrix to the rollout dtype, T5's `wo` too, which the forward (and transformers)
+    keeps float32 in a float16 T5: the rollout computed with float16-rounded `wo` (logits up to 2e-2 off)."""
+    model = FlaxAutoModelForSeq2SeqLM.from_config(TINY_SEQ2SEQ["t5"](), dtype=jnp.float16, param_dtype=jnp.float16)
+    cast = dict(flatten_paths(cast_weights(model.params, jnp.float16, model.spec.float32_keys)))
+    wo = {path: leaf.dtype for path, leaf in cast.items() if "wo" in path}
+    assert wo and set(wo.values()) == {jnp.dtype(jnp.float32)}
+    others = {leaf.dtype for path, leaf in cast.items() if leaf.ndim >= 2 and "wo" not in path}
+    assert others == {jnp.dtype(jnp.float16)}
+    bf16 = dict(flatten_paths(cast_weights(model.params, jnp.bfloat16, model.spec.float32_keys)))
+    assert {bf16[path].dtype for path in wo} == {jnp.dtype(jnp.bfloat16)}  # the float32 rule is float16's only

@@ -45,6 +45,7 @@ only); logits and sampling stay float32.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -54,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trlax.checkpoint.naming import hf_key
 from trlax.errors import InputError, TrlaxError, TrlaxTypeError, UnsupportedModelError
 from trlax.generation_config import id_list, penalty_context, process_logits
 from trlax.inputs import check_positions, check_token_range, mask_for, token_ids
@@ -325,22 +327,28 @@ def _rollout_module(model: FlaxPreTrainedModel, settings: GenerationSettings) ->
     return model.module if jnp.dtype(dtype) == jnp.dtype(model.dtype) else model.module.clone(dtype=dtype)
 
 
-def cast_weights(params: Any, dtype: Any) -> Any:
+def cast_weights(params: Any, dtype: Any, float32_keys: tuple[str, ...] = ()) -> Any:
     """params with every floating array of >= 2 dims (the weight matrices) cast to `dtype`.
 
     Vectors (norm scales, biases) and integer leaves are left as they are; leaves already
-    of `dtype` are not copied. Inside jit the casts run where this is called and stay
+    of `dtype` are not copied; under a float16 `dtype`, weights whose HF keys match
+    `float32_keys` (the spec's: T5's `wo`, which its module computes in float32, as transformers
+    does) too. Inside jit the casts run where this is called and stay
     there: an optimization barrier keeps XLA from sinking them into a later while loop
     (its WhileLoopFusibleSinking pass would, and every step would then read the float32
     weights and convert them again).
     """
+    kept = [re.compile(pattern) for pattern in float32_keys] if jnp.dtype(dtype) == jnp.float16 else []
 
-    def needs_cast(leaf: Any) -> bool:
-        return jnp.ndim(leaf) >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype != dtype
+    def needs_cast(path: tuple[Any, ...], leaf: Any) -> bool:
+        if not (jnp.ndim(leaf) >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype != dtype):
+            return False
+        return not (kept and any(k.search(hf_key(tuple(str(key.key) for key in path))) for k in kept))
 
-    if not any(needs_cast(leaf) for leaf in jax.tree_util.tree_leaves(params)):
+    if not any(needs_cast(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]):
         return params
-    cast = jax.tree_util.tree_map(lambda leaf: leaf.astype(dtype) if needs_cast(leaf) else leaf, params)
+    cast = jax.tree_util.tree_map_with_path(lambda path, leaf: leaf.astype(dtype) if needs_cast(path, leaf) else leaf,
+                                            params)
     return jax.lax.optimization_barrier(cast)
 
 
@@ -353,7 +361,7 @@ def _causal_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Gene
     def run(params: Any, lora: Any, input_ids: Array, mask: Array, knobs: _Knobs,
             key: Array | None) -> tuple[Array, Array]:
         b, t = input_ids.shape
-        variables = _variables(cast_weights(params, dtype), lora)
+        variables = _variables(cast_weights(params, dtype, spec.float32_keys), lora)
         cache = constrain_kv_cache(spec.init_cache(config, b, t + n, _cache_dtype(dtype)), model.mesh,
                                    model.sharding_rules)
         kv_mask = jnp.concatenate([mask, jnp.ones((b, n), jnp.int32)], axis=1)  # [B, S]
@@ -400,7 +408,7 @@ def _seq2seq_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Gen
     def run(params: Any, lora: Any, input_ids: Array, mask: Array, knobs: _Knobs, key: Array | None,
             decoder_prompt: Array) -> tuple[Array, Array]:
         b, td = decoder_prompt.shape
-        variables = _variables(cast_weights(params, dtype), lora)
+        variables = _variables(cast_weights(params, dtype, spec.float32_keys), lora)
         encoded, _ = module.apply(variables, input_ids, mask, method="encode")  # [B, Te, H]
         # Decoder slot j < Td - 1 holds prompt token j (prefilled); loop index i feeds slot
         # Td - 1 + i: the last prompt token (the start token without a prompt), then the

@@ -19,9 +19,7 @@ from trlax.models.attention import Array
 from trlax.models.cache import KVCache
 from trlax.models.gemma import SPEC as GEMMA_SPEC
 from trlax.models.gemma import Gemma2DecoderLayer, GemmaForCausalLM, GemmaModel, gemma_options
-from trlax.models.llama import LAYER_TYPES, PerLayerTypeRope, layer_type_of, sliding_layers
-from trlax.models.rope import inv_frequencies
-from trlax.models.self_attention import head_dim_of
+from trlax.models.llama import LAYER_TYPES, PerLayerTypeRope, layer_type_of, sliding_layers, validate_rope
 
 
 class Gemma3DecoderLayer(Gemma2DecoderLayer):
@@ -43,8 +41,8 @@ class Gemma3ForCausalLM(GemmaForCausalLM):
 
 def _validate(config: Any) -> None:
     gemma_options(config)  # refuses bidirectional configs and unknown layer types
-    for sliding in set(sliding_layers(config)):  # refuses RoPE types trlax lacks, naming them
-        inv_frequencies(config, head_dim_of(config), layer_type=LAYER_TYPES[sliding])
+    for sliding in set(sliding_layers(config)):  # refuses RoPE settings trlax (or transformers) lacks, naming them
+        validate_rope(config, layer_type=LAYER_TYPES[sliding])
 
 
 SPEC = dataclasses.replace(GEMMA_SPEC, model_types=("gemma3_text",), module=Gemma3ForCausalLM,
