@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 import transformers
@@ -397,3 +398,23 @@ def test_no_bare_standard_errors_are_raised_by_trlax():
                     and node.exc.func.id in ("ValueError", "TypeError", "KeyError"):
                 bare.append(f"{path.name}:{node.lineno} {node.exc.func.id}")
     assert not bare, bare
+
+
+def test_float_positions_and_labels_and_non_key_dropout_rngs_are_refused(lm, wrapper):
+    """position_ids 2.7 was truncated to 2 (torch's embedding raises); dropout_rng=0 raised deep inside JAX; a
+    trainable mask of "False" strings counted as trainable and an array leaf failed inside optax."""
+    with pytest.raises(InputError, match="position_ids must hold integers; got dtype float32"):
+        lm(IDS, position_ids=np.array([[0, 1, 2, 2.7], [0, 1, 2, 3]], np.float32))
+    with pytest.raises(InputError, match="position_ids must hold integers"):
+        wrapper(IDS, position_ids=np.zeros(IDS.shape, np.float32))
+    for model in (lm, wrapper):
+        with pytest.raises(TrlaxTypeError, match="dropout_rng must be a jax.random key"):
+            model(IDS, train=True, dropout_rng=0)
+    assert lm(IDS, np.ones(IDS.shape, bool)).logits.shape[:2] == IDS.shape  # bool and float masks stay fine
+    mask = jax.tree_util.tree_map(lambda _: "False", wrapper.trainable_mask)
+    with pytest.raises(TrlaxTypeError, match="one bool per params leaf"):
+        trlax.split_trainable(wrapper.params, mask)
+    with pytest.raises(TrlaxTypeError, match="one bool per params leaf"):
+        trlax.trainable.masked_optimizer(optax.sgd(0.1), mask)
+    with pytest.raises(TrlaxError, match="exactly the params' tree structure"):
+        trlax.trainable.masked_optimizer(optax.sgd(0.1), wrapper.trainable_mask).init({"w": jnp.ones(2)})

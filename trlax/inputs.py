@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from trlax.errors import DeletedParamsError, InputError, TrlaxTypeError
+from trlax.errors import DeletedParamsError, InputError, TrlaxError, TrlaxTypeError
 
 # The label the language-modelling losses skip (transformers' and PyTorch's ignore_index).
 IGNORE_INDEX = -100
@@ -175,6 +175,19 @@ def refuse_unsupported_arguments(arguments: dict[str, Any], where: str) -> None:
         raise TrlaxTypeError(f"{where} takes no {', '.join(named)}")
 
 
+def check_dropout_rng(train: bool, dropout_rng: Any) -> None:
+    """With `train=True`, `dropout_rng` must be a jax.random key (typed, or raw uint32 key data): TrlaxError
+    without one, TrlaxTypeError for another value (an int seed failed deep inside JAX)."""
+    if not train:
+        return
+    if dropout_rng is None:
+        raise TrlaxError("train=True needs dropout_rng (a jax.random key) for dropout")
+    if not (isinstance(dropout_rng, (jax.Array, np.ndarray)) and (
+            jax.dtypes.issubdtype(dropout_rng.dtype, jax.dtypes.prng_key) or dropout_rng.dtype == np.uint32)):
+        kind = f"a {dropout_rng.dtype} array" if hasattr(dropout_rng, "dtype") else type(dropout_rng).__name__
+        raise TrlaxTypeError(f"dropout_rng must be a jax.random key (jax.random.key(seed)); got {kind}")
+
+
 def check_shape(name: str, value: Any, shape: tuple[int, ...]) -> None:
     """InputError unless `value` (a mask, positions or labels; concrete or traced: shapes are static, so
     this costs nothing under jit) has the shape of its ids; None passes."""
@@ -182,10 +195,14 @@ def check_shape(name: str, value: Any, shape: tuple[int, ...]) -> None:
         raise InputError(f"{name} must have the shape of its ids {tuple(shape)}; got {tuple(np.shape(value))}")
 
 
-def same_shape(name: str, value: Any, shape: tuple[int, ...]) -> jax.Array:
-    """A mask or position array with the shape of its ids, returned as int32."""
+def same_shape(name: str, value: Any, shape: tuple[int, ...], *, integers: bool = True) -> jax.Array:
+    """A position (or label, or, `integers=False`, mask) array with the shape of its ids, returned as int32.
+    Positions and labels must be integers: a float position 0.7 was truncated to 0, where torch's embedding
+    raises."""
     value = jnp.asarray(value)
     check_shape(name, value, shape)
+    if integers and not jnp.issubdtype(value.dtype, jnp.integer):
+        raise InputError(f"{name} must hold integers; got dtype {value.dtype}")
     return value.astype(jnp.int32)
 
 
@@ -202,7 +219,7 @@ def mask_for(name: str, mask: Any, ids: jax.Array, past_length: int = 0) -> jax.
     if past_length and tuple(value.shape) != shape:
         raise InputError(f"{name} must cover the {past_length} cached tokens and the {ids.shape[1]} new ones, "
                          f"{shape}; got {tuple(value.shape)}")
-    return same_shape(name, value, shape)
+    return same_shape(name, value, shape, integers=False)  # float and bool 0/1 masks are fine
 
 
 def checked(fn: Callable[..., Any], **jit_kwargs: Any) -> Callable[..., Any]:

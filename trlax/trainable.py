@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
@@ -37,6 +38,16 @@ def _check_mask(params: Any, mask: Any) -> None:
     if jax.tree_util.tree_structure(params) != jax.tree_util.tree_structure(mask):
         raise TrlaxError("the trainable mask must have exactly the params' tree structure (one bool per leaf); "
                          "use model.trainable_mask for model.params")
+    check_mask_leaves(mask)
+
+
+def check_mask_leaves(mask: Any) -> None:
+    """TrlaxTypeError unless every leaf of a trainable mask is one bool (a string "False" counted as trainable,
+    a per-element array failed inside optax)."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(mask)[0]:
+        if np.ndim(leaf) != 0 or np.asarray(leaf).dtype != np.bool_:
+            raise TrlaxTypeError(f"the trainable mask must hold one bool per params leaf; at "
+                                 f"{jax.tree_util.keystr(path)} it holds {type(leaf).__name__} {leaf!r}")
 
 
 def split_trainable(params: Any, mask: Any) -> tuple[Any, Any]:
@@ -71,8 +82,15 @@ def masked_optimizer(tx: optax.GradientTransformation, mask: Any) -> optax.Gradi
     (`optax.set_to_zero`, stateless), and `tx`'s state (e.g. Adam's mu and nu) is only
     allocated for the trainable leaves.
     """
+    check_mask_leaves(mask)
     labels = jax.tree_util.tree_map(lambda m: "trainable" if m else "frozen", mask)
-    return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
+    inner = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
+
+    def init(params: Any) -> Any:
+        _check_mask(params, mask)  # optax's own error on another tree is a bare pytree mismatch
+        return inner.init(params)
+
+    return inner._replace(init=init)
 
 
 def tree_bytes(tree: Any) -> int:

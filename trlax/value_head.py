@@ -44,7 +44,15 @@ from trlax.checkpoint.torch_models import (
 from trlax.checkpoint.writer import SAFE_WEIGHTS_INDEX_NAME
 from trlax.errors import CheckpointError, InputError, TrlaxError, TrlaxTypeError, UnsupportedModelError
 from trlax.generation_config import read_generation_config
-from trlax.inputs import ParamsCheck, mask_for, refuse_unsupported_arguments, same_shape, token_ids, with_live_params
+from trlax.inputs import (
+    ParamsCheck,
+    check_dropout_rng,
+    mask_for,
+    refuse_unsupported_arguments,
+    same_shape,
+    token_ids,
+    with_live_params,
+)
 from trlax.models.auto import AutoModel, FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
 from trlax.models.base import FlaxPreTrainedModel, jit_forward, kv_cache_argument, load_config, refuse_train_mode
 from trlax.models.layers import LORA_COLLECTION, torch_linear_init
@@ -589,8 +597,7 @@ class PreTrainedModelWrapper:
             params = jax.lax.stop_gradient(params)
         lm_rng = head_rng = None
         if train:
-            if dropout_rng is None:
-                raise TrlaxError("train=True needs dropout_rng (a jax.random key) for dropout")
+            check_dropout_rng(train, dropout_rng)
             lm_rng, head_rng = jax.random.split(dropout_rng)
         out = self.pretrained_model.apply(params["pretrained_model"], *lm_inputs, dropout_rng=lm_rng, train=train,
                                           lora=params.get(LORA_COLLECTION), labels=labels, check_inputs=check_inputs,

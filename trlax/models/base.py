@@ -43,6 +43,7 @@ from trlax.generation import GenerateOutput, GenerationCache, generate
 from trlax.generation_config import inferred_attention_mask, read_generation_config, resolve_generation
 from trlax.inputs import (
     ParamsCheck,
+    check_dropout_rng,
     check_positions,
     check_shape,
     check_token_range,
@@ -371,8 +372,7 @@ class FlaxPreTrainedModel(CheckpointMixin):
                      dropout_rng: jax.Array | None, **kwargs: Any) -> Any:
         """`module.apply` with the params (plus a LoRA adapter tree), dropout only when training, on the mesh,
         blocks rematerialised when gradient checkpointing is enabled."""
-        if train and dropout_rng is None:
-            raise TrlaxError("train=True needs dropout_rng (a jax.random key) for dropout")
+        check_dropout_rng(train, dropout_rng)
         self.check_params(params)
         variables = {"params": params} if lora is None else {"params": params, LORA_COLLECTION: lora}
         with self.sharding_context(), remat_blocks(self.is_gradient_checkpointing):
