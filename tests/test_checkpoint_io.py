@@ -180,6 +180,16 @@ def test_hub_id_resolves_from_local_cache_offline(torch_model, saved, tmp_path, 
     assert max_diff(_torch_logits(torch_model, ids), model(ids).logits) < ATOL
     with pytest.raises(CheckpointError, match="not in the hub cache"):
         FlaxAutoModelForCausalLM.from_pretrained("tiny-org/absent", cache_dir=tmp_path / "cache")
+    # A repo of weights only, read with config= (as transformers reads it): config.json need not be cached.
+    (tmp_path / "weights").mkdir()
+    shutil.copy(saved / "model.safetensors", tmp_path / "weights" / "model.safetensors")
+    lay_out_hub_cache(tmp_path / "cache", "tiny-org/weights-only", tmp_path / "weights")
+    config = transformers.AutoConfig.from_pretrained(saved)
+    for cls in (FlaxAutoModelForCausalLM, FlaxAutoModelForCausalLMWithValueHead):
+        loaded = cls.from_pretrained("tiny-org/weights-only", config=config, cache_dir=tmp_path / "cache",
+                                     local_files_only=True)
+        lm = getattr(loaded, "pretrained_model", loaded)
+        assert max_diff(lm(ids).logits, model(ids).logits) == 0.0
 
 
 def test_value_head_keys_are_skipped_by_plain_lm_with_a_log_line(torch_model, saved, tmp_path, caplog):

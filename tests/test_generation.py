@@ -15,7 +15,7 @@ from benchmarks import hlo_report
 from tests.helpers import save_torch, torch_generation_init
 from tests.tiny_configs import TINY_CAUSAL, TINY_SEQ2SEQ
 from trlax import FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
-from trlax.errors import InputError, TrlaxTypeError
+from trlax.errors import TrlaxTypeError
 from trlax.generation import GenerateOutput, GenerationSettings, filtered_logits, generate
 
 NEW = 8  # new tokens per parity run
@@ -283,15 +283,19 @@ def test_bad_input_raises_a_clear_error(pairs, kwargs, message):
         generate(model, args.pop("input_ids"), args.pop("attention_mask"), **args)
 
 
-def test_generate_settings_of_the_wrong_type_or_sign_are_refused(pairs):
-    """min_new_tokens=-1 was read as 0 (transformers raises); max_new_tokens="3" raised UnsupportedModelError
-    ("not implemented") for a value of the wrong type."""
+def test_generate_settings_of_the_wrong_type_are_refused_and_generate_still_traces(pairs):
+    """max_new_tokens="3" raised UnsupportedModelError ("not implemented") for a value of the wrong type; do_sample=1
+    and min_new_tokens=-1 (nothing, in transformers 5.25) are taken as transformers takes them. generate inside
+    jax.jit keeps working (the non-finite-logits check needs concrete logits)."""
     _, model = pairs("gpt2")
     ids, mask = _prompts(model.config, False)
-    with pytest.raises(InputError, match="min_new_tokens must be an int >= 0; got -1"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=2, min_new_tokens=-1)
     with pytest.raises(TrlaxTypeError, match="max_new_tokens must be an integer; got '3'"):
         model.generate(ids, attention_mask=mask, max_new_tokens="3")
+    greedy = np.asarray(model.generate(ids, attention_mask=mask, max_new_tokens=3).sequences)
+    np.testing.assert_array_equal(model.generate(ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=-1,
+                                                 do_sample=0).sequences, greedy)
+    traced = jax.jit(lambda p, i, m: model.generate(i, attention_mask=m, params=p, max_new_tokens=3).sequences)
+    np.testing.assert_array_equal(traced(model.params, ids, mask), greedy)
 
 
 # --- the compiled decode loop --------------------------------------------------------------

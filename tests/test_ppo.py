@@ -500,6 +500,8 @@ def test_rollout_inputs_that_would_make_nan_params_are_named():
     with pytest.raises(TrlaxTypeError, match="config must be a trlax.ppo.PPOConfig"):
         ppo.make_rollout(policy, ref, config={"gamma": 1.0})
     assert np.isfinite(rollout(policy.params, ref.params, batch, list(scores), 0.2)["advantages"]).all()  # a list
+    bf16 = rollout(policy.params, ref.params, batch, jnp.asarray(scores, jnp.bfloat16), jnp.bfloat16(0.2))
+    assert np.isfinite(bf16["advantages"]).all()  # a bf16 reward model's scores are finite numbers too
 
 
 def test_an_update_minibatch_is_checked_like_the_rollout_batch():

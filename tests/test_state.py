@@ -240,7 +240,7 @@ def test_states_that_cannot_be_restored_are_refused_before_anything_is_written(t
             ({"params": params, "extra": [1, 2]}, TrlaxTypeError, "extra must be a dict"),
             ({"params": {"w": None}}, TrlaxError, "params hold no arrays"),
             ({"params": {}}, TrlaxError, "params hold no arrays"),
-            ({"params": {"w": "text"}}, TrlaxTypeError, "params.w is a str: a training state holds numeric"),
+            ({"params": {"w": "text"}}, TrlaxTypeError, "params.w is a str: a training state holds arrays"),
             ({"params": {"a.b": jnp.ones(2), "a": {"b": jnp.zeros(2)}}}, TrlaxError, "both named params.a.b"),
             ({"params": deleted}, InputError, "deleted arrays"),
             ({"params": params, "rng": 0}, TrlaxTypeError, "rng must be a jax.random key")):
@@ -248,6 +248,18 @@ def test_states_that_cannot_be_restored_are_refused_before_anything_is_written(t
             save_state(tmp_path / "run", 2, max_to_keep=2, **kwargs)
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == ["1"]
     np.testing.assert_array_equal(restore_state(tmp_path / "run").params["w"], np.arange(4.0))
+
+
+def test_typed_random_keys_inside_the_state_save_and_restore(tmp_path: Path) -> None:
+    """optax.noisy_sgd's state holds a typed key: the unrestorable-state check must let keys through, and a target
+    holding the typed key fits the raw key data Orbax stores."""
+    params = {"w": jnp.arange(4.0)}
+    tx = optax.noisy_sgd(1e-2)
+    save_state(tmp_path / "run", 1, params, tx.init(params), adapters={"rng": jax.random.key(3)})
+    restored = restore_state(tmp_path / "run", target={"opt_state": tx.init(params)})
+    key = restored.opt_state[0].rng_key
+    assert jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    np.testing.assert_array_equal(jax.random.key_data(key), jax.random.key_data(tx.init(params)[0].rng_key))
 
 
 def test_a_target_that_does_not_fit_is_named_and_not_blamed_on_the_files(tmp_path: Path) -> None:

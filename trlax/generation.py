@@ -58,7 +58,7 @@ import numpy as np
 from trlax.checkpoint.naming import hf_key
 from trlax.errors import InputError, TrlaxError, TrlaxTypeError, UnsupportedModelError
 from trlax.generation_config import id_list, penalty_context, process_logits
-from trlax.inputs import check_positions, check_token_range, mask_for, token_ids
+from trlax.inputs import check_positions, check_token_range, is_concrete, mask_for, token_ids
 from trlax.models.layers import LORA_COLLECTION
 from trlax.models.rope import longrope_length
 from trlax.sharding import constrain_kv_cache, shard_batch
@@ -595,7 +595,7 @@ def generate(
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
         raise InputError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
-    if not isinstance(do_sample, (bool, np.bool_)):  # "no" would sample
+    if isinstance(do_sample, str) or np.ndim(do_sample) != 0:  # "no" would sample
         raise TrlaxTypeError(f"do_sample must be True or False; got {do_sample!r}")
     check_sampling(temperature, top_k, top_p, do_sample=do_sample)
     if do_sample:
@@ -671,7 +671,7 @@ def generate(
     extra = (decoder_prompt,) if seq2seq else ()
     sequences, finite = run(model.params if params is None else params, lora, input_ids, mask, knobs,
                             prng_key if do_sample else None, *extra)
-    if not finite:  # argmax and the draw would pick the last id of a NaN row without a word
+    if is_concrete(finite) and not finite:  # argmax and the draw would pick the last id of a NaN row silently
         raise InputError("generate: the model's logits hold NaN or inf, so no token can be chosen; the params hold "
                          "non-finite values (a diverged update?) or the compute dtype overflows (try float32 or "
                          "bfloat16)")

@@ -101,7 +101,7 @@ def read_generation_config(source: str | os.PathLike, options: HubOptions) -> tr
         except (OSError, ValueError, TypeError, AttributeError) as e:
             logger.warning("%s cannot be read (%s: %s); the generation settings come from config.json instead "
                            "(fix or delete the file)", path, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-    path = fetch_file(source, CONFIG_NAME, options)
+    path = fetch_file(source, CONFIG_NAME, options, config_required=False)  # a weights-only source: none
     return None if path is None else transformers.GenerationConfig.from_pretrained(
         str(path.parent), config_file_name=CONFIG_NAME, _from_model_config=True)
 
@@ -219,8 +219,8 @@ def resolve_generation(
         out["max_new_tokens"] = new
     else:
         out["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
-    if "min_new_tokens" in merged:  # transformers: it takes precedence over min_length (and must be >= 0)
-        out["min_new_tokens"] = _as_int("min_new_tokens", merged["min_new_tokens"])
+    if "min_new_tokens" in merged:  # transformers: it takes precedence over min_length (a negative one: 0)
+        out["min_new_tokens"] = max(_as_int("min_new_tokens", merged["min_new_tokens"]), 0)
     else:
         out["min_new_tokens"] = max(_as_int("min_length", merged.get("min_length", 0)) - length, 0)
     out["top_k"] = _as_int("top_k", merged.get("top_k", 0))

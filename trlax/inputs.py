@@ -247,6 +247,8 @@ def checked(fn: Callable[..., Any], **jit_kwargs: Any) -> Callable[..., Any]:
 
 def dtype_kind(dtype: Any) -> str:
     """What a param's dtype may vary in: any float for a float param (param_dtype), any int for an int."""
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.extended):  # a typed jax.random key: its own kind
+        return str(dtype)
     dtype = jnp.dtype(dtype)
     for kind in (jnp.floating, jnp.integer, jnp.bool_):
         if jnp.issubdtype(dtype, kind):

@@ -466,7 +466,8 @@ def check_rollout_inputs(model: PreTrainedModelWrapper, batch: dict[str, Array],
     for name, value in (("scores", scores), ("kl_coef", kl_coef)):
         if is_concrete(value):
             values = np.asarray(value)
-            if values.dtype.kind not in "biuf" or not np.isfinite(values).all():
+            if not (jnp.issubdtype(values.dtype, jnp.number) or values.dtype == np.bool_) or not np.isfinite(
+                    values.astype(np.float32) if values.dtype.kind == "V" else values).all():
                 raise InputError(f"{name} must be finite numbers; got {values.tolist()} (a NaN or inf makes every "
                                  "advantage NaN, and the update NaN params)")
     if is_concrete(response):

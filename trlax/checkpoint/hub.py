@@ -63,11 +63,12 @@ def is_hub_id(name_or_path: str | os.PathLike) -> bool:
     return not (local.is_dir() or local.is_absolute() or str(name_or_path).startswith((".", "~")) or local.exists())
 
 
-def fetch_file(name_or_path: str | os.PathLike, filename: str, options: HubOptions) -> Path | None:
+def fetch_file(name_or_path: str | os.PathLike, filename: str, options: HubOptions,
+               config_required: bool = True) -> Path | None:
     """A file of a local folder or hub repo; None when the repo or folder lacks it.
 
     Raises CheckpointError when the source itself cannot be reached (no such folder or
-    repo, gated repo, offline without a cached copy).
+    repo, gated repo, offline without a cached copy of config.json, unless not `config_required`).
     """
     local = Path(name_or_path)
     if local.is_dir():
@@ -93,7 +94,7 @@ def fetch_file(name_or_path: str | os.PathLike, filename: str, options: HubOptio
     except LocalEntryNotFoundError:
         # Offline (HF_HUB_OFFLINE or no network) and not in the cache. The file may also not
         # exist at all, which offline mode cannot tell apart: report both possibilities.
-        if filename == CONFIG_NAME:
+        if filename == CONFIG_NAME and config_required:
             raise CheckpointError(
                 f"{name!r}: no local folder of that name, and {filename} is not in the hub cache "
                 "(offline or unreachable hub). Pass a local folder, or download the repo first."
@@ -118,7 +119,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, options: HubOptions | No
     options = options or HubOptions()
     if not Path(name_or_path).is_dir() and not is_hub_id(name_or_path):
         raise CheckpointError(f"{name_or_path} is not a folder; pass the folder holding config.json")
-    config = fetch_file(name_or_path, CONFIG_NAME, options)
+    config = fetch_file(name_or_path, CONFIG_NAME, options, config_required=require_config)
     if config is None and require_config:
         raise CheckpointError(
             f"no {CONFIG_NAME} in {name_or_path!s}: trlax needs the transformers config next to the weights "
@@ -148,7 +149,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, options: HubOptions | No
 
 def _offline_hint(name_or_path: str | os.PathLike, options: HubOptions) -> str:
     """For a hub repo read offline: a file the hub cache lacks is reported missing, present in the repo or not."""
-    if Path(name_or_path).is_dir() or not (options.local_files_only or huggingface_hub.constants.HF_HUB_OFFLINE):
+    if Path(name_or_path).is_dir() or not (options.local_files_only or huggingface_hub.is_offline_mode()):
         return ""
     return (" from the hub cache (offline or local_files_only=True: the repo may have it; download the repo once "
             "online)")

@@ -97,24 +97,32 @@ def leaf_name(path: tuple[Any, ...]) -> str:
 def check_savable(state: dict[str, Any]) -> None:
     """Refuse, before anything is written, what Orbax would save into a step that cannot be restored or would
     fail midway: params without arrays (the empty step still counts toward `max_to_keep`, deleting a real one),
-    leaves that are not numeric arrays or numbers (a string: a raw Orbax error and a temporary folder left
-    behind), arrays a donating step deleted, and two leaves with one name in Orbax's files (`{"a.b": x,
-    "a": {"b": y}}` restored both as y)."""
+    leaves that are not arrays of numbers, bools or keys, nor numbers (a string: a raw Orbax error and a
+    temporary folder left behind), arrays a donating step deleted, and two leaves with one name in Orbax's
+    files (`{"a.b": x, "a": {"b": y}}` restored both as y)."""
     if not jax.tree_util.tree_leaves(state.get("params")):
         raise TrlaxError("params hold no arrays: there is nothing to save (an empty step would still count toward "
                          "max_to_keep and delete a saved one); pass the model's params")
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
     for path, leaf in leaves:
         dtype = getattr(leaf, "dtype", None) if not isinstance(leaf, (bool, int, float)) else np.dtype(type(leaf))
-        if dtype is None or not (jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)):
+        if dtype is None or not (jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)
+                                 or jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)):
             raise TrlaxTypeError(f"{leaf_name(path)} is a {type(leaf).__name__}"
-                                 f"{f' of {dtype}' if dtype is not None else ''}: a training state holds numeric "
-                                 "arrays and numbers only (put other values in extra=)")
+                                 f"{f' of {dtype}' if dtype is not None else ''}: a training state holds arrays "
+                                 "(numbers, bools, jax.random keys) and numbers only (JSON values go in extra=)")
     check_not_deleted([leaf for _, leaf in leaves], "the state to save")
     names = collections.Counter(leaf_name(path) for path, _ in leaves)
     if clashes := sorted(name for name, count in names.items() if count > 1):
         raise TrlaxError(f"two leaves of the state are both named {clashes[0]} in Orbax's files (keys are joined "
                          "by dots): rename a key that holds a dot")
+
+
+def stored_as(leaf: Any) -> tuple[tuple[int, ...], str]:
+    """(shape, dtype kind) of a leaf as Orbax stores it: a typed jax.random key as its raw key data."""
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        leaf = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+    return tuple(leaf.shape), dtype_kind(leaf.dtype)
 
 
 def step_is_complete(step_dir: Path) -> bool:
@@ -397,8 +405,8 @@ class StateCheckpointer:
             raise CheckpointError(f"step {step} in {self.directory} has no {sorted(missing)}; "
                                   f"it holds {sorted(saved)}")
         for name in target:  # leaves in any order (optax's NamedTuples flatten in field order, the files by name)
-            held, given = (sorted((tuple(leaf.shape), dtype_kind(leaf.dtype)) for leaf in
-                                  jax.tree_util.tree_leaves(tree)) for tree in (saved[name], target[name]))
+            held, given = (sorted(map(stored_as, jax.tree_util.tree_leaves(tree))) for tree in (saved[name],
+                                                                                             target[name]))
             if held != given:
                 only_target, only_saved = sorted(set(given) - set(held))[:2], sorted(set(held) - set(given))[:2]
                 raise CheckpointError(
