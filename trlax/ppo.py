@@ -33,7 +33,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -432,7 +432,7 @@ def check_model_batch(model: PreTrainedModelWrapper, batch: dict[str, Array], ne
     """InputError unless `batch` holds the model inputs `forward` reads plus `needed`, the ids checked as the
     model's forward checks them (in the vocabulary when concrete: the jitted step would give NaN log-probs) with
     masks of their shape. Returns the ids log-probs are scored on ([B, T]: the decoder's for seq2seq)."""
-    if not isinstance(batch, dict):
+    if not isinstance(batch, Mapping):  # a dict, or a flax FrozenDict
         raise TrlaxTypeError(f"the {what} must be a dict of arrays; got {type(batch).__name__}")
     lm = model.pretrained_model
     seq2seq = lm.is_encoder_decoder
@@ -467,7 +467,7 @@ def check_rollout_inputs(model: PreTrainedModelWrapper, batch: dict[str, Array],
         if is_concrete(value):
             values = np.asarray(value)
             if not (jnp.issubdtype(values.dtype, jnp.number) or values.dtype == np.bool_) or not np.isfinite(
-                    values.astype(np.float32) if values.dtype.kind == "V" else values).all():
+                    values.astype(np.float64)).all():  # float64 also holds ml_dtypes' bfloat16
                 raise InputError(f"{name} must be finite numbers; got {values.tolist()} (a NaN or inf makes every "
                                  "advantage NaN, and the update NaN params)")
     if is_concrete(response):
