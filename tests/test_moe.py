@@ -11,8 +11,10 @@ simulated devices.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,12 @@ from tests.parity_checks import check_cached_decoding, check_forward, check_save
 from tests.tiny_configs import TINY_CAUSAL
 from trlax import FlaxAutoModelForCausalLM, FlaxAutoModelForCausalLMWithValueHead, LoraConfig
 from trlax.errors import TrlaxError, UnsupportedModelError
-from trlax.models.moe import combine_weights, route
+from trlax.models.moe import combine_weights, moe_options, route
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from trl.experimental.ppo import AutoModelForCausalLMWithValueHead
 
 ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-4
@@ -386,18 +393,72 @@ def test_peft_all_linear_on_experts_is_refused_clearly(tmp_path):
         FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "adapter")
 
 
-def test_a_loss_with_the_router_aux_loss_on_is_refused_not_silently_different(pair):
-    """output_router_logits=True: transformers' loss adds router_aux_loss_coef * the load-balancing loss; trlax
-    returned the LM loss alone (4.61 against 5.62) without a word."""
-    _, model = pair
-    ids, mask = batch(model.vocab_size, "left", seq_len=5)
-    model.config.output_router_logits = True
+def _router_grad(model: Any, params: dict, ids: np.ndarray, mask: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """d loss / d (the first sparse layer's router weight)."""
+    def loss(p):
+        return model.apply(p, jnp.asarray(ids), jnp.asarray(mask), labels=jnp.asarray(labels)).loss
+
+    layers = jax.grad(loss)(params)["model"]["layers"]
+    return next(np.asarray(layer[block]["gate"]["weight"]) for layer in layers.values()
+                for block in ("block_sparse_moe", "mlp") if "gate" in layer.get(block, {}))
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_router_aux_loss_logits_and_gradient_match_transformers(pair, gradient_checkpointing):
+    """output_router_logits=True: transformers returns the router logits and the load-balancing loss over the
+    real tokens and adds router_aux_loss_coef x it to the LM loss. trlax returned the LM loss alone (4.61
+    against 5.62), then refused it."""
+    pt, model = pair
+    ids, mask = batch(model.vocab_size, "left", seq_len=7)
+    labels = np.where(mask == 1, ids, -100)
+    model(ids, mask)  # traced with the switch off: the switch must not reuse that program
+    pt.router_aux_loss_coef = 0.37  # transformers reads it from the config when the model is built
+    for m in (pt, model):
+        m.config.output_router_logits, m.config.router_aux_loss_coef = True, 0.37
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     try:
-        with pytest.raises(UnsupportedModelError, match="output_router_logits=True: transformers adds the router"):
-            model(ids, mask, labels=ids)
-        assert model(ids, mask).logits.shape[:2] == ids.shape  # logits do not need it
+        ref = pt(torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels))
+        out = model(ids, mask, labels=labels)
+        assert len(out.router_logits) == len(ref.router_logits) == sum(moe_options(model.config).sparse)
+        for r, o in zip(ref.router_logits, out.router_logits, strict=True):
+            assert o.shape == tuple(r.shape) and max_diff(r.detach(), o) < ATOL
+        assert abs(float(out.aux_loss) - float(ref.aux_loss)) < ATOL and float(ref.aux_loss) > 1
+        assert abs(float(out.loss) - float(ref.loss)) < ATOL
+        no_aux = model(ids, mask)  # without labels: aux_loss and router_logits, no loss
+        assert no_aux.loss is None and float(no_aux.aux_loss) == float(out.aux_loss)
+        ref.loss.backward()
+        gate = next(m for name, m in pt.named_modules() if name.endswith(".gate") and hasattr(m, "weight"))
+        assert max_diff(gate.weight.grad, _router_grad(model, model.params, ids, mask, labels)) < 1e-5
+        pt.zero_grad()
     finally:
-        model.config.output_router_logits = False
+        for m in (pt, model):
+            m.config.output_router_logits = False
+        model.gradient_checkpointing_disable()
+    assert model(ids, mask, labels=labels).aux_loss is None
+
+
+def test_router_aux_loss_reaches_the_value_head_wrappers_loss_as_in_trl(tmp_path):
+    """TRL's forward returns the LM's loss, aux loss included."""
+    config = TINY_CAUSAL["mixtral"]()
+    config.output_router_logits = True
+    pt, _ = make_pair(config, tmp_path / "lm")
+    trl_model = AutoModelForCausalLMWithValueHead.from_pretrained(str(tmp_path / "lm"))
+    trl_model.save_pretrained(str(tmp_path / "trl"))
+    policy = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "trl")
+    ids, mask = batch(policy.config.vocab_size, "left", seq_len=7)
+    labels = np.where(mask == 1, ids, -100)
+    with torch.no_grad():
+        _, ref_loss, _ = trl_model(torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels))
+    _, loss, _ = policy(ids, mask, labels=labels)
+    assert abs(float(loss) - float(ref_loss)) < ATOL
+
+
+def test_router_aux_loss_without_a_sparse_layer_is_refused():
+    """transformers' load-balancing loss over no router is 0 / 0: a NaN loss."""
+    config = _with("qwen3_moe", output_router_logits=True, mlp_only_layers=[0, 1, 2])
+    with pytest.raises(UnsupportedModelError, match="output_router_logits=True and no sparse layer"):
+        FlaxAutoModelForCausalLM.model_class(config)
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "phi3", "starcoder2"])

@@ -278,8 +278,8 @@ class PreTrainedModelWrapper:
                                       self.params.get(LORA_COLLECTION))
         self._check_lora_params = ParamsCheck(lambda: lora, "this policy's LoRA adapter")
         what = f"this {type(self).__name__}"
-        self._forward = jit_forward(self.apply, self.static_forward_arguments, lambda: self.is_gradient_checkpointing,
-                                    what)
+        self._forward = jit_forward(self.apply, self.static_forward_arguments,
+                                    lambda: self.pretrained_model.trace_settings, what)
         self._reward_forward = with_live_params(jax.jit(self.apply_reward), what)
 
     def _initial_trainable_mask(self) -> dict[str, Any]:

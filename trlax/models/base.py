@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -81,20 +81,20 @@ ABSTRACT_PARAMS: dict[tuple[Any, ...], dict[str, Any]] = {}
 ABSTRACT_PARAMS_KEPT = 32
 
 
-def jit_forward(apply: Callable[..., Any], static_argnames: tuple[str, ...], checkpointing: Callable[[], bool],
+def jit_forward(apply: Callable[..., Any], static_argnames: tuple[str, ...], trace_settings: Callable[[], Hashable],
                 what: str) -> Callable[..., Any]:
     """`apply(params, ...)` jitted (`static_argnames` static) behind `with_live_params`.
 
-    `checkpointing()` (the caller's gradient-checkpointing setting, which `apply` reads at trace
-    time) is read at every call and passed as a static argument, so a program traced under one
-    setting is never reused under the other.
+    `trace_settings()` (the caller's settings that `apply` reads at trace time: gradient checkpointing,
+    `config.output_router_logits`) is read at every call and keys jit's cache, so a program traced under
+    one setting is never reused under another.
     """
-    def keyed(params: dict[str, Any], *args: Any, gradient_checkpointing: bool, **kwargs: Any) -> Any:
-        return apply(params, *args, **kwargs)  # gradient_checkpointing only keys jit's cache
+    def keyed(params: dict[str, Any], *args: Any, trace_settings: Hashable, **kwargs: Any) -> Any:
+        return apply(params, *args, **kwargs)  # trace_settings only keys jit's cache
 
-    jitted = jax.jit(keyed, static_argnames=(*static_argnames, "gradient_checkpointing"))
+    jitted = jax.jit(keyed, static_argnames=(*static_argnames, "trace_settings"))
     return with_live_params(
-        lambda params, *args, **kwargs: jitted(params, *args, gradient_checkpointing=checkpointing(), **kwargs), what)
+        lambda params, *args, **kwargs: jitted(params, *args, trace_settings=trace_settings(), **kwargs), what)
 
 
 def refuse_train_mode(mode: bool) -> None:
@@ -171,7 +171,7 @@ class FlaxPreTrainedModel(CheckpointMixin):
         self.generation_config: transformers.GenerationConfig | None = None
         self.check_params = ParamsCheck(self.abstract_params, f"this {config.model_type} model")
         self._gradient_checkpointing = False
-        self._forward = jit_forward(self.apply, self.static_forward_arguments, lambda: self.is_gradient_checkpointing,
+        self._forward = jit_forward(self.apply, self.static_forward_arguments, lambda: self.trace_settings,
                                     f"this {config.model_type} model")
 
     @classmethod
@@ -212,6 +212,13 @@ class FlaxPreTrainedModel(CheckpointMixin):
     def is_gradient_checkpointing(self) -> bool:
         """Whether forwards rematerialise each transformer block in the backward pass."""
         return self._gradient_checkpointing
+
+    @property
+    def trace_settings(self) -> tuple[Any, ...]:
+        """The settings a traced forward reads, which key the jitted forward's programs: gradient checkpointing
+        and (mixtures of experts) `config.output_router_logits` and `config.router_aux_loss_coef`."""
+        return (self._gradient_checkpointing, bool(getattr(self.config, "output_router_logits", False)),
+                getattr(self.config, "router_aux_loss_coef", None))
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
         """transformers' switch: from now on `apply` (and so a train step's `jax.grad` of it) and the jitted

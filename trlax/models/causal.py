@@ -6,7 +6,6 @@ from typing import Any
 
 import jax
 
-from trlax.errors import UnsupportedModelError
 from trlax.inputs import (
     check_labels,
     check_shape,
@@ -46,22 +45,28 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
         for the base model alone. labels: [B, T] int (-100 = ignored), or None; with them
         `loss` is transformers' shifted cross-entropy [] float32. past_key_values: the cache of
         P earlier tokens (see `__call__`), attention_mask then [B, P + T]; with it or with
-        `use_cache=True` the output's `past_key_values` holds the P + T tokens. Checks (see
+        `use_cache=True` the output's `past_key_values` holds the P + T tokens. A mixture of experts with
+        `config.output_router_logits` also returns transformers' `aux_loss` and `router_logits` (its aux loss counts
+        the T new tokens' mask) and adds `router_aux_loss_coef` x `aux_loss` to the loss. Checks (see
         `trlax.inputs`): the params' structure (at trace time under jit), token ids and positions
         when they are concrete, and, with `check_inputs=True` inside `trlax.inputs.checked`, traced ones too.
         """
-        if labels is not None and getattr(self.config, "output_router_logits", False):
-            raise UnsupportedModelError(  # transformers' loss adds router_aux_loss_coef * its load-balancing loss
-                f"{self.config.model_type} with output_router_logits=True: transformers adds the router's "
-                "load-balancing loss to the LM loss, which trlax does not compute; set "
-                "model.config.output_router_logits = False for the LM loss alone (logits are unaffected)")
         cache, past_length = self.forward_cache(past_key_values, input_ids, use_cache)
         self.check_inputs(input_ids, attention_mask, position_ids, labels, past_length=past_length,
                           traced=check_inputs)
+        router = self.spec.router_outputs if getattr(self.config, "output_router_logits", False) else None
         out = self.apply_module(params, input_ids, attention_mask, position_ids, lora=lora, train=train,
                                 dropout_rng=dropout_rng, output_hidden_states=output_hidden_states, cache=cache,
-                                cache_index=past_length)
-        return out if labels is None else out.replace(loss=causal_lm_loss(out.logits, labels))
+                                cache_index=past_length, **({"mutable": ["intermediates"]} if router else {}))
+        routed = None
+        if router is not None:
+            out, state = out
+            routed = router(self.config, state["intermediates"], attention_mask[:, past_length:])
+            out = out.replace(aux_loss=routed.aux_loss, router_logits=routed.router_logits)
+        if labels is None:
+            return out
+        loss = causal_lm_loss(out.logits, labels)
+        return out.replace(loss=loss if routed is None else loss + routed.coefficient * routed.aux_loss)
 
     def __call__(
         self,

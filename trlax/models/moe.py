@@ -33,6 +33,7 @@ experts.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -59,7 +60,9 @@ from trlax.models.llama import (
     sliding_everywhere,
     validate_rope,
 )
-from trlax.models.spec import ArchitectureSpec, ParamRule, tied_lm_head
+from trlax.models.spec import ArchitectureSpec, ParamRule, RouterOutputs, tied_lm_head
+
+ROUTER_LOGITS = "router_logits"  # each sparse block's sown router logits, in the "intermediates" collection
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,25 @@ def route(router_logits: Array, top_k: int, normalise: bool) -> tuple[Array, Arr
     if normalise:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return weights, experts
+
+
+def load_balancing_loss(router_logits: Sequence[Array], top_k: int, attention_mask: Array) -> Array:
+    """transformers' `load_balancing_loss_func` (Switch Transformer, eqs. 4-6), the router aux loss.
+
+    router_logits: one [B, T, E] (the router's dtype) per sparse layer; attention_mask [B, T] (0 = pad, not
+    counted). E x sum over experts of (the fraction of top-k picks it gets) x (its mean router probability),
+    both pooled over layers and real tokens -> [] float32. The picks carry no gradient, the probabilities do.
+    """
+    num_experts = router_logits[0].shape[-1]
+    mask = attention_mask.astype(jnp.float32)[..., None]  # [B, T, 1]
+    picks = probabilities = jnp.zeros(num_experts, jnp.float32)
+    for logits in router_logits:
+        probs = jax.nn.softmax(logits, axis=-1)  # in the router's dtype, as transformers
+        _, experts = jax.lax.top_k(probs, top_k)
+        picks += jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=jnp.float32).sum(-2) * mask, axis=(0, 1))
+        probabilities += jnp.sum(probs.astype(jnp.float32) * mask, axis=(0, 1))
+    rows = len(router_logits) * jnp.sum(mask)
+    return num_experts * jnp.sum((picks / rows) * (probabilities / rows))
 
 
 def combine_weights(weights: Array, experts: Array, num_experts: int) -> Array:
@@ -181,6 +203,7 @@ class SparseMoeBlock(HFModule, kw_only=True):
 
     def __call__(self, x: Array) -> Array:
         logits = self.gate(x)  # [B, T, E] compute dtype
+        self.sow("intermediates", ROUTER_LOGITS, logits)  # kept only when the forward asks (`router_outputs`)
         weights, experts = route(logits, self.moe.top_k, self.moe.norm_topk_prob)
         if self.moe.topk_in_compute_dtype:
             weights = weights.astype(logits.dtype)
@@ -221,10 +244,21 @@ class MoeModel(LlamaModel):
 
 
 class MoeForCausalLM(LlamaForCausalLM):
-    """MixtralForCausalLM / Qwen3MoeForCausalLM (its LM loss without the router aux loss: `output_router_logits`
-    with labels is refused)."""
+    """MixtralForCausalLM / Qwen3MoeForCausalLM."""
 
     backbone_cls = MoeModel
+
+
+def router_outputs(config: Any, intermediates: dict[str, Any], attention_mask: Array) -> RouterOutputs:
+    """What transformers returns with `config.output_router_logits`: each sparse layer's router logits
+    [B * T, E] (compute dtype) and the load-balancing loss over the real tokens of `attention_mask` [B, T]
+    ([] float32; the LM loss adds `router_aux_loss_coef` times it). `intermediates`: the forward's sown
+    collection."""
+    moe = moe_options(config)
+    layers = intermediates["model"]["layers"]
+    logits = [layers[str(i)][moe.block_name][ROUTER_LOGITS][0] for i, sparse in enumerate(moe.sparse) if sparse]
+    aux_loss = load_balancing_loss(logits, moe.top_k, attention_mask)
+    return RouterOutputs(tuple(x.reshape(-1, x.shape[-1]) for x in logits), aux_loss, config.router_aux_loss_coef)
 
 
 def validate_moe(config: Any) -> None:
@@ -235,6 +269,10 @@ def validate_moe(config: Any) -> None:
     if any(moe.sparse) and not 0 < moe.top_k <= moe.num_experts:
         raise UnsupportedModelError(f"{config.model_type}: num_experts_per_tok={moe.top_k} must be in "
                                     f"[1, {moe.num_experts}] (the number of experts)")
+    if getattr(config, "output_router_logits", False) and not any(moe.sparse):
+        raise UnsupportedModelError(
+            f"{config.model_type} with output_router_logits=True and no sparse layer: its load-balancing loss is "
+            "0 / 0 (NaN in transformers); set output_router_logits=False")
     if getattr(config, "router_jitter_noise", 0.0):
         raise UnsupportedModelError(
             f"{config.model_type}: router_jitter_noise={config.router_jitter_noise} (random multiplicative noise on "
@@ -267,4 +305,5 @@ def moe_spec(model_type: str, hf_architecture: str, peft_targets: tuple[str, ...
         layer_pattern="model.layers.{layer}", cache_geometry=cache_geometry,
         sharding_rules=MOE_SHARDING, peft_targets=peft_targets, peft_fused_targets=peft_fused_targets,
         ignored_keys=ROTARY_BUFFERS,
-        tied_keys=tied_lm_head("model.embed_tokens.weight"), validate=validate_moe, stacked_weights=stacked_weights)
+        tied_keys=tied_lm_head("model.embed_tokens.weight"), validate=validate_moe, stacked_weights=stacked_weights,
+        router_outputs=router_outputs)

@@ -31,7 +31,10 @@ class CausalLMOutput(CacheUnderTransformersName):
         (embeddings, each layer's output, the last one replaced by the normed state).
     cache: None, or the updated KV cache (one {"k", "v"} dict per layer); `past_key_values`
         is its transformers name.
-    loss: None, or with `labels` transformers' shifted LM loss [] float32 (`trlax.models.loss`).
+    loss: None, or with `labels` transformers' shifted LM loss [] float32 (`trlax.models.loss`), plus
+        `router_aux_loss_coef` x `aux_loss` for a mixture of experts with `config.output_router_logits`.
+    aux_loss, router_logits: None, or with a mixture of experts' `config.output_router_logits` (as
+        transformers) its load-balancing loss [] float32 and each sparse layer's router logits [B * T, E].
     """
 
     logits: jax.Array
@@ -39,6 +42,8 @@ class CausalLMOutput(CacheUnderTransformersName):
     hidden_states: tuple[jax.Array, ...] | None = None
     cache: Any = None
     loss: jax.Array | None = None
+    aux_loss: jax.Array | None = None
+    router_logits: tuple[jax.Array, ...] | None = None
 
 
 @flax.struct.dataclass

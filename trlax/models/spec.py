@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import flax.linen as nn
+import jax
 
 from trlax.checkpoint.naming import StackedWeight
 from trlax.models.cache import CacheGeometry, KVCache, empty_kv_cache
@@ -82,6 +83,16 @@ def feed_forward_rules(inner: str, outer: str, scope: str = "mlp/", biases: bool
 
 
 @dataclass(frozen=True)
+class RouterOutputs:
+    """A mixture of experts' router outputs (transformers' `output_router_logits`): each sparse layer's logits
+    [B * T, E], the load-balancing loss [] float32, and `coefficient`, its weight in the LM loss."""
+
+    router_logits: tuple[jax.Array, ...]
+    aux_loss: jax.Array
+    coefficient: float
+
+
+@dataclass(frozen=True)
 class ArchitectureSpec:
     """A model family: its Linen module and every fact conversion, sharding, PEFT and TRL need.
 
@@ -121,6 +132,9 @@ class ArchitectureSpec:
     # transformers' Phi-3 drops its KV cache and recomputes every position when a LongRoPE generation first
     # reaches the pretraining length + 1 tokens (its `prepare_inputs_for_generation`); `generate` does the same.
     rebuilds_longrope_cache: bool = False
+    # Mixtures of experts: (config, the forward's sown "intermediates" collection, attention_mask [B, T] of its
+    # tokens) -> RouterOutputs, computed when config.output_router_logits is set; None for dense families.
+    router_outputs: Callable[[Any, dict[str, Any], jax.Array], RouterOutputs] | None = None
     # Encoder-decoder families only:
     is_encoder_decoder: bool = False
     raw_keys: tuple[str, ...] = ()  # top-level params stored under their own name (BART's final_logits_bias)
