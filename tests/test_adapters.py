@@ -185,6 +185,20 @@ def test_partly_unmatched_target_names_warn(gpt2_folder, caplog):
     assert "['q_proj'] match no linear layer" in caplog.text
 
 
+def test_a_lora_policy_saved_with_params_of_the_base_alone_is_refused_by_name(gpt2_folder, tmp_path):
+    """save_pretrained / to_torch with params without the adapter (the reference's: the forward takes them) raised
+    a bare KeyError('lora')."""
+    policy = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(
+        gpt2_folder, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]))
+    base_only = {k: v for k, v in policy.params.items() if k != "lora"}
+    assert policy(np.ones((1, 3), np.int32), params=base_only)[0].shape == (1, 3, policy.config.vocab_size)
+    for call, what in ((lambda: policy.save_pretrained(tmp_path / "out", params=base_only), "save_pretrained"),
+                       (lambda: policy.to_torch(params=base_only), "to_torch")):
+        with pytest.raises(TrlaxError, match=f"{what}: these params hold no 'lora' adapter"):
+            call()
+    assert not (tmp_path / "out").exists()
+
+
 def test_fresh_adapter_is_peft_init_and_starts_as_the_base(gpt2_folder, caplog):
     with caplog.at_level(logging.WARNING, logger="trlax"):
         model = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(

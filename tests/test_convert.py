@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import runpy
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from trlax import (
     CheckpointError,
     FlaxAutoModelForCausalLM,
     FlaxAutoModelForCausalLMWithValueHead,
+    LoraConfig,
 )
 from trlax.checkpoint.convert import is_orbax_model, load_orbax, to_hf, to_orbax
 from trlax.checkpoint.reader import CheckpointReader
@@ -111,6 +113,22 @@ def test_convert_errors(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert "is a PEFT adapter (it has adapter_config.json), not a full model: convert its base" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_on_an_orbax_base_warns_and_its_reload_names_the_orbax_folder(tmp_path: Path, caplog) -> None:
+    """A LoRA policy over a load_orbax model saved an adapter naming the Orbax folder as its base, which nothing
+    loads; the reload said "no weights in ..." without a word about Orbax."""
+    src = _torch_checkpoint(gpt2(), tmp_path / "src", value_head=False)
+    to_orbax(src, tmp_path / "orbax", progress=False)
+    policy = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(
+        load_orbax(tmp_path / "orbax"), peft_config=LoraConfig(r=2, target_modules=["c_attn"]))
+    with caplog.at_level(logging.WARNING, logger="trlax"):
+        policy.save_pretrained(tmp_path / "adapter")
+    assert "an Orbax model folder, which PEFT, TRL and from_pretrained cannot load" in caplog.text
+    with pytest.raises(CheckpointError, match="is an Orbax model folder .* load it with trlax.load_orbax"):
+        FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "adapter")
+    with pytest.raises(CheckpointError, match="is an Orbax model folder"):
+        FlaxAutoModelForCausalLM.from_pretrained(tmp_path / "orbax")
 
 
 def test_a_damaged_orbax_marker_is_a_checkpoint_error(tmp_path: Path, capsys) -> None:

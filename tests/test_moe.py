@@ -412,9 +412,9 @@ def test_router_aux_loss_logits_and_gradient_match_transformers(pair, gradient_c
     ids, mask = batch(model.vocab_size, "left", seq_len=7)
     labels = np.where(mask == 1, ids, -100)
     model(ids, mask)  # traced with the switch off: the switch must not reuse that program
-    pt.router_aux_loss_coef = 0.37  # transformers reads it from the config when the model is built
     for m in (pt, model):
-        m.config.output_router_logits, m.config.router_aux_loss_coef = True, 0.37
+        m.config.output_router_logits = True
+        m.config.router_aux_loss_coef = 0.37  # both read it when the model is built: no effect now
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
     try:
@@ -425,6 +425,10 @@ def test_router_aux_loss_logits_and_gradient_match_transformers(pair, gradient_c
             assert o.shape == tuple(r.shape) and max_diff(r.detach(), o) < ATOL
         assert abs(float(out.aux_loss) - float(ref.aux_loss)) < ATOL and float(ref.aux_loss) > 1
         assert abs(float(out.loss) - float(ref.loss)) < ATOL
+        lm_loss = float(out.loss) - pt.router_aux_loss_coef * float(out.aux_loss)  # the coefficient it was built with
+        model.config.output_router_logits = False
+        assert abs(float(model(ids, mask, labels=labels).loss) - lm_loss) < 1e-5
+        model.config.output_router_logits = True
         no_aux = model(ids, mask)  # without labels: aux_loss and router_logits, no loss
         assert no_aux.loss is None and float(no_aux.aux_loss) == float(out.aux_loss)
         ref.loss.backward()

@@ -587,6 +587,26 @@ def test_an_lm_whose_arrays_a_donated_update_deleted_says_so():
     np.testing.assert_array_equal(ref(ids, mask)[0], ref(ids, mask)[0])  # the reference's arrays live on
 
 
+def test_an_update_built_before_the_reference_is_refused_naming_why():
+    """create_reference_model(num_shared_layers=N) after make_ppo_update freezes what the update trains: the split
+    the error asked for was refused with the same error, and the old split donated the reference's arrays."""
+    lm = FlaxAutoModelForCausalLM.model_class(_GPT2, params=jax.tree_util.tree_map(jnp.copy, _initial_params(False)))
+    policy = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(lm, summary_dropout_prob=0.0)
+    tx = optax.sgd(0.1)
+    step = ppo.make_ppo_update(policy, tx)
+    old_trainable, old_frozen = split_trainable(policy.params, policy.trainable_mask)
+    ref = create_reference_model(policy, num_shared_layers=1)
+    batch, scores = _causal_batch()
+    exp = ppo.make_rollout(policy, ref)(policy.params, ref.params, batch, scores, 0.2)
+    trainable, frozen = split_trainable(policy.params, policy.trainable_mask)
+    for t, f in ((trainable, frozen), (old_trainable, old_frozen)):
+        with pytest.raises(TrlaxError, match=r"model.trainable_mask now freezes \d+ param\(s\) this update trains.*"
+                                             r"call make_ppo_update \(and split_trainable, tx.init\) again"):
+            step(t, f, tx.init(t), exp)
+    ref(batch["input_ids"], batch["attention_mask"])  # nothing was donated
+    ppo.make_ppo_update(policy, tx)(trainable, frozen, tx.init(trainable), exp)
+
+
 def test_a_mask_that_trains_what_the_model_freezes_is_refused():
     """The model's frozen leaves are shared with its reference; an update with a custom mask that trains them
     donated them and deleted the reference's arrays (the docstring promised a refusal)."""

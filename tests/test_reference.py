@@ -147,7 +147,9 @@ def test_full_copy_has_own_buffers_and_leaves_policy_trainable():
     ref = create_reference_model(policy)
     assert type(ref) is type(policy) and ref.frozen and not policy.frozen
     assert ref.pretrained_model is not policy.pretrained_model
-    assert ref.pretrained_model.module is policy.pretrained_model.module
+    # its own module over its own config copy: a change to the policy's config never reaches the reference
+    assert ref.pretrained_model.module.config is not policy.pretrained_model.module.config
+    assert ref.pretrained_model.module.config.to_dict() == policy.config.to_dict()
     assert all(jax.tree_util.tree_leaves(policy.trainable_mask))
     assert not any(jax.tree_util.tree_leaves(ref.trainable_mask))
     for p, r in zip(jax.tree_util.tree_leaves(policy.params), jax.tree_util.tree_leaves(ref.params), strict=True):

@@ -276,6 +276,24 @@ def test_transformers_forward_arguments_trlax_lacks_are_named(lm, wrapper, bart)
             model(IDS, **{name: True})
 
 
+def test_the_old_flax_apis_neutral_arguments_pass_and_flags_must_be_bools(lm, bart):
+    """`return_dict=True` / `output_attentions=False` (what the old transformers Flax API and TRL's callers pass)
+    were refused as unknown keywords; an old positional call that lands a key on `train` failed inside jit with a
+    raw "Non-hashable static arguments" ValueError."""
+    for model in (lm, bart):
+        extra = {"decoder_input_ids": np.array([[2], [2]])} if model is bart else {}
+        expected = np.asarray(model(IDS, **extra).logits)
+        out = model(IDS, return_dict=True, output_attentions=False, **extra)
+        np.testing.assert_array_equal(np.asarray(out.logits), expected)
+        for name, value in (("return_dict", False), ("output_attentions", True)):
+            with pytest.raises(TrlaxTypeError, match=f"takes no {name}={value}"):
+                model(IDS, **{name: value}, **extra)
+    with pytest.raises(TrlaxTypeError, match="train must be True or False; got PRNGKeyArray"):
+        lm(IDS, None, None, lm.params, None, jax.random.key(0))
+    with pytest.raises(TrlaxTypeError, match="output_hidden_states must be True or False; got str"):
+        lm(IDS, output_hidden_states="yes")
+
+
 def test_a_start_token_per_row_is_refused_by_name(bart):
     """transformers takes one decoder start id per row; trlax raised a raw TypeError from int([...])."""
     for start in ([2, 2], np.array([2, 2])):

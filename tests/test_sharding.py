@@ -194,6 +194,16 @@ def test_mesh_axes_count_as_used_when_a_param_rule_or_the_kv_cache_names_them(ca
 
 
 @pytest.mark.slow
+def test_params_off_the_models_mesh_are_an_input_error(device_report: dict) -> None:
+    """Params on one device assigned to a model on a mesh failed every call with JAX's raw "Received incompatible
+    devices" ValueError."""
+    error = device_report["mesh_errors"]["params_off_the_mesh"]
+    assert error.startswith("InputError: the params or inputs of this FlaxAutoModelForCausalLMWithValueHead are on "
+                            "other devices than the model"), error
+    assert "shard_model(model, mesh)" in error
+
+
+@pytest.mark.slow
 def test_meshes_the_rules_cannot_use_are_errors(device_report: dict) -> None:
     """A mesh with none of the axes the rules map to (or rules naming a missing axis) replicated every param
     on every device, silently."""
@@ -564,6 +574,14 @@ def _worker_devices(root: Path, *families: str) -> None:
     print(json.dumps(report))
 
 
+def _call_with_params_on_one_device(folder: Path) -> None:
+    from trlax import FlaxAutoModelForCausalLMWithValueHead
+
+    policy = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(folder, mesh=make_mesh(fsdp=8))
+    policy.params = jax.device_put(policy.params, jax.devices()[0])  # e.g. a state restored without a target
+    policy(np.ones((8, 4), np.int32))
+
+
 def _mesh_errors(folder: Path) -> dict[str, str]:
     """What loading or sharding on meshes the rules cannot use says (each replicated every param silently)."""
     from trlax import FlaxAutoModelForCausalLMWithValueHead
@@ -584,6 +602,7 @@ def _mesh_errors(folder: Path) -> dict[str, str]:
         # restore_state replicated every leaf onto such a mesh without a word
         "restore_state_model8": lambda: restore_state(state, target_sharding=jax.make_mesh((8,), ("model",)),
                                                       model_type="gpt2"),
+        "params_off_the_mesh": lambda: _call_with_params_on_one_device(folder),
     }
     report = {}
     for name, attempt in attempts.items():

@@ -58,7 +58,7 @@ import numpy as np
 from trlax.checkpoint.naming import hf_key
 from trlax.errors import InputError, TrlaxError, TrlaxTypeError, UnsupportedModelError
 from trlax.generation_config import id_list, penalty_context, process_logits
-from trlax.inputs import check_positions, check_token_range, is_concrete, mask_for, token_ids
+from trlax.inputs import check_positions, check_token_range, explained_device_mismatch, is_concrete, mask_for, token_ids
 from trlax.models.layers import LORA_COLLECTION
 from trlax.models.rope import longrope_length
 from trlax.sharding import constrain_kv_cache, shard_batch
@@ -72,7 +72,8 @@ Array = jax.Array
 @flax.struct.dataclass
 class GenerateOutput:
     """sequences: [B, T + new] int32 for causal LMs (the prompt included, like transformers);
-    [B, 1 + new] for encoder-decoder LMs (decoder start token, then the new tokens)."""
+    [B, Td + new] for encoder-decoder LMs (the decoder prompt, by default the start token alone, then the
+    new tokens)."""
 
     sequences: Array
 
@@ -90,6 +91,7 @@ class GenerationSettings:
     use_repetition_penalty: bool = False  # False when repetition_penalty == 1.0
     num_forced_eos: int = 0  # forced_eos_token_id: ids the last step must choose among (0 = off)
     rollout_dtype: Any = None  # compute dtype of the loop (a numpy dtype); None = the model's
+    forward_config: tuple[Any, ...] = ()  # the model's per-call config fields (FlaxPreTrainedModel.sync_forward_config)
 
 
 @flax.struct.dataclass
@@ -659,7 +661,7 @@ def generate(
     penalty_on = _scalar(repetition_penalty) != 1.0
     settings = GenerationSettings(int(max_new_tokens), bool(do_sample), int(top_k) if do_sample else 0,
                          bool(do_sample and top_p_on), len(eos_ids), int(min_new_tokens), penalty_on,
-                         len(forced_eos), _check_rollout_dtype(rollout_dtype, model))
+                         len(forced_eos), _check_rollout_dtype(rollout_dtype, model), model.sync_forward_config())
     knobs = _Knobs(jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32),
                    jnp.asarray(pad, jnp.int32), jnp.asarray(eos_ids, jnp.int32).reshape(-1),
                    jnp.asarray(start, jnp.int32), jnp.asarray(repetition_penalty, jnp.float32),
@@ -669,8 +671,9 @@ def generate(
     if model.mesh is not None:  # the batch is split like the layer outputs and the KV cache
         input_ids, mask = shard_batch((input_ids, mask), model.mesh, model.sharding_rules)
     extra = (decoder_prompt,) if seq2seq else ()
-    sequences, finite = run(model.params if params is None else params, lora, input_ids, mask, knobs,
-                            prng_key if do_sample else None, *extra)
+    with explained_device_mismatch(f"this {type(model).__name__}"):
+        sequences, finite = run(model.params if params is None else params, lora, input_ids, mask, knobs,
+                                prng_key if do_sample else None, *extra)
     if is_concrete(finite) and not finite:  # argmax and the draw would pick the last id of a NaN row silently
         raise InputError("generate: the model's logits hold NaN or inf, so no token can be chosen; the params hold "
                          "non-finite values (a diverged update?) or the compute dtype overflows (try float32 or "

@@ -21,8 +21,9 @@ not functionalized"): the check has nowhere to report to.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
@@ -161,18 +162,36 @@ UNSUPPORTED_FORWARD_ARGUMENTS = {
     "decoder_inputs_embeds": "pass decoder_input_ids",
     "encoder_outputs": "pass input_ids and attention_mask: the encoder runs inside the forward",
     "output_attentions": "attention weights are not returned",
+    "return_dict": "trlax returns an output object: read its fields, e.g. out.logits",
     "head_mask": "heads cannot be masked",
     "token_type_ids": "no supported family uses them",
 }
 
 
+# transformers' forward arguments whose value here changes nothing (trlax returns output objects without
+# attention weights): accepted, as the old transformers Flax API and TRL's callers pass them.
+NEUTRAL_FORWARD_ARGUMENTS = {"return_dict": (None, True), "output_attentions": (None, False)}
+
+
 def refuse_unsupported_arguments(arguments: dict[str, Any], where: str) -> None:
     """TrlaxTypeError naming keyword arguments a forward does not take (a transformers-only one with its
-    alternative), where Python would raise a bare TypeError."""
-    if arguments:
-        named = [f"{name} ({UNSUPPORTED_FORWARD_ARGUMENTS[name]})" if name in UNSUPPORTED_FORWARD_ARGUMENTS
-                 else name for name in sorted(arguments)]
+    alternative), where Python would raise a bare TypeError; `NEUTRAL_FORWARD_ARGUMENTS` at a neutral value pass."""
+    refused = sorted(name for name, value in arguments.items()
+                     if not any(value is neutral for neutral in NEUTRAL_FORWARD_ARGUMENTS.get(name, ())))
+    if refused:
+        shown = {name: f"{name}={arguments[name]!r}" if name in NEUTRAL_FORWARD_ARGUMENTS else name for name in refused}
+        named = [f"{shown[name]} ({UNSUPPORTED_FORWARD_ARGUMENTS[name]})" if name in UNSUPPORTED_FORWARD_ARGUMENTS
+                 else shown[name] for name in refused]
         raise TrlaxTypeError(f"{where} takes no {', '.join(named)}")
+
+
+def check_forward_flags(where: str, **flags: Any) -> None:
+    """TrlaxTypeError unless each flag (`train`, `output_hidden_states`, ...) is a bool or None: they pick the
+    compiled program, and another value (an old positional call passing a key as `train`) failed inside jit."""
+    for name, value in flags.items():
+        if value is not None and not isinstance(value, (bool, np.bool_)):
+            raise TrlaxTypeError(f"{where}: {name} must be True or False; got {type(value).__name__} (pass the "
+                                 "forward's arguments after attention_mask by keyword)")
 
 
 def check_dropout_rng(train: bool, dropout_rng: Any) -> None:
@@ -278,9 +297,26 @@ def with_live_params(fn: Callable[..., Any], what: str) -> Callable[..., Any]:
 
     def call(params: Any, *args: Any, **kwargs: Any) -> Any:
         check_not_deleted(jax.tree_util.tree_leaves(params), f"the params of {what}")
-        return fn(params, *args, **kwargs)
+        with explained_device_mismatch(what):
+            return fn(params, *args, **kwargs)
 
     return call
+
+
+@contextlib.contextmanager
+def explained_device_mismatch(what: str) -> Iterator[None]:
+    """Around a jitted call: JAX's "Received incompatible devices" ValueError (params on one device passed to a
+    model on a mesh, or the reverse) becomes an InputError saying how to place them."""
+    try:
+        yield
+    except ValueError as e:
+        if isinstance(e, TrlaxError) or "incompatible devices" not in str(e):
+            raise
+        raise InputError(
+            f"the params or inputs of {what} are on other devices than the model (one device vs its mesh, or another "
+            "mesh): place them as the model's with trlax.sharding.shard_model(model, mesh) after assigning them, or "
+            "restore a state with target={'params': model.params} (or target_sharding=the model's mesh); JAX says: "
+            f"{str(e).splitlines()[0][:300]}") from e
 
 
 class ParamsCheck:

@@ -42,7 +42,7 @@ import numpy as np
 import optax
 
 from trlax.errors import InputError, TrlaxError, TrlaxTypeError
-from trlax.inputs import check_shape, check_token_range, is_concrete
+from trlax.inputs import check_shape, check_token_range, explained_device_mismatch, is_concrete
 from trlax.trainable import jit_keeping_placement, merge_trainable, split_trainable
 from trlax.value_head import PreTrainedModelWrapper
 
@@ -159,7 +159,8 @@ def masked_var(values: Array, mask: Array, unbiased: bool = True) -> Array:
     """Variance of `values` where `mask` is 1; Bessel-corrected like TRL when `unbiased`.
 
     TRL raises on an all-zero mask; under jit that cannot be checked, so a mask sum of 0
-    gives 0 (see `masked_mean`), and a mask sum of 1 NaN when unbiased (0 * 1/0, as in TRL).
+    gives 0 (see `masked_mean`), and a mask sum of 1 NaN when unbiased (0 * 1/0, as TRL 1.12's `masked_var`;
+    TRL 0.11's raises "The sum of the mask is one", as `check_rollout_inputs` does for a rollout).
     """
     mask = mask.astype(jnp.float32)
     mean = masked_mean(values, mask)
@@ -454,7 +455,7 @@ def check_rollout_inputs(model: PreTrainedModelWrapper, batch: dict[str, Array],
     """InputError unless `batch` holds what `make_rollout` reads (`check_model_batch`, and a 0/1 response_mask
     [B, T] on real tokens), `scores` is [B] and, where concrete, scores and `kl_coef` are finite numbers and the
     batch holds at least 2 response tokens after the first position, which whitening the advantages needs (TRL
-    raises "The sum of the mask is one"). Each of these gave NaN advantages, then NaN params after the update.
+    0.11 raises "The sum of the mask is one"). Each of these gave NaN advantages, then NaN params after the update.
 
     A [B, 1] score (a 1-label reward model's logits) broadcast into [B, B, T-1] advantages without an error;
     a missing key gave a bare KeyError inside the trace."""
@@ -531,7 +532,9 @@ def make_rollout(
     def checked_rollout(policy_params: dict[str, Any], ref_params: dict[str, Any], batch: dict[str, Array],
                         scores: Array, kl_coef: Array) -> dict[str, Array]:
         check_rollout_inputs(policy, batch, scores, kl_coef)
-        return jitted(policy_params, ref_params, batch, jnp.asarray(scores), kl_coef)
+        with explained_device_mismatch("the rollout (policy and reference: shard the policy before "
+                                       "create_reference_model, so the reference shares its mesh)"):
+            return jitted(policy_params, ref_params, batch, jnp.asarray(scores), kl_coef)
 
     return checked_rollout
 
@@ -553,6 +556,13 @@ def check_experience(model: PreTrainedModelWrapper, batch: dict[str, Array]) -> 
                              "entry of make_rollout's experience)")
 
 
+def trained_but_frozen(mask: Any, model: PreTrainedModelWrapper) -> list[str]:
+    """The paths of the leaves `mask` (a bool per param leaf) trains that `model.trainable_mask` freezes."""
+    return [jax.tree_util.keystr(path) for (path, trains), allowed in zip(
+        jax.tree_util.tree_flatten_with_path(mask)[0], jax.tree_util.tree_leaves(model.trainable_mask), strict=True)
+        if trains and not allowed]
+
+
 def make_ppo_update(
     model: PreTrainedModelWrapper, tx: optax.GradientTransformation, config: PPOConfig = PPOConfig(),
     mask: Any = None,
@@ -572,9 +582,7 @@ def make_ppo_update(
     check_ppo_models(model, None, config)
     mask = model.trainable_mask if mask is None else mask
     expected, expected_frozen = (jax.tree_util.tree_structure(half) for half in split_trainable(model.params, mask))
-    unfrozen = [jax.tree_util.keystr(path) for (path, trains), allowed in zip(
-        jax.tree_util.tree_flatten_with_path(mask)[0], jax.tree_util.tree_leaves(model.trainable_mask), strict=True)
-        if trains and not allowed]
+    unfrozen = trained_but_frozen(mask, model)
     if unfrozen:
         raise TrlaxError(f"mask trains {len(unfrozen)} param(s) that model.trainable_mask freezes, e.g. "
                          f"{unfrozen[0]}: frozen leaves are shared with a reference model (or are a LoRA policy's "
@@ -598,6 +606,13 @@ def make_ppo_update(
 
     def step(trainable: Any, frozen: Any, opt_state: Any, batch: dict[str, Array],
              rng: Array | None = None) -> tuple[Any, Any, dict[str, Array]]:
+        newly_frozen = trained_but_frozen(mask, model)
+        if newly_frozen:
+            raise TrlaxError(
+                f"model.trainable_mask now freezes {len(newly_frozen)} param(s) this update trains, e.g. "
+                f"{newly_frozen[0]}: create_reference_model after make_ppo_update shares (and freezes) them, and "
+                "the update would donate them, deleting the reference's arrays; call make_ppo_update (and "
+                "split_trainable, tx.init) again after create_reference_model")
         if jax.tree_util.tree_structure(trainable) != expected:
             raise TrlaxError(
                 "`trainable` must be split_trainable(params, model.trainable_mask)[0]: the update donates it, and "

@@ -227,6 +227,5 @@ def _frozen_wrapper(model: PreTrainedModelWrapper, ref_params: dict[str, Any]) -
     ref_lm.mesh, ref_lm.sharding_rules = lm.mesh, lm.sharding_rules
     # What TRL's deepcopy keeps: the checkpoint's generation settings and the dtype saves write.
     ref_lm.storage_dtype, ref_lm.generation_config = lm.storage_dtype, copy.deepcopy(lm.generation_config)
-    ref_lm.module = lm.module  # Linen modules are immutable definitions: one is shared, as in v0.1
     return type(model)(ref_lm, v_head_params=ref_params["v_head"], frozen=True,
                        base_model_name_or_path=model.base_model_name_or_path, **model.head_options())

@@ -54,7 +54,14 @@ from trlax.inputs import (
     with_live_params,
 )
 from trlax.models.auto import AutoModel, FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
-from trlax.models.base import FlaxPreTrainedModel, jit_forward, kv_cache_argument, load_config, refuse_train_mode
+from trlax.models.base import (
+    FlaxPreTrainedModel,
+    deepcopy_rebuilding,
+    jit_forward,
+    kv_cache_argument,
+    load_config,
+    refuse_train_mode,
+)
 from trlax.models.layers import LORA_COLLECTION, torch_linear_init
 from trlax.peft.lora import (
     AdapterFiles,
@@ -277,10 +284,19 @@ class PreTrainedModelWrapper:
         lora = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                       self.params.get(LORA_COLLECTION))
         self._check_lora_params = ParamsCheck(lambda: lora, "this policy's LoRA adapter")
+        self.build_compiled()
+
+    def build_compiled(self) -> None:
+        """The jitted forward and reward forward, bound to this object."""
         what = f"this {type(self).__name__}"
         self._forward = jit_forward(self.apply, self.static_forward_arguments,
-                                    lambda: self.pretrained_model.trace_settings, what)
+                                    lambda: self.pretrained_model.trace_settings(), what)
         self._reward_forward = with_live_params(jax.jit(self.apply_reward), what)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PreTrainedModelWrapper:
+        """An independent copy (its LM, config, head and params), as TRL's deepcopy of a wrapper: its jitted
+        functions are built anew for it (a copied one would run the original)."""
+        return deepcopy_rebuilding(self, memo, ("_forward", "_reward_forward"))
 
     def _initial_trainable_mask(self) -> dict[str, Any]:
         """Everything (a full policy), nothing (a reference), or a LoRA policy's adapter and value head."""
@@ -325,8 +341,17 @@ class PreTrainedModelWrapper:
         """A LoRA policy's adapter (config, the weights in `params`, trainable or not); None otherwise."""
         if self._lora_config is None:
             return None
-        return PolicyAdapter(self._lora_config, (self.params if params is None else params)[LORA_COLLECTION],
-                             self._lora_trainable)
+        return PolicyAdapter(self._lora_config, self.adapter_weights(self.params if params is None else params,
+                                                                     "policy_adapter"), self._lora_trainable)
+
+    def adapter_weights(self, params: dict[str, Any], what: str) -> dict[str, Any]:
+        """A LoRA policy's adapter tree in `params` (TrlaxError naming `what` when they hold the base alone)."""
+        if LORA_COLLECTION not in params:
+            raise TrlaxError(f"{what}: these params hold no 'lora' adapter (the base alone, e.g. the reference's), "
+                             "and this LoRA policy's checkpoint is its adapter; pass params with the adapter, or use "
+                             "model.pretrained_model's save_pretrained / to_torch with params['pretrained_model'] for "
+                             "the base model alone")
+        return params[LORA_COLLECTION]
 
     def head_options(self) -> dict[str, Any]:
         """The value-head keyword arguments this wrapper was built with (for building its likes)."""
@@ -674,7 +699,7 @@ class PreTrainedModelWrapper:
                     raise TrlaxTypeError(f"an adapter policy saves PEFT's one adapter file (the adapter in the dtype "
                                          f"it is held in) and TRL's value head: save_pretrained takes no {name} here")
             # The adapter and the head are small: gathered whole (on every process) if sharded.
-            small = host_tree({"lora": params[LORA_COLLECTION], "v_head": params["v_head"]})
+            small = host_tree({"lora": self.adapter_weights(params, "save_pretrained"), "v_head": params["v_head"]})
             return on_writer_process(
                 lambda: write_adapter_policy(save_directory, self.pretrained_model, self._lora_config, small["lora"],
                                              self.value_head_state(small), base_name=self.base_model_name_or_path),
@@ -709,12 +734,13 @@ class PreTrainedModelWrapper:
         torch and trl (and peft for a LoRA policy).
         """
         params = self.params if params is None else params
+        lora = self.adapter_weights(params, "to_torch") if self.is_peft_model else None
         lm = self.pretrained_model.to_torch(params["pretrained_model"], dtype)
         if self.is_peft_model:
             config = self._lora_config.to_peft_dict()
             config.update(base_model_name_or_path=self.base_model_name_or_path, inference_mode=not self._lora_trainable,
                           task_type="SEQ_2_SEQ_LM" if self.pretrained_model.is_encoder_decoder else "CAUSAL_LM")
-            lm = peft_lm(lm, config, peft_state_dict(params[LORA_COLLECTION], self.pretrained_model.config.model_type))
+            lm = peft_lm(lm, config, peft_state_dict(lora, self.pretrained_model.config.model_type))
         head = {k.removeprefix(V_HEAD_PREFIX): v for k, v in self.value_head_state(params).items()}
         if self.reward_adapter is not None:
             logger.warning("to_torch() leaves out the reward adapter %r (TRL loads one only from a folder or hub id: "

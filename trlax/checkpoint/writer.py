@@ -112,8 +112,10 @@ def write_checkpoint_dir(
     `save_directory`, replacing it atomically (see the module docstring).
 
     Returns the written paths. Weight files of an earlier save in the folder (other shards,
-    a .bin) are dropped; its other files are kept. Raises CheckpointError when the folder
-    cannot be replaced atomically (a file, a mount point, an unwritable parent folder).
+    a .bin), a PEFT adapter's files, generation_config.json and an Orbax model's marker and params
+    are dropped (each save writes its own); its other files (tokenizer, README) are kept. Raises
+    CheckpointError when the folder cannot be replaced atomically (a file, a mount point, an
+    unwritable parent folder).
     """
     metadata = {"format": "pt", **(metadata or {})}
     max_bytes = None if max_shard_size is None else parse_size(max_shard_size)

@@ -19,6 +19,7 @@ any), so assigning the wrapper's params is seen by the LM's forward and generati
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
@@ -97,6 +98,16 @@ def jit_forward(apply: Callable[..., Any], static_argnames: tuple[str, ...], tra
         lambda params, *args, **kwargs: jitted(params, *args, trace_settings=trace_settings(), **kwargs), what)
 
 
+def deepcopy_rebuilding(model: Any, memo: dict[int, Any], compiled: tuple[str, ...]) -> Any:
+    """`copy.deepcopy(model)` (memo: deepcopy's) except the attributes named in `compiled`, functions bound to
+    the original, which the copy's `build_compiled()` makes anew."""
+    copied = type(model).__new__(type(model))
+    memo[id(model)] = copied
+    copied.__dict__.update({k: copy.deepcopy(v, memo) for k, v in vars(model).items() if k not in compiled})
+    copied.build_compiled()
+    return copied
+
+
 def refuse_train_mode(mode: bool) -> None:
     """transformers' `train(True)` has no trlax counterpart: modules hold no mode, dropout is per call."""
     if mode:
@@ -154,7 +165,10 @@ class FlaxPreTrainedModel(CheckpointMixin):
         self.spec = spec
         self.dtype = dtype
         self.param_dtype = param_dtype
-        self.module = self.module_for(spec)(config=config, dtype=dtype, param_dtype=param_dtype)
+        # The module reads its own copy of the config, as transformers' modules read theirs when built (the
+        # embedding's padding_idx, RoPE, ...); what transformers reads at each call follows `model.config`:
+        # `sync_forward_config`, output_router_logits, the pad / decoder start ids outside the module.
+        self.module = self.module_for(spec)(config=copy.deepcopy(config), dtype=dtype, param_dtype=param_dtype)
         self._params = params
         self._owner: Any = None  # a value-head wrapper whose params["pretrained_model"] these are
         # Set when the params are sharded (from_pretrained(mesh=...), trlax.sharding.shard_model).
@@ -164,15 +178,24 @@ class FlaxPreTrainedModel(CheckpointMixin):
             self.use_mesh(mesh, sharding_rules)
         elif sharding_rules is not None:
             raise TrlaxError("sharding_rules only apply with a mesh; pass mesh=jax.sharding.Mesh(...) too")
-        self.generation_cache = GenerationCache()
         # The float dtype of the checkpoint the params were loaded from (None: not loaded),
         # which save_pretrained writes by default; and the checkpoint's GenerationConfig.
         self.storage_dtype: np.dtype | None = None
         self.generation_config: transformers.GenerationConfig | None = None
-        self.check_params = ParamsCheck(self.abstract_params, f"this {config.model_type} model")
         self._gradient_checkpointing = False
-        self._forward = jit_forward(self.apply, self.static_forward_arguments, lambda: self.trace_settings,
-                                    f"this {config.model_type} model")
+        self.build_compiled()
+
+    def build_compiled(self) -> None:
+        """The jitted forward, the params check and an empty generation cache, bound to this object."""
+        self.check_params = ParamsCheck(self.abstract_params, f"this {self.config.model_type} model")
+        self.generation_cache = GenerationCache()
+        self._forward = jit_forward(self.apply, self.static_forward_arguments, self.trace_settings,
+                                    f"this {self.config.model_type} model")
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FlaxPreTrainedModel:
+        """An independent copy (config, module, params), as torch's deepcopy of a model: its jitted functions
+        are built anew for it (a copied one would run the original's module and config)."""
+        return deepcopy_rebuilding(self, memo, ("check_params", "generation_cache", "_forward"))
 
     @classmethod
     def module_for(cls, spec: ArchitectureSpec) -> type[Any]:
@@ -213,12 +236,25 @@ class FlaxPreTrainedModel(CheckpointMixin):
         """Whether forwards rematerialise each transformer block in the backward pass."""
         return self._gradient_checkpointing
 
-    @property
     def trace_settings(self) -> tuple[Any, ...]:
-        """The settings a traced forward reads, which key the jitted forward's programs: gradient checkpointing
-        and (mixtures of experts) `config.output_router_logits` and `config.router_aux_loss_coef`."""
+        """The settings a traced forward reads, which key the jitted forward's programs: gradient checkpointing,
+        (mixtures of experts) `config.output_router_logits` and the config fields transformers reads per call
+        (synced into the module's config copy: `sync_forward_config`)."""
         return (self._gradient_checkpointing, bool(getattr(self.config, "output_router_logits", False)),
-                getattr(self.config, "router_aux_loss_coef", None))
+                self.sync_forward_config())
+
+    def wants_hidden_states(self, output_hidden_states: bool | None) -> bool:
+        """A forward's `output_hidden_states`, or for None `config.output_hidden_states`, as transformers reads it."""
+        return bool(self.config.output_hidden_states if output_hidden_states is None else output_hidden_states)
+
+    def sync_forward_config(self) -> tuple[Any, ...]:
+        """Copies the config fields transformers reads at every forward (`spec.forward_config_fields`, e.g.
+        Granite's logits_scaling) from `model.config` into the module's copy, so the next trace reads them;
+        returns their values (hashable), which key compiled programs."""
+        names = [name for name in self.spec.forward_config_fields if hasattr(self.config, name)]
+        for name in names:
+            setattr(self.module.config, name, getattr(self.config, name))
+        return tuple(getattr(self.config, name) for name in names)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
         """transformers' switch: from now on `apply` (and so a train step's `jax.grad` of it) and the jitted
@@ -293,7 +329,8 @@ class FlaxPreTrainedModel(CheckpointMixin):
         cls, config: transformers.PretrainedConfig, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
         seed: int = 0,
     ) -> FlaxPreTrainedModel:
-        """A randomly initialised model of this config."""
+        """A randomly initialised model of this config (no generation_config: `generate` uses trlax's defaults
+        and the config's token ids; assign a transformers.GenerationConfig to change them)."""
         model = cls(config, dtype=dtype, param_dtype=param_dtype)
         model.params = model.init_params(jax.random.key(seed))
         return model
@@ -381,6 +418,7 @@ class FlaxPreTrainedModel(CheckpointMixin):
         blocks rematerialised when gradient checkpointing is enabled."""
         check_dropout_rng(train, dropout_rng)
         self.check_params(params)
+        self.sync_forward_config()
         variables = {"params": params} if lora is None else {"params": params, LORA_COLLECTION: lora}
         with self.sharding_context(), remat_blocks(self.is_gradient_checkpointing):
             return self.module.apply(variables, *inputs, deterministic=not train,

@@ -7,6 +7,7 @@ from typing import Any
 import jax
 
 from trlax.inputs import (
+    check_forward_flags,
     check_labels,
     check_shape,
     mask_for,
@@ -61,7 +62,8 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
         routed = None
         if router is not None:
             out, state = out
-            routed = router(self.config, state["intermediates"], attention_mask[:, past_length:])
+            # the module's config: router_aux_loss_coef is read when the model is built, as transformers reads it
+            routed = router(self.module.config, state["intermediates"], attention_mask[:, past_length:])
             out = out.replace(aux_loss=routed.aux_loss, router_logits=routed.router_logits)
         if labels is None:
             return out
@@ -74,7 +76,7 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
         attention_mask: Any = None,
         position_ids: Any = None,
         params: dict[str, Any] | None = None,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | None = None,
         train: bool = False,
         dropout_rng: jax.Array | None = None,
         labels: Any = None,
@@ -90,9 +92,9 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
         padding), default all ones; position_ids: [B, T], default `arange(T)` as
         transformers' PyTorch forward (pass `cumsum(mask) - 1` for left-padded batches
         if you want padding-independent positions). Returns a CausalLMOutput whose
-        logits are [B, T, V] float32. The LM inside a LoRA policy applies the policy's
-        adapter (when `params` is not given). labels: [B, T] int (usually the input_ids,
-        -100 where nothing is scored): `loss` is then transformers' shifted LM loss. Token
+        logits are [B, T, V] float32; output_hidden_states None: `config.output_hidden_states`. The LM
+        inside a LoRA policy applies the policy's adapter (when `params` is not given). labels: [B, T] int
+        (usually the input_ids, -100 where nothing is scored): `loss` is then transformers' shifted LM loss. Token
         ids outside [0, vocab_size) and positions past a learned position table (GPT-2, OPT, GPT-Neo) raise InputError
         (under jit only with `check_inputs=True`, see `trlax.inputs`); so do params of
         another model.
@@ -108,6 +110,7 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
         `generate`.
         """
         refuse_unsupported_arguments(unsupported, f"{type(self).__name__}.__call__")
+        check_forward_flags(f"{type(self).__name__}.__call__", train=train, output_hidden_states=output_hidden_states)
         past_key_values = kv_cache_argument(cache, past_key_values)
         input_ids = token_ids("input_ids", input_ids)
         past_length = self.past_length(past_key_values, input_ids.shape[0])
@@ -118,8 +121,8 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
             labels = same_shape("labels", token_ids("labels", labels), input_ids.shape)
         self.check_inputs(input_ids, mask, position_ids, labels, past_length=past_length, traced=check_inputs)
         return self._forward(self.params if params is None else params, input_ids, mask, position_ids,
-                             dropout_rng, train=train, output_hidden_states=output_hidden_states,
-                             lora=self.lora if params is None else None, labels=labels,
+                             dropout_rng, train=train, lora=self.lora if params is None else None, labels=labels,
+                             output_hidden_states=self.wants_hidden_states(output_hidden_states),
                              past_key_values=past_key_values, use_cache=bool(use_cache))
 
     def generation_prompt_length(self, input_ids: jax.Array, decoder_input_ids: Any = None,

@@ -12,6 +12,7 @@ import jax
 from trlax.errors import InputError
 from trlax.generation import decoder_start_id, start_prepended
 from trlax.inputs import (
+    check_forward_flags,
     check_labels,
     check_positions,
     check_shape,
@@ -94,7 +95,7 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
         decoder_input_ids: Any = None,
         decoder_attention_mask: Any = None,
         params: dict[str, Any] | None = None,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | None = None,
         train: bool = False,
         dropout_rng: jax.Array | None = None,
         labels: Any = None,
@@ -126,6 +127,7 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
         entries, and transformers' 4-array legacy layers are not read.
         """
         refuse_unsupported_arguments(unsupported, f"{type(self).__name__}.__call__")
+        check_forward_flags(f"{type(self).__name__}.__call__", train=train, output_hidden_states=output_hidden_states)
         past_key_values = kv_cache_argument(cache, past_key_values)
         input_ids = token_ids("input_ids", input_ids)
         labels = None if labels is None else token_ids("labels", labels)
@@ -136,8 +138,8 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
         self.check_inputs(input_ids, mask, decoder_input_ids, dmask, labels, past_length=past_length,
                           traced=check_inputs)
         return self._forward(self.params if params is None else params, input_ids, mask, decoder_input_ids, dmask,
-                             dropout_rng, train=train, output_hidden_states=output_hidden_states,
-                             lora=self.lora if params is None else None, labels=labels,
+                             dropout_rng, train=train, lora=self.lora if params is None else None, labels=labels,
+                             output_hidden_states=self.wants_hidden_states(output_hidden_states),
                              past_key_values=past_key_values, use_cache=bool(use_cache))
 
     def generation_prompt_length(self, input_ids: jax.Array, decoder_input_ids: Any = None,

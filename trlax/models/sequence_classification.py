@@ -31,7 +31,15 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICA
 from trlax.checkpoint.loading import Placer
 from trlax.checkpoint.naming import set_path
 from trlax.errors import InputError, TrlaxTypeError, UnsupportedModelError
-from trlax.inputs import IGNORE_INDEX, is_concrete, mask_for, refuse_unsupported_arguments, same_shape, token_ids
+from trlax.inputs import (
+    IGNORE_INDEX,
+    check_forward_flags,
+    is_concrete,
+    mask_for,
+    refuse_unsupported_arguments,
+    same_shape,
+    token_ids,
+)
 from trlax.models.base import FlaxPreTrainedModel
 from trlax.models.decoder import CausalLM
 from trlax.models.layers import HFModule, initializer_range
@@ -225,7 +233,7 @@ class FlaxModelForSequenceClassification(FlaxPreTrainedModel):
         return self.lora if params is None else None
 
     def __call__(self, input_ids: Any, attention_mask: Any = None, position_ids: Any = None,
-                 params: dict[str, Any] | None = None, labels: Any = None, output_hidden_states: bool = False,
+                 params: dict[str, Any] | None = None, labels: Any = None, output_hidden_states: bool | None = None,
                  train: bool = False, dropout_rng: Array | None = None,
                  **unsupported: Any) -> SequenceClassifierOutput:
         """Forward pass, jit-compiled once per shape.
@@ -238,6 +246,7 @@ class FlaxModelForSequenceClassification(FlaxPreTrainedModel):
         config when None, as transformers does).
         """
         refuse_unsupported_arguments(unsupported, f"{type(self).__name__}.__call__")
+        check_forward_flags(f"{type(self).__name__}.__call__", train=train, output_hidden_states=output_hidden_states)
         input_ids = token_ids("input_ids", input_ids)
         mask = mask_for("attention_mask", attention_mask, input_ids)
         if position_ids is not None:
@@ -248,7 +257,8 @@ class FlaxModelForSequenceClassification(FlaxPreTrainedModel):
                              "last token of padded rows (transformers refuses batches > 1 too): set "
                              "model.config.pad_token_id, or pass one sequence at a time")
         out = self._forward(self.params if params is None else params, input_ids, mask, position_ids, dropout_rng,
-                            train=train, output_hidden_states=output_hidden_states, lora=self.adapter_for(params),
+                            train=train, output_hidden_states=self.wants_hidden_states(output_hidden_states),
+                            lora=self.adapter_for(params),
                             pad_id=pad_id_array(self.config))  # read now: a changed pad id needs no new trace
         if labels is None:
             return out

@@ -132,6 +132,9 @@ class ArchitectureSpec:
     # transformers' Phi-3 drops its KV cache and recomputes every position when a LongRoPE generation first
     # reaches the pretraining length + 1 tokens (its `prepare_inputs_for_generation`); `generate` does the same.
     rebuilds_longrope_cache: bool = False
+    # Config fields transformers reads at every forward (not when the model is built) that the family's modules
+    # read: a change to `model.config` reaches the next call (`FlaxPreTrainedModel.sync_forward_config`).
+    forward_config_fields: tuple[str, ...] = ()
     # Mixtures of experts: (config, the forward's sown "intermediates" collection, attention_mask [B, T] of its
     # tokens) -> RouterOutputs, computed when config.output_router_logits is set; None for dense families.
     router_outputs: Callable[[Any, dict[str, Any], jax.Array], RouterOutputs] | None = None

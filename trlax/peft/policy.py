@@ -30,7 +30,7 @@ import numpy as np
 
 from trlax.checkpoint.hub import HubOptions, fetch_file
 from trlax.checkpoint.reader import CheckpointReader
-from trlax.checkpoint.writer import write_checkpoint_dir
+from trlax.checkpoint.writer import ORBAX_MODEL_MARKER, write_checkpoint_dir
 from trlax.errors import CheckpointError, UnsupportedModelError
 from trlax.models.auto import AutoModel
 from trlax.models.base import FlaxPreTrainedModel
@@ -138,6 +138,10 @@ def write_adapter_policy(save_directory: str | os.PathLike, base: FlaxPreTrained
     """PEFT's adapter layout (adapter_config.json + adapter_model.safetensors) plus TRL's value
     head (`head_state`: `v_head.summary.*`, in model.safetensors). `peft.PeftModel.from_pretrained`
     loads the adapter, TRL's from_pretrained the adapter and the head; the base is not written."""
+    if base_name and (Path(base_name) / ORBAX_MODEL_MARKER).is_file():
+        logger.warning("this adapter names its base %s, an Orbax model folder, which PEFT, TRL and from_pretrained "
+                       "cannot load: write a transformers checkpoint of the base (`trlax convert %s DST --to hf`) "
+                       "and set base_model_name_or_path in %s to DST", base_name, base_name, ADAPTER_CONFIG_NAME)
     keep = [re.compile(p) for p in base.spec.keep_layout]
     keeps_layout = any(k.match(f"{path}.weight") for path in lora_modules(lora) for k in keep)
     task_type = "SEQ_2_SEQ_LM" if base.is_encoder_decoder else "CAUSAL_LM"
