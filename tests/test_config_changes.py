@@ -23,6 +23,7 @@ from tests.helpers import batch, max_diff
 from tests.parity_checks import make_pair
 from tests.tiny_configs import TINY_CAUSAL
 from trlax import FlaxAutoModelForCausalLM, FlaxAutoModelForCausalLMWithValueHead, create_reference_model
+from trlax.errors import InputError
 
 ATOL = 1e-4
 
@@ -142,3 +143,44 @@ def test_config_output_hidden_states_is_the_forwards_default(granite):
     model.config.output_hidden_states = True
     assert len(model(ids, mask).hidden_states) == model.config.num_hidden_layers + 1
     assert model(ids, mask, output_hidden_states=False).hidden_states is None
+
+
+def test_a_reference_starts_equal_to_its_policy_after_a_build_time_field_changed(granite):
+    """Granite's embedding_multiplier is read when the model is built: transformers' (and the policy's) forward
+    ignores a later change, but the reference was rebuilt from the changed config (0.69 off its policy at step 0)."""
+    folder, _ = granite
+    policy = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(folder)
+    ids, mask = batch(policy.config.vocab_size, "right")
+    before = np.asarray(policy(ids, mask)[0])
+    policy.config.embedding_multiplier = 1.0
+    reference = create_reference_model(policy)
+    np.testing.assert_array_equal(np.asarray(policy(ids, mask)[0]), before)
+    np.testing.assert_array_equal(np.asarray(reference(ids, mask)[0]), before)
+
+
+def test_sizes_and_structure_come_from_the_config_the_model_was_built_with(tmp_path):
+    """After `config.vocab_size` changed: the input check read the new size (an id past the table passed), and the
+    abstract-params cache stored the old module's tree under the new config, so a model really built with it
+    refused its own params."""
+    config = TINY_CAUSAL["llama"]()
+    _, model = make_pair(config, tmp_path)
+    built = model.vocab_size
+    model.config.vocab_size = built + 16
+    ids = np.full((1, 3), built + 9)
+    with pytest.raises(InputError, match=f"outside the vocabulary \\[0, {built}\\)"):
+        model(ids)
+    model(np.ones((1, 3), np.int32))
+    config.vocab_size = built + 16
+    other = FlaxAutoModelForCausalLM.from_config(config)
+    assert other(ids).logits.shape == (1, 3, built + 16)
+
+
+def test_a_sliding_window_changed_after_a_call_reaches_the_forward_as_in_transformers(tmp_path):
+    """transformers builds its attention masks from config.sliding_window at each call."""
+    pt, model = make_pair(TINY_CAUSAL["mistral"](), tmp_path)
+    ids, mask = batch(model.vocab_size, "right")
+    windowed = np.asarray(model(ids, mask).logits)
+    pt.config.sliding_window = model.config.sliding_window = None
+    full = np.asarray(model(ids, mask).logits)
+    assert np.abs(full - windowed).max() > 1e-2
+    assert max_diff(_torch_logits(pt, ids, mask), full, mask) < ATOL

@@ -355,7 +355,7 @@ def cast_weights(params: Any, dtype: Any, float32_keys: tuple[str, ...] = ()) ->
 
 
 def _causal_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> GenerateFn:
-    module, spec, config = _rollout_module(model, settings), model.spec, model.config
+    module, spec, config = _rollout_module(model, settings), model.spec, model.module.config
     dtype = _rollout_dtype(model, settings)
     n = settings.max_new_tokens
     longrope = longrope_length(config)
@@ -403,7 +403,7 @@ def _causal_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> Gene
 
 
 def _seq2seq_fn(model: FlaxPreTrainedModel, settings: GenerationSettings) -> GenerateFn:
-    module, spec, config = _rollout_module(model, settings), model.spec, model.config
+    module, spec, config = _rollout_module(model, settings), model.spec, model.module.config
     dtype = _rollout_dtype(model, settings)
     n = settings.max_new_tokens
 

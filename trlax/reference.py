@@ -227,5 +227,8 @@ def _frozen_wrapper(model: PreTrainedModelWrapper, ref_params: dict[str, Any]) -
     ref_lm.mesh, ref_lm.sharding_rules = lm.mesh, lm.sharding_rules
     # What TRL's deepcopy keeps: the checkpoint's generation settings and the dtype saves write.
     ref_lm.storage_dtype, ref_lm.generation_config = lm.storage_dtype, copy.deepcopy(lm.generation_config)
+    # and the policy's module as built (a deep copy, as TRL's reference is), not one built from the config as it
+    # is now: a field transformers reads at build and the user changed since must not make the two differ
+    ref_lm.module = copy.deepcopy(lm.module)
     return type(model)(ref_lm, v_head_params=ref_params["v_head"], frozen=True,
                        base_model_name_or_path=model.base_model_name_or_path, **model.head_options())

@@ -251,10 +251,12 @@ class FlaxPreTrainedModel(CheckpointMixin):
         """Copies the config fields transformers reads at every forward (`spec.forward_config_fields`, e.g.
         Granite's logits_scaling) from `model.config` into the module's copy, so the next trace reads them;
         returns their values (hashable), which key compiled programs."""
-        names = [name for name in self.spec.forward_config_fields if hasattr(self.config, name)]
-        for name in names:
-            setattr(self.module.config, name, getattr(self.config, name))
-        return tuple(getattr(self.config, name) for name in names)
+        values = {name: getattr(self.config, name) for name in self.spec.forward_config_fields
+                  if hasattr(self.config, name)}
+        for name, value in values.items():
+            if getattr(self.module.config, name, None) != value:
+                setattr(self.module.config, name, copy.deepcopy(value))
+        return tuple(tuple(v) if isinstance(v, list) else v for v in values.values())
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
         """transformers' switch: from now on `apply` (and so a train step's `jax.grad` of it) and the jitted
@@ -301,7 +303,7 @@ class FlaxPreTrainedModel(CheckpointMixin):
     @property
     def vocab_size(self) -> int:
         """Rows of the token embedding: token ids must lie in [0, vocab_size)."""
-        return int(self.config.vocab_size)
+        return int(self.module.config.vocab_size)
 
     def abstract_params(self) -> dict[str, Any]:
         """The param tree as ShapeDtypeStructs, computed without allocating anything.
@@ -314,7 +316,7 @@ class FlaxPreTrainedModel(CheckpointMixin):
             return jax.eval_shape(lambda: self.module.init(jax.random.key(0), *self.dummy_inputs())["params"])
 
         try:
-            config = self.config.to_json_string(use_diff=False)
+            config = self.module.config.to_json_string(use_diff=False)  # what the module is built from
         except (TypeError, ValueError):  # a config attribute JSON cannot hold: trace without the cache
             return trace()
         key = (type(self.module), config, jnp.dtype(self.dtype).name, jnp.dtype(self.param_dtype).name)
@@ -440,7 +442,7 @@ class FlaxPreTrainedModel(CheckpointMixin):
         check_token_range("input_ids", input_ids, self.vocab_size, traced=traced)
         new_tokens_mask = attention_mask[:, past_length:] if past_length else attention_mask
         check_positions("input_ids", past_length + length, position_ids, new_tokens_mask,
-                        self.spec.position_limit(self.config), model=self.config.model_type.upper(),
+                        self.spec.position_limit(self.module.config), model=self.config.model_type.upper(),
                         past_length=past_length, traced=traced)
 
     # --- KV cache of a forward (transformers' `cache` / `past_key_values`) -----------------
@@ -451,16 +453,16 @@ class FlaxPreTrainedModel(CheckpointMixin):
         else (None, 0)."""
         batch, length = input_ids.shape
         if past_key_values is None:
-            cache = self.spec.init_cache(self.config, batch, length, self.dtype) if use_cache else None
+            cache = self.spec.init_cache(self.module.config, batch, length, self.dtype) if use_cache else None
             return cache, 0
-        past = past_kv_cache(past_key_values, self.spec.cache_geometry(self.config), batch)
+        past = past_kv_cache(past_key_values, self.spec.cache_geometry(self.module.config), batch)
         return extended_cache(past, length, self.dtype), past[0]["k"].shape[2]
 
     def past_length(self, past_key_values: Any, batch: int) -> int:
         """P, the tokens a forward's `past_key_values` holds (checked against the model and batch); None: 0."""
         if past_key_values is None:
             return 0
-        return past_kv_length(past_key_values, self.spec.cache_geometry(self.config), batch)
+        return past_kv_length(past_key_values, self.spec.cache_geometry(self.module.config), batch)
 
     # --- generation ---------------------------------------------------------------------
     def generation_prompt_length(self, input_ids: jax.Array, decoder_input_ids: Any = None,

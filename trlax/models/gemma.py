@@ -93,4 +93,4 @@ def _validate(config: Any) -> None:
 
 SPEC = dataclasses.replace(LLAMA_SPEC, model_types=("gemma", "gemma2"), module=GemmaForCausalLM,
                            hf_architecture="GemmaForCausalLM", validate=_validate,
-                           forward_config_fields=("final_logit_softcapping",))
+                           forward_config_fields=("final_logit_softcapping", "sliding_window", "layer_types"))

@@ -46,5 +46,5 @@ class GraniteForCausalLM(llama.LlamaForCausalLM):
 SPEC = dataclasses.replace(
     llama.SPEC, model_types=("granite",), module=GraniteForCausalLM, hf_architecture="GraniteForCausalLM",
     peft_targets=(),  # PEFT has no default target_modules for granite
-    validate=llama.checked_by_options(granite_options), forward_config_fields=("logits_scaling",),
+    validate=llama.checked_by_options(granite_options), forward_config_fields=("logits_scaling",),  # no sliding window
 )

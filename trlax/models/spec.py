@@ -133,8 +133,9 @@ class ArchitectureSpec:
     # reaches the pretraining length + 1 tokens (its `prepare_inputs_for_generation`); `generate` does the same.
     rebuilds_longrope_cache: bool = False
     # Config fields transformers reads at every forward (not when the model is built) that the family's modules
-    # read: a change to `model.config` reaches the next call (`FlaxPreTrainedModel.sync_forward_config`).
-    forward_config_fields: tuple[str, ...] = ()
+    # read: a change to `model.config` reaches the next call (`FlaxPreTrainedModel.sync_forward_config`). The
+    # default: the attention masks' window, which transformers builds at each call (where the config has one).
+    forward_config_fields: tuple[str, ...] = ("sliding_window", "layer_types")
     # Mixtures of experts: (config, the forward's sown "intermediates" collection, attention_mask [B, T] of its
     # tokens) -> RouterOutputs, computed when config.output_router_logits is set; None for dense families.
     router_outputs: Callable[[Any, dict[str, Any], jax.Array], RouterOutputs] | None = None
