@@ -179,6 +179,8 @@ def masked_whiten(values: Array, mask: Array, shift_mean: bool = True) -> Array:
 
 
 def clip_by_value(x: Array, low: Array, high: Array) -> Array:
+    """TRL's `clip_by_value`: x clamped to [low, high] elementwise (arrays broadcasting together, any float
+    dtype; the result has their broadcast shape)."""
     return jnp.maximum(jnp.minimum(x, high), low)
 
 

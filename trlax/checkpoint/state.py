@@ -308,6 +308,7 @@ class StateCheckpointer:
         return sorted(step for step in self.manager.all_steps() if step_is_complete(self._step_dir(step)))
 
     def latest_step(self) -> int | None:
+        """The highest step saved in the folder, or None when it holds none."""
         steps = self.all_steps()
         return steps[-1] if steps else None
 

@@ -205,6 +205,8 @@ class FlaxPreTrainedModel(CheckpointMixin):
     # --- params: one source of truth ----------------------------------------------------
     @property
     def params(self) -> dict[str, Any] | None:
+        """The model's params (a nested dict of arrays, Flax paths named as the PyTorch modules); a view's are
+        its owning wrapper's `params["pretrained_model"]`, so an assignment to either is seen by both."""
         return self._params if self._owner is None else self._owner.params["pretrained_model"]
 
     @params.setter
@@ -427,6 +429,7 @@ class FlaxPreTrainedModel(CheckpointMixin):
                                      rngs={"dropout": dropout_rng} if train else None, **kwargs)
 
     def apply(self, params: dict[str, Any], *inputs: Any, **kwargs: Any) -> Any:
+        """The pure forward a jitted step calls; each model kind defines it (see FlaxModelForCausalLM.apply)."""
         raise NotImplementedError
 
     def check_token_inputs(self, input_ids: Any, attention_mask: Any, position_ids: Any = None, *,
@@ -467,6 +470,7 @@ class FlaxPreTrainedModel(CheckpointMixin):
     # --- generation ---------------------------------------------------------------------
     def generation_prompt_length(self, input_ids: jax.Array, decoder_input_ids: Any = None,
                                  decoder_start_token_id: int | None = None) -> int:
+        """The prompt length generation_config's max_length / min_length count from (each model kind's)."""
         raise NotImplementedError
 
     def generate(
@@ -512,6 +516,7 @@ class FlaxPreTrainedModel(CheckpointMixin):
 
     # --- info ---------------------------------------------------------------------------
     def num_params(self, params: dict[str, Any] | None = None) -> int:
+        """How many numbers `params` (default the model's) hold: the sum of every leaf's size."""
         params = self.params if params is None else params
         return sum(int(np.prod(leaf.shape)) for _, leaf in flatten_paths(params))
 
