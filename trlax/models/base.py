@@ -87,8 +87,8 @@ def jit_forward(apply: Callable[..., Any], static_argnames: tuple[str, ...], tra
     """`apply(params, ...)` jitted (`static_argnames` static) behind `with_live_params`.
 
     `trace_settings()` (the caller's settings that `apply` reads at trace time: gradient checkpointing,
-    `config.output_router_logits`) is read at every call and keys jit's cache, so a program traced under
-    one setting is never reused under another.
+    `config.output_router_logits`, the config fields transformers reads per call) is read at every call and
+    keys jit's cache, so a program traced under one setting is never reused under another.
     """
     def keyed(params: dict[str, Any], *args: Any, trace_settings: Hashable, **kwargs: Any) -> Any:
         return apply(params, *args, **kwargs)  # trace_settings only keys jit's cache
