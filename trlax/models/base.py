@@ -86,9 +86,9 @@ def jit_forward(apply: Callable[..., Any], static_argnames: tuple[str, ...], tra
                 what: str) -> Callable[..., Any]:
     """`apply(params, ...)` jitted (`static_argnames` static) behind `with_live_params`.
 
-    `trace_settings()` (the caller's settings that `apply` reads at trace time: gradient checkpointing,
-    `config.output_router_logits`, the config fields transformers reads per call) is read at every call and
-    keys jit's cache, so a program traced under one setting is never reused under another.
+    `trace_settings()` (the caller's settings that `apply` reads at trace time: gradient checkpointing and the
+    config fields transformers reads per call, e.g. a mixture of experts' `output_router_logits`) is read at
+    every call and keys jit's cache, so a program traced under one setting is never reused under another.
     """
     def keyed(params: dict[str, Any], *args: Any, trace_settings: Hashable, **kwargs: Any) -> Any:
         return apply(params, *args, **kwargs)  # trace_settings only keys jit's cache
@@ -239,11 +239,10 @@ class FlaxPreTrainedModel(CheckpointMixin):
         return self._gradient_checkpointing
 
     def trace_settings(self) -> tuple[Any, ...]:
-        """The settings a traced forward reads, which key the jitted forward's programs: gradient checkpointing,
-        (mixtures of experts) `config.output_router_logits` and the config fields transformers reads per call
-        (synced into the module's config copy: `sync_forward_config`)."""
-        return (self._gradient_checkpointing, bool(getattr(self.config, "output_router_logits", False)),
-                self.sync_forward_config())
+        """The settings a traced forward reads, which key the jitted forward's programs: gradient checkpointing
+        and the config fields transformers reads per call (synced into the module's config copy:
+        `sync_forward_config`)."""
+        return self._gradient_checkpointing, self.sync_forward_config()
 
     def wants_hidden_states(self, output_hidden_states: bool | None) -> bool:
         """A forward's `output_hidden_states`, or for None `config.output_hidden_states`, as transformers reads it."""

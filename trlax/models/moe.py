@@ -306,4 +306,5 @@ def moe_spec(model_type: str, hf_architecture: str, peft_targets: tuple[str, ...
         sharding_rules=MOE_SHARDING, peft_targets=peft_targets, peft_fused_targets=peft_fused_targets,
         ignored_keys=ROTARY_BUFFERS,
         tied_keys=tied_lm_head("model.embed_tokens.weight"), validate=validate_moe, stacked_weights=stacked_weights,
-        router_outputs=router_outputs)
+        router_outputs=router_outputs,
+        forward_config_fields=("sliding_window", "layer_types", "output_router_logits"))
