@@ -319,6 +319,7 @@ class PreTrainedModelWrapper:
 
     @property
     def policy_adapter_name(self) -> str:
+        """TRL's name of the policy adapter ("default")."""
         return POLICY_ADAPTER_NAME
 
     @property
@@ -331,10 +332,12 @@ class PreTrainedModelWrapper:
 
     @property
     def supports_rm_adapter(self) -> bool:
+        """Whether a reward adapter is loaded (TRL's attribute)."""
         return self.reward_adapter is not None
 
     @property
     def rm_adapter_name(self) -> str | None:
+        """The reward adapter's name, or None without one (TRL's attribute)."""
         return None if self.reward_adapter is None else self.reward_adapter.name
 
     def policy_adapter(self, params: dict[str, Any] | None = None) -> PolicyAdapter | None:
@@ -436,6 +439,7 @@ class PreTrainedModelWrapper:
 
     @property
     def v_head_dropout_prob(self) -> float | None:
+        """The value head's dropout probability (TRL's `summary_dropout_prob`), or None for no dropout layer."""
         return self.v_head.dropout_prob
 
     # --- loading ------------------------------------------------------------------------

@@ -134,12 +134,14 @@ def hf_tensors(table: Mapping[str, TensorRule], params: Mapping[str, Any],
 
 
 def set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    """Puts `value` at `path` in the nested dict `tree`, making the dicts on the way."""
     for name in path[:-1]:
         tree = tree.setdefault(name, {})
     tree[path[-1]] = value
 
 
 def get_path(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    """The value at `path` in the nested mapping `tree`; KeyError if absent."""
     for name in path:
         tree = tree[name]
     return tree

@@ -180,6 +180,8 @@ class LoraConfig:
                 self.alpha_pattern.get(_pattern_key(self.alpha_pattern, module_path), self.lora_alpha))
 
     def scaling(self, module_path: str) -> float:
+        """PEFT's scaling of the module at `module_path`: alpha / r (alpha / sqrt(r) with rsLoRA), after the
+        rank and alpha patterns."""
         r, alpha = self.rank_and_alpha(module_path)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
@@ -568,4 +570,5 @@ def write_adapter_files(folder: Path, config: LoraConfig, lora: Mapping[str, Any
 
 
 def get_module(tree: Mapping[str, Any], module_path: str) -> Any:
+    """The subtree of `tree` at a dotted module path ("transformer.h.0.attn.c_attn"); KeyError if absent."""
     return get_path(tree, tuple(module_path.split(".")))
