@@ -29,7 +29,7 @@ from trlax.checkpoint.gather import WRITER_PROCESS, checkpoint_tensors, write_ch
 from trlax.checkpoint.hub import HubOptions, resolve_checkpoint
 from trlax.checkpoint.naming import flatten_paths, key_table
 from trlax.checkpoint.reader import CheckpointReader
-from trlax.checkpoint.writer import ORBAX_MODEL_MARKER, ORBAX_PARAMS_DIR
+from trlax.checkpoint.writer import ORBAX_MODEL_MARKER, ORBAX_PARAMS_DIR, is_orbax_model
 from trlax.errors import CheckpointError, CheckpointWriteError, TrlaxError
 from trlax.generation_config import read_generation_config, write_generation_config
 from trlax.models.auto import AutoModel, FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
@@ -46,11 +46,6 @@ from trlax.value_head import (
 )
 
 FORMAT = "trlax-orbax-model"
-
-
-def is_orbax_model(path: str | os.PathLike) -> bool:
-    """Whether `path` is a folder written by `to_orbax`."""
-    return (Path(path) / ORBAX_MODEL_MARKER).is_file()
 
 
 def _classes(config: Any) -> tuple[type[AutoModel], type[PreTrainedModelWrapper]]:

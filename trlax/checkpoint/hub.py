@@ -23,7 +23,7 @@ from huggingface_hub.errors import (
 )
 
 from trlax.checkpoint.reader import parse_json_object
-from trlax.checkpoint.writer import ORBAX_MODEL_MARKER
+from trlax.checkpoint.writer import is_orbax_model
 from trlax.errors import CheckpointError
 
 CONFIG_NAME = "config.json"
@@ -142,7 +142,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, options: HubOptions | No
                 files.append(shard_path)
             return ResolvedCheckpoint(str(name_or_path), (config or index_path).parent, tuple(files))
     if require_weights or config is None:
-        if (Path(name_or_path) / ORBAX_MODEL_MARKER).is_file():
+        if is_orbax_model(name_or_path):
             raise CheckpointError(
                 f"{name_or_path!s} is an Orbax model folder (written by to_orbax), not a transformers checkpoint: load "
                 "it with trlax.load_orbax, or write one with `trlax convert SRC DST --to hf` (for an adapter naming it "

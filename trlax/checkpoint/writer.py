@@ -43,6 +43,11 @@ ORBAX_MODEL_MARKER = "trlax_orbax.json"
 ORBAX_PARAMS_DIR = "params"
 
 
+def is_orbax_model(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder written by `to_orbax` (it holds the marker)."""
+    return (Path(path) / ORBAX_MODEL_MARKER).is_file()
+
+
 def parse_size(size: int | str) -> int:
     """Bytes from an int or a string like "5GB", "500MB", "1MiB" (transformers' units: a lower-case final
     "b", as in "5Gb", counts bits)."""
@@ -133,7 +138,7 @@ def write_folder(save_directory: str | os.PathLike, write: Callable[[Path], None
     weight files (an Orbax model folder's too) and generation settings are dropped and its other files kept (see
     the module docstring).
     Returns the written paths."""
-    orbax_entries = (ORBAX_MODEL_MARKER, ORBAX_PARAMS_DIR) if (Path(save_directory) / ORBAX_MODEL_MARKER).is_file() \
+    orbax_entries = (ORBAX_MODEL_MARKER, ORBAX_PARAMS_DIR) if is_orbax_model(save_directory) \
         else ()
 
     def carried_over(name: str) -> bool:

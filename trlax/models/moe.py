@@ -255,10 +255,19 @@ def router_outputs(config: Any, intermediates: dict[str, Any], attention_mask: A
     ([] float32; the LM loss adds `router_aux_loss_coef` times it). `intermediates`: the forward's sown
     collection."""
     moe = moe_options(config)
+    refuse_aux_loss_without_router(config, moe)  # output_router_logits may have been set after the build
     layers = intermediates["model"]["layers"]
     logits = [layers[str(i)][moe.block_name][ROUTER_LOGITS][0] for i, sparse in enumerate(moe.sparse) if sparse]
     aux_loss = load_balancing_loss(logits, moe.top_k, attention_mask)
     return RouterOutputs(tuple(x.reshape(-1, x.shape[-1]) for x in logits), aux_loss, config.router_aux_loss_coef)
+
+
+def refuse_aux_loss_without_router(config: Any, moe: MoeOptions) -> None:
+    """UnsupportedModelError for `output_router_logits` on a config without a sparse layer."""
+    if not any(moe.sparse):
+        raise UnsupportedModelError(
+            f"{config.model_type} with output_router_logits=True and no sparse layer: its load-balancing loss is "
+            "0 / 0 (NaN in transformers); set output_router_logits=False")
 
 
 def validate_moe(config: Any) -> None:
@@ -269,10 +278,8 @@ def validate_moe(config: Any) -> None:
     if any(moe.sparse) and not 0 < moe.top_k <= moe.num_experts:
         raise UnsupportedModelError(f"{config.model_type}: num_experts_per_tok={moe.top_k} must be in "
                                     f"[1, {moe.num_experts}] (the number of experts)")
-    if getattr(config, "output_router_logits", False) and not any(moe.sparse):
-        raise UnsupportedModelError(
-            f"{config.model_type} with output_router_logits=True and no sparse layer: its load-balancing loss is "
-            "0 / 0 (NaN in transformers); set output_router_logits=False")
+    if getattr(config, "output_router_logits", False):
+        refuse_aux_loss_without_router(config, moe)
     if getattr(config, "router_jitter_noise", 0.0):
         raise UnsupportedModelError(
             f"{config.model_type}: router_jitter_noise={config.router_jitter_noise} (random multiplicative noise on "

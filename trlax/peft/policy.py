@@ -30,7 +30,7 @@ import numpy as np
 
 from trlax.checkpoint.hub import HubOptions, fetch_file
 from trlax.checkpoint.reader import CheckpointReader
-from trlax.checkpoint.writer import ORBAX_MODEL_MARKER, write_checkpoint_dir
+from trlax.checkpoint.writer import is_orbax_model, write_checkpoint_dir
 from trlax.errors import CheckpointError, UnsupportedModelError
 from trlax.models.auto import AutoModel
 from trlax.models.base import FlaxPreTrainedModel
@@ -138,7 +138,7 @@ def write_adapter_policy(save_directory: str | os.PathLike, base: FlaxPreTrained
     """PEFT's adapter layout (adapter_config.json + adapter_model.safetensors) plus TRL's value
     head (`head_state`: `v_head.summary.*`, in model.safetensors). `peft.PeftModel.from_pretrained`
     loads the adapter, TRL's from_pretrained the adapter and the head; the base is not written."""
-    if base_name and (Path(base_name) / ORBAX_MODEL_MARKER).is_file():
+    if base_name and is_orbax_model(base_name):
         logger.warning("this adapter names its base %s, an Orbax model folder, which PEFT, TRL and from_pretrained "
                        "cannot load: write a transformers checkpoint of the base (`trlax convert %s DST --to hf`) "
                        "and set base_model_name_or_path in %s to DST", base_name, base_name, ADAPTER_CONFIG_NAME)
