@@ -56,7 +56,7 @@ from trlax.inputs import (
 from trlax.models.auto import AutoModel, FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
 from trlax.models.base import (
     FlaxPreTrainedModel,
-    deepcopy_rebuilding,
+    RebuildsCompiled,
     jit_forward,
     kv_cache_argument,
     load_config,
@@ -192,7 +192,7 @@ def _hub_options(model_args: dict[str, Any]) -> HubOptions:
                       bool(model_args.get("local_files_only", False)))
 
 
-class PreTrainedModelWrapper:
+class PreTrainedModelWrapper(RebuildsCompiled):
     """Base of the value-head wrappers: a trlax LM plus a value head, one param pytree.
 
     `params` is `{"pretrained_model": ..., "v_head": ...}` (plus `"lora"` for a LoRA
@@ -224,6 +224,8 @@ class PreTrainedModelWrapper:
     is_sequential_parallel: ClassVar[bool] = False
     # `apply` arguments the jitted forward compiles a program per value of.
     static_forward_arguments: ClassVar[tuple[str, ...]] = ("train", "output_hidden_states")
+    compiled_attributes: ClassVar[tuple[str, ...]] = (
+        "_forward", "_reward_forward", "_check_head_params", "_check_lora_params")
     supported_args: ClassVar[tuple[str, ...]] = (
         "summary_dropout_prob", "v_head_initializer_range", "v_head_init_strategy")
     model_args: ClassVar[tuple[str, ...]] = (
@@ -277,26 +279,21 @@ class PreTrainedModelWrapper:
         self.base_model_name_or_path: str | None = (
             base_model_name_or_path or getattr(self.config, "name_or_path", None) or None)
         self.trainable_mask: dict[str, Any] = self._initial_trainable_mask()
-        head = self.v_head
-        self._check_head_params = ParamsCheck(lambda: jax.eval_shape(lambda: init_value_head(head, jax.random.key(0))),
-                                              "this model's value head")
         # The adapter's structure is the one it was built with (shapes only: no arrays kept alive).
-        lora = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                      self.params.get(LORA_COLLECTION))
-        self._check_lora_params = ParamsCheck(lambda: lora, "this policy's LoRA adapter")
+        self._lora_structure = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                                      self.params.get(LORA_COLLECTION))
         self.build_compiled()
 
     def build_compiled(self) -> None:
-        """The jitted forward and reward forward, bound to this object."""
+        """The jitted forward and reward forward and the head and adapter checks, bound to this object."""
+        head, lora = self.v_head, self._lora_structure
+        self._check_head_params = ParamsCheck(lambda: jax.eval_shape(lambda: init_value_head(head, jax.random.key(0))),
+                                              "this model's value head")
+        self._check_lora_params = ParamsCheck(lambda: lora, "this policy's LoRA adapter")
         what = f"this {type(self).__name__}"
         self._forward = jit_forward(self.apply, self.static_forward_arguments,
                                     lambda: self.pretrained_model.trace_settings(), what)
         self._reward_forward = with_live_params(jax.jit(self.apply_reward), what)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> PreTrainedModelWrapper:
-        """An independent copy (its LM, config, head and params), as TRL's deepcopy of a wrapper: its jitted
-        functions are built anew for it (a copied one would run the original)."""
-        return deepcopy_rebuilding(self, memo, ("_forward", "_reward_forward"))
 
     def _initial_trainable_mask(self) -> dict[str, Any]:
         """Everything (a full policy), nothing (a reference), or a LoRA policy's adapter and value head."""

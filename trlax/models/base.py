@@ -45,6 +45,7 @@ from trlax.generation_config import inferred_attention_mask, read_generation_con
 from trlax.inputs import (
     ParamsCheck,
     check_dropout_rng,
+    check_not_deleted,
     check_positions,
     check_shape,
     check_token_range,
@@ -98,14 +99,40 @@ def jit_forward(apply: Callable[..., Any], static_argnames: tuple[str, ...], tra
         lambda params, *args, **kwargs: jitted(params, *args, trace_settings=trace_settings(), **kwargs), what)
 
 
-def deepcopy_rebuilding(model: Any, memo: dict[int, Any], compiled: tuple[str, ...]) -> Any:
-    """`copy.deepcopy(model)` (memo: deepcopy's) except the attributes named in `compiled`, functions bound to
-    the original, which the copy's `build_compiled()` makes anew."""
-    copied = type(model).__new__(type(model))
-    memo[id(model)] = copied
-    copied.__dict__.update({k: copy.deepcopy(v, memo) for k, v in vars(model).items() if k not in compiled})
-    copied.build_compiled()
-    return copied
+class RebuildsCompiled:
+    """An object whose jitted functions (the attributes named in `compiled_attributes`, made by `build_compiled`)
+    are bound to it: `copy.deepcopy` and pickle copy everything else and build the copy's own, as torch's
+    deepcopy and pickle of a module give an independent model (a copied jitted function would run the original's
+    module and config, and none pickles)."""
+
+    compiled_attributes: ClassVar[tuple[str, ...]] = ()
+
+    def build_compiled(self) -> None:
+        raise NotImplementedError
+
+    def copied_state(self, memo: dict[int, Any] | None = None) -> dict[str, Any]:
+        """The attributes a copy takes (deep-copied with deepcopy's `memo`, as they are for pickle without one);
+        DeletedParamsError when `params` hold arrays a donating step deleted."""
+        state = {k: v for k, v in vars(self).items() if k not in self.compiled_attributes}
+        check_not_deleted(jax.tree_util.tree_leaves(state), f"the params of the {type(self).__name__} being copied")
+        return state if memo is None else copy.deepcopy(state, memo)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(self.copied_state(memo))
+        return copied
+
+    def __getstate__(self) -> dict[str, Any]:
+        if getattr(self, "mesh", None) is not None:
+            raise TrlaxError(f"a {type(self).__name__} placed on a mesh does not pickle (its devices do not): save it "
+                             "with save_pretrained and load it with from_pretrained(..., mesh=...) in the other "
+                             "process, or pickle it before sharding")
+        return self.copied_state()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.build_compiled()
 
 
 def refuse_train_mode(mode: bool) -> None:
@@ -125,7 +152,7 @@ def kv_cache_argument(cache: Any, past_key_values: Any) -> Any:
     return cache if past_key_values is None else past_key_values
 
 
-class FlaxPreTrainedModel(CheckpointMixin):
+class FlaxPreTrainedModel(RebuildsCompiled, CheckpointMixin):
     """A trlax model: `module` (Linen), `config` (transformers), `params` (plain dict).
 
     `FlaxPreTrainedModel(config)` is a model without params (enough for names, shapes and
@@ -138,6 +165,7 @@ class FlaxPreTrainedModel(CheckpointMixin):
     constructor_arguments: ClassVar[tuple[str, ...]] = ()
     # `apply` arguments the jitted forward compiles a program per value of.
     static_forward_arguments: ClassVar[tuple[str, ...]] = ("train", "output_hidden_states")
+    compiled_attributes: ClassVar[tuple[str, ...]] = ("check_params", "generation_cache", "_forward")
 
     def __init__(
         self,
@@ -191,11 +219,6 @@ class FlaxPreTrainedModel(CheckpointMixin):
         self.generation_cache = GenerationCache()
         self._forward = jit_forward(self.apply, self.static_forward_arguments, self.trace_settings,
                                     f"this {self.config.model_type} model")
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> FlaxPreTrainedModel:
-        """An independent copy (config, module, params), as torch's deepcopy of a model: its jitted functions
-        are built anew for it (a copied one would run the original's module and config)."""
-        return deepcopy_rebuilding(self, memo, ("check_params", "generation_cache", "_forward"))
 
     @classmethod
     def module_for(cls, spec: ArchitectureSpec) -> type[Any]:

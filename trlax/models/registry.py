@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copyreg
 import importlib
 from functools import cache
+from typing import Any
 
 from trlax.errors import UnsupportedModelError
 from trlax.models.spec import ArchitectureSpec
@@ -73,3 +75,15 @@ def spec_for_type(model_type: str) -> ArchitectureSpec:
             return _by_type(encoder_decoder)[model_type]
     raise UnsupportedModelError(f"model_type {model_type!r} is not supported by trlax; "
                                 f"supported: {supported_model_types()}")
+
+
+def reduce_spec(spec: ArchitectureSpec) -> tuple[Any, ...]:
+    """How pickle and deepcopy take a SPEC: a registered family's by reference (its functions and Linen class
+    stay where they are defined), any other field by field."""
+    encoder_decoder = spec.is_encoder_decoder
+    if _by_type(encoder_decoder).get(spec.model_types[0]) is spec:
+        return get_spec, (spec.model_types[0], encoder_decoder)
+    return copyreg.__newobj__, (ArchitectureSpec,), vars(spec)
+
+
+copyreg.pickle(ArchitectureSpec, reduce_spec)
