@@ -22,6 +22,7 @@ from trlax import (
     FlaxAutoModelForCausalLMWithValueHead,
     FlaxAutoModelForSeq2SeqLM,
     FlaxAutoModelForSeq2SeqLMWithValueHead,
+    FlaxAutoModelForSequenceClassification,
     LoraConfig,
     TrlaxError,
     create_reference_model,
@@ -90,15 +91,31 @@ def test_a_pickled_lora_policy_keeps_its_adapter_and_what_trains():
         restored(IDS, attention_mask=MASK, params={**restored.params, "lora": {}})
 
 
+def _classifier() -> FlaxAutoModelForSequenceClassification:
+    config = tiny_configs.llama()
+    config.num_labels, config.pad_token_id = 2, 0
+    return FlaxAutoModelForSequenceClassification.from_config(config)
+
+
+def test_a_pickled_sequence_classifier_gives_the_same_logits():
+    """Its Linen class is built at run time, so pickle could not find it by name."""
+    model = _classifier()
+    restored = pickle.loads(pickle.dumps(model))
+    np.testing.assert_array_equal(np.asarray(restored(IDS, MASK).logits), np.asarray(model(IDS, MASK).logits))
+    assert type(restored.module) is type(model.module)
+
+
 @pytest.mark.slow
-def test_a_model_pickled_here_runs_in_another_process(tmp_path):
-    model = FlaxAutoModelForCausalLM.from_config(tiny_configs.llama())
-    (tmp_path / "model.pkl").write_bytes(pickle.dumps(model))
-    np.save(tmp_path / "logits.npy", np.asarray(model(IDS, MASK).logits))
-    pickled, logits = str(tmp_path / "model.pkl"), str(tmp_path / "logits.npy")
+def test_models_pickled_here_run_in_another_process(tmp_path):
+    """Where the classes a pickle names must be found by import (the classifier's is built at run time)."""
+    models = (FlaxAutoModelForCausalLM.from_config(tiny_configs.llama()), _classifier())
+    (tmp_path / "models.pkl").write_bytes(pickle.dumps(models))
+    np.savez(tmp_path / "logits.npz", *(np.asarray(m(IDS, MASK).logits) for m in models))
+    pickled, logits = str(tmp_path / "models.pkl"), str(tmp_path / "logits.npz")
     check = ("import pickle, numpy as np; from tests.test_pickle import IDS, MASK; "
-             f"model = pickle.loads(open({pickled!r}, 'rb').read()); "
-             f"np.testing.assert_array_equal(np.asarray(model(IDS, MASK).logits), np.load({logits!r}))")
+             f"models = pickle.loads(open({pickled!r}, 'rb').read()); want = np.load({logits!r}); "
+             "[np.testing.assert_array_equal(np.asarray(m(IDS, MASK).logits), want[f'arr_{i}']) "
+             "for i, m in enumerate(models)]")
     subprocess.run([sys.executable, "-c", check], check=True, env=subprocess_env(), timeout=300)
 
 

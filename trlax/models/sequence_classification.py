@@ -15,10 +15,11 @@ causal-LM checkpoint (no `score.weight`) initialises the head as transformers do
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import numbers
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -82,6 +83,14 @@ class SequenceClassifierHead(HFModule):
     """Mixed in before a family's `CausalLM` (see `sequence_classifier_module`): the same backbone
     under the same name, then `score` instead of the LM head."""
 
+    lm_module: ClassVar[type[nn.Module]]  # the family's causal-LM class this class is built on
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """pickle and deepcopy: the class is built at run time, so an instance is rebuilt from its family's LM
+        class and its fields (`classifier_with_fields`)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        return classifier_with_fields, (self.lm_module, fields)
+
     def setup(self) -> None:
         c = self.config
         setattr(self, self.backbone_name, self.backbone_cls(c, self.dtype, self.param_dtype))
@@ -111,7 +120,12 @@ def sequence_classifier_module(lm_module: type[nn.Module]) -> type[nn.Module]:
         raise UnsupportedModelError(f"{getattr(lm_module, '__name__', lm_module)} is not built on trlax's decoder "
                                     "skeleton (trlax.models.decoder.CausalLM); sequence classification needs one")
     name = lm_module.__name__.replace("LMHeadModel", "ForCausalLM").replace("ForCausalLM", "ForSequenceClassification")
-    return type(name, (SequenceClassifierHead, lm_module), {"__module__": __name__})
+    return type(name, (SequenceClassifierHead, lm_module), {"__module__": __name__, "lm_module": lm_module})
+
+
+def classifier_with_fields(lm_module: type[nn.Module], fields: dict[str, Any]) -> nn.Module:
+    """The sequence-classification module on `lm_module` with these dataclass fields (how one unpickles)."""
+    return sequence_classifier_module(lm_module)(**fields)
 
 
 def infer_problem_type(num_labels: int, labels: Array) -> str:
