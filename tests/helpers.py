@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 import pytest
 from filelock import FileLock
@@ -137,3 +138,17 @@ def random_gpt2_checkpoint(folder: Path, n_embd: int, n_layer: int, dtype: Any =
                for key, rule in cls(config).key_table().items()}
     write_checkpoint_dir(folder, tensors, write_extra=lambda tmp: config.save_pretrained(str(tmp)))
     return folder
+
+
+def array_shapes(jaxpr: Any) -> set[tuple[int, ...]]:
+    """The shapes of every value a (closed) jaxpr and the programs inside it compute."""
+    shapes = set()
+    for eqn in jaxpr.eqns:
+        shapes.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+        for param in eqn.params.values():
+            for inner in param if isinstance(param, tuple) else (param,):
+                if isinstance(inner, jax.extend.core.ClosedJaxpr):
+                    shapes |= array_shapes(inner.jaxpr)
+                elif isinstance(inner, jax.extend.core.Jaxpr):
+                    shapes |= array_shapes(inner)
+    return shapes

@@ -298,6 +298,35 @@ def test_generate_settings_of_the_wrong_type_are_refused_and_generate_still_trac
     np.testing.assert_array_equal(traced(model.params, ids, mask), greedy)
 
 
+def test_generate_under_jit_with_concrete_arrays_closed_over(pairs):
+    """A jax.Array prompt or mask closed over by a jitted function raised TracerBoolConversionError: the prompt
+    checks ran jnp on it, which a trace stages even for concrete arrays."""
+    _, model = pairs("gpt2")
+    ids, mask = (jnp.asarray(x) for x in _prompts(model.config, False))
+    greedy = np.asarray(model.generate(ids, attention_mask=mask, max_new_tokens=3).sequences)
+    closed = jax.jit(lambda p: model.generate(ids, attention_mask=mask, params=p, max_new_tokens=3).sequences)
+    np.testing.assert_array_equal(closed(model.params), greedy)
+    _, t5 = pairs("t5")
+    enc, enc_mask = (jnp.asarray(x) for x in _prompts(t5.config, True))
+    prompt = jnp.asarray([[5, 6]] * enc.shape[0], jnp.int32)  # no start token: generate puts it in front
+    eager = np.asarray(t5.generate(enc, enc_mask, decoder_input_ids=prompt, max_new_tokens=3).sequences)
+    decoded = jax.jit(lambda p: t5.generate(enc, enc_mask, decoder_input_ids=prompt, params=p,
+                                            max_new_tokens=3).sequences)
+    np.testing.assert_array_equal(decoded(t5.params), eager)
+
+
+@pytest.mark.parametrize("name", ["pad_token_id", "eos_token_id", "decoder_start_token_id", "forced_eos_token_id"])
+def test_traced_token_ids_are_refused_by_name(pairs, name):
+    """The docstring called every other value traced; traced ids failed with raw JAX errors deep inside."""
+    _, model = pairs("gpt2")
+    ids, mask = _prompts(model.config, False)
+    call = jax.jit(lambda token: model.generate(ids, attention_mask=mask, max_new_tokens=2, **{name: token}))
+    with pytest.raises(TrlaxTypeError, match=f"{name} must be Python ints.*traced value"):
+        call(jnp.int32(2))
+    with pytest.raises(TrlaxTypeError, match=f"{name} must be Python ints"):
+        jax.jit(lambda token: generate(model, ids, mask, max_new_tokens=2, **{name: token}))(jnp.int32(2))
+
+
 # --- the compiled decode loop --------------------------------------------------------------
 
 

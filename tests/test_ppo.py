@@ -14,6 +14,7 @@ import optax
 import pytest
 import transformers
 
+from tests.helpers import array_shapes
 from trlax import (
     FlaxAutoModelForCausalLM,
     FlaxAutoModelForCausalLMWithValueHead,
@@ -403,6 +404,33 @@ def test_rollout_matches_the_functions(kind):
     _close(exp["old_values"], want_values, atol=1e-5)
     _close(exp["advantages"], want_adv, atol=1e-4)
     _close(exp["returns"], want_ret, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["kl", "full"])
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_a_rollout_in_row_chunks_gives_the_whole_batchs_experience(kind, chunk):
+    """TRL's batched_forward_pass runs the forwards in mini_batch_size chunks; trlax ran the whole batch, so
+    its [B, T, V] logits (and 2-3 more copies) bounded the batch size whatever the minibatch (4x TRL's memory
+    at B=32). chunk 3 leaves a remainder of one row."""
+    policy, ref = _policy_and_ref()
+    config = ppo.PPOConfig(kl_penalty=kind)
+    batch, scores = _causal_batch()
+    whole = ppo.make_rollout(policy, ref, config)(policy.params, ref.params, batch, scores, 0.2)
+    chunked_rollout = ppo.make_rollout(policy, ref, config, forward_batch_size=chunk)
+    chunked = chunked_rollout(policy.params, ref.params, batch, scores, 0.2)
+    assert chunked.keys() == whole.keys()
+    for key in whole:
+        np.testing.assert_allclose(chunked[key], whole[key], rtol=1e-6, atol=1e-6, err_msg=key)
+    if kind == "kl":  # the full-KL penalty needs both [B, T, V] log-softmaxes, as TRL's does
+        program = jax.make_jaxpr(chunked_rollout)(policy.params, ref.params, batch, scores, 0.2)
+        whole_logits = (4, 11, 101)
+        assert whole_logits not in array_shapes(program.jaxpr) and (chunk, 11, 101) in array_shapes(program.jaxpr)
+
+
+def test_a_rollout_chunk_size_that_is_not_a_positive_int_is_refused():
+    policy, ref = _policy_and_ref()
+    with pytest.raises(TrlaxError, match="forward_batch_size must be a positive int or None; got 0"):
+        ppo.make_rollout(policy, ref, forward_batch_size=0)
 
 
 def test_twenty_updates_lower_the_loss_and_fit_the_returns():

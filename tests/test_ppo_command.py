@@ -13,13 +13,14 @@ from typing import Any
 
 import datasets
 import jax
+import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
 import torch
 import transformers
 
-from tests.helpers import subprocess_env
+from tests.helpers import array_shapes, subprocess_env
 from tests.test_adapters import randomise_lora_b
 from trlax.checkpoint.reader import CheckpointReader
 from trlax.checkpoint.state import StateCheckpointer
@@ -275,6 +276,22 @@ def test_reward_std_is_trls_unbiased_std():
     models.reward = lambda generated: np.array([0.0, 1.0, 2.0, 3.0], np.float32)
     trainer = PPOTrainer(models, PromptSet.build(texts, models.codec, models.pad_id, 16), trainer_config(args))
     assert trainer.step()["reward_std"] == pytest.approx(np.std([0.0, 1.0, 2.0, 3.0], ddof=1), rel=1e-6)
+
+
+def test_the_trainer_never_holds_the_whole_batchs_logits():
+    """TRL's batched_forward_pass runs the rollout's forwards in mini_batch_size chunks; trlax's trainer ran them
+    over the whole batch, so --mini-batch-size did not bound a step's memory (the [B, T, V] logits did)."""
+    args = cli_args(steps=1, batch_size=4, mini_batch_size=2, max_new_tokens=4)
+    models, texts = build_models(args)
+    trainer = PPOTrainer(models, PromptSet.build(texts, models.codec, models.pad_id, 16), trainer_config(args))
+    prompt_mask = trainer.prompts.mask[:4]
+    sequences = jnp.ones((4, prompt_mask.shape[1] + 4), jnp.int32)
+    program = jax.make_jaxpr(trainer._learn)(
+        trainer.trainable, trainer.frozen, trainer.opt_state, models.reference.params, sequences,
+        jnp.asarray(prompt_mask), jnp.ones(4), jnp.ones(4), jnp.float32(0.1), trainer.minibatch_order(0))
+    shapes = array_shapes(program.jaxpr)
+    vocab, length = models.policy.config.vocab_size, sequences.shape[1] - 1
+    assert (2, length, vocab) in shapes and (4, length, vocab) not in shapes
 
 
 def test_an_embedded_lora_run_saves_the_base_its_adapter_names(tmp_path):

@@ -158,6 +158,19 @@ def test_full_copy_has_own_buffers_and_leaves_policy_trainable():
 
 
 @pytest.mark.parametrize("num_shared", [None, 1])
+def test_a_policy_holding_numpy_params_gets_a_reference(num_shared):
+    """Params assigned from flax.serialization.from_bytes are NumPy arrays, which every call takes: the
+    reference's copy read each leaf's `.sharding` and raised AttributeError."""
+    policy = _wrapper("gpt2")
+    ids, mask = batch(policy.config.vocab_size, "left")
+    want = np.asarray(policy(ids, mask)[0])
+    policy.params = jax.tree_util.tree_map(np.asarray, policy.params)
+    ref = create_reference_model(policy, num_shared_layers=num_shared)
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree_util.tree_leaves(ref.params["v_head"]))
+    np.testing.assert_array_equal(np.asarray(ref(ids, mask)[0]), want)
+
+
+@pytest.mark.parametrize("num_shared", [None, 1])
 def test_reference_keeps_generation_settings_and_storage_dtype(num_shared):
     """TRL's reference is a deepcopy: it generates with the checkpoint's generation_config.json and
     saves in the checkpoint's dtype, as the policy does."""

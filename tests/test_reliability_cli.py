@@ -142,6 +142,22 @@ def test_batch_fit_check_against_the_memory_limit(monkeypatch) -> None:
         check_batch_fits(config, 1, 16 * 9)
 
 
+def test_the_batch_fit_check_counts_the_rows_computed_at_once(monkeypatch) -> None:
+    """`trlax ppo` computes the forwards and updates over minibatches: a batch that only fits that way is
+    allowed, and one that does not names --mini-batch-size where a smaller one would fit."""
+    config = gpt2()
+    per_token = 3 * 101 + 2 * (8 * 32 + 4 * 16)
+    assert step_bytes_lower_bound(config, 64, 16, mini_batch_size=8) == 16 * (8 * per_token + 56 * 13) * 4
+    assert step_bytes_lower_bound(config, 64, 16, mini_batch_size=64) == step_bytes_lower_bound(config, 64, 16)
+    budget = step_bytes_lower_bound(config, 64, 16, mini_batch_size=8)
+    monkeypatch.setattr(trlax.cli.preflight, "memory_limit", lambda: (budget, "a test budget"))
+    check_batch_fits(config, 64, 16, mini_batch_size=8)
+    with pytest.raises(TrlaxError, match="--batch-size 64 cannot fit.*use a smaller --mini-batch-size"):
+        check_batch_fits(config, 64, 16, mini_batch_size=16)
+    with pytest.raises(TrlaxError, match="--batch-size 64 cannot fit.*; use a smaller --batch-size$"):
+        check_batch_fits(config, 64, 16)
+
+
 class _FakeLoop:
     """Stands in for the demo's PPOLoop: three steps of made-up metrics, then a crash."""
 

@@ -267,6 +267,18 @@ def test_attention_mask_is_inferred_from_pad_as_transformers_does(gpt2_pair):
                                   np.asarray(model.generate(ids, np.ones_like(mask)).sequences))
 
 
+def test_the_attention_mask_is_inferred_under_jit_too(gpt2_pair):
+    """Traced input_ids got no inferred mask (every pad attended to: other tokens than the eager call's)."""
+    _, model = gpt2_pair  # pad 1, eos 13
+    ids, mask = batch(VOCAB, "left", low=2)
+    ids[mask == 0] = 1
+    eager = np.asarray(model.generate(ids).sequences)
+    np.testing.assert_array_equal(jax.jit(lambda i: model.generate(i).sequences)(ids), eager)
+    ids[0, -1] = 1  # a row ending in the pad id: all ones, as the eager call
+    np.testing.assert_array_equal(jax.jit(lambda i: model.generate(i).sequences)(ids),
+                                  np.asarray(model.generate(ids, np.ones_like(mask)).sequences))
+
+
 def test_generation_may_fill_every_learned_position(gpt2_pair):
     """The last new token is never fed back, so prompt + max_new_tokens may be one more than the positions."""
     pt, model = gpt2_pair  # 64 learned positions

@@ -57,7 +57,7 @@ import numpy as np
 
 from trlax.checkpoint.naming import hf_key
 from trlax.errors import InputError, TrlaxError, TrlaxTypeError, UnsupportedModelError
-from trlax.generation_config import id_list, penalty_context, process_logits
+from trlax.generation_config import id_list, penalty_context, process_logits, refuse_traced_token_ids
 from trlax.inputs import check_positions, check_token_range, explained_device_mismatch, is_concrete, mask_for, token_ids
 from trlax.models.layers import LORA_COLLECTION
 from trlax.models.rope import longrope_length
@@ -456,10 +456,6 @@ def _config_value(config: Any, name: str) -> Any:
     return value
 
 
-def _is_concrete(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
 def decoder_start_id(config: Any, given: int | None = None) -> int | None:
     """The decoder start token: `given` (the generation settings'), else the config's
     decoder_start_token_id, else its bos_token_id (transformers' order); None when none is set."""
@@ -476,21 +472,23 @@ def decoder_start_id(config: Any, given: int | None = None) -> int | None:
 
 def start_prepended(decoder_prompt: Array, start: int | None) -> bool:
     """Whether generate puts the start token in front of a decoder prompt [B, Td]: when no row begins
-    with it, as transformers does (a traced prompt is taken as it is)."""
-    return start is not None and _is_concrete(decoder_prompt) and bool(jnp.all(decoder_prompt[:, 0] != start))
+    with it, as transformers does (a traced prompt is taken as it is). Read with NumPy: under a trace, jnp
+    would stage even a concrete prompt."""
+    return (start is not None and is_concrete(decoder_prompt)
+            and bool(np.all(np.asarray(decoder_prompt)[:, 0] != start)))
 
 
 def _scalar(x: Any) -> float | None:
     """A setting's value when it is a concrete scalar (Python, numpy, or a concrete 0-d array); None when
     traced (checked by nothing: the caller's responsibility)."""
-    if _is_concrete(x) and np.ndim(x) == 0 and np.issubdtype(np.asarray(x).dtype, np.number):
+    if is_concrete(x) and np.ndim(x) == 0 and np.issubdtype(np.asarray(x).dtype, np.number):
         return float(x)
     return None
 
 
 def _check_prompt_mask(mask: Array) -> None:
     """Causal prompts must be left-padded: the loop appends after the last column."""
-    if _is_concrete(mask) and not bool(jnp.all(mask[:, -1] == 1)):
+    if is_concrete(mask) and not np.all(np.asarray(mask)[:, -1] == 1):  # NumPy: jnp would stage it under a trace
         raise InputError(
             "generate needs left-padded prompts: every row's last attention_mask entry must be 1 "
             "(pad on the left, e.g. tokenizer.padding_side = 'left')"
@@ -581,13 +579,15 @@ def generate(
     pad_token_id / eos_token_id (an int or a list; [] = none) / decoder_start_token_id
     default to the model config's; pad falls back to the first eos. A row that emitted an
     eos emits pad from then on. One compilation serves each (shapes, max_new_tokens,
-    do_sample, top_k, top_p == 1.0 or not, number of eos ids); other values are traced.
+    do_sample, top_k, top_p == 1.0 or not, number of eos ids); temperature, top_p, repetition_penalty, the
+    params, ids and masks may be traced, the token-id settings are Python ints (TrlaxTypeError otherwise).
     min_new_tokens (static) bans the eos ids for that many steps, repetition_penalty
     (1.0 = off) rescales the logits of tokens already in the sequence and forced_eos_token_id
     (an int or a list; None = off) makes the last step (the max_new_tokens-th token) one of
     those ids, all as transformers' processors (`trlax.generation_config`). Seq2seq:
     decoder_input_ids [B, Td] (no padding) is a decoder prompt to continue; the start token is
-    put in front when no row begins with it, as transformers does.
+    put in front when no row begins with it, as transformers does (a traced prompt, under jax.jit, is taken
+    as it is: begin its rows with the start token).
     Returns GenerateOutput(sequences [B, T + new] int32 for causal LMs,
     [B, Td + new] for seq2seq LMs, Td = 1 without a decoder prompt). lora: a LoRA adapter
     tree (`trlax.peft`) applied on top of `params` (a LoRA policy's rollouts), or None.
@@ -597,6 +597,9 @@ def generate(
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
         raise InputError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
+    refuse_traced_token_ids({"pad_token_id": pad_token_id, "eos_token_id": eos_token_id,
+                             "decoder_start_token_id": decoder_start_token_id,
+                             "forced_eos_token_id": forced_eos_token_id})
     if isinstance(do_sample, str) or np.ndim(do_sample) != 0:  # "no" would sample
         raise TrlaxTypeError(f"do_sample must be True or False; got {do_sample!r}")
     check_sampling(temperature, top_k, top_p, do_sample=do_sample)

@@ -50,6 +50,7 @@ import transformers
 
 from trlax.checkpoint.hub import HubOptions, fetch_file
 from trlax.errors import InputError, TrlaxTypeError, UnsupportedModelError
+from trlax.inputs import is_concrete
 
 logger = logging.getLogger("trlax")
 
@@ -184,6 +185,7 @@ def resolve_generation(
                                     f"{type(generation_config).__name__}")
     passed = {k: v for k, v in kwargs.items() if k not in TRLAX_ARGS}
     # A keyword argument of None unsets what the configs below it set, as in transformers.
+    refuse_traced_token_ids(passed)
     merged = {k: v for k, v in {**_set_fields(model_config), **_set_fields(generation_config), **passed}.items()
               if v is not None}
     # Output plumbing is the caller's choice, never a checkpoint file's.
@@ -236,6 +238,20 @@ def resolve_generation(
     return GenerateRequest(out, bool(return_dict))
 
 
+TOKEN_ID_SETTINGS = ("pad_token_id", "eos_token_id", "decoder_start_token_id", "forced_eos_token_id")
+
+
+def refuse_traced_token_ids(settings: dict[str, Any]) -> None:
+    """TrlaxTypeError when a token-id setting among `settings` (name -> an int, a list or None) is traced: the
+    ids shape the compiled loop (which rows stop, what they emit), so they are Python ints."""
+    for name in TOKEN_ID_SETTINGS:
+        ids = settings.get(name)
+        if any(isinstance(i, jax.core.Tracer) for i in (ids if isinstance(ids, (list, tuple)) else (ids,))):
+            raise TrlaxTypeError(f"{name} must be Python ints: token ids shape the compiled generation loop (which "
+                                 "rows stop, what they emit); got a traced value: pass it from outside the jitted "
+                                 "function")
+
+
 def id_list(ids: int | Sequence[int] | None) -> list[int]:
     """A token-id setting (an int, a list, or None) as a list of ints; InputError for anything else."""
     if ids is None:
@@ -251,12 +267,16 @@ def id_list(ids: int | Sequence[int] | None) -> list[int]:
 
 def inferred_attention_mask(input_ids: jax.Array, pad_token_id: int | None, eos_token_id: Any) -> jax.Array | None:
     """transformers' attention mask for a causal LM's generate call without one: [B, T] int32
-    `input_ids != pad` when the pad id occurs in the concrete input_ids and is no eos id; else None (all
+    `input_ids != pad` when the pad id occurs in the input_ids and is no eos id; else None (all
     ones). A row that ends in the pad id keeps the all-ones mask, with a warning (a prompt must end in a
     real token; transformers warns of right padding too). transformers infers none for an encoder-decoder.
+    Traced input_ids (under jax.jit) get the same rule computed in the program, without the warning.
     """
-    if pad_token_id is None or pad_token_id in id_list(eos_token_id) or isinstance(input_ids, jax.core.Tracer):
+    if pad_token_id is None or pad_token_id in id_list(eos_token_id):
         return None
+    if not is_concrete(input_ids):
+        padded = jnp.any(input_ids == pad_token_id) & ~jnp.any(input_ids[:, -1] == pad_token_id)
+        return jnp.where(padded, input_ids != pad_token_id, True).astype(jnp.int32)
     ids = np.asarray(input_ids)
     if not (ids == pad_token_id).any():
         return None

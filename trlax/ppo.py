@@ -189,14 +189,16 @@ def logprobs_from_logits(logits: Array, labels: Array | None, gather: bool = Tru
 
     Labels must be ids of the vocabulary (InputError otherwise, checked when they are concrete): a gather
     wraps -1 to the last id and gives NaN past the end, where TRL's `torch.gather` raises."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logits = logits.astype(jnp.float32)
     if not gather:
-        return logp
+        return jax.nn.log_softmax(logits, axis=-1)
     if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
         raise InputError(f"labels must be integer token ids; got dtype {jnp.result_type(labels)}")
     check_shape("labels", labels, np.shape(logits)[:-1])
     check_token_range("labels", labels, np.shape(logits)[-1])
-    return jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    # The label's logit minus the logsumexp, as TRL 1.12's `selective_log_softmax`: no [B, T, V] log-softmax.
+    picked = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
 def entropy_from_logits(logits: Array) -> Array:
@@ -403,6 +405,10 @@ def adaptive_kl_coef(kl_coef: float, current_kl: float, n_steps: int, target: fl
 
 
 # --- model glue -----------------------------------------------------------------------
+# The batch entries `forward` reads ([B, T] each; position_ids optional, the decoder's for seq2seq only).
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "decoder_input_ids", "decoder_attention_mask")
+
+
 def forward(
     model: PreTrainedModelWrapper, params: dict[str, Any], batch: dict[str, Array], *, train: bool = False,
     dropout_rng: Array | None = None,
@@ -497,8 +503,28 @@ def check_ppo_models(policy: Any, reference: Any, config: Any) -> None:
                              f"{type(config).__name__}")
 
 
+def in_row_chunks(fn: Callable[[dict[str, Array]], Any], batch: dict[str, Array], size: int | None) -> Any:
+    """`fn(batch)` computed over chunks of `size` rows one after another (`jax.lax.map`), so only one chunk's
+    activations are alive at a time; `fn` must treat rows independently. Its outputs (leading dim = rows) come
+    back in row order. Chunk i holds rows i, i + n, i + 2n, ...: on a mesh each chunk spans every data shard.
+    size None, or at least the batch: one call."""
+    rows = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    if size is None or size >= rows:
+        return fn(batch)
+    n, rest = divmod(rows, size)
+    chunks = jax.tree_util.tree_map(lambda x: jnp.swapaxes(x[:n * size].reshape(size, n, *x.shape[1:]), 0, 1),
+                                    batch)
+    out = jax.tree_util.tree_map(lambda y: jnp.swapaxes(y, 0, 1).reshape(n * size, *y.shape[2:]),
+                                 jax.lax.map(fn, chunks))
+    if rest:
+        tail = fn(jax.tree_util.tree_map(lambda x: x[n * size:], batch))
+        out = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), out, tail)
+    return out
+
+
 def make_rollout(
-    policy: PreTrainedModelWrapper, reference: PreTrainedModelWrapper, config: PPOConfig = PPOConfig()
+    policy: PreTrainedModelWrapper, reference: PreTrainedModelWrapper, config: PPOConfig = PPOConfig(),
+    forward_batch_size: int | None = None,
 ) -> Callable[..., dict[str, Array]]:
     """`rollout(policy_params, ref_params, batch, scores, kl_coef) -> experience`, jit-compiled (its batch keys
     and shapes checked first, `check_rollout_inputs`).
@@ -509,26 +535,39 @@ def make_rollout(
     The experience is the batch plus "mask", "old_logprobs", "ref_logprobs",
     "old_values", "rewards", "non_score_rewards", "kls", "advantages", "returns" (all
     [B, T-1] float32): exactly what `make_ppo_update`'s step reads.
+
+    forward_batch_size: run the forwards over chunks of this many rows (TRL's `batched_forward_pass` uses
+    `mini_batch_size`), so their [B, T, V] logits never exist whole (with kl_penalty "full" the two
+    log-softmaxes still do, as in TRL); None: the whole batch at once.
     """
+    check_ppo_models(policy, reference, config)
+    if forward_batch_size is not None and (not isinstance(forward_batch_size, int) or forward_batch_size < 1):
+        raise TrlaxError(f"forward_batch_size must be a positive int or None; got {forward_batch_size!r}")
+    full_kl = config.kl_penalty == "full"
+
+    def forwards(policy_params: dict[str, Any], ref_params: dict[str, Any],
+                 rows: dict[str, Array]) -> tuple[Array, ...]:
+        logprobs, logits, values = forward(policy, jax.lax.stop_gradient(policy_params), rows)
+        ref_logprobs, ref_logits, _ = forward(reference, ref_params, rows)
+        if full_kl:
+            return (logprobs, ref_logprobs, values, logprobs_from_logits(logits, None, gather=False),
+                    logprobs_from_logits(ref_logits, None, gather=False))
+        return logprobs, ref_logprobs, values
 
     def rollout(policy_params: dict[str, Any], ref_params: dict[str, Any], batch: dict[str, Array],
                 scores: Array, kl_coef: Array) -> dict[str, Array]:
-        logprobs, logits, values = forward(policy, jax.lax.stop_gradient(policy_params), batch)
-        ref_logprobs, ref_logits, _ = forward(reference, ref_params, batch)
+        inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
+        logprobs, ref_logprobs, values, *full = in_row_chunks(
+            lambda rows: forwards(policy_params, ref_params, rows), inputs, forward_batch_size)
         mask = logprob_mask(batch["response_mask"])
-        if config.kl_penalty == "full":
-            rewards, non_score, kls = compute_rewards(
-                scores, logprobs_from_logits(logits, None, gather=False),
-                logprobs_from_logits(ref_logits, None, gather=False), mask, kl_coef, "full")
-        else:
-            rewards, non_score, kls = compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, config.kl_penalty)
+        rewards, non_score, kls = compute_rewards(scores, *(full or (logprobs, ref_logprobs)), mask, kl_coef,
+                                                  config.kl_penalty)
         values, advantages, returns = compute_advantages(values, rewards, mask, config.gamma, config.lam,
                                                          config.whiten_rewards)
         return {**batch, "mask": mask, "old_logprobs": logprobs, "ref_logprobs": ref_logprobs, "old_values": values,
                 "rewards": rewards, "non_score_rewards": non_score, "kls": kls, "advantages": advantages,
                 "returns": returns}
 
-    check_ppo_models(policy, reference, config)
     jitted = jax.jit(rollout)
 
     def checked_rollout(policy_params: dict[str, Any], ref_params: dict[str, Any], batch: dict[str, Array],

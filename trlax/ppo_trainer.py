@@ -183,7 +183,8 @@ class PPOTrainer:
         self.set_state(committed(trainable, self.mesh), committed(self.tx.init(trainable), self.mesh))
         if config.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
-        self.rollout = make_rollout(policy, models.reference, config.ppo)
+        # The forwards run in minibatch-sized chunks, as TRL's batched_forward_pass: memory follows the minibatch.
+        self.rollout = make_rollout(policy, models.reference, config.ppo, forward_batch_size=config.mini_batch_size)
         self.update = make_ppo_update(policy, self.tx, config.ppo)
         self.learn = jit_keeping_placement(self._learn, kept=(0, 2), outputs=4, donate_argnums=(0, 2))
         self.key = jax.random.key(config.seed)  # the base key: step s uses fold_in(key, s)

@@ -26,6 +26,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from trlax.checkpoint.naming import TensorRule, flatten_paths
 from trlax.errors import TrlaxError, TrlaxTypeError
@@ -132,8 +133,10 @@ def shared_parameter_names(names: list[str], num_shared_layers: int, pattern: st
 
 
 def _copy_tree(tree: Any) -> Any:
-    """New buffers for every leaf, same shardings (so donating the source never touches the copy)."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    """New buffers for every leaf, same shardings (so donating the source never touches the copy); NumPy leaves
+    (params assigned from `flax.serialization`, say) become arrays on the default device."""
+    leaves = [leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf) for leaf in jax.tree_util.tree_leaves(tree)]
+    treedef = jax.tree_util.tree_structure(tree)
     copies = jax.device_put(leaves, [leaf.sharding for leaf in leaves], may_alias=False)
     return jax.tree_util.tree_unflatten(treedef, copies)
 

@@ -239,7 +239,8 @@ def run_ppo_command(args: argparse.Namespace) -> int:
     config = trainer_config(args)
     models, texts = build_models(args)
     # Every prompt has at least one token: a lower bound of the sequence length.
-    check_batch_fits(models.policy.config, config.batch_size, 1 + config.max_new_tokens)
+    check_batch_fits(models.policy.config, config.batch_size, 1 + config.max_new_tokens,
+                     mini_batch_size=config.mini_batch_size)
     prompts = PromptSet.build(texts, models.codec, models.pad_id, args.max_prompt_length)
     trainer = PPOTrainer(models, prompts, config, run=run_flags(args))
     output_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves no folder

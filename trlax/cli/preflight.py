@@ -78,7 +78,12 @@ def _first(config: Any, names: tuple[str, ...]) -> int:
     return int(next(getattr(config, n) for n in names if isinstance(getattr(config, n, None), int)))
 
 
-def step_bytes_lower_bound(config: Any, batch_size: int, seq_len: int) -> int:
+# Per token, what a step keeps for every row of the batch besides the rows being computed: the experience
+# (9 float32 entries: log-probs, values, rewards, advantages, ...) and the 4 int32 model inputs.
+EXPERIENCE_ENTRIES = 13
+
+
+def step_bytes_lower_bound(config: Any, batch_size: int, seq_len: int, mini_batch_size: int | None = None) -> int:
     """Bytes one PPO step over `batch_size` sequences of `seq_len` tokens needs at least (float32).
 
     Per token: the policy's and the reference's logits and their log-probabilities (3 V),
@@ -86,6 +91,8 @@ def step_bytes_lower_bound(config: Any, batch_size: int, seq_len: int) -> int:
     activations plus the attention row (heads x S). That is about half of what XLA
     allocates for the step (measured: 8 KB per token for the demo's model, V=31, H=64,
     2 layers, S=16, at batch 1024, where this gives 4.9 KB), so a batch over it cannot fit.
+    With `mini_batch_size` (the forwards and updates run over chunks of that many rows, as `trlax ppo`'s do),
+    that cost is the chunk's, and every other row holds its experience (`EXPERIENCE_ENTRIES` per token).
     """
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     vocab = _first(text, ("vocab_size",))
@@ -93,15 +100,22 @@ def step_bytes_lower_bound(config: Any, batch_size: int, seq_len: int) -> int:
     layers = _first(text, ("num_hidden_layers", "n_layer", "num_layers"))
     heads = _first(text, ("num_attention_heads", "n_head", "num_heads"))
     per_token = 3 * vocab + layers * (8 * hidden + heads * seq_len)
-    return batch_size * seq_len * per_token * FLOAT32_BYTES
+    computed = batch_size if mini_batch_size is None else min(mini_batch_size, batch_size)
+    return seq_len * (computed * per_token + (batch_size - computed) * EXPERIENCE_ENTRIES) * FLOAT32_BYTES
 
 
-def check_batch_fits(config: Any, batch_size: int, seq_len: int, flag: str = "--batch-size") -> None:
-    """TrlaxError before anything is allocated when one step of this batch cannot fit in memory."""
-    need = step_bytes_lower_bound(config, batch_size, seq_len)
+def check_batch_fits(config: Any, batch_size: int, seq_len: int, flag: str = "--batch-size",
+                     mini_batch_size: int | None = None) -> None:
+    """TrlaxError before anything is allocated when one step of this batch (computed in chunks of
+    `mini_batch_size` rows, None: all at once) cannot fit in memory."""
+    need = step_bytes_lower_bound(config, batch_size, seq_len, mini_batch_size)
     limit, what = memory_limit()
     if need > limit:
-        fix = (f"use a smaller {flag}" if step_bytes_lower_bound(config, 1, seq_len) <= limit else
-               "even one sequence that long does not fit: use a smaller --max-new-tokens (or shorter prompts)")
+        if step_bytes_lower_bound(config, 1, seq_len) > limit:
+            fix = "even one sequence that long does not fit: use a smaller --max-new-tokens (or shorter prompts)"
+        elif mini_batch_size is not None and step_bytes_lower_bound(config, batch_size, seq_len, 1) <= limit:
+            fix = f"use a smaller --mini-batch-size (the rows computed at once) or {flag}"
+        else:
+            fix = f"use a smaller {flag}"
         raise TrlaxError(f"{flag} {batch_size} cannot fit: one PPO step over {batch_size} sequences of {seq_len} "
                          f"tokens needs more than {need / 1e9:,.1f} GB, and {what} is {limit / 1e9:,.1f} GB; {fix}")
