@@ -225,6 +225,22 @@ def test_trainable_mask_covers_only_the_adapter_and_the_value_head(gpt2_folder):
     assert model.is_peft_model and model.peft_config["default"].target_modules == ["c_attn"]
 
 
+def test_a_lora_scaling_an_optimizer_changed_is_refused_at_save(gpt2_folder, tmp_path):
+    """A plain optimizer over params["lora"] (adamw's weight decay) moved the `scaling` leaves; save_pretrained
+    wrote lora_alpha alone, so the saved adapter gave other logits (0.065 off) without a word."""
+    policy = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(
+        gpt2_folder, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]))
+    policy.save_pretrained(tmp_path / "kept")  # unchanged scalings save
+    lora = policy.params["lora"]
+    decayed = jax.tree_util.tree_map_with_path(
+        lambda path, x: x * 0.9 if path[-1].key == "scaling" else x, lora)
+    policy.params = {**policy.params, "lora": decayed}
+    with pytest.raises(TrlaxError, match="LoRA scaling of 2 module\\(s\\), e.g. transformer.h.0.attn.c_attn, is no "
+                                         "longer lora_alpha / r .*trainable_mask"):
+        policy.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_adapter_policy_save_refuses_the_full_model_options(gpt2_policy, tmp_path):
     """dtype= and max_shard_size= (even dtype="int8") were ignored without a word: PEFT's layout is one adapter
     file, the adapter as it is held. Nothing is written."""

@@ -15,7 +15,7 @@ from benchmarks import hlo_report
 from tests.helpers import save_torch, torch_generation_init
 from tests.tiny_configs import TINY_CAUSAL, TINY_SEQ2SEQ
 from trlax import FlaxAutoModelForCausalLM, FlaxAutoModelForSeq2SeqLM
-from trlax.errors import TrlaxTypeError
+from trlax.errors import InputError, TrlaxTypeError
 from trlax.generation import GenerateOutput, GenerationSettings, filtered_logits, generate
 
 NEW = 8  # new tokens per parity run
@@ -313,6 +313,24 @@ def test_generate_under_jit_with_concrete_arrays_closed_over(pairs):
     decoded = jax.jit(lambda p: t5.generate(enc, enc_mask, decoder_input_ids=prompt, params=p,
                                             max_new_tokens=3).sequences)
     np.testing.assert_array_equal(decoded(t5.params), eager)
+
+
+def test_raw_keys_of_the_default_prng_are_accepted(pairs):
+    """Under jax_default_prng_impl="rbg" jax.random.PRNGKey(0) is uint32[4]: generate said it was no key."""
+    _, model = pairs("gpt2")
+    ids, mask = _prompts(model.config, False)
+    previous = jax.config.jax_default_prng_impl
+    jax.config.update("jax_default_prng_impl", "rbg")
+    try:
+        raw, typed = jax.random.PRNGKey(0), jax.random.key(0)
+        assert raw.shape == (4,)
+        sampled = [np.asarray(model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=True,
+                                             prng_key=key).sequences) for key in (raw, typed)]
+        with pytest.raises(InputError, match="prng_key must be one jax.random key"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=True, prng_key=raw[:2])
+    finally:
+        jax.config.update("jax_default_prng_impl", previous)
+    np.testing.assert_array_equal(*sampled)
 
 
 @pytest.mark.parametrize("name", ["pad_token_id", "eos_token_id", "decoder_start_token_id", "forced_eos_token_id"])

@@ -427,6 +427,17 @@ def test_a_rollout_in_row_chunks_gives_the_whole_batchs_experience(kind, chunk):
         assert whole_logits not in array_shapes(program.jaxpr) and (chunk, 11, 101) in array_shapes(program.jaxpr)
 
 
+def test_the_experience_is_float32_under_x64_with_float64_scores_and_kl_coef():
+    """With jax_enable_x64 a float64 kl_coef made rewards and non-score rewards float64 (documented float32)."""
+    policy, ref = _policy_and_ref()
+    batch, scores = _causal_batch()
+    with jax.enable_x64(True):
+        exp = ppo.make_rollout(policy, ref)(policy.params, ref.params, batch, scores.astype(np.float64),
+                                            np.float64(0.2))
+    assert {key: exp[key].dtype for key in exp if key not in batch} == {
+        key: jnp.float32 for key in exp if key not in batch}
+
+
 def test_a_rollout_chunk_size_that_is_not_a_positive_int_is_refused():
     policy, ref = _policy_and_ref()
     with pytest.raises(TrlaxError, match="forward_batch_size must be a positive int or None; got 0"):

@@ -34,7 +34,7 @@ from trlax.models.stack import rematerialised as remat_block
 from trlax.ppo import PPOConfig
 from trlax.ppo_data import PromptSet, read_prompts
 from trlax.ppo_rewards import FunctionReward, Generated, ModelReward, RewardError, checked_scores, load_function
-from trlax.ppo_trainer import PPOTrainer, reply_mask, resume, train
+from trlax.ppo_trainer import PPOTrainer, random_settings, reply_mask, resume, train
 from trlax.value_head import FlaxAutoModelForCausalLMWithValueHead
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -868,4 +868,18 @@ def test_score_flags_that_cannot_work_are_refused_and_old_states_resume(tmp_path
     older["ppo"]["use_score_scaling"] = True
     with pytest.raises(TrlaxError, match="other settings \\(ppo.use_score_scaling True -> False\\); resume"):
         trainer.check_settings(extra, 1, tmp_path)
+
+
+def test_a_resume_under_other_jax_random_settings_is_refused(tmp_path):
+    """A state saved under JAX_DEFAULT_PRNG_IMPL=rbg resumed under the default without a word: the embedded
+    policy's and reference's random init and the samples changed (final params 0.01 off an uninterrupted run)."""
+    args = cli_args(steps=1, batch_size=2, mini_batch_size=2, max_new_tokens=4)
+    models, texts = build_models(args)
+    trainer = PPOTrainer(models, PromptSet.build(texts, models.codec, models.pad_id, 16), trainer_config(args))
+    extra = {"seed": 0, "data_position": 2, "run": trainer.run_settings, "random": random_settings()}
+    trainer.check_settings(extra, 1, tmp_path)
+    trainer.check_settings({k: v for k, v in extra.items() if k != "random"}, 1, tmp_path)  # saved before: allowed
+    for changed in ({"prng_impl": "rbg"}, {"threefry_partitionable": not random_settings()["threefry_partitionable"]}):
+        with pytest.raises(TrlaxError, match="trained with JAX's random settings.*JAX_DEFAULT_PRNG_IMPL"):
+            trainer.check_settings({**extra, "random": {**random_settings(), **changed}}, 1, tmp_path)
 

@@ -504,12 +504,14 @@ def _check_number(name: str, value: Any) -> None:
 
 
 def _check_key(prng_key: Any) -> None:
-    """One jax.random key: a typed key of shape () or a raw uint32 [2] key."""
+    """One jax.random key: a typed key of shape () or raw uint32 key data of the default PRNG's shape ([2] for
+    threefry, [4] for rbg: `jax.random.PRNGKey(0)` under `jax_default_prng_impl`)."""
     if prng_key is None:
         raise InputError("do_sample=True needs prng_key (a jax.random key), e.g. prng_key=jax.random.key(0)")
     dtype = getattr(prng_key, "dtype", None)
     typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
-    if (np.shape(prng_key) != () if typed else (np.shape(prng_key) != (2,) or dtype != jnp.uint32)):
+    raw_shape = jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape
+    if (np.shape(prng_key) != () if typed else (np.shape(prng_key) != raw_shape or dtype != jnp.uint32)):
         raise InputError(f"prng_key must be one jax.random key, e.g. jax.random.key(0) (one key for the whole batch: "
                          f"generate splits it per step); got {getattr(prng_key, 'shape', prng_key)!r}")
 

@@ -258,7 +258,7 @@ def compute_rewards(
     valid = mask > 0
     t = valid.shape[-1]
     last = t - 1 - jnp.argmax(valid[:, ::-1], axis=-1)  # [B] index of the last valid position
-    at_last = jax.nn.one_hot(last, t, dtype=jnp.float32) * valid.any(axis=-1, keepdims=True)
+    at_last = jax.nn.one_hot(last, t, dtype=jnp.float32) * valid.any(axis=-1, keepdims=True).astype(jnp.float32)
     rewards = non_score + at_last * scores.astype(jnp.float32)[:, None]
     return rewards, non_score, kls
 
@@ -575,7 +575,9 @@ def make_rollout(
         check_rollout_inputs(policy, batch, scores, kl_coef)
         with explained_device_mismatch("the rollout (policy and reference: shard the policy before "
                                        "create_reference_model, so the reference shares its mesh)"):
-            return jitted(policy_params, ref_params, batch, jnp.asarray(scores), kl_coef)
+            # float32 as the docstring says, also for float64 scores or kl_coef under jax_enable_x64
+            return jitted(policy_params, ref_params, batch, jnp.asarray(scores, jnp.float32),
+                          jnp.asarray(kl_coef, jnp.float32))
 
     return checked_rollout
 

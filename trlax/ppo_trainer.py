@@ -142,6 +142,13 @@ def dotted(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def random_settings() -> dict[str, Any]:
+    """The JAX settings random numbers depend on besides the key (an embedded model's random init, the sampling
+    keys' derivation): a resumed run must draw with the ones its state was trained with."""
+    return {"prng_impl": str(jax.config.jax_default_prng_impl),
+            "threefry_partitionable": bool(jax.config.jax_threefry_partitionable)}
+
+
 def reply_mask(reply: Array, eos_ids: tuple[int, ...]) -> Array:
     """[B, N] int32: 1 for reply tokens up to and including the first eos (all ones without eos ids)."""
     is_eos = jnp.zeros(reply.shape, bool)
@@ -306,7 +313,7 @@ class PPOTrainer:
         running score moments."""
         checkpointer.save(self.step_index, self.trainable, self.opt_state, rng=self.key,
                           extra={"kl_coef": self.kl_coef, "data_position": self.step_index * self.config.batch_size,
-                                 "seed": self.config.seed, "run": self.run_settings,
+                                 "seed": self.config.seed, "run": self.run_settings, "random": random_settings(),
                                  "score_moments": dataclasses.asdict(self.score_moments)})
 
     def restore_state(self, checkpointer: StateCheckpointer) -> int | None:
@@ -340,6 +347,12 @@ class PPOTrainer:
             # The prompts of step s are rows [s * batch_size, (s + 1) * batch_size) of the seed's stream.
             raise TrlaxError(f"the saved state in {where} was trained with --batch-size "
                              f"{extra.get('data_position', 0) // step}, not {self.config.batch_size}; {again}")
+        saved_random = extra.get("random")  # absent in states saved before trlax recorded them
+        if saved_random is not None and saved_random != random_settings():
+            raise TrlaxError(f"the saved state in {where} was trained with JAX's random settings {saved_random}, and "
+                             f"this process has {random_settings()}: the resumed run would draw other random numbers "
+                             "(an embedded model's init, the samples); set JAX_DEFAULT_PRNG_IMPL / "
+                             "JAX_THREEFRY_PARTITIONABLE as they were, or train into another --output-dir")
         saved = extra.get("run")  # absent in states saved before trlax recorded the settings
         if saved is not None:  # settings trlax added later are at their defaults there: they trained so
             saved = with_defaults(saved, run_settings(TrainerConfig()))

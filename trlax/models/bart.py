@@ -151,7 +151,7 @@ class BartForConditionalGeneration(EncoderDecoderLM):
 
     def lm_logits(self, h: Array) -> Array:
         # final_logits_bias is a buffer in transformers: never trained.
-        return self.model.shared.attend(h) + jax.lax.stop_gradient(self.final_logits_bias).astype(self.dtype)
+        return self.model.shared.attend(h) + jax.lax.stop_gradient(self.final_logits_bias[None]).astype(self.dtype)
 
 
 def _validate(config: Any) -> None:

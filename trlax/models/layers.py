@@ -88,11 +88,11 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         if self.add_unit_offset:
-            return (x32 * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
+            return (x32 * (1.0 + broadcastable(scale, x.ndim).astype(jnp.float32))).astype(self.dtype)
         if self.float32_weight:
-            return (scale.astype(jnp.float32) * x32).astype(self.dtype)
+            return (broadcastable(scale, x.ndim).astype(jnp.float32) * x32).astype(self.dtype)
         # Llama casts back to the input dtype before the weight multiply.
-        return scale.astype(self.dtype) * x32.astype(self.dtype)
+        return broadcastable(scale, x.ndim).astype(self.dtype) * x32.astype(self.dtype)
 
 
 def clamp_float16_overflow(x: Array, *, on_nan: bool = False) -> Array:
@@ -123,6 +123,12 @@ def add_lora(module: nn.Module, x: Array, y: Array) -> Array:
     b = module.get_variable(LORA_COLLECTION, "lora_B").astype(y.dtype)  # [r, out]
     scaling = jax.lax.stop_gradient(module.get_variable(LORA_COLLECTION, "scaling")).astype(y.dtype)
     return y + jnp.dot(jnp.dot(x.astype(y.dtype), a), b) * scaling
+
+
+def broadcastable(v: Array, ndim: int) -> Array:
+    """`v` with leading size-1 dims up to rank `ndim`: the broadcast a rank promotion does, written out, so
+    trlax runs under jax_numpy_rank_promotion="raise"."""
+    return v.reshape((1,) * (ndim - v.ndim) + v.shape)
 
 
 def matmul(x: Array, kernel: Array) -> Array:
@@ -209,7 +215,8 @@ def _layer_norm_forward(x: Array, scale: Array, bias: Array,
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     centered = x32 - mean
     inv_std = jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + eps)
-    y = centered * (inv_std * scale) + bias  # Flax's order: (x - mean) * (rsqrt(var + eps) * scale) + bias
+    # Flax's order: (x - mean) * (rsqrt(var + eps) * scale) + bias
+    y = centered * (inv_std * broadcastable(scale, x.ndim)) + broadcastable(bias, x.ndim)
     return y, (x, mean, inv_std, scale)
 
 
@@ -218,7 +225,7 @@ def _layer_norm_backward(eps: float, residuals: tuple[Array, Array, Array, Array
     x, mean, inv_std, scale = residuals
     normed = (x.astype(jnp.float32) - mean) * inv_std
     y_grad = y_grad.astype(jnp.float32)
-    g = y_grad * scale
+    g = y_grad * broadcastable(scale, y_grad.ndim)
     x_grad = inv_std * (g - jnp.mean(g, axis=-1, keepdims=True)
                         - normed * jnp.mean(g * normed, axis=-1, keepdims=True))
     scale_grad = (y_grad * normed).reshape(-1, *scale.shape).sum(0)
@@ -267,7 +274,8 @@ class Dense(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
         y = matmul(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(self.dtype)
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            y = y + broadcastable(bias, y.ndim).astype(self.dtype)
         return add_lora(self, x, y)
 
 

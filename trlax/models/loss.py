@@ -30,7 +30,7 @@ def token_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Arra
 def masked_mean_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean nll [] float32 over the labels that are not -100 (logits and labels aligned)."""
     nll, valid = token_nll(logits, labels)
-    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.sum(valid)
+    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.sum(valid, dtype=jnp.float32)
 
 
 def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -240,7 +240,8 @@ def rotary_cos_sin(positions: Array, inv_freq: np.ndarray | Array | LongRopeFreq
     if isinstance(inv_freq, LongRopeFrequencies):
         long = jnp.max(positions) + 1 > inv_freq.original_max_position_embeddings
         inv_freq = jnp.where(long, jnp.asarray(inv_freq.long), jnp.asarray(inv_freq.short))
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B, T, D/2]
+    inv_freq = jnp.asarray(inv_freq, jnp.float32)[(None,) * positions.ndim]  # [1, 1, D/2]
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
     emb = jnp.repeat(freqs, 2, axis=-1) if interleaved else jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, D]
     if scaling == 1.0:
         return jnp.cos(emb), jnp.sin(emb)

@@ -69,7 +69,7 @@ def pad_id_array(config: Any) -> Array:
 def last_true_index(valid: Array) -> Array:
     """[B] int32: the rightmost position where `valid` [B, T] is true, by transformers' pooling rule (argmax of
     `arange(T) * valid`, so a row with none gives 0)."""
-    positions = jnp.arange(valid.shape[1], dtype=jnp.int32) * jnp.asarray(valid).astype(jnp.int32)
+    positions = jnp.arange(valid.shape[1], dtype=jnp.int32)[None] * jnp.asarray(valid).astype(jnp.int32)
     return jnp.argmax(positions, axis=-1).astype(jnp.int32)
 
 
@@ -180,7 +180,7 @@ def classification_loss(logits: Array, labels: Array, problem_type: str) -> Arra
         valid = labels != -100
         losses = optax.softmax_cross_entropy_with_integer_labels(logits.reshape(labels.shape[0], -1),
                                                                  jnp.where(valid, labels, 0))
-        return jnp.sum(losses * valid) / jnp.sum(valid)
+        return jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.sum(valid, dtype=jnp.float32)
     if problem_type == "multi_label_classification":
         return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)))
     raise InputError(f"config.problem_type {problem_type!r} is not one of {PROBLEM_TYPES}")

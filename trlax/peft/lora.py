@@ -552,6 +552,19 @@ def peft_state_dict(lora: Mapping[str, Any], model_type: str) -> dict[str, np.nd
     return state
 
 
+def check_scalings(config: LoraConfig, lora: Mapping[str, Any], model_type: str) -> None:
+    """TrlaxError when an adapter's `scaling` leaves are no longer the config's (lora_alpha / r): PEFT's files
+    store lora_alpha only, so a save would lose the change. Run before anything is written."""
+    names = PeftNames(model_type)
+    changed = [path for path, leaves in sorted(lora_modules(lora).items()) if not np.isclose(
+        np.asarray(jax.device_get(leaves["scaling"]), np.float64), config.scaling(names.to_peft(path)), rtol=1e-6)]
+    if changed:
+        raise TrlaxError(f"the LoRA scaling of {len(changed)} module(s), e.g. {changed[0]}, is no longer lora_alpha "
+                         "/ r (an optimizer over all of params['lora'] changed it, weight decay say); PEFT's adapter "
+                         "stores lora_alpha only, so the change would be lost: train with the model's "
+                         "trainable_mask (trlax.masked_optimizer or split_trainable), which keeps the scalings")
+
+
 def write_adapter_files(folder: Path, config: LoraConfig, lora: Mapping[str, Any], *, model_type: str,
                         base_name: str | None, task_type: str, keeps_layout: bool,
                         extra_tensors: Mapping[str, np.ndarray] | None = None) -> None:

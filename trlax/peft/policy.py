@@ -38,6 +38,7 @@ from trlax.peft.lora import (
     ADAPTER_CONFIG_NAME,
     LoraConfig,
     check_applied,
+    check_scalings,
     init_lora,
     lora_from_peft,
     lora_modules,
@@ -142,6 +143,7 @@ def write_adapter_policy(save_directory: str | os.PathLike, base: FlaxPreTrained
         logger.warning("this adapter names its base %s, an Orbax model folder, which PEFT, TRL and from_pretrained "
                        "cannot load: write a transformers checkpoint of the base (`trlax convert %s DST --to hf`) "
                        "and set base_model_name_or_path in %s to DST", base_name, base_name, ADAPTER_CONFIG_NAME)
+    check_scalings(config, lora, base.config.model_type)
     keep = [re.compile(p) for p in base.spec.keep_layout]
     keeps_layout = any(k.match(f"{path}.weight") for path in lora_modules(lora) for k in keep)
     task_type = "SEQ_2_SEQ_LM" if base.is_encoder_decoder else "CAUSAL_LM"

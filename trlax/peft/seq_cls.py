@@ -28,6 +28,7 @@ from trlax.peft.lora import (
     PEFT_PREFIX,
     LoraConfig,
     check_applied,
+    check_scalings,
     lora_from_peft,
     lora_modules,
     peft_state_dict,
@@ -91,6 +92,7 @@ class FlaxPeftModelForSequenceClassification(FlaxModelForSequenceClassification)
         keep = [re.compile(p) for p in self.spec.keep_layout]
         keeps_layout = any(k.match(f"{path}.weight") for path in lora_modules(self.adapter) for k in keep)
         config = self.saved_adapter_config()
+        check_scalings(config, self.adapter, self.config.model_type)
 
         if max_shard_size is not None:
             raise TrlaxTypeError("an adapter is saved in one file: save_pretrained takes no max_shard_size here")
