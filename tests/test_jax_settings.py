@@ -76,3 +76,18 @@ def test_ppo_and_a_classifier_loss_run_as_under_the_defaults():
         got = run()
     for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_generate_makes_no_implicit_transfer(family):
+    """Under jax.transfer_guard("disallow"), with the inputs on the device, generate raised XLA's "Disallowed
+    host-to-device transfer": its settings were moved implicitly (jnp.asarray of Python numbers)."""
+    lm = (FlaxAutoModelForSeq2SeqLM if family == "t5" else FlaxAutoModelForCausalLM).from_config(
+        getattr(tiny_configs, family)())
+    ids, mask, key = jax.device_put((IDS, MASK, jax.random.key(0)))
+    settings = {"max_new_tokens": 3, "do_sample": True, "prng_key": key, "top_k": 5, "top_p": 0.9,
+                "repetition_penalty": 1.2}
+    want = np.asarray(lm.generate(ids, attention_mask=mask, **settings).sequences)
+    with jax.transfer_guard("disallow"):
+        got = lm.generate(ids, attention_mask=mask, **settings).sequences
+    np.testing.assert_array_equal(np.asarray(got), want)

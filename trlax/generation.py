@@ -475,7 +475,7 @@ def start_prepended(decoder_prompt: Array, start: int | None) -> bool:
     with it, as transformers does (a traced prompt is taken as it is). Read with NumPy: under a trace, jnp
     would stage even a concrete prompt."""
     return (start is not None and is_concrete(decoder_prompt)
-            and bool(np.all(np.asarray(decoder_prompt)[:, 0] != start)))
+            and bool(np.all(jax.device_get(decoder_prompt)[:, 0] != start)))
 
 
 def _scalar(x: Any) -> float | None:
@@ -486,9 +486,17 @@ def _scalar(x: Any) -> float | None:
     return None
 
 
+def on_device(value: Any, dtype: Any) -> Array:
+    """A setting as a device array of `dtype`: traced or device values as they are (cast), host values by an
+    explicit transfer, which `jax.transfer_guard("disallow")` allows."""
+    if isinstance(value, jax.Array):
+        return value.astype(dtype)
+    return jax.device_put(np.asarray(value, dtype))
+
+
 def _check_prompt_mask(mask: Array) -> None:
     """Causal prompts must be left-padded: the loop appends after the last column."""
-    if is_concrete(mask) and not np.all(np.asarray(mask)[:, -1] == 1):  # NumPy: jnp would stage it under a trace
+    if is_concrete(mask) and not np.all(jax.device_get(mask)[:, -1] == 1):  # NumPy: jnp would stage it in a trace
         raise InputError(
             "generate needs left-padded prompts: every row's last attention_mask entry must be 1 "
             "(pad on the left, e.g. tokenizer.padding_side = 'left')"
@@ -635,7 +643,7 @@ def generate(
         raise InputError("seq2seq generate needs decoder_start_token_id (none on the model config)")
     if seq2seq:
         check_token_range("decoder_start_token_id", np.asarray(start), model.vocab_size)
-        starts = jnp.full((input_ids.shape[0], 1), start, jnp.int32)
+        starts = on_device(np.full((input_ids.shape[0], 1), start), jnp.int32)
         if decoder_prompt is None:
             decoder_prompt = starts
         elif start_prepended(decoder_prompt, start):
@@ -667,10 +675,9 @@ def generate(
     settings = GenerationSettings(int(max_new_tokens), bool(do_sample), int(top_k) if do_sample else 0,
                          bool(do_sample and top_p_on), len(eos_ids), int(min_new_tokens), penalty_on,
                          len(forced_eos), _check_rollout_dtype(rollout_dtype, model), model.sync_forward_config())
-    knobs = _Knobs(jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32),
-                   jnp.asarray(pad, jnp.int32), jnp.asarray(eos_ids, jnp.int32).reshape(-1),
-                   jnp.asarray(start, jnp.int32), jnp.asarray(repetition_penalty, jnp.float32),
-                   jnp.asarray(forced_eos, jnp.int32).reshape(-1))
+    knobs = _Knobs(*(on_device(value, dtype) for value, dtype in (
+        (temperature, jnp.float32), (top_p, jnp.float32), (pad, jnp.int32), (np.reshape(eos_ids, -1), jnp.int32),
+        (start, jnp.int32), (repetition_penalty, jnp.float32), (np.reshape(forced_eos, -1), jnp.int32))))
 
     run = model.generation_cache.get(settings, lambda: (_seq2seq_fn if seq2seq else _causal_fn)(model, settings))
     if model.mesh is not None:  # the batch is split like the layer outputs and the KV cache
@@ -679,7 +686,8 @@ def generate(
     with explained_device_mismatch(f"this {type(model).__name__}"):
         sequences, finite = run(model.params if params is None else params, lora, input_ids, mask, knobs,
                                 prng_key if do_sample else None, *extra)
-    if is_concrete(finite) and not finite:  # argmax and the draw would pick the last id of a NaN row silently
+    # argmax and the draw would pick the last id of a NaN row silently
+    if is_concrete(finite) and not jax.device_get(finite):
         raise InputError("generate: the model's logits hold NaN or inf, so no token can be chosen; the params hold "
                          "non-finite values (a diverged update?) or the compute dtype overflows (try float32 or "
                          "bfloat16)")

@@ -277,7 +277,7 @@ def inferred_attention_mask(input_ids: jax.Array, pad_token_id: int | None, eos_
     if not is_concrete(input_ids):
         padded = jnp.any(input_ids == pad_token_id) & ~jnp.any(input_ids[:, -1] == pad_token_id)
         return jnp.where(padded, input_ids != pad_token_id, True).astype(jnp.int32)
-    ids = np.asarray(input_ids)
+    ids = jax.device_get(input_ids)  # an explicit transfer (jax.transfer_guard allows it)
     if not (ids == pad_token_id).any():
         return None
     if (ids[:, -1] == pad_token_id).any():
