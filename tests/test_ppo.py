@@ -438,6 +438,27 @@ def test_the_experience_is_float32_under_x64_with_float64_scores_and_kl_coef():
         key: jnp.float32 for key in exp if key not in batch}
 
 
+def test_rollout_and_update_take_lists_and_torch_tensors_as_the_forwards_do():
+    """The forwards take them; the PPO functions raised AttributeError ('list' has no 'shape') or a bare TypeError."""
+    import torch
+
+    policy, ref = _policy_and_ref()
+    batch, scores = _causal_batch()
+    rollout = ppo.make_rollout(policy, ref)
+    want = rollout(policy.params, ref.params, batch, scores, 0.2)
+    tx = optax.sgd(0.1)
+    trainable, frozen = split_trainable(policy.params, policy.trainable_mask)
+    update = ppo.make_ppo_update(policy, tx)
+    _, _, want_stats = update(jax.tree_util.tree_map(jnp.copy, trainable), frozen, tx.init(trainable), want)
+    for convert in (lambda v: np.asarray(v).tolist(), lambda v: torch.tensor(np.asarray(v))):
+        got = rollout(policy.params, ref.params, {k: convert(v) for k, v in batch.items()}, scores, 0.2)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+        _, _, stats = update(jax.tree_util.tree_map(jnp.copy, trainable), frozen, tx.init(trainable),
+                             {k: convert(v) for k, v in want.items()})
+        np.testing.assert_array_equal(stats["loss/total"], want_stats["loss/total"])
+
+
 def test_a_rollout_chunk_size_that_is_not_a_positive_int_is_refused():
     policy, ref = _policy_and_ref()
     with pytest.raises(TrlaxError, match="forward_batch_size must be a positive int or None; got 0"):

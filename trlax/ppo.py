@@ -436,6 +436,15 @@ def logprob_mask(response_mask: Array) -> Array:
     return response_mask[:, 1:].astype(jnp.float32)
 
 
+def as_arrays(batch: dict[str, Any]) -> dict[str, Any]:
+    """A batch whose entries may be lists or (CPU) torch tensors, as the forwards take them: those as NumPy
+    arrays, NumPy and JAX arrays as they are."""
+    if not isinstance(batch, dict):
+        raise TrlaxTypeError(f"the batch must be a dict of arrays (input_ids, attention_mask, ...); got "
+                             f"{type(batch).__name__}")
+    return {k: v if isinstance(v, (np.ndarray, jax.Array)) else np.asarray(v) for k, v in batch.items()}
+
+
 def check_model_batch(model: PreTrainedModelWrapper, batch: dict[str, Array], needed: tuple[str, ...],
                       what: str, hint: str = "") -> Array:
     """InputError unless `batch` holds the model inputs `forward` reads plus `needed`, the ids checked as the
@@ -572,6 +581,7 @@ def make_rollout(
 
     def checked_rollout(policy_params: dict[str, Any], ref_params: dict[str, Any], batch: dict[str, Array],
                         scores: Array, kl_coef: Array) -> dict[str, Array]:
+        batch = as_arrays(batch)
         check_rollout_inputs(policy, batch, scores, kl_coef)
         with explained_device_mismatch("the rollout (policy and reference: shard the policy before "
                                        "create_reference_model, so the reference shares its mesh)"):
@@ -664,6 +674,7 @@ def make_ppo_update(
         if jax.tree_util.tree_structure(frozen) != expected_frozen:
             raise TrlaxError("`frozen` must be split_trainable(params, model.trainable_mask)[1], the half the update "
                              "does not train (a tree of the params' structure, None at the trainable leaves)")
+        batch = as_arrays(batch)
         check_experience(model, batch)
         return jitted(trainable, frozen, opt_state, batch, rng)
 
