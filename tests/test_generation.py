@@ -313,6 +313,10 @@ def test_generate_under_jit_with_concrete_arrays_closed_over(pairs):
     decoded = jax.jit(lambda p: t5.generate(enc, enc_mask, decoder_input_ids=prompt, params=p,
                                             max_new_tokens=3).sequences)
     np.testing.assert_array_equal(decoded(t5.params), eager)
+    numpy_prompt = np.asarray(prompt)  # converted inside the trace, it was taken as traced: no start token
+    decoded = jax.jit(lambda p: t5.generate(enc, enc_mask, decoder_input_ids=numpy_prompt, params=p,
+                                            max_new_tokens=3).sequences)
+    np.testing.assert_array_equal(decoded(t5.params), eager)
 
 
 def test_raw_keys_of_the_default_prng_are_accepted(pairs):

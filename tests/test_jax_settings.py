@@ -22,6 +22,7 @@ from trlax import (
     ppo,
     split_trainable,
 )
+from trlax.ppo_trainer import reply_mask
 
 IDS = np.array([[0, 0, 5, 6, 7, 8], [11, 12, 13, 14, 15, 16]], np.int32)
 MASK = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], np.int32)
@@ -42,14 +43,16 @@ def _lm_outputs(lm) -> list[np.ndarray]:
     return [np.asarray(x) for x in (out.loss, out.logits, jax.tree_util.tree_leaves(grads)[0], tokens)]
 
 
-# LayerNorm and Dense biases (GPT-2), Gemma's and OLMo 2's RMSNorm variants, BART's logits bias; RoPE: Llama below.
-@pytest.mark.parametrize("family", ["gpt2", "gemma", "olmo2", "bart"])
-def test_a_model_loads_runs_trains_and_generates_as_under_the_defaults(family):
-    seq2seq = family == "bart"
+# LayerNorm and Dense biases (GPT-2), Gemma's and OLMo 2's RMSNorm variants, BART's logits bias, a float16 T5
+# (float32 `wo` and residual), BLOOM's ALiBi in bfloat16; RoPE: Llama below.
+@pytest.mark.parametrize(("family", "dtype"), [("gpt2", "float32"), ("gemma", "float32"), ("olmo2", "float32"),
+                                               ("bart", "float32"), ("t5", "float16"), ("bloom", "bfloat16")])
+def test_a_model_loads_runs_trains_and_generates_as_under_the_defaults(family, dtype):
+    seq2seq = family in ("bart", "t5")
     auto, config = (FlaxAutoModelForSeq2SeqLM if seq2seq else FlaxAutoModelForCausalLM), getattr(tiny_configs, family)()
-    want = _lm_outputs(auto.from_config(config))
+    want = _lm_outputs(auto.from_config(config, dtype=dtype))
     with strict():  # the params' initialisation too (loading traced the model's shapes and raised)
-        got = _lm_outputs(auto.from_config(config))
+        got = _lm_outputs(auto.from_config(config, dtype=dtype))
     for g, w in zip(got, want, strict=True):  # the same programs: written-out broadcasts, explicit casts
         np.testing.assert_array_equal(g, w)
 
@@ -69,7 +72,8 @@ def test_ppo_and_a_classifier_loss_run_as_under_the_defaults():
         config.num_labels, config.pad_token_id = 3, 0
         classifier = FlaxAutoModelForSequenceClassification.from_config(config)
         return [np.asarray(exp["advantages"]), np.asarray(stats["loss/total"]),
-                np.asarray(classifier(IDS, MASK, labels=np.array([0, 2])).loss)]
+                np.asarray(classifier(IDS, MASK, labels=np.array([0, 2])).loss),
+                np.asarray(reply_mask(jax.numpy.asarray(IDS), (7, 13)))]  # the trainer's reply mask
 
     want = run()
     with strict():
@@ -88,6 +92,10 @@ def test_generate_makes_no_implicit_transfer(family):
     settings = {"max_new_tokens": 3, "do_sample": True, "prng_key": key, "top_k": 5, "top_p": 0.9,
                 "repetition_penalty": 1.2}
     want = np.asarray(lm.generate(ids, attention_mask=mask, **settings).sequences)
+    padded = jax.device_put(np.where(MASK == 1, IDS, 3))  # without a mask: inferred from the pad id (causal)
+    want_inferred = np.asarray(lm.generate(padded, pad_token_id=3, **settings).sequences)
     with jax.transfer_guard("disallow"):
         got = lm.generate(ids, attention_mask=mask, **settings).sequences
+        inferred = lm.generate(padded, pad_token_id=3, **settings).sequences
     np.testing.assert_array_equal(np.asarray(got), want)
+    np.testing.assert_array_equal(np.asarray(inferred), want_inferred)

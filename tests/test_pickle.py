@@ -127,7 +127,7 @@ def test_a_model_on_a_mesh_is_refused_naming_what_to_do():
         pickle.dumps(model)
     with pytest.raises(TrlaxError, match="placed on a mesh does not pickle"):
         pickle.dumps(FlaxAutoModelForCausalLMWithValueHead.from_pretrained(model))
-    assert copy.deepcopy(model).mesh is mesh  # a copy in this process keeps it
+    assert copy.deepcopy(model).mesh is mesh and copy.copy(model).mesh is mesh  # a copy in this process keeps it
 
 
 def test_copying_a_model_whose_arrays_a_donated_update_deleted_says_so():

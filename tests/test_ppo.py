@@ -439,8 +439,10 @@ def test_the_experience_is_float32_under_x64_with_float64_scores_and_kl_coef():
 
 
 def test_rollout_and_update_take_lists_and_torch_tensors_as_the_forwards_do():
-    """The forwards take them; the PPO functions raised AttributeError ('list' has no 'shape') or a bare TypeError."""
+    """The forwards take them; the PPO functions raised AttributeError ('list' has no 'shape') or a bare TypeError.
+    Any mapping is a batch (a flax FrozenDict here)."""
     import torch
+    from flax.core import FrozenDict
 
     policy, ref = _policy_and_ref()
     batch, scores = _causal_batch()
@@ -451,7 +453,7 @@ def test_rollout_and_update_take_lists_and_torch_tensors_as_the_forwards_do():
     update = ppo.make_ppo_update(policy, tx)
     _, _, want_stats = update(jax.tree_util.tree_map(jnp.copy, trainable), frozen, tx.init(trainable), want)
     for convert in (lambda v: np.asarray(v).tolist(), lambda v: torch.tensor(np.asarray(v))):
-        got = rollout(policy.params, ref.params, {k: convert(v) for k, v in batch.items()}, scores, 0.2)
+        got = rollout(policy.params, ref.params, FrozenDict({k: convert(v) for k, v in batch.items()}), scores, 0.2)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
         _, _, stats = update(jax.tree_util.tree_map(jnp.copy, trainable), frozen, tx.init(trainable),

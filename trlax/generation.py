@@ -470,12 +470,12 @@ def decoder_start_id(config: Any, given: int | None = None) -> int | None:
     return int(start)
 
 
-def start_prepended(decoder_prompt: Array, start: int | None) -> bool:
-    """Whether generate puts the start token in front of a decoder prompt [B, Td]: when no row begins
-    with it, as transformers does (a traced prompt is taken as it is). Read with NumPy: under a trace, jnp
-    would stage even a concrete prompt."""
+def start_prepended(decoder_prompt: Any, start: int | None) -> bool:
+    """Whether generate puts the start token in front of a decoder prompt [B, Td] (as the caller gave it: a
+    list, NumPy, a jax.Array): when no row begins with it, as transformers does (a traced prompt is taken as it
+    is). Read on the host before any conversion: under a trace, jnp would stage even a concrete prompt."""
     return (start is not None and is_concrete(decoder_prompt)
-            and bool(np.all(jax.device_get(decoder_prompt)[:, 0] != start)))
+            and bool(np.all(np.asarray(jax.device_get(decoder_prompt))[:, 0] != start)))
 
 
 def _scalar(x: Any) -> float | None:
@@ -646,7 +646,7 @@ def generate(
         starts = on_device(np.full((input_ids.shape[0], 1), start), jnp.int32)
         if decoder_prompt is None:
             decoder_prompt = starts
-        elif start_prepended(decoder_prompt, start):
+        elif start_prepended(decoder_input_ids, start):
             decoder_prompt = jnp.concatenate([starts, decoder_prompt], axis=1)
     # Positions the loop feeds: the prompt (the decoder's, with its start token), then every new token but the last.
     prompt = decoder_prompt if seq2seq else input_ids

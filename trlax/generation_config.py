@@ -285,7 +285,7 @@ def inferred_attention_mask(input_ids: jax.Array, pad_token_id: int | None, eos_
                        "inferred from it: every token is attended to. Left-pad the prompts and pass "
                        "attention_mask", pad_token_id)
         return None
-    return jnp.asarray(ids != pad_token_id, jnp.int32)
+    return jax.device_put((ids != pad_token_id).astype(np.int32))  # explicitly: jax.transfer_guard allows it
 
 
 # --- logits processors, inside the jitted decode loop ---------------------------------------------

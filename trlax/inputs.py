@@ -51,11 +51,12 @@ INT32 = np.iinfo(np.int32)
 def _bounds(x: Any, where: Any = None) -> tuple[int, int] | None:
     """(min, max) of a concrete integer array over the entries where `where` is true; None if none.
 
-    Read on the host with numpy (ids are small), so it also works while a jit is tracing.
+    Read on the host with numpy (ids are small), so it also works while a jit is tracing; fetched by an explicit
+    `jax.device_get`, which `jax.transfer_guard("disallow")` allows.
     """
-    values = np.asarray(x)
+    values = np.asarray(jax.device_get(x))
     if where is not None:
-        values = values[np.asarray(where).astype(bool)]
+        values = values[np.asarray(jax.device_get(where)).astype(bool)]
     return None if values.size == 0 else (int(values.min()), int(values.max()))
 
 
@@ -230,9 +231,9 @@ def mask_for(name: str, mask: Any, ids: jax.Array, past_length: int = 0) -> jax.
     (checked: its shape, and when concrete that it holds only 0 and 1, in any dtype) or all ones."""
     shape = (ids.shape[0], past_length + ids.shape[1])
     if mask is None:
-        return jnp.ones(shape, jnp.int32)
-    if is_concrete(mask) and not np.isin(np.asarray(mask), (0, 1)).all():
-        values = np.unique(np.asarray(mask))
+        return jax.device_put(np.ones(shape, np.int32))  # explicitly: jax.transfer_guard allows it
+    if is_concrete(mask) and not np.isin(host_mask := np.asarray(jax.device_get(mask)), (0, 1)).all():
+        values = np.unique(host_mask)
         raise InputError(f"{name} must hold only 1 (a token) and 0 (padding); got the values {values[:8].tolist()}")
     value = jnp.asarray(mask)
     if past_length and tuple(value.shape) != shape:

@@ -439,8 +439,8 @@ def logprob_mask(response_mask: Array) -> Array:
 def as_arrays(batch: dict[str, Any]) -> dict[str, Any]:
     """A batch whose entries may be lists or (CPU) torch tensors, as the forwards take them: those as NumPy
     arrays, NumPy and JAX arrays as they are."""
-    if not isinstance(batch, dict):
-        raise TrlaxTypeError(f"the batch must be a dict of arrays (input_ids, attention_mask, ...); got "
+    if not isinstance(batch, Mapping):
+        raise TrlaxTypeError(f"the batch must be a mapping of arrays (input_ids, attention_mask, ...); got "
                              f"{type(batch).__name__}")
     return {k: v if isinstance(v, (np.ndarray, jax.Array)) else np.asarray(v) for k, v in batch.items()}
 

@@ -154,6 +154,7 @@ def reply_mask(reply: Array, eos_ids: tuple[int, ...]) -> Array:
     is_eos = jnp.zeros(reply.shape, bool)
     for eos in eos_ids:
         is_eos = is_eos | (reply == eos)
+    is_eos = is_eos.astype(jnp.int32)
     return (jnp.cumsum(is_eos, axis=1) - is_eos == 0).astype(jnp.int32)
 
 

@@ -112,7 +112,7 @@ def alibi_attention_bias(key_mask: Array, q_slots: Array, slopes: np.ndarray, dt
     alibi = alibi_bias(key_mask, slopes).astype(dtype)  # [B, H, 1, S]
     if divisor != 1.0:
         alibi = alibi / jnp.asarray(divisor, dtype)
-    return attention_bias(key_mask, q_slots) + alibi
+    return attention_bias(key_mask, q_slots) + alibi.astype(jnp.float32)
 
 
 def dot_product_attention(

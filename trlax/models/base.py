@@ -101,7 +101,7 @@ def jit_forward(apply: Callable[..., Any], static_argnames: tuple[str, ...], tra
 
 class RebuildsCompiled:
     """An object whose jitted functions (the attributes named in `compiled_attributes`, made by `build_compiled`)
-    are bound to it: `copy.deepcopy` and pickle copy everything else and build the copy's own, as torch's
+    are bound to it: `copy.copy`, `copy.deepcopy` and pickle copy everything else and build the copy's own, as torch's
     deepcopy and pickle of a module give an independent model (a copied jitted function would run the original's
     module and config, and none pickles)."""
 
@@ -121,6 +121,11 @@ class RebuildsCompiled:
         copied = type(self).__new__(type(self))
         memo[id(self)] = copied
         copied.__setstate__(self.copied_state(memo))
+        return copied
+
+    def __copy__(self) -> Any:
+        copied = type(self).__new__(type(self))
+        copied.__setstate__(self.copied_state())
         return copied
 
     def __getstate__(self) -> dict[str, Any]:

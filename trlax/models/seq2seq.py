@@ -149,9 +149,9 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
         `decoder_start_token_id` (the generation settings'), else the config's."""
         if decoder_input_ids is None:
             return 1
-        decoder_input_ids = token_ids("decoder_input_ids", decoder_input_ids, self.vocab_size)
+        length = token_ids("decoder_input_ids", decoder_input_ids, self.vocab_size).shape[1]
         start = decoder_start_id(self.config, decoder_start_token_id)
-        return int(decoder_input_ids.shape[1]) + int(start_prepended(decoder_input_ids, start))
+        return int(length) + int(start_prepended(decoder_input_ids, start))
 
     def check_inputs(self, input_ids: Any, attention_mask: Any, decoder_input_ids: Any, decoder_attention_mask: Any,
                      labels: Any = None, *, past_length: int = 0, traced: bool = False) -> None:

@@ -140,6 +140,13 @@ def _norm(module: HFModule) -> RMSNorm:
     return module.rms_norm(module.config.layer_norm_epsilon)
 
 
+def residual_sum(x: Array, out: Array) -> Array:
+    """x + out, in float32 where their dtypes differ (a float16 T5's float32 `wo` output makes the residual
+    float32, as in transformers): the promotion written out, so strict dtype promotion runs too."""
+    dtype = x.dtype if x.dtype == out.dtype else jnp.float32
+    return x.astype(dtype) + out.astype(dtype)
+
+
 class T5LayerSelfAttention(HFModule, kw_only=True):
     is_decoder: bool
     has_relative_attention_bias: bool
@@ -154,7 +161,7 @@ class T5LayerSelfAttention(HFModule, kw_only=True):
                  cache_index: Array) -> tuple[Array, KVCache | None]:
         h = self.layer_norm(x)
         out, cache = self.SelfAttention(h, h, bias, deterministic, cache, cache_index)
-        return x + self.dropout(out, deterministic=deterministic), cache
+        return residual_sum(x, self.dropout(out, deterministic=deterministic)), cache
 
 
 class T5LayerCrossAttention(HFModule):
@@ -166,7 +173,7 @@ class T5LayerCrossAttention(HFModule):
 
     def __call__(self, x: Array, encoder_states: Array, bias: Array, deterministic: bool) -> Array:
         out, _ = self.EncDecAttention(self.layer_norm(x), encoder_states, bias, deterministic)
-        return x + self.dropout(out, deterministic=deterministic)
+        return residual_sum(x, self.dropout(out, deterministic=deterministic))
 
 
 def output_projection(module: HFModule, std: float) -> Dense:
@@ -220,7 +227,7 @@ class T5LayerFF(HFModule):
 
     def __call__(self, x: Array, deterministic: bool) -> Array:
         out = self.DenseReluDense(self.layer_norm(x), deterministic)
-        return x + self.dropout(out, deterministic=deterministic)
+        return residual_sum(x, self.dropout(out, deterministic=deterministic))
 
 
 class T5LayerList(HFModule, kw_only=True):
@@ -279,7 +286,7 @@ class T5Stack(EncoderDecoderStack):
     def layer_inputs(self, mask: Array, encoder_mask: Array | None, q_slots: Array) -> dict[str, Any]:
         # Positions are cache slots (HF counts them from 0 regardless of padding); S = mask.shape[1].
         position_bias = self.block.blocks[0].position_bias(q_slots, mask.shape[1])  # [1, nH, T, S]
-        self_bias = attention_bias(mask, q_slots, causal=self.is_decoder) + position_bias  # [B, nH, T, S]
+        self_bias = attention_bias(mask, q_slots, causal=self.is_decoder) + position_bias.astype(jnp.float32)
         cross_bias = attention_bias(encoder_mask, q_slots, causal=False) if self.is_decoder else None  # [B,1,T,Te]
         return {"self_bias": self_bias, "cross_bias": cross_bias}
 
