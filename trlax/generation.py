@@ -45,6 +45,7 @@ only); logits and sampling stay float32.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -511,6 +512,12 @@ def _check_number(name: str, value: Any) -> None:
         raise InputError(f"{name} must be one number for every row (a Python float or a 0-d array); got {value!r}")
 
 
+@functools.cache
+def raw_key_shape(default_impl: str) -> tuple[int, ...]:
+    """The shape of `jax.random.PRNGKey`'s raw key data under the default PRNG `default_impl` (the cache key)."""
+    return tuple(jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape)
+
+
 def _check_key(prng_key: Any) -> None:
     """One jax.random key: a typed key of shape () or raw uint32 key data of the default PRNG's shape ([2] for
     threefry, [4] for rbg: `jax.random.PRNGKey(0)` under `jax_default_prng_impl`)."""
@@ -518,7 +525,7 @@ def _check_key(prng_key: Any) -> None:
         raise InputError("do_sample=True needs prng_key (a jax.random key), e.g. prng_key=jax.random.key(0)")
     dtype = getattr(prng_key, "dtype", None)
     typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
-    raw_shape = jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape
+    raw_shape = raw_key_shape(str(jax.config.jax_default_prng_impl))
     if (np.shape(prng_key) != () if typed else (np.shape(prng_key) != raw_shape or dtype != jnp.uint32)):
         raise InputError(f"prng_key must be one jax.random key, e.g. jax.random.key(0) (one key for the whole batch: "
                          f"generate splits it per step); got {getattr(prng_key, 'shape', prng_key)!r}")
