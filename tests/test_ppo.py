@@ -459,6 +459,8 @@ def test_rollout_and_update_take_lists_and_torch_tensors_as_the_forwards_do():
         _, _, stats = update(jax.tree_util.tree_map(jnp.copy, trainable), frozen, tx.init(trainable),
                              {k: convert(v) for k, v in want.items()})
         np.testing.assert_array_equal(stats["loss/total"], want_stats["loss/total"])
+    with pytest.raises(TrlaxTypeError, match="the rollout batch must be a dict of arrays; got tuple"):
+        rollout(policy.params, ref.params, tuple(batch.values()), scores, 0.2)
 
 
 def test_a_rollout_chunk_size_that_is_not_a_positive_int_is_refused():

@@ -436,12 +436,12 @@ def logprob_mask(response_mask: Array) -> Array:
     return response_mask[:, 1:].astype(jnp.float32)
 
 
-def as_arrays(batch: dict[str, Any]) -> dict[str, Any]:
-    """A batch whose entries may be lists or (CPU) torch tensors, as the forwards take them: those as NumPy
-    arrays, NumPy and JAX arrays as they are."""
+def as_arrays(batch: Any) -> Any:
+    """A batch (any mapping) whose entries may be lists or (CPU) torch tensors, as the forwards take them: a dict
+    of those as NumPy arrays and of NumPy and JAX arrays as they are. Anything else is returned for
+    `check_model_batch` to refuse."""
     if not isinstance(batch, Mapping):
-        raise TrlaxTypeError(f"the batch must be a mapping of arrays (input_ids, attention_mask, ...); got "
-                             f"{type(batch).__name__}")
+        return batch
     return {k: v if isinstance(v, (np.ndarray, jax.Array)) else np.asarray(v) for k, v in batch.items()}
 
 
