@@ -7,7 +7,7 @@ asks for hidden states, so one compiled forward per model and position mode serv
 
 from __future__ import annotations
 
-import functools
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -55,15 +55,21 @@ def check_forward(pt: Any, model: Any, padding: str, explicit_positions: bool) -
     return diff
 
 
-@functools.cache
+_CACHED_APPLY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _cached_apply(model: Any) -> Any:
-    """One jitted cached forward per model, so every padding reuses its compilations."""
+    """One jitted cached forward per model, so every padding reuses its compilations (held while the model
+    lives: a cache holding every model would keep their compiled programs for the rest of the run)."""
+    if model not in _CACHED_APPLY:
+        module = model.module
 
-    @jax.jit
-    def step(params, ids, key_mask, pos, cache, index):
-        return model.module.apply({"params": params}, ids, key_mask, pos, cache=cache, cache_index=index)
+        @jax.jit
+        def step(params, ids, key_mask, pos, cache, index):
+            return module.apply({"params": params}, ids, key_mask, pos, cache=cache, cache_index=index)
 
-    return step
+        _CACHED_APPLY[model] = step
+    return _CACHED_APPLY[model]
 
 
 def check_cached_decoding(model: Any, padding: str, explicit_positions: bool) -> float:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from trlax.models.attention import causal_masks
 from trlax.models.cache import KVCache, query_slots
-from trlax.models.layers import HFModule
+from trlax.models.layers import HFModule, ReadsStoredParams
 from trlax.models.outputs import CausalLMOutput
 from trlax.models.stack import layer_stack
 
@@ -127,7 +127,7 @@ class DecoderBackbone(HFModule):
         return x, None if hidden is None else (*hidden, x), cache
 
 
-class HeadBias(nn.Module):
+class HeadBias(ReadsStoredParams, nn.Module):
     """The LM head's own bias [V] when its weight is tied to the input embedding (HF key `lm_head.bias`)."""
 
     features: int

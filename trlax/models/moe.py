@@ -45,7 +45,7 @@ from trlax.checkpoint.naming import StackedWeight
 from trlax.errors import UnsupportedModelError
 from trlax.models.attention import Array
 from trlax.models.cache import KVCache
-from trlax.models.layers import HFModule, activation, normal_init
+from trlax.models.layers import HFModule, ReadsStoredParams, activation, normal_init
 from trlax.models.llama import (
     LLAMA_SHARDING,
     ROTARY_BUFFERS,
@@ -138,7 +138,7 @@ def combine_weights(weights: Array, experts: Array, num_experts: int) -> Array:
     return jnp.einsum("...k,...ke->...e", weights, jax.nn.one_hot(experts, num_experts, dtype=weights.dtype))
 
 
-class MoeRouter(nn.Module):
+class MoeRouter(ReadsStoredParams, nn.Module):
     """The router `gate`: logits = x @ weight.T, no bias, `weight` [E, H] as transformers holds it.
 
     Not a linear layer to LoRA (no `kernel`): PEFT cannot adapt transformers 5's router
@@ -157,7 +157,7 @@ class MoeRouter(nn.Module):
         return jnp.einsum("...h,eh->...e", x.astype(self.dtype), weight.astype(self.dtype))
 
 
-class MoeExperts(nn.Module):
+class MoeExperts(ReadsStoredParams, nn.Module):
     """E SwiGLU experts with stacked weights: `gate_up_proj` [E, H, 2I], `down_proj` [E, I, H]."""
 
     num_experts: int
