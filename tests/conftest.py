@@ -23,7 +23,10 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 #   with libgcc, whose lookups walk every module registered in the process (libgcc < 13): up to 16% of a
 #   long-lived worker's time went to `_Unwind_Find_FDE` (perf, 4 test files in one process).
 # - one persistent compilation cache for the whole run, so the same program (a CLI run started again
-#   after a kill, a notebook, a worker) is compiled once; it is deleted when the run ends.
+#   after a kill, a notebook, a worker) is compiled once; it is deleted when the run ends. Only programs
+#   that took 0.3 s or more to compile are written: writing an entry cost ~0.04 s, about what reading one
+#   back saves for the thousands of small programs (JAX's own compile_time_saved summed to -3 s over a
+#   worker's 744 cache hits), while the large PPO and generate programs a CLI rerun needs are kept.
 TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
                   "--xla_cpu_parallel_codegen_split_count=1")
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
@@ -31,7 +34,7 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="trlax-tests-xla-cache-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 

@@ -79,8 +79,8 @@ class ReadsStoredParams:
     """Mixed into trlax's Linen modules ahead of `nn.Module`: a param the params already hold is read as it is.
 
     Flax's `Module.param` checks a stored param by tracing its initialiser (`jax.eval_shape` of
-    `init_fn(key, shape, dtype)`, ~0.5 ms per param at every trace): over 40% of tracing a forward (a tiny
-    Llama's 42 -> 24 ms, GPT-2's 38 -> 22 ms on a 2-core Xeon), paid by every jitted program at its first call.
+    `init_fn(key, shape, dtype)`) at every trace: in a profile of tracing tiny Llama and GPT-2 forwards, over
+    40% of the time, paid by every jitted program at its first call.
     Every trlax param is declared `self.param(name, init_fn, shape, dtype)`, so the stored value's shape is
     compared with `shape` directly, raising Flax's own ScopeParamShapeError; a missing param (`init`) and any
     other declaration go to Flax's `param`.
