@@ -14,6 +14,7 @@ import optax
 import pytest
 import transformers
 
+import trlax.inputs
 from tests.helpers import array_shapes
 from trlax import (
     FlaxAutoModelForCausalLM,
@@ -27,7 +28,7 @@ from trlax import (
     ppo,
     split_trainable,
 )
-from trlax.errors import TrlaxTypeError
+from trlax.errors import DeletedParamsError, TrlaxTypeError
 from trlax.ppo_trainer import TrainerConfig
 
 RTOL, ATOL = 1e-5, 1e-5
@@ -649,6 +650,36 @@ def test_an_lm_whose_arrays_a_donated_update_deleted_says_so():
         lm.generate(ids, mask, max_new_tokens=2)
     np.testing.assert_array_equal(policy.pretrained_model(ids, mask).logits, policy(ids, mask)[0])
     np.testing.assert_array_equal(ref(ids, mask)[0], ref(ids, mask)[0])  # the reference's arrays live on
+
+
+def test_params_a_donating_step_deletes_during_a_call_raise_deleted_params_error(monkeypatch):
+    """The deleted-params check before a jitted call and the call are not atomic: another thread's donating update
+    can delete the params in between, and the call then failed with JAX's bare "Array has been deleted" / XLA's
+    "Buffer has been deleted or donated". The check is disabled here, as if it had passed just before the deletion."""
+    policy, ref = _policy_and_ref()
+    batch, scores = _causal_batch()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    tx = optax.sgd(0.1)
+    update = ppo.make_ppo_update(policy, tx)
+    trainable, frozen = split_trainable(policy.params, policy.trainable_mask)
+    exp = ppo.make_rollout(policy, ref)(policy.params, ref.params, batch, scores, 0.2)
+    opt_state = tx.init(trainable)
+    monkeypatch.setattr(trlax.inputs, "check_not_deleted", lambda leaves, what: None)
+    jax.tree_util.tree_leaves(trainable)[0].delete()  # the other thread's donation
+    calls = {
+        "the params of this gpt2 model": lambda: policy.pretrained_model(ids, mask),
+        "the params of this FlaxAutoModelForCausalLMWithValueHead": lambda: policy(ids, mask),
+        "params of this gpt2 model": lambda: policy.pretrained_model.generate(ids[:, :4], mask[:, :4],
+                                                                              max_new_tokens=2),
+        "the policy_params or ref_params of the rollout": lambda: ppo.make_rollout(policy, ref)(
+            policy.params, ref.params, batch, scores, 0.2),
+        "the trainable, frozen or opt_state of the update": lambda: update(trainable, frozen, opt_state, exp),
+    }
+    for what, call in calls.items():
+        with pytest.raises(DeletedParamsError, match=f"{what}.* hold deleted arrays: a jitted step donated them"
+                           ) as raised:
+            call()
+        assert "deleted" in str(raised.value.__cause__), what  # JAX's own error is kept as the cause
 
 
 def test_an_update_built_before_the_reference_is_refused_naming_why():

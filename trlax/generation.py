@@ -59,7 +59,15 @@ import numpy as np
 from trlax.checkpoint.naming import hf_key
 from trlax.errors import InputError, TrlaxError, TrlaxTypeError, UnsupportedModelError
 from trlax.generation_config import id_list, penalty_context, process_logits, refuse_traced_token_ids
-from trlax.inputs import check_positions, check_token_range, explained_device_mismatch, is_concrete, mask_for, token_ids
+from trlax.inputs import (
+    check_positions,
+    check_token_range,
+    explained_device_mismatch,
+    is_concrete,
+    live_params,
+    mask_for,
+    token_ids,
+)
 from trlax.models.layers import LORA_COLLECTION
 from trlax.models.rope import longrope_length
 from trlax.sharding import constrain_kv_cache, shard_batch
@@ -636,7 +644,8 @@ def generate(
     if seq2seq:  # the encoder's input must fit a learned position table (BART)
         check_positions("input_ids", input_ids.shape[1], None, None, model.spec.position_limit(config),
                         model=config.model_type.upper())
-    model.check_params(model.params if params is None else params)
+    params = model.params if params is None else params
+    model.check_params(params)
 
     if decoder_input_ids is not None and not seq2seq:
         raise InputError("decoder_input_ids are for encoder-decoder models; a causal LM continues input_ids")
@@ -690,9 +699,9 @@ def generate(
     if model.mesh is not None:  # the batch is split like the layer outputs and the KV cache
         input_ids, mask = shard_batch((input_ids, mask), model.mesh, model.sharding_rules)
     extra = (decoder_prompt,) if seq2seq else ()
-    with explained_device_mismatch(f"this {type(model).__name__}"):
-        sequences, finite = run(model.params if params is None else params, lora, input_ids, mask, knobs,
-                                prng_key if do_sample else None, *extra)
+    with (explained_device_mismatch(f"this {type(model).__name__}"),
+          live_params((params, lora), f"params of {model.check_params.what}")):
+        sequences, finite = run(params, lora, input_ids, mask, knobs, prng_key if do_sample else None, *extra)
     # argmax and the draw would pick the last id of a NaN row silently
     if is_concrete(finite) and not jax.device_get(finite):
         raise InputError("generate: the model's logits hold NaN or inf, so no token can be chosen; the params hold "

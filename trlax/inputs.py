@@ -282,23 +282,46 @@ def _leaves(tree: Any) -> Iterable[tuple[str, Any]]:
         yield "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path), leaf
 
 
-def check_not_deleted(leaves: list[Any], what: str) -> None:
-    """DeletedParamsError (an InputError) when a concrete array among `leaves` was deleted (donated to a jitted
-    step); traced ones pass."""
+def deleted_params_error(leaves: list[Any], what: str) -> DeletedParamsError | None:
+    """The DeletedParamsError (an InputError) naming `what` when a concrete array among `leaves` was deleted (donated
+    to a jitted step), else None; traced ones pass."""
     if any(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_deleted() for x in leaves):
-        raise DeletedParamsError(
+        return DeletedParamsError(
             f"{what} hold deleted arrays: a jitted step donated them (e.g. a PPO update). A model wrapped by a "
             "value-head model shares its arrays with the wrapper: call `wrapper.pretrained_model`, which follows "
             "the wrapper's params, or pass the params the step returned")
+    return None
+
+
+def check_not_deleted(leaves: list[Any], what: str) -> None:
+    """Raise `deleted_params_error(leaves, what)` if there is one."""
+    error = deleted_params_error(leaves, what)
+    if error is not None:
+        raise error
+
+
+@contextlib.contextmanager
+def live_params(params: Any, what: str) -> Iterator[None]:
+    """Around a jitted call: a DeletedParamsError naming `what` when `params` hold arrays a donating step deleted,
+    where JAX raises its bare "Array has been deleted" or XLA's "Buffer has been deleted or donated". Checked before
+    the call and again when it fails: another thread's donating step can delete them in between."""
+    leaves = jax.tree_util.tree_leaves(params)
+    check_not_deleted(leaves, what)
+    try:
+        yield
+    except (RuntimeError, ValueError) as e:
+        error = None if isinstance(e, TrlaxError) else deleted_params_error(leaves, what)
+        if error is None:
+            raise
+        raise error from e
 
 
 def with_live_params(fn: Callable[..., Any], what: str) -> Callable[..., Any]:
-    """`fn(params, ...)` that first checks `params` for arrays a donating step deleted (a DeletedParamsError naming
-    `what`, where the jitted call would fail with XLA's "Buffer has been deleted or donated")."""
+    """`fn(params, ...)` inside `live_params` (a DeletedParamsError naming `what` for params a donating step deleted)
+    and `explained_device_mismatch`."""
 
     def call(params: Any, *args: Any, **kwargs: Any) -> Any:
-        check_not_deleted(jax.tree_util.tree_leaves(params), f"the params of {what}")
-        with explained_device_mismatch(what):
+        with explained_device_mismatch(what), live_params(params, f"the params of {what}"):
             return fn(params, *args, **kwargs)
 
     return call

@@ -42,7 +42,7 @@ import numpy as np
 import optax
 
 from trlax.errors import InputError, TrlaxError, TrlaxTypeError
-from trlax.inputs import check_shape, check_token_range, explained_device_mismatch, is_concrete
+from trlax.inputs import check_shape, check_token_range, explained_device_mismatch, is_concrete, live_params
 from trlax.trainable import jit_keeping_placement, merge_trainable, split_trainable
 from trlax.value_head import PreTrainedModelWrapper
 
@@ -583,8 +583,9 @@ def make_rollout(
                         scores: Array, kl_coef: Array) -> dict[str, Array]:
         batch = as_arrays(batch)
         check_rollout_inputs(policy, batch, scores, kl_coef)
-        with explained_device_mismatch("the rollout (policy and reference: shard the policy before "
-                                       "create_reference_model, so the reference shares its mesh)"):
+        with (explained_device_mismatch("the rollout (policy and reference: shard the policy before "
+                                        "create_reference_model, so the reference shares its mesh)"),
+              live_params((policy_params, ref_params), "the policy_params or ref_params of the rollout")):
             # float32 as the docstring says, also for float64 scores or kl_coef under jax_enable_x64
             return jitted(policy_params, ref_params, batch, jnp.asarray(scores, jnp.float32),
                           jnp.asarray(kl_coef, jnp.float32))
@@ -676,6 +677,7 @@ def make_ppo_update(
                              "does not train (a tree of the params' structure, None at the trainable leaves)")
         batch = as_arrays(batch)
         check_experience(model, batch)
-        return jitted(trainable, frozen, opt_state, batch, rng)
+        with live_params((trainable, frozen, opt_state), "the trainable, frozen or opt_state of the update"):
+            return jitted(trainable, frozen, opt_state, batch, rng)
 
     return step
