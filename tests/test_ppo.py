@@ -652,6 +652,23 @@ def test_an_lm_whose_arrays_a_donated_update_deleted_says_so():
     np.testing.assert_array_equal(ref(ids, mask)[0], ref(ids, mask)[0])  # the reference's arrays live on
 
 
+def test_a_rollout_or_update_given_donated_arrays_names_them():
+    """The rollout and the update took params an earlier update had donated (the trainable half passed again, the
+    policy's params not reassigned) and failed with XLA's bare "Buffer has been deleted or donated"."""
+    policy, ref = _policy_and_ref()
+    batch, scores = _causal_batch()
+    tx = optax.sgd(0.1)
+    update = ppo.make_ppo_update(policy, tx)
+    trainable, frozen = split_trainable(policy.params, policy.trainable_mask)
+    exp = ppo.make_rollout(policy, ref)(policy.params, ref.params, batch, scores, 0.2)
+    opt_state = tx.init(trainable)
+    update(trainable, frozen, opt_state, exp)  # donates trainable and opt_state
+    with pytest.raises(DeletedParamsError, match="the trainable, frozen or opt_state of the update hold deleted"):
+        update(trainable, frozen, opt_state, exp)
+    with pytest.raises(DeletedParamsError, match="the policy_params or ref_params of the rollout hold deleted"):
+        ppo.make_rollout(policy, ref)(policy.params, ref.params, batch, scores, 0.2)
+
+
 def test_params_a_donating_step_deletes_during_a_call_raise_deleted_params_error(monkeypatch):
     """The deleted-params check before a jitted call and the call are not atomic: another thread's donating update
     can delete the params in between, and the call then failed with JAX's bare "Array has been deleted" / XLA's
