@@ -57,7 +57,7 @@ from trlax.models.layers import (
     clamp_float16_overflow,
     normal_init,
 )
-from trlax.models.spec import ArchitectureSpec
+from trlax.models.spec import ArchitectureSpec, attention_rules, embedding_rules, feed_forward_rules
 from trlax.models.stack import layer_stack
 
 
@@ -335,14 +335,9 @@ SPEC = ArchitectureSpec(
     model_types=("t5", "mt5"), module=T5ForConditionalGeneration, hf_architecture="T5ForConditionalGeneration",
     base_model_prefix="", layer_pattern="decoder.block.{layer}", num_layers=lambda c: c.num_decoder_layers,
     cache_geometry=lambda c: CacheGeometry(c.num_decoder_layers, c.num_heads, c.d_kv),
-    sharding_rules=(
-        (r"(^|/)shared/embedding$", ("vocab", "embed")),
-        (r"relative_attention_bias/embedding$", (None, "heads")),
-        (r"/(SelfAttention|EncDecAttention)/[qkv]/kernel$", ("embed", "heads")),
-        (r"/(SelfAttention|EncDecAttention)/o/kernel$", ("heads", "embed")),
-        (r"/DenseReluDense/wi(_0|_1)?/kernel$", ("embed", "mlp")),
-        (r"/DenseReluDense/wo/kernel$", ("mlp", "embed")),
-    ),
+    sharding_rules=(*embedding_rules("shared"), (r"relative_attention_bias/embedding$", (None, "heads")),
+                    *attention_rules("/(SelfAttention|EncDecAttention)", "q", "[kv]", "o", biases=False),
+                    *feed_forward_rules("wi(_0|_1)?", "wo", scope="/DenseReluDense/", biases=False)),
     peft_targets=("q", "v"),
     # transformers ignores a stray cross-attention bias table in decoder block 0 too.
     ignored_keys=(r"^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$",),
