@@ -188,40 +188,30 @@ def output_projection(module: HFModule, std: float) -> Dense:
                  param_dtype=widened(module.param_dtype), kernel_init=normal_init(std))
 
 
-class T5DenseActDense(HFModule):
-    """relu (or any `{act}`) feed-forward: wo(dropout(act(wi(x))))."""
+class T5DenseReluDense(HFModule):
+    """The feed-forward, T5DenseActDense: wo(dropout(act(wi(x)))) with relu (or any `{act}`); or, gated
+    (T5DenseGatedActDense: gated-gelu in T5 v1.1, Flan, mT5), wo(dropout(act(wi_0(x)) * wi_1(x)))."""
 
     def setup(self) -> None:
         c = self.config
-        self.wi = self.linear(c.d_ff, use_bias=False, std=c.initializer_factor * c.d_model**-0.5)
+        std_in = c.initializer_factor * c.d_model**-0.5
+        if c.is_gated_act:
+            self.wi_0 = self.linear(c.d_ff, use_bias=False, std=std_in)
+            self.wi_1 = self.linear(c.d_ff, use_bias=False, std=std_in)
+        else:
+            self.wi = self.linear(c.d_ff, use_bias=False, std=std_in)
         self.wo = output_projection(self, std=c.initializer_factor * c.d_ff**-0.5)
         self.act = activation(c.dense_act_fn)
         self.dropout = nn.Dropout(c.dropout_rate)
 
     def __call__(self, x: Array, deterministic: bool) -> Array:
-        return self.wo(self.dropout(self.act(self.wi(x)), deterministic=deterministic))
-
-
-class T5DenseGatedActDense(HFModule):
-    """gated-gelu (T5 v1.1, Flan, mT5) feed-forward: wo(dropout(act(wi_0(x)) * wi_1(x)))."""
-
-    def setup(self) -> None:
-        c = self.config
-        std_in, std_out = c.initializer_factor * c.d_model**-0.5, c.initializer_factor * c.d_ff**-0.5
-        self.wi_0 = self.linear(c.d_ff, use_bias=False, std=std_in)
-        self.wi_1 = self.linear(c.d_ff, use_bias=False, std=std_in)
-        self.wo = output_projection(self, std=std_out)
-        self.act = activation(c.dense_act_fn)
-        self.dropout = nn.Dropout(c.dropout_rate)
-
-    def __call__(self, x: Array, deterministic: bool) -> Array:
-        return self.wo(self.dropout(self.act(self.wi_0(x)) * self.wi_1(x), deterministic=deterministic))
+        h = self.act(self.wi_0(x)) * self.wi_1(x) if self.config.is_gated_act else self.act(self.wi(x))
+        return self.wo(self.dropout(h, deterministic=deterministic))
 
 
 class T5LayerFF(HFModule):
     def setup(self) -> None:
-        ff = T5DenseGatedActDense if self.config.is_gated_act else T5DenseActDense
-        self.DenseReluDense = ff(self.config, self.dtype, self.param_dtype)
+        self.DenseReluDense = T5DenseReluDense(self.config, self.dtype, self.param_dtype)
         self.layer_norm = _norm(self)
         self.dropout = nn.Dropout(self.config.dropout_rate)
 
