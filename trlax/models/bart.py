@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 
 from trlax.errors import InputError, UnsupportedModelError
-from trlax.models.attention import Array, attention_bias
+from trlax.models.attention import Array
 from trlax.models.cache import CacheGeometry, KVCache
 from trlax.models.encoder_decoder import EncoderDecoderLM, EncoderDecoderStack
 from trlax.models.layers import ACTIVATIONS, HFModule, activation, clamp_float16_overflow
@@ -113,12 +113,7 @@ class BartStack(EncoderDecoderStack):
         if mask.shape[1] > c.max_position_embeddings:
             raise InputError(f"BART has {c.max_position_embeddings} positions; got a sequence (or cache) of "
                              f"{mask.shape[1]}")
-        self_bias = attention_bias(mask, q_slots, causal=self.is_decoder)  # [B, 1, T, S]
-        cross_bias = attention_bias(encoder_mask, q_slots, causal=False) if self.is_decoder else None
-        return {"self_bias": self_bias, "cross_bias": cross_bias}
-
-    def finish(self, x: Array, deterministic: bool) -> Array:
-        return x
+        return super().layer_inputs(mask, encoder_mask, q_slots)
 
 
 class BartModel(HFModule):

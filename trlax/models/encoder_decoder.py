@@ -21,14 +21,12 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from trlax.models.attention import Array, attention_bias
 from trlax.models.cache import KVCache, query_slots
 from trlax.models.layers import HFModule
 from trlax.models.outputs import Seq2SeqLMOutput
-
-Array = jax.Array
 
 
 class EncoderDecoderStack(HFModule, kw_only=True):
@@ -37,8 +35,9 @@ class EncoderDecoderStack(HFModule, kw_only=True):
 
     - `prepare(embeds, q_slots, deterministic) -> x`: before the first block (positions, norm, dropout);
     - `layer_inputs(mask [B, S], encoder_mask [B, Te] | None, q_slots [T]) -> dict`: the keyword
-      inputs every block reads (attention biases);
-    - `finish(x, deterministic) -> x`: after the last block.
+      inputs every block reads; by default `self_bias` [B, 1, T, S] (causal in the decoder) and, in the
+      decoder, `cross_bias` [B, 1, T, Te] (else None);
+    - `finish(x, deterministic) -> x`: after the last block; by default x itself.
     Its blocks are called as `block(x, cache=..., encoder_states=..., deterministic=..., cache_index=..., **inputs)`.
     """
 
@@ -49,10 +48,12 @@ class EncoderDecoderStack(HFModule, kw_only=True):
         raise NotImplementedError
 
     def layer_inputs(self, mask: Array, encoder_mask: Array | None, q_slots: Array) -> dict[str, Any]:
-        raise NotImplementedError
+        self_bias = attention_bias(mask, q_slots, causal=self.is_decoder)  # [B, 1, T, S]
+        cross_bias = attention_bias(encoder_mask, q_slots, causal=False) if self.is_decoder else None  # [B,1,T,Te]
+        return {"self_bias": self_bias, "cross_bias": cross_bias}
 
     def finish(self, x: Array, deterministic: bool) -> Array:
-        raise NotImplementedError
+        return x
 
     def __call__(
         self,

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trlax.errors import UnsupportedModelError
-from trlax.models.attention import Array, attend, attention_bias
+from trlax.models.attention import Array, attend
 from trlax.models.cache import CacheGeometry, KVCache
 from trlax.models.encoder_decoder import EncoderDecoderLM, EncoderDecoderStack
 from trlax.models.layers import (
@@ -276,9 +276,8 @@ class T5Stack(EncoderDecoderStack):
     def layer_inputs(self, mask: Array, encoder_mask: Array | None, q_slots: Array) -> dict[str, Any]:
         # Positions are cache slots (HF counts them from 0 regardless of padding); S = mask.shape[1].
         position_bias = self.block.blocks[0].position_bias(q_slots, mask.shape[1])  # [1, nH, T, S]
-        self_bias = attention_bias(mask, q_slots, causal=self.is_decoder) + position_bias.astype(jnp.float32)
-        cross_bias = attention_bias(encoder_mask, q_slots, causal=False) if self.is_decoder else None  # [B,1,T,Te]
-        return {"self_bias": self_bias, "cross_bias": cross_bias}
+        inputs = super().layer_inputs(mask, encoder_mask, q_slots)
+        return {**inputs, "self_bias": inputs["self_bias"] + position_bias.astype(jnp.float32)}
 
     def finish(self, x: Array, deterministic: bool) -> Array:
         return self.dropout(self.final_layer_norm(x), deterministic=deterministic)
