@@ -124,11 +124,6 @@ class BartModel(HFModule):
         self.encoder = BartStack(**kw, is_decoder=False)
         self.decoder = BartStack(**kw, is_decoder=True)
 
-    def embed(self, ids: Array) -> Array:
-        """BartScaledWordEmbedding: the shared table times sqrt(d_model) when scale_embedding."""
-        scale = math.sqrt(self.config.d_model) if self.config.scale_embedding else 1.0
-        return self.shared(ids) * scale
-
 
 class BartForConditionalGeneration(EncoderDecoderLM):
     """BART with its tied LM head. Contract: `trlax.models.encoder_decoder` (module docstring)."""
@@ -139,7 +134,9 @@ class BartForConditionalGeneration(EncoderDecoderLM):
                                             (1, self.config.vocab_size), self.param_dtype)
 
     def embed_tokens(self, ids: Array) -> Array:
-        return self.model.embed(ids)
+        """BartScaledWordEmbedding: the shared table times sqrt(d_model) when scale_embedding."""
+        scale = math.sqrt(self.config.d_model) if self.config.scale_embedding else 1.0
+        return self.model.shared(ids) * scale
 
     def stacks(self) -> tuple[nn.Module, nn.Module]:
         return self.model.encoder, self.model.decoder
