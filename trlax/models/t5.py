@@ -94,7 +94,7 @@ class T5Attention(HFModule, kw_only=True):
     """T5 attention: unscaled scores plus a relative position bias (none in cross-attention)."""
 
     is_decoder: bool
-    has_relative_attention_bias: bool
+    has_relative_attention_bias: bool = False  # block 0's self-attention owns the table
 
     def setup(self) -> None:
         c = self.config
@@ -166,8 +166,7 @@ class T5LayerSelfAttention(HFModule, kw_only=True):
 
 class T5LayerCrossAttention(HFModule):
     def setup(self) -> None:
-        self.EncDecAttention = T5Attention(self.config, self.dtype, self.param_dtype, is_decoder=True,
-                                           has_relative_attention_bias=False)
+        self.EncDecAttention = T5Attention(self.config, self.dtype, self.param_dtype, is_decoder=True)
         self.layer_norm = _norm(self)
         self.dropout = nn.Dropout(self.config.dropout_rate)
 
@@ -189,8 +188,9 @@ def output_projection(module: HFModule, std: float) -> Dense:
 
 
 class T5DenseReluDense(HFModule):
-    """The feed-forward, T5DenseActDense: wo(dropout(act(wi(x)))) with relu (or any `{act}`); or, gated
-    (T5DenseGatedActDense: gated-gelu in T5 v1.1, Flan, mT5), wo(dropout(act(wi_0(x)) * wi_1(x)))."""
+    """The feed-forward: wo(dropout(act(wi(x)))) with relu (or any `{act}`), transformers' T5DenseActDense;
+    with `is_gated_act` (gated-gelu: T5 v1.1, Flan, mT5) wo(dropout(act(wi_0(x)) * wi_1(x))), its
+    T5DenseGatedActDense."""
 
     def setup(self) -> None:
         c = self.config
