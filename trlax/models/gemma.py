@@ -26,27 +26,23 @@ from trlax.models.llama import (
     LlamaForCausalLM,
     LlamaModel,
     check_causal,
-    sliding_layers,
+    decoder_options,
     validate_rope,
+    without_sliding,
 )
-from trlax.models.self_attention import head_dim_of
 
 
 def gemma_options(config: Any) -> DecoderOptions:
     """DecoderOptions for gemma, gemma2 and gemma3_text configs (as their HF modules build them)."""
     check_causal(config)
     bias = bool(getattr(config, "attention_bias", False))
-    common = {"head_dim": head_dim_of(config), "qkv_bias": bias, "o_bias": bias, "mlp_bias": False,
-              "norm_unit_offset": True, "embed_scale": True}
+    common = {"qkv_bias": bias, "o_bias": bias, "mlp_bias": False, "norm_unit_offset": True, "embed_scale": True}
     if config.model_type == "gemma":
-        n = config.num_hidden_layers
-        return DecoderOptions(hidden_act=config.hidden_act, sliding=(False,) * n, sliding_window=None, **common)
+        return decoder_options(config, **common, **without_sliding(config))
     if config.model_type in ("gemma2", "gemma3_text"):  # Gemma 3 adds q/k norms
-        sliding = sliding_layers(config)
-        return DecoderOptions(
+        return decoder_options(
+            config,
             hidden_act=config.hidden_activation,
-            sliding=sliding,
-            sliding_window=config.sliding_window if any(sliding) else None,
             attn_scale=config.query_pre_attn_scalar**-0.5,
             # transformers' Gemma 3 attention never applies `attn_logit_softcapping` (5.25 sets it but does
             # not pass it on; Gemma 3 checkpoints leave it unset): neither does trlax, for the same numbers.

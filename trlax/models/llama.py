@@ -139,24 +139,23 @@ def configured_options(config: Any, **switches: Any) -> DecoderOptions:
     return decoder_options(config, **{**read, **switches})
 
 
+# Per model type, its switches on top of the biases `configured_options` reads as Llama does.
+LLAMA_SWITCHES: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "llama": without_sliding,
+    # MistralAttention hard-codes bias=False
+    "mistral": lambda config: {"qkv_bias": False, "o_bias": False, "mlp_bias": False, **sliding_everywhere(config)},
+    "qwen2": lambda config: {"qkv_bias": True, "o_bias": False, "mlp_bias": False},  # q/k/v always biased, o never
+    "qwen3": lambda config: {"mlp_bias": False, "qk_norm": True},
+}
+
+
 def llama_options(config: Any) -> DecoderOptions:
     """DecoderOptions for llama, mistral, qwen2 and qwen3 configs (as their HF modules build them)."""
     check_causal(config)
-    mt = config.model_type
-    attention_bias = bool(getattr(config, "attention_bias", False))
-    if mt == "llama":
-        qkv_bias = o_bias = attention_bias
-    elif mt == "mistral":  # MistralAttention hard-codes bias=False
-        qkv_bias = o_bias = False
-    elif mt == "qwen2":  # q/k/v always biased, o never
-        qkv_bias, o_bias = True, False
-    elif mt == "qwen3":
-        qkv_bias = o_bias = attention_bias
-    else:
-        raise UnsupportedModelError(f"model_type {mt!r} is not a Llama-family model")
-    mlp_bias = bool(getattr(config, "mlp_bias", False)) if mt == "llama" else False
-    return decoder_options(config, qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias, qk_norm=mt == "qwen3",
-                           **({"llama": without_sliding(config), "mistral": sliding_everywhere(config)}.get(mt, {})))
+    switches = LLAMA_SWITCHES.get(config.model_type)
+    if switches is None:
+        raise UnsupportedModelError(f"model_type {config.model_type!r} is not a Llama-family model")
+    return configured_options(config, **switches(config))
 
 
 class LlamaAttention(SelfAttention, kw_only=True):
