@@ -41,9 +41,7 @@ def rope_parameters(config: Any, layer_type: str | None = None) -> dict[str, Any
     config given a flat dict keeps it and adds the nested ones), the nested entry wins, as in
     transformers.
     """
-    params = getattr(config, "rope_parameters", None)
-    if not params:
-        params = dict(getattr(config, "rope_scaling", None) or {})
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     nested = {k: v for k, v in params.items() if isinstance(v, dict)}
     params = {k: v for k, v in params.items() if not isinstance(v, dict)}
     if nested and (layer_type is not None or not params):
@@ -243,9 +241,7 @@ def rotary_cos_sin(positions: Array, inv_freq: np.ndarray | Array | LongRopeFreq
     inv_freq = jnp.asarray(inv_freq, jnp.float32)[(None,) * positions.ndim]  # [1, 1, D/2]
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
     emb = jnp.repeat(freqs, 2, axis=-1) if interleaved else jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, D]
-    if scaling == 1.0:
-        return jnp.cos(emb), jnp.sin(emb)
-    return jnp.cos(emb) * scaling, jnp.sin(emb) * scaling
+    return jnp.cos(emb) * scaling, jnp.sin(emb) * scaling  # times 1.0 (most types): exact, and folded away by XLA
 
 
 def rotate_half(x: Array) -> Array:
