@@ -48,7 +48,8 @@ class GPT2Attention(HFModule):
 
 
 class GPT2Block(HFModule):
-    """ln_1 -> attn -> residual, ln_2 -> mlp -> residual (GPT-BigCode swaps `attention_cls`)."""
+    """ln_1 -> attn -> residual, ln_2 -> mlp -> residual (GPT-BigCode swaps `attention_cls`; GPT-Neo its own
+    modules and `window`)."""
 
     layer_idx: int = 0
     attention_cls: ClassVar[type[nn.Module]] = GPT2Attention
@@ -62,9 +63,13 @@ class GPT2Block(HFModule):
                                features=c.n_inner if c.n_inner is not None else 4 * c.n_embd,
                                hidden_act=c.activation_function, dropout_rate=c.resid_pdrop)
 
+    def window(self) -> int | None:
+        """This layer's sliding window (None: full attention), which picks its mask."""
+        return None
+
     def __call__(self, x: Array, *, masks: dict[Any, Array], deterministic: bool, cache: KVCache | None,
                  cache_index: Array) -> tuple[Array, KVCache | None]:
-        attn_out, cache = self.attn(self.ln_1(x), masks[None], deterministic, cache, cache_index)
+        attn_out, cache = self.attn(self.ln_1(x), masks[self.window()], deterministic, cache, cache_index)
         x = x + attn_out
         return x + self.mlp(self.ln_2(x), deterministic), cache
 

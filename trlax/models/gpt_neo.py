@@ -24,7 +24,7 @@ from trlax.errors import UnsupportedModelError
 from trlax.models.attention import Array, attention_bias
 from trlax.models.cache import CacheGeometry, KVCache
 from trlax.models.decoder import CausalLM
-from trlax.models.gpt2 import GPT2Model
+from trlax.models.gpt2 import GPT2Block, GPT2Model
 from trlax.models.layers import FeedForward, HFModule, activation
 from trlax.models.projected_attention import ProjectedAttention
 from trlax.models.spec import ArchitectureSpec, attention_rules, embedding_rules, feed_forward_rules, tied_lm_head
@@ -53,8 +53,8 @@ class GPTNeoAttention(HFModule):
         return self.resid_dropout(out, deterministic=deterministic), cache
 
 
-class GPTNeoBlock(HFModule):
-    layer_idx: int = 0
+class GPTNeoBlock(GPT2Block):
+    """GPT-2's block with GPT-Neo's attention and MLP sizes; a local layer attends through its window's mask."""
 
     def setup(self) -> None:
         c = self.config
@@ -65,12 +65,8 @@ class GPTNeoBlock(HFModule):
                                features=c.intermediate_size if c.intermediate_size is not None else 4 * c.hidden_size,
                                hidden_act=c.activation_function, dropout_rate=float(c.resid_dropout))
 
-    def __call__(self, x: Array, *, masks: dict[Any, Array], deterministic: bool, cache: KVCache | None,
-                 cache_index: Array) -> tuple[Array, KVCache | None]:
-        bias = masks[layer_window(self.config, self.layer_idx)]  # this layer's global or local mask
-        attn_out, cache = self.attn(self.ln_1(x), bias, deterministic, cache, cache_index)
-        x = x + attn_out
-        return x + self.mlp(self.ln_2(x), deterministic), cache
+    def window(self) -> int | None:
+        return layer_window(self.config, self.layer_idx)
 
 
 class GPTNeoModel(GPT2Model):
