@@ -75,17 +75,16 @@ def sliding_layers(config: Any) -> tuple[bool, ...]:
     Raises UnsupportedModelError for a layer type other than full/sliding attention, or a
     sliding layer without a `sliding_window` (transformers fails on that config too).
     """
-    n = config.num_hidden_layers
     layer_types = getattr(config, "layer_types", None)
     if layer_types is None:  # Mistral: one window for every layer, when set
-        return (getattr(config, "sliding_window", None) is not None,) * n
+        return sliding_everywhere(config)["sliding"]
     unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
     if unknown:
         raise UnsupportedModelError(
             f"layer_types {unknown} are not supported by trlax ({config.model_type}); "
             "supported: 'full_attention', 'sliding_attention'"
         )
-    sliding = tuple(t == "sliding_attention" for t in layer_types[:n])
+    sliding = tuple(t == "sliding_attention" for t in layer_types[:config.num_hidden_layers])
     if any(sliding) and getattr(config, "sliding_window", None) is None:
         raise UnsupportedModelError(
             f"{config.model_type} config marks layers as 'sliding_attention' but sets no `sliding_window` "
