@@ -256,7 +256,12 @@ def test_sharded_equals_unsharded(device_report: dict, family: str, mesh: str) -
     r = device_report[f"{family}/{mesh}"]
     assert r["n_devices"] == 8
     assert r["params_diff"] == 0 and r["orbax_params_diff"] == 0  # the same numbers, only placed differently
-    assert r["logits_diff"] < TOL and r["values_diff"] < TOL
+    # Sharding changes only the order of float32 sums, so the outputs may differ by what rounding alone moves
+    # them: the unsharded model's jitted forward vs the same forward op by op (`rounding`). Tiny Gemma 3 moves
+    # ~10x the others (7e-6 on logits up to 2.7 with one draw of random weights; torch draws other weights on
+    # another CPU: its vectorised normal_ kernels differ), so each family's bound is 4x its own, TOL at least.
+    for out in ("logits", "values"):
+        assert r[f"{out}_diff"] < max(TOL, 4 * r["rounding"][out]), (out, r[f"{out}_diff"], r["rounding"][out])
     assert r["generate_equal"], r["generate_mismatch"]
 
 
@@ -419,7 +424,12 @@ def test_family_sharded_equals_unsharded(forward_report: dict, family: str, mesh
     r = forward_report[f"{family}/{mesh}"]
     assert r["n_devices"] == 8 and r["not_on_mesh"] == []
     assert r["split_leaves"] > 0  # some params really are split over devices
-    assert r["logits_diff"] < TOL and r["values_diff"] < TOL
+    # Sharding changes only the order of float32 sums, so the outputs may differ by what rounding alone moves
+    # them: the unsharded model's jitted forward vs the same forward op by op (`rounding`). Tiny Gemma 3 moves
+    # ~10x the others (7e-6 on logits up to 2.7 with one draw of random weights; torch draws other weights on
+    # another CPU: its vectorised normal_ kernels differ), so each family's bound is 4x its own, TOL at least.
+    for out in ("logits", "values"):
+        assert r[f"{out}_diff"] < max(TOL, 4 * r["rounding"][out]), (out, r[f"{out}_diff"], r["rounding"][out])
     assert r["generate_equal"], r["generate_mismatch"]
 
 
@@ -474,6 +484,7 @@ def _check_model(model: Any, mesh: Any, inputs: dict[str, np.ndarray], refs: dic
     r["params_diff"] = max(_diff(x, refs["params"][p]) for p, x in leaves.items())
     logits, _, values = model(inputs["ids"], inputs["mask"])  # plain numpy inputs, as users call it
     r["logits_diff"], r["values_diff"] = _diff(logits, refs["logits"]), _diff(values, refs["values"])
+    r["rounding"] = refs["rounding"]
     r["logits_spec"] = _spec_list(logits.sharding)
     out = model.generate(inputs["prompt"], attention_mask=inputs["prompt_mask"], max_new_tokens=6).sequences
     r["generate_equal"] = bool(np.array_equal(out, refs["generate"]))
@@ -532,7 +543,10 @@ def _unsharded_results(base: Any, inputs: dict[str, np.ndarray]) -> dict[str, An
     from trlax.reference import create_reference_model
 
     logits, _, values = base(inputs["ids"], inputs["mask"])
+    with jax.disable_jit():  # the same forward op by op: only float32 rounding differs from the jitted one
+        eager_logits, _, eager_values = base.apply(base.params, jnp.asarray(inputs["ids"]), jnp.asarray(inputs["mask"]))
     refs = {"logits": np.asarray(logits), "values": np.asarray(values),
+            "rounding": {"logits": _diff(eager_logits, logits), "values": _diff(eager_values, values)},
             "params": {p: np.asarray(x) for p, x in _flat(base.params).items()},
             "generate": np.asarray(base.generate(inputs["prompt"], attention_mask=inputs["prompt_mask"],
                                                  max_new_tokens=6).sequences)}
@@ -639,6 +653,9 @@ def _worker_forward(root: Path, *families: str) -> None:
         load = functools.partial(FlaxAutoModelForCausalLMWithValueHead.from_pretrained, root / family, strict=True)
         base = load()
         logits, _, values = base(ids, mask)
+        with jax.disable_jit():  # the same forward op by op: only float32 rounding differs from the jitted one
+            eager_logits, _, eager_values = base.apply(base.params, jnp.asarray(ids), jnp.asarray(mask))
+        rounding = {"logits": _diff(eager_logits, logits), "values": _diff(eager_values, values)}
         tokens = np.asarray(base.generate(prompt, attention_mask=prompt_mask, max_new_tokens=6).sequences)
         for name, mesh in meshes.items():
             model = load(mesh=mesh)
@@ -650,7 +667,7 @@ def _worker_forward(root: Path, *families: str) -> None:
                 "not_on_mesh": [p for p, x in leaves.items() if getattr(x.sharding, "mesh", None) != mesh],
                 "split_leaves": sum(x.addressable_shards[0].data.shape != x.shape for x in leaves.values()),
                 "logits_diff": _diff(sharded_logits, logits), "values_diff": _diff(sharded_values, values),
-                "generate_equal": bool(np.array_equal(out, tokens)),
+                "rounding": rounding, "generate_equal": bool(np.array_equal(out, tokens)),
                 "generate_mismatch": np.argwhere(out != tokens).tolist()[:5],
             }
     print(json.dumps(report))
