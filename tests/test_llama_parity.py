@@ -155,6 +155,17 @@ def test_sliding_layer_without_window_is_refused():
         FlaxAutoModelForCausalLM.from_config(config)
 
 
+def test_fewer_layer_types_than_layers_is_refused_naming_both():
+    """A config grown after construction (num_hidden_layers raised, layer_types left) failed with a bare
+    IndexError when the model was built; transformers validates the two lengths when a config is made."""
+    config = TINY_CAUSAL["qwen3"]()
+    config.layer_types = ["full_attention"] * config.num_hidden_layers
+    config.num_hidden_layers += 1
+    with pytest.raises(UnsupportedModelError, match=f"qwen3 config has {config.num_hidden_layers - 1} layer_types "
+                       f"for num_hidden_layers={config.num_hidden_layers}"):
+        FlaxAutoModelForCausalLM.from_config(config)
+
+
 def check_window_matters(pt: Any) -> None:
     """The tiny config's sliding window changes transformers' own output on SEQ tokens, so parity
     with it proves the window is implemented (and not just never reached)."""

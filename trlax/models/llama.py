@@ -84,6 +84,11 @@ def sliding_layers(config: Any) -> tuple[bool, ...]:
             f"layer_types {unknown} are not supported by trlax ({config.model_type}); "
             "supported: 'full_attention', 'sliding_attention'"
         )
+    if len(layer_types) < config.num_hidden_layers:
+        raise UnsupportedModelError(
+            f"{config.model_type} config has {len(layer_types)} layer_types for num_hidden_layers="
+            f"{config.num_hidden_layers}: give every layer its type (transformers requires one per layer)"
+        )
     sliding = tuple(t == "sliding_attention" for t in layer_types[:config.num_hidden_layers])
     if any(sliding) and getattr(config, "sliding_window", None) is None:
         raise UnsupportedModelError(
