@@ -669,6 +669,29 @@ def test_a_rollout_or_update_given_donated_arrays_names_them():
         ppo.make_rollout(policy, ref)(policy.params, ref.params, batch, scores, 0.2)
 
 
+def test_an_update_that_fails_for_another_reason_raises_that_error():
+    """A donating update that fails inside (here its optimizer's host callback) can leave its inputs deleted; the
+    failure is raised as it is, not reported as the DeletedParamsError of a donation."""
+    def failing_logger(total):
+        raise RuntimeError("the gradient logger failed")
+
+    sgd = optax.sgd(0.1)
+
+    def logged_update(updates, state, params=None):
+        total = jax.pure_callback(failing_logger, jax.ShapeDtypeStruct((), jnp.float32),
+                                  jax.tree_util.tree_leaves(updates)[0].sum())
+        return sgd.update(jax.tree_util.tree_map(lambda u: u + 0 * total, updates), state, params)
+
+    tx = optax.GradientTransformation(sgd.init, logged_update)
+    policy, ref = _policy_and_ref()
+    batch, scores = _causal_batch()
+    trainable, frozen = split_trainable(policy.params, policy.trainable_mask)
+    exp = ppo.make_rollout(policy, ref)(policy.params, ref.params, batch, scores, 0.2)
+    with pytest.raises(RuntimeError, match="the gradient logger failed") as raised:
+        ppo.make_ppo_update(policy, tx)(trainable, frozen, tx.init(trainable), exp)
+    assert not isinstance(raised.value, DeletedParamsError)
+
+
 def test_params_a_donating_step_deletes_during_a_call_raise_deleted_params_error(monkeypatch):
     """The deleted-params check before a jitted call and the call are not atomic: another thread's donating update
     can delete the params in between, and the call then failed with JAX's bare "Array has been deleted" / XLA's

@@ -304,13 +304,15 @@ def check_not_deleted(leaves: list[Any], what: str) -> None:
 def live_params(params: Any, what: str) -> Iterator[None]:
     """Around a jitted call: a DeletedParamsError naming `what` when `params` hold arrays a donating step deleted,
     where JAX raises its bare "Array has been deleted" or XLA's "Buffer has been deleted or donated". Checked before
-    the call and again when it fails: another thread's donating step can delete them in between."""
+    the call and again when it fails with one of those: another thread's donating step can delete them in between.
+    Any other failure is raised as it is, although a donating call that failed may have deleted its inputs too."""
     leaves = jax.tree_util.tree_leaves(params)
     check_not_deleted(leaves, what)
     try:
         yield
     except (RuntimeError, ValueError) as e:
-        error = None if isinstance(e, TrlaxError) else deleted_params_error(leaves, what)
+        deleted = not isinstance(e, TrlaxError) and "has been deleted" in str(e)
+        error = deleted_params_error(leaves, what) if deleted else None
         if error is None:
             raise
         raise error from e
