@@ -261,7 +261,9 @@ def test_sharded_equals_unsharded(device_report: dict, family: str, mesh: str) -
     # ~10x the others (7e-6 on logits up to 2.7 with one draw of random weights; torch draws other weights on
     # another CPU: its vectorised normal_ kernels differ), so each family's bound is 4x its own, TOL at least.
     for out in ("logits", "values"):
-        assert r[f"{out}_diff"] < max(TOL, 4 * r["rounding"][out]), (out, r[f"{out}_diff"], r["rounding"][out])
+        rounding = r["rounding"][out]
+        assert rounding < 1e-4, (out, rounding)  # a jitted forward that far from op by op is a bug of its own
+        assert r[f"{out}_diff"] < max(TOL, 4 * rounding), (out, r[f"{out}_diff"], rounding)
     assert r["generate_equal"], r["generate_mismatch"]
 
 
@@ -429,7 +431,9 @@ def test_family_sharded_equals_unsharded(forward_report: dict, family: str, mesh
     # ~10x the others (7e-6 on logits up to 2.7 with one draw of random weights; torch draws other weights on
     # another CPU: its vectorised normal_ kernels differ), so each family's bound is 4x its own, TOL at least.
     for out in ("logits", "values"):
-        assert r[f"{out}_diff"] < max(TOL, 4 * r["rounding"][out]), (out, r[f"{out}_diff"], r["rounding"][out])
+        rounding = r["rounding"][out]
+        assert rounding < 1e-4, (out, rounding)  # a jitted forward that far from op by op is a bug of its own
+        assert r[f"{out}_diff"] < max(TOL, 4 * rounding), (out, r[f"{out}_diff"], rounding)
     assert r["generate_equal"], r["generate_mismatch"]
 
 
