@@ -249,6 +249,27 @@ def device_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return built_once(tmp_path_factory, "sharding", _device_report)
 
 
+def _assert_within_rounding(r: dict[str, Any]) -> None:
+    """Sharded logits and values within what float32 rounding alone moves them.
+
+    Sharding changes only the order of float32 sums, so the outputs may differ by what rounding alone moves
+    them: the unsharded model's jitted forward vs the same forward op by op (`rounding`). Tiny Gemma 3 moves
+    ~10x the others (7e-6 on logits up to 2.7 with one draw of random weights; torch draws other weights on
+    another CPU: its vectorised normal_ kernels differ), so each family's bound is 4x its own, TOL at least.
+    """
+    for out in ("logits", "values"):
+        rounding = r["rounding"][out]
+        assert rounding < 1e-4, (out, rounding)  # a jitted forward that far from op by op is a bug of its own
+        assert r[f"{out}_diff"] < max(TOL, 4 * rounding), (out, r[f"{out}_diff"], rounding)
+
+
+def _rounding(model: Any, ids: Any, mask: Any, logits: Any, values: Any) -> dict[str, float]:
+    """How far the same forward op by op lands from the jitted `logits` and `values`: float32 rounding alone."""
+    with jax.disable_jit():
+        eager_logits, _, eager_values = model.apply(model.params, jnp.asarray(ids), jnp.asarray(mask))
+    return {"logits": _diff(eager_logits, logits), "values": _diff(eager_values, values)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mesh", MESHES)
@@ -256,14 +277,7 @@ def test_sharded_equals_unsharded(device_report: dict, family: str, mesh: str) -
     r = device_report[f"{family}/{mesh}"]
     assert r["n_devices"] == 8
     assert r["params_diff"] == 0 and r["orbax_params_diff"] == 0  # the same numbers, only placed differently
-    # Sharding changes only the order of float32 sums, so the outputs may differ by what rounding alone moves
-    # them: the unsharded model's jitted forward vs the same forward op by op (`rounding`). Tiny Gemma 3 moves
-    # ~10x the others (7e-6 on logits up to 2.7 with one draw of random weights; torch draws other weights on
-    # another CPU: its vectorised normal_ kernels differ), so each family's bound is 4x its own, TOL at least.
-    for out in ("logits", "values"):
-        rounding = r["rounding"][out]
-        assert rounding < 1e-4, (out, rounding)  # a jitted forward that far from op by op is a bug of its own
-        assert r[f"{out}_diff"] < max(TOL, 4 * rounding), (out, r[f"{out}_diff"], rounding)
+    _assert_within_rounding(r)
     assert r["generate_equal"], r["generate_mismatch"]
 
 
@@ -426,14 +440,7 @@ def test_family_sharded_equals_unsharded(forward_report: dict, family: str, mesh
     r = forward_report[f"{family}/{mesh}"]
     assert r["n_devices"] == 8 and r["not_on_mesh"] == []
     assert r["split_leaves"] > 0  # some params really are split over devices
-    # Sharding changes only the order of float32 sums, so the outputs may differ by what rounding alone moves
-    # them: the unsharded model's jitted forward vs the same forward op by op (`rounding`). Tiny Gemma 3 moves
-    # ~10x the others (7e-6 on logits up to 2.7 with one draw of random weights; torch draws other weights on
-    # another CPU: its vectorised normal_ kernels differ), so each family's bound is 4x its own, TOL at least.
-    for out in ("logits", "values"):
-        rounding = r["rounding"][out]
-        assert rounding < 1e-4, (out, rounding)  # a jitted forward that far from op by op is a bug of its own
-        assert r[f"{out}_diff"] < max(TOL, 4 * rounding), (out, r[f"{out}_diff"], rounding)
+    _assert_within_rounding(r)
     assert r["generate_equal"], r["generate_mismatch"]
 
 
@@ -547,10 +554,8 @@ def _unsharded_results(base: Any, inputs: dict[str, np.ndarray]) -> dict[str, An
     from trlax.reference import create_reference_model
 
     logits, _, values = base(inputs["ids"], inputs["mask"])
-    with jax.disable_jit():  # the same forward op by op: only float32 rounding differs from the jitted one
-        eager_logits, _, eager_values = base.apply(base.params, jnp.asarray(inputs["ids"]), jnp.asarray(inputs["mask"]))
     refs = {"logits": np.asarray(logits), "values": np.asarray(values),
-            "rounding": {"logits": _diff(eager_logits, logits), "values": _diff(eager_values, values)},
+            "rounding": _rounding(base, inputs["ids"], inputs["mask"], logits, values),
             "params": {p: np.asarray(x) for p, x in _flat(base.params).items()},
             "generate": np.asarray(base.generate(inputs["prompt"], attention_mask=inputs["prompt_mask"],
                                                  max_new_tokens=6).sequences)}
@@ -657,9 +662,7 @@ def _worker_forward(root: Path, *families: str) -> None:
         load = functools.partial(FlaxAutoModelForCausalLMWithValueHead.from_pretrained, root / family, strict=True)
         base = load()
         logits, _, values = base(ids, mask)
-        with jax.disable_jit():  # the same forward op by op: only float32 rounding differs from the jitted one
-            eager_logits, _, eager_values = base.apply(base.params, jnp.asarray(ids), jnp.asarray(mask))
-        rounding = {"logits": _diff(eager_logits, logits), "values": _diff(eager_values, values)}
+        rounding = _rounding(base, ids, mask, logits, values)
         tokens = np.asarray(base.generate(prompt, attention_mask=prompt_mask, max_new_tokens=6).sequences)
         for name, mesh in meshes.items():
             model = load(mesh=mesh)
