@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 import transformers
+from jax.sharding import NamedSharding
 
 from tests.helpers import batch, torch_random_init
 from tests.tiny_configs import TINY_CAUSAL, TINY_SEQ2SEQ
@@ -31,6 +32,7 @@ from trlax.reference import (
     resolve_layer_pattern,
     shared_parameter_names,
 )
+from trlax.sharding import make_mesh, shard_model
 from trlax.trainable import jit_keeping_placement, tree_bytes, unique_buffer_bytes
 
 # Families whose Flax setup() does not yet define submodules in PyTorch's __init__ order
@@ -204,6 +206,35 @@ def test_shared_layers_are_the_same_arrays(num_shared):
             assert mask[path], path
     assert mask[("v_head", "summary", "kernel")] and mask[("v_head", "summary", "bias")]
     assert not any(jax.tree_util.tree_leaves(ref.trainable_mask))
+
+
+@pytest.mark.parametrize("policy_first", [True, False])
+@pytest.mark.parametrize("lora", [False, True])
+def test_sharding_a_policy_and_its_reference_keeps_the_shared_arrays_shared(policy_first, lora):
+    """`shard_model` of the policy gave it new arrays, and of the reference other new ones: the shared layers
+    were held twice from then on (README's "shard first, then create the reference")."""
+    if lora:
+        lm = _abstract_lm(_CONFIGS["gpt2"]()[0])
+        lm.params = jax.tree_util.tree_map(jnp.copy, _initial_params("gpt2"))
+        policy = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(lm, peft_config={"target_modules": ["c_attn"]})
+        ref = create_reference_model(policy)
+    else:
+        policy = _wrapper("gpt2")
+        ref = create_reference_model(policy, num_shared_layers=1)
+    ids, mask = batch(policy.config.vocab_size, "left")
+    want_policy, want_ref = np.asarray(policy(ids, mask)[2]), np.asarray(ref(ids, mask)[2])
+    rf = _leaves_by_path(ref.params)
+    shared = {path for path, leaf in _leaves_by_path(policy.params).items() if leaf is rf.get(path)}
+    # the LoRA policy's whole base; else the embeddings (wte, wpe) and layer 0's 12 params
+    assert len(shared) == (len(_leaves_by_path(policy.params["pretrained_model"])) if lora else 14)
+    mesh = make_mesh()
+    for model in (policy, ref) if policy_first else (ref, policy):
+        shard_model(model, mesh)
+    pol, rf = _leaves_by_path(policy.params), _leaves_by_path(ref.params)
+    assert all(isinstance(leaf.sharding, NamedSharding) for leaf in (*pol.values(), *rf.values()))
+    assert {path for path, leaf in pol.items() if leaf is rf.get(path)} == shared
+    np.testing.assert_array_equal(np.asarray(policy(ids, mask)[2]), want_policy)
+    np.testing.assert_array_equal(np.asarray(ref(ids, mask)[2]), want_ref)
 
 
 def test_custom_pattern_uses_trl_order_rule():

@@ -404,6 +404,15 @@ def test_reference_model_keeps_shared_leaves_sharded_and_shared(device_report: d
 
 
 @pytest.mark.slow
+def test_sharding_a_policy_and_its_reference_keeps_them_sharing(device_report: dict) -> None:
+    """shard_model of a policy and then of its reference moved the shared layers twice: held twice from then on."""
+    r = device_report["sharded_after_reference"]
+    assert r["shared"] >= 3 and r["not_identical"] == []
+    assert r["bytes"] == r["bytes_apart"]  # the shared layers' buffers are counted once: the policy's
+    assert not r["again_deleted"] and r["again_other_kept"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES)
 def test_lora_adapter_is_sharded_like_its_kernel(device_report: dict, mesh: str) -> None:
     lora = device_report[f"lora/{mesh}"]
@@ -594,7 +603,35 @@ def _worker_devices(root: Path, *families: str) -> None:
         if family == "gpt2":
             report.update(_lora_checks(root, meshes, inputs))
             report["mesh_errors"] = _mesh_errors(root / family)
+            report["sharded_after_reference"] = _sharded_after_reference(root / family, meshes["fsdp8"])
     print(json.dumps(report))
+
+
+def _sharded_after_reference(folder: Path, mesh: Any) -> dict[str, Any]:
+    """A policy and its reference (one shared layer) created unsharded, then each sharded with shard_model."""
+    from trlax import FlaxAutoModelForCausalLMWithValueHead
+    from trlax.reference import create_reference_model
+    from trlax.sharding import shard_model, shard_params
+    from trlax.trainable import unique_buffer_bytes
+
+    policy = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(folder)
+    ref = create_reference_model(policy, num_shared_layers=1)
+    shared = [p for p, trainable in _flat(policy.trainable_mask).items() if not trainable]
+    source = policy.params
+    shard_model(policy, mesh)
+    shard_model(ref, mesh)
+    pol, rf = _flat(policy.params), _flat(ref.params)
+    report = {"shared": len(shared), "not_identical": [p for p in shared if pol[p] is not rf[p]],
+              "bytes": unique_buffer_bytes(policy.params, ref.params),
+              "bytes_apart": unique_buffer_bytes(policy.params) + unique_buffer_bytes(
+                  [leaf for p, leaf in rf.items() if p not in shared])}
+    # A moved array a donating step deleted is not handed out again: its source is moved anew. The embedding,
+    # split over the devices, is in new buffers (a replicated leaf's device-0 shard is its source's buffer,
+    # which deleting it deletes too).
+    embedding, other = "pretrained_model/transformer/wte/embedding", "pretrained_model/transformer/wpe/embedding"
+    pol[embedding].delete()
+    again = _flat(shard_params(source, mesh))
+    return {**report, "again_deleted": again[embedding].is_deleted(), "again_other_kept": again[other] is pol[other]}
 
 
 def _call_with_params_on_one_device(folder: Path) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -293,11 +294,39 @@ def tree_shardings(
         lambda path, leaf: leaf_sharding(path_str(path), np.shape(leaf), mesh, rules), tree)
 
 
+# The arrays `shard_params` moved: (id of the source array, its target sharding) -> a weak reference to the array
+# it was moved to. An entry goes when its source array goes; it keeps neither array alive.
+MOVED: dict[tuple[int, NamedSharding], weakref.ref] = {}
+
+
+def already_moved(leaf: Any, sharding: NamedSharding) -> jax.Array | None:
+    """The live, undeleted array `shard_params` moved `leaf` to with `sharding`, if any."""
+    moved = MOVED.get((id(leaf), sharding))
+    array = None if moved is None else moved()
+    return None if array is None or array.is_deleted() else array
+
+
 def shard_params(
     params: Any, mesh: Mesh, rules: ShardingRules | Sequence[ParamRule] | None = None, model_type: str | None = None,
 ) -> Any:
-    """`params` moved into their sharded layout (a new tree; the input is left as it is)."""
-    return jax.device_put(params, tree_shardings(params, mesh, rules, model_type))
+    """`params` moved into their sharded layout (a new tree; the input is left as it is).
+
+    An array moved before to the same sharding is not moved again: the tree gets the array it was moved to
+    (unless that one is gone or a donating step deleted it). So a leaf two models hold (a reference's layers
+    shared with its policy) stays one array when each model is sharded, in either order.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    shardings = treedef.flatten_up_to(tree_shardings(params, mesh, rules, model_type))
+    out = [already_moved(leaf, sharding) for leaf, sharding in zip(leaves, shardings, strict=True)]
+    todo = [i for i, leaf in enumerate(out) if leaf is None]
+    placed = jax.device_put([leaves[i] for i in todo], [shardings[i] for i in todo])
+    for i, array in zip(todo, placed, strict=True):
+        out[i] = array
+        if isinstance(leaves[i], jax.Array) and array is not leaves[i]:
+            key = (id(leaves[i]), shardings[i])
+            MOVED[key] = weakref.ref(array)
+            weakref.finalize(leaves[i], MOVED.pop, key, None)
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def make_placer(
@@ -394,7 +423,8 @@ def shard_model(model: Any, mesh: Mesh, sharding_rules: ShardingRules | Sequence
 
     Covers everything the wrapper holds: LM, value head, a policy LoRA adapter (`params["lora"]`)
     and a reward adapter (`reward_params`). Afterwards the model behaves as if it had been
-    loaded with `from_pretrained(mesh=...)`. Returns the model.
+    loaded with `from_pretrained(mesh=...)`. Arrays it shares with a model sharded before (a reference's
+    shared layers) become that model's sharded arrays (see `shard_params`). Returns the model.
     """
     inner = getattr(model, "pretrained_model", model)  # the wrapper's LM, or the LM itself
     mesh = auto_mesh(mesh)
