@@ -21,8 +21,13 @@ import transformers
 
 from tests.helpers import batch, max_diff
 from tests.parity_checks import make_pair
-from tests.tiny_configs import TINY_CAUSAL
-from trlax import FlaxAutoModelForCausalLM, FlaxAutoModelForCausalLMWithValueHead, create_reference_model
+from tests.tiny_configs import TINY_CAUSAL, TINY_SEQ2SEQ
+from trlax import (
+    FlaxAutoModelForCausalLM,
+    FlaxAutoModelForCausalLMWithValueHead,
+    FlaxAutoModelForSeq2SeqLM,
+    create_reference_model,
+)
 from trlax.errors import InputError
 
 ATOL = 1e-4
@@ -184,3 +189,19 @@ def test_a_sliding_window_changed_after_a_call_reaches_the_forward_as_in_transfo
     full = np.asarray(model(ids, mask).logits)
     assert np.abs(full - windowed).max() > 1e-2
     assert max_diff(_torch_logits(pt, ids, mask), full, mask) < ATOL
+
+
+@pytest.mark.parametrize("change", [-8, 8])
+def test_a_seq2seq_position_check_reads_the_table_the_model_was_built_with(change):
+    """BART's input check read `model.config.max_position_embeddings`: lowered after the build, it refused inputs
+    the model's table embeds (transformers runs them); raised, the module's own check still refuses a sequence
+    past the table. The causal check reads the built table already."""
+    model = FlaxAutoModelForSeq2SeqLM.from_config(TINY_SEQ2SEQ["bart"]())
+    table = model.config.max_position_embeddings
+    fits, mask = batch(model.vocab_size, "right", batch_size=2, seq_len=table - 2)
+    want = np.asarray(model(fits, mask, decoder_input_ids=fits).logits)
+    model.config.max_position_embeddings = table + change
+    np.testing.assert_array_equal(np.asarray(model(fits, mask, decoder_input_ids=fits).logits), want)
+    too_long = np.ones((1, table + 1), np.int32)
+    with pytest.raises(InputError, match=f"BART has {table} positions"):
+        model(too_long, decoder_input_ids=fits[:1])

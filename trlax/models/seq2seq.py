@@ -165,7 +165,7 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
         batch, length = decoder_input_ids.shape
         check_shape("decoder_attention_mask", decoder_attention_mask, (batch, past_length + length))
         check_shape("labels", labels, decoder_input_ids.shape)
-        limit = self.spec.position_limit(self.config)
+        limit = self.spec.position_limit(self.module.config)
         for name, ids, past in (("input_ids", input_ids, 0), ("decoder_input_ids", decoder_input_ids, past_length)):
             check_token_range(name, ids, self.vocab_size, traced=traced)
             check_positions(name, past + ids.shape[1], None, None, limit, model=self.config.model_type.upper(),
