@@ -412,7 +412,8 @@ def test_rollout_matches_the_functions(kind):
 def test_a_rollout_in_row_chunks_gives_the_whole_batchs_experience(kind, chunk):
     """TRL's batched_forward_pass runs the forwards in mini_batch_size chunks; trlax ran the whole batch, so
     its [B, T, V] logits (and 2-3 more copies) bounded the batch size whatever the minibatch (4x TRL's memory
-    at B=32). chunk 3 leaves a remainder of one row."""
+    at B=32). chunk 3 leaves a remainder of one row. With kl_penalty "full" the two [B, T, V] log-softmaxes were
+    whole-batch still (as in TRL): each chunk now sums its KL over the vocabulary."""
     policy, ref = _policy_and_ref()
     config = ppo.PPOConfig(kl_penalty=kind)
     batch, scores = _causal_batch()
@@ -422,10 +423,9 @@ def test_a_rollout_in_row_chunks_gives_the_whole_batchs_experience(kind, chunk):
     assert chunked.keys() == whole.keys()
     for key in whole:
         np.testing.assert_allclose(chunked[key], whole[key], rtol=1e-6, atol=1e-6, err_msg=key)
-    if kind == "kl":  # the full-KL penalty needs both [B, T, V] log-softmaxes, as TRL's does
-        program = jax.make_jaxpr(chunked_rollout)(policy.params, ref.params, batch, scores, 0.2)
-        whole_logits = (4, 11, 101)
-        assert whole_logits not in array_shapes(program.jaxpr) and (chunk, 11, 101) in array_shapes(program.jaxpr)
+    program = jax.make_jaxpr(chunked_rollout)(policy.params, ref.params, batch, scores, 0.2)
+    whole_logits = (4, 11, 101)
+    assert whole_logits not in array_shapes(program.jaxpr) and (chunk, 11, 101) in array_shapes(program.jaxpr)
 
 
 def test_the_experience_is_float32_under_x64_with_float64_scores_and_kl_coef():

@@ -253,7 +253,12 @@ def compute_rewards(
         if np.shape(value) != want or len(want) != 2 + (kind == "full"):
             raise InputError(f"{name} must be {'[B, T, V] log-distributions' if kind == 'full' else '[B, T]'} "
                              f"for kl_penalty={kind!r} with a [B, T] = {np.shape(mask)} mask; got {np.shape(value)}")
-    kls = kl_penalty(logprobs, ref_logprobs, kind)  # [B, T]
+    return rewards_from_kls(scores, kl_penalty(logprobs, ref_logprobs, kind), mask, kl_coef)
+
+
+def rewards_from_kls(scores: Array, kls: Array, mask: Array, kl_coef: float | Array) -> tuple[Array, Array, Array]:
+    """`compute_rewards` from the per-token KL penalties kls [B, T] float32 (`kl_penalty`'s): (rewards,
+    non_score_rewards, kls), each [B, T] float32."""
     non_score = -kl_coef * kls
     valid = mask > 0
     t = valid.shape[-1]
@@ -546,8 +551,9 @@ def make_rollout(
     [B, T-1] float32): exactly what `make_ppo_update`'s step reads.
 
     forward_batch_size: run the forwards over chunks of this many rows (TRL's `batched_forward_pass` uses
-    `mini_batch_size`), so their [B, T, V] logits never exist whole (with kl_penalty "full" the two
-    log-softmaxes still do, as in TRL); None: the whole batch at once.
+    `mini_batch_size`), so their [B, T, V] logits never exist whole; with kl_penalty "full" each chunk's
+    KL is summed over the vocabulary there, so the two log-softmaxes never do either (TRL's do); None: the
+    whole batch at once.
     """
     check_ppo_models(policy, reference, config)
     if forward_batch_size is not None and (not isinstance(forward_batch_size, int) or forward_batch_size < 1):
@@ -558,19 +564,20 @@ def make_rollout(
                  rows: dict[str, Array]) -> tuple[Array, ...]:
         logprobs, logits, values = forward(policy, jax.lax.stop_gradient(policy_params), rows)
         ref_logprobs, ref_logits, _ = forward(reference, ref_params, rows)
-        if full_kl:
-            return (logprobs, ref_logprobs, values, logprobs_from_logits(logits, None, gather=False),
-                    logprobs_from_logits(ref_logits, None, gather=False))
-        return logprobs, ref_logprobs, values
+        if full_kl:  # the exact KL per token [b, T-1], from the chunk's log-softmaxes [b, T-1, V]
+            kls = kl_penalty(logprobs_from_logits(logits, None, gather=False),
+                             logprobs_from_logits(ref_logits, None, gather=False), "full")
+        else:
+            kls = kl_penalty(logprobs, ref_logprobs, config.kl_penalty)
+        return logprobs, ref_logprobs, values, kls
 
     def rollout(policy_params: dict[str, Any], ref_params: dict[str, Any], batch: dict[str, Array],
                 scores: Array, kl_coef: Array) -> dict[str, Array]:
         inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
-        logprobs, ref_logprobs, values, *full = in_row_chunks(
+        logprobs, ref_logprobs, values, kls = in_row_chunks(
             lambda rows: forwards(policy_params, ref_params, rows), inputs, forward_batch_size)
         mask = logprob_mask(batch["response_mask"])
-        rewards, non_score, kls = compute_rewards(scores, *(full or (logprobs, ref_logprobs)), mask, kl_coef,
-                                                  config.kl_penalty)
+        rewards, non_score, kls = rewards_from_kls(scores, kls, mask, kl_coef)
         values, advantages, returns = compute_advantages(values, rewards, mask, config.gamma, config.lam,
                                                          config.whiten_rewards)
         return {**batch, "mask": mask, "old_logprobs": logprobs, "ref_logprobs": ref_logprobs, "old_values": values,
