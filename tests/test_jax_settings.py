@@ -62,16 +62,16 @@ def test_ppo_and_a_classifier_loss_run_as_under_the_defaults():
     policy = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(FlaxAutoModelForCausalLM.from_config(config))
     ref = create_reference_model(policy)
     batch = {"input_ids": IDS, "attention_mask": MASK, "response_mask": np.array([[0, 0, 0, 1, 1, 1]] * 2)}
-    tx = optax.sgd(0.1)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(0.1))  # `trlax ppo`'s (optax's Adam raised)
 
     def run() -> list[np.ndarray]:
         exp = ppo.make_rollout(policy, ref)(policy.params, ref.params, batch, np.array([1.0, -1.0]), 0.2)
         trainable, frozen = split_trainable(policy.params, policy.trainable_mask)
         copies = jax.tree_util.tree_map(np.array, trainable)  # the update donates what it trains: not the policy's
-        _, _, stats = ppo.make_ppo_update(policy, tx)(copies, frozen, tx.init(trainable), exp)
+        new, _, stats = ppo.make_ppo_update(policy, tx)(copies, frozen, tx.init(trainable), exp)
         config.num_labels, config.pad_token_id = 3, 0
         classifier = FlaxAutoModelForSequenceClassification.from_config(config)
-        return [np.asarray(exp["advantages"]), np.asarray(stats["loss/total"]),
+        return [np.asarray(exp["advantages"]), np.asarray(stats["loss/total"]), *map(np.asarray, jax.tree.leaves(new)),
                 np.asarray(classifier(IDS, MASK, labels=np.array([0, 2])).loss),
                 np.asarray(reply_mask(jax.numpy.asarray(IDS), (7, 13)))]  # the trainer's reply mask
 

@@ -660,7 +660,10 @@ def make_ppo_update(
     def update(trainable: Any, frozen: Any, opt_state: Any, batch: dict[str, Array],
                rng: Array | None) -> tuple[Any, Any, dict[str, Array]]:
         grads, stats = jax.grad(loss_fn, has_aux=True)(trainable, frozen, batch, rng)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
+        # optax is written for JAX's standard promotion (0.2.8's Adam raises under "strict": its bias correction
+        # raises a float to an int32 step count); trlax's own code holds to whichever the user set
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, stats
 
     jitted = jit_keeping_placement(update, kept=(0, 2), outputs=3, donate_argnums=(0, 2))
