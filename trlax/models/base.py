@@ -53,7 +53,7 @@ from trlax.inputs import (
     with_live_params,
 )
 from trlax.models.cache import KVCache, extended_cache, past_kv_cache, past_kv_length
-from trlax.models.layers import LORA_COLLECTION
+from trlax.models.layers import LORA_COLLECTION, check_lora_dropout, drop_lora_inputs
 from trlax.models.registry import get_spec, supported_model_types
 from trlax.models.spec import ArchitectureSpec, ParamRule
 from trlax.models.stack import remat_blocks
@@ -169,7 +169,7 @@ class FlaxPreTrainedModel(RebuildsCompiled, CheckpointMixin):
     # `from_pretrained` keywords that go on to the constructor (a subclass's own arguments).
     constructor_arguments: ClassVar[tuple[str, ...]] = ()
     # `apply` arguments the jitted forward compiles a program per value of.
-    static_forward_arguments: ClassVar[tuple[str, ...]] = ("train", "output_hidden_states")
+    static_forward_arguments: ClassVar[tuple[str, ...]] = ("train", "output_hidden_states", "lora_dropout")
     compiled_attributes: ClassVar[tuple[str, ...]] = ("check_params", "generation_cache", "_forward")
 
     def __init__(
@@ -444,14 +444,17 @@ class FlaxPreTrainedModel(RebuildsCompiled, CheckpointMixin):
 
     # --- forward ------------------------------------------------------------------------
     def apply_module(self, params: dict[str, Any], *inputs: Any, lora: dict[str, Any] | None, train: bool,
-                     dropout_rng: jax.Array | None, **kwargs: Any) -> Any:
-        """`module.apply` with the params (plus a LoRA adapter tree), dropout only when training, on the mesh,
-        blocks rematerialised when gradient checkpointing is enabled."""
+                     dropout_rng: jax.Array | None, lora_dropout: float = 0.0, **kwargs: Any) -> Any:
+        """`module.apply` with the params (plus a LoRA adapter tree), dropout only when training (the model's, and
+        `lora_dropout` in [0, 1) on the input of the adapter's LoRA branches: `trlax.models.layers.add_lora`), on
+        the mesh, blocks rematerialised when gradient checkpointing is enabled."""
         check_dropout_rng(train, dropout_rng)
+        check_lora_dropout(lora_dropout)
         self.check_params(params)
         self.sync_forward_config()
         variables = {"params": params} if lora is None else {"params": params, LORA_COLLECTION: lora}
-        with self.sharding_context(), remat_blocks(self.is_gradient_checkpointing):
+        with (self.sharding_context(), remat_blocks(self.is_gradient_checkpointing),
+              drop_lora_inputs(lora_dropout if train and lora is not None else 0.0)):
             return self.module.apply(variables, *inputs, deterministic=not train,
                                      rngs={"dropout": dropout_rng} if train else None, **kwargs)
 

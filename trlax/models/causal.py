@@ -39,11 +39,14 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
         check_inputs: bool = False,
         past_key_values: Any = None,
         use_cache: bool = False,
+        lora_dropout: float = 0.0,
     ) -> CausalLMOutput:
         """The pure forward (no jit): what a jitted train step calls.
 
         lora: a LoRA adapter tree (`trlax.peft`) applied on top of `params`, or None
-        for the base model alone. labels: [B, T] int (-100 = ignored), or None; with them
+        for the base model alone. lora_dropout: PEFT's dropout rate in [0, 1) on the input of the
+        adapter's LoRA branches, applied only with `train=True` (a Python float: a traced program
+        per value; 0 traces none). labels: [B, T] int (-100 = ignored), or None; with them
         `loss` is transformers' shifted cross-entropy [] float32. past_key_values: the cache of
         P earlier tokens (see `__call__`), attention_mask then [B, P + T]; with it or with
         `use_cache=True` the output's `past_key_values` holds the P + T tokens. A mixture of experts with
@@ -57,7 +60,8 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
                           traced=check_inputs)
         router = self.spec.router_outputs if getattr(self.config, "output_router_logits", False) else None
         out = self.apply_module(params, input_ids, attention_mask, position_ids, lora=lora, train=train,
-                                dropout_rng=dropout_rng, output_hidden_states=output_hidden_states, cache=cache,
+                                dropout_rng=dropout_rng, lora_dropout=lora_dropout,
+                                output_hidden_states=output_hidden_states, cache=cache,
                                 cache_index=past_length, **({"mutable": ["intermediates"]} if router else {}))
         routed = None
         if router is not None:

@@ -1,13 +1,17 @@
 """Layers shared by every trlax model family: activations, LoRA-aware Dense, RMSNorm, initialisers.
 
 Every projection a PEFT adapter may target is a `Dense`, which adds the adapter held in
-the "lora" variable collection at its path (see `add_lora`).
+the "lora" variable collection at its path (see `add_lora`), with PEFT's `lora_dropout` on
+the adapter's input in training forwards (see `drop_lora_inputs`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -134,21 +138,55 @@ def clamp_float16_overflow(x: Array, *, on_nan: bool = False) -> Array:
 
 LORA_COLLECTION = "lora"
 
+# Set by `FlaxPreTrainedModel.apply_module` while a training forward is traced: PEFT's lora_dropout rate.
+_LORA_DROPOUT: contextvars.ContextVar[float] = contextvars.ContextVar("trlax_lora_dropout", default=0.0)
+
+
+def check_lora_dropout(rate: Any) -> None:
+    """TrlaxError unless `rate` (PEFT's lora_dropout) is a number in [0, 1)."""
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
+        raise TrlaxError(f"lora_dropout must be in [0, 1); got {rate!r}")
+
+
+@contextlib.contextmanager
+def drop_lora_inputs(rate: float) -> Iterator[None]:
+    """While tracing under this context, `add_lora` applies dropout at `rate` (in [0, 1); 0: none, and no random
+    op is traced) to the input of every LoRA branch, with keys from the "dropout" rng stream."""
+    check_lora_dropout(rate)
+    token = _LORA_DROPOUT.set(float(rate))
+    try:
+        yield
+    finally:
+        _LORA_DROPOUT.reset(token)
+
 
 def add_lora(module: nn.Module, x: Array, y: Array) -> Array:
-    """y + scaling * (x @ A) @ B when the call carries a LoRA adapter for this module.
+    """y + scaling * (dropout(x) @ A) @ B when the call carries a LoRA adapter for this module.
 
     The adapter lives in the "lora" variable collection at this module's path
     (`lora_A` [in, r], `lora_B` [r, out], `scaling` []), so which adapter is active is
     simply which collection the caller passes: none = the base model. The base kernel is
-    never merged or copied.
+    never merged or copied. x: the layer's input [..., in]; y: the base projection's output
+    [..., out] (computed from the undropped x), in the compute dtype, which the result keeps.
+
+    dropout is PEFT's `lora_dropout` under `drop_lora_inputs(rate)` (a training forward): inverted
+    dropout of x as torch's and Flax's nn.Dropout (each element kept with probability 1 - rate,
+    then scaled by 1 / (1 - rate)), on the LoRA branch only, with a key from this module's
+    `make_rng("dropout")` (which folds in the module path, so every adapted layer draws its own
+    mask). Outside that context, or at rate 0, x passes as it is.
     """
     if not module.has_variable(LORA_COLLECTION, "lora_A"):
         return y
     a = module.get_variable(LORA_COLLECTION, "lora_A").astype(y.dtype)  # [in, r]
     b = module.get_variable(LORA_COLLECTION, "lora_B").astype(y.dtype)  # [r, out]
     scaling = jax.lax.stop_gradient(module.get_variable(LORA_COLLECTION, "scaling")).astype(y.dtype)
-    return y + jnp.dot(jnp.dot(x.astype(y.dtype), a), b) * scaling
+    x = x.astype(y.dtype)  # [..., in]
+    rate = _LORA_DROPOUT.get()
+    if rate:
+        keep_prob = 1.0 - rate
+        keep = jax.random.bernoulli(module.make_rng("dropout"), keep_prob, x.shape)  # [..., in] bool
+        x = jax.lax.select(keep, x / keep_prob, jnp.zeros_like(x))
+    return y + jnp.dot(jnp.dot(x, a), b) * scaling
 
 
 def broadcastable(v: Array, ndim: int) -> Array:

@@ -47,11 +47,13 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
         check_inputs: bool = False,
         past_key_values: Any = None,
         use_cache: bool = False,
+        lora_dropout: float = 0.0,
     ) -> Seq2SeqLMOutput:
         """The pure forward (no jit): what a jitted train step calls.
 
         decoder_attention_mask None means all ones (no decoder padding). lora: a LoRA
         adapter tree (`trlax.peft`) applied on top of `params`, or None for the base.
+        lora_dropout: the adapter's dropout rate, as `FlaxModelForCausalLM.apply`'s.
         labels: [B, Td] int (-100 = ignored) or None; with them `loss` is transformers'
         decoder cross-entropy [] float32 (labels aligned with decoder_input_ids, unshifted).
         past_key_values: the decoder's cache of P earlier decoder tokens (see `__call__`), the
@@ -64,7 +66,7 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
         if decoder_attention_mask is None:
             decoder_attention_mask = mask_for("decoder_attention_mask", None, decoder_input_ids, past_length)
         out = self.apply_module(params, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
-                                lora=lora, train=train, dropout_rng=dropout_rng,
+                                lora=lora, train=train, dropout_rng=dropout_rng, lora_dropout=lora_dropout,
                                 output_hidden_states=output_hidden_states, cache=cache, cache_index=past_length)
         return out if labels is None else out.replace(loss=seq2seq_lm_loss(out.logits, labels))
 

@@ -234,13 +234,15 @@ class FlaxModelForSequenceClassification(FlaxPreTrainedModel):
     def apply(self, params: dict[str, Any], input_ids: Array, attention_mask: Array,
               position_ids: Array | None = None, dropout_rng: Array | None = None, train: bool = False,
               output_hidden_states: bool = False, lora: dict[str, Any] | None = None,
-              pad_id: Array | None = None) -> SequenceClassifierOutput:
-        """The pure forward (no jit); lora: an adapter tree on `params`, or None. pad_id: the pooling pad id
-        (int32 [], -1: none); None: `config.pad_token_id` as it is when traced. Concrete token ids and
-        positions are checked as `__call__` checks them."""
+              pad_id: Array | None = None, lora_dropout: float = 0.0) -> SequenceClassifierOutput:
+        """The pure forward (no jit); lora: an adapter tree on `params`, or None; lora_dropout: its dropout rate,
+        as `FlaxModelForCausalLM.apply`'s. pad_id: the pooling pad id (int32 [], -1: none); None:
+        `config.pad_token_id` as it is when traced. Concrete token ids and positions are checked as `__call__`
+        checks them."""
         self.check_token_inputs(input_ids, attention_mask, position_ids)
         return self.apply_module(params, input_ids, attention_mask, position_ids, pad_id, lora=lora, train=train,
-                                 dropout_rng=dropout_rng, output_hidden_states=output_hidden_states)
+                                 dropout_rng=dropout_rng, lora_dropout=lora_dropout,
+                                 output_hidden_states=output_hidden_states)
 
     def adapter_for(self, params: dict[str, Any] | None) -> dict[str, Any] | None:
         """The LoRA adapter a call applies: the owning policy's, only on the model's own params."""

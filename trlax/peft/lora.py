@@ -45,7 +45,7 @@ from trlax.checkpoint.reader import CheckpointReader, parse_json_object
 from trlax.checkpoint.writer import write_safetensors
 from trlax.errors import CheckpointError, TrlaxError, TrlaxTypeError, UnsupportedModelError
 from trlax.models.base import FlaxPreTrainedModel
-from trlax.models.layers import LORA_COLLECTION
+from trlax.models.layers import LORA_COLLECTION, check_lora_dropout
 from trlax.models.registry import spec_for_type
 
 logger = logging.getLogger("trlax")
@@ -118,9 +118,7 @@ class LoraConfig:
                             *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]:
             if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
                 raise TrlaxError(f"LoRA {name} must be a finite number (scaling = lora_alpha / r); got {alpha!r}")
-        dropout = self.lora_dropout
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
-            raise TrlaxError(f"lora_dropout must be in [0, 1); got {self.lora_dropout!r}")
+        check_lora_dropout(self.lora_dropout)
         if self.bias != "none":
             raise UnsupportedModelError(f"LoRA bias={self.bias!r} (trainable base biases) is not supported by trlax; "
                                         "use bias='none'")
