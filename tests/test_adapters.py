@@ -204,7 +204,8 @@ def test_fresh_adapter_is_peft_init_and_starts_as_the_base(gpt2_folder, caplog):
         model = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(
             gpt2_folder, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
                                                 lora_dropout=0.1))
-    assert "lora_dropout=0.1 is not applied" in caplog.text
+    assert "lora_dropout" not in caplog.text  # applied in training forwards: nothing to warn about
+    assert model.peft_config["default"].lora_dropout == 0.1
     modules = lora_modules(model.params["lora"])
     assert sorted(modules) == [f"transformer.h.{i}.{m}" for i in (0, 1) for m in ("attn.c_attn", "mlp.c_fc")]
     a = np.asarray(modules["transformer.h.0.attn.c_attn"]["lora_A"])
@@ -380,17 +381,24 @@ def test_peft_model_with_modules_to_save_in_memory_names_the_saved_module(tmp_pa
         FlaxAutoModelForCausalLMWithValueHead.from_pretrained(pt)
 
 
-def test_loading_a_trainable_adapter_with_dropout_warns(gpt2_folder, tmp_path, caplog):
+def test_a_loaded_adapter_keeps_its_dropout_and_applies_it_in_training(gpt2_folder, tmp_path, caplog):
     lm = transformers.AutoModelForCausalLM.from_pretrained(str(gpt2_folder))
     lm.name_or_path = str(gpt2_folder)
-    peft.get_peft_model(lm, peft.LoraConfig(r=2, target_modules=["c_attn"], lora_dropout=0.1)).save_pretrained(
-        str(tmp_path / "adapter"))
-    with caplog.at_level(logging.WARNING, logger="trlax"):
-        FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "adapter")
-    assert "lora_dropout" not in caplog.text  # inference mode: nothing to say
-    with caplog.at_level(logging.WARNING, logger="trlax"):
-        FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "adapter", is_trainable=True)
-    assert "lora_dropout=0.1 is not applied by trlax" in caplog.text
+    pt = peft.get_peft_model(lm, peft.LoraConfig(r=2, target_modules=["c_attn"], lora_dropout=0.1))
+    randomise_lora_b(pt)  # so the adapter, and dropping its inputs, changes the output
+    pt.save_pretrained(str(tmp_path / "adapter"))
+    for is_trainable in (False, True):
+        with caplog.at_level(logging.WARNING, logger="trlax"):
+            policy = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "adapter",
+                                                                           is_trainable=is_trainable)
+        assert "lora_dropout" not in caplog.text  # applied in training forwards: nothing to warn about
+        assert policy.peft_config["default"].lora_dropout == 0.1
+    ids, mask = batch(policy.config.vocab_size, "right")
+    key = jax.random.key(0)
+    # The same key draws the same masks for the model's own dropouts (GPT-2's 0.1): only the LoRA branches differ.
+    with_lora_dropout = policy(ids, mask, train=True, dropout_rng=key)[0]
+    policy.peft_config["default"].lora_dropout = 0.0
+    assert max_diff(with_lora_dropout, policy(ids, mask, train=True, dropout_rng=key)[0]) > 1e-3
 
 
 def test_peft_edge_cases_load_as_peft_applies_them_or_are_refused(tmp_path):

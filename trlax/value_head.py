@@ -79,7 +79,6 @@ from trlax.peft.policy import (
     PolicyAdapter,
     load_adapter_policy,
     new_policy_adapter,
-    warn_dropout_not_applied,
     write_adapter_policy,
 )
 from trlax.peft.reward import SCORE_MODULE, load_reward_adapter, reward_scores
@@ -291,8 +290,7 @@ class PreTrainedModelWrapper(RebuildsCompiled):
                                               "this model's value head")
         self._check_lora_params = ParamsCheck(lambda: lora, "this policy's LoRA adapter")
         what = f"this {type(self).__name__}"
-        self._forward = jit_forward(self.apply, self.static_forward_arguments,
-                                    lambda: self.pretrained_model.trace_settings(), what)
+        self._forward = jit_forward(self.apply, self.static_forward_arguments, self.trace_settings, what)
         self._reward_forward = with_live_params(jax.jit(self.apply_reward), what)
 
     def _initial_trainable_mask(self) -> dict[str, Any]:
@@ -326,6 +324,17 @@ class PreTrainedModelWrapper(RebuildsCompiled):
         if self.reward_adapter is not None:
             configs[self.reward_adapter.name] = self.reward_adapter.config
         return configs
+
+    @property
+    def lora_dropout(self) -> float:
+        """PEFT's lora_dropout of the policy adapter (`peft_config["default"].lora_dropout`, which may be changed),
+        applied by forwards with `train=True` to the input of its LoRA branches; 0.0 without a policy adapter."""
+        return 0.0 if self._lora_config is None else self._lora_config.lora_dropout
+
+    def trace_settings(self) -> tuple[Any, ...]:
+        """The settings a traced forward reads, which key the jitted forward's programs: the LM's (see
+        `FlaxPreTrainedModel.trace_settings`) and the policy adapter's `lora_dropout`."""
+        return self.pretrained_model.trace_settings(), self.lora_dropout
 
     @property
     def supports_rm_adapter(self) -> bool:
@@ -617,7 +626,8 @@ class PreTrainedModelWrapper(RebuildsCompiled):
         """TRL's forward, pure: the LM's `apply` on `lm_inputs` (its positional inputs after params), then the
         value head on its last hidden state [B, T, H]. Returns (lm_logits [B, T, V] float32, loss [] float32 or
         None, values [B, T] float32), plus the LM's cache with `return_past_key_values`. A frozen wrapper (a
-        reference) stops gradients through its params; `train=True` splits `dropout_rng` between LM and head."""
+        reference) stops gradients through its params; `train=True` splits `dropout_rng` between LM and head, and
+        applies the policy adapter's `lora_dropout` (read when traced) to its LoRA branches."""
         self.check_params(params)
         if self.frozen:
             params = jax.lax.stop_gradient(params)
@@ -626,7 +636,8 @@ class PreTrainedModelWrapper(RebuildsCompiled):
             check_dropout_rng(train, dropout_rng)
             lm_rng, head_rng = jax.random.split(dropout_rng)
         out = self.pretrained_model.apply(params["pretrained_model"], *lm_inputs, dropout_rng=lm_rng, train=train,
-                                          lora=params.get(LORA_COLLECTION), labels=labels, check_inputs=check_inputs,
+                                          lora=params.get(LORA_COLLECTION), lora_dropout=self.lora_dropout,
+                                          labels=labels, check_inputs=check_inputs,
                                           past_key_values=past_key_values, use_cache=return_past_key_values)
         values = self.v_head.apply({"params": params["v_head"]}, out.last_hidden_state, deterministic=not train,
                                    rngs={"dropout": head_rng} if train else None)
@@ -768,7 +779,6 @@ def _adapter_from_torch(parts: TorchParts, lm: FlaxPreTrainedModel, is_trainable
         raise UnsupportedModelError(f"the PEFT model saves {sorted(saved)[:4]} in full (modules_to_save); trlax "
                                     "policy adapters support LoRA weights only")
     check_applied(lm, lora)
-    warn_dropout_not_applied(files.config, parts.adapter_trainable or is_trainable)
     return PolicyAdapter(files.config, lora, parts.adapter_trainable or is_trainable)
 
 

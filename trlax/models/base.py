@@ -13,7 +13,8 @@ per-call `train=True, dropout_rng=key`).
 Params have one home. A standalone model holds its own; the LM inside a value-head
 wrapper (`wrapper.pretrained_model`) is a view that reads and writes
 `wrapper.params["pretrained_model"]` (and uses the wrapper's LoRA policy adapter, if
-any), so assigning the wrapper's params is seen by the LM's forward and generation too.
+any, with its `lora_dropout`), so assigning the wrapper's params is seen by the LM's
+forward and generation too.
 """
 
 from __future__ import annotations
@@ -248,6 +249,12 @@ class FlaxPreTrainedModel(RebuildsCompiled, CheckpointMixin):
     def lora(self) -> dict[str, Any] | None:
         """The LoRA adapter calls use by default: the owning wrapper's policy adapter, or None."""
         return None if self._owner is None else self._owner.params.get(LORA_COLLECTION)
+
+    @property
+    def lora_dropout(self) -> float:
+        """PEFT's lora_dropout of the adapter calls use by default (`lora`), which training forwards apply to
+        its LoRA branches: the owning wrapper's policy adapter's, else 0.0."""
+        return 0.0 if self._owner is None else self._owner.lora_dropout
 
     def view_for(self, owner: Any) -> FlaxPreTrainedModel:
         """This model (same module, config, dtypes, mesh) as a view of `owner.params["pretrained_model"]`."""

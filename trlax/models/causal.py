@@ -97,7 +97,8 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
         transformers' PyTorch forward (pass `cumsum(mask) - 1` for left-padded batches
         if you want padding-independent positions). Returns a CausalLMOutput whose
         logits are [B, T, V] float32; output_hidden_states None: `config.output_hidden_states`. The LM
-        inside a LoRA policy applies the policy's adapter (when `params` is not given). labels: [B, T] int
+        inside a LoRA policy applies the policy's adapter (when `params` is not given), with the adapter's
+        `lora_dropout` when `train=True`. labels: [B, T] int
         (usually the input_ids, -100 where nothing is scored): `loss` is then transformers' shifted LM loss. Token
         ids outside [0, vocab_size) and positions past a learned position table (GPT-2, OPT, GPT-Neo) raise InputError
         (under jit only with `check_inputs=True`, see `trlax.inputs`); so do params of
@@ -125,7 +126,8 @@ class FlaxModelForCausalLM(FlaxPreTrainedModel):
             labels = same_shape("labels", token_ids("labels", labels), input_ids.shape)
         self.check_inputs(input_ids, mask, position_ids, labels, past_length=past_length, traced=check_inputs)
         return self._forward(self.params if params is None else params, input_ids, mask, position_ids,
-                             dropout_rng, train=train, lora=self.lora if params is None else None, labels=labels,
+                             dropout_rng, train=train, lora=self.lora if params is None else None,
+                             lora_dropout=self.lora_dropout if params is None else 0.0, labels=labels,
                              output_hidden_states=self.wants_hidden_states(output_hidden_states),
                              past_key_values=past_key_values, use_cache=bool(use_cache))
 

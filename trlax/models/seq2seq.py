@@ -118,7 +118,9 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
         decoder state TRL's value head reads), encoder_last_hidden_state [B, Te, H],
         and with output_hidden_states the per-layer states as transformers.
         Token ids outside [0, vocab_size), sequences longer than a learned position table
-        (BART) and params of another model raise InputError (see `trlax.inputs`).
+        (BART) and params of another model raise InputError (see `trlax.inputs`). The LM inside a
+        LoRA policy applies the policy's adapter (when `params` is not given), with the adapter's
+        `lora_dropout` when `train=True`.
 
         Decoder KV cache, as transformers': `use_cache=True` returns the decoder self-attention keys and
         values of the Td tokens as `out.cache` (one {"k", "v"} [B, H, Td, D] per decoder layer);
@@ -140,7 +142,8 @@ class FlaxModelForSeq2SeqLM(FlaxPreTrainedModel):
         self.check_inputs(input_ids, mask, decoder_input_ids, dmask, labels, past_length=past_length,
                           traced=check_inputs)
         return self._forward(self.params if params is None else params, input_ids, mask, decoder_input_ids, dmask,
-                             dropout_rng, train=train, lora=self.lora if params is None else None, labels=labels,
+                             dropout_rng, train=train, lora=self.lora if params is None else None,
+                             lora_dropout=self.lora_dropout if params is None else 0.0, labels=labels,
                              output_hidden_states=self.wants_hidden_states(output_hidden_states),
                              past_key_values=past_key_values, use_cache=bool(use_cache))
 

@@ -259,7 +259,8 @@ class FlaxModelForSequenceClassification(FlaxPreTrainedModel):
         module docstring). Token ids outside [0, vocab_size) and positions past a learned
         position table raise InputError. labels: [B] (regression / single label) or [B, L], giving `loss`
         as transformers computes it for `config.problem_type` (inferred and stored in the
-        config when None, as transformers does).
+        config when None, as transformers does). The LoRA adapter a call applies (`adapter_for`) comes with its
+        `lora_dropout` (`train=True` only).
         """
         refuse_unsupported_arguments(unsupported, f"{type(self).__name__}.__call__")
         check_forward_flags(f"{type(self).__name__}.__call__", train=train, output_hidden_states=output_hidden_states)
@@ -272,9 +273,10 @@ class FlaxModelForSequenceClassification(FlaxPreTrainedModel):
             raise InputError("this sequence-classification model has no config.pad_token_id, so it cannot find the "
                              "last token of padded rows (transformers refuses batches > 1 too): set "
                              "model.config.pad_token_id, or pass one sequence at a time")
+        lora = self.adapter_for(params)
         out = self._forward(self.params if params is None else params, input_ids, mask, position_ids, dropout_rng,
                             train=train, output_hidden_states=self.wants_hidden_states(output_hidden_states),
-                            lora=self.adapter_for(params),
+                            lora=lora, lora_dropout=0.0 if lora is None else self.lora_dropout,
                             pad_id=pad_id_array(self.config))  # read now: a changed pad id needs no new trace
         if labels is None:
             return out

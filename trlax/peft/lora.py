@@ -15,10 +15,12 @@ path is the trlax param path, since trlax modules carry the transformers names (
 transformers 5 renames a module in memory, PEFT's name is used at the boundary:
 `SPEC.peft_module_names`, e.g. GPT-NeoX's `embed_out` is PEFT's `lm_head`).
 
-`lora_dropout` is read, kept and written back, but not applied: trlax's LoRA forward is
-deterministic (PEFT applies dropout to x before lora_A in training only, so inference
-and the forward/backward math at dropout 0 are identical). Creating a trainable adapter
-with `lora_dropout > 0` logs a warning saying so.
+`lora_dropout` is applied as PEFT applies it, in training forwards only (`train=True,
+dropout_rng=key`): inverted dropout of each adapted layer's input on its LoRA branch
+(`dropout(x) @ lora_A`), the base projection seeing x as it is; eval forwards, generation
+and reward scoring are deterministic. A model's `apply(..., lora=tree, lora_dropout=rate)`
+takes the rate with the tree; a LoRA policy passes its `peft_config["default"].lora_dropout`
+(see `trlax.models.layers.add_lora`).
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ class LoraConfig:
     target_modules, modules never adapted. modules_to_save: modules trained and saved in
     full (only a reward adapter's `score` head is supported). fan_in_fan_out: PEFT's
     layout flag for merging GPT-2's Conv1D weights; recorded, no effect here (nothing is
-    merged). lora_dropout: recorded, not applied (see the module docstring).
+    merged). lora_dropout: PEFT's dropout on the LoRA branch's input in training (see the module
+    docstring).
     init_lora_weights: True (PEFT's default: lora_A kaiming-uniform, lora_B zeros),
     "gaussian" (lora_A ~ N(0, 1/r), lora_B zeros) or False (both kaiming-uniform, so the
     adapter changes the model from the start; for tests).

@@ -64,13 +64,6 @@ class PolicyAdapter:
     trainable: bool
 
 
-def warn_dropout_not_applied(config: LoraConfig, trainable: bool) -> None:
-    """A trainable adapter (new, loaded, or from a PEFT model) with lora_dropout > 0: say trlax does not apply it."""
-    if trainable and config.lora_dropout:
-        logger.warning("lora_dropout=%s is not applied by trlax (its LoRA forward is deterministic); it is kept in "
-                       "the config and saved with the adapter", config.lora_dropout)
-
-
 @dataclass(frozen=True)
 class AdapterPolicy:
     """A saved adapter policy as loaded: the base LM, the adapter, and the value head saved beside it."""
@@ -88,7 +81,6 @@ def new_policy_adapter(peft_config: Any, base: FlaxPreTrainedModel, seed: int) -
     if config.modules_to_save:
         raise UnsupportedModelError(f"modules_to_save={config.modules_to_save} is not supported for policy adapters "
                                     "(it trains a full copy of those modules); the value head is trained already")
-    warn_dropout_not_applied(config, trainable=True)
     lora = init_lora(config, base.params, base.config.model_type, jax.random.fold_in(jax.random.key(seed), 1))
     check_applied(base, lora)
     return PolicyAdapter(config, lora, trainable=True)
@@ -128,7 +120,6 @@ def load_adapter_policy(auto_class: type[AutoModel], source: str | os.PathLike, 
         raise UnsupportedModelError(f"adapter {source} saves {sorted(saved)[:4]} in full (modules_to_save); trlax "
                                     "policy adapters support LoRA weights only")
     check_applied(base, lora)
-    warn_dropout_not_applied(files.config, is_trainable)
     return AdapterPolicy(base, base_name, PolicyAdapter(files.config, lora, is_trainable),
                          read_value_head(source, options))
 

@@ -52,6 +52,11 @@ class FlaxPeftModelForSequenceClassification(FlaxModelForSequenceClassification)
     def lora(self) -> dict[str, Any] | None:
         return self.adapter
 
+    @property
+    def lora_dropout(self) -> float:
+        """The adapter's PEFT lora_dropout, which forwards with `train=True` apply as PEFT's model in train mode."""
+        return self.adapter_config.lora_dropout
+
     def num_params(self, params: dict[str, Any] | None = None) -> int:
         """The base's params (its `score` head the adapter's) plus the adapter's LoRA matrices."""
         adapter = sum(int(np.prod(np.shape(module[name]))) for module in lora_modules(self.adapter).values()
