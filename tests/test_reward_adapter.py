@@ -209,27 +209,39 @@ def test_reward_adapter_misuse_is_refused(setup):
             root / "rm"), reward_adapter_name="default")
 
 
-def test_a_reward_adapter_crossing_to_or_from_torch_is_left_out_with_a_warning(setup, caplog):
-    """TRL model -> trlax and trlax -> TRL dropped the reward adapter without a word."""
+def test_a_reward_adapter_crosses_to_and_from_torch(setup):
+    """TRL model -> trlax and trlax -> TRL left the reward adapter out (with a warning): it crosses both ways now,
+    scoring as TRL's `compute_reward_score`, with the policy adapter still the active one."""
     trl_ppo = pytest.importorskip("trl.experimental.ppo")
     root, model = setup
-    with caplog.at_level(logging.WARNING, logger="trlax"):
-        torch_model = model.to_torch()
-    assert "to_torch() leaves out the reward adapter 'reward_adapter'" in caplog.text
+    ids, mask = _padded_batch("left")
+    want = np.asarray(model.compute_reward_score(ids, attention_mask=mask))
+    torch_model = model.to_torch()
     assert isinstance(torch_model, trl_ppo.AutoModelForCausalLMWithValueHead)
+    assert torch_model.supports_rm_adapter and torch_model.rm_adapter_name == "reward_adapter"
+    with torch.no_grad():
+        scores = torch_model.compute_reward_score(torch.tensor(ids), attention_mask=torch.tensor(mask))
+        logits, _, values = torch_model(torch.tensor(ids), attention_mask=torch.tensor(mask))
+    assert scores.shape == want.shape and max_diff(scores, want, mask) < ATOL
+    assert torch_model.pretrained_model.active_adapters == ["default"]
+    assert not any(p.requires_grad for n, p in torch_model.named_parameters() if "reward_adapter" in n or "score" in n)
+    want_logits, _, want_values = model(ids, mask)
+    assert max_diff(logits, want_logits, mask) < ATOL and max_diff(values, want_values, mask) < ATOL
+
     trl_model = trl_ppo.AutoModelForCausalLMWithValueHead.from_pretrained(
         str(root / "base"), peft_config=peft.LoraConfig(r=4, target_modules=["c_attn"]),
         reward_adapter=str(root / "rm"))
-    assert trl_model.supports_rm_adapter
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="trlax"):
-        back = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(trl_model)
-    assert "the TRL model's reward adapter 'reward_adapter' is not carried over" in caplog.text
-    assert not back.supports_rm_adapter
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="trlax"):
-        FlaxAutoModelForCausalLMWithValueHead.from_pretrained(trl_model, reward_adapter=str(root / "rm"))
-    assert "not carried over" not in caplog.text  # the call brings it
+    with torch.no_grad():
+        trl_scores = trl_model.compute_reward_score(torch.tensor(ids), attention_mask=torch.tensor(mask))
+    back = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(trl_model)
+    assert back.supports_rm_adapter and back.rm_adapter_name == "reward_adapter"
+    assert max_diff(trl_scores, back.compute_reward_score(ids, attention_mask=mask), mask) < ATOL
+    # the same tensors as the adapter's folder gives (which a reward_adapter= argument brings instead)
+    from_folder = FlaxAutoModelForCausalLMWithValueHead.from_pretrained(trl_model, reward_adapter=str(root / "rm"))
+    assert jax.tree_util.tree_structure(back.reward_params) == jax.tree_util.tree_structure(from_folder.reward_params)
+    for got, saved in zip(jax.tree_util.tree_leaves(back.reward_params),
+                          jax.tree_util.tree_leaves(from_folder.reward_params), strict=True):
+        np.testing.assert_array_equal(got, saved)
 
 
 def test_bin_adapters_and_other_base_names_load(setup, tmp_path, caplog):

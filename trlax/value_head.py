@@ -34,6 +34,7 @@ from trlax.checkpoint.reader import CheckpointReader
 from trlax.checkpoint.saving_args import check_saving_args
 from trlax.checkpoint.torch_models import (
     TorchParts,
+    add_reward_adapter,
     is_torch_model,
     is_torch_tensor,
     peft_lm,
@@ -64,6 +65,7 @@ from trlax.models.base import (
 )
 from trlax.models.layers import LORA_COLLECTION, torch_linear_init
 from trlax.peft.lora import (
+    PEFT_PREFIX,
     AdapterFiles,
     LoraConfig,
     check_applied,
@@ -81,7 +83,7 @@ from trlax.peft.policy import (
     new_policy_adapter,
     write_adapter_policy,
 )
-from trlax.peft.reward import SCORE_MODULE, load_reward_adapter, reward_scores
+from trlax.peft.reward import SCORE_MODULE, load_reward_adapter, reward_adapter_from, reward_scores
 from trlax.sharding import shard_params
 
 logger = logging.getLogger("trlax")
@@ -492,7 +494,8 @@ class PreTrainedModelWrapper(RebuildsCompiled):
         loads that adapter policy (its base from `base_model_name_or_path`, trainable only
         with `is_trainable=True`, `peft_config` then ignored); `reward_adapter` (folder or
         hub id of a PEFT SEQ_CLS LoRA adapter with its `score` head) loads a reward adapter
-        under `reward_adapter_name` for `compute_reward_score`; it needs a LoRA policy, as in TRL.
+        under `reward_adapter_name` for `compute_reward_score`; it needs a LoRA policy, as in TRL. A TRL model
+        passed in memory brings its reward adapter (under its own name), unless `reward_adapter` is given.
         """
         refuse_base_class(cls)
         trl_args, model_args = cls._split_kwargs(dict(kwargs))
@@ -507,6 +510,7 @@ class PreTrainedModelWrapper(RebuildsCompiled):
         adapter: PolicyAdapter | None = None
         base_name: str | None = None
         part_of_head: dict[str, Any] = {}  # a saved head's tensors when only some are stored (TRL's layout)
+        carried_reward: tuple[str, AdapterFiles] | None = None  # a TRL model's reward adapter (name, as read)
         if is_torch_model(source):
             if set(model_args) - {"dtype", "param_dtype", "mesh", "sharding_rules"}:
                 raise TrlaxTypeError(f"model arguments {sorted(model_args)} only apply when loading from a path or "
@@ -516,9 +520,8 @@ class PreTrainedModelWrapper(RebuildsCompiled):
             v_head, base_name = parts.v_head, parts.name
             if parts.v_head_dropout is not None:  # the TRL model's dropout, unless the call names one
                 trl_args.setdefault("summary_dropout_prob", parts.v_head_dropout)
-            if parts.reward_adapter_name is not None and reward_adapter is None:
-                logger.warning("the TRL model's reward adapter %r is not carried over (only its policy is); pass "
-                               "reward_adapter=<the adapter's folder or hub id> to load it", parts.reward_adapter_name)
+            if parts.reward_adapter_name is not None and reward_adapter is None:  # the call's, if any, wins
+                carried_reward = reward_adapter_from_torch(parts)
             if parts.adapter_state is not None:
                 adapter = _adapter_from_torch(parts, lm, is_trainable)
                 if peft_config is not None:
@@ -557,15 +560,20 @@ class PreTrainedModelWrapper(RebuildsCompiled):
         if peft_config is not None and adapter is None:
             adapter = new_policy_adapter(peft_config, lm, seed)
         reward = reward_params = None
-        if reward_adapter is not None:
+        if reward_adapter is not None or carried_reward is not None:
             if adapter is None:
                 raise TrlaxError("reward_adapter can only be used with a LoRA policy (pass peft_config=... or load a "
                                  "saved adapter policy): the reward adapter scores on the frozen base, which a fully "
                                  "trained policy would change")
             hidden = value_head_hidden_size(lm.config)
-            reward_config, reward_params = load_reward_adapter(
-                lm, str(reward_adapter), hidden, base_name=base_name or lm.config.name_or_path or None,
-                options=replace(options, revision=None))  # revision= is the policy's; TRL passes the token only
+            reward_base = base_name or lm.config.name_or_path or None
+            if carried_reward is not None:
+                reward_adapter_name, files = carried_reward
+                reward_config, reward_params = reward_adapter_from(lm, files, hidden, base_name=reward_base)
+            else:
+                reward_config, reward_params = load_reward_adapter(
+                    lm, str(reward_adapter), hidden, base_name=reward_base,
+                    options=replace(options, revision=None))  # revision= is the policy's; TRL passes the token only
             reward = RewardAdapter(reward_adapter_name, reward_config)
         if lm.mesh is not None:  # adapters join the mesh layout of the base they adapt
             if adapter is not None:
@@ -739,7 +747,7 @@ class PreTrainedModelWrapper(RebuildsCompiled):
 
     def to_torch(self, params: dict[str, Any] | None = None, dtype: Any = None) -> Any:
         """TRL's PyTorch value-head model (`trl.experimental.ppo`) with these weights, in memory (a reward
-        adapter is left out, with a warning).
+        adapter too: the PeftModel's adapter and the `score` head, as TRL's `from_pretrained(reward_adapter=...)`).
 
         The LM is the transformers model `pretrained_model.to_torch` gives (a LoRA policy's:
         a PEFT PeftModel holding the adapter); the value head is float32 as in TRL. Needs
@@ -754,10 +762,16 @@ class PreTrainedModelWrapper(RebuildsCompiled):
                           task_type="SEQ_2_SEQ_LM" if self.pretrained_model.is_encoder_decoder else "CAUSAL_LM")
             lm = peft_lm(lm, config, peft_state_dict(lora, self.pretrained_model.config.model_type))
         head = {k.removeprefix(V_HEAD_PREFIX): v for k, v in self.value_head_state(params).items()}
+        model = trl_value_head_model(lm, head, self.pretrained_model.is_encoder_decoder, self.head_options())
         if self.reward_adapter is not None:
-            logger.warning("to_torch() leaves out the reward adapter %r (TRL loads one only from a folder or hub id: "
-                           "from_pretrained(..., reward_adapter=...))", self.reward_adapter.name)
-        return trl_value_head_model(lm, head, self.pretrained_model.is_encoder_decoder, self.head_options())
+            config = self.reward_adapter.config.to_peft_dict()
+            config.update(base_model_name_or_path=self.base_model_name_or_path, inference_mode=True)
+            score = self.reward_params[SCORE_MODULE]
+            add_reward_adapter(model, self.reward_adapter.name, config,
+                               peft_state_dict(self.reward_params["lora"], self.pretrained_model.config.model_type),
+                               {"weight": np.asarray(score["kernel"], np.float32).T,
+                                **({"bias": np.asarray(score["bias"], np.float32)} if "bias" in score else {})})
+        return model
 
     def generate(self, *args: Any, params: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         """Generation with the LM's params and, for a LoRA policy, its adapter (values are not
@@ -769,6 +783,16 @@ class PreTrainedModelWrapper(RebuildsCompiled):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.pretrained_model!r}, frozen={self.frozen})"
+
+
+def reward_adapter_from_torch(parts: TorchParts) -> tuple[str, AdapterFiles]:
+    """A TRL model's reward adapter as read from a folder: (its name, its config and PEFT-keyed tensors, the
+    `score` head's under `base_model.model.score.*` as PEFT saves them)."""
+    score = {f"{PEFT_PREFIX}{SCORE_MODULE}.{key}": value for key, value in (parts.reward_score or {}).items()}
+    name = parts.reward_adapter_name
+    files = AdapterFiles(f"{name!r} of the TRL model", LoraConfig.from_peft(parts.reward_adapter_config),
+                         {**(parts.reward_adapter_state or {}), **score})
+    return name, files
 
 
 def _adapter_from_torch(parts: TorchParts, lm: FlaxPreTrainedModel, is_trainable: bool) -> PolicyAdapter:

@@ -126,10 +126,12 @@ class TorchParts:
     config: the transformers config; lm_state: the LM's state dict (transformers keys,
     numpy); v_head: TRL's {"summary": {"kernel": [H, 1], "bias": [1]}} or None, and
     v_head_dropout its dropout probability (0.0 for TRL's Identity; None without a head), and
-    reward_adapter_name TRL's `rm_adapter_name` when the model has a reward adapter (not taken apart);
     adapter_config / adapter_state: the PEFT LoraConfig and PEFT-keyed adapter tensors
     (`base_model.model.<path>.lora_A.weight`), or None; adapter_trainable: not in
-    PEFT's inference mode; name: the model's `name_or_path`.
+    PEFT's inference mode; name: the model's `name_or_path`; reward_adapter_name: TRL's `rm_adapter_name`
+    when the model has a reward adapter, whose PEFT LoraConfig and tensors are reward_adapter_config and
+    reward_adapter_state (PEFT's keys, as adapter_state), and its `score` head's reward_score
+    (`weight` [num_labels, H], `bias`).
     """
 
     config: Any
@@ -142,6 +144,9 @@ class TorchParts:
     generation_config: Any = None
     v_head_dropout: float | None = None
     reward_adapter_name: str | None = None
+    reward_adapter_config: Any = None
+    reward_adapter_state: dict[str, np.ndarray] | None = None
+    reward_score: dict[str, np.ndarray] | None = None
 
 
 def checkpoint_state(model: Any, state: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -204,21 +209,28 @@ def torch_parts(obj: Any) -> TorchParts:
         dropout = float(getattr(obj.v_head.dropout, "p", 0.0))  # nn.Dropout, or nn.Identity for none
         lm = obj.pretrained_model
     if type(lm).__module__.split(".")[0] == "peft":
-        peft = require("peft", "converting a PEFT model")
         active = list(getattr(lm, "active_adapters", None) or [lm.active_adapter])
         if len(active) > 1:
             raise TrlaxError(f"this PEFT model has {len(active)} active adapters {active}; a trlax policy applies "
                              "one: pick it with set_adapter(name), or combine them first (add_weighted_adapter)")
-        name = active[0]
-        adapter_config = lm.peft_config[name]
-        adapter_state = {k: tensor_to_numpy(v) for k, v in
-                         peft.get_peft_model_state_dict(lm, adapter_name=name).items()}
         base = lm.get_base_model()
-        return TorchParts(base.config, _peft_base_state(lm), v_head, adapter_config, adapter_state,
+        reward = {}
+        if reward_adapter is not None:  # TRL's reward adapter: its LoRA weights in the PeftModel, its head beside
+            reward = {"reward_adapter_name": reward_adapter, "reward_adapter_config": lm.peft_config[reward_adapter],
+                      "reward_adapter_state": adapter_tensors(lm, reward_adapter),
+                      "reward_score": {k: tensor_to_numpy(v) for k, v in obj.score.state_dict().items()}}
+        adapter_config = lm.peft_config[active[0]]
+        return TorchParts(base.config, _peft_base_state(lm), v_head, adapter_config, adapter_tensors(lm, active[0]),
                           not getattr(adapter_config, "inference_mode", False), base.config.name_or_path or None,
-                          getattr(base, "generation_config", None), dropout, reward_adapter)
+                          getattr(base, "generation_config", None), dropout, **reward)
     return TorchParts(lm.config, checkpoint_state(lm, lm.state_dict()), v_head, None, None, False,
-                      lm.config.name_or_path or None, getattr(lm, "generation_config", None), dropout, reward_adapter)
+                      lm.config.name_or_path or None, getattr(lm, "generation_config", None), dropout)
+
+
+def adapter_tensors(peft_model: Any, name: str) -> dict[str, np.ndarray]:
+    """A PeftModel's adapter `name` under PEFT's saved keys (`base_model.model.<path>.lora_A.weight`), as numpy."""
+    peft = require("peft", "converting a PEFT model")
+    return {k: tensor_to_numpy(v) for k, v in peft.get_peft_model_state_dict(peft_model, adapter_name=name).items()}
 
 
 def torch_model(config: Any, state: dict[str, np.ndarray], tied_keys: set[str], generation_config: Any = None) -> Any:
@@ -258,6 +270,30 @@ def peft_lm(model: Any, adapter_config: dict[str, Any], adapter_state: dict[str,
     if unexpected:
         raise TrlaxError(f"PEFT did not take the adapter tensors {sorted(unexpected)[:4]}")
     return wrapped
+
+
+def add_reward_adapter(trl_model: Any, name: str, adapter_config: dict[str, Any],
+                       adapter_state: dict[str, np.ndarray], score: dict[str, np.ndarray]) -> None:
+    """TRL's reward adapter on a TRL value-head model over a PeftModel, as TRL's `from_pretrained(reward_adapter=...)`
+    sets one up: the frozen LoRA adapter `name` (PEFT keys) beside the active policy adapter, and the frozen
+    `score` head (`weight` [num_labels, H], optional `bias`) as an nn.Linear in the LM's dtype."""
+    peft = require("peft", "to_torch() of a reward adapter")
+    torch = require("torch", "to_torch() of a reward adapter")
+    lm = trl_model.pretrained_model
+    config = peft.LoraConfig(**{k: v for k, v in adapter_config.items() if k not in ("peft_type", "auto_mapping")})
+    lm.add_adapter(name, config)
+    result = peft.set_peft_model_state_dict(lm, {k: numpy_to_tensor(v) for k, v in adapter_state.items()},
+                                            adapter_name=name)
+    if getattr(result, "unexpected_keys", []):
+        raise TrlaxError(f"PEFT did not take the reward adapter tensors {sorted(result.unexpected_keys)[:4]}")
+    for key, param in lm.named_parameters():
+        if f".{name}." in key:
+            param.requires_grad = False
+    num_labels, hidden = score["weight"].shape
+    head = torch.nn.Linear(hidden, num_labels, bias="bias" in score, dtype=lm.dtype)
+    head.load_state_dict({k: numpy_to_tensor(v).to(lm.dtype) for k, v in score.items()})
+    head.requires_grad_(False)
+    trl_model.score, trl_model.supports_rm_adapter, trl_model.rm_adapter_name = head, True, name
 
 
 def trl_value_head_model(lm: Any, v_head: dict[str, np.ndarray], encoder_decoder: bool,

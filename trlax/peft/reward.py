@@ -19,14 +19,24 @@ import jax.numpy as jnp
 from trlax.checkpoint.hub import HubOptions
 from trlax.errors import CheckpointError, TrlaxError, UnsupportedModelError
 from trlax.models.base import FlaxPreTrainedModel
-from trlax.peft.lora import LoraConfig, check_applied, lora_from_peft, read_adapter
+from trlax.peft.lora import AdapterFiles, LoraConfig, check_applied, lora_from_peft, read_adapter
 
 SCORE_MODULE = "score"  # TRL's `supported_rm_modules`
 
 
 def load_reward_adapter(pretrained_model: FlaxPreTrainedModel, source: str, hidden_size: int, *,
                         base_name: str | None, options: HubOptions | None = None) -> tuple[LoraConfig, dict[str, Any]]:
-    """(config, reward params) of a PEFT reward adapter, checked against the base model.
+    """(config, reward params) of the PEFT reward adapter saved in `source` (a folder or hub id), checked against
+    the base model (see `reward_adapter_from`)."""
+    if not isinstance(source, str):
+        raise TrlaxError(f"reward_adapter must be a local folder or a hub id (str); got {type(source).__name__}")
+    return reward_adapter_from(pretrained_model, read_adapter(source, options), hidden_size, base_name=base_name)
+
+
+def reward_adapter_from(pretrained_model: FlaxPreTrainedModel, files: AdapterFiles, hidden_size: int, *,
+                        base_name: str | None) -> tuple[LoraConfig, dict[str, Any]]:
+    """(config, reward params) of a PEFT reward adapter as read (`files`: PEFT's keys, the `score` head's
+    `base_model.model.score.weight` [num_labels, H] and bias among them), checked against the base model.
 
     hidden_size: the width of the base's last hidden state (the score head's input).
     Raises CheckpointError when the adapter does not fit the base or has no `score`
@@ -35,9 +45,7 @@ def load_reward_adapter(pretrained_model: FlaxPreTrainedModel, source: str, hidd
     if pretrained_model.is_encoder_decoder:
         raise UnsupportedModelError(f"reward adapters need a causal LM base (TRL's sequence-classification reward "
                                     f"models); {pretrained_model.config.model_type} is encoder-decoder")
-    if not isinstance(source, str):
-        raise TrlaxError(f"reward_adapter must be a local folder or a hub id (str); got {type(source).__name__}")
-    files = read_adapter(source, options)
+    source = files.source
     lora, saved = lora_from_peft(files, pretrained_model.params, pretrained_model.config.model_type,
                                  base_name=base_name)
     score = {key.split(".", 1)[1]: value for key, value in saved.items() if key.split(".")[0] == SCORE_MODULE}
