@@ -61,7 +61,7 @@ def test_interleaved_rotary_equals_transformers():
 
 @pytest.mark.parametrize(("overrides", "match"), [
     ({"logit_scale": None}, "logit_scale=None is not supported"),
-    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "rope_type 'dynamic'"),
+    ({"rope_parameters": {"rope_type": "proportional", "factor": 2.0, "rope_theta": 1e4}}, "rope_type 'proportional'"),
 ])
 def test_unsupported_options_are_refused(overrides, match):
     with pytest.raises(UnsupportedModelError, match=match):

@@ -54,7 +54,7 @@ def test_layout_is_the_one_transformers_builds(pair):
     ({"num_ln_in_parallel_attn": 2}, "num_ln_in_parallel_attn=2 needs new_decoder_architecture"),
     ({"multi_query": False, "num_kv_heads": 2}, r"num_kv_heads=2 != num_attention_heads=4"),
     ({"new_decoder_architecture": True, "num_kv_heads": 3}, "not a multiple of num_kv_heads=3"),
-    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "rope_type 'dynamic'"),
+    ({"rope_parameters": {"rope_type": "proportional", "factor": 2.0, "rope_theta": 1e4}}, "rope_type 'proportional'"),
 ])
 def test_unsupported_options_are_refused(overrides, match):
     with pytest.raises(UnsupportedModelError, match=match):

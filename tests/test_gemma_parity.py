@@ -73,8 +73,8 @@ def test_bidirectional_config_is_refused(name, flag):
 
 def test_gemma_with_unsupported_rope_is_refused():
     config = TINY_CAUSAL["gemma2"]()
-    config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
-    with pytest.raises(UnsupportedModelError, match="rope_type 'dynamic'"):
+    config.rope_parameters = {"rope_type": "proportional", "factor": 2.0, "rope_theta": 10000.0}
+    with pytest.raises(UnsupportedModelError, match="rope_type 'proportional'"):
         FlaxAutoModelForCausalLM.from_config(config)
 
 
@@ -138,8 +138,8 @@ def test_gemma3_attention_softcap_is_ignored_as_transformers_does(tmp_path):
 
 def test_gemma3_with_unsupported_rope_is_refused():
     config = TINY_CAUSAL["gemma3_text"]()
-    config.rope_parameters["full_attention"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
-    with pytest.raises(UnsupportedModelError, match="rope_type 'dynamic'"):
+    config.rope_parameters["full_attention"] = {"rope_type": "proportional", "factor": 2.0, "rope_theta": 10000.0}
+    with pytest.raises(UnsupportedModelError, match="rope_type 'proportional'"):
         FlaxAutoModelForCausalLM.from_config(config)
 
 

@@ -66,7 +66,8 @@ def test_greedy_generation_with_scaled_rope_matches_transformers(variant, tmp_pa
 
 
 @pytest.mark.parametrize(("rope", "message"), [
-    ({"rope_type": "dynamic", "factor": 2.0, "partial_rotary_factor": 0.5}, "rope_type 'dynamic' is not supported"),
+    ({"rope_type": "proportional", "factor": 2.0, "partial_rotary_factor": 0.5},
+     "rope_type 'proportional' is not supported"),
     ({"rope_type": "longrope", "partial_rotary_factor": 0.5, "short_factor": [1.0] * 4, "long_factor": [1.0] * 4,
       "original_max_position_embeddings": 32}, "needs `short_factor` with 2 numbers"),
 ])

@@ -9,6 +9,7 @@ from tests.helpers import batch, max_diff
 from tests.parity_checks import (
     SEQ,
     VOCAB,
+    check_forward,
     make_pair,
 )
 from tests.tiny_configs import CAUSAL_VARIANTS, TINY_CAUSAL
@@ -69,11 +70,21 @@ def test_legacy_buffers_in_a_checkpoint_are_ignored(pair, tmp_path):
     assert max_diff(out, again(ids, mask, output_hidden_states=True).logits) == 0.0
 
 
-def test_unsupported_rope_type_is_refused():
+def test_dynamic_ntk_rope_on_the_rotated_quarter_matches_transformers(tmp_path):
+    """Dynamic NTK with partial rotary: a call past max_position_embeddings (SEQ = 11 > 8) rotates the first
+    quarter of each head with the frequencies of its length, their dim the rotated width."""
     config = TINY_CAUSAL["gpt_neox"]()
+    config.max_position_embeddings = 8
     config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0,
                               "partial_rotary_factor": 0.25}
-    with pytest.raises(UnsupportedModelError, match="rope_type 'dynamic'"):
+    check_forward(*make_pair(config, tmp_path), "left", explicit_positions=False)
+
+
+def test_unsupported_rope_type_is_refused():
+    config = TINY_CAUSAL["gpt_neox"]()
+    config.rope_parameters = {"rope_type": "proportional", "factor": 2.0, "rope_theta": 10000.0,
+                              "partial_rotary_factor": 0.25}
+    with pytest.raises(UnsupportedModelError, match="rope_type 'proportional'"):
         FlaxAutoModelForCausalLM.from_config(config)
 
 

@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from tests.helpers import batch, max_diff, save_torch, torch_random_init
-from tests.parity_checks import SEQ, VOCAB, check_forward, check_greedy_generation, make_pair
+from tests.parity_checks import ATOL, SEQ, VOCAB, check_forward, check_greedy_generation, make_pair
 from tests.tiny_configs import CAUSAL_VARIANTS, ROPE_VARIANTS, TINY_CAUSAL
 from trlax import FlaxAutoModelForCausalLM
 from trlax.errors import UnsupportedModelError
@@ -94,9 +94,10 @@ def test_legacy_rope_attributes_are_read():
 
 def test_unsupported_rope_type_is_refused_on_load(tmp_path):
     config = TINY_CAUSAL["llama"]()
-    config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    config.rope_parameters = {"rope_type": "proportional", "factor": 2.0, "rope_theta": 10000.0}
     save_torch(transformers.AutoModelForCausalLM.from_config(config), tmp_path)
-    with pytest.raises(UnsupportedModelError, match=r"rope_type 'dynamic'.*'default', 'linear', 'llama3'"):
+    with pytest.raises(UnsupportedModelError,
+                       match=r"rope_type 'proportional'.*'default', 'linear', 'dynamic', 'llama3'"):
         FlaxAutoModelForCausalLM.from_pretrained(tmp_path)
 
 
@@ -133,9 +134,41 @@ def test_longrope_generation_on_both_sides_of_the_pretraining_length_matches_tra
     check_greedy_generation(config, tmp_path, new_tokens=8)
 
 
+def dynamic_ntk_llama(max_positions: int) -> transformers.LlamaConfig:
+    config = TINY_CAUSAL["llama"]()
+    config.max_position_embeddings = max_positions
+    config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    return config
+
+
+def test_dynamic_ntk_rope_matches_transformers_past_and_within_the_pretraining_length(tmp_path):
+    """Dynamic NTK RoPE (refused before): a call longer than max_position_embeddings (SEQ = 11 > 8) rotates with
+    the frequencies of its own length, as transformers' first call does; a shorter call after it with the
+    pretraining ones again (transformers resets there)."""
+    pt, model = make_pair(dynamic_ntk_llama(8), tmp_path)
+    check_forward(pt, model, "left", explicit_positions=False)
+    ids, mask = batch(VOCAB, "left", seq_len=SEQ)
+    plain = dynamic_ntk_llama(8)
+    plain.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+    # the length's frequencies matter: the pretraining ones give other logits
+    assert max_diff(type(model)(plain, params=model.params)(ids, mask).logits, model(ids, mask).logits, mask) > 1e-3
+    short, short_mask = ids[:, -6:], mask[:, -6:]
+    with torch.no_grad():
+        want = pt(torch.tensor(short), attention_mask=torch.tensor(short_mask)).logits
+    assert max_diff(want, model(short, short_mask).logits, short_mask) < ATOL
+
+
+@pytest.mark.parametrize("max_positions", [SEQ + 1, SEQ + 2])
+def test_dynamic_ntk_generation_across_the_pretraining_length_matches_transformers(max_positions, tmp_path):
+    """Each decode step past max_position_embeddings rotates its token with the frequencies of its length, as
+    transformers' step does (the prompts, within it, start each generation at the pretraining ones)."""
+    check_greedy_generation(dynamic_ntk_llama(max_positions), tmp_path, new_tokens=8)
+
+
 @pytest.mark.parametrize("name", ["granite", "smollm3"])
 @pytest.mark.parametrize(("overrides", "match"), [
-    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, "rope_type 'dynamic'"),
+    ({"rope_parameters": {"rope_type": "proportional", "factor": 2.0, "rope_theta": 10000.0}},
+     "rope_type 'proportional'"),
     ({"hidden_act": "swish_x"}, "activation 'swish_x' is not supported"),
     ({"use_bidirectional_attention": True}, "bidirectional attention"),
 ])

@@ -11,7 +11,10 @@ with the same float32 operations as PyTorch (the power rounded from float64), so
 to within the last bit or two of torch's pow. YaRN and LongRoPE also scale cos and sin by an
 attention factor (`attention_scaling`), which every family passes to `rotary_cos_sin`. LongRoPE
 (Phi-3-128k, Phi-3.5, Phi-4-mini) has two sets of frequencies (`LongRopeFrequencies`); each call
-picks one from its own positions, as transformers does.
+picks one from its own positions, as transformers does. Dynamic NTK (`DynamicNtkFrequencies`) computes a
+call's frequencies from its own longest position inside the traced call; transformers keeps the longest
+length seen since the last call within the pretraining length, so the two differ only for a call shorter
+than an earlier one and still past the pretraining length (generation and PPO's forwards never make one).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from trlax.errors import UnsupportedModelError
 
 Array = jax.Array
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 _DEFAULT_THETA = 10_000.0
 
 
@@ -75,6 +78,19 @@ class LongRopeFrequencies(NamedTuple):
     original_max_position_embeddings: int
 
 
+class DynamicNtkFrequencies(NamedTuple):
+    """Dynamic NTK RoPE (transformers' `_compute_dynamic_ntk_parameters`): a call whose largest position id + 1,
+    L, is at most `max_position_embeddings` uses `original` [dim / 2] float32; a longer one the frequencies of the
+    base `theta * (factor * L / max_position_embeddings - (factor - 1)) ** (dim / (dim - 2))`, computed in
+    float32 in the traced call (`dynamic_ntk_inv_freq`), as torch computes them from L."""
+
+    original: np.ndarray
+    theta: float
+    factor: float
+    max_position_embeddings: int
+    dim: int
+
+
 def longrope_length(config: Any) -> int | None:
     """The pretraining length (`original_max_position_embeddings`) of a config with LongRoPE, flat or for any
     layer type (the shortest); None without LongRoPE."""
@@ -86,12 +102,12 @@ def longrope_length(config: Any) -> int | None:
 
 
 def inv_frequencies(config: Any, head_dim: int, partial_rotary_factor: float = 1.0,
-                    layer_type: str | None = None) -> np.ndarray | LongRopeFrequencies:
+                    layer_type: str | None = None) -> np.ndarray | LongRopeFrequencies | DynamicNtkFrequencies:
     """Inverse frequencies [rot_dim / 2] float32, rot_dim = int(head_dim * partial_rotary_factor).
 
-    Supports rope_type "default", "linear", "llama3", "yarn" and "longrope" (the last two with
-    a cos/sin scale, `attention_scaling`; longrope as a `LongRopeFrequencies` pair); any other
-    type raises UnsupportedModelError. Matches transformers' ROPE_INIT_FUNCTIONS for those types.
+    Supports rope_type "default", "linear", "dynamic" (a `DynamicNtkFrequencies`), "llama3", "yarn" and
+    "longrope" (the last two with a cos/sin scale, `attention_scaling`; longrope as a `LongRopeFrequencies`
+    pair); any other type raises UnsupportedModelError. Matches transformers' ROPE_INIT_FUNCTIONS for those types.
     `layer_type` picks the entry of per-layer-type parameters (see `rope_parameters`).
     """
     params = rope_parameters(config, layer_type)
@@ -108,6 +124,8 @@ def inv_frequencies(config: Any, head_dim: int, partial_rotary_factor: float = 1
         return _yarn_frequencies(params, dim, config.max_position_embeddings, top_level.get("truncate", True))
     if rope_type == "longrope":
         return _longrope_frequencies(params, dim)
+    if rope_type == "dynamic":
+        return _dynamic_ntk_frequencies(params, dim, config.max_position_embeddings)
     inv_freq = base_inv_frequencies(params["rope_theta"], dim)
     if rope_type == "linear":
         inv_freq = inv_freq / np.float32(params["factor"])
@@ -229,15 +247,35 @@ def _longrope_frequencies(params: dict[str, Any], dim: int) -> LongRopeFrequenci
                                int(params["original_max_position_embeddings"]))
 
 
-def rotary_cos_sin(positions: Array, inv_freq: np.ndarray | Array | LongRopeFrequencies, interleaved: bool = False,
-                   scaling: float = 1.0) -> tuple[Array, Array]:
+def _dynamic_ntk_frequencies(params: dict[str, Any], dim: int, max_positions: int) -> DynamicNtkFrequencies:
+    """Dynamic NTK's frequencies at the pretraining length: the base as transformers computes it at init (with
+    seq_len = max_position_embeddings, where the NTK factor is 1)."""
+    theta, factor = float(params["rope_theta"]), float(params["factor"])
+    base = theta * ((factor * max_positions / max_positions) - (factor - 1)) ** (dim / (dim - 2))
+    return DynamicNtkFrequencies(base_inv_frequencies(base, dim), theta, factor, int(max_positions), dim)
+
+
+def dynamic_ntk_inv_freq(frequencies: DynamicNtkFrequencies, length: Array) -> Array:
+    """Inverse frequencies [dim / 2] float32 of a call whose largest position id + 1 is `length` (int [])."""
+    f = frequencies
+    ratio = (f.factor * length.astype(jnp.float32) / f.max_position_embeddings) - (f.factor - 1)  # float32 []
+    base = f.theta * ratio ** (f.dim / (f.dim - 2))
+    exponent = jnp.asarray(np.arange(0, f.dim, 2, dtype=np.int64).astype(np.float32) / np.float32(f.dim))
+    return jnp.where(length > f.max_position_embeddings, 1.0 / base**exponent, jnp.asarray(f.original))
+
+
+def rotary_cos_sin(positions: Array, inv_freq: np.ndarray | Array | LongRopeFrequencies | DynamicNtkFrequencies,
+                   interleaved: bool = False, scaling: float = 1.0) -> tuple[Array, Array]:
     """cos, sin [B, T, rot_dim] float32 for integer positions [B, T]: HF's rotate-half `cat(freqs, freqs)`,
     or with `interleaved` (GPT-J, Cohere) each frequency twice in a row (`repeat_interleave(freqs, 2)`);
     both multiplied by `scaling` (`attention_scaling`: YaRN's or LongRoPE's attention factor, else 1).
-    LongRoPE's pair: the long set when the largest position + 1 exceeds the pretraining length."""
+    LongRoPE's pair: the long set when the largest position + 1 exceeds the pretraining length; dynamic NTK:
+    the frequencies of that length."""
     if isinstance(inv_freq, LongRopeFrequencies):
         long = jnp.max(positions) + 1 > inv_freq.original_max_position_embeddings
         inv_freq = jnp.where(long, jnp.asarray(inv_freq.long), jnp.asarray(inv_freq.short))
+    elif isinstance(inv_freq, DynamicNtkFrequencies):
+        inv_freq = dynamic_ntk_inv_freq(inv_freq, jnp.max(positions) + 1)
     inv_freq = jnp.asarray(inv_freq, jnp.float32)[(None,) * positions.ndim]  # [1, 1, D/2]
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
     emb = jnp.repeat(freqs, 2, axis=-1) if interleaved else jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, D]
