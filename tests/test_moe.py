@@ -238,8 +238,8 @@ def _with(model_type: str, **changes: Any) -> transformers.PretrainedConfig:
 @pytest.mark.parametrize(("config", "match"), [
     (lambda: _with("mixtral", router_jitter_noise=0.1), "router_jitter_noise=0.1"),
     (lambda: _with("qwen3_moe", num_experts_per_tok=5), "num_experts_per_tok=5"),
-    (lambda: _with("mixtral", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}),
-     "rope_type 'dynamic'"),
+    (lambda: _with("mixtral", rope_parameters={"rope_type": "proportional", "factor": 2.0, "rope_theta": 1e4}),
+     "rope_type 'proportional'"),
     (lambda: _with("qwen3_moe", is_causal=False), "bidirectional attention"),
 ])
 def test_unsupported_options_are_refused(config, match):

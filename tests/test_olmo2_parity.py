@@ -125,16 +125,16 @@ def _olmo(model_type: str, **overrides: object):
 
 @pytest.mark.parametrize(("config", "error", "match"), [
     (lambda: _olmo("olmo2", use_bidirectional_attention=True), UnsupportedModelError, "bidirectional attention"),
-    (lambda: _olmo("olmo2", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}),
-     UnsupportedModelError, "rope_type 'dynamic'"),
+    (lambda: _olmo("olmo2", rope_parameters={"rope_type": "proportional", "factor": 2.0, "rope_theta": 1e4}),
+     UnsupportedModelError, "rope_type 'proportional'"),
     (lambda: _olmo("olmo2", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4,
                                              "partial_rotary_factor": 0.5}),
      UnsupportedModelError, "partial_rotary_factor=0.5 with rope_type 'linear'"),
     (lambda: _olmo("olmo2", hidden_act="swiglu_oai"), TrlaxError, "activation 'swiglu_oai'"),
     (lambda: _olmo("olmo3", rope_parameters={
         "sliding_attention": {"rope_type": "default", "rope_theta": 50.0},
-        "full_attention": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}),
-     UnsupportedModelError, "rope_type 'dynamic'"),
+        "full_attention": {"rope_type": "proportional", "factor": 2.0, "rope_theta": 1e4}}),
+     UnsupportedModelError, "rope_type 'proportional'"),
     (lambda: _olmo("olmo3", layer_types=["sliding_attention", "chunked_attention"]), UnsupportedModelError,
      r"layer_types \['chunked_attention'\] are not supported"),
     (lambda: _olmo("olmo3", sliding_window=None), UnsupportedModelError, "sets no `sliding_window`"),

@@ -48,7 +48,7 @@ def test_lm_head_has_its_bias_also_when_tied(pair):
 
 def test_unsupported_rope_type_is_refused():
     config = TINY_CAUSAL["phi"]()
-    config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0,
+    config.rope_parameters = {"rope_type": "proportional", "factor": 2.0, "rope_theta": 10000.0,
                               "partial_rotary_factor": 0.5}
-    with pytest.raises(UnsupportedModelError, match="rope_type 'dynamic'"):
+    with pytest.raises(UnsupportedModelError, match="rope_type 'proportional'"):
         FlaxAutoModelForCausalLM.from_config(config)
