@@ -600,6 +600,12 @@ def test_the_public_ppo_functions_refuse_shapes_and_labels_they_would_misread():
         ppo.compute_rewards(jnp.ones((2, 1)), logp, logp, mask, 0.1)
     with pytest.raises(InputError, match=r"logprobs must be \[B, T, V\] log-distributions for kl_penalty='full'"):
         ppo.compute_rewards(jnp.ones(2), logp, logp, mask, 0.1, "full")
+    with pytest.raises(InputError, match=r"kls must be \[B, T\] = \(2, 5\), one penalty per mask position"):
+        ppo.rewards_from_kls(jnp.ones(2), jnp.zeros((2, 5, 7)), mask, 0.1)  # a "full" KL's log-distributions
+    with pytest.raises(InputError, match=r"scores must be \[B\] = \(2,\)"):
+        ppo.rewards_from_kls(jnp.ones((2, 1)), logp, mask, 0.1)
+    with pytest.raises(InputError, match=r"mask must be \[B, T\]"):
+        ppo.rewards_from_kls(jnp.ones(2), logp, jnp.ones(5), 0.1)
     for kl, target in ((float("nan"), 6.0), (1.0, 0.0)):
         with pytest.raises(InputError, match="adaptive_kl_coef needs"):
             ppo.adaptive_kl_coef(0.2, kl, 8, target, 1000.0)

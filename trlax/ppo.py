@@ -245,9 +245,7 @@ def compute_rewards(
     TRL raises there). logprobs/ref_logprobs: [B, T], or [B, T, V] for kind="full". Other shapes raise
     InputError (a [B, 1] score broadcast into [B, B, T] rewards).
     """
-    if np.ndim(mask) != 2:
-        raise InputError(f"mask must be [B, T] (1 at the response's log-prob positions); got {np.shape(mask)}")
-    check_scores_shape(scores, np.shape(mask)[0])
+    check_mask_and_scores(mask, scores)
     want = (*np.shape(mask), *(np.shape(logprobs)[-1:] if kind == "full" else ()))  # "full": [B, T, V]
     for name, value in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs)):
         if np.shape(value) != want or len(want) != 2 + (kind == "full"):
@@ -256,9 +254,19 @@ def compute_rewards(
     return rewards_from_kls(scores, kl_penalty(logprobs, ref_logprobs, kind), mask, kl_coef)
 
 
+def check_mask_and_scores(mask: Array, scores: Array) -> None:
+    """InputError unless mask is [B, T] and scores [B]."""
+    if np.ndim(mask) != 2:
+        raise InputError(f"mask must be [B, T] (1 at the response's log-prob positions); got {np.shape(mask)}")
+    check_scores_shape(scores, np.shape(mask)[0])
+
+
 def rewards_from_kls(scores: Array, kls: Array, mask: Array, kl_coef: float | Array) -> tuple[Array, Array, Array]:
     """`compute_rewards` from the per-token KL penalties kls [B, T] float32 (`kl_penalty`'s): (rewards,
-    non_score_rewards, kls), each [B, T] float32."""
+    non_score_rewards, kls), each [B, T] float32. Shapes other than mask's for kls raise InputError."""
+    check_mask_and_scores(mask, scores)
+    if np.shape(kls) != np.shape(mask):
+        raise InputError(f"kls must be [B, T] = {np.shape(mask)}, one penalty per mask position; got {np.shape(kls)}")
     non_score = -kl_coef * kls
     valid = mask > 0
     t = valid.shape[-1]
