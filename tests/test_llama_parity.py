@@ -158,6 +158,16 @@ def test_dynamic_ntk_rope_matches_transformers_past_and_within_the_pretraining_l
     assert max_diff(want, model(short, short_mask).logits, short_mask) < ATOL
 
 
+@pytest.mark.parametrize("factor", [None, "2", 0.0])
+def test_dynamic_ntk_without_a_positive_factor_is_refused(factor):
+    """transformers' dynamic NTK reads `factor` at every call past the pretraining length (a KeyError without one)."""
+    config = dynamic_ntk_llama(8)
+    config.rope_parameters = {"rope_type": "dynamic", "rope_theta": 10000.0,
+                              **({} if factor is None else {"factor": factor})}
+    with pytest.raises(UnsupportedModelError, match=f"needs a positive number `factor`.*got {factor!r}"):
+        FlaxAutoModelForCausalLM.from_config(config)
+
+
 @pytest.mark.parametrize("max_positions", [SEQ + 1, SEQ + 2])
 def test_dynamic_ntk_generation_across_the_pretraining_length_matches_transformers(max_positions, tmp_path):
     """Each decode step past max_position_embeddings rotates its token with the frequencies of its length, as

@@ -250,7 +250,11 @@ def _longrope_frequencies(params: dict[str, Any], dim: int) -> LongRopeFrequenci
 def _dynamic_ntk_frequencies(params: dict[str, Any], dim: int, max_positions: int) -> DynamicNtkFrequencies:
     """Dynamic NTK's frequencies at the pretraining length: the base as transformers computes it at init (with
     seq_len = max_position_embeddings, where the NTK factor is 1)."""
-    theta, factor = float(params["rope_theta"]), float(params["factor"])
+    factor = params.get("factor")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+        raise UnsupportedModelError(f"rope_type 'dynamic' needs a positive number `factor` in `rope_parameters` (how "
+                                    f"far past max_position_embeddings the NTK base stretches); got {factor!r}")
+    theta, factor = float(params["rope_theta"]), float(factor)
     base = theta * ((factor * max_positions / max_positions) - (factor - 1)) ** (dim / (dim - 2))
     return DynamicNtkFrequencies(base_inv_frequencies(base, dim), theta, factor, int(max_positions), dim)
 
