@@ -263,13 +263,25 @@ def torch_model(config: Any, state: dict[str, np.ndarray], tied_keys: set[str], 
 def peft_lm(model: Any, adapter_config: dict[str, Any], adapter_state: dict[str, np.ndarray]) -> Any:
     """A PEFT PeftModel over `model` with one LoRA adapter ("default") holding `adapter_state` (PEFT keys)."""
     peft = require("peft", "to_torch() of a LoRA policy")
-    config = peft.LoraConfig(**{k: v for k, v in adapter_config.items() if k not in ("peft_type", "auto_mapping")})
-    wrapped = peft.get_peft_model(model, config)
-    result = peft.set_peft_model_state_dict(wrapped, {k: numpy_to_tensor(v) for k, v in adapter_state.items()})
+    wrapped = peft.get_peft_model(model, peft_lora_config(adapter_config))
+    load_adapter_state(wrapped, adapter_state, "default")
+    return wrapped
+
+
+def peft_lora_config(adapter_config: dict[str, Any]) -> Any:
+    """A peft.LoraConfig of adapter_config.json's fields (its bookkeeping `peft_type` / `auto_mapping` left out)."""
+    peft = require("peft", "to_torch() of a LoRA adapter")
+    return peft.LoraConfig(**{k: v for k, v in adapter_config.items() if k not in ("peft_type", "auto_mapping")})
+
+
+def load_adapter_state(peft_model: Any, adapter_state: dict[str, np.ndarray], name: str) -> None:
+    """PEFT-keyed adapter tensors into a PeftModel's adapter `name`; TrlaxError for tensors PEFT did not take."""
+    peft = require("peft", "to_torch() of a LoRA adapter")
+    result = peft.set_peft_model_state_dict(peft_model, {k: numpy_to_tensor(v) for k, v in adapter_state.items()},
+                                            adapter_name=name)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise TrlaxError(f"PEFT did not take the adapter tensors {sorted(unexpected)[:4]}")
-    return wrapped
 
 
 def add_reward_adapter(trl_model: Any, name: str, adapter_config: dict[str, Any],
@@ -277,15 +289,10 @@ def add_reward_adapter(trl_model: Any, name: str, adapter_config: dict[str, Any]
     """TRL's reward adapter on a TRL value-head model over a PeftModel, as TRL's `from_pretrained(reward_adapter=...)`
     sets one up: the frozen LoRA adapter `name` (PEFT keys) beside the active policy adapter, and the frozen
     `score` head (`weight` [num_labels, H], optional `bias`) as an nn.Linear in the LM's dtype."""
-    peft = require("peft", "to_torch() of a reward adapter")
     torch = require("torch", "to_torch() of a reward adapter")
     lm = trl_model.pretrained_model
-    config = peft.LoraConfig(**{k: v for k, v in adapter_config.items() if k not in ("peft_type", "auto_mapping")})
-    lm.add_adapter(name, config)
-    result = peft.set_peft_model_state_dict(lm, {k: numpy_to_tensor(v) for k, v in adapter_state.items()},
-                                            adapter_name=name)
-    if getattr(result, "unexpected_keys", []):
-        raise TrlaxError(f"PEFT did not take the reward adapter tensors {sorted(result.unexpected_keys)[:4]}")
+    lm.add_adapter(name, peft_lora_config(adapter_config))
+    load_adapter_state(lm, adapter_state, name)
     for key, param in lm.named_parameters():
         if f".{name}." in key:
             param.requires_grad = False
